@@ -1,0 +1,3 @@
+from nightlab.cli.main import main
+
+main()

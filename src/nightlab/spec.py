@@ -1,0 +1,261 @@
+"""``nightlab.toml``: parsed with tomllib, validated with pydantic, errors that name the key.
+
+Every error is a :class:`SpecError` whose message names the file, the ``[section] key``
+and the fix. Nothing here touches git or runs anything.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from nightlab.errors import SpecError
+from nightlab.types import Direction
+
+SPEC_FILE = "nightlab.toml"
+PROGRAM_FILE = "program.md"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FilesSpec(_Section):
+    editable: list[str] = Field(min_length=1, description="globs of files the researcher may change")
+    protected: list[str] = Field(default_factory=list, description="globs of files nobody may change")
+
+
+class RunSpec(_Section):
+    command: str = Field(description="the experiment command, run from the lab folder of a worktree")
+    setup: str = Field("", description="run once per session in the lab folder before the baseline")
+    budget_s: float = Field(300.0, gt=0, description="passed to the run as NIGHTLAB_BUDGET_S")
+    timeout_s: float | None = Field(None, gt=0, description="hard kill; default budget_s * 2 + 60")
+    env: dict[str, str] = Field(default_factory=dict)
+    seed: int = 0
+    memory_mb: int = Field(0, ge=0, description="address-space limit per run (0: none)")
+    kill_grace_s: float = Field(3.0, ge=0, description="SIGTERM to SIGKILL grace at the timeout")
+
+    @field_validator("command")
+    @classmethod
+    def _command_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("the run command is empty")
+        return v
+
+    @property
+    def hard_timeout_s(self) -> float:
+        return self.timeout_s if self.timeout_s is not None else self.budget_s * 2 + 60
+
+
+class MetricSpec(_Section):
+    name: str
+    direction: Direction = Direction.MINIMIZE
+    source: Literal["summary", "json"] = "summary"
+    file: str = Field("", description="with source = 'json': the JSON file the run writes")
+    secondary: list[str] = Field(default_factory=list, description="other figures to record")
+    memory: str = Field("", description="secondary figure (MB) used for results.tsv's memory_gb")
+
+    @model_validator(mode="after")
+    def _json_needs_file(self) -> MetricSpec:
+        if self.source == "json" and not self.file:
+            raise ValueError("source = 'json' needs file = '<path the run writes>'")
+        return self
+
+
+class StopSpec(_Section):
+    max_experiments: int = Field(100, ge=0, description="experiments after the baseline (0: no limit)")
+    max_hours: float = Field(0.0, ge=0, description="wall time (0: no limit)")
+    patience: int = Field(0, ge=0, description="experiments without a keep (0: off)")
+    max_crashes_in_row: int = Field(5, ge=0, description="consecutive crashes/timeouts (0: off)")
+
+
+class ResearcherSpec(BaseModel):
+    """``kind`` picks the researcher; the other keys are that researcher's options."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    kind: str = "search"
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class AcceptSpec(_Section):
+    policy: Literal["greedy"] = "greedy"
+
+
+class SandboxSpec(_Section):
+    mode: Literal["auto", "required", "none"] = "auto"
+    network: bool = False
+    hide: list[str] = Field(default_factory=list, description="extra lab paths hidden from runs")
+
+
+class LabSpec(_Section):
+    name: str = ""
+
+
+class Spec(_Section):
+    lab: LabSpec = Field(default_factory=LabSpec)
+    files: FilesSpec
+    run: RunSpec
+    metric: MetricSpec
+    stop: StopSpec = Field(default_factory=StopSpec)
+    researcher: ResearcherSpec = Field(default_factory=ResearcherSpec)
+    accept: AcceptSpec = Field(default_factory=AcceptSpec)
+    sandbox: SandboxSpec = Field(default_factory=SandboxSpec)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- errors
+
+_FIXES = {
+    "missing": "add it",
+    "extra_forbidden": "remove it or check its spelling",
+    "string_type": "write it as a quoted string",
+    "int_type": "write it as a whole number",
+    "int_parsing": "write it as a whole number",
+    "float_type": "write it as a number",
+    "float_parsing": "write it as a number",
+    "bool_type": "write true or false",
+    "list_type": 'write it as a list, e.g. ["train.py"]',
+    "dict_type": "write it as a table",
+    "enum": "use one of the allowed values",
+    "literal_error": "use one of the allowed values",
+    "greater_than": "use a larger value",
+    "greater_than_equal": "use a larger value",
+    "too_short": "give at least one entry",
+}
+
+
+def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc]
+    if len(parts) >= 2:
+        return f"[{parts[0]}] {'.'.join(parts[1:])}"
+    return f"[{parts[0]}]" if parts else "(top level)"
+
+
+def _validation_to_spec_error(path: Path, err: ValidationError, model: type[BaseModel] = Spec) -> SpecError:
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    kind = first["type"]
+    where = _format_loc(loc)
+    msg = first["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    fix = _FIXES.get(kind, "correct the value")
+    if kind == "extra_forbidden":
+        known = _known_keys(model, loc)
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        msg = "unknown key"
+        fix = f"did you mean '{close[0]}'?" if close else "remove it or check its spelling"
+        if known:
+            fix += f" (known keys here: {', '.join(known)})"
+    elif kind in ("enum", "literal_error"):
+        fix = f"use {first.get('ctx', {}).get('expected', 'an allowed value')}"
+    elif kind == "missing":
+        msg = "required key is missing"
+    elif kind == "value_error":
+        fix = "see the message above"
+    extra = f" ({len(err.errors()) - 1} more problem(s) after this one)" if len(err.errors()) > 1 else ""
+    return SpecError(f"{path}: {where}: {msg}{extra}", fix)
+
+
+# --------------------------------------------------------------------------- globs
+
+
+def match_files(root: Path, patterns: list[str]) -> list[str]:
+    """Files under ``root`` (relative, posix) matching any glob; ``.git`` and ``.nightlab`` skipped."""
+    out: set[str] = set()
+    for pat in patterns:
+        for p in root.glob(pat):
+            if p.is_file():
+                rel = p.relative_to(root).as_posix()
+                if not rel.startswith((".git/", ".nightlab/")):
+                    out.add(rel)
+    return sorted(out)
+
+
+def matches(path: str, patterns: list[str]) -> bool:
+    """True when a relative posix path matches one of the globs (``**`` allowed)."""
+    for pat in patterns:
+        if fnmatch.fnmatchcase(path, pat) or Path(path).match(pat):
+            return True
+        if pat.endswith("/**") and path.startswith(pat[:-2]):
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------- load
+
+
+def parse_spec(path: Path, data: dict[str, Any]) -> Spec:
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as e:
+        raise _validation_to_spec_error(path, e) from None
+    return spec
+
+
+def check_files(path: Path, spec: Spec) -> None:
+    """Errors that need the lab folder: editable files exist; nothing is both editable and protected."""
+    root = path.parent
+    for i, pat in enumerate(spec.files.editable):
+        if pat.startswith("/") or ".." in Path(pat).parts:
+            raise SpecError(
+                f"{path}: [files] editable[{i}] = {pat!r} points outside the lab",
+                "use a path relative to the lab folder",
+            )
+        if not match_files(root, [pat]):
+            raise SpecError(
+                f"{path}: [files] editable[{i}] = {pat!r} matches no file in {root}",
+                "create the file, or correct the path (it is relative to the folder of nightlab.toml)",
+            )
+    editable = set(match_files(root, spec.files.editable))
+    protected = set(match_files(root, spec.files.protected))
+    both = sorted(editable & protected)
+    if both:
+        raise SpecError(
+            f"{path}: [files] {both[0]!r} is both editable and protected",
+            "remove it from one of [files] editable or [files] protected",
+        )
+
+
+def load_spec(path: Path | str, *, check_paths: bool = True) -> Spec:
+    path = Path(path)
+    if path.is_dir():
+        path = path / SPEC_FILE
+    if not path.exists():
+        raise SpecError(f"{path}: no such file", "run `nightlab init` in your lab's git repository")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{path}: not valid TOML: {e}", "fix the syntax at the line named") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not UTF-8 text", "save the file as UTF-8") from None
+    spec = parse_spec(path, data)
+    from nightlab.researchers import validate_options  # late: researchers import spec
+
+    validate_options(path, spec.researcher)
+    if check_paths:
+        check_files(path, spec)
+    return spec
