@@ -155,7 +155,9 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
 
 
 def _validation_to_spec_error(path: Path, err: ValidationError, model: type[BaseModel] = Spec) -> SpecError:
-    first = err.errors()[0]
+    errors = err.errors()
+    # an unknown key is usually the cause of a "missing" one (a typo): report it first
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(first["loc"])
     kind = first["type"]
     where = _format_loc(loc)

@@ -161,6 +161,8 @@ class Experiment:
     params: dict[str, Any]
     usage: Usage
     pid: int | None = None
+    pid_start: int | None = None
+    worktree: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,22 @@
+"""``nightlab init``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from nightlab.scaffold import init_lab
+
+
+@click.command()
+@click.argument("path", type=click.Path(file_okay=False, path_type=Path), default=".")
+@click.option("--from-autoresearch", is_flag=True,
+              help="Recognise karpathy/autoresearch: train.py editable, prepare.py protected, val_bpb, 300 s.")
+@click.option("--force", is_flag=True, help="Overwrite an existing nightlab.toml.")
+def init(path: Path, from_autoresearch: bool, force: bool) -> None:
+    """Write a starter nightlab.toml and program.md into a git repository."""
+    written = init_lab(path, from_autoresearch=from_autoresearch, force=force)
+    for p in written:
+        click.echo(f"wrote {p}")
+    click.echo("next: review nightlab.toml (metric name, command, budget), then `nightlab run`")

@@ -1,0 +1,530 @@
+"""The research loop (DESIGN.md, "The flow").
+
+    propose -> guard -> materialise -> run -> measure -> decide -> keep/discard -> record -> observe
+
+The ledger is the source of truth; git follows it. Each state change is one ledger
+transaction, written *before* the matching git move, so that a harness killed at any
+point is recovered by :meth:`Engine.recover` on ``--resume``: orphaned experiments are
+marked ``interrupted`` (their process tree killed, their worktree removed) and the branch
+is fast-forwarded to the ledger's incumbent if the kill fell between the two writes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nightlab import researchers as researchers_mod
+from nightlab import sandbox
+from nightlab.errors import NightlabError, SandboxError, UsageError
+from nightlab.guard import Guard, diff_paths
+from nightlab.ledger import Ledger
+from nightlab.measure import measure
+from nightlab.policy import make_policy
+from nightlab.researchers import Context, Researcher
+from nightlab.spec import PROGRAM_FILE, Spec, load_spec, match_files
+from nightlab.types import Candidate, Experiment, Measurement, RunResult, Session, Status
+from nightlab.workspace import ApplyError, Workspace
+
+SECRET_ENV = re.compile(r"(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_KEY)", re.I)
+
+
+class Reporter:
+    """What the engine tells the outside world. The console implements it; tests may too."""
+
+    def session_started(self, session: Session, spec: Spec, resumed: bool) -> None: ...
+    def message(self, text: str) -> None: ...
+    def experiment_started(self, idx: int, description: str, budget_s: float) -> None: ...
+    def experiment_finished(self, exp: Experiment, session: Session) -> None: ...
+    def session_stopped(self, session: Session) -> None: ...
+
+
+@dataclass
+class StopState:
+    """Why the loop should stop, set from signal handlers or the STOP file."""
+
+    graceful: str = ""  # stop after the experiment in flight
+    cancel: threading.Event = field(default_factory=threading.Event)  # kill the run in flight now
+    cancel_reason: str = ""
+
+    def interrupt(self, reason: str) -> None:
+        self.cancel_reason = reason
+        self.cancel.set()
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=5).stdout
+            info["gpus"] = [ln.strip() for ln in out.splitlines() if ln.strip()]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return info
+
+
+def default_tag() -> str:
+    return time.strftime("%b%d").lower()
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    return line[:limit]
+
+
+class Engine:
+    """One session of research on one lab. Not thread-safe: one engine per process."""
+
+    def __init__(
+        self,
+        lab_dir: Path | str,
+        *,
+        tag: str | None = None,
+        resume: bool = False,
+        db_url: str | None = None,
+        reporter: Reporter | None = None,
+        researcher: Researcher | None = None,
+        spec: Spec | None = None,
+        max_experiments: int | None = None,
+        sandbox_mode: str | None = None,
+    ) -> None:
+        self.lab_dir = Path(lab_dir).resolve()
+        self.spec = spec or load_spec(self.lab_dir)
+        if max_experiments is not None:
+            self.spec = self.spec.model_copy(
+                update={"stop": self.spec.stop.model_copy(update={"max_experiments": max_experiments})}
+            )
+        self.ws = Workspace(self.lab_dir)
+        self.ws.ensure_state_dir()
+        self.ledger = Ledger.for_lab(self.lab_dir, db_url)
+        self.reporter = reporter or Reporter()
+        self.guard = Guard(self.spec, self.ws)
+        self.policy = make_policy(self.spec.accept)
+        self.stop = StopState()
+        self.sandbox_mode = sandbox.resolve_mode(sandbox_mode or self.spec.sandbox.mode)
+        self.data_dir = self.ws.state_dir / "data"
+        self.artifacts_dir = self.ws.state_dir / "artifacts"
+        self.stop_file = self.ws.state_dir / "STOP"
+        self._researcher_override = researcher
+        self.researcher: Researcher | None = None
+        self.session = self._open_session(tag, resume)
+        self.resumed = resume
+        self.protected_hashes = self.guard.hash_protected(self.session.base_commit)
+        self._started = time.monotonic()
+
+    # ------------------------------------------------------------------ session
+
+    def _open_session(self, tag: str | None, resume: bool) -> Session:
+        if resume:
+            session = self.ledger.get_session(tag) if tag else self.ledger.latest_session()
+            if session is None:
+                what = f"session '{tag}'" if tag else "any session"
+                raise UsageError(f"cannot resume: no {what} in {self.ledger.url}",
+                                 "start one with `nightlab run` (without --resume)")
+            return session
+        tag = tag or default_tag()
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", tag):
+            raise UsageError(f"tag {tag!r} is not usable as a branch name",
+                             "use letters, digits, '.', '_' and '-' (e.g. --tag nov23)")
+        if self.ledger.get_session(tag) is not None:
+            raise UsageError(f"session '{tag}' already exists",
+                             f"continue it with `nightlab run --resume --tag {tag}`, or pick a new --tag")
+        branch = f"nightlab/{tag}"
+        if self.ws.resolve(f"refs/heads/{branch}"):
+            raise UsageError(f"the branch {branch} already exists but the ledger has no session '{tag}'",
+                             f"pick a new --tag, or delete the branch: git branch -D {branch}")
+        base = self.ws.head()
+        session = self.ledger.create_session(
+            tag=tag, branch=branch, base_commit=base, metric_name=self.spec.metric.name,
+            direction=self.spec.metric.direction, sandbox=self.sandbox_mode, spec_hash=self.spec.digest(),
+            spec_json=self.spec.model_dump_json(), lab_path=str(self.lab_dir), machine=machine_info(),
+            researcher=self._researcher_override.name if self._researcher_override else self.spec.researcher.kind,
+        )
+        self.ws.create_branch(branch, base)
+        return self.ledger.update_session(session.id, incumbent_commit=base)
+
+    def recover(self) -> list[Experiment]:
+        """Clean up after a harness that died: orphans, stale worktrees, a lagging branch."""
+        recovered = []
+        for exp in self.ledger.orphaned(self.session.id):
+            killed = False
+            if exp.pid:
+                killed = sandbox.kill_orphan(exp.pid, exp.pid_start)
+            recovered.append(self.ledger.finish_experiment(
+                exp.id, status=Status.INTERRUPTED,
+                reason="orphaned: the harness stopped without finishing it" + (" (run killed)" if killed else ""),
+                finished_at=time.time(),
+            ))
+        removed = self.ws.remove_stale_worktrees(f"{self.session.tag}-")
+        if removed:
+            self.reporter.message(f"removed {len(removed)} stale worktree(s)")
+        # the ledger decides the incumbent; bring the branch to it
+        head = self.ws.resolve(f"refs/heads/{self.session.branch}")
+        inc = self.session.incumbent_commit
+        if head is None:
+            self.ws.create_branch(self.session.branch, inc)
+        elif head != inc:
+            if self.ws.is_ancestor(head, inc):
+                self.ws.advance_branch(self.session.branch, inc, head)
+                self.reporter.message(f"fast-forwarded {self.session.branch} to the ledger's incumbent")
+            else:
+                raise UsageError(
+                    f"the branch {self.session.branch} ({head[:10]}) does not lead to the ledger's "
+                    f"incumbent ({inc[:10]})",
+                    f"reset it: git update-ref refs/heads/{self.session.branch} {inc}",
+                )
+        self.session = self.ledger.update_session(self.session.id, status="running", stop_reason="")
+        return recovered
+
+    # ------------------------------------------------------------------ environment
+
+    def run_env(self, seed: int, idx: int) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not SECRET_ENV.search(k)}
+        if not env.get("VIRTUAL_ENV"):
+            # make `python` in a run command mean the interpreter nightlab runs under
+            env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+        env.update(self.spec.run.env)
+        env.update({
+            "NIGHTLAB_BUDGET_S": f"{self.spec.run.budget_s:g}",
+            "NIGHTLAB_SEED": str(seed),
+            "NIGHTLAB_DATA_DIR": str(self.data_dir),
+            "NIGHTLAB_EXPERIMENT": str(idx),
+            "NIGHTLAB_TAG": self.session.tag,
+            "PYTHONUNBUFFERED": "1",
+        })
+        return env
+
+    def sandbox_policy(self, worktree: Path) -> sandbox.SandboxPolicy:
+        hidden = [self.ws.state_dir, self.ws.repo_root / ".git", self.ws.git_dir]
+        hidden += [self.lab_dir / h for h in self.spec.sandbox.hide]
+        readonly = [worktree / ".git"]
+        if self.data_dir.exists():
+            readonly.append(self.data_dir)
+        return sandbox.SandboxPolicy(
+            mode=self.sandbox_mode, network=self.spec.sandbox.network, writable=(worktree,),
+            readonly=tuple(readonly), hidden=tuple(dict.fromkeys(hidden)), memory_mb=self.spec.run.memory_mb,
+        )
+
+    def run_setup(self) -> None:
+        if not self.spec.run.setup:
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = self.artifacts_dir / f"setup-{self.session.tag}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.reporter.message(f"setup: {self.spec.run.setup}")
+        env = self.run_env(self.spec.run.seed, -1)
+        policy = sandbox.SandboxPolicy(mode="none")
+        res = sandbox.run(self.spec.run.setup, cwd=self.lab_dir, env=env, policy=policy,
+                          timeout_s=max(3600.0, self.spec.run.hard_timeout_s), log_path=log,
+                          cancel=self.stop.cancel)
+        if not res.ok:
+            why = "timed out" if res.timed_out else f"exited with {res.exit_code}"
+            raise NightlabError(f"the setup command {self.spec.run.setup!r} {why}; its log: {log}\n"
+                                + sandbox.tail(log, 15), "fix the setup command, then resume with --resume")
+
+    # ------------------------------------------------------------------ one experiment
+
+    def _context(self, idx: int, history: list[Experiment]) -> Context:
+        parent = self.session.incumbent_commit
+        files: dict[str, str] = {}
+        all_files = self.ws.ls_files(parent)
+        from nightlab.spec import matches
+
+        for p in all_files:
+            if matches(p, self.spec.files.editable) and not matches(p, self.guard.protected):
+                try:
+                    files[p] = self.ws.read_file(parent, p).decode("utf-8")
+                except UnicodeDecodeError:
+                    continue
+        program_path = self.lab_dir / PROGRAM_FILE
+        program = program_path.read_text(encoding="utf-8") if program_path.exists() else ""
+        return Context(
+            spec=self.spec, lab_dir=self.lab_dir, program=program, parent=parent, files=files,
+            history=tuple(history), metric_name=self.spec.metric.name, direction=self.spec.metric.direction,
+            incumbent_metric=self.session.incumbent_metric, baseline_metric=self.session.baseline_metric, idx=idx,
+        )
+
+    def _finish(self, exp_id: int, status: Status, t0: float, run: RunResult | None = None,
+                m: Measurement | None = None, reason: str = "", **kw: Any) -> Experiment:
+        now = time.time()
+        run_s = run.wall_s if run else 0.0
+        log_tail = sandbox.tail(Path(run.log_path), 50) if run else ""
+        exp = self.ledger.finish_experiment(
+            exp_id, status=status, metric=m.metric if m else None, secondary=m.secondary if m else {},
+            trust=m.trust if m else "inline", reason=reason, log_tail=log_tail, run_s=run_s,
+            overhead_s=max(0.0, (time.monotonic() - t0) - run_s),
+            exit_code=run.exit_code if run else None, finished_at=now, **kw,
+        )
+        return exp
+
+    def run_experiment(self, idx: int, candidate: Candidate | None, propose_s: float = 0.0) -> Experiment:
+        """Materialise, run, measure and decide one experiment. ``candidate=None`` is the baseline."""
+        t0 = time.monotonic()
+        parent = candidate.parent if candidate else self.session.incumbent_commit
+        seed = self.spec.run.seed
+        desc = _first_line(candidate.rationale) if candidate else "baseline"
+        name = f"{self.session.tag}-{idx}"
+        wt_path = self.ws.worktrees_dir / name
+        exp_id = self.ledger.start_experiment(
+            self.session.id, idx=idx, parent_commit=parent, seed=seed, candidate=candidate,
+            description=desc, propose_s=propose_s, worktree=str(wt_path),
+        )
+        self.reporter.experiment_started(idx, desc, self.spec.run.budget_s)
+        # 1. guard the claimed paths before anything touches disk
+        if candidate is not None:
+            claimed = list(candidate.files or {}) + (diff_paths(candidate.diff) if candidate.diff else [])
+            if not claimed:
+                return self._finish(exp_id, Status.INVALID, t0, reason="the candidate changes nothing")
+            problem = self.guard.check_paths(claimed)
+            if problem:
+                return self._finish(exp_id, Status.REJECTED, t0, reason=f"guard: {problem}")
+        wt = self.ws.add_worktree(name, parent)
+        try:
+            commit, canonical = parent, ""
+            if candidate is not None:
+                # 2. materialise and check what git says actually changed
+                try:
+                    if candidate.files:
+                        self.ws.write_files(wt, candidate.files)
+                    if candidate.diff:
+                        self.ws.apply_diff(wt, candidate.diff)
+                except ApplyError as e:
+                    return self._finish(exp_id, Status.INVALID, t0, reason=f"edit did not apply: {e}")
+                changes = self.ws.stage(wt)
+                problem = self.guard.check_changes(changes)
+                if problem:
+                    return self._finish(exp_id, Status.REJECTED, t0, reason=f"guard: {problem}")
+                if not changes:
+                    return self._finish(exp_id, Status.INVALID, t0, reason="the candidate changes nothing")
+                msg = f"nightlab {self.session.tag} #{idx}: {desc}\n\n{candidate.rationale}".strip()
+                commit, canonical = self.ws.commit_staged(wt, msg)
+                self.ledger.update_experiment(exp_id, commit=commit, diff=canonical)
+                self.ws.keep_ref(self.session.tag, idx, commit)
+            lab_root = self.ws.lab_in(wt)
+            # 3. protected files must be exactly what the session started with
+            problem = Guard.verify_protected(lab_root, self.protected_hashes)
+            if problem:
+                return self._finish(exp_id, Status.REJECTED, t0, reason=f"protected: {problem}")
+            # 4. run
+            log_path = self.artifacts_dir / str(exp_id) / "run.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            if candidate is not None:
+                (log_path.parent / "candidate.diff").write_text(canonical)
+            res = sandbox.run(
+                self.spec.run.command, cwd=lab_root, env=self.run_env(seed, idx), policy=self.sandbox_policy(wt),
+                timeout_s=self.spec.run.hard_timeout_s, log_path=log_path, kill_grace_s=self.spec.run.kill_grace_s,
+                on_start=lambda pid: self.ledger.update_experiment(
+                    exp_id, pid=pid, pid_start=sandbox.proc_start_time(pid)),
+                cancel=self.stop.cancel,
+            )
+            if res.interrupted:
+                return self._finish(exp_id, Status.INTERRUPTED, t0, res,
+                                    reason=f"interrupted: {self.stop.cancel_reason or 'stop requested'}")
+            # 5. measure and decide
+            if res.timed_out:
+                return self._finish(exp_id, Status.TIMEOUT, t0, res,
+                                    reason=f"killed at the {self.spec.run.hard_timeout_s:g}s timeout")
+            m = measure(self.spec.metric, log_path, lab_root)
+            if res.exit_code != 0:
+                return self._finish(exp_id, Status.CRASH, t0, res, m, reason=f"exit code {res.exit_code}")
+            if not m.valid:
+                return self._finish(exp_id, Status.CRASH, t0, res, m, reason=m.error)
+            assert m.metric is not None
+            if candidate is None:
+                exp = self._finish(exp_id, Status.KEEP, t0, res, m, reason="baseline", commit=commit,
+                                   incumbent=(commit, m.metric), evidence={"policy": "baseline"})
+                self.session = self.ledger.update_session(self.session.id, baseline_metric=m.metric)
+                return exp
+            verdict = self.policy.decide(m, self.session.incumbent_metric, self.spec.metric.direction)
+            if not verdict.keep:
+                return self._finish(exp_id, Status.DISCARD, t0, res, m, reason=verdict.reason,
+                                    evidence=verdict.evidence)
+            # 6. keep: ledger first, then the branch (recover() repairs a kill in between)
+            old = self.session.incumbent_commit
+            exp = self._finish(exp_id, Status.KEEP, t0, res, m, reason=verdict.reason,
+                               evidence=verdict.evidence, incumbent=(commit, m.metric))
+            self.ws.advance_branch(self.session.branch, commit, old)
+            return exp
+        finally:
+            self.ws.remove_worktree(wt)
+            self.session = self.ledger.get_session(self.session.tag) or self.session
+
+    # ------------------------------------------------------------------ stop rules
+
+    def stop_reason(self, history: list[Experiment]) -> str:
+        st = self.spec.stop
+        if self.stop.cancel.is_set():
+            return self.stop.cancel_reason or "interrupted"
+        if self.stop.graceful:
+            return self.stop.graceful
+        if self.stop_file.exists():
+            try:
+                self.stop_file.unlink()
+            except OSError:
+                pass
+            return "STOP file"
+        tried = [e for e in history if e.idx > 0]
+        if st.max_experiments and len(tried) >= st.max_experiments:
+            return f"max_experiments ({st.max_experiments}) reached"
+        if st.max_hours and time.monotonic() - self._started >= st.max_hours * 3600:
+            return f"max_hours ({st.max_hours:g}) reached"
+        if st.patience:
+            since = 0
+            for e in reversed(tried):
+                if e.status is Status.KEEP:
+                    break
+                since += 1
+            if since >= st.patience:
+                return f"patience: {since} experiments without a keep"
+        if st.max_crashes_in_row:
+            row = 0
+            for e in reversed(tried):
+                if not e.status.is_failure():
+                    break
+                row += 1
+            if row >= st.max_crashes_in_row:
+                return f"max_crashes_in_row: {row} crashes or timeouts in a row"
+        return ""
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> Session:
+        """Run the session until a stop rule fires. Returns the final session row."""
+        try:
+            if self.resumed:
+                self.recover()
+            self.reporter.session_started(self.session, self.spec, self.resumed)
+            if self.sandbox_mode == "none":
+                self.reporter.message("WARNING: bubblewrap (bwrap) not found: runs are NOT sandboxed "
+                                      "(no network or filesystem isolation). Install it: apt-get install bubblewrap")
+            self.researcher = self._researcher_override or researchers_mod.create(self.spec, self.lab_dir)
+            history = self.ledger.experiments(self.session.id)
+            for e in history:
+                self.researcher.observe(e)
+            if not any(e.idx == 0 and e.status is Status.KEEP for e in history):
+                self.run_setup()
+                if self.stop.cancel.is_set():
+                    return self._close("stopped", self.stop.cancel_reason or "interrupted")
+                # the baseline is experiment 0 (or the next index, when an earlier baseline failed)
+                base = self.run_experiment(self.ledger.next_idx(self.session.id), None)
+                history.append(base)
+                self.researcher.observe(base)
+                self.reporter.experiment_finished(base, self.session)
+                if base.status is Status.INTERRUPTED:
+                    return self._close("stopped", self.stop.cancel_reason or "interrupted")
+                if base.status is not Status.KEEP:
+                    self._close("failed", f"the baseline failed ({base.status.value}: {base.reason})")
+                    raise NightlabError(
+                        f"the unmodified baseline failed: {base.status.value}: {base.reason}\n{base.log_tail[-1500:]}",
+                        "make the run command work by hand first; see `nightlab show 0`, then --resume",
+                    )
+            elif self.spec.run.setup:
+                self.run_setup()
+            invalid_row = 0
+            while True:
+                reason = self.stop_reason(history)
+                if reason:
+                    status = "stopped" if self.stop.cancel.is_set() or self.stop.graceful or reason == "STOP file" \
+                        else "finished"
+                    return self._close(status, reason)
+                idx = self.ledger.next_idx(self.session.id)
+                ctx = self._context(idx, history)
+                t0 = time.monotonic()
+                try:
+                    cand = self.researcher.propose(ctx)
+                except NightlabError:
+                    raise
+                except Exception as e:  # a researcher bug is an invalid candidate, not a dead night
+                    cand = Candidate(parent=ctx.parent, rationale=f"researcher error: {type(e).__name__}: {e}",
+                                     researcher=getattr(self.researcher, "name", "?"))
+                propose_s = time.monotonic() - t0
+                if self.stop.cancel.is_set():
+                    continue  # proposed but never run: not recorded
+                if cand.parent != ctx.parent:
+                    cand = Candidate(**{**cand.__dict__, "parent": ctx.parent})
+                exp = self.run_experiment(idx, cand, propose_s)
+                history.append(exp)
+                self.researcher.observe(exp)
+                self.reporter.experiment_finished(exp, self.session)
+                invalid_row = invalid_row + 1 if exp.status in (Status.INVALID, Status.REJECTED) else 0
+                if invalid_row >= 20:
+                    return self._close("finished", f"{invalid_row} invalid or rejected candidates in a row")
+        except NightlabError as e:
+            if self.session.status == "running":
+                self._close("failed", str(e.message)[:500])
+            raise
+        except BaseException:
+            if self.session.status == "running":
+                self._close("stopped", "harness error")
+            raise
+        finally:
+            if self.researcher is not None:
+                try:
+                    self.researcher.close()
+                except Exception:  # closing must not mask the real outcome
+                    pass
+
+    def _close(self, status: str, reason: str) -> Session:
+        self.session = self.ledger.update_session(self.session.id, status=status, stop_reason=reason)
+        self.reporter.session_stopped(self.session)
+        return self.session
+
+    def close(self) -> None:
+        self.ledger.close()
+
+
+def editable_files(spec: Spec, lab_dir: Path) -> list[str]:
+    return match_files(lab_dir, spec.files.editable)
+
+
+def improvement_pct(baseline: float | None, best: float | None, direction: Any) -> float | None:
+    if baseline is None or best is None or baseline == 0 or not math.isfinite(baseline):
+        return None
+    return 100.0 * direction.improvement(best, baseline) / abs(baseline)
+
+
+def install_signal_handlers(engine: Engine) -> Callable[[], None]:
+    """SIGINT: kill the run in flight and stop (recorded ``interrupted``). SIGTERM: stop after it."""
+    import signal
+
+    def on_int(signum: int, frame: object) -> None:
+        engine.stop.interrupt("interrupted (SIGINT)")
+
+    def on_term(signum: int, frame: object) -> None:
+        engine.stop.graceful = "stopped by SIGTERM"
+
+    old_int = signal.signal(signal.SIGINT, on_int)
+    old_term = signal.signal(signal.SIGTERM, on_term)
+
+    def restore() -> None:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+
+    return restore
+
+
+__all__ = ["Engine", "Reporter", "SandboxError", "default_tag", "install_signal_handlers"]

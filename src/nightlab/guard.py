@@ -1,0 +1,114 @@
+"""The guard: what a candidate may touch, checked before anything reaches disk and again after.
+
+Two checks, both returning a reason string (or ``None`` when the candidate passes):
+
+- :meth:`Guard.check_paths` on the paths a candidate *claims* to touch (its ``files`` keys
+  or the headers of its diff), before a byte is written;
+- :meth:`Guard.check_changes` on what git reports the worktree *actually* changed, after
+  the edit is applied and staged (catches symlinks, mode changes and anything a diff hid).
+
+Protected files (the spec's ``protected`` globs plus ``nightlab.toml`` and ``program.md``)
+are hashed at session start and verified in every worktree before every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
+
+from nightlab.spec import PROGRAM_FILE, SPEC_FILE, Spec, matches
+from nightlab.workspace import Change, Workspace
+
+IMPLICITLY_PROTECTED = [SPEC_FILE, PROGRAM_FILE]
+_DIFF_PATH = re.compile(r"^(?:---|\+\+\+) (?:\"?[ab]/)?(.+?)\"?\t?$")
+_GIT_HEADER = re.compile(r"^diff --git \"?a/(.+?)\"? \"?b/(.+?)\"?$")
+
+
+def diff_paths(diff: str) -> list[str]:
+    """Every path a unified diff names (headers and ---/+++ lines), ``/dev/null`` skipped."""
+    out: list[str] = []
+    for line in diff.splitlines():
+        m = _GIT_HEADER.match(line)
+        if m:
+            out.extend([m.group(1), m.group(2)])
+            continue
+        if line.startswith(("--- ", "+++ ")):
+            raw = line[4:].split("\t")[0].strip().strip('"')
+            if raw == "/dev/null":
+                continue
+            if raw.startswith(("a/", "b/")):
+                raw = raw[2:]
+            out.append(raw)
+        elif line.startswith(("rename from ", "rename to ", "copy from ", "copy to ")):
+            out.append(line.split(" ", 2)[2])
+    return list(dict.fromkeys(out))
+
+
+def path_problem(path: str) -> str | None:
+    """Why a lab-relative path is unsafe, or None."""
+    if not path or path.strip() != path:
+        return f"{path!r}: empty or padded path"
+    if "\\" in path or "\0" in path:
+        return f"{path!r}: backslash or NUL in path"
+    p = PurePosixPath(path)
+    if p.is_absolute():
+        return f"{path!r}: absolute path escapes the lab"
+    if ".." in p.parts:
+        return f"{path!r}: '..' escapes the lab"
+    if p.parts and p.parts[0] in (".git", ".nightlab"):
+        return f"{path!r}: nightlab's and git's own folders are off limits"
+    return None
+
+
+class Guard:
+    def __init__(self, spec: Spec, workspace: Workspace) -> None:
+        self.editable = list(spec.files.editable)
+        self.protected = list(spec.files.protected) + IMPLICITLY_PROTECTED
+        self.ws = workspace
+
+    def check_paths(self, paths: Iterable[str]) -> str | None:
+        for path in paths:
+            problem = path_problem(path)
+            if problem:
+                return problem
+            if matches(path, self.protected):
+                return f"{path}: protected file"
+            if not matches(path, self.editable):
+                return f"{path}: outside the editable files ({', '.join(self.editable)})"
+        return None
+
+    def check_changes(self, changes: Iterable[Change]) -> str | None:
+        for ch in changes:
+            lab_path = self.ws.lab_path(ch.path)
+            if lab_path is None:
+                return f"{ch.path}: outside the lab folder"
+            if ch.new_mode == "120000":
+                return f"{lab_path}: symlinks are not allowed"
+            if ch.new_mode == "160000":
+                return f"{lab_path}: submodules are not allowed"
+            problem = self.check_paths([lab_path])
+            if problem:
+                return problem
+        return None
+
+    # ------------------------------------------------------------------ protected hashes
+
+    def protected_files(self, commit: str) -> list[str]:
+        return [p for p in self.ws.ls_files(commit) if matches(p, self.protected)]
+
+    def hash_protected(self, commit: str) -> dict[str, str]:
+        """sha256 of every protected file in ``commit`` (lab-relative path -> hex)."""
+        return {p: hashlib.sha256(self.ws.read_file(commit, p)).hexdigest() for p in self.protected_files(commit)}
+
+    @staticmethod
+    def verify_protected(lab_root: Path, hashes: dict[str, str]) -> str | None:
+        """Check the files on disk under ``lab_root`` against the session's hashes."""
+        for path, digest in hashes.items():
+            f = lab_root / path
+            if f.is_symlink() or not f.is_file():
+                return f"{path}: protected file missing or replaced"
+            if hashlib.sha256(f.read_bytes()).hexdigest() != digest:
+                return f"{path}: protected file changed"
+        return None

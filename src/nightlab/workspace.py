@@ -1,0 +1,256 @@
+"""The only code that touches git: worktrees per experiment, commits, the session branch.
+
+Rules this module keeps:
+- the session branch ``nightlab/<tag>`` only moves forward, by compare-and-swap
+  (``git update-ref <ref> <new> <old>``), to a commit the policy verified;
+- every materialised candidate is committed *before* its run and kept under
+  ``refs/nightlab/<tag>/<idx>``, so discarded ideas stay inspectable and replayable;
+- after a run, git is never invoked inside the experiment's worktree (the run could have
+  rewritten its ``.git`` pointer); the worktree is removed from the outside;
+- hooks never run (``core.hooksPath=/dev/null``), and commits carry a fixed identity.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from nightlab.errors import GitError, UsageError
+
+_GIT_ENV = {
+    "GIT_AUTHOR_NAME": "nightlab",
+    "GIT_AUTHOR_EMAIL": "nightlab@localhost",
+    "GIT_COMMITTER_NAME": "nightlab",
+    "GIT_COMMITTER_EMAIL": "nightlab@localhost",
+    "GIT_TERMINAL_PROMPT": "0",
+    "GIT_OPTIONAL_LOCKS": "0",
+}
+_GIT_CFG = ["-c", "core.hooksPath=/dev/null", "-c", "commit.gpgsign=false", "-c", "core.fsmonitor=false"]
+
+
+class ApplyError(Exception):
+    """A candidate's edit did not apply (the experiment becomes ``invalid``)."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """One path changed by a staged candidate, as ``git diff --raw`` reports it."""
+
+    status: str  # A, M, D, T, R...
+    path: str  # repo-relative
+    new_mode: str  # e.g. 100644, 100755, 120000 (symlink), 160000 (submodule), 000000 (deleted)
+    old_path: str = ""
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(_GIT_ENV)
+    for k in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"):
+        env.pop(k, None)
+    return env
+
+
+class Workspace:
+    def __init__(self, lab_dir: Path) -> None:
+        self.lab_dir = Path(lab_dir).resolve()
+        self._env = _env()
+        try:
+            top = self._run(["rev-parse", "--show-toplevel"], cwd=self.lab_dir).strip()
+        except GitError:
+            raise UsageError(
+                f"{self.lab_dir} is not inside a git repository",
+                "run `git init && git add -A && git commit -m init` there first",
+            ) from None
+        self.repo_root = Path(top).resolve()
+        rel = self.lab_dir.relative_to(self.repo_root).as_posix()
+        self.lab_rel = "" if rel == "." else rel
+        self.state_dir = self.lab_dir / ".nightlab"
+        self.worktrees_dir = self.state_dir / "worktrees"
+        self.git_dir = Path(self._run(["rev-parse", "--path-format=absolute", "--git-common-dir"]).strip())
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _run(self, args: list[str], *, cwd: Path | None = None, input: str | None = None,
+             check: bool = True) -> str:
+        proc = subprocess.run(
+            ["git", *_GIT_CFG, *args],
+            cwd=cwd or self.lab_dir,
+            env=self._env,
+            input=input,
+            capture_output=True,
+            text=True,
+        )
+        if check and proc.returncode != 0:
+            raise GitError(f"git {' '.join(args[:3])} failed: {proc.stderr.strip()[:500]}")
+        return proc.stdout
+
+    def git(self, *args: str, cwd: Path | None = None) -> str:
+        return self._run(list(args), cwd=cwd)
+
+    def repo_path(self, lab_path: str) -> str:
+        """Lab-relative path -> repo-relative path."""
+        return f"{self.lab_rel}/{lab_path}" if self.lab_rel else lab_path
+
+    def lab_path(self, repo_path: str) -> str | None:
+        """Repo-relative path -> lab-relative path, or None when outside the lab."""
+        if not self.lab_rel:
+            return repo_path
+        prefix = self.lab_rel + "/"
+        return repo_path[len(prefix):] if repo_path.startswith(prefix) else None
+
+    def ensure_state_dir(self) -> None:
+        """Create ``.nightlab/`` and keep it out of git (via ``info/exclude``, not .gitignore)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        exclude = self.git_dir / "info" / "exclude"
+        exclude.parent.mkdir(parents=True, exist_ok=True)
+        text = exclude.read_text() if exclude.exists() else ""
+        if ".nightlab/" not in text.split("\n"):
+            with exclude.open("a") as f:
+                f.write(("" if text.endswith("\n") or not text else "\n") + ".nightlab/\n")
+
+    # ------------------------------------------------------------------ refs
+
+    def head(self) -> str:
+        try:
+            return self._run(["rev-parse", "--verify", "HEAD^{commit}"]).strip()
+        except GitError:
+            raise UsageError(
+                f"the git repository at {self.repo_root} has no commits",
+                "commit your lab first: git add -A && git commit -m 'lab'",
+            ) from None
+
+    def resolve(self, ref: str) -> str | None:
+        out = self._run(["rev-parse", "--verify", "--quiet", ref + "^{commit}"], check=False).strip()
+        return out or None
+
+    def create_branch(self, branch: str, commit: str) -> None:
+        # the empty old value makes update-ref refuse when the branch already exists
+        self._run(["update-ref", f"refs/heads/{branch}", commit, ""])
+
+    def advance_branch(self, branch: str, new: str, old: str) -> None:
+        """Compare-and-swap: move ``branch`` from ``old`` to ``new`` or fail loudly."""
+        try:
+            self._run(["update-ref", f"refs/heads/{branch}", new, old])
+        except GitError as e:
+            raise GitError(
+                f"the branch {branch} moved under nightlab (expected {old[:10]}): {e.message}",
+                "do not commit to a nightlab/* branch while a session runs; resume with --resume",
+            ) from None
+
+    def is_ancestor(self, a: str, b: str) -> bool:
+        return subprocess.run(
+            ["git", "merge-base", "--is-ancestor", a, b], cwd=self.lab_dir, env=self._env,
+            capture_output=True,
+        ).returncode == 0
+
+    def keep_ref(self, tag: str, idx: int, commit: str) -> None:
+        self._run(["update-ref", f"refs/nightlab/{tag}/{idx}", commit])
+
+    # ------------------------------------------------------------------ reading commits
+
+    def ls_files(self, commit: str) -> list[str]:
+        """Repo-relative paths of the files in ``commit`` under the lab folder, lab-relative."""
+        args = ["ls-tree", "-r", "-z", "--name-only", commit]
+        if self.lab_rel:
+            args += ["--", self.lab_rel]
+        out = self._run(args)
+        paths = [p for p in out.split("\0") if p]
+        return [lp for p in paths if (lp := self.lab_path(p)) is not None]
+
+    def read_file(self, commit: str, lab_path: str) -> bytes:
+        proc = subprocess.run(
+            ["git", "cat-file", "blob", f"{commit}:{self.repo_path(lab_path)}"],
+            cwd=self.lab_dir, env=self._env, capture_output=True,
+        )
+        if proc.returncode != 0:
+            raise GitError(f"cannot read {lab_path} at {commit[:10]}: {proc.stderr.decode()[:200]}")
+        return proc.stdout
+
+    def diff(self, a: str, b: str) -> str:
+        return self._run(["diff", "--no-color", "--no-ext-diff", a, b])
+
+    # ------------------------------------------------------------------ worktrees
+
+    def add_worktree(self, name: str, commit: str) -> Path:
+        path = self.worktrees_dir / name
+        if path.exists():
+            self.remove_worktree(path)
+        self.worktrees_dir.mkdir(parents=True, exist_ok=True)
+        self._run(["worktree", "add", "--detach", "--quiet", str(path), commit])
+        return path
+
+    def remove_worktree(self, path: Path) -> None:
+        """Remove from outside: never runs git inside ``path``."""
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        self._run(["worktree", "prune"], check=False)
+
+    def remove_stale_worktrees(self, prefix: str) -> list[Path]:
+        removed = []
+        if self.worktrees_dir.exists():
+            for p in sorted(self.worktrees_dir.iterdir()):
+                if p.name.startswith(prefix):
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p)
+        self._run(["worktree", "prune"], check=False)
+        return removed
+
+    def lab_in(self, worktree: Path) -> Path:
+        return worktree / self.lab_rel if self.lab_rel else worktree
+
+    # ------------------------------------------------------------------ candidates
+
+    def write_files(self, worktree: Path, files: dict[str, str]) -> None:
+        """Write lab-relative files into the worktree; refuses anything resolving outside it."""
+        root = worktree.resolve()
+        for lab_path, text in files.items():
+            target = self.lab_in(worktree) / lab_path
+            parent = target.parent.resolve()
+            if parent != root and root not in parent.parents:
+                raise ApplyError(f"{lab_path}: resolves outside the worktree")
+            if target.is_symlink():
+                raise ApplyError(f"{lab_path}: is a symlink in the worktree")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text, encoding="utf-8")
+
+    def apply_diff(self, worktree: Path, diff: str) -> None:
+        if not diff.endswith("\n"):
+            diff += "\n"
+        args = ["apply", "--whitespace=nowarn", "--recount"]
+        if self.lab_rel:
+            args.append(f"--directory={self.lab_rel}")
+        proc = subprocess.run(
+            ["git", *_GIT_CFG, *args, "-"], cwd=worktree, env=self._env, input=diff,
+            capture_output=True, text=True,
+        )
+        if proc.returncode != 0:
+            raise ApplyError(proc.stderr.strip()[:2000] or "git apply failed")
+
+    def stage(self, worktree: Path) -> list[Change]:
+        """Stage everything in the worktree and report what changed against HEAD."""
+        self._run(["add", "-A"], cwd=worktree)
+        out = self._run(["diff", "--cached", "--raw", "-z", "--no-renames", "HEAD"], cwd=worktree)
+        fields = out.split("\0")
+        changes: list[Change] = []
+        i = 0
+        while i < len(fields) - 1:
+            meta = fields[i]
+            if not meta.startswith(":"):
+                i += 1
+                continue
+            parts = meta[1:].split()
+            status = parts[4][0]
+            path = fields[i + 1]
+            changes.append(Change(status=status, path=path, new_mode=parts[1]))
+            i += 2
+        return changes
+
+    def commit_staged(self, worktree: Path, message: str) -> tuple[str, str]:
+        """Commit what :meth:`stage` staged; return (sha, canonical diff against the parent)."""
+        diff = self._run(["diff", "--cached", "--no-color", "--no-ext-diff", "HEAD"], cwd=worktree)
+        self._run(["commit", "-q", "--no-verify", "--allow-empty-message", "-m", message], cwd=worktree)
+        sha = self._run(["rev-parse", "HEAD"], cwd=worktree).strip()
+        return sha, diff

@@ -1,0 +1,99 @@
+"""Shared fixtures: real git repositories with a tiny lab in them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
+    "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid",
+}
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+# A lab whose metric is a known function of its constants: score = (X - 1)^2 + (Y - 2)^2 + 0.5
+TARGET_PY = '''\
+import os, sys
+X = 3.0
+Y = 0.0
+score = (X - 1) ** 2 + (Y - 2) ** 2 + 0.5
+print("training...", file=sys.stderr)
+print("---")
+print(f"score: {score:.6f}")
+print(f"seed: {os.environ.get('NIGHTLAB_SEED')}")
+print(f"budget: {os.environ.get('NIGHTLAB_BUDGET_S')}")
+'''
+
+SPEC = '''\
+[files]
+editable = ["target.py"]
+protected = ["evaluate.py"]
+
+[run]
+command = "python target.py"
+budget_s = 5
+timeout_s = 20
+kill_grace_s = 0.5
+
+[metric]
+name = "score"
+direction = "minimize"
+secondary = ["seed"]
+
+[stop]
+max_experiments = 3
+
+[researcher]
+kind = "scripted"
+'''
+
+
+def git(cwd: Path, *args: str) -> str:
+    env = {**os.environ, **GIT_ENV}
+    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
+
+
+def commit_all(repo: Path, msg: str = "lab") -> str:
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", msg)
+    return git(repo, "rev-parse", "HEAD").strip()
+
+
+@pytest.fixture
+def make_lab(tmp_path: Path) -> Callable[..., Path]:
+    """make_lab(files={...}, spec=...) -> a committed git repo holding the lab."""
+
+    def _make(files: dict[str, str] | None = None, spec: str | None = SPEC, sub: str = "") -> Path:
+        repo = tmp_path / "repo"
+        repo.mkdir(exist_ok=True)
+        git(repo, "init", "-q", "-b", "main")
+        lab = repo / sub if sub else repo
+        lab.mkdir(parents=True, exist_ok=True)
+        all_files = {"target.py": TARGET_PY, "evaluate.py": "print('protected')\n", "program.md": "# test\n"}
+        all_files.update(files or {})
+        if spec is not None:
+            all_files["nightlab.toml"] = spec
+        for name, text in all_files.items():
+            p = lab / name
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(textwrap.dedent(text) if text.startswith("\n") else text)
+        commit_all(repo)
+        return lab
+
+    return _make
+
+
+def nightlab_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "nightlab", *args]
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    return env
