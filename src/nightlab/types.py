@@ -161,6 +161,8 @@ class Experiment:
     params: dict[str, Any]
     usage: Usage
     pid: int | None = None
+    pid_start: float | None = None  # start time of ``pid`` (tells a live run from a reused pid)
+    worktree: str = ""
 
 
 @dataclass(frozen=True)
