@@ -161,7 +161,7 @@ class Experiment:
     params: dict[str, Any]
     usage: Usage
     pid: int | None = None
-    pid_start: int | None = None
+    pid_start: int | None = None  # start time of ``pid`` (tells a live run from a reused pid)
     worktree: str = ""
 
 

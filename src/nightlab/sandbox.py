@@ -1,0 +1,431 @@
+"""The runner: execute one experiment command, sandboxed, under a hard timeout.
+
+Contract
+--------
+``run()`` executes ``command`` through ``/bin/sh -c`` in ``cwd`` with exactly ``env``; stdout and
+stderr go, merged, to ``log_path`` (never to the terminal); stdin is ``/dev/null``. The command gets
+its own session and process group. At ``timeout_s`` (or when ``cancel`` is set) the whole process
+tree gets SIGTERM, then SIGKILL after ``kill_grace_s``. A failing command is data (a ``RunResult``),
+never an exception; ``SandboxError`` is raised only when the command cannot be started at all.
+Exit codes follow the shell: a command killed by signal N reports ``128 + N`` in both modes.
+
+With ``mode="bwrap"`` the command runs under bubblewrap: read-only root, private ``/dev``, ``/proc``
+and ``/tmp``, new PID/IPC/UTS (and, unless ``network``, network) namespaces, a new terminal
+session, all capabilities dropped, bwrap dies with its parent. Mount order: more specific
+(deeper) paths are mounted after shallower ones so they win; at the same path ``readonly`` wins
+over ``writable`` wins over ``hidden``. A data dir under a hidden folder can thus be re-exposed
+read-only, and a hidden dir inside a writable worktree stays hidden.
+
+Covered
+-------
+- No network (``--unshare-net``: only a private loopback; the host's 127.0.0.1 is unreachable).
+- Read-only root filesystem, submounts included; remounting read-write fails (caps dropped).
+- Only the ``writable`` paths (the experiment worktree) are writable on the host.
+- Private ``/tmp`` and ``/dev/shm`` (tmpfs, gone after the run).
+- ``hidden`` paths (the lab's ``.nightlab`` and ``.git``, holdout data) are empty inside.
+- Timeouts kill the whole tree: process group + a ``/proc`` walk of descendants (catches children
+  that called ``setsid``), and under bwrap the PID namespace with ``--die-with-parent``.
+- No keystroke injection into the harness terminal (``--new-session``, TIOCSTI).
+- Address-space limit (``RLIMIT_AS``) when ``memory_mb > 0`` (applied with ``ulimit -v`` in a
+  wrapper shell inside the sandbox; the command cannot raise it back once caps are dropped).
+- No harness file descriptors leak into the command (``close_fds``); stdin is ``/dev/null``.
+- ``resolve_mode`` fails closed: bwrap installed but unable to start is an error, not a fallback.
+
+Not covered
+-----------
+- Fork bombs: no cgroup ``pids.max``; ``RLIMIT_NPROC`` does not bind root. A fork bomb is bounded
+  only by the PID namespace and the timeout (and may slow the machine until then).
+- No cgroup CPU/memory limits: ``RLIMIT_AS`` is per process and counts virtual memory (CUDA and
+  some allocators reserve large address ranges, so leave ``memory_mb`` at 0 for GPU jobs); files
+  written to the private ``/tmp`` or ``/dev/shm`` count against RAM, not against the limit.
+- Disk: the worktree can be filled without bound.
+- No GPU isolation: NVIDIA/DRI/KFD device nodes present on the host are bound into the sandbox;
+  pin devices with ``CUDA_VISIBLE_DEVICES``.
+- Confidentiality: the read-only root is still readable. Secrets in readable files (``~/.ssh``,
+  cloud credentials, other labs) are visible unless listed in ``hidden``; ``env`` is passed as
+  given, so the caller must strip API keys.
+- Runs as the harness user (root here) with capabilities dropped, not as an unprivileged uid;
+  a kernel exploit escapes. bwrap is not a security boundary against a determined attacker.
+- ``mode="none"``: none of the filesystem/network guarantees; only the process-tree kill,
+  the timeout, stdin/log redirection and ``RLIMIT_AS``. Descendants that both ``setsid`` and
+  outlive their parent before the timeout fires cannot be found by the ``/proc`` walk.
+- A bwrap setup failure at run time (after the probe passed) shows up as a crashed run whose log
+  starts with ``bwrap:``; it is not turned into ``SandboxError`` (the command could fake it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from nightlab.errors import SandboxError
+from nightlab.types import RunResult
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "required", "none")
+_SH = "/bin/sh"
+# Device nodes bound into the sandbox when present, so GPU jobs still see their accelerator.
+_GPU_DEVICE_GLOBS = ("nvidia*", "nvidia-caps", "dri", "kfd")
+
+
+@dataclass(frozen=True)
+class SandboxPolicy:
+    """How one command is confined. ``mode`` is already resolved (``resolve_mode``)."""
+
+    mode: str  # "bwrap" or "none"
+    network: bool = False  # bwrap: --unshare-net unless True
+    writable: tuple[Path, ...] = ()  # bound read-write at the same path (the experiment worktree)
+    readonly: tuple[Path, ...] = ()  # bound read-only at the same path; wins over writable/hidden
+    hidden: tuple[Path, ...] = ()  # an empty tmpfs over each; paths that do not exist are skipped
+    memory_mb: int = 0  # RLIMIT_AS for the command when > 0
+
+
+# --------------------------------------------------------------------------- mode resolution
+
+_probe_cache: dict[str, str | None] = {}  # bwrap path -> None (works) or the error text
+_probe_lock = threading.Lock()
+
+
+def _probe(bwrap: str) -> str | None:
+    """Start ``bwrap <our flags> /bin/sh -c true``; None when it works, else the reason. Cached."""
+    with _probe_lock:
+        if bwrap not in _probe_cache:
+            argv = [bwrap, *_bwrap_args(SandboxPolicy(mode="bwrap"), Path("/")), _SH, "-c", "true"]
+            try:
+                p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+                err = None if p.returncode == 0 else (
+                    f"exit {p.returncode}: {p.stderr.decode(errors='replace').strip()[:500]}")
+            except (OSError, subprocess.TimeoutExpired) as e:
+                err = str(e)
+            _probe_cache[bwrap] = err
+        return _probe_cache[bwrap]
+
+
+def resolve_mode(requested: str) -> str:
+    """Turn the spec's ``sandbox`` setting into ``"bwrap"`` or ``"none"``.
+
+    ``auto``: bwrap when on PATH; installed but unable to start -> ``SandboxError`` (fail closed);
+    absent -> ``"none"`` with a warning. ``required``: bwrap must exist and start, else
+    ``SandboxError``. ``none`` -> ``"none"``. The probe runs once per bwrap binary per process.
+    """
+    if requested not in MODES:
+        raise SandboxError(f"unknown sandbox mode {requested!r}", fix=f"use one of {', '.join(MODES)}")
+    if requested == "none":
+        return "none"
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        if requested == "required":
+            raise SandboxError(
+                "sandbox = \"required\" but bubblewrap (bwrap) is not on PATH",
+                fix="install bubblewrap (apt install bubblewrap / dnf install bubblewrap), "
+                "or set sandbox = \"none\" if you trust the researcher",
+            )
+        log.warning("bubblewrap (bwrap) not found: experiments run UNSANDBOXED (sandbox = \"none\")")
+        return "none"
+    err = _probe(os.path.realpath(bwrap))
+    if err is not None:
+        raise SandboxError(
+            f"bubblewrap is installed ({bwrap}) but cannot start a sandbox: {err}",
+            fix="allow unprivileged user namespaces (Ubuntu 24.04: an AppArmor profile for bwrap, or "
+            "sysctl kernel.apparmor_restrict_unprivileged_userns=0; Docker: --security-opt "
+            "seccomp=unconfined or --privileged), or set sandbox = \"none\" explicitly",
+        )
+    return "bwrap"
+
+
+# --------------------------------------------------------------------------- bwrap arguments
+
+
+def _mounts(policy: SandboxPolicy) -> list[str]:
+    """The hidden/writable/readonly mounts, deeper paths last; same path: readonly wins."""
+    entries: list[tuple[int, int, str, list[str]]] = []
+    for p in policy.hidden:
+        path = Path(os.path.realpath(p))
+        if path.is_dir():
+            entries.append((len(path.parts), 0, str(path), ["--tmpfs", str(path)]))
+        elif path.exists():  # a file: cover it with an empty read-only one
+            entries.append((len(path.parts), 0, str(path), ["--ro-bind", "/dev/null", str(path)]))
+    for rank, flag, paths in ((1, "--bind", policy.writable), (2, "--ro-bind", policy.readonly)):
+        for p in paths:
+            path = Path(os.path.realpath(p))
+            if not path.exists():
+                raise SandboxError(f"sandbox path does not exist: {p}",
+                                   fix="create it before the run, or drop it from the policy")
+            entries.append((len(path.parts), rank, str(path), [flag, str(path), str(path)]))
+    entries.sort(key=lambda e: (e[0], e[1], e[2]))
+    return [a for e in entries for a in e[3]]
+
+
+def _gpu_devices() -> list[str]:
+    args: list[str] = []
+    for pattern in _GPU_DEVICE_GLOBS:
+        for dev in sorted(Path("/dev").glob(pattern)):
+            args += ["--dev-bind", str(dev), str(dev)]
+    return args
+
+
+def _bwrap_args(policy: SandboxPolicy, cwd: Path) -> list[str]:
+    """bwrap flags (without the bwrap binary and the command)."""
+    args = [
+        "--ro-bind", "/", "/",
+        "--dev", "/dev",
+        *_gpu_devices(),
+        "--proc", "/proc",
+        "--tmpfs", "/tmp",
+        "--tmpfs", "/dev/shm",
+        "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+    ]
+    if not policy.network:
+        args.append("--unshare-net")
+    args += ["--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+    args += _mounts(policy)
+    args += ["--chdir", str(cwd)]
+    return args
+
+
+def _argv(command: str, cwd: Path, policy: SandboxPolicy) -> list[str]:
+    if policy.memory_mb > 0:
+        # A wrapper shell sets RLIMIT_AS (soft and hard) then execs the real one: no preexec_fn,
+        # so spawning stays safe in a threaded harness. 125: the limit could not be set.
+        sh = [_SH, "-c", 'ulimit -v "$1" || exit 125; exec /bin/sh -c "$2"', "nightlab-run",
+              str(policy.memory_mb * 1024), command]
+    else:
+        sh = [_SH, "-c", command]
+    if policy.mode == "none":
+        return sh
+    if policy.mode != "bwrap":
+        raise SandboxError(f"unresolved sandbox mode {policy.mode!r}", fix="call resolve_mode() first")
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        raise SandboxError("bubblewrap (bwrap) is not on PATH", fix="install bubblewrap")
+    return [bwrap, *_bwrap_args(policy, cwd), "--", *sh]
+
+
+# --------------------------------------------------------------------------- process tree
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields 3.. of /proc/pid/stat (index 0 is the state), or None when the process is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    return raw[raw.rfind(b")") + 2:].decode().split()
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Field 22 of ``/proc/pid/stat`` (start time in clock ticks since boot); None if gone."""
+    f = _stat_fields(pid)
+    return int(f[19]) if f else None
+
+
+def _alive(pid: int) -> bool:
+    f = _stat_fields(pid)
+    return f is not None and f[0] not in ("Z", "X")
+
+
+def _descendants(roots: Iterable[int]) -> dict[int, int]:
+    """pid -> start time of every live descendant of ``roots`` (roots excluded), from /proc."""
+    children: dict[int, list[int]] = {}
+    starts: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        f = _stat_fields(int(entry.name))
+        if f is None:
+            continue
+        children.setdefault(int(f[1]), []).append(int(entry.name))
+        starts[int(entry.name)] = int(f[19])
+    found: dict[int, int] = {}
+    stack = list(roots)
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found[child] = starts[child]
+                stack.append(child)
+    return found
+
+
+def _signal(pid: int, start: int | None, sig: int) -> None:
+    """Send ``sig`` to ``pid`` only if it is still the process that started at ``start``."""
+    if start is not None and proc_start_time(pid) != start:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    if pgid <= 1 or pgid == os.getpgrp():
+        return
+    # PermissionError: a group member we may not signal; the tree walk still covers ours.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _kill_tree(root: int, known: dict[int, int], *, include_root: bool, rounds: int = 5) -> None:
+    """SIGKILL the group of ``root`` and every descendant of ``root`` and of ``known``.
+
+    Repeats the walk so children forked during the kill are caught too. ``known`` is updated.
+    """
+    for _ in range(rounds):
+        if include_root:
+            _killpg(root, signal.SIGKILL)
+        found = _descendants([root, *known])
+        new = {p: s for p, s in found.items() if p not in known}
+        known.update(found)
+        for pid, start in known.items():
+            _signal(pid, start, signal.SIGKILL)
+        if not new:
+            break
+
+
+def _exited(pid: int) -> bool:
+    """True once ``pid`` (our child) has exited; it stays a zombie (not reaped) so its pid and
+    process group id cannot be reused while we clean up."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return info is not None and info.si_pid == pid
+
+
+def _wait_exit(pid: int, deadline: float, cancel: threading.Event | None) -> str:
+    """Wait until the process exits ("exit"), ``deadline`` passes ("timeout") or ``cancel`` is set."""
+    delay = 0.0005
+    while True:
+        if _exited(pid):
+            return "exit"
+        if cancel is not None and cancel.is_set():
+            return "cancel"
+        now = time.monotonic()
+        if now >= deadline:
+            return "timeout"
+        time.sleep(min(delay, deadline - now))
+        delay = min(delay * 2, 0.05)
+
+
+def _terminate(proc: subprocess.Popen[bytes], sandboxed: bool, grace_s: float) -> None:
+    """SIGTERM the tree, wait ``grace_s`` for it to exit, then SIGKILL the tree."""
+    pid = proc.pid
+    known = _descendants([pid])
+    if not sandboxed:
+        _killpg(pid, signal.SIGTERM)
+        _signal(pid, None, signal.SIGTERM)
+    # Under bwrap, TERM goes to the sandboxed processes only: killing bwrap itself first would
+    # SIGKILL its namespace at once and leave the command no grace.
+    for child, start in known.items():
+        _signal(child, start, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and not _exited(pid):
+        time.sleep(0.01)
+    known.update(_descendants([pid, *known]))
+    _signal(pid, None, signal.SIGKILL)
+    _kill_tree(pid, known, include_root=True)
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run(
+    command: str,
+    *,
+    cwd: Path,
+    env: dict[str, str],
+    policy: SandboxPolicy,
+    timeout_s: float,
+    log_path: Path,
+    kill_grace_s: float = 3.0,
+    on_start: Callable[[int], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> RunResult:
+    """Run ``command`` under ``policy``; see the module docstring for the contract.
+
+    ``on_start(pid)`` is called right after spawn (the pid of ``/bin/sh`` or of ``bwrap``; record
+    it with ``proc_start_time`` for ``kill_orphan``). Returns ``exit_code=None`` with
+    ``timed_out=True`` at the timeout, or with ``interrupted=True`` when ``cancel`` was set.
+    """
+    cwd = Path(cwd)
+    argv = _argv(command, cwd, policy)
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with open(log_path, "wb") as out:
+        try:
+            proc = subprocess.Popen(
+                argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True, close_fds=True,
+            )
+        except OSError as e:
+            raise SandboxError(f"cannot start the command: {e}",
+                               fix="check that the working directory exists and /bin/sh is present") from e
+    try:
+        if on_start is not None:
+            on_start(proc.pid)
+        outcome = _wait_exit(proc.pid, started + timeout_s, cancel)
+        if outcome == "exit":
+            # Stragglers left in the command's process group (background jobs) go with it.
+            _killpg(proc.pid, signal.SIGKILL)
+        else:
+            _terminate(proc, policy.mode == "bwrap", kill_grace_s)
+    except BaseException:
+        _kill_tree(proc.pid, {}, include_root=True)
+        proc.wait()
+        raise
+    code = proc.wait()
+    wall = time.monotonic() - started
+    if outcome != "exit":
+        return RunResult(None, outcome == "timeout", wall, str(log_path), policy.mode, command,
+                         interrupted=outcome == "cancel")
+    return RunResult(128 - code if code < 0 else code, False, wall, str(log_path), policy.mode, command)
+
+
+# --------------------------------------------------------------------------- logs and orphans
+
+
+def tail(log_path: Path, lines: int = 50, max_bytes: int = 16384) -> str:
+    """The last ``lines`` lines of a log (at most ``max_bytes`` read), decoded safely; "" if absent."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except OSError:
+        return ""
+    text = data.decode("utf-8", errors="replace").replace("\x00", "\N{REPLACEMENT CHARACTER}")
+    if size > max_bytes and "\n" in text:  # drop the partial first line
+        text = text.split("\n", 1)[1]
+    return "\n".join(text.splitlines()[-lines:]) if lines > 0 else ""
+
+
+def kill_orphan(pid: int, start_time: int | None) -> bool:
+    """Kill a run left behind by a harness that died (resume).
+
+    Acts only if ``pid`` is alive and started at ``start_time`` (pid reuse guard; ``None`` never
+    matches): SIGKILLs its process group (when it leads one, as ``run`` arranges) and every
+    descendant. Returns True when something was killed.
+    """
+    if start_time is None or not _alive(pid) or proc_start_time(pid) != start_time:
+        return False
+    known = _descendants([pid])
+    try:
+        leads_group = os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return False
+    _signal(pid, start_time, signal.SIGSTOP)  # no more forking while we walk
+    _kill_tree(pid, known, include_root=leads_group)
+    _signal(pid, start_time, signal.SIGKILL)
+    return True
+
+
+__all__ = ["SandboxPolicy", "kill_orphan", "proc_start_time", "resolve_mode", "run", "tail"]
