@@ -455,3 +455,24 @@ def test_circle_baseline_is_valid_and_below_the_published_figures(tmp_path: Path
     s = summary(ok(run(["evaluate.py"], lab)).stdout)
     assert 2.2 < s["sum_radii"] < 2.6
     assert s["num_circles"] == 26 and s["min_slack"] >= -1e-9
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_tinygpt_trains_on_cuda_and_evaluate_agrees(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    lab = lab_copy("tinygpt", tmp_path)
+    env = {"NIGHTLAB_DATA_DIR": str(tmp_path / "data"), "NIGHTLAB_BUDGET_S": "3"}
+    ok(
+        run(
+            ["prepare.py", "--train-bytes", "60000", "--val-bytes", "8192", "--holdout-bytes", "8192"],
+            lab,
+            env,
+        )
+    )
+    trained = summary(ok(run(["train.py"], lab, env)).stdout)
+    assert trained["num_steps"] >= 1 and trained["peak_memory_mb"] > 0
+    evaluated = summary(ok(run(["evaluate.py"], lab, env)).stdout)
+    assert math.isclose(evaluated["val_bpb"], trained["val_bpb"], abs_tol=1e-3)

@@ -43,8 +43,10 @@ def load(path: Path) -> tuple[list[tuple[float, float]], list[float]]:
         raise Invalid(f"{path} does not exist (pack.py must write it)") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise Invalid(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("centers"), list) or not isinstance(
-        data.get("radii"), list
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("centers"), list)
+        or not isinstance(data.get("radii"), list)
     ):
         raise Invalid('expected a JSON object {"centers": [[x, y], ...], "radii": [r, ...]}')
     centers_raw, radii_raw = data["centers"], data["radii"]

@@ -17,10 +17,10 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # tiny matrices: one thread is faster and deterministic
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import time
+from pathlib import Path
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 LEARNING_RATE = 0.004  # nightlab: 1e-4..0.5 log
 MOMENTUM = 0.5  # nightlab: 0.0..0.99
@@ -29,7 +29,8 @@ WEIGHT_DECAY = 0.003  # nightlab: 1e-6..0.1 log
 BATCH_SIZE = 64  # nightlab: 8..256 log
 EPOCHS = 30  # nightlab: 5..80
 INIT_SCALE = 0.3  # nightlab: 0.05..3.0 log
-LR_DECAY = 0.0  # nightlab: 0.0..0.99  (fraction the learning rate falls by the last epoch)
+# LR_DECAY: the fraction by which the learning rate has fallen linearly at the last epoch
+LR_DECAY = 0.0  # nightlab: 0.0..0.99
 
 
 def main() -> None:

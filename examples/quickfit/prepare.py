@@ -1,8 +1,10 @@
 """quickfit data (protected): a seeded synthetic regression problem, written once per session.
 
 Eight inputs, three of them pure noise; the target is a linear part, smooth one-input bumps
-and two interactions of the other five (easy, medium and hard to learn) plus Gaussian noise (sigma = NOISE). A small training set makes regularisation
-matter. Writes ``data.npz`` (x_train, y_train, x_val, y_val) and ``meta.json`` into
+and two interactions of the other five (easy, medium and hard to learn) plus Gaussian noise
+(sigma = NOISE). A small training set makes regularisation matter.
+
+Writes ``data.npz`` (x_train, y_train, x_val, y_val) and ``meta.json`` into
 ``$NIGHTLAB_DATA_DIR`` (default ``./data``).
 
 The noise floor: no model can have an expected val_loss (MSE) below NOISE**2 = 0.01.

@@ -8,9 +8,11 @@ the sum itself. Prints the summary block: ``val_bpb``, ``floor_bpb`` (when the s
 synthetic), ``eval_seconds``. Exits 1 with the reason when the checkpoint is missing or the
 model fails a check.
 
-What this does not cover: the model's forward pass is still train.py's code; it runs here
-with the data of the split it is scored on (the holdout split is scored by holdout.py, which
-nightlab runs outside the researcher's sight).
+What this does not cover: the model's forward pass is still train.py's code, and importing
+train.py runs its module-level code inside this process, where a hostile train.py could tamper
+with the scoring (patching torch, say). The checks here catch an honest mistake and the plain
+cheats (reading later bytes, or other rows); a stronger evaluator would run the model in a
+separate sandboxed process or load an exported graph instead of the module.
 """
 
 from __future__ import annotations
