@@ -1,0 +1,188 @@
+"""tinygpt training (editable): a small byte-level GPT trained with AdamW for a fixed time budget.
+
+Every hyperparameter is a module-level UPPER_CASE constant below (the `search` researcher tunes
+them within the `# nightlab:` ranges; an LLM researcher may change anything in this file).
+Reads the splits written by prepare.py from ``$NIGHTLAB_DATA_DIR`` (default ``./data``), trains
+until ``$NIGHTLAB_BUDGET_S`` seconds (default 60) of training have passed, seeded by
+``$NIGHTLAB_SEED`` (default 0), on CUDA when present else CPU. Saves ``ckpt.pt`` for the
+protected evaluate.py / holdout.py and prints the summary block.
+
+Contract with evaluate.py (keep it when you change the model): ``build_model(config)`` rebuilds
+the model from ``ckpt["config"]``, ``ckpt["model"]`` is its state_dict, ``config["seq_len"]`` is
+the window length it is evaluated with, and ``model(idx)`` maps (B, T) int64 bytes to
+(B, T, 256) logits, position t seeing only bytes 0..t of its own row.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from prepare import VOCAB_SIZE, evaluate_bpb, load_split
+
+# model
+SEQ_LEN = 128  # nightlab: 32..1024 log
+N_LAYER = 2  # nightlab: 1..8
+N_HEAD = 4  # nightlab: 1..8
+HEAD_DIM = 16  # nightlab: 8..64 log
+MLP_RATIO = 4  # nightlab: 1..6
+DROPOUT = 0.0  # nightlab: 0.0..0.3
+# optimisation
+BATCH_SIZE = 16  # nightlab: 4..128 log
+LEARNING_RATE = 2e-3  # nightlab: 1e-4..3e-2 log
+WEIGHT_DECAY = 0.1  # nightlab: 1e-3..0.5 log
+BETA1 = 0.9  # nightlab: 0.7..0.98
+BETA2 = 0.99  # nightlab: 0.9..0.999
+WARMUP_FRAC = 0.05  # nightlab: 0.0..0.3
+COOLDOWN_FRAC = 0.3  # nightlab: 0.0..0.9
+MIN_LR_FRAC = 0.1  # nightlab: 0.0..0.5
+GRAD_CLIP = 1.0  # nightlab: 0.1..10.0 log
+EVAL_BATCH_SIZE = 32  # nightlab: skip
+CHECKPOINT = "ckpt.pt"
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, n_head: int, mlp_ratio: int, dropout: float) -> None:
+        super().__init__()
+        self.n_head, self.dropout = n_head, dropout
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, mlp_ratio * d), nn.GELU(), nn.Linear(mlp_ratio * d, d))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for z in (q, k, v))
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(b, t, d)))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        d = cfg["n_head"] * cfg["head_dim"]
+        self.tok = nn.Embedding(cfg["vocab_size"], d)
+        self.pos = nn.Embedding(cfg["seq_len"], d)
+        self.blocks = nn.ModuleList(
+            Block(d, cfg["n_head"], cfg["mlp_ratio"], cfg["dropout"]) for _ in range(cfg["n_layer"])
+        )
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, cfg["vocab_size"], bias=False)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+def build_model(cfg: dict[str, Any]) -> nn.Module:
+    return GPT(cfg)
+
+
+def lr_at(progress: float) -> float:
+    """Linear warm-up, flat, linear cool-down to MIN_LR_FRAC; ``progress`` in [0, 1] of the budget."""
+    if WARMUP_FRAC > 0 and progress < WARMUP_FRAC:
+        return LEARNING_RATE * progress / WARMUP_FRAC
+    if COOLDOWN_FRAC > 0 and progress > 1.0 - COOLDOWN_FRAC:
+        frac = (1.0 - progress) / COOLDOWN_FRAC
+        return LEARNING_RATE * (MIN_LR_FRAC + (1.0 - MIN_LR_FRAC) * max(0.0, frac))
+    return LEARNING_RATE
+
+
+def main() -> None:
+    budget_s = float(os.environ.get("NIGHTLAB_BUDGET_S", "60"))
+    seed = int(os.environ.get("NIGHTLAB_SEED", "0"))
+    torch.manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    cfg = {
+        "vocab_size": VOCAB_SIZE,
+        "seq_len": int(SEQ_LEN),
+        "n_layer": int(N_LAYER),
+        "n_head": int(N_HEAD),
+        "head_dim": int(HEAD_DIM),
+        "mlp_ratio": int(MLP_RATIO),
+        "dropout": float(DROPOUT),
+    }
+    model = build_model(cfg).to(device)
+    num_params = sum(p.numel() for p in model.parameters())
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=LEARNING_RATE,
+        betas=(BETA1, BETA2),
+    )
+    train = torch.frombuffer(bytearray(load_split("train")), dtype=torch.uint8)
+    gen = torch.Generator().manual_seed(seed)
+    t_len, b = int(SEQ_LEN), int(BATCH_SIZE)
+    offsets = torch.arange(t_len + 1)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
+
+    steps, tokens = 0, 0
+    model.train()
+    t0 = time.perf_counter()
+    elapsed = 0.0
+    while elapsed < budget_s:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(elapsed / budget_s)
+        starts = torch.randint(0, len(train) - t_len - 1, (b,), generator=gen)
+        chunk = train[starts[:, None] + offsets].to(device=device, dtype=torch.long)
+        x, y = chunk[:, :-1], chunk[:, 1:]
+        with autocast:
+            logits = model(x)
+            loss = F.cross_entropy(logits.float().view(-1, VOCAB_SIZE), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if GRAD_CLIP > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        opt.step()
+        steps += 1
+        tokens += b * t_len
+        if not math.isfinite(loss.item()):
+            raise SystemExit(f"loss is {loss.item()} at step {steps}")
+        elapsed = time.perf_counter() - t0
+    training_seconds = elapsed
+
+    model.eval()
+    torch.save({"config": cfg, "model": model.state_dict()}, CHECKPOINT)
+    val_bpb = evaluate_bpb(model, load_split("val"), t_len, device, EVAL_BATCH_SIZE)
+    if device == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    print("---")
+    print(f"val_bpb:          {val_bpb:.6f}")
+    print(f"training_seconds: {training_seconds:.1f}")
+    print(f"peak_memory_mb:   {peak_mb:.1f}")
+    print(f"num_params_M:     {num_params / 1e6:.3f}")
+    print(f"total_tokens_M:   {tokens / 1e6:.3f}")
+    print(f"num_steps:        {steps}")
+
+
+if __name__ == "__main__":
+    main()
