@@ -19,7 +19,7 @@ from nightlab.researchers.scripted import ScriptedResearcher
 from nightlab.types import Status
 
 HAVE_BWRAP = shutil.which("bwrap") is not None
-MODES = ["none", pytest.param("bwrap", marks=pytest.mark.skipif(not HAVE_BWRAP, reason="bwrap not installed"))]
+MODES = ["none", pytest.param("required", marks=pytest.mark.skipif(not HAVE_BWRAP, reason="bwrap not installed"))]
 
 
 def engine(lab: Path, steps, *, mode: str = "none", tag: str = "t", **kw) -> Engine:
@@ -48,7 +48,7 @@ def test_keeps_an_improvement_and_discards_a_regression(make_lab, mode):
     assert exps[1].metric == pytest.approx(4.5) and exps[2].metric == pytest.approx(5.5)
     assert exps[0].secondary == {"seed": 0.0}
     assert session.baseline_metric == pytest.approx(8.5) and session.incumbent_metric == pytest.approx(4.5)
-    assert session.sandbox == mode
+    assert session.sandbox == ("bwrap" if mode == "required" else "none")
     # the branch advanced to the kept commit only; main did not move
     head = git(lab, "rev-parse", "nightlab/t").strip()
     assert head == exps[1].commit == session.incumbent_commit
@@ -297,3 +297,21 @@ def test_existing_session_without_resume_is_a_usage_error(make_lab):
                          capture_output=True, text=True)
     assert res.returncode == 2 and "--resume" in res.stderr and "Traceback" not in res.stderr
     assert os.environ.get("NIGHTLAB_DB") is None
+
+
+def test_every_step_is_emitted_as_an_event(make_lab):
+    from nightlab.events import MemorySink
+
+    lab = make_lab()
+    sink = MemorySink()
+    eng = engine(lab, [{"rationale": "opt", "files": {"target.py": target(1.0)}},
+                       {"rationale": "bad", "files": {"evaluate.py": "x"}}], max_experiments=2, events=sink)
+    eng.run()
+    kinds = sink.kinds()
+    assert kinds[0] == "session.start" and kinds[-1] == "session.stop"
+    for k in ("researcher.request", "researcher.response", "candidate", "guard", "git.commit", "sandbox.start",
+              "sandbox.exit", "measurement", "decision", "git.advance"):
+        assert k in kinds, k
+    decisions = [d for k, _, d in sink.events if k == "decision"]
+    assert [d["status"] for d in decisions] == ["keep", "keep", "rejected"]
+    eng.close()

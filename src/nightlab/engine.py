@@ -11,6 +11,7 @@ is fast-forwarded to the ledger's incumbent if the kill fell between the two wri
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import platform
@@ -29,6 +30,7 @@ from typing import Any
 from nightlab import researchers as researchers_mod
 from nightlab import sandbox
 from nightlab.errors import NightlabError, SandboxError, UsageError
+from nightlab.events import EventSink, NullSink
 from nightlab.guard import Guard, diff_paths
 from nightlab.ledger import Ledger
 from nightlab.measure import measure
@@ -87,6 +89,21 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError:
+        return ""
+    return h.hexdigest()
+
+
 def default_tag() -> str:
     return time.strftime("%b%d").lower()
 
@@ -111,6 +128,7 @@ class Engine:
         spec: Spec | None = None,
         max_experiments: int | None = None,
         sandbox_mode: str | None = None,
+        events: EventSink | None = None,
     ) -> None:
         self.lab_dir = Path(lab_dir).resolve()
         self.spec = spec or load_spec(self.lab_dir)
@@ -122,6 +140,7 @@ class Engine:
         self.ws.ensure_state_dir()
         self.ledger = Ledger.for_lab(self.lab_dir, db_url)
         self.reporter = reporter or Reporter()
+        self.events: EventSink = events or NullSink()
         self.guard = Guard(self.spec, self.ws)
         self.policy = make_policy(self.spec.accept)
         self.stop = StopState()
@@ -174,6 +193,7 @@ class Engine:
             killed = False
             if exp.pid:
                 killed = sandbox.kill_orphan(exp.pid, exp.pid_start)
+            self.events.emit("recover", experiment=exp.idx, pid=exp.pid, killed=killed)
             recovered.append(self.ledger.finish_experiment(
                 exp.id, status=Status.INTERRUPTED,
                 reason="orphaned: the harness stopped without finishing it" + (" (run killed)" if killed else ""),
@@ -236,6 +256,7 @@ class Engine:
         log = self.artifacts_dir / f"setup-{self.session.tag}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         self.reporter.message(f"setup: {self.spec.run.setup}")
+        self.events.emit("setup.run", command=self.spec.run.setup, sandbox="none")
         env = self.run_env(self.spec.run.seed, -1)
         policy = sandbox.SandboxPolicy(mode="none")
         res = sandbox.run(self.spec.run.setup, cwd=self.lab_dir, env=env, policy=policy,
@@ -279,6 +300,8 @@ class Engine:
             overhead_s=max(0.0, (time.monotonic() - t0) - run_s),
             exit_code=run.exit_code if run else None, finished_at=now, **kw,
         )
+        self.events.emit("decision", experiment=exp.idx, status=status.value, metric=exp.metric,
+                         reason=reason, evidence=exp.evidence, commit=exp.commit)
         return exp
 
     def run_experiment(self, idx: int, candidate: Candidate | None, propose_s: float = 0.0) -> Experiment:
@@ -294,12 +317,17 @@ class Engine:
             description=desc, propose_s=propose_s, worktree=str(wt_path),
         )
         self.reporter.experiment_started(idx, desc, self.spec.run.budget_s)
+        if candidate is not None:
+            self.events.emit("candidate", experiment=idx, parent=parent, researcher=candidate.researcher,
+                             rationale=candidate.rationale, files=sorted(candidate.files or {}),
+                             diff_sha256=_sha(candidate.diff or ""), params=candidate.params)
         # 1. guard the claimed paths before anything touches disk
         if candidate is not None:
             claimed = list(candidate.files or {}) + (diff_paths(candidate.diff) if candidate.diff else [])
             if not claimed:
                 return self._finish(exp_id, Status.INVALID, t0, reason="the candidate changes nothing")
             problem = self.guard.check_paths(claimed)
+            self.events.emit("guard", experiment=idx, stage="paths", ok=problem is None, reason=problem or "")
             if problem:
                 return self._finish(exp_id, Status.REJECTED, t0, reason=f"guard: {problem}")
         wt = self.ws.add_worktree(name, parent)
@@ -316,6 +344,8 @@ class Engine:
                     return self._finish(exp_id, Status.INVALID, t0, reason=f"edit did not apply: {e}")
                 changes = self.ws.stage(wt)
                 problem = self.guard.check_changes(changes)
+                self.events.emit("guard", experiment=idx, stage="changes", ok=problem is None, reason=problem or "",
+                                 changed=[c.path for c in changes])
                 if problem:
                     return self._finish(exp_id, Status.REJECTED, t0, reason=f"guard: {problem}")
                 if not changes:
@@ -324,9 +354,13 @@ class Engine:
                 commit, canonical = self.ws.commit_staged(wt, msg)
                 self.ledger.update_experiment(exp_id, commit=commit, diff=canonical)
                 self.ws.keep_ref(self.session.tag, idx, commit)
+                self.events.emit("git.commit", experiment=idx, commit=commit, parent=parent,
+                                 diff_sha256=_sha(canonical))
             lab_root = self.ws.lab_in(wt)
             # 3. protected files must be exactly what the session started with
             problem = Guard.verify_protected(lab_root, self.protected_hashes)
+            self.events.emit("guard", experiment=idx, stage="protected", ok=problem is None, reason=problem or "",
+                             files=len(self.protected_hashes))
             if problem:
                 return self._finish(exp_id, Status.REJECTED, t0, reason=f"protected: {problem}")
             # 4. run
@@ -334,13 +368,20 @@ class Engine:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             if candidate is not None:
                 (log_path.parent / "candidate.diff").write_text(canonical)
+            policy = self.sandbox_policy(wt)
+            self.events.emit("sandbox.start", experiment=idx, command=self.spec.run.command, cwd=str(lab_root),
+                             mode=policy.mode, network=policy.network, hidden=[str(h) for h in policy.hidden],
+                             timeout_s=self.spec.run.hard_timeout_s, memory_mb=policy.memory_mb)
             res = sandbox.run(
-                self.spec.run.command, cwd=lab_root, env=self.run_env(seed, idx), policy=self.sandbox_policy(wt),
+                self.spec.run.command, cwd=lab_root, env=self.run_env(seed, idx), policy=policy,
                 timeout_s=self.spec.run.hard_timeout_s, log_path=log_path, kill_grace_s=self.spec.run.kill_grace_s,
                 on_start=lambda pid: self.ledger.update_experiment(
                     exp_id, pid=pid, pid_start=sandbox.proc_start_time(pid)),
                 cancel=self.stop.cancel,
             )
+            self.events.emit("sandbox.exit", experiment=idx, exit_code=res.exit_code, timed_out=res.timed_out,
+                             interrupted=res.interrupted, wall_s=round(res.wall_s, 3),
+                             log_sha256=_file_sha(Path(res.log_path)))
             if res.interrupted:
                 return self._finish(exp_id, Status.INTERRUPTED, t0, res,
                                     reason=f"interrupted: {self.stop.cancel_reason or 'stop requested'}")
@@ -349,6 +390,8 @@ class Engine:
                 return self._finish(exp_id, Status.TIMEOUT, t0, res,
                                     reason=f"killed at the {self.spec.run.hard_timeout_s:g}s timeout")
             m = measure(self.spec.metric, log_path, lab_root)
+            self.events.emit("measurement", experiment=idx, metric=m.metric, secondary=m.secondary,
+                             trust=m.trust, error=m.error)
             if res.exit_code != 0:
                 return self._finish(exp_id, Status.CRASH, t0, res, m, reason=f"exit code {res.exit_code}")
             if not m.valid:
@@ -368,6 +411,7 @@ class Engine:
             exp = self._finish(exp_id, Status.KEEP, t0, res, m, reason=verdict.reason,
                                evidence=verdict.evidence, incumbent=(commit, m.metric))
             self.ws.advance_branch(self.session.branch, commit, old)
+            self.events.emit("git.advance", experiment=idx, branch=self.session.branch, old=old, new=commit)
             return exp
         finally:
             self.ws.remove_worktree(wt)
@@ -418,6 +462,10 @@ class Engine:
             if self.resumed:
                 self.recover()
             self.reporter.session_started(self.session, self.spec, self.resumed)
+            self.events.emit("session.resume" if self.resumed else "session.start", tag=self.session.tag,
+                             branch=self.session.branch, base_commit=self.session.base_commit,
+                             spec_sha256=self.session.spec_hash, sandbox=self.sandbox_mode,
+                             researcher=self.session.researcher)
             if self.sandbox_mode == "none":
                 self.reporter.message("WARNING: bubblewrap (bwrap) not found: runs are NOT sandboxed "
                                       "(no network or filesystem isolation). Install it: apt-get install bubblewrap")
@@ -454,6 +502,8 @@ class Engine:
                 idx = self.ledger.next_idx(self.session.id)
                 ctx = self._context(idx, history)
                 t0 = time.monotonic()
+                self.events.emit("researcher.request", experiment=idx, researcher=self.session.researcher,
+                                 parent=ctx.parent)
                 try:
                     cand = self.researcher.propose(ctx)
                 except NightlabError:
@@ -462,6 +512,9 @@ class Engine:
                     cand = Candidate(parent=ctx.parent, rationale=f"researcher error: {type(e).__name__}: {e}",
                                      researcher=getattr(self.researcher, "name", "?"))
                 propose_s = time.monotonic() - t0
+                self.events.emit("researcher.response", experiment=idx, seconds=round(propose_s, 3),
+                                 rationale_sha256=_sha(cand.rationale), tokens_in=cand.usage.tokens_in,
+                                 tokens_out=cand.usage.tokens_out, cost_usd=cand.usage.cost_usd)
                 if self.stop.cancel.is_set():
                     continue  # proposed but never run: not recorded
                 if cand.parent != ctx.parent:
@@ -490,6 +543,8 @@ class Engine:
 
     def _close(self, status: str, reason: str) -> Session:
         self.session = self.ledger.update_session(self.session.id, status=status, stop_reason=reason)
+        self.events.emit("session.stop", status=status, reason=reason, incumbent=self.session.incumbent_commit,
+                         incumbent_metric=self.session.incumbent_metric)
         self.reporter.session_stopped(self.session)
         return self.session
 

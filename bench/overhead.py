@@ -1,0 +1,96 @@
+"""Harness overhead per experiment: experiment wall time minus the run command's own time.
+
+    python bench/overhead.py [--experiments 200] [--sandbox required|none]
+
+Builds a throwaway lab in a temp folder whose run command exits at once (``cat score.txt``
+prints the summary block), runs N experiments with a scripted researcher that alternates
+improvements (keeps: commit + branch advance) and regressions (discards), and reports
+the median, p95 and max of the ledger's ``overhead_s`` (worktree, apply, guard, commit,
+protected-file check, measurement, ledger writes, cleanup) and of the whole loop per
+experiment (everything but the run, proposal included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from nightlab.engine import Engine  # noqa: E402
+from nightlab.researchers.scripted import ScriptedResearcher  # noqa: E402
+from nightlab.types import Candidate  # noqa: E402
+
+SPEC = """\
+[files]
+editable = ["score.txt"]
+protected = ["protected.txt"]
+[run]
+command = "cat score.txt"
+budget_s = 5
+timeout_s = 30
+[metric]
+name = "score"
+direction = "minimize"
+[stop]
+max_experiments = {n}
+max_crashes_in_row = 0
+[researcher]
+kind = "scripted"
+"""
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--experiments", type=int, default=200)
+    ap.add_argument("--sandbox", default="required", choices=["required", "auto", "none"])
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        lab = Path(tmp) / "lab"
+        lab.mkdir()
+        (lab / "nightlab.toml").write_text(SPEC.format(n=args.experiments))
+        (lab / "score.txt").write_text("---\nscore: 1000\n")
+        (lab / "protected.txt").write_text("do not touch\n")
+        env = {"GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "b",
+               "GIT_COMMITTER_EMAIL": "b@b", "PATH": "/usr/bin:/bin"}
+        for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "lab"]):
+            subprocess.run(cmd, cwd=lab, check=True, env=env)
+
+        def step(ctx):  # even experiments improve (keep), odd ones regress (discard)
+            score = 1000 - ctx.idx if ctx.idx % 2 == 0 else 5000 + ctx.idx
+            return Candidate(parent=ctx.parent, rationale=f"score {score}",
+                             files={"score.txt": f"---\nscore: {score}\n"})
+
+        eng = Engine(lab, tag="bench", researcher=ScriptedResearcher([step]), sandbox_mode=args.sandbox)
+        t0 = time.monotonic()
+        session = eng.run()
+        wall = time.monotonic() - t0
+        exps = eng.ledger.experiments(session.id)[1:]
+        over = [e.overhead_s * 1000 for e in exps]
+        loop = [((e.finished_at or 0) - e.started_at - e.run_s + e.propose_s) * 1000 for e in exps]
+        runs = [e.run_s * 1000 for e in exps]
+        counts: dict[str, int] = {}
+        for e in exps:
+            counts[e.status.value] = counts.get(e.status.value, 0) + 1
+        print(f"experiments: {len(exps)}  sandbox: {session.sandbox}  statuses: {counts}")
+        print(f"harness overhead per experiment (ms): median {statistics.median(over):.1f}  "
+              f"p95 {pct(over, 0.95):.1f}  max {max(over):.1f}")
+        print(f"loop time per experiment minus run (ms): median {statistics.median(loop):.1f}  "
+              f"p95 {pct(loop, 0.95):.1f}")
+        print(f"run command itself (ms): median {statistics.median(runs):.1f}")
+        print(f"total wall {wall:.1f}s, {len(exps) / wall:.1f} experiments/s")
+        eng.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Engine events: every action the harness takes, as ``(kind, experiment, data)``.
+
+The engine calls :meth:`EventSink.emit` at each step of the flow (session start, proposal,
+guard verdict, sandbox command, exit status, measurement, decision, git move, stop). The
+audit log subscribes to these; so can anything else that wants a faithful trace. A sink
+must not raise for ordinary input, and must be fast: it runs on the loop's thread.
+
+Kinds emitted: ``session.start``, ``session.resume``, ``session.stop``, ``setup.run``,
+``researcher.request``, ``researcher.response``, ``candidate``, ``guard``, ``sandbox.start``,
+``sandbox.exit``, ``measurement``, ``decision``, ``git.commit``, ``git.advance``, ``recover``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class EventSink(Protocol):
+    def emit(self, kind: str, *, experiment: int | None = None, **data: Any) -> None: ...
+
+
+class NullSink:
+    def emit(self, kind: str, *, experiment: int | None = None, **data: Any) -> None:
+        return None
+
+
+class MemorySink:
+    """Keeps events in a list (tests, and a reference for what is emitted)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int | None, dict[str, Any]]] = []
+
+    def emit(self, kind: str, *, experiment: int | None = None, **data: Any) -> None:
+        self.events.append((kind, experiment, data))
+
+    def kinds(self) -> list[str]:
+        return [k for k, _, _ in self.events]
+
+
+class FanOut:
+    def __init__(self, *sinks: EventSink) -> None:
+        self.sinks = list(sinks)
+
+    def emit(self, kind: str, *, experiment: int | None = None, **data: Any) -> None:
+        for s in self.sinks:
+            s.emit(kind, experiment=experiment, **data)
