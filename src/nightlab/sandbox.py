@@ -326,7 +326,7 @@ def _terminate(proc: subprocess.Popen[bytes], sandboxed: bool, grace_s: float) -
     for child, start in known.items():
         _signal(child, start, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and not _exited(pid):
+    while time.monotonic() < deadline and not (_exited(pid) and not any(map(_alive, known))):
         time.sleep(0.01)
     known.update(_descendants([pid, *known]))
     _signal(pid, None, signal.SIGKILL)
