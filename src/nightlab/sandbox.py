@@ -40,7 +40,9 @@ Not covered
   written to the private ``/tmp`` or ``/dev/shm`` count against RAM, not against the limit.
 - Disk: the worktree can be filled without bound.
 - No GPU isolation: NVIDIA/DRI/KFD device nodes present on the host are bound into the sandbox;
-  pin devices with ``CUDA_VISIBLE_DEVICES``.
+  pin devices with ``CUDA_VISIBLE_DEVICES``. (Not yet tested on a GPU machine.)
+- Grace under bwrap: when the command's top-level shell exits on SIGTERM, bwrap tears the PID
+  namespace down at once, so children that ignore SIGTERM get no grace period there.
 - Confidentiality: the read-only root is still readable. Secrets in readable files (``~/.ssh``,
   cloud credentials, other labs) are visible unless listed in ``hidden``; ``env`` is passed as
   given, so the caller must strip API keys.
