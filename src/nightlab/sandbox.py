@@ -40,7 +40,9 @@ Not covered
   written to the private ``/tmp`` or ``/dev/shm`` count against RAM, not against the limit.
 - Disk: the worktree can be filled without bound.
 - No GPU isolation: NVIDIA/DRI/KFD device nodes present on the host are bound into the sandbox;
-  pin devices with ``CUDA_VISIBLE_DEVICES``.
+  pin devices with ``CUDA_VISIBLE_DEVICES``. (Not yet tested on a GPU machine.)
+- Grace under bwrap: when the command's top-level shell exits on SIGTERM, bwrap tears the PID
+  namespace down at once, so children that ignore SIGTERM get no grace period there.
 - Confidentiality: the read-only root is still readable. Secrets in readable files (``~/.ssh``,
   cloud credentials, other labs) are visible unless listed in ``hidden``; ``env`` is passed as
   given, so the caller must strip API keys.
@@ -326,7 +328,7 @@ def _terminate(proc: subprocess.Popen[bytes], sandboxed: bool, grace_s: float) -
     for child, start in known.items():
         _signal(child, start, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and not _exited(pid):
+    while time.monotonic() < deadline and not (_exited(pid) and not any(map(_alive, known))):
         time.sleep(0.01)
     known.update(_descendants([pid, *known]))
     _signal(pid, None, signal.SIGKILL)
