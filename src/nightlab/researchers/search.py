@@ -14,7 +14,9 @@ number of experiments. From ``nightlab.toml``::
 
 Constants and their ranges are found by :mod:`nightlab.constants` in the ``.py`` files of
 ``ctx.files`` at the first ``propose``; the search space is then fixed for the whole life of
-the researcher (Optuna needs consistent distributions). Parameter names are ``NAME`` when one
+the researcher (Optuna needs consistent distributions). On resume the incumbent is usually
+no longer the baseline, so default (not explicit) ranges are widened to cover every value in
+the replayed history before the space is fixed. Parameter names are ``NAME`` when one
 file has constants and ``file:NAME`` when several do; they are stored in ``Candidate.params``
 (every searched value, changed or not) and read back on resume.
 
@@ -33,6 +35,7 @@ import importlib.util
 import logging
 import math
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -103,6 +106,22 @@ def _sampler(options: Options) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=options.seed, n_startup_trials=options.n_startup_trials)
 
 
+def _widen(space: dict[str, Constant], history: tuple[Experiment, ...]) -> dict[str, Constant]:
+    """Default ranges stretched to cover the values of replayed history (a resumed session's
+    incumbent is not the baseline, so its default ranges moved); explicit ranges never move."""
+    out = dict(space)
+    for e in history:
+        for key, c in out.items():
+            v = e.params.get(key)
+            if c.explicit or c.choices or isinstance(v, bool) or not isinstance(v, int | float):
+                continue
+            if not math.isfinite(v) or (c.kind == "int" and v != int(v)) or (c.log and v <= 0):
+                continue
+            if not c.contains(v):
+                out[key] = replace(c, low=min(c.low, float(v)), high=max(c.high, float(v)))
+    return out
+
+
 class SearchResearcher:
     """Proposes new values for the tunable constants; see the module docstring for the contract."""
 
@@ -168,7 +187,7 @@ class SearchResearcher:
         return chosen
 
     def _start(self, ctx: Context) -> optuna.Study:
-        self.space = self._select(self._scan(ctx.files), ctx.files)
+        self.space = _widen(self._select(self._scan(ctx.files), ctx.files), (*ctx.history, *self._backlog))
         self.distributions = {k: _distribution(c) for k, c in self.space.items()}
         self._first_values = {k: c.value for k, c in self.space.items()}
         if optuna.logging.get_verbosity() < optuna.logging.WARNING:
