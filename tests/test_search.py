@@ -165,6 +165,25 @@ def test_never_proposes_the_incumbent_again() -> None:
         r.observe(experiment(idx, Status.DISCARD, 2.0, c.params))
 
 
+def test_random_perturbation_when_asks_keep_repeating_the_incumbent() -> None:
+    files = {"train.py": TRAIN}
+    r = create(Options(seed=0), spec(), Path("."))
+    r.max_asks = 0  # as if every ask had returned the incumbent
+    incumbent = {"LEARNING_RATE": 1e-3, "DEPTH": 4, "DROPOUT": 0.3}
+    seen = []
+    for idx in range(1, 6):
+        c = r.propose(context(files, idx))
+        changed = [k for k in incumbent if c.params[k] != incumbent[k]]
+        assert len(changed) == 1 and c.files and set(c.files) == {"train.py"}
+        assert r.space[changed[0]].contains(c.params[changed[0]])
+        r.observe(experiment(idx, Status.DISCARD, 1.0, c.params))
+        seen.append(c.params)
+    assert r.study is not None and [t.params for t in r.study.trials] == seen  # learnt via add_trial
+    again = create(Options(seed=0), spec(), Path("."))
+    again.max_asks = 0
+    assert [again.propose(context(files, i)).params for i in range(1, 6)] == seen  # seeded
+
+
 def test_resume_replays_history_into_a_fresh_study() -> None:
     files = {"train.py": TRAIN}
     first = create(Options(seed=2), spec(), Path("."))

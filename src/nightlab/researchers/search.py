@@ -126,6 +126,7 @@ class SearchResearcher:
     """Proposes new values for the tunable constants; see the module docstring for the contract."""
 
     name = "search"
+    max_asks = MAX_ASKS
 
     def __init__(self, options: Options) -> None:
         self.options = options
@@ -208,7 +209,7 @@ class SearchResearcher:
         current = {k: c for k, c in self._scan(ctx.files).items() if k in self.space}
         incumbent = {k: c.value for k, c in current.items()}
         values: dict[str, int | float] | None = None
-        for _ in range(MAX_ASKS):
+        for _ in range(self.max_asks):
             trial = study.ask(self.distributions)
             asked = {k: _written(v, self.space[k]) for k, v in trial.params.items()}
             if any(asked[k] != incumbent.get(k) for k in asked):
@@ -222,7 +223,9 @@ class SearchResearcher:
                 study.tell(trial, state=TrialState.FAIL)
         if values is None:
             values = self._perturb(incumbent, ctx.idx)
-            log.info("search: %d asks repeated the incumbent; perturbing one constant at random", MAX_ASKS)
+            log.info(
+                "search: %d asks repeated the incumbent; perturbing one constant at random", self.max_asks
+            )
         return self._candidate(ctx, current, values)
 
     def _perturb(self, incumbent: dict[str, int | float], idx: int) -> dict[str, int | float]:
