@@ -232,7 +232,7 @@ class SearchResearcher:
         rng = random.Random(f"{self.options.seed}:{idx}")
         values = dict(incumbent)
         keys = sorted(k for k in self.space if k in incumbent)
-        for _ in range(100):
+        for _ in range(100 if keys else 0):
             key = rng.choice(keys)
             c = self.space[key]
             if c.choices:
