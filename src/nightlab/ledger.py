@@ -197,10 +197,12 @@ class Ledger:
             raise
         except (exc.SQLAlchemyError, self._dbapi_error()) as e:
             self._engine.dispose()
-            raise LedgerError(
-                f"cannot open ledger {self._shown}: {_root_message(e)}",
-                fix="is it a nightlab ledger (a SQLite database)? Move the file aside or pass another --db",
-            ) from None
+            why = _root_message(e)
+            if "locked" in why:
+                fix = "another process is migrating or writing the ledger; try again in a moment"
+            else:
+                fix = "is it a nightlab ledger (a SQLite database)? Move the file aside or pass another --db"
+            raise LedgerError(f"cannot open ledger {self._shown}: {why}", fix=fix) from None
 
     @classmethod
     def for_lab(cls, lab_dir: Path, url: str | None = None) -> Ledger:
@@ -252,25 +254,38 @@ class Ledger:
         with self._engine.connect() as conn, conn.begin():
             yield conn
 
+    def _stored_version(self, conn: Connection) -> int | None:
+        """The schema version, or None when the database has no ``schema_version`` table."""
+        if not sa.inspect(conn).has_table("schema_version"):
+            return None
+        version = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar_one()
+        return int(version or 0)
+
     def _migrate(self) -> None:
-        with self._tx_write() as conn:
-            if not sa.inspect(conn).has_table("schema_version"):
-                schema_version.create(conn)
-                conn.execute(schema_version.insert().values(version=0))
-        while True:
+        """Bring the schema to :data:`SCHEMA_VERSION`, one transaction per migration.
+
+        An up-to-date ledger is only read, so opening one never waits for a busy writer.
+        """
+        with self._read() as conn:
+            version = self._stored_version(conn)
+        while version != SCHEMA_VERSION:
+            if version is not None and version > SCHEMA_VERSION:
+                raise LedgerError(
+                    f"ledger {self._shown} has schema version {version}, "
+                    f"this nightlab knows up to {SCHEMA_VERSION}",
+                    fix="upgrade nightlab (pip install -U nightlab)",
+                )
             with self._tx_write() as conn:
-                version = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar_one()
-                version = int(version or 0)
-                if version > SCHEMA_VERSION:
-                    raise LedgerError(
-                        f"ledger {self._shown} has schema version {version}, "
-                        f"this nightlab knows up to {SCHEMA_VERSION}",
-                        fix="upgrade nightlab (pip install -U nightlab)",
-                    )
-                if version == SCHEMA_VERSION:
-                    return
-                MIGRATIONS[version](conn)
-                conn.execute(schema_version.update().values(version=version + 1))
+                # re-read under the write lock: another process may have migrated meanwhile
+                version = self._stored_version(conn)
+                if version is None:
+                    schema_version.create(conn)
+                    conn.execute(schema_version.insert().values(version=0))
+                    version = 0
+                if version < SCHEMA_VERSION:
+                    MIGRATIONS[version](conn)
+                    version += 1
+                    conn.execute(schema_version.update().values(version=version))
 
     def schema_version(self) -> int:
         with self._read() as conn:
@@ -456,13 +471,17 @@ class Ledger:
                 if candidate is not None:
                     conn.execute(candidates.insert().values(**_candidate_values(exp_id, candidate)))
                 return exp_id
-        except exc.IntegrityError:
+        except exc.IntegrityError as e:
             # another writer inserted the same (session_id, idx) between our check and insert
             # (possible on backends without BEGIN IMMEDIATE); the other row stands
             with self._read() as conn:
                 existing = conn.execute(sa.select(experiments.c.id).where(where)).scalar_one_or_none()
             if existing is None:
-                raise
+                raise LedgerError(
+                    f"cannot start experiment {idx} of session {session_id} in {self._shown}: "
+                    f"{_root_message(e)}",
+                    fix="is the session id right?",
+                ) from e
             return int(existing)
 
     def update_experiment(self, exp_id: int, **fields: Any) -> None:

@@ -1,0 +1,307 @@
+"""Read-only commands over the ledger: ``status``, ``log``, ``show``, ``diff``, ``export``.
+
+Each is a standalone ``click.Command`` (the CLI's ``main`` group adds them with
+``main.add_command``). Each takes ``--lab`` (default ``.``), ``--db`` (a ledger URL; default
+``$NIGHTLAB_DB`` or ``<lab>/.nightlab/ledger.db``) and ``--tag`` (default: the latest session).
+They never create a ledger, never write to one, and turn nightlab errors into a message,
+its fix and the error's exit code (2 for usage errors), without a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from nightlab.errors import NightlabError, UsageError
+from nightlab.export import FORMATS, export
+from nightlab.ledger import DB_ENV, Ledger
+from nightlab.types import Experiment, Session, Status
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+STATUS_STYLE = {
+    Status.RUNNING: "cyan",
+    Status.KEEP: "bold green",
+    Status.DISCARD: "yellow",
+    Status.CRASH: "bold red",
+    Status.TIMEOUT: "red",
+    Status.INVALID: "magenta",
+    Status.REJECTED: "magenta",
+    Status.INTERRUPTED: "dim",
+}
+
+
+class _NightlabClickError(click.ClickException):
+    """A :class:`NightlabError` shown the click way: ``Error: message`` and the fix."""
+
+    def __init__(self, err: NightlabError) -> None:
+        super().__init__(str(err))
+        setattr(self, "exit_code", err.exit_code)  # noqa: B010 (click declares it a class variable)
+
+
+def _errors(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except NightlabError as e:
+            raise _NightlabClickError(e) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _common(fn: F) -> F:
+    """``--lab``, ``--db``, ``--tag``, and nightlab errors as click errors."""
+    fn = _errors(fn)
+    fn = click.option("--tag", default=None, help="session tag (default: the latest session)")(fn)
+    fn = click.option(
+        "--db", default=None, help=f"ledger URL (default: ${DB_ENV} or LAB/.nightlab/ledger.db)"
+    )(fn)
+    fn = click.option(
+        "--lab",
+        default=".",
+        show_default=True,
+        type=click.Path(file_okay=False, path_type=Path),
+        help="the lab folder",
+    )(fn)
+    return fn
+
+
+def _open(lab: Path, db: str | None, tag: str | None) -> tuple[Ledger, Session]:
+    """The lab's ledger and the session ``tag`` (the latest when None). Caller closes the ledger.
+
+    Raises UsageError when there is no ledger or no such session; never creates a ledger.
+    """
+    where = Path(lab) / ".nightlab"
+    none = UsageError(f"no nightlab session in {where}", fix="run `nightlab run`")
+    if db is None and not os.environ.get(DB_ENV) and not (where / "ledger.db").is_file():
+        raise none
+    led = Ledger.for_lab(Path(lab), db)
+    try:
+        session = led.get_session(tag) if tag else led.latest_session()
+        if session is None and tag:
+            tags = ", ".join(s.tag for s in led.list_sessions()) or "none"
+            raise UsageError(f"no session '{tag}' in {led!r}", fix=f"sessions: {tags}")
+        if session is None:
+            raise none
+    except BaseException:
+        led.close()
+        raise
+    return led, session
+
+
+def _console() -> Console:
+    return Console(highlight=False)
+
+
+def _fmt(x: float | None, digits: int = 6) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def _short(sha: str | None) -> str:
+    return (sha or "")[:7] or "—"
+
+
+def _status_text(status: Status) -> Text:
+    return Text(status.value, style=STATUS_STYLE.get(status, ""))
+
+
+def _baseline(led: Ledger, session: Session) -> float | None:
+    if session.baseline_metric is not None:
+        return session.baseline_metric
+    base = led.get_experiment(session.id, 0)
+    return base.metric if base is not None and base.status is Status.KEEP else None
+
+
+def _improvement(session: Session, new: float | None, old: float | None) -> str:
+    if new is None or old is None:
+        return "—"
+    gain = session.direction.improvement(new, old)
+    pct = f" ({100 * gain / abs(old):+.2f}%)" if old != 0 else ""
+    return f"{gain:+.6f}{pct}"
+
+
+@click.command()
+@_common
+def status(lab: Path, db: str | None, tag: str | None) -> None:
+    """Where a session stands: incumbent, improvement, counts, cost."""
+    led, s = _open(lab, db, tag)
+    with led:
+        counts = led.count_by_status(s.id)
+        usage = led.usage_totals(s.id)
+        last = led.experiments(s.id, order="desc", limit=1)
+        baseline = _baseline(led, s)
+    con = _console()
+    t = Table.grid(padding=(0, 2))
+    t.add_column(style="bold")
+    t.add_column()
+    state = s.status + (f" ({s.stop_reason})" if s.stop_reason else "")
+    t.add_row("session", Text(f"{s.tag}  branch {s.branch}"))
+    t.add_row("status", Text(state))
+    t.add_row("sandbox", Text(s.sandbox))
+    t.add_row("researcher", Text(s.researcher))
+    t.add_row("metric", Text(f"{s.metric_name} ({s.direction.value})"))
+    t.add_row("baseline", _fmt(baseline))
+    t.add_row("incumbent", Text(f"{_short(s.incumbent_commit)}  {_fmt(s.incumbent_metric)}"))
+    t.add_row("improvement", _improvement(s, s.incumbent_metric, baseline))
+    total = sum(counts.values())
+    by_status = "  ".join(f"{st.value} {counts[st]}" for st in Status if st in counts)
+    t.add_row("experiments", f"{total}" + (f"  ({by_status})" if by_status else ""))
+    t.add_row(
+        "usage",
+        f"tokens in {usage.tokens_in:,}  out {usage.tokens_out:,}  cached {usage.tokens_cached:,}  "
+        f"${usage.cost_usd:.2f}  propose {usage.seconds:.1f}s",
+    )
+    if last:
+        e = last[0]
+        line = Text(f"#{e.idx} ")
+        line.append_text(_status_text(e.status))
+        line.append(f"  {_fmt(e.metric)}  {e.description}")
+        t.add_row("last", line)
+    con.print(t)
+
+
+@click.command()
+@_common
+@click.option(
+    "--status", "status_", type=click.Choice([s.value for s in Status]), default=None, help="only this status"
+)
+@click.option("--limit", "-n", type=click.IntRange(min=1), default=50, show_default=True, help="the last N")
+@click.option("--all", "show_all", is_flag=True, help="every experiment (no --limit)")
+def log(lab: Path, db: str | None, tag: str | None, status_: str | None, limit: int, show_all: bool) -> None:
+    """The session's experiments, one row each (the last 50 by default)."""
+    led, s = _open(lab, db, tag)
+    with led:
+        kept = led.experiments(s.id, status=Status.KEEP)
+        wanted = Status(status_) if status_ else None
+        rows = led.experiments(s.id, status=wanted, order="desc", limit=None if show_all else limit)
+    rows.reverse()
+    # the metric of each kept commit, so a row can be compared with the incumbent it started from
+    kept_metric = {(e.commit or e.parent_commit): e.metric for e in kept if e.metric is not None}
+    t = Table(title=f"{s.tag}: {s.metric_name} ({s.direction.value})", title_justify="left")
+    t.add_column("#", justify="right", no_wrap=True)
+    t.add_column("status", no_wrap=True)
+    t.add_column(s.metric_name, justify="right", no_wrap=True)
+    t.add_column("Δ parent", justify="right", no_wrap=True)
+    t.add_column("trust", no_wrap=True)
+    t.add_column("run s", justify="right", no_wrap=True)
+    t.add_column("description")
+    for e in rows:
+        t.add_row(
+            str(e.idx),
+            _status_text(e.status),
+            _fmt(e.metric),
+            _delta(s, e, kept_metric),
+            e.trust if e.metric is not None else "",
+            f"{e.run_s:.1f}",
+            Text(e.description),
+        )
+    _console().print(t)
+
+
+def _delta(s: Session, e: Experiment, kept_metric: dict[str, float]) -> Text:
+    parent = kept_metric.get(e.parent_commit)
+    if e.metric is None or parent is None or e.idx == 0:
+        return Text("")
+    diff = e.metric - parent
+    style = "green" if s.direction.better(e.metric, parent) else "red" if diff else ""
+    return Text(f"{diff:+.6f}", style=style)
+
+
+def _get(led: Ledger, s: Session, n: int) -> Experiment:
+    e = led.get_experiment(s.id, n)
+    if e is None:
+        count = led.count_experiments(s.id)
+        raise UsageError(
+            f"no experiment {n} in session '{s.tag}' ({count} experiments)",
+            fix="`nightlab log` lists them",
+        )
+    return e
+
+
+@click.command()
+@_common
+@click.argument("n", type=int)
+def show(lab: Path, db: str | None, tag: str | None, n: int) -> None:
+    """Everything about experiment N of the session."""
+    led, s = _open(lab, db, tag)
+    with led:
+        e = _get(led, s, n)
+    con = _console()
+    t = Table.grid(padding=(0, 2))
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("experiment", f"#{e.idx} of {s.tag}")
+    t.add_row("status", _status_text(e.status))
+    t.add_row("reason", Text(e.reason or "—"))
+    trust = f"  (trust: {e.trust})" if e.metric is not None else ""
+    t.add_row("metric", Text(f"{s.metric_name} = {_fmt(e.metric)}{trust}"))
+    t.add_row("secondary", Text(", ".join(f"{k} = {v}" for k, v in sorted(e.secondary.items())) or "—"))
+    t.add_row("parent", e.parent_commit or "—")
+    t.add_row("commit", e.commit or "—")
+    t.add_row("seed", str(e.seed))
+    t.add_row("exit code", "—" if e.exit_code is None else str(e.exit_code))
+    t.add_row("timings", f"propose {e.propose_s:.1f}s  run {e.run_s:.1f}s  overhead {e.overhead_s:.1f}s")
+    u = e.usage
+    t.add_row(
+        "usage",
+        f"tokens in {u.tokens_in:,}  out {u.tokens_out:,}  cached {u.tokens_cached:,}  "
+        f"${u.cost_usd:.4f}  {u.seconds:.1f}s",
+    )
+    t.add_row("researcher", Text(e.researcher or "—"))
+    t.add_row("description", Text(e.description))
+    t.add_row("rationale", Text(e.rationale or "—"))
+    t.add_row("params", Text(json.dumps(e.params, sort_keys=True, default=str) if e.params else "—"))
+    t.add_row("evidence", Text(json.dumps(e.evidence, sort_keys=True, default=str) if e.evidence else "—"))
+    if e.worktree:
+        t.add_row("worktree", Text(e.worktree))
+    con.print(t)
+    if e.log_tail:
+        con.rule("log tail")
+        con.print(Text(e.log_tail.rstrip("\n")))
+
+
+@click.command()
+@_common
+@click.argument("n", type=int)
+def diff(lab: Path, db: str | None, tag: str | None, n: int) -> None:
+    """Print experiment N's diff (plain text, for piping into `git apply`)."""
+    led, s = _open(lab, db, tag)
+    with led:
+        e = _get(led, s, n)
+    click.echo(e.diff, nl=False)
+
+
+@click.command("export")
+@_common
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="tsv", show_default=True)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="write here (default: stdout)",
+)
+@click.option("--memory-key", default="", help="secondary figure in MB for the tsv memory_gb column")
+def export_cmd(
+    lab: Path, db: str | None, tag: str | None, fmt: str, output: Path | None, memory_key: str
+) -> None:
+    """Export the session: karpathy-compatible results.tsv, CSV or JSONL."""
+    led, s = _open(lab, db, tag)
+    with led:
+        if output is None:
+            export(led, s, fmt, sys.stdout, memory_key=memory_key)
+            return
+        with output.open("w", encoding="utf-8", newline="") as fh:
+            n = export(led, s, fmt, fh, memory_key=memory_key)
+    click.echo(f"wrote {n} rows to {output}", err=True)

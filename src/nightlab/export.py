@@ -1,0 +1,149 @@
+"""Export a session's experiments: karpathy-compatible ``results.tsv``, CSV, JSONL.
+
+* ``tsv`` is exactly karpathy/autoresearch's ``results.tsv``: five tab-separated columns
+  ``commit  <metric_name>  memory_gb  status  description``; commit is the 7-char sha of
+  the attempted change (its parent when it has none), the metric has 6 decimals
+  (``0.000000`` when there is none), memory is GB with 1 decimal, status is ``keep``,
+  ``discard`` or ``crash`` (a timeout is a crash; nightlab's other statuses keep their
+  names). Running experiments have no result yet and are left out.
+* ``csv``: one row per experiment with every scalar column, usage included, and the dicts
+  (secondary, params, evidence) as JSON. The diff and the log tail are left to JSONL.
+* ``jsonl``: one JSON object per experiment with every field, usage and trust included.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from nightlab.errors import UsageError
+from nightlab.ledger import Ledger
+from nightlab.types import Experiment, Session, Status
+
+FORMATS = ("tsv", "csv", "jsonl")
+DEFAULT_MEMORY_KEY = "peak_vram_mb"  # what autoresearch's train.py prints, in MB
+JSONL_VERSION = 1
+
+CSV_COLUMNS = (
+    "session",
+    "idx",
+    "status",
+    "metric",
+    "trust",
+    "parent_commit",
+    "commit",
+    "description",
+    "reason",
+    "seed",
+    "started_at",
+    "finished_at",
+    "propose_s",
+    "run_s",
+    "overhead_s",
+    "exit_code",
+    "researcher",
+    "rationale",
+    "tokens_in",
+    "tokens_out",
+    "tokens_cached",
+    "cost_usd",
+    "usage_s",
+    "secondary",
+    "params",
+    "evidence",
+)
+
+
+def export(ledger: Ledger, session: Session, fmt: str, out: TextIO, *, memory_key: str = "") -> int:
+    """Write ``session``'s experiments to ``out`` in ``fmt``; return the number of rows written.
+
+    ``memory_key`` names the secondary figure (in MB) for the TSV's ``memory_gb`` column;
+    empty means ``peak_vram_mb``. An unknown ``fmt`` raises :class:`UsageError`.
+    """
+    writers: dict[str, Callable[[Session, list[Experiment], TextIO, str], int]] = {
+        "tsv": _tsv,
+        "csv": _csv,
+        "jsonl": _jsonl,
+    }
+    if fmt not in writers:
+        raise UsageError(f"unknown export format {fmt!r}", fix=f"use one of: {', '.join(FORMATS)}")
+    return writers[fmt](session, ledger.experiments(session.id), out, memory_key or DEFAULT_MEMORY_KEY)
+
+
+def tsv_status(status: Status) -> str:
+    return "crash" if status is Status.TIMEOUT else status.value
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.replace("\t", " ").splitlines()).strip()
+
+
+def _tsv(session: Session, exps: list[Experiment], out: TextIO, memory_key: str) -> int:
+    out.write(f"commit\t{_one_line(session.metric_name)}\tmemory_gb\tstatus\tdescription\n")
+    n = 0
+    for e in exps:
+        if e.status is Status.RUNNING:
+            continue
+        commit = (e.commit or e.parent_commit)[:7]
+        metric = f"{e.metric:.6f}" if e.metric is not None else "0.000000"
+        mem = e.secondary.get(memory_key)
+        memory = f"{float(mem) / 1024:.1f}" if isinstance(mem, int | float) else "0.0"
+        out.write(f"{commit}\t{metric}\t{memory}\t{tsv_status(e.status)}\t{_one_line(e.description)}\n")
+        n += 1
+    return n
+
+
+def _csv_row(session: Session, e: Experiment) -> dict[str, Any]:
+    return {
+        "session": session.tag,
+        "idx": e.idx,
+        "status": e.status.value,
+        "metric": "" if e.metric is None else repr(e.metric),
+        "trust": e.trust,
+        "parent_commit": e.parent_commit,
+        "commit": e.commit or "",
+        "description": e.description,
+        "reason": e.reason,
+        "seed": e.seed,
+        "started_at": e.started_at,
+        "finished_at": "" if e.finished_at is None else e.finished_at,
+        "propose_s": e.propose_s,
+        "run_s": e.run_s,
+        "overhead_s": e.overhead_s,
+        "exit_code": "" if e.exit_code is None else e.exit_code,
+        "researcher": e.researcher,
+        "rationale": e.rationale,
+        "tokens_in": e.usage.tokens_in,
+        "tokens_out": e.usage.tokens_out,
+        "tokens_cached": e.usage.tokens_cached,
+        "cost_usd": e.usage.cost_usd,
+        "usage_s": e.usage.seconds,
+        "secondary": json.dumps(e.secondary, sort_keys=True),
+        "params": json.dumps(e.params, sort_keys=True, default=str),
+        "evidence": json.dumps(e.evidence, sort_keys=True, default=str),
+    }
+
+
+def _csv(session: Session, exps: list[Experiment], out: TextIO, _memory_key: str) -> int:
+    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for e in exps:
+        writer.writerow(_csv_row(session, e))
+    return len(exps)
+
+
+def _jsonl(session: Session, exps: list[Experiment], out: TextIO, _memory_key: str) -> int:
+    for e in exps:
+        record: dict[str, Any] = {
+            "export_version": JSONL_VERSION,
+            "session": session.tag,
+            "metric_name": session.metric_name,
+            "direction": session.direction.value,
+            **dataclasses.asdict(e),
+            "status": e.status.value,
+        }
+        out.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+    return len(exps)
