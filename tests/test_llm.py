@@ -221,3 +221,46 @@ def test_secret_env_values_never_reach_the_model_or_the_artifacts(make_lab, monk
             data = path.read_bytes()
             assert b"tok-very-secret-value-42" not in data and KEY.encode() not in data, path
     eng.close()
+
+
+def test_sweep_runs_each_setting_on_the_same_budget_and_reports_spend(make_lab, tmp_path):
+    from click.testing import CliRunner
+
+    from nightlab.cli.sweep import sweep
+
+    worse = GOOD.replace("X = 1.0", "X = 2.0")
+    with FakeLLMServer("openai", [Turn(text=worse, tokens_in=1000, tokens_out=100)]) as srv:
+        lab = make_lab(spec=llm_spec(srv))
+        plot_path = tmp_path / "sweep.png"
+        res = CliRunner().invoke(sweep, ["--lab", str(lab), "--knob", "think=1,2", "--experiments", "2",
+                                         "--tag", "sw", "--plot", str(plot_path)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    think1 = next(ln for ln in lines if ln.startswith("think=1 "))
+    think2 = next(ln for ln in lines if ln.startswith("think=2 "))
+    assert "sw-think1" in think1 and "sw-think2" in think2
+    # think=1: #1 one call, #2 the same edit no longer applies: + repair -> 3 calls of 1100 tokens
+    # think=2: #1 two samples + a ranking call, #2 two samples + repair -> 6 calls, same best score
+    assert think1.split()[-2] == "3300" and think2.split()[-2] == "6600"
+    assert think1.split()[4] == think2.split()[4] == "5.5"
+    assert float(think2.split()[-1]) == pytest.approx(6 * 0.003)
+    from nightlab.ledger import Ledger
+
+    with Ledger.for_lab(lab) as ledger:
+        assert {s.tag for s in ledger.list_sessions()} == {"sw-think1", "sw-think2"}
+    pytest.importorskip("matplotlib")
+    assert plot_path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_rejects_a_bad_knob_before_running(make_lab):
+    from click.testing import CliRunner
+
+    from nightlab.cli.sweep import sweep
+    from nightlab.errors import SpecError
+
+    with FakeLLMServer("openai", [Turn(text=GOOD)]) as srv:
+        lab = make_lab(spec=llm_spec(srv))
+        with pytest.raises(SpecError, match=r"\[researcher\] think"):
+            CliRunner().invoke(sweep, ["--lab", str(lab), "--knob", "think=1,0", "--experiments", "1"],
+                               catch_exceptions=False)
+    assert not srv.requests
