@@ -37,7 +37,7 @@ from nightlab.measure import measure
 from nightlab.policy import make_policy
 from nightlab.researchers import Context, Researcher
 from nightlab.spec import PROGRAM_FILE, Spec, load_spec, match_files
-from nightlab.types import Candidate, Experiment, Measurement, RunResult, Session, Status
+from nightlab.types import Candidate, Experiment, Measurement, RunResult, Session, Status, Usage
 from nightlab.workspace import ApplyError, Workspace
 
 SECRET_ENV = re.compile(r"(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_KEY)", re.I)
@@ -304,6 +304,14 @@ class Engine:
                          reason=reason, evidence=exp.evidence, commit=exp.commit)
         return exp
 
+    def _write_artifacts(self, exp_id: int, artifacts: dict[str, str]) -> None:
+        """A candidate's artifacts (prompt, response, transcript) under artifacts/<exp_id>/."""
+        folder = self.artifacts_dir / str(exp_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in artifacts.items():
+            safe = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name).name).lstrip(".") or "artifact"
+            (folder / safe).write_text(text, encoding="utf-8")
+
     def run_experiment(self, idx: int, candidate: Candidate | None, propose_s: float = 0.0) -> Experiment:
         """Materialise, run, measure and decide one experiment. ``candidate=None`` is the baseline."""
         t0 = time.monotonic()
@@ -316,6 +324,8 @@ class Engine:
             self.session.id, idx=idx, parent_commit=parent, seed=seed, candidate=candidate,
             description=desc, propose_s=propose_s, worktree=str(wt_path),
         )
+        if candidate is not None and candidate.artifacts:
+            self._write_artifacts(exp_id, candidate.artifacts)
         self.reporter.experiment_started(idx, desc, self.spec.run.budget_s)
         if candidate is not None:
             self.events.emit("candidate", experiment=idx, parent=parent, researcher=candidate.researcher,
@@ -325,7 +335,8 @@ class Engine:
         if candidate is not None:
             claimed = list(candidate.files or {}) + (diff_paths(candidate.diff) if candidate.diff else [])
             if not claimed:
-                return self._finish(exp_id, Status.INVALID, t0, reason="the candidate changes nothing")
+                return self._finish(exp_id, Status.INVALID, t0,
+                                    reason=candidate.error or "the candidate changes nothing")
             problem = self.guard.check_paths(claimed)
             self.events.emit("guard", experiment=idx, stage="paths", ok=problem is None, reason=problem or "")
             if problem:
@@ -434,6 +445,12 @@ class Engine:
         tried = [e for e in history if e.idx > 0]
         if st.max_experiments and len(tried) >= st.max_experiments:
             return f"max_experiments ({st.max_experiments}) reached"
+        if st.max_cost_usd or st.max_tokens:
+            used = sum((e.usage for e in history), Usage())
+            if st.max_cost_usd and used.cost_usd >= st.max_cost_usd:
+                return f"max_cost_usd ({st.max_cost_usd:g}) reached: ${used.cost_usd:.4f} spent"
+            if st.max_tokens and used.tokens_in + used.tokens_out >= st.max_tokens:
+                return f"max_tokens ({st.max_tokens}) reached: {used.tokens_in + used.tokens_out} tokens used"
         if st.max_hours and time.monotonic() - self._started >= st.max_hours * 3600:
             return f"max_hours ({st.max_hours:g}) reached"
         if st.patience:

@@ -74,6 +74,8 @@ class StopSpec(_Section):
     max_hours: float = Field(0.0, ge=0, description="wall time (0: no limit)")
     patience: int = Field(0, ge=0, description="experiments without a keep (0: off)")
     max_crashes_in_row: int = Field(5, ge=0, description="consecutive crashes/timeouts (0: off)")
+    max_cost_usd: float = Field(0.0, ge=0, description="researcher USD spend, from its price table (0: off)")
+    max_tokens: int = Field(0, ge=0, description="researcher tokens in + out (0: no limit)")
 
 
 class ResearcherSpec(BaseModel):

@@ -78,7 +78,10 @@ class Candidate:
     (a unified diff with ``a/``/``b/`` prefixes, as ``git diff`` writes it). nightlab
     materialises it in a worktree and records the canonical diff that git computes.
     ``params`` holds structured choices (the search researcher's constant values) so a
-    resumed researcher can learn from history.
+    resumed researcher can learn from history. ``artifacts`` (file name -> text: the prompt,
+    the response, an agent's transcript) are written by the engine to
+    ``.nightlab/artifacts/<experiment id>/``. ``error`` says why a candidate carries no edit
+    (it becomes the ``invalid`` experiment's reason).
     """
 
     parent: str
@@ -88,6 +91,8 @@ class Candidate:
     params: dict[str, Any] = field(default_factory=dict)
     usage: Usage = field(default_factory=Usage)
     researcher: str = ""
+    artifacts: dict[str, str] = field(default_factory=dict)
+    error: str = ""
 
 
 @dataclass(frozen=True)

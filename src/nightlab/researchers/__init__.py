@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 KINDS: dict[str, str] = {
     "search": "nightlab.researchers.search",
     "scripted": "nightlab.researchers.scripted",
+    "llm": "nightlab.researchers.llm",
+    "agent": "nightlab.researchers.agent",
+    "local": "nightlab.researchers.local",
 }
 
 

@@ -1,0 +1,122 @@
+"""A loopback fake of the OpenAI and Anthropic HTTP protocols, shipped as a test double.
+
+:class:`FakeLLMServer` listens on 127.0.0.1 (a free port), speaks the real wire protocols
+(``POST /v1/chat/completions`` and ``POST /v1/messages``, JSON with ``usage``), and answers
+from a script: each request takes the next :class:`Turn`; the last one repeats. Requests are
+recorded (``.requests``: parsed JSON bodies plus headers) for assertions. Used by the test suite
+with the real ``openai`` and ``anthropic`` clients; useful for trying a lab without a model::
+
+    with FakeLLMServer("openai", [Turn(text="...")]) as srv:
+        ...  # base_url = srv.base_url
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class Turn:
+    text: str = ""
+    status: int = 200  # anything else answers with an error body of that status
+    tokens_in: int = 100
+    tokens_out: int = 20
+    tokens_cached: int = 0
+    headers: dict[str, str] = field(default_factory=dict)  # e.g. {"retry-after-ms": "10"}
+    error: str = "scripted error"
+
+
+class FakeLLMServer:
+    def __init__(self, protocol: Literal["openai", "anthropic"], script: list[Turn]) -> None:
+        self.protocol = protocol
+        self.script = list(script)
+        self.requests: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    @property
+    def base_url(self) -> str:
+        """What the SDK's ``base_url`` should be (OpenAI clients append /chat/completions)."""
+        root = f"http://127.0.0.1:{self.port}"
+        return root + "/v1" if self.protocol == "openai" else root
+
+    def __enter__(self) -> FakeLLMServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _next(self, body: dict[str, Any], headers: dict[str, str]) -> Turn:
+        with self._lock:
+            self.requests.append({"body": body, "headers": headers})
+            return self.script.pop(0) if len(self.script) > 1 else self.script[0]
+
+    def _payload(self, turn: Turn, body: dict[str, Any]) -> dict[str, Any]:
+        if turn.status != 200:
+            if self.protocol == "openai":
+                return {"error": {"message": turn.error, "type": "scripted", "code": turn.status}}
+            return {"type": "error", "error": {"type": "scripted_error", "message": turn.error}}
+        model = body.get("model", "fake")
+        if self.protocol == "openai":
+            return {
+                "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": model,
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": turn.text}}],
+                "usage": {"prompt_tokens": turn.tokens_in, "completion_tokens": turn.tokens_out,
+                          "total_tokens": turn.tokens_in + turn.tokens_out,
+                          "prompt_tokens_details": {"cached_tokens": turn.tokens_cached}},
+            }
+        return {
+            "id": "msg_fake", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": turn.text}],
+            "stop_reason": "end_turn", "stop_sequence": None,
+            "usage": {"input_tokens": turn.tokens_in - turn.tokens_cached, "output_tokens": turn.tokens_out,
+                      "cache_read_input_tokens": turn.tokens_cached, "cache_creation_input_tokens": 0},
+        }
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:  # quiet
+                pass
+
+            def do_POST(self) -> None:
+                n = int(self.headers.get("content-length") or 0)
+                raw = self.rfile.read(n) if n else b"{}"
+                try:
+                    body = json.loads(raw)
+                except json.JSONDecodeError:
+                    body = {}
+                expected = "/v1/chat/completions" if fake.protocol == "openai" else "/v1/messages"
+                if self.path.split("?")[0] != expected:
+                    self._send(404, {"error": {"message": f"no route {self.path}"}}, {})
+                    return
+                turn = fake._next(body, {k.lower(): v for k, v in self.headers.items()})
+                self._send(turn.status, fake._payload(turn, body), turn.headers)
+
+            def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str]) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+        return Handler

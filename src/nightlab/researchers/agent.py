@@ -1,0 +1,264 @@
+"""The ``agent`` researcher: an external coding agent edits a scratch worktree, git says what changed.
+
+From ``nightlab.toml``::
+
+    [researcher]
+    kind = "agent"
+    preset = "claude"          # or "codex", "aider"; or instead:
+    # command = "my-agent --task-file {prompt_file}"
+    model = "claude-sonnet-4-5"  # optional, passed as --model
+    timeout_s = 1800
+
+Each ``propose`` creates a detached git worktree of the incumbent at
+``.nightlab/worktrees/agent-<idx>``, writes the prompt (``program.md``, the spec summary, the
+history and the last failure, see :mod:`nightlab.context`) to ``agent-<idx>.prompt.md`` beside
+it, and runs the command non-interactively with the lab folder of that worktree as its working
+directory. nightlab then computes the change itself, from outside, with git and a private
+index (``git --git-dir <repo> --work-tree <worktree> add -A; diff --cached``): the agent's
+account of what it did is never used, only the files it left. The engine guards and applies
+that diff like any other candidate. The transcript (stdout and stderr, secrets redacted) and
+the prompt are stored as artifacts; the wall time, and the tokens and cost where the agent
+reports them (Claude Code's and Codex's JSON, aider's ``Tokens: … Cost: …`` lines), are the
+candidate's usage.
+
+Placeholders in ``command``: ``{prompt_file}`` (path, shell-quoted), ``{prompt}`` (the text,
+shell-quoted), ``{files}`` (the editable files, shell-quoted), ``{model_arg}`` (``--model X``
+or nothing).
+
+**Permissions.** Under bubblewrap (``sandbox = "auto"`` where installed, or ``"required"``)
+the agent gets: the network (it must reach its model API); write access to its worktree and
+to its own config paths in ``$HOME`` that exist (below) and ``writable`` extras; the rest of
+the file system read-only, the lab's ``.nightlab/`` (ledger, artifacts, other worktrees) and
+``[sandbox] hide`` paths hidden; the environment of nightlab, API keys included (the agent
+needs its key; the transcript is redacted). The presets add their own tool permissions:
+
+- ``claude``: ``claude -p … --output-format json --permission-mode acceptEdits --allowedTools
+  Read,Edit,Write,Glob,Grep``: reads and edits files, no shell, no web; writes ``~/.claude``,
+  ``~/.claude.json``.
+- ``codex``: ``codex exec --json --sandbox workspace-write --skip-git-repo-check``: Codex's own
+  sandbox, writes only the workspace (nested in bwrap, Codex's sandbox may fail to start; then
+  use ``command`` with ``--sandbox danger-full-access`` and rely on bwrap); writes ``~/.codex``.
+- ``aider``: ``aider --message-file … --yes-always --no-git --no-auto-commits
+  --no-suggest-shell-commands`` with the editable files added to the chat: edits those files,
+  runs no shell commands; writes ``~/.aider*`` files in ``$HOME`` where they exist.
+
+Not covered: with ``sandbox = "none"`` the agent runs with nightlab's own rights (it could
+write anywhere the user can); a change outside the lab folder is never applied (the candidate
+is rejected), but it stays on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from nightlab import sandbox
+from nightlab.context import ContextOptions, build_prompt, redact, secret_values
+from nightlab.pricing import Price, cost_usd
+from nightlab.types import Candidate, Experiment, Usage
+from nightlab.workspace import _GIT_CFG, Workspace
+
+if TYPE_CHECKING:
+    from nightlab.researchers import Context
+    from nightlab.spec import Spec
+
+PRESETS: dict[str, tuple[str, list[str]]] = {
+    "claude": ('claude -p "$(cat {prompt_file})" --output-format json --permission-mode acceptEdits '
+               '--allowedTools "Read,Edit,Write,Glob,Grep"{model_arg}', ["~/.claude", "~/.claude.json"]),
+    "codex": ('codex exec --json --sandbox workspace-write --skip-git-repo-check{model_arg} '
+              '"$(cat {prompt_file})"', ["~/.codex"]),
+    "aider": ("aider --message-file {prompt_file} --yes-always --no-git --no-auto-commits --no-dirty-commits "
+              "--no-check-update --no-show-release-notes --no-analytics --no-suggest-shell-commands "
+              "--no-pretty --no-stream{model_arg} {files}",
+              ["~/.aider.chat.history.md", "~/.aider.input.history", "~/.aider"]),
+}
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    preset: Literal["claude", "codex", "aider"] | None = None
+    command: str | None = Field(None, description="a command template, instead of a preset")
+    model: str | None = None
+    timeout_s: float = Field(1800.0, gt=0)
+    sandbox: Literal["auto", "required", "none"] = "auto"
+    writable: list[str] = Field(default_factory=list, description="extra paths it may write (~ ok)")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment for the agent")
+    context_tokens: int = Field(12000, ge=500)
+    price: Price | None = Field(None, description="prices tokens the agent reports without a cost")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Options:
+        if (self.preset is None) == (self.command is None):
+            raise ValueError('set exactly one of preset = "claude" | "codex" | "aider" or command = "..."')
+        return self
+
+
+# --------------------------------------------------------------------------- transcripts
+
+
+def parse_usage(transcript: str) -> tuple[int, int, int, float | None, str]:
+    """(tokens_in, tokens_out, tokens_cached, cost or None, the agent's final message) from a transcript.
+
+    Understands Claude Code's ``--output-format json`` result, Codex's ``exec --json`` events and
+    aider's ``Tokens: 1.2k sent, 300 received. Cost: $0.01 message`` lines; zeros otherwise.
+    """
+    t_in = t_out = t_cached = 0
+    cost: float | None = None
+    final = ""
+    for line in transcript.splitlines():
+        s = line.strip()
+        if s.startswith("{") and s.endswith("}"):
+            try:
+                obj = json.loads(s)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(obj, dict):
+                continue
+            if obj.get("type") == "result" or "total_cost_usd" in obj:  # Claude Code
+                u = obj.get("usage") or {}
+                read = int(u.get("cache_read_input_tokens", 0) or 0)
+                write = int(u.get("cache_creation_input_tokens", 0) or 0)
+                t_in += int(u.get("input_tokens", 0) or 0) + read + write
+                t_out += int(u.get("output_tokens", 0) or 0)
+                t_cached += read
+                if obj.get("total_cost_usd") is not None:
+                    cost = (cost or 0.0) + float(obj["total_cost_usd"])
+                final = str(obj.get("result") or final)
+            elif obj.get("type") == "turn.completed":  # Codex
+                u = obj.get("usage") or {}
+                t_in += int(u.get("input_tokens", 0) or 0)
+                t_cached += int(u.get("cached_input_tokens", 0) or 0)
+                t_out += int(u.get("output_tokens", 0) or 0)
+            elif obj.get("type") == "item.completed":
+                item = obj.get("item") or {}
+                if item.get("type") in ("agent_message", "assistant_message") and item.get("text"):
+                    final = str(item["text"])
+            continue
+        m = re.search(r"Tokens: ([\d.]+)(k?) sent(?:, ([\d.]+)(k?) cache \w+)*, ([\d.]+)(k?) received\."
+                      r"(?: Cost: \$([\d.]+) message)?", s)
+        if m:  # aider
+            def num(v: str, k: str) -> int:
+                return int(float(v) * (1000 if k else 1))
+
+            t_in += num(m.group(1), m.group(2))
+            t_out += num(m.group(5), m.group(6))
+            if m.group(7):
+                cost = (cost or 0.0) + float(m.group(7))
+    if not final:
+        paras = [p.strip() for p in transcript.strip().split("\n\n") if p.strip()]
+        final = paras[-1] if paras else ""
+    return t_in, t_out, t_cached, cost, final[:4000]
+
+
+# --------------------------------------------------------------------------- the researcher
+
+
+class AgentResearcher:
+    name = "agent"
+
+    def __init__(self, options: Options, spec: Spec, lab_dir: Path) -> None:
+        self.o = options
+        self.spec = spec
+        self.lab_dir = Path(lab_dir).resolve()
+        self.ws = Workspace(self.lab_dir)
+        self.mode = sandbox.resolve_mode(options.sandbox)
+        if options.preset:
+            self.template, home_paths = PRESETS[options.preset]
+        else:
+            self.template, home_paths = options.command or "", []
+        self.extra_writable = [Path(os.path.expanduser(p)) for p in [*home_paths, *options.writable]]
+        self.secrets = secret_values({**os.environ, **options.env})
+
+    def command(self, prompt_file: Path, prompt: str, files: list[str]) -> str:
+        model_arg = f" --model {shlex.quote(self.o.model)}" if self.o.model else ""
+        return self.template.format(prompt_file=shlex.quote(str(prompt_file)), prompt=shlex.quote(prompt),
+                                    files=" ".join(shlex.quote(f) for f in files), model_arg=model_arg)
+
+    def policy(self, worktree: Path, prompt_file: Path) -> sandbox.SandboxPolicy:
+        hidden = [self.ws.state_dir, *(self.lab_dir / h for h in self.spec.sandbox.hide)]
+        writable = [worktree, *(p for p in self.extra_writable if p.exists())]
+        return sandbox.SandboxPolicy(mode=self.mode, network=True, writable=tuple(writable),
+                                     readonly=(prompt_file,), hidden=tuple(hidden))
+
+    def change(self, worktree: Path, parent: str) -> tuple[str, list[str]]:
+        """(diff relative to the lab folder, repo paths changed outside it), computed from outside."""
+        with tempfile.TemporaryDirectory(prefix="nightlab-index-") as tmp:
+            env = {**self.ws._env, "GIT_INDEX_FILE": str(Path(tmp) / "index")}
+            base = ["git", *_GIT_CFG, f"--git-dir={self.ws.git_dir}", f"--work-tree={worktree}"]
+
+            def git(*args: str) -> str:
+                p = subprocess.run([*base, *args], cwd=worktree, env=env, capture_output=True, text=True)
+                if p.returncode != 0:
+                    raise RuntimeError(f"git {args[0]} failed: {p.stderr.strip()[:300]}")
+                return p.stdout
+
+            git("read-tree", parent)
+            git("add", "-A", "--", ".")
+            names = [n for n in git("diff", "--cached", "--name-only", "-z", parent).split("\0") if n]
+            outside = [n for n in names if self.ws.lab_path(n) is None]
+            rel = [f"--relative={self.ws.lab_rel}"] if self.ws.lab_rel else []
+            diff = git("diff", "--cached", "--binary", "--no-color", "--no-ext-diff", "--no-renames",
+                       *rel, parent)
+        return diff, outside
+
+    def propose(self, ctx: Context) -> Candidate:
+        t0 = time.monotonic()
+        name = f"agent-{ctx.idx}"
+        prompt = build_prompt(ctx, ContextOptions(budget_tokens=self.o.context_tokens, include_files=False,
+                                                  agent=True), secrets=self.secrets)
+        wt = self.ws.add_worktree(name, ctx.parent)
+        prompt_file = self.ws.worktrees_dir / f"{name}.prompt.md"
+        log = self.ws.worktrees_dir / f"{name}.log"
+        try:
+            prompt_file.write_text(prompt.user, encoding="utf-8")
+            cmd = self.command(prompt_file, prompt.user, sorted(ctx.files))
+            env = {**os.environ, **self.o.env, "NIGHTLAB_EXPERIMENT": str(ctx.idx), "PYTHONUNBUFFERED": "1"}
+            res = sandbox.run(cmd, cwd=self.ws.lab_in(wt), env=env, policy=self.policy(wt, prompt_file),
+                              timeout_s=self.o.timeout_s, log_path=log)
+            transcript = redact(sandbox.tail(log, 100000, max_bytes=4_000_000), self.secrets)
+            t_in, t_out, t_cached, cost, final = parse_usage(transcript)
+            if cost is None:
+                cost = cost_usd(self.o.price, t_in, t_out, t_cached)
+            diff, outside = ("", []) if res.timed_out else self.change(wt, ctx.parent)
+        finally:
+            self.ws.remove_worktree(wt)
+            for p in (prompt_file, log):
+                p.unlink(missing_ok=True)
+        usage = Usage(t_in, t_out, t_cached, cost, time.monotonic() - t0)
+        meta = {"command": cmd, "exit_code": res.exit_code, "timed_out": res.timed_out,
+                "sandbox": res.sandbox, "seconds": round(res.wall_s, 3)}
+        artifacts = {"prompt.txt": prompt.text(), "transcript.txt": transcript,
+                     "agent.json": json.dumps(meta, indent=2)}
+        params: dict[str, Any] = {"exit_code": res.exit_code}
+        rationale = final.strip() or f"{self.o.preset or 'agent'} edit"
+        error = ""
+        files = None
+        if res.timed_out:
+            error = f"the agent timed out after {self.o.timeout_s:g} s"
+        elif outside:
+            # claim the escaping paths so that the guard rejects the candidate, nothing is written
+            files = {f"../{p}": "" for p in outside}
+            diff = ""
+        elif not diff.strip():
+            error = f"the agent changed nothing (exit code {res.exit_code})"
+        return Candidate(parent=ctx.parent, rationale=rationale, files=files, diff=diff or None,
+                         params=params, usage=usage, researcher=self.name, artifacts=artifacts, error=error)
+
+    def observe(self, experiment: Experiment) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def create(options: Options, spec: Spec, lab_dir: Path) -> AgentResearcher:
+    return AgentResearcher(options, spec, lab_dir)

