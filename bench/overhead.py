@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from nightlab.engine import Engine  # noqa: E402
-from nightlab.researchers.scripted import ScriptedResearcher  # noqa: E402
-from nightlab.types import Candidate  # noqa: E402
+from nightlab.engine import Engine
+from nightlab.researchers.scripted import ScriptedResearcher
+from nightlab.types import Candidate
 
 SPEC = """\
 [files]
@@ -47,7 +47,7 @@ kind = "scripted"
 
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ is fast-forwarded to the ledger's incumbent if the kill fell between the two wri
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -29,6 +30,7 @@ from typing import Any
 
 from nightlab import researchers as researchers_mod
 from nightlab import sandbox
+from nightlab.context import SECRET_ENV
 from nightlab.errors import NightlabError, SandboxError, UsageError
 from nightlab.events import EventSink, NullSink
 from nightlab.guard import Guard, diff_paths
@@ -39,8 +41,6 @@ from nightlab.researchers import Context, Researcher
 from nightlab.spec import PROGRAM_FILE, Spec, load_spec, match_files
 from nightlab.types import Candidate, Experiment, Measurement, RunResult, Session, Status, Usage
 from nightlab.workspace import ApplyError, Workspace
-
-SECRET_ENV = re.compile(r"(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_KEY)", re.I)
 
 
 class Reporter:
@@ -437,10 +437,7 @@ class Engine:
         if self.stop.graceful:
             return self.stop.graceful
         if self.stop_file.exists():
-            try:
-                self.stop_file.unlink()
-            except OSError:
-                pass
+            self.stop_file.unlink(missing_ok=True)
             return "STOP file"
         tried = [e for e in history if e.idx > 0]
         if st.max_experiments and len(tried) >= st.max_experiments:
@@ -553,10 +550,8 @@ class Engine:
             raise
         finally:
             if self.researcher is not None:
-                try:
+                with contextlib.suppress(Exception):  # closing must not mask the real outcome
                     self.researcher.close()
-                except Exception:  # closing must not mask the real outcome
-                    pass
 
     def _close(self, status: str, reason: str) -> Session:
         self.session = self.ledger.update_session(self.session.id, status=status, stop_reason=reason)

@@ -108,7 +108,7 @@ class Spec(_Section):
     files: FilesSpec
     run: RunSpec
     metric: MetricSpec
-    stop: StopSpec = Field(default_factory=StopSpec)
+    stop: StopSpec = Field(default_factory=lambda: StopSpec())
     researcher: ResearcherSpec = Field(default_factory=ResearcherSpec)
     accept: AcceptSpec = Field(default_factory=AcceptSpec)
     sandbox: SandboxSpec = Field(default_factory=SandboxSpec)

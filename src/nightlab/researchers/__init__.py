@@ -95,7 +95,7 @@ def validate_options(path: Path, rspec: ResearcherSpec) -> BaseModel:
         )
     mod = _module(rspec.kind)
     try:
-        return mod.Options.model_validate(rspec.options)  # type: ignore[no-any-return]
+        return mod.Options.model_validate(rspec.options)
     except ValidationError as e:
         from nightlab.spec import _validation_to_spec_error
 
@@ -112,4 +112,4 @@ def create(spec: Spec, lab_dir: Path, *, overrides: dict[str, Any] | None = None
     opts = dict(spec.researcher.options)
     opts.update(overrides or {})
     options = mod.Options.model_validate(opts)
-    return mod.create(options, spec, lab_dir)  # type: ignore[no-any-return]
+    return mod.create(options, spec, lab_dir)
