@@ -252,6 +252,20 @@ class Ledger:
         with self._engine.connect() as conn, conn.begin():
             yield conn
 
+    @contextmanager
+    def transaction(self, *, write: bool = False) -> Iterator[Connection]:
+        """One transaction for modules that keep their own tables in the ledger (approvals, audit).
+
+        ``write=True`` starts it as a write (``BEGIN IMMEDIATE`` on SQLite) and raises
+        :class:`LedgerError` when the database fails, as the ledger's own writes do.
+        """
+        if write:
+            with self._write() as conn:
+                yield conn
+        else:
+            with self._read() as conn:
+                yield conn
+
     def _migrate(self) -> None:
         with self._tx_write() as conn:
             if not sa.inspect(conn).has_table("schema_version"):
