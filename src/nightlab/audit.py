@@ -627,6 +627,42 @@ def verify(
     return VerifyResult(True, count, None, "", prev, log_id, signed, ", ".join(anchored))
 
 
+def verify_lab(
+    state_dir: Path, ledger: Any, *, public_key_path: Path | None = None
+) -> tuple[VerifyResult, str]:
+    """Verify ``<state_dir>/audit.jsonl`` against the ledger's head and the anchor file.
+
+    The public key is ``public_key_path`` or the ``.pub`` beside the lab's key. Returns the
+    result and a note on what could not be checked (e.g. signatures without a key).
+    """
+    path = state_dir / LOG_FILE
+    note = []
+    pub = public_key_path or state_dir / "keys" / (KEY_FILE + ".pub")
+    public_key = None
+    if public_key_path is not None or pub.exists():
+        try:
+            public_key = load_public_key(pub)
+        except AuditError as e:
+            if public_key_path is not None:
+                raise
+            note.append(f"signatures not checked: {e.message}")
+    else:
+        note.append("signatures not checked: no public key")
+    log_id = ""
+    first = next(read_records(path), None)
+    if first is not None and first.get("seq") == 1:
+        log_id = str(first.get("hash", ""))
+    held = ledger_head(ledger, log_id) if log_id else None
+    if held is None:
+        note.append("the ledger holds no record count for this log")
+    anchor = read_anchor(path)
+    if anchor is None:
+        note.append(f"no {ANCHOR_FILE} (no checkpoint yet)")
+    result = verify(path, public_key=public_key, expected_count=held[0] if held else None,
+                    expected_head=held[1] if held else None, anchor=anchor)
+    return result, "; ".join(note)
+
+
 def read_records(path: Path | str) -> Iterator[dict[str, Any]]:
     """Every parseable record of a log, in file order (no verification; see :func:`verify`)."""
     p = Path(path)
@@ -645,4 +681,5 @@ def read_records(path: Path | str) -> Iterator[dict[str, Any]]:
 __all__ = [
     "AuditError", "AuditLog", "Scrubber", "Signer", "VerifyResult", "canonical", "ledger_head",
     "load_public_key", "parse_time", "read_anchor", "read_records", "record_hash", "store_head", "verify",
+    "verify_lab",
 ]
