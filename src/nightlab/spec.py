@@ -70,11 +70,13 @@ class MetricSpec(_Section):
 
 
 class StopSpec(_Section):
-    max_experiments: int = Field(100, ge=0, description="experiments after the baseline (0: no limit)")
-    max_hours: float = Field(0.0, ge=0, description="wall time (0: no limit)")
-    patience: int = Field(0, ge=0, description="experiments without a keep (0: off)")
-    max_crashes_in_row: int = Field(5, ge=0, description="consecutive crashes/timeouts (0: off)")
-    max_policy_violations: int = Field(10, ge=0, description="candidates rejected by [permissions] (0: off)")
+    max_experiments: int = Field(default=100, ge=0,
+                                 description="experiments after the baseline (0: no limit)")
+    max_hours: float = Field(default=0.0, ge=0, description="wall time (0: no limit)")
+    patience: int = Field(default=0, ge=0, description="experiments without a keep (0: off)")
+    max_crashes_in_row: int = Field(default=5, ge=0, description="consecutive crashes/timeouts (0: off)")
+    max_policy_violations: int = Field(default=10, ge=0,
+                                       description="candidates rejected by [permissions] (0: off)")
 
 
 class ResearcherSpec(BaseModel):
@@ -111,8 +113,9 @@ class PermissionsSpec(_Section):
     See :mod:`nightlab.permissions` for how patterns are matched.
     """
 
-    max_diff_bytes: int = Field(100_000, ge=0, description="canonical diff size limit in bytes (0: none)")
-    max_new_files: int = Field(10, ge=-1, description="files a candidate may add (-1: no limit)")
+    max_diff_bytes: int = Field(default=100_000, ge=0,
+                                description="canonical diff size limit in bytes (0: none)")
+    max_new_files: int = Field(default=10, ge=-1, description="files a candidate may add (-1: no limit)")
     agent_commands_allow: list[str] = Field(
         default_factory=list, description="globs of shell commands an agent researcher may run (empty: any "
                                           "not denied)")
@@ -120,8 +123,9 @@ class PermissionsSpec(_Section):
         default_factory=lambda: list(DEFAULT_AGENT_DENY),
         description="globs of shell commands it may not run")
     researcher_network: Literal["off", "on"] | list[str] = Field(
-        "on", description='"off", "on", or a list of hosts the researcher process may reach')
-    run_network: bool = Field(False, description="network for experiment runs (bwrap: off = loopback only)")
+        default="on", description='"off", "on", or a list of hosts the researcher process may reach')
+    run_network: bool = Field(default=False,
+                              description="network for experiment runs (bwrap: off = loopback only)")
 
     def agent_command_allowed(self, command: str) -> bool:
         from nightlab.permissions import command_allowed
@@ -136,16 +140,21 @@ class PermissionsSpec(_Section):
 
 class AutonomySpec(_Section):
     level: Literal["auto", "approve-keep", "review"] = Field(
-        "auto", description="review: each candidate waits for a human before it runs; approve-keep: a keep "
-                            "waits before the branch advances; auto: nothing waits")
-    poll_s: float = Field(1.0, gt=0, description="how often a waiting session polls the ledger")
-    expire_h: float = Field(0.0, ge=0, description="no answer after this counts as a rejection (0: never)")
+        default="auto",
+        description="review: each candidate waits for a human before it runs; approve-keep: a keep waits "
+                    "before the branch advances; auto: nothing waits")
+    poll_s: float = Field(default=1.0, gt=0, description="how often a waiting session polls the ledger")
+    expire_h: float = Field(default=0.0, ge=0,
+                            description="no answer after this counts as a rejection (0: never)")
 
 
 class AuditSpec(_Section):
-    enabled: bool = Field(True, description="write .nightlab/audit.jsonl (hash-chained, fsynced per record)")
-    sign: bool = Field(False, description="sign checkpoints with ed25519 (.nightlab/keys/audit_ed25519)")
-    checkpoint_every: int = Field(100, ge=1, description="records between checkpoints (and at session stop)")
+    enabled: bool = Field(default=True,
+                          description="write .nightlab/audit.jsonl (hash-chained, fsynced per record)")
+    sign: bool = Field(default=False,
+                       description="sign checkpoints with ed25519 (.nightlab/keys/audit_ed25519)")
+    checkpoint_every: int = Field(default=100, ge=1,
+                                  description="records between checkpoints (and at session stop)")
 
 
 class LabSpec(_Section):
