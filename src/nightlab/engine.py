@@ -28,14 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nightlab import approvals, sandbox
 from nightlab import researchers as researchers_mod
-from nightlab import sandbox
+from nightlab.audit import AuditLog, Signer, store_head
 from nightlab.context import SECRET_ENV
 from nightlab.errors import NightlabError, SandboxError, UsageError
-from nightlab.events import EventSink, NullSink
+from nightlab.events import EventSink, FanOut, NullSink
 from nightlab.guard import Guard, diff_paths
 from nightlab.ledger import Ledger
 from nightlab.measure import measure
+from nightlab.permissions import rule_of
 from nightlab.policy import make_policy
 from nightlab.researchers import Context, Researcher
 from nightlab.spec import PROGRAM_FILE, Spec, load_spec, match_files
@@ -129,6 +131,7 @@ class Engine:
         max_experiments: int | None = None,
         sandbox_mode: str | None = None,
         events: EventSink | None = None,
+        autonomy: str | None = None,
     ) -> None:
         self.lab_dir = Path(lab_dir).resolve()
         self.spec = spec or load_spec(self.lab_dir)
@@ -140,7 +143,12 @@ class Engine:
         self.ws.ensure_state_dir()
         self.ledger = Ledger.for_lab(self.lab_dir, db_url)
         self.reporter = reporter or Reporter()
-        self.events: EventSink = events or NullSink()
+        self.autonomy = autonomy or self.spec.autonomy.level
+        if self.autonomy not in ("auto", "approve-keep", "review"):
+            raise UsageError(f"unknown autonomy level {self.autonomy!r}", "use auto, approve-keep or review")
+        self.audit = self._open_audit()
+        sinks = [s for s in (self.audit, events) if s is not None]
+        self.events: EventSink = sinks[0] if len(sinks) == 1 else FanOut(*sinks) if sinks else NullSink()
         self.guard = Guard(self.spec, self.ws)
         self.policy = make_policy(self.spec.accept)
         self.stop = StopState()
@@ -154,6 +162,15 @@ class Engine:
         self.resumed = resume
         self.protected_hashes = self.guard.hash_protected(self.session.base_commit)
         self._started = time.monotonic()
+
+    def _open_audit(self) -> AuditLog | None:
+        """The lab's audit log (``[audit]``), anchored in the ledger after every record."""
+        if not self.spec.audit.enabled:
+            return None
+        signer = Signer.load_or_create(self.ws.state_dir / "keys") if self.spec.audit.sign else None
+        ledger = self.ledger
+        return AuditLog(self.ws.state_dir / "audit.jsonl", checkpoint_every=self.spec.audit.checkpoint_every,
+                        signer=signer, anchor=lambda log_id, n, head: store_head(ledger, log_id, n, head))
 
     # ------------------------------------------------------------------ session
 
@@ -199,6 +216,9 @@ class Engine:
                 reason="orphaned: the harness stopped without finishing it" + (" (run killed)" if killed else ""),
                 finished_at=time.time(),
             ))
+        stale = approvals.cancel_stale(self.ledger, self.session.id, "the session stopped while it waited")
+        if stale:
+            self.events.emit("recover", approvals_cancelled=stale)
         removed = self.ws.remove_stale_worktrees(f"{self.session.tag}-")
         if removed:
             self.reporter.message(f"removed {len(removed)} stale worktree(s)")
@@ -245,7 +265,7 @@ class Engine:
         if self.data_dir.exists():
             readonly.append(self.data_dir)
         return sandbox.SandboxPolicy(
-            mode=self.sandbox_mode, network=self.spec.sandbox.network, writable=(worktree,),
+            mode=self.sandbox_mode, network=self.spec.permissions.run_network, writable=(worktree,),
             readonly=tuple(readonly), hidden=tuple(dict.fromkeys(hidden)), memory_mb=self.spec.run.memory_mb,
         )
 
@@ -340,7 +360,7 @@ class Engine:
             problem = self.guard.check_paths(claimed)
             self.events.emit("guard", experiment=idx, stage="paths", ok=problem is None, reason=problem or "")
             if problem:
-                return self._finish(exp_id, Status.REJECTED, t0, reason=f"guard: {problem}")
+                return self._violation(exp_id, idx, t0, problem)
         wt = self.ws.add_worktree(name, parent)
         try:
             commit, canonical = parent, ""
@@ -358,22 +378,34 @@ class Engine:
                 self.events.emit("guard", experiment=idx, stage="changes", ok=problem is None, reason=problem or "",
                                  changed=[c.path for c in changes])
                 if problem:
-                    return self._finish(exp_id, Status.REJECTED, t0, reason=f"guard: {problem}")
+                    return self._violation(exp_id, idx, t0, problem)
                 if not changes:
                     return self._finish(exp_id, Status.INVALID, t0, reason="the candidate changes nothing")
                 msg = f"nightlab {self.session.tag} #{idx}: {desc}\n\n{candidate.rationale}".strip()
                 commit, canonical = self.ws.commit_staged(wt, msg)
-                self.ledger.update_experiment(exp_id, commit=commit, diff=canonical)
+                problem = self.guard.check_size(changes, canonical)
+                stored = self._stored_diff(canonical, problem)
+                self.ledger.update_experiment(exp_id, commit=commit, diff=stored)
                 self.ws.keep_ref(self.session.tag, idx, commit)
                 self.events.emit("git.commit", experiment=idx, commit=commit, parent=parent,
-                                 diff_sha256=_sha(canonical))
+                                 diff_sha256=_sha(canonical), diff_bytes=len(canonical.encode()))
+                self.events.emit("guard", experiment=idx, stage="size", ok=problem is None,
+                                 reason=problem or "")
+                if problem:
+                    return self._violation(exp_id, idx, t0, problem)
             lab_root = self.ws.lab_in(wt)
             # 3. protected files must be exactly what the session started with
             problem = Guard.verify_protected(lab_root, self.protected_hashes)
             self.events.emit("guard", experiment=idx, stage="protected", ok=problem is None, reason=problem or "",
                              files=len(self.protected_hashes))
             if problem:
-                return self._finish(exp_id, Status.REJECTED, t0, reason=f"protected: {problem}")
+                return self._violation(exp_id, idx, t0, problem)
+            if candidate is not None and self.autonomy == "review":
+                answer, why = self._await_human(idx, "run", canonical, candidate.rationale)
+                if answer == "rejected":
+                    return self._finish(exp_id, Status.REJECTED, t0, reason=f"human: {why or 'rejected'}")
+                if answer != "approved":
+                    return self._finish(exp_id, Status.INTERRUPTED, t0, reason=f"interrupted: {why}")
             # 4. run
             log_path = self.artifacts_dir / str(exp_id) / "run.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -417,6 +449,17 @@ class Engine:
             if not verdict.keep:
                 return self._finish(exp_id, Status.DISCARD, t0, res, m, reason=verdict.reason,
                                     evidence=verdict.evidence)
+            if self.autonomy == "approve-keep":
+                inc = self.session.incumbent_metric
+                answer, why = self._await_human(idx, "keep", canonical, (
+                    f"{candidate.rationale}\n\n{self.spec.metric.name} = {m.metric:.6g} (incumbent "
+                    f"{'—' if inc is None else f'{inc:.6g}'}): {verdict.reason}"))
+                if answer == "rejected":
+                    return self._finish(exp_id, Status.DISCARD, t0, res, m, evidence=verdict.evidence,
+                                        reason=f"human rejected the keep: {why or 'no reason given'}")
+                if answer != "approved":
+                    return self._finish(exp_id, Status.INTERRUPTED, t0, res, m, evidence=verdict.evidence,
+                                        reason=f"interrupted: {why}")
             # 6. keep: ledger first, then the branch (recover() repairs a kill in between)
             old = self.session.incumbent_commit
             exp = self._finish(exp_id, Status.KEEP, t0, res, m, reason=verdict.reason,
@@ -427,6 +470,64 @@ class Engine:
         finally:
             self.ws.remove_worktree(wt)
             self.session = self.ledger.get_session(self.session.tag) or self.session
+
+    # ------------------------------------------------------------------ permissions and autonomy
+
+    def _violation(self, exp_id: int, idx: int, t0: float, problem: str) -> Experiment:
+        """Reject a candidate that broke a rule: ``rejected`` with reason ``policy: <rule> (<detail>)``."""
+        reason = f"policy: {problem}"
+        self.events.emit("policy.violation", experiment=idx, rule=rule_of(reason), detail=problem)
+        return self._finish(exp_id, Status.REJECTED, t0, reason=reason)
+
+    def _stored_diff(self, diff: str, problem: str | None) -> str:
+        """The diff as the ledger keeps it: cut at ``max_diff_bytes`` when it broke that rule."""
+        limit = self.spec.permissions.max_diff_bytes
+        if problem is None or not limit or len(diff.encode()) <= limit:
+            return diff
+        cut = diff.encode()[:limit].decode("utf-8", "ignore")
+        return cut + f"\n[nightlab: diff cut at {limit} of {len(diff.encode())} bytes]\n"
+
+    def _stop_requested(self) -> str:
+        if self.stop.cancel.is_set():
+            return self.stop.cancel_reason or "interrupted"
+        if self.stop.graceful:
+            return self.stop.graceful
+        return "STOP file" if self.stop_file.exists() else ""
+
+    def _await_human(self, idx: int, kind: str, diff: str, rationale: str) -> tuple[str, str]:
+        """Queue an approval and wait for its answer: ``(approved|rejected|stopped, why)``.
+
+        Polls the ledger every ``[autonomy] poll_s``; a stop request (SIGINT, SIGTERM, the
+        STOP file) ends the wait and cancels the request; ``expire_h`` rejects it.
+        """
+        aid = approvals.request(self.ledger, self.session.id, idx, kind, diff, rationale)
+        self.events.emit("approval.request", experiment=idx, approval=aid, approval_kind=kind, autonomy=self.autonomy,
+                         diff_sha256=_sha(diff), rationale_sha256=_sha(rationale))
+        what = "it runs" if kind == "run" else "the branch advances to it"
+        self.reporter.message(f"#{idx} waits for a human before {what}: nightlab approve {idx}  or  "
+                              f"nightlab reject {idx} --why '...'  (nightlab pending shows the diff)")
+        t = time.monotonic()
+        expire = self.spec.autonomy.expire_h * 3600 or None
+        row = approvals.wait(self.ledger, aid, poll_s=self.spec.autonomy.poll_s, cancel=self.stop.cancel,
+                             stop=lambda: bool(self._stop_requested()), timeout_s=expire)
+        if row["status"] == "pending":
+            stop = self._stop_requested()
+            if stop:
+                row = approvals.cancel(self.ledger, aid, f"the session stopped while waiting ({stop})") or \
+                    approvals.get(self.ledger, aid) or row
+            else:
+                try:
+                    why = f"no answer within {self.spec.autonomy.expire_h:g} h"
+                    row = approvals.answer(self.ledger, aid, False, why, "nightlab (expire_h)")
+                except UsageError:  # answered in the meantime
+                    row = approvals.get(self.ledger, aid) or row
+        self.events.emit("approval.answer", experiment=idx, approval=aid, approval_kind=kind, status=row["status"],
+                         who=row["who"], why=row["why"], answered_at=row["answered_at"],
+                         waited_s=round(time.monotonic() - t, 3))
+        status = str(row["status"])
+        if status == "cancelled":
+            return "stopped", f"stopped while awaiting approval ({self._stop_requested() or 'stop'})"
+        return status, str(row["why"] or "")
 
     # ------------------------------------------------------------------ stop rules
 
@@ -458,6 +559,10 @@ class Engine:
                 since += 1
             if since >= st.patience:
                 return f"patience: {since} experiments without a keep"
+        if st.max_policy_violations:
+            n = sum(1 for e in tried if e.status is Status.REJECTED and e.reason.startswith("policy: "))
+            if n >= st.max_policy_violations:
+                return f"max_policy_violations: {n} candidates broke [permissions]"
         if st.max_crashes_in_row:
             row = 0
             for e in reversed(tried):
@@ -479,7 +584,8 @@ class Engine:
             self.events.emit("session.resume" if self.resumed else "session.start", tag=self.session.tag,
                              branch=self.session.branch, base_commit=self.session.base_commit,
                              spec_sha256=self.session.spec_hash, sandbox=self.sandbox_mode,
-                             researcher=self.session.researcher)
+                             researcher=self.session.researcher, autonomy=self.autonomy,
+                             permissions=self.spec.permissions.model_dump(mode="json"))
             if self.sandbox_mode == "none":
                 self.reporter.message("WARNING: bubblewrap (bwrap) not found: runs are NOT sandboxed "
                                       "(no network or filesystem isolation). Install it: apt-get install bubblewrap")
@@ -561,6 +667,8 @@ class Engine:
         return self.session
 
     def close(self) -> None:
+        if self.audit is not None:
+            self.audit.close()
         self.ledger.close()
 
 

@@ -7,7 +7,9 @@ must not raise for ordinary input, and must be fast: it runs on the loop's threa
 
 Kinds emitted: ``session.start``, ``session.resume``, ``session.stop``, ``setup.run``,
 ``researcher.request``, ``researcher.response``, ``candidate``, ``guard``, ``sandbox.start``,
-``sandbox.exit``, ``measurement``, ``decision``, ``git.commit``, ``git.advance``, ``recover``.
+``sandbox.exit``, ``measurement``, ``decision``, ``git.commit``, ``git.advance``, ``recover``,
+``policy.violation`` (rule, detail), ``approval.request`` and ``approval.answer`` (``[autonomy]``).
+The audit log adds its own ``audit.init``, ``checkpoint`` and ``recover`` records.
 """
 
 from __future__ import annotations

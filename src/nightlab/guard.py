@@ -1,11 +1,15 @@
 """The guard: what a candidate may touch, checked before anything reaches disk and again after.
 
-Two checks, both returning a reason string (or ``None`` when the candidate passes):
+Three checks, each returning a problem ``"<rule> (<detail>)"`` (or ``None`` when the candidate
+passes); the engine records a problem as ``rejected`` with reason ``policy: <rule> (<detail>)``
+(rules: see :mod:`nightlab.permissions`):
 
 - :meth:`Guard.check_paths` on the paths a candidate *claims* to touch (its ``files`` keys
   or the headers of its diff), before a byte is written;
 - :meth:`Guard.check_changes` on what git reports the worktree *actually* changed, after
-  the edit is applied and staged (catches symlinks, mode changes and anything a diff hid).
+  the edit is applied and staged (catches symlinks, mode changes and anything a diff hid);
+- :meth:`Guard.check_size` on the canonical diff git computed: ``[permissions]
+  max_diff_bytes`` and ``max_new_files``.
 
 Protected files (the spec's ``protected`` globs plus ``nightlab.toml`` and ``program.md``)
 are hashed at session start and verified in every worktree before every run.
@@ -18,6 +22,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
+from nightlab.permissions import diff_violation, violation
 from nightlab.spec import PROGRAM_FILE, SPEC_FILE, Spec, matches
 from nightlab.workspace import Change, Workspace
 
@@ -66,32 +71,40 @@ class Guard:
     def __init__(self, spec: Spec, workspace: Workspace) -> None:
         self.editable = list(spec.files.editable)
         self.protected = list(spec.files.protected) + IMPLICITLY_PROTECTED
+        self.permissions = spec.permissions
         self.ws = workspace
 
     def check_paths(self, paths: Iterable[str]) -> str | None:
         for path in paths:
             problem = path_problem(path)
             if problem:
-                return problem
+                return violation("path", problem)
             if matches(path, self.protected):
-                return f"{path}: protected file"
+                return violation("protected", f"{path} is a protected file")
             if not matches(path, self.editable):
-                return f"{path}: outside the editable files ({', '.join(self.editable)})"
+                allowed = ", ".join(self.editable)
+                return violation("editable", f"{path} is outside the editable files ({allowed})")
         return None
 
     def check_changes(self, changes: Iterable[Change]) -> str | None:
         for ch in changes:
             lab_path = self.ws.lab_path(ch.path)
             if lab_path is None:
-                return f"{ch.path}: outside the lab folder"
+                return violation("path", f"{ch.path}: outside the lab folder")
             if ch.new_mode == "120000":
-                return f"{lab_path}: symlinks are not allowed"
+                return violation("file_type", f"{lab_path}: symlinks are not allowed")
             if ch.new_mode == "160000":
-                return f"{lab_path}: submodules are not allowed"
+                return violation("file_type", f"{lab_path}: submodules are not allowed")
             problem = self.check_paths([lab_path])
             if problem:
                 return problem
         return None
+
+    def check_size(self, changes: Iterable[Change], diff: str) -> str | None:
+        """``max_diff_bytes`` on the canonical diff and ``max_new_files`` on the added paths."""
+        added = [self.ws.lab_path(c.path) or c.path for c in changes if c.status == "A"]
+        return diff_violation(diff, added, max_diff_bytes=self.permissions.max_diff_bytes,
+                              max_new_files=self.permissions.max_new_files)
 
     # ------------------------------------------------------------------ protected hashes
 
@@ -108,7 +121,7 @@ class Guard:
         for path, digest in hashes.items():
             f = lab_root / path
             if f.is_symlink() or not f.is_file():
-                return f"{path}: protected file missing or replaced"
+                return violation("protected", f"{path}: protected file missing or replaced")
             if hashlib.sha256(f.read_bytes()).hexdigest() != digest:
-                return f"{path}: protected file changed"
+                return violation("protected", f"{path}: protected file changed")
         return None

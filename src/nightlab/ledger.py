@@ -261,6 +261,20 @@ class Ledger:
         version = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar_one()
         return int(version or 0)
 
+    @contextmanager
+    def transaction(self, *, write: bool = False) -> Iterator[Connection]:
+        """One transaction for modules that keep their own tables in the ledger (approvals, audit).
+
+        ``write=True`` starts it as a write (``BEGIN IMMEDIATE`` on SQLite) and raises
+        :class:`LedgerError` when the database fails, as the ledger's own writes do.
+        """
+        if write:
+            with self._write() as conn:
+                yield conn
+        else:
+            with self._read() as conn:
+                yield conn
+
     def _migrate(self) -> None:
         """Bring the schema to :data:`SCHEMA_VERSION`, one transaction per migration.
 

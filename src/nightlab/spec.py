@@ -70,12 +70,15 @@ class MetricSpec(_Section):
 
 
 class StopSpec(_Section):
-    max_experiments: int = Field(100, ge=0, description="experiments after the baseline (0: no limit)")
-    max_hours: float = Field(0.0, ge=0, description="wall time (0: no limit)")
-    patience: int = Field(0, ge=0, description="experiments without a keep (0: off)")
-    max_crashes_in_row: int = Field(5, ge=0, description="consecutive crashes/timeouts (0: off)")
-    max_cost_usd: float = Field(0.0, ge=0, description="researcher USD spend, from its price table (0: off)")
-    max_tokens: int = Field(0, ge=0, description="researcher tokens in + out (0: no limit)")
+    max_experiments: int = Field(default=100, ge=0,
+                                 description="experiments after the baseline (0: no limit)")
+    max_hours: float = Field(default=0.0, ge=0, description="wall time (0: no limit)")
+    patience: int = Field(default=0, ge=0, description="experiments without a keep (0: off)")
+    max_crashes_in_row: int = Field(default=5, ge=0, description="consecutive crashes/timeouts (0: off)")
+    max_policy_violations: int = Field(default=10, ge=0,
+                                       description="candidates rejected by [permissions] (0: off)")
+    max_cost_usd: float = Field(default=0.0, ge=0, description="researcher USD spend, from its price table (0: off)")
+    max_tokens: int = Field(default=0, ge=0, description="researcher tokens in + out (0: no limit)")
 
 
 class ResearcherSpec(BaseModel):
@@ -99,6 +102,63 @@ class SandboxSpec(_Section):
     hide: list[str] = Field(default_factory=list, description="extra lab paths hidden from runs")
 
 
+DEFAULT_AGENT_DENY = (
+    "sudo *", "su", "su *", "git push*", "git remote*", "git config*", "ssh *", "scp *", "curl *", "wget *",
+    "nc *", "rm -rf /*", "rm -rf ~*", "chmod -R *", "crontab*", "systemctl*", "docker *", "pip install*",
+    "*.git/hooks*", "*.nightlab/*", "*.nightlab",
+)
+
+
+class PermissionsSpec(_Section):
+    """What the researcher may do. ``editable``/``protected`` files live in ``[files]``.
+
+    See :mod:`nightlab.permissions` for how patterns are matched.
+    """
+
+    max_diff_bytes: int = Field(default=100_000, ge=0,
+                                description="canonical diff size limit in bytes (0: none)")
+    max_new_files: int = Field(default=10, ge=-1, description="files a candidate may add (-1: no limit)")
+    agent_commands_allow: list[str] = Field(
+        default_factory=list, description="globs of shell commands an agent researcher may run (empty: any "
+                                          "not denied)")
+    agent_commands_deny: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_AGENT_DENY),
+        description="globs of shell commands it may not run")
+    researcher_network: Literal["off", "on"] | list[str] = Field(
+        default="on", description='"off", "on", or a list of hosts the researcher process may reach')
+    run_network: bool = Field(default=False,
+                              description="network for experiment runs (bwrap: off = loopback only)")
+
+    def agent_command_allowed(self, command: str) -> bool:
+        from nightlab.permissions import command_allowed
+
+        return command_allowed(command, self.agent_commands_allow, self.agent_commands_deny)
+
+    def researcher_host_allowed(self, host: str) -> bool:
+        from nightlab.permissions import host_allowed
+
+        return host_allowed(host, self.researcher_network)
+
+
+class AutonomySpec(_Section):
+    level: Literal["auto", "approve-keep", "review"] = Field(
+        default="auto",
+        description="review: each candidate waits for a human before it runs; approve-keep: a keep waits "
+                    "before the branch advances; auto: nothing waits")
+    poll_s: float = Field(default=1.0, gt=0, description="how often a waiting session polls the ledger")
+    expire_h: float = Field(default=0.0, ge=0,
+                            description="no answer after this counts as a rejection (0: never)")
+
+
+class AuditSpec(_Section):
+    enabled: bool = Field(default=True,
+                          description="write .nightlab/audit.jsonl (hash-chained, fsynced per record)")
+    sign: bool = Field(default=False,
+                       description="sign checkpoints with ed25519 (.nightlab/keys/audit_ed25519)")
+    checkpoint_every: int = Field(default=100, ge=1,
+                                  description="records between checkpoints (and at session stop)")
+
+
 class LabSpec(_Section):
     name: str = ""
 
@@ -112,6 +172,33 @@ class Spec(_Section):
     researcher: ResearcherSpec = Field(default_factory=ResearcherSpec)
     accept: AcceptSpec = Field(default_factory=AcceptSpec)
     sandbox: SandboxSpec = Field(default_factory=SandboxSpec)
+    permissions: PermissionsSpec = Field(default_factory=PermissionsSpec)
+    autonomy: AutonomySpec = Field(default_factory=AutonomySpec)
+    audit: AuditSpec = Field(default_factory=AuditSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_network_setting(cls, data: Any) -> Any:
+        """``[permissions] run_network`` is the setting; ``[sandbox] network`` is its old alias.
+
+        Both end up equal, so code reading either sees the same value; giving both, different, is an error.
+        """
+        if not isinstance(data, dict):
+            return data
+        sb = data.get("sandbox")
+        perms = data.get("permissions")
+        sb = dict(sb) if isinstance(sb, dict) else ({} if sb is None else sb)
+        perms = dict(perms) if isinstance(perms, dict) else ({} if perms is None else perms)
+        if not isinstance(sb, dict) or not isinstance(perms, dict):
+            return data
+        if "network" in sb and "run_network" in perms and sb["network"] != perms["run_network"]:
+            raise ValueError("[sandbox] network and [permissions] run_network disagree; "
+                             "keep only [permissions] run_network")
+        value = perms.get("run_network", sb.get("network"))
+        if value is None:
+            return data
+        sb["network"], perms["run_network"] = value, value
+        return {**data, "sandbox": sb, "permissions": perms}
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()

@@ -46,17 +46,21 @@ def _summary(session: Session, lab: Path) -> None:
               help="Override [stop] max_experiments.")
 @click.option("--sandbox", type=click.Choice(["auto", "required", "none"]), default=None,
               help="Override [sandbox] mode.")
+@click.option("--autonomy", type=click.Choice(["auto", "approve-keep", "review"]), default=None,
+              help="Override [autonomy] level: review (each candidate waits for a human before it runs), "
+                   "approve-keep (a keep waits before the branch advances), auto (nothing waits).")
 @click.option("--plain", is_flag=True, help="Plain log lines instead of the live view.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the final summary.")
 def run(lab: Path, tag: str | None, resume: bool, db: str | None, max_experiments: int | None,
-        sandbox: str | None, plain: bool, quiet: bool) -> None:
+        sandbox: str | None, autonomy: str | None, plain: bool, quiet: bool) -> None:
     """Run (or resume) a research session until a stop rule fires.
 
     Ctrl-C kills the experiment in flight, records it as interrupted and stops;
     SIGTERM or a file .nightlab/STOP stops after the experiment in flight.
+    In review or approve-keep mode the session waits for `nightlab approve N` / `nightlab reject N`.
     """
     engine = Engine(lab, tag=tag, resume=resume, db_url=db, reporter=make_reporter(quiet, plain or None),
-                    max_experiments=max_experiments, sandbox_mode=sandbox)
+                    max_experiments=max_experiments, sandbox_mode=sandbox, autonomy=autonomy)
     session = _run_engine(engine)
     _summary(session, lab)
     if session.stop_reason.startswith("interrupted"):
