@@ -70,7 +70,7 @@ def test_a_worse_agent_edit_is_discarded(make_lab, tmp_path):
 @pytest.mark.parametrize("mode", MODES)
 def test_an_agent_that_edits_a_protected_file_is_rejected(make_lab, tmp_path, mode):
     eng, lab, exps = run_agent(make_lab, tmp_path, "evaluate.py protected gamed", mode)
-    assert exps[1].status is Status.REJECTED and "evaluate.py: protected file" in exps[1].reason
+    assert exps[1].status is Status.REJECTED and exps[1].reason == "policy: protected (evaluate.py is a protected file)"
     assert (lab / "evaluate.py").read_text() == "print('protected')\n"
     eng.close()
 
