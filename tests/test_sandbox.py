@@ -414,3 +414,26 @@ def test_tail(tmp_path: Path) -> None:
     assert t.splitlines()[2].endswith("bin") and "\x00" not in t
     assert len(sandbox.tail(log, lines=10_000, max_bytes=100).encode()) <= 110
     assert sandbox.tail(log, lines=10_000, max_bytes=100).splitlines()[0].startswith("line ")
+
+
+@needs_bwrap
+def test_a_toolchain_under_tmp_stays_visible(tmp_path: Path) -> None:
+    """A venv under /tmp (a CI checkout, say) must survive the sandbox's private /tmp."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    tool = venv / "bin" / "nightlab-hello"
+    tool.write_text("#!/bin/sh\necho hello-from-tmp\n")
+    tool.chmod(0o755)
+    wt = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    try:
+        env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin"}
+        r = sandbox.run("nightlab-hello", cwd=wt, env=env, policy=SandboxPolicy(mode="bwrap", writable=(wt,)),
+                        timeout_s=10, log_path=wt / "log")
+        assert r.exit_code == 0 and "hello-from-tmp" in (wt / "log").read_text()
+        # only the toolchain comes back: the rest of the host's /tmp stays private
+        (tmp_path / "secret.txt").write_text("s")
+        r = sandbox.run(f"cat {tmp_path / 'secret.txt'}", cwd=wt, env=env,
+                        policy=SandboxPolicy(mode="bwrap", writable=(wt,)), timeout_s=10, log_path=wt / "log2")
+        assert r.exit_code != 0
+    finally:
+        shutil.rmtree(wt, ignore_errors=True)

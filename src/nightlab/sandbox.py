@@ -63,6 +63,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -148,9 +149,34 @@ def resolve_mode(requested: str) -> str:
 # --------------------------------------------------------------------------- bwrap arguments
 
 
-def _mounts(policy: SandboxPolicy) -> list[str]:
+_PRIVATE_ROOTS = (Path("/tmp"), Path("/dev/shm"))
+
+
+def toolchain_paths(env: dict[str, str]) -> list[Path]:
+    """Interpreter and PATH folders that live under ``/tmp`` or ``/dev/shm``.
+
+    The sandbox replaces those with private tmpfs mounts; a virtualenv created there (a CI
+    checkout under /tmp, say) would vanish and ``python`` would not be found. These folders are
+    bound back read-only. A PATH entry ending in ``bin`` brings its parent (the venv root).
+    """
+    cands = [Path(sys.prefix), Path(sys.base_prefix), Path(os.path.dirname(os.path.realpath(sys.executable)))]
+    for entry in env.get("PATH", "").split(os.pathsep):
+        if entry:
+            p = Path(entry)
+            cands.append(p.parent if p.name == "bin" else p)
+    out: list[Path] = []
+    for c in cands:
+        real = Path(os.path.realpath(c))
+        if real.is_dir() and any(root in real.parents for root in _PRIVATE_ROOTS) and real not in out:
+            out.append(real)
+    return out
+
+
+def _mounts(policy: SandboxPolicy, extra_readonly: list[Path] | None = None) -> list[str]:
     """The hidden/writable/readonly mounts, deeper paths last; same path: readonly wins."""
     entries: list[tuple[int, int, str, list[str]]] = []
+    for path in extra_readonly or []:
+        entries.append((len(path.parts), 2, str(path), ["--ro-bind", str(path), str(path)]))
     for p in policy.hidden:
         path = Path(os.path.realpath(p))
         if path.is_dir():
@@ -176,7 +202,7 @@ def _gpu_devices() -> list[str]:
     return args
 
 
-def _bwrap_args(policy: SandboxPolicy, cwd: Path) -> list[str]:
+def _bwrap_args(policy: SandboxPolicy, cwd: Path, env: dict[str, str] | None = None) -> list[str]:
     """bwrap flags (without the bwrap binary and the command)."""
     args = [
         "--ro-bind", "/", "/",
@@ -190,12 +216,12 @@ def _bwrap_args(policy: SandboxPolicy, cwd: Path) -> list[str]:
     if not policy.network:
         args.append("--unshare-net")
     args += ["--die-with-parent", "--new-session", "--cap-drop", "ALL"]
-    args += _mounts(policy)
+    args += _mounts(policy, toolchain_paths(env or {}))
     args += ["--chdir", str(cwd)]
     return args
 
 
-def _argv(command: str, cwd: Path, policy: SandboxPolicy) -> list[str]:
+def _argv(command: str, cwd: Path, policy: SandboxPolicy, env: dict[str, str] | None = None) -> list[str]:
     if policy.memory_mb > 0:
         # A wrapper shell sets RLIMIT_AS (soft and hard) then execs the real one: no preexec_fn,
         # so spawning stays safe in a threaded harness. 125: the limit could not be set.
@@ -210,7 +236,7 @@ def _argv(command: str, cwd: Path, policy: SandboxPolicy) -> list[str]:
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         raise SandboxError("bubblewrap (bwrap) is not on PATH", fix="install bubblewrap")
-    return [bwrap, *_bwrap_args(policy, cwd), "--", *sh]
+    return [bwrap, *_bwrap_args(policy, cwd, env), "--", *sh]
 
 
 # --------------------------------------------------------------------------- process tree
@@ -357,7 +383,7 @@ def run(
     ``timed_out=True`` at the timeout, or with ``interrupted=True`` when ``cancel`` was set.
     """
     cwd = Path(cwd)
-    argv = _argv(command, cwd, policy)
+    argv = _argv(command, cwd, policy, env)
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
