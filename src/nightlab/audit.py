@@ -23,7 +23,8 @@ Contracts:
   ``checkpoint_every`` records (and at session stop) a ``checkpoint`` record names the count
   and head hash before it, signed with ed25519 when signing is on; the latest checkpoint is
   also written beside the log (``audit.anchor.json``), and the ledger stores the record count
-  and head after every record (:func:`store_head`). :func:`verify` checks all three.
+  and head after every record of the kinds it is told to anchor (:func:`store_head`; the engine
+  anchors every decision, approval and session event, so at most one experiment's records trail it). :func:`verify` checks all three.
 * **Secrets.** String values under secret-looking keys, values of secret-looking environment
   variables, token-shaped strings and the values of any ``env`` mapping are replaced by
   ``[redacted…]`` before a record is built.
@@ -328,12 +329,14 @@ class AuditLog:
         checkpoint_every: int = 100,
         signer: Signer | None = None,
         anchor: Callable[[str, int, str], None] | None = None,
+        anchor_kinds: frozenset[str] | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self.path = Path(path)
         self.checkpoint_every = checkpoint_every
         self.signer = signer
         self.anchor = anchor
+        self.anchor_kinds = anchor_kinds
         self.scrub = Scrubber(environ)
         self.session = ""
         self.count = 0
@@ -459,7 +462,7 @@ class AuditLog:
         if rec["seq"] == 1:
             self.log_id = rec["hash"]
         self._since_checkpoint += 1
-        if self.anchor is not None:
+        if self.anchor is not None and (self.anchor_kinds is None or kind in self.anchor_kinds):
             self.anchor(self.log_id, self.count, self.head)
         return rec
 

@@ -91,6 +91,11 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+# Audit records after which the ledger stores the log's count and head (each costs a ledger write).
+ANCHOR_KINDS = frozenset({"decision", "session.start", "session.resume", "session.stop", "approval.request",
+                          "approval.answer", "recover", "policy.violation", "checkpoint"})
+
+
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
@@ -164,13 +169,14 @@ class Engine:
         self._started = time.monotonic()
 
     def _open_audit(self) -> AuditLog | None:
-        """The lab's audit log (``[audit]``), anchored in the ledger after every record."""
+        """The lab's audit log (``[audit]``), anchored in the ledger after every decision and session event."""
         if not self.spec.audit.enabled:
             return None
         signer = Signer.load_or_create(self.ws.state_dir / "keys") if self.spec.audit.sign else None
         ledger = self.ledger
         return AuditLog(self.ws.state_dir / "audit.jsonl", checkpoint_every=self.spec.audit.checkpoint_every,
-                        signer=signer, anchor=lambda log_id, n, head: store_head(ledger, log_id, n, head))
+                        signer=signer, anchor=lambda log_id, n, head: store_head(ledger, log_id, n, head),
+                        anchor_kinds=ANCHOR_KINDS)
 
     # ------------------------------------------------------------------ session
 
