@@ -341,7 +341,7 @@ class Verifier:
             if not s.measurement.valid:
                 why = s.measurement.error or s.status.value
                 raise NightlabError(f"calibration run {j} (seed {seed}) failed: {why}",
-                                    "make the baseline run reliably by hand (logs: .nightlab/artifacts/calibrate)")
+                                    "make the baseline run reliably; logs: .nightlab/artifacts/calibrate")
             samples.append(float(s.measurement.metric))  # type: ignore[arg-type]
             seeds.append(seed)
         rec = {**noise_of(samples), "seeds": seeds, "commit": commit, "metric": e.spec.metric.name,
