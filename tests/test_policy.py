@@ -163,4 +163,7 @@ def test_make_policy_from_the_spec():
     assert isinstance(make_policy(AcceptSpec(policy="threshold", z=3.0)), Threshold)
     p = make_policy(AcceptSpec(policy="repeat", repeats=5, screen="threshold", test="bootstrap", alpha=0.01))
     assert isinstance(p, Repeat) and p.r == 5 and isinstance(p.screen, Threshold) and p.alpha == 0.01
+    d = make_policy(AcceptSpec(policy="repeat"))  # the defaults the benchmark measured
+    assert isinstance(d, Repeat) and (d.r, d.alpha, d.test) == (5, 0.02, "welch")
+    assert isinstance(d.screen, Threshold) and d.screen.z == 1.0
     assert p.needs_noise and not Greedy.needs_noise

@@ -219,7 +219,8 @@ def _offset_that_looks_better() -> int:
 
 @pytest.mark.parametrize("policy", ["greedy", "repeat"])
 def test_greedy_keeps_a_no_effect_change_that_repeat_discards(make_lab, policy):
-    spec = SPEC.replace("[metric]", f'[accept]\npolicy = "{policy}"\nrepeats = 4\ncalibrate = 5\n\n[metric]')
+    spec = SPEC.replace("[metric]", f'[accept]\npolicy = "{policy}"\nrepeats = 4\ncalibrate = 5\n'
+                                  'screen = "greedy"\nalpha = 0.05\n\n[metric]')
     lab = make_lab(files={"target.py": NOISY_PY}, spec=spec)
     offset = _offset_that_looks_better()
     step = {"rationale": "new seed", "replace": {"target.py": ["OFFSET = 0", f"OFFSET = {offset}"]}}

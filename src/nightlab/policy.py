@@ -222,7 +222,9 @@ def make_policy(spec: AcceptSpec) -> AcceptancePolicy:
     if spec.policy == "threshold":
         return threshold
     if spec.policy == "repeat":
-        screen: AcceptancePolicy = threshold if spec.screen == "threshold" else Greedy()
+        screen: AcceptancePolicy = Greedy()
+        if spec.screen == "threshold":
+            screen = Threshold(min_delta=spec.min_delta, z=spec.screen_z)
         return Repeat(screen=screen, r=spec.repeats, test=spec.test, alpha=spec.alpha,
                       min_delta=spec.min_delta)
     raise SpecError(f"[accept] policy = {spec.policy!r} is not known",

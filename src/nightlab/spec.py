@@ -95,11 +95,12 @@ class AcceptSpec(_Section):
         "repeat: promising candidates are re-run and kept only if a test says the improvement holds")
     min_delta: float = Field(0.0, ge=0, description="smallest improvement worth keeping, in metric units")
     z: float = Field(2.0, ge=0, description="threshold: sigmas of run-to-run noise an improvement must clear")
-    repeats: int = Field(3, ge=2, le=499, description="repeat: fresh re-runs of a promising candidate")
-    screen: Literal["greedy", "threshold"] = Field("greedy", description="repeat: what makes a candidate "
+    repeats: int = Field(5, ge=2, le=499, description="repeat: fresh re-runs of a promising candidate")
+    screen: Literal["greedy", "threshold"] = Field("threshold", description="repeat: what makes a candidate "
                                                    "promising")
+    screen_z: float = Field(1.0, ge=0, description="repeat with screen = 'threshold': its z")
     test: Literal["welch", "bootstrap"] = Field("welch", description="repeat: one-sided test on the re-runs")
-    alpha: float = Field(0.05, gt=0, lt=1, description="repeat: significance level of the test")
+    alpha: float = Field(0.02, gt=0, lt=1, description="repeat: significance level of the test")
     calibrate: int = Field(5, ge=2, le=499, description="baseline runs (seeds seed+1..seed+k) that "
                            "measure sigma")
 
