@@ -36,12 +36,12 @@ from nightlab.errors import NightlabError, SandboxError, UsageError
 from nightlab.events import EventSink, FanOut, NullSink
 from nightlab.guard import Guard, diff_paths
 from nightlab.ledger import Ledger
-from nightlab.measure import measure
 from nightlab.permissions import rule_of
 from nightlab.policy import make_policy
 from nightlab.researchers import Context, Researcher
 from nightlab.spec import PROGRAM_FILE, Spec, load_spec, match_files
 from nightlab.types import Candidate, Experiment, Measurement, RunResult, Session, Status, Usage
+from nightlab.verifier import Verifier
 from nightlab.workspace import ApplyError, Workspace
 
 
@@ -156,6 +156,7 @@ class Engine:
         self.events: EventSink = sinks[0] if len(sinks) == 1 else FanOut(*sinks) if sinks else NullSink()
         self.guard = Guard(self.spec, self.ws)
         self.policy = make_policy(self.spec.accept)
+        self.verifier = Verifier(self)
         self.stop = StopState()
         self.sandbox_mode = sandbox.resolve_mode(sandbox_mode or self.spec.sandbox.mode)
         self.data_dir = self.ws.state_dir / "data"
@@ -267,6 +268,7 @@ class Engine:
     def sandbox_policy(self, worktree: Path) -> sandbox.SandboxPolicy:
         hidden = [self.ws.state_dir, self.ws.repo_root / ".git", self.ws.git_dir]
         hidden += [self.lab_dir / h for h in self.spec.sandbox.hide]
+        hidden += self.verifier.hidden_paths(self.ws.lab_in(worktree))
         readonly = [worktree / ".git"]
         if self.data_dir.exists():
             readonly.append(self.data_dir)
@@ -283,7 +285,7 @@ class Engine:
         log.parent.mkdir(parents=True, exist_ok=True)
         self.reporter.message(f"setup: {self.spec.run.setup}")
         self.events.emit("setup.run", command=self.spec.run.setup, sandbox="none")
-        env = self.run_env(self.spec.run.seed, -1)
+        env = self.verifier.setup_env(self.run_env(self.spec.run.seed, -1))
         policy = sandbox.SandboxPolicy(mode="none")
         res = sandbox.run(self.spec.run.setup, cwd=self.lab_dir, env=env, policy=policy,
                           timeout_s=max(3600.0, self.spec.run.hard_timeout_s), log_path=log,
@@ -438,40 +440,49 @@ class Engine:
             if res.timed_out:
                 return self._finish(exp_id, Status.TIMEOUT, t0, res,
                                     reason=f"killed at the {self.spec.run.hard_timeout_s:g}s timeout")
-            m = measure(self.spec.metric, log_path, lab_root)
+            m, tampered = self.verifier.measure(wt, lab_root, commit, log_path, seed, idx, res.exit_code == 0)
             self.events.emit("measurement", experiment=idx, metric=m.metric, secondary=m.secondary,
                              trust=m.trust, error=m.error)
+            if tampered:
+                return self._finish(exp_id, Status.REJECTED, t0, res, m, reason=tampered)
             if res.exit_code != 0:
                 return self._finish(exp_id, Status.CRASH, t0, res, m, reason=f"exit code {res.exit_code}")
             if not m.valid:
                 return self._finish(exp_id, Status.CRASH, t0, res, m, reason=m.error)
             assert m.metric is not None
+            extras = self.verifier.evidence_extras(m, log_path)
             if candidate is None:
                 exp = self._finish(exp_id, Status.KEEP, t0, res, m, reason="baseline", commit=commit,
-                                   incumbent=(commit, m.metric), evidence={"policy": "baseline"})
+                                   incumbent=(commit, m.metric), evidence={"policy": "baseline", **extras})
                 self.session = self.ledger.update_session(self.session.id, baseline_metric=m.metric)
+                self.verifier.after_keep(exp, wt, lab_root)
                 return exp
-            verdict = self.policy.decide(m, self.session.incumbent_metric, self.spec.metric.direction)
+            verdict = self.policy.decide(m, self.verifier.incumbent_stats(), self.spec.metric.direction,
+                                         self.verifier.remeasurer(commit, idx, exp_id))
+            evidence = {**verdict.evidence, **extras}
             if not verdict.keep:
-                return self._finish(exp_id, Status.DISCARD, t0, res, m, reason=verdict.reason,
-                                    evidence=verdict.evidence)
+                status = Status.INTERRUPTED if self.stop.cancel.is_set() else Status.DISCARD
+                return self._finish(exp_id, status, t0, res, m, reason=verdict.reason, evidence=evidence)
             if self.autonomy == "approve-keep":
                 inc = self.session.incumbent_metric
                 answer, why = self._await_human(idx, "keep", canonical, (
                     f"{candidate.rationale}\n\n{self.spec.metric.name} = {m.metric:.6g} (incumbent "
                     f"{'—' if inc is None else f'{inc:.6g}'}): {verdict.reason}"))
                 if answer == "rejected":
-                    return self._finish(exp_id, Status.DISCARD, t0, res, m, evidence=verdict.evidence,
+                    return self._finish(exp_id, Status.DISCARD, t0, res, m, evidence=evidence,
                                         reason=f"human rejected the keep: {why or 'no reason given'}")
                 if answer != "approved":
-                    return self._finish(exp_id, Status.INTERRUPTED, t0, res, m, evidence=verdict.evidence,
+                    return self._finish(exp_id, Status.INTERRUPTED, t0, res, m, evidence=evidence,
                                         reason=f"interrupted: {why}")
             # 6. keep: ledger first, then the branch (recover() repairs a kill in between)
             old = self.session.incumbent_commit
+            estimate = float(verdict.evidence.get("estimate", m.metric))
             exp = self._finish(exp_id, Status.KEEP, t0, res, m, reason=verdict.reason,
-                               evidence=verdict.evidence, incumbent=(commit, m.metric))
+                               evidence=evidence, incumbent=(commit, estimate))
             self.ws.advance_branch(self.session.branch, commit, old)
             self.events.emit("git.advance", experiment=idx, branch=self.session.branch, old=old, new=commit)
+            self.session = self.ledger.get_session(self.session.tag) or self.session
+            self.verifier.after_keep(exp, wt, lab_root)
             return exp
         finally:
             self.ws.remove_worktree(wt)
@@ -595,6 +606,8 @@ class Engine:
             if self.sandbox_mode == "none":
                 self.reporter.message("WARNING: bubblewrap (bwrap) not found: runs are NOT sandboxed "
                                       "(no network or filesystem isolation). Install it: apt-get install bubblewrap")
+                if self.spec.holdout.command:
+                    self.reporter.message("WARNING: sandbox = none: holdout files are NOT hidden from runs")
             self.researcher = self._researcher_override or researchers_mod.create(self.spec, self.lab_dir)
             history = self.ledger.experiments(self.session.id)
             for e in history:
@@ -618,6 +631,8 @@ class Engine:
                     )
             elif self.spec.run.setup:
                 self.run_setup()
+            if self.verifier.needs_calibration():  # the policy needs the noise floor
+                self.verifier.calibrate()
             invalid_row = 0
             while True:
                 reason = self.stop_reason(history)

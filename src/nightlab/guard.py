@@ -70,7 +70,9 @@ def path_problem(path: str) -> str | None:
 class Guard:
     def __init__(self, spec: Spec, workspace: Workspace) -> None:
         self.editable = list(spec.files.editable)
-        self.protected = list(spec.files.protected) + IMPLICITLY_PROTECTED
+        # evaluator and holdout files are protected too: nobody edits them, they are hash-checked
+        self.protected = list(dict.fromkeys([*spec.files.protected, *IMPLICITLY_PROTECTED,
+                                             *spec.evaluate.files, *spec.holdout.files]))
         self.permissions = spec.permissions
         self.ws = workspace
 

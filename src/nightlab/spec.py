@@ -93,7 +93,44 @@ class ResearcherSpec(BaseModel):
 
 
 class AcceptSpec(_Section):
-    policy: Literal["greedy"] = "greedy"
+    """``[accept]``: how a measured candidate is kept or discarded (see nightlab.policy)."""
+
+    policy: Literal["greedy", "threshold", "repeat"] = Field(
+        "greedy", description="greedy: strictly better; threshold: better by max(min_delta, z*sigma); "
+        "repeat: promising candidates are re-run and kept only if a test says the improvement holds")
+    min_delta: float = Field(0.0, ge=0, description="smallest improvement worth keeping, in metric units")
+    z: float = Field(2.0, ge=0, description="threshold: sigmas of run-to-run noise an improvement must clear")
+    repeats: int = Field(5, ge=2, le=499, description="repeat: fresh re-runs of a promising candidate")
+    screen: Literal["greedy", "threshold"] = Field("threshold", description="repeat: what makes a candidate "
+                                                   "promising")
+    screen_z: float = Field(1.0, ge=0, description="repeat with screen = 'threshold': its z")
+    test: Literal["welch", "bootstrap"] = Field("welch", description="repeat: one-sided test on the re-runs")
+    alpha: float = Field(0.02, gt=0, lt=1, description="repeat: significance level of the test")
+    calibrate: int = Field(5, ge=2, le=499, description="baseline runs (seeds seed+1..seed+k) that "
+                           "measure sigma")
+
+
+class EvaluateSpec(_Section):
+    """``[evaluate]``: a protected evaluator run after the run step, in its own read-only sandbox."""
+
+    command: str = Field("", description="e.g. 'python evaluate.py'; its summary block gives the metric")
+    files: list[str] = Field(default_factory=list, description="evaluator files (default: the protected "
+                             "files); protected and hash-checked before every evaluation")
+    timeout_s: float = Field(600.0, gt=0, description="hard kill for one evaluation")
+
+
+class HoldoutSpec(_Section):
+    """``[holdout]``: a held-out check run by the verifier only, never visible to runs or the researcher."""
+
+    command: str = Field("", description="e.g. 'python holdout.py'; run after keeps, in the kept worktree")
+    metric: str = Field("", description="the key it prints (default: [metric] name)")
+    files: list[str] = Field(default_factory=list, description="lab files hidden from runs, evaluator "
+                             "and researcher")
+    every: int = Field(1, ge=1, description="evaluate every n-th keep (the baseline always)")
+    max_divergence: float = Field(0.05, ge=0, description="allowed gap: relative search gain minus "
+                                  "relative holdout gain")
+    stop_on_divergence: bool = Field(False, description="stop the session when the gap exceeds it")
+    timeout_s: float = Field(600.0, gt=0, description="hard kill for one holdout evaluation")
 
 
 class SandboxSpec(_Section):
@@ -172,6 +209,8 @@ class Spec(_Section):
     researcher: ResearcherSpec = Field(default_factory=ResearcherSpec)
     accept: AcceptSpec = Field(default_factory=AcceptSpec)
     sandbox: SandboxSpec = Field(default_factory=SandboxSpec)
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    holdout: HoldoutSpec = Field(default_factory=HoldoutSpec)
     permissions: PermissionsSpec = Field(default_factory=PermissionsSpec)
     autonomy: AutonomySpec = Field(default_factory=AutonomySpec)
     audit: AuditSpec = Field(default_factory=AuditSpec)

@@ -38,10 +38,10 @@ def main() -> None:
 
 
 def _register() -> None:
-    from nightlab.cli import audit, init, read, run, sweep
+    from nightlab.cli import audit, init, read, run, sweep, verify
 
     for cmd in (init.init, run.run, run.demo, read.status, read.log, read.show, read.diff, read.export_cmd,
-                sweep.sweep, *audit.COMMANDS):
+                sweep.sweep, *audit.COMMANDS, *verify.COMMANDS):
         main.add_command(cmd)
 
 

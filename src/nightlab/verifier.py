@@ -1,0 +1,524 @@
+"""The verifier: everything that makes a kept change a verified one (issue 4).
+
+It works for an :class:`~nightlab.engine.Engine` and owns:
+
+- **measurement** of a finished run: in *evaluator mode* (``[evaluate] command``) the protected
+  evaluator runs after the run, in the same worktree, in its own sandbox where nothing is
+  writable but a private ``/tmp`` (the run's outputs are its inputs); its summary block gives
+  the metric (``trust: evaluator``) and a metric line the run printed changes nothing (it is
+  kept as ``evidence.run_claimed``). Without an evaluator the run's own block counts
+  (``trust: inline``).
+- **tamper checks**: before every evaluation the protected and evaluator files in the worktree
+  are checked against the session's hashes, and files the run created that Python could import
+  in the evaluator's place (``*.py``, ``*.pth``, ``*.so``, ``*.pyc`` outside ``__pycache__``)
+  are refused; evaluators run with ``PYTHONPYCACHEPREFIX`` in their private ``/tmp``, so a
+  forged ``__pycache__`` is never read. Any of these: ``rejected: protected: ...``.
+- **re-measurement** (``remeasure(r)`` for :class:`~nightlab.policy.Repeat`), **calibration**
+  (the noise floor), **holdout** checks after keeps, **replay** and **verify**.
+
+Seeds: the first run of every experiment uses ``[run] seed``. Re-run ``j`` of experiment
+``idx`` uses ``seed + 1000 * idx + j`` (so calibration, the baseline's re-runs, uses
+``seed + 1 .. seed + k``); ``nightlab verify`` uses ``seed + 1000 * idx + 500 + j``.
+
+Holdout: files matching ``[holdout] files`` and the folder ``.nightlab/holdout`` (where setup
+writes holdout data, ``$NIGHTLAB_HOLDOUT_DIR``) are hidden from runs and evaluators (bwrap
+mounts an empty file or folder over them) and never enter the researcher's context. Only the
+holdout command sees them, in a sandbox with no network where nothing is writable but ``/tmp``,
+so code it imports from the kept commit cannot copy holdout data anywhere that outlives it.
+Not covered: with ``sandbox = "none"`` nothing is hidden (the engine warns).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nightlab import sandbox
+from nightlab.errors import NightlabError, UsageError
+from nightlab.guard import Guard
+from nightlab.measure import measure, parse_summary, read_log
+from nightlab.policy import IncumbentStats, noise_of
+from nightlab.spec import MetricSpec, match_files
+from nightlab.stats import diff_ci, mean_ci, welch
+from nightlab.types import Direction, Experiment, Measurement, RunResult, Status
+
+if TYPE_CHECKING:
+    from nightlab.engine import Engine
+
+IMPORTABLE = (".py", ".pyc", ".pth", ".so", ".pyd")
+VERIFY_OFFSET = 500
+
+
+def repeat_seed(base: int, idx: int, j: int) -> int:
+    """The seed of re-run ``j`` (1-based) of experiment ``idx``; idx 0 gives calibration's seeds."""
+    return base + 1000 * idx + j
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One run (and evaluation) of a committed tree."""
+
+    seed: int
+    measurement: Measurement
+    run: RunResult | None
+    rejected: str = ""  # a tamper check refused it ("protected: ...")
+    status: Status = Status.KEEP  # KEEP: measured; CRASH/TIMEOUT/INTERRUPTED/REJECTED otherwise
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    idx: int
+    commit: str
+    seed: int
+    recorded: float | None
+    replayed: float | None
+    sigma: float | None
+    status: Status
+    reason: str = ""
+
+    @property
+    def diff(self) -> float | None:
+        if self.recorded is None or self.replayed is None:
+            return None
+        return self.replayed - self.recorded
+
+    @property
+    def z(self) -> float | None:
+        d = self.diff
+        if d is None or not self.sigma:
+            return None
+        return d / self.sigma
+
+    @property
+    def exact(self) -> bool:
+        return self.diff == 0.0
+
+
+@dataclass(frozen=True)
+class VerifyRow:
+    label: str
+    idx: int
+    commit: str
+    samples: tuple[float, ...]
+    mean: float | None
+    ci: tuple[float, float] | None  # CI of the mean
+    gain: float | None = None  # improvement over the baseline's mean (metric units, positive: better)
+    gain_ci: tuple[float, float] | None = None
+    p: float | None = None  # one-sided Welch p-value that it beats the baseline
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    metric: str
+    direction: Direction
+    repeats: int
+    level: float
+    rows: tuple[VerifyRow, ...] = field(default_factory=tuple)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "direction": self.direction.value, "repeats": self.repeats,
+                "level": self.level, "rows": [dataclasses.asdict(r) for r in self.rows]}
+
+
+class Verifier:
+    """See the module docstring. One per engine; uses the engine's spec, workspace, ledger and events."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.e = engine
+
+    # ------------------------------------------------------------------ configuration
+
+    @property
+    def evaluator_mode(self) -> bool:
+        return bool(self.e.spec.evaluate.command.strip())
+
+    @property
+    def holdout_dir(self) -> Path:
+        return self.e.ws.state_dir / "holdout"
+
+    def hidden_paths(self, lab_root: Path | None) -> list[Path]:
+        """Holdout files in the lab and in ``lab_root`` (a worktree's lab folder), and the holdout dir."""
+        pats = list(self.e.spec.holdout.files)
+        out = [self.holdout_dir]
+        for root in (self.e.lab_dir, lab_root):
+            if root is not None and pats:
+                out += [root / p for p in match_files(root, pats)]
+        return out
+
+    def setup_env(self, env: dict[str, str]) -> dict[str, str]:
+        """The setup command's env: with a holdout, ``NIGHTLAB_HOLDOUT_DIR`` (created)."""
+        if self.e.spec.holdout.command:
+            self.holdout_dir.mkdir(parents=True, exist_ok=True)
+            env = {**env, "NIGHTLAB_HOLDOUT_DIR": str(self.holdout_dir)}
+        return env
+
+    def _eval_policy(self, wt: Path, *, holdout: bool = False) -> sandbox.SandboxPolicy:
+        """The run's policy with nothing writable: the worktree bound read-only, /tmp private."""
+        base = self.e.sandbox_policy(wt)
+        readonly = [*base.readonly, wt]
+        hidden = list(base.hidden)
+        if holdout:  # the holdout command alone sees the holdout data
+            hidden = [h for h in hidden if h != self.holdout_dir and not _under(h, wt)]
+            if self.holdout_dir.exists():
+                readonly.append(self.holdout_dir)
+        return dataclasses.replace(base, writable=(), readonly=tuple(dict.fromkeys(readonly)),
+                                   hidden=tuple(dict.fromkeys(hidden)), network=False)
+
+    def _eval_env(self, seed: int, idx: int, *, holdout: bool = False) -> dict[str, str]:
+        env = self.e.run_env(seed, idx)
+        env["PYTHONPYCACHEPREFIX"] = "/tmp/nightlab-pycache"
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        if holdout:
+            env["NIGHTLAB_HOLDOUT_DIR"] = str(self.holdout_dir)
+        return env
+
+    # ------------------------------------------------------------------ tamper checks
+
+    def tamper(self, wt: Path, lab_root: Path, commit: str) -> str | None:
+        """Why the worktree may not be evaluated (protected file changed, importable file planted)."""
+        problem = Guard.verify_protected(lab_root, self.e.protected_hashes)
+        if problem or not self.evaluator_mode:
+            return problem
+        tracked = set(self.e.ws.ls_files(commit))
+        for dirpath, dirnames, filenames in os.walk(lab_root):
+            dirnames[:] = [d for d in dirnames if d not in (".git", ".nightlab", "__pycache__")]
+            for name in filenames:
+                if not name.endswith(IMPORTABLE):
+                    continue
+                rel = (Path(dirpath) / name).relative_to(lab_root).as_posix()
+                if rel not in tracked:
+                    return f"{rel}: the run created an importable file that could shadow the evaluator's code"
+        return None
+
+    # ------------------------------------------------------------------ measurement
+
+    def measure(self, wt: Path, lab_root: Path, commit: str, log_path: Path, seed: int, idx: int,
+                run_ok: bool, tag: str = "") -> tuple[Measurement, str]:
+        """The measurement of a finished run, and a tamper reason ("" when clean).
+
+        Evaluator mode: tamper checks, then the evaluator (only when the run succeeded).
+        """
+        problem = self.tamper(wt, lab_root, commit)
+        if problem:
+            self.e.events.emit("guard", experiment=idx, stage="after-run", ok=False, reason=problem)
+            return Measurement(None, error=f"protected: {problem}"), f"protected: {problem}"
+        inline = measure(self.e.spec.metric, log_path, lab_root)
+        if not self.evaluator_mode:
+            return inline, ""
+        if not run_ok:
+            return dataclasses.replace(inline, metric=None, trust="evaluator",
+                                       error="the run failed; not evaluated"), ""
+        elog = log_path.with_name(f"evaluate{tag}.log")
+        spec = self.e.spec.evaluate
+        pol = self._eval_policy(wt)
+        self.e.events.emit("sandbox.start", experiment=idx, command=spec.command, cwd=str(lab_root),
+                           mode=pol.mode, network=False, stage="evaluate",
+                           hidden=[str(h) for h in pol.hidden])
+        res = sandbox.run(spec.command, cwd=lab_root, env=self._eval_env(seed, idx), policy=pol,
+                          timeout_s=spec.timeout_s, log_path=elog, kill_grace_s=self.e.spec.run.kill_grace_s,
+                          cancel=self.e.stop.cancel)
+        self.e.events.emit("sandbox.exit", experiment=idx, stage="evaluate", exit_code=res.exit_code,
+                           timed_out=res.timed_out, wall_s=round(res.wall_s, 3))
+        # the tree must still be intact after the evaluator (it runs the editable code's imports too)
+        problem = Guard.verify_protected(lab_root, self.e.protected_hashes)
+        if problem:
+            return Measurement(None, error=f"protected: {problem}"), f"protected: {problem}"
+        if not res.ok:
+            why = "timed out" if res.timed_out else f"exited with {res.exit_code}"
+            tail = " | ".join(sandbox.tail(elog, 3).splitlines())
+            return Measurement(None, trust="evaluator", error=f"evaluator {why}: {tail}"[:500]), ""
+        m = measure(_eval_metric_spec(self.e.spec.metric), elog, lab_root, trust="evaluator")
+        # secondary figures the evaluator did not give may come from the run's own block (labelled)
+        secondary = dict(m.secondary)
+        for k, v in inline.secondary.items():
+            secondary.setdefault(k, v)
+        return dataclasses.replace(m, secondary=secondary), ""
+
+    def evidence_extras(self, m: Measurement, log_path: Path) -> dict[str, Any]:
+        """What to add to a decision's evidence about where the numbers came from."""
+        out: dict[str, Any] = {"trust": m.trust}
+        if self.evaluator_mode:
+            try:
+                block = parse_summary(read_log(log_path))
+            except OSError:
+                block = {}
+            name = self.e.spec.metric.name
+            if name in block:
+                out["run_claimed"] = block[name]  # what the run printed: ignored for the metric
+            elog = log_path.with_name("evaluate.log")
+            try:
+                evaluated = parse_summary(read_log(elog))
+            except OSError:
+                evaluated = {}
+            out["inline_secondary"] = sorted(k for k in m.secondary if k not in evaluated)
+        return out
+
+    def sample(self, commit: str, idx: int, seed: int, label: str, exp_dir: Path) -> Sample:
+        """Run and measure ``commit`` once with ``seed`` in a fresh worktree (removed afterwards)."""
+        e = self.e
+        name = f"{e.session.tag}-{idx}-{label}"
+        wt = e.ws.add_worktree(name, commit)
+        try:
+            lab_root = e.ws.lab_in(wt)
+            problem = Guard.verify_protected(lab_root, e.protected_hashes)
+            if problem:
+                return Sample(seed, Measurement(None, error=f"protected: {problem}"), None,
+                              f"protected: {problem}", Status.REJECTED)
+            log_path = exp_dir / f"{label}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            pol = e.sandbox_policy(wt)
+            e.events.emit("sandbox.start", experiment=idx, command=e.spec.run.command, cwd=str(lab_root),
+                          mode=pol.mode, stage=label, seed=seed)
+            res = sandbox.run(e.spec.run.command, cwd=lab_root, env=e.run_env(seed, idx), policy=pol,
+                              timeout_s=e.spec.run.hard_timeout_s, log_path=log_path,
+                              kill_grace_s=e.spec.run.kill_grace_s, cancel=e.stop.cancel)
+            e.events.emit("sandbox.exit", experiment=idx, stage=label, exit_code=res.exit_code,
+                          timed_out=res.timed_out, wall_s=round(res.wall_s, 3))
+            if res.interrupted:
+                return Sample(seed, Measurement(None, error="interrupted"), res, "", Status.INTERRUPTED)
+            if res.timed_out:
+                return Sample(seed, Measurement(None, error="timed out"), res, "", Status.TIMEOUT)
+            m, rejected = self.measure(wt, lab_root, commit, log_path, seed, idx, res.exit_code == 0,
+                                       tag=f"-{label}")
+            if rejected:
+                return Sample(seed, m, res, rejected, Status.REJECTED)
+            if res.exit_code != 0:
+                return Sample(seed, dataclasses.replace(m, metric=None, error=f"exit code {res.exit_code}"),
+                              res, "", Status.CRASH)
+            return Sample(seed, m, res, "", Status.KEEP if m.valid else Status.CRASH)
+        finally:
+            e.ws.remove_worktree(wt)
+
+    def remeasurer(self, commit: str, idx: int, exp_id: int) -> Callable[[int], list[Measurement]]:
+        """``remeasure(r)`` for a policy: ``r`` fresh runs of ``commit``, seeds ``repeat_seed(idx, j)``."""
+
+        def remeasure(r: int) -> list[Measurement]:
+            out: list[Measurement] = []
+            for j in range(1, r + 1):
+                seed = repeat_seed(self.e.spec.run.seed, idx, j)
+                s = self.sample(commit, idx, seed, f"repeat-{j}", self.e.artifacts_dir / str(exp_id))
+                self.e.events.emit("repeat", experiment=idx, j=j, seed=seed, metric=s.measurement.metric,
+                                   status=s.status.value, error=s.measurement.error)
+                out.append(s.measurement)
+                if not s.measurement.valid:
+                    break  # one failed re-run is enough to discard
+            return out
+
+        return remeasure
+
+    # ------------------------------------------------------------------ noise floor
+
+    def noise(self) -> dict[str, Any]:
+        return self.e.ledger.session_json(self.e.session.id)[1]
+
+    def _save_noise(self, **updates: Any) -> dict[str, Any]:
+        noise = {**self.noise(), **updates}
+        self.e.session = self.e.ledger.update_session(self.e.session.id, noise=noise)
+        return noise
+
+    def calibrate(self, k: int | None = None) -> dict[str, Any]:
+        """Run the baseline commit ``k`` times (seeds seed+1..seed+k); store the noise on the session."""
+        e = self.e
+        k = k or e.spec.accept.calibrate
+        if k < 2:
+            raise UsageError("calibration needs at least 2 runs", "use --k 2 or more")
+        commit = e.session.base_commit
+        e.reporter.message(f"calibrating the noise floor: {k} runs of the baseline with new seeds")
+        e.events.emit("calibrate.start", k=k, commit=commit)
+        samples: list[float] = []
+        seeds: list[int] = []
+        for j in range(1, k + 1):
+            seed = repeat_seed(e.spec.run.seed, 0, j)
+            s = self.sample(commit, 0, seed, f"calibrate-{j}", e.artifacts_dir / "calibrate")
+            if s.status is Status.INTERRUPTED:
+                raise NightlabError("calibration interrupted", "run `nightlab calibrate` again")
+            if not s.measurement.valid:
+                why = s.measurement.error or s.status.value
+                raise NightlabError(f"calibration run {j} (seed {seed}) failed: {why}",
+                                    "make the baseline run reliably; logs: .nightlab/artifacts/calibrate")
+            samples.append(float(s.measurement.metric))  # type: ignore[arg-type]
+            seeds.append(seed)
+        rec = {**noise_of(samples), "seeds": seeds, "commit": commit, "metric": e.spec.metric.name,
+               "trust": "evaluator" if self.evaluator_mode else "inline", "at": time.time()}
+        e.events.emit("calibrate.done", **{k_: v for k_, v in rec.items() if k_ != "at"})
+        e.reporter.message(f"noise floor: sigma = {rec['sigma']:.6g} over {k} runs (mean {rec['mean']:.6g})")
+        self._save_noise(**rec)
+        return rec
+
+    def needs_calibration(self) -> bool:
+        return bool(getattr(self.e.policy, "needs_noise", False)) and "sigma" not in self.noise()
+
+    def incumbent_stats(self) -> IncumbentStats:
+        """The incumbent's best estimate, its unbiased samples and the session's noise floor."""
+        e = self.e
+        noise = self.noise()
+        sigma = noise.get("sigma")
+        sigma_df = int(noise.get("k", 1)) - 1
+        inc = e.session.incumbent_commit
+        kept = [x for x in e.ledger.experiments(e.session.id, status=Status.KEEP) if x.commit == inc]
+        samples: list[float] = []
+        if kept:
+            x = kept[-1]
+            if x.evidence.get("samples"):
+                samples = [float(v) for v in x.evidence["samples"]]
+            elif x.metric is not None:
+                samples = [x.metric]
+                if inc == noise.get("commit") and noise.get("samples"):
+                    samples += [float(v) for v in noise["samples"]]
+        if len(samples) > 1:
+            return IncumbentStats.of(samples, sigma, sigma_df)
+        return IncumbentStats(e.session.incumbent_metric, tuple(samples), sigma, sigma_df)
+
+    # ------------------------------------------------------------------ holdout
+
+    def after_keep(self, exp: Experiment, wt: Path, lab_root: Path) -> None:
+        """Score a keep on the holdout (every n-th keep, the baseline always); warn or stop on divergence."""
+        e = self.e
+        h = e.spec.holdout
+        if not h.command or exp.commit is None:
+            return
+        keeps = [x for x in e.ledger.experiments(e.session.id, status=Status.KEEP)]
+        n = len(keeps) - 1  # 0 for the baseline
+        if n > 0 and n % h.every:
+            return
+        problem = Guard.verify_protected(lab_root, e.protected_hashes)
+        value: float | None = None
+        error = ""
+        if problem:
+            error = f"protected: {problem}"
+        else:
+            log = e.artifacts_dir / str(exp.id) / "holdout.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            pol = self._eval_policy(wt, holdout=True)
+            e.events.emit("sandbox.start", experiment=exp.idx, command=h.command, stage="holdout",
+                          mode=pol.mode)
+            res = sandbox.run(h.command, cwd=lab_root, env=self._eval_env(exp.seed, exp.idx, holdout=True),
+                              policy=pol, timeout_s=h.timeout_s, log_path=log,
+                              kill_grace_s=e.spec.run.kill_grace_s, cancel=e.stop.cancel)
+            e.events.emit("sandbox.exit", experiment=exp.idx, stage="holdout", exit_code=res.exit_code,
+                          timed_out=res.timed_out, wall_s=round(res.wall_s, 3))
+            if res.ok:
+                name = h.metric or e.spec.metric.name
+                m = measure(MetricSpec.model_validate({"name": name}), log, lab_root,
+                            trust="verifier")
+                value, error = m.metric, m.error
+            else:
+                why = "timed out" if res.timed_out else f"exited with {res.exit_code}"
+                error = f"holdout command {why}: " + " | ".join(sandbox.tail(log, 3).splitlines())
+        rec: dict[str, Any] = {"metric": value, "name": h.metric or e.spec.metric.name, "error": error[:500]}
+        noise = self.noise()
+        hold = dict(noise.get("holdout", {}))
+        warnings = list(noise.get("warnings", []))
+        if value is not None and exp.idx == keeps[0].idx:
+            hold["baseline"] = value
+        elif value is not None and hold.get("baseline") is not None and e.session.baseline_metric:
+            d = e.spec.metric.direction
+            base_s, base_h = e.session.baseline_metric, float(hold["baseline"])
+            search = e.session.incumbent_metric if e.session.incumbent_metric is not None else exp.metric
+            s_gain = d.improvement(float(search or 0.0), base_s) / abs(base_s)
+            h_gain = d.improvement(value, base_h) / abs(base_h) if base_h else 0.0
+            rec.update(search_gain=s_gain, holdout_gain=h_gain, divergence=s_gain - h_gain)
+            if s_gain - h_gain > h.max_divergence:
+                msg = (f"holdout divergence after #{exp.idx}: search metric improved {100 * s_gain:+.2f}%, "
+                       f"holdout {100 * h_gain:+.2f}% (gap {100 * (s_gain - h_gain):.2f} points > "
+                       f"{100 * h.max_divergence:.2f}): the search metric may be overfitted")
+                warnings.append({"idx": exp.idx, "message": msg, "at": time.time()})
+                e.reporter.message("WARNING: " + msg)
+                e.events.emit("holdout.warning", experiment=exp.idx, message=msg)
+                if h.stop_on_divergence:
+                    e.stop.graceful = f"overfitting: {msg}"
+        hold["last"] = {"idx": exp.idx, **rec}
+        self._save_noise(holdout=hold, warnings=warnings)
+        e.events.emit("holdout", experiment=exp.idx, **rec)
+        secondary = dict(exp.secondary)
+        if value is not None:
+            secondary["holdout"] = value
+        e.ledger.update_experiment(exp.id, secondary=secondary, evidence={**exp.evidence, "holdout": rec})
+
+    # ------------------------------------------------------------------ replay and verify
+
+    def replay(self, idx: int) -> ReplayResult:
+        """Re-run experiment ``idx`` from its recorded commit and seed; compare with its recorded metric."""
+        e = self.e
+        exp = e.ledger.get_experiment(e.session.id, idx)
+        if exp is None:
+            raise UsageError(f"session '{e.session.tag}' has no experiment {idx}", "see `nightlab log`")
+        commit = exp.commit or (exp.parent_commit if idx == 0 else None)
+        if commit is None or not e.ws.resolve(commit):
+            raise UsageError(f"experiment {idx} has no commit to replay ({exp.status.value})",
+                             "only experiments that were committed and run can be replayed")
+        s = self.sample(commit, idx, exp.seed, f"replay-{int(time.time())}", e.artifacts_dir / str(exp.id))
+        sigma = self.noise().get("sigma")
+        r = ReplayResult(idx, commit, exp.seed, exp.metric, s.measurement.metric, sigma, s.status,
+                         s.rejected or s.measurement.error)
+        e.events.emit("replay", experiment=idx, recorded=r.recorded, replayed=r.replayed, sigma=sigma,
+                      status=s.status.value)
+        return r
+
+    def verify(self, repeats: int = 5, each: bool = False, level: float = 0.95) -> VerifyReport:
+        """Re-run the baseline and the incumbent (and with ``each`` every kept commit) ``repeats`` times.
+
+        Reports each one's mean and CI, and its improvement over the baseline's mean with a
+        Welch confidence interval and one-sided p-value. Stored on the session as ``noise.verify``.
+        """
+        e = self.e
+        if repeats < 2:
+            raise UsageError("verify needs at least 2 repeats", "use --repeats 2 or more")
+        kept = e.ledger.experiments(e.session.id, status=Status.KEEP)
+        if not kept:
+            raise UsageError(f"session '{e.session.tag}' has no baseline yet", "run `nightlab run` first")
+        base = kept[0]
+        targets = [x for x in kept[1:] if each or x.commit == e.session.incumbent_commit]
+        if not each:
+            targets = targets[-1:]
+        d = e.spec.metric.direction
+        sign = 1 if d is Direction.MAXIMIZE else -1
+        rows: list[VerifyRow] = []
+        base_samples: list[float] = []
+        for x in [base, *targets]:
+            commit = x.commit or x.parent_commit
+            vals: list[float] = []
+            for j in range(1, repeats + 1):
+                seed = repeat_seed(e.spec.run.seed, x.idx, VERIFY_OFFSET + j)
+                s = self.sample(commit, x.idx, seed, f"verify-{j}", e.artifacts_dir / "verify" / str(x.idx))
+                if s.status is Status.INTERRUPTED:
+                    raise NightlabError("verify interrupted", "run `nightlab verify` again")
+                if s.measurement.valid:
+                    vals.append(float(s.measurement.metric))  # type: ignore[arg-type]
+            mean = math.fsum(vals) / len(vals) if vals else None
+            ci = mean_ci(vals, level)[1:] if len(vals) >= 2 else None
+            label = "baseline" if x is base else f"#{x.idx}"
+            if x is base:
+                base_samples = vals
+                rows.append(VerifyRow(label, x.idx, commit, tuple(vals), mean, ci))
+                continue
+            gain = gain_ci = p = None
+            if len(vals) >= 2 and len(base_samples) >= 2:
+                g, lo, hi = diff_ci(vals, base_samples, sign, level)
+                gain, gain_ci, p = g, (lo, hi), welch(vals, base_samples, sign).p
+            rows.append(VerifyRow(label, x.idx, commit, tuple(vals), mean, ci, gain, gain_ci, p))
+        report = VerifyReport(e.spec.metric.name, d, repeats, level, tuple(rows))
+        self._save_noise(verify={**report.as_dict(), "at": time.time()})
+        e.events.emit("verify", rows=len(rows))
+        return report
+
+
+def _under(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def _eval_metric_spec(metric: MetricSpec) -> MetricSpec:
+    """The evaluator's output contract is always the summary block."""
+    if metric.source == "summary":
+        return metric
+    return metric.model_copy(update={"source": "summary", "file": ""})
