@@ -103,7 +103,8 @@ def test_edits_to_the_evaluator_are_rejected_before_and_during_the_run(make_lab)
     session = eng.run()
     exps = eng.ledger.experiments(session.id)[1:]
     assert [e.status for e in exps] == [Status.REJECTED] * 3
-    assert all(e.reason.startswith(("guard: evaluate.py: protected", "protected:")) for e in exps)
+    assert exps[0].reason == "policy: protected (evaluate.py is a protected file)"
+    assert all(e.reason.startswith("protected:") for e in exps[1:])
     assert "evaluate.py: protected file changed" in exps[1].reason
     assert "json.py" in exps[2].reason and exps[1].metric is None and exps[2].metric is None
     assert session.incumbent_metric == pytest.approx(8.5)

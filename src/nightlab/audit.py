@@ -24,7 +24,8 @@ Contracts:
   and head hash before it, signed with ed25519 when signing is on; the latest checkpoint is
   also written beside the log (``audit.anchor.json``), and the ledger stores the record count
   and head after every record of the kinds it is told to anchor (:func:`store_head`; the engine
-  anchors every decision, approval and session event, so at most one experiment's records trail it). :func:`verify` checks all three.
+  anchors every decision, approval and session event, so at most one experiment's records trail
+  it). :func:`verify` checks all three.
 * **Secrets.** String values under secret-looking keys, values of secret-looking environment
   variables, token-shaped strings and the values of any ``env`` mapping are replaced by
   ``[redacted…]`` before a record is built.
