@@ -51,6 +51,9 @@ max_experiments = 3
 
 [researcher]
 kind = "scripted"
+
+[executor]
+pipeline = false   # these tests assert autoresearch's strict order; test_parallel.py covers pipelining
 '''
 
 

@@ -189,7 +189,7 @@ def test_stop_file_stops_gracefully(make_lab):
     eng = engine(lab, [step])
     session = eng.run()
     assert session.stop_reason == "STOP file" and session.status == "stopped"
-    assert statuses(eng) == ["keep", "keep", "keep"]  # the experiment in flight finished
+    assert statuses(eng) == ["keep", "keep"]  # the prepared candidate #2 never started
     assert not (lab / ".nightlab" / "STOP").exists()
     eng.close()
 

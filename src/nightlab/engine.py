@@ -24,7 +24,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from nightlab import researchers as researchers_mod
 from nightlab.audit import AuditLog, Signer, store_head
 from nightlab.context import SECRET_ENV
 from nightlab.errors import NightlabError, SandboxError, UsageError
-from nightlab.events import EventSink, FanOut, NullSink
+from nightlab.events import EventSink, FanOut, Locked, NullSink
 from nightlab.guard import Guard, diff_paths
 from nightlab.ledger import Ledger
 from nightlab.permissions import rule_of
@@ -96,6 +97,9 @@ ANCHOR_KINDS = frozenset({"decision", "session.start", "session.resume", "sessio
                           "approval.answer", "recover", "policy.violation", "checkpoint"})
 
 
+REBASE = "rebase"  # the researcher name of a requeued stale winner
+
+
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
@@ -153,7 +157,7 @@ class Engine:
             raise UsageError(f"unknown autonomy level {self.autonomy!r}", "use auto, approve-keep or review")
         self.audit = self._open_audit()
         sinks = [s for s in (self.audit, events) if s is not None]
-        self.events: EventSink = sinks[0] if len(sinks) == 1 else FanOut(*sinks) if sinks else NullSink()
+        self.events: EventSink = Locked(sinks[0] if len(sinks) == 1 else FanOut(*sinks)) if sinks else NullSink()
         self.guard = Guard(self.spec, self.ws)
         self.policy = make_policy(self.spec.accept)
         self.verifier = Verifier(self)
@@ -164,6 +168,9 @@ class Engine:
         self.stop_file = self.ws.state_dir / "STOP"
         self._researcher_override = researcher
         self.researcher: Researcher | None = None
+        self._tls = threading.local()  # which slot the current thread runs (GPU pinning)
+        self._keep_lock = threading.Lock()  # one keep decision at a time, against the current incumbent
+        self._requeue: list[Candidate] = []  # stale winners, rebased onto the new incumbent
         self.session = self._open_session(tag, resume)
         self.resumed = resume
         self.protected_hashes = self.guard.hash_protected(self.session.base_commit)
@@ -263,6 +270,13 @@ class Engine:
             "NIGHTLAB_TAG": self.session.tag,
             "PYTHONUNBUFFERED": "1",
         })
+        ex = self.spec.executor
+        slot = getattr(self._tls, "slot", 0)
+        env["NIGHTLAB_SLOT"] = str(slot)
+        if ex.gpus_per_slot:
+            gpus = ex.gpus or list(range(ex.slots * ex.gpus_per_slot))
+            mine = gpus[slot * ex.gpus_per_slot:(slot + 1) * ex.gpus_per_slot]
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in mine)
         return env
 
     def sandbox_policy(self, worktree: Path) -> sandbox.SandboxPolicy:
@@ -340,8 +354,39 @@ class Engine:
             safe = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name).name).lstrip(".") or "artifact"
             (folder / safe).write_text(text, encoding="utf-8")
 
-    def run_experiment(self, idx: int, candidate: Candidate | None, propose_s: float = 0.0) -> Experiment:
-        """Materialise, run, measure and decide one experiment. ``candidate=None`` is the baseline."""
+    def _kept_metric(self, commit: str) -> float | None:
+        """The metric the ledger holds for a kept commit (its estimate, when a policy made one)."""
+        for e in self.ledger.experiments(self.session.id, status=Status.KEEP):
+            if e.commit == commit:
+                return float(e.evidence.get("estimate", e.metric)) if e.metric is not None else None
+        return None
+
+    def _pin(self, pid: int) -> None:
+        """CPU affinity for a slot's run (``[executor] cpus_per_slot``); children inherit it."""
+        n = self.spec.executor.cpus_per_slot
+        if not n or not hasattr(os, "sched_setaffinity"):
+            return
+        cpus = sorted(os.sched_getaffinity(0))
+        slot = getattr(self._tls, "slot", 0)
+        mine = {cpus[(slot * n + i) % len(cpus)] for i in range(n)}
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(pid, mine)
+
+    def _started_run(self, exp_id: int, pid: int) -> None:
+        """The run's process exists: pin it to its slot's CPUs, record it for crash recovery."""
+        self._pin(pid)
+        self.ledger.update_experiment(exp_id, pid=pid, pid_start=sandbox.proc_start_time(pid))
+
+    def run_experiment(self, idx: int, candidate: Candidate | None, propose_s: float = 0.0,
+                       slot: int = 0) -> Experiment:
+        """Materialise, run, measure and decide one experiment. ``candidate=None`` is the baseline.
+
+        Thread-safe with respect to other experiments: several slots call it at once. Keep
+        decisions are serialised and made against the incumbent of *their* time; a winner whose
+        parent is no longer the incumbent is discarded as ``stale`` and requeued, rebased onto
+        the new incumbent, to be re-measured before it can be kept.
+        """
+        self._tls.slot = slot
         t0 = time.monotonic()
         parent = candidate.parent if candidate else self.session.incumbent_commit
         seed = self.spec.run.seed
@@ -380,6 +425,9 @@ class Engine:
                     if candidate.diff:
                         self.ws.apply_diff(wt, candidate.diff)
                 except ApplyError as e:
+                    if candidate.researcher == REBASE:
+                        return self._finish(exp_id, Status.DISCARD, t0,
+                                            reason=f"stale: conflicts with the new incumbent: {e}")
                     return self._finish(exp_id, Status.INVALID, t0, reason=f"edit did not apply: {e}")
                 changes = self.ws.stage(wt)
                 problem = self.guard.check_changes(changes)
@@ -426,8 +474,7 @@ class Engine:
             res = sandbox.run(
                 self.spec.run.command, cwd=lab_root, env=self.run_env(seed, idx), policy=policy,
                 timeout_s=self.spec.run.hard_timeout_s, log_path=log_path, kill_grace_s=self.spec.run.kill_grace_s,
-                on_start=lambda pid: self.ledger.update_experiment(
-                    exp_id, pid=pid, pid_start=sandbox.proc_start_time(pid)),
+                on_start=lambda pid: self._started_run(exp_id, pid),
                 cancel=self.stop.cancel,
             )
             self.events.emit("sandbox.exit", experiment=idx, exit_code=res.exit_code, timed_out=res.timed_out,
@@ -457,36 +504,60 @@ class Engine:
                 self.session = self.ledger.update_session(self.session.id, baseline_metric=m.metric)
                 self.verifier.after_keep(exp, wt, lab_root)
                 return exp
-            verdict = self.policy.decide(m, self.verifier.incumbent_stats(), self.spec.metric.direction,
-                                         self.verifier.remeasurer(commit, idx, exp_id))
-            evidence = {**verdict.evidence, **extras}
-            if not verdict.keep:
-                status = Status.INTERRUPTED if self.stop.cancel.is_set() else Status.DISCARD
-                return self._finish(exp_id, status, t0, res, m, reason=verdict.reason, evidence=evidence)
-            if self.autonomy == "approve-keep":
-                inc = self.session.incumbent_metric
-                answer, why = self._await_human(idx, "keep", canonical, (
-                    f"{candidate.rationale}\n\n{self.spec.metric.name} = {m.metric:.6g} (incumbent "
-                    f"{'—' if inc is None else f'{inc:.6g}'}): {verdict.reason}"))
-                if answer == "rejected":
-                    return self._finish(exp_id, Status.DISCARD, t0, res, m, evidence=evidence,
-                                        reason=f"human rejected the keep: {why or 'no reason given'}")
-                if answer != "approved":
-                    return self._finish(exp_id, Status.INTERRUPTED, t0, res, m, evidence=evidence,
-                                        reason=f"interrupted: {why}")
-            # 6. keep: ledger first, then the branch (recover() repairs a kill in between)
-            old = self.session.incumbent_commit
-            estimate = float(verdict.evidence.get("estimate", m.metric))
-            exp = self._finish(exp_id, Status.KEEP, t0, res, m, reason=verdict.reason,
-                               evidence=evidence, incumbent=(commit, estimate))
-            self.ws.advance_branch(self.session.branch, commit, old)
-            self.events.emit("git.advance", experiment=idx, branch=self.session.branch, old=old, new=commit)
-            self.session = self.ledger.get_session(self.session.tag) or self.session
-            self.verifier.after_keep(exp, wt, lab_root)
-            return exp
+            with self._keep_lock:
+                return self._decide(idx, exp_id, candidate, commit, canonical, wt, lab_root, t0, res, m, extras)
         finally:
             self.ws.remove_worktree(wt)
             self.session = self.ledger.get_session(self.session.tag) or self.session
+
+    def _decide(self, idx: int, exp_id: int, candidate: Candidate, commit: str, canonical: str, wt: Path,
+                lab_root: Path, t0: float, res: RunResult, m: Measurement, extras: dict[str, Any]) -> Experiment:
+        """Keep or discard a measured candidate. Called under ``_keep_lock``."""
+        self.session = self.ledger.get_session(self.session.tag) or self.session
+        assert m.metric is not None
+        if candidate.parent != self.session.incumbent_commit:
+            # measured on an older incumbent: if it beat that one (its parent), it is rebased onto the
+            # new incumbent and re-measured there before it can be kept
+            parent_metric = self._kept_metric(candidate.parent)
+            if parent_metric is None or not self.spec.metric.direction.better(m.metric, parent_metric):
+                return self._finish(exp_id, Status.DISCARD, t0, res, m, evidence={"stale": True, **extras},
+                                    reason=f"not better than its parent {candidate.parent[:10]} "
+                                           f"({m.metric:.6g} vs {parent_metric})")
+            inc = parent_metric
+            self._requeue.append(Candidate(
+                parent=self.session.incumbent_commit, rationale=f"rebase of #{idx}: {candidate.rationale}",
+                diff=canonical, params=dict(candidate.params), researcher=REBASE))
+            return self._finish(exp_id, Status.DISCARD, t0, res, m,
+                                evidence={"stale": True, "candidate": m.metric, "incumbent": inc, **extras},
+                                reason=f"stale: beat the incumbent, but its parent {candidate.parent[:10]} is no "
+                                       "longer the incumbent; requeued, rebased onto the new incumbent, "
+                                       "to be re-measured")
+        verdict = self.policy.decide(m, self.verifier.incumbent_stats(), self.spec.metric.direction,
+                                     self.verifier.remeasurer(commit, idx, exp_id))
+        evidence = {**verdict.evidence, **extras}
+        if not verdict.keep:
+            status = Status.INTERRUPTED if self.stop.cancel.is_set() else Status.DISCARD
+            return self._finish(exp_id, status, t0, res, m, reason=verdict.reason, evidence=evidence)
+        if self.autonomy == "approve-keep":
+            answer, why = self._await_human(idx, "keep", canonical, (
+                f"{candidate.rationale}\n\n{self.spec.metric.name} = {m.metric:.6g} (incumbent "
+                f"{'—' if inc is None else f'{inc:.6g}'}): {verdict.reason}"))
+            if answer == "rejected":
+                return self._finish(exp_id, Status.DISCARD, t0, res, m, evidence=evidence,
+                                    reason=f"human rejected the keep: {why or 'no reason given'}")
+            if answer != "approved":
+                return self._finish(exp_id, Status.INTERRUPTED, t0, res, m, evidence=evidence,
+                                    reason=f"interrupted: {why}")
+        # 6. keep: ledger first, then the branch (recover() repairs a kill in between)
+        old = self.session.incumbent_commit
+        estimate = float(verdict.evidence.get("estimate", m.metric))
+        exp = self._finish(exp_id, Status.KEEP, t0, res, m, reason=verdict.reason,
+                           evidence=evidence, incumbent=(commit, estimate))
+        self.ws.advance_branch(self.session.branch, commit, old)
+        self.events.emit("git.advance", experiment=idx, branch=self.session.branch, old=old, new=commit)
+        self.session = self.ledger.get_session(self.session.tag) or self.session
+        self.verifier.after_keep(exp, wt, lab_root)
+        return exp
 
     # ------------------------------------------------------------------ permissions and autonomy
 
@@ -633,40 +704,7 @@ class Engine:
                 self.run_setup()
             if self.verifier.needs_calibration():  # the policy needs the noise floor
                 self.verifier.calibrate()
-            invalid_row = 0
-            while True:
-                reason = self.stop_reason(history)
-                if reason:
-                    status = "stopped" if self.stop.cancel.is_set() or self.stop.graceful or reason == "STOP file" \
-                        else "finished"
-                    return self._close(status, reason)
-                idx = self.ledger.next_idx(self.session.id)
-                ctx = self._context(idx, history)
-                t0 = time.monotonic()
-                self.events.emit("researcher.request", experiment=idx, researcher=self.session.researcher,
-                                 parent=ctx.parent)
-                try:
-                    cand = self.researcher.propose(ctx)
-                except NightlabError:
-                    raise
-                except Exception as e:  # a researcher bug is an invalid candidate, not a dead night
-                    cand = Candidate(parent=ctx.parent, rationale=f"researcher error: {type(e).__name__}: {e}",
-                                     researcher=getattr(self.researcher, "name", "?"))
-                propose_s = time.monotonic() - t0
-                self.events.emit("researcher.response", experiment=idx, seconds=round(propose_s, 3),
-                                 rationale_sha256=_sha(cand.rationale), tokens_in=cand.usage.tokens_in,
-                                 tokens_out=cand.usage.tokens_out, cost_usd=cand.usage.cost_usd)
-                if self.stop.cancel.is_set():
-                    continue  # proposed but never run: not recorded
-                if cand.parent != ctx.parent:
-                    cand = Candidate(**{**cand.__dict__, "parent": ctx.parent})
-                exp = self.run_experiment(idx, cand, propose_s)
-                history.append(exp)
-                self.researcher.observe(exp)
-                self.reporter.experiment_finished(exp, self.session)
-                invalid_row = invalid_row + 1 if exp.status in (Status.INVALID, Status.REJECTED) else 0
-                if invalid_row >= 20:
-                    return self._close("finished", f"{invalid_row} invalid or rejected candidates in a row")
+            return self._loop(history)
         except NightlabError as e:
             if self.session.status == "running":
                 self._close("failed", str(e.message)[:500])
@@ -679,6 +717,95 @@ class Engine:
             if self.researcher is not None:
                 with contextlib.suppress(Exception):  # closing must not mask the real outcome
                     self.researcher.close()
+
+    def _propose(self, idx: int, history: list[Experiment]) -> Candidate | None:
+        """The next candidate: a requeued stale winner first, else the researcher's (None: cancelled)."""
+        assert self.researcher is not None
+        if self._requeue:
+            cand = self._requeue.pop(0)
+            return Candidate(**{**cand.__dict__, "parent": self.session.incumbent_commit})
+        ctx = self._context(idx, history)
+        t0 = time.monotonic()
+        self.events.emit("researcher.request", experiment=idx, researcher=self.session.researcher,
+                         parent=ctx.parent)
+        try:
+            cand = self.researcher.propose(ctx)
+        except NightlabError:
+            raise
+        except Exception as e:  # a researcher bug is an invalid candidate, not a dead night
+            cand = Candidate(parent=ctx.parent, rationale=f"researcher error: {type(e).__name__}: {e}",
+                             researcher=getattr(self.researcher, "name", "?"))
+        propose_s = time.monotonic() - t0
+        self.events.emit("researcher.response", experiment=idx, seconds=round(propose_s, 3),
+                         rationale_sha256=_sha(cand.rationale), tokens_in=cand.usage.tokens_in,
+                         tokens_out=cand.usage.tokens_out, cost_usd=cand.usage.cost_usd)
+        if self.stop.cancel.is_set():
+            return None  # proposed but never run: not recorded
+        return Candidate(**{**cand.__dict__, "parent": ctx.parent, "usage": replace(cand.usage, seconds=propose_s)
+                            if not cand.usage.seconds else cand.usage})
+
+    def _loop(self, history: list[Experiment]) -> Session:
+        """Keep ``[executor] slots`` experiments running; with ``pipeline``, the next proposal is made
+        while they run, so no slot waits for the researcher. Stops when a stop rule fires, after
+        the experiments in flight finish (a cancel makes them stop at once, ``interrupted``)."""
+        ex = self.spec.executor
+        cap = self.spec.stop.max_experiments
+        free = list(range(ex.slots))
+        inflight: dict[Future[Experiment], int] = {}
+        prepared: tuple[int, Candidate, float] | None = None
+        next_idx = self.ledger.next_idx(self.session.id)
+        invalid_row, reason, busy_s = 0, "", 0.0
+        t_loop = time.monotonic()
+        pool = ThreadPoolExecutor(max_workers=ex.slots, thread_name_prefix="nightlab-slot")
+        try:
+            while True:
+                if not reason:
+                    reason = self.stop_reason(history)
+                if reason and not inflight:
+                    break
+                tried = sum(1 for e in history if e.idx > 0)
+                budget = (cap - tried - len(inflight) - (prepared is not None)) if cap else 1
+                if not reason and prepared is None and budget > 0 and (free or ex.pipeline):
+                    t0 = time.monotonic()
+                    cand = self._propose(next_idx, history)
+                    if cand is not None:
+                        prepared = (next_idx, cand, time.monotonic() - t0)
+                        next_idx += 1
+                    continue
+                if not reason and prepared is not None and free:
+                    slot = free.pop(0)
+                    inflight[pool.submit(self.run_experiment, *prepared, slot=slot)] = slot
+                    prepared = None
+                    continue
+                if not inflight:  # nothing to run and nothing running: the stop rules decide next
+                    reason = reason or self.stop_reason(history) or "nothing left to run"
+                    continue
+                done, _ = wait(inflight, timeout=0.5, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    free.append(inflight.pop(fut))
+                    exp = fut.result()
+                    busy_s += exp.run_s
+                    history.append(exp)
+                    self.researcher.observe(exp)  # type: ignore[union-attr]
+                    self.reporter.experiment_finished(exp, self.session)
+                    invalid_row = invalid_row + 1 if exp.status in (Status.INVALID, Status.REJECTED) else 0
+                    if invalid_row >= 20 and not reason:
+                        reason = f"{invalid_row} invalid or rejected candidates in a row"
+                free.sort()
+        except BaseException:
+            self.stop.interrupt(self.stop.cancel_reason or "harness error")
+            raise
+        finally:
+            pool.shutdown(wait=True)
+            wall = time.monotonic() - t_loop
+            if wall > 0 and busy_s > 0:
+                stats = {"slots": ex.slots, "pipeline": ex.pipeline, "wall_s": round(wall, 3),
+                         "busy_s": round(busy_s, 3), "duty_cycle": round(busy_s / (ex.slots * wall), 4)}
+                self.verifier._save_noise(executor=stats)
+                self.reporter.message(f"duty cycle {100 * stats['duty_cycle']:.1f}% over {ex.slots} slot(s)")
+        status = "stopped" if self.stop.cancel.is_set() or self.stop.graceful or reason == "STOP file" \
+            else "finished"
+        return self._close(status, reason)
 
     def _close(self, status: str, reason: str) -> Session:
         self.session = self.ledger.update_session(self.session.id, status=status, stop_reason=reason)

@@ -14,6 +14,7 @@ The audit log adds its own ``audit.init``, ``checkpoint`` and ``recover`` record
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Protocol
 
 
@@ -37,6 +38,18 @@ class MemorySink:
 
     def kinds(self) -> list[str]:
         return [k for k, _, _ in self.events]
+
+
+class Locked:
+    """Serialises ``emit`` across threads (the engine's slots share one sink)."""
+
+    def __init__(self, sink: EventSink) -> None:
+        self.sink = sink
+        self._lock = threading.Lock()
+
+    def emit(self, kind: str, *, experiment: int | None = None, **data: Any) -> None:
+        with self._lock:
+            self.sink.emit(kind, experiment=experiment, **data)
 
 
 class FanOut:

@@ -139,6 +139,22 @@ class SandboxSpec(_Section):
     hide: list[str] = Field(default_factory=list, description="extra lab paths hidden from runs")
 
 
+class ExecutorSpec(_Section):
+    """How many experiments run at once, and where (issue: many experiments at once)."""
+
+    kind: Literal["local", "ray"] = "local"
+    slots: int = Field(default=1, ge=1, description="experiments at once")
+    pipeline: bool = Field(default=True, description="propose the next candidate while experiments run")
+    gpus_per_slot: int = Field(default=0, ge=0, description="GPUs pinned per slot via CUDA_VISIBLE_DEVICES")
+    gpus: list[int] = Field(default_factory=list, description="GPU ids to share out (default 0..slots*gpus_per_slot-1)")
+    cpus_per_slot: int = Field(default=0, ge=0, description="CPU cores pinned per slot (0: no affinity)")
+    address: str = Field(default="", description="ray: cluster address (auto, ray://host:port); empty starts one")
+    num_cpus: float = Field(default=1.0, ge=0, description="ray: CPUs requested per experiment")
+    num_gpus: float = Field(default=0.0, ge=0, description="ray: GPUs requested per experiment")
+    resources: dict[str, float] = Field(default_factory=dict, description="ray: custom resources per experiment")
+    max_retries: int = Field(default=2, ge=0, description="ray: retries of a task whose worker died, then lost")
+
+
 DEFAULT_AGENT_DENY = (
     "sudo *", "su", "su *", "git push*", "git remote*", "git config*", "ssh *", "scp *", "curl *", "wget *",
     "nc *", "rm -rf /*", "rm -rf ~*", "chmod -R *", "crontab*", "systemctl*", "docker *", "pip install*",
@@ -209,6 +225,7 @@ class Spec(_Section):
     researcher: ResearcherSpec = Field(default_factory=ResearcherSpec)
     accept: AcceptSpec = Field(default_factory=AcceptSpec)
     sandbox: SandboxSpec = Field(default_factory=SandboxSpec)
+    executor: ExecutorSpec = Field(default_factory=ExecutorSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     holdout: HoldoutSpec = Field(default_factory=HoldoutSpec)
     permissions: PermissionsSpec = Field(default_factory=PermissionsSpec)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,8 @@ class Workspace:
         self.state_dir = self.lab_dir / ".nightlab"
         self.worktrees_dir = self.state_dir / "worktrees"
         self.git_dir = Path(self._run(["rev-parse", "--path-format=absolute", "--git-common-dir"]).strip())
+        # `git worktree add/prune` touch shared state in .git/worktrees: one at a time per process
+        self._worktree_lock = threading.RLock()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -176,17 +179,19 @@ class Workspace:
 
     def add_worktree(self, name: str, commit: str) -> Path:
         path = self.worktrees_dir / name
-        if path.exists():
-            self.remove_worktree(path)
-        self.worktrees_dir.mkdir(parents=True, exist_ok=True)
-        self._run(["worktree", "add", "--detach", "--quiet", str(path), commit])
+        with self._worktree_lock:
+            if path.exists():
+                self.remove_worktree(path)
+            self.worktrees_dir.mkdir(parents=True, exist_ok=True)
+            self._run(["worktree", "add", "--detach", "--quiet", str(path), commit])
         return path
 
     def remove_worktree(self, path: Path) -> None:
         """Remove from outside: never runs git inside ``path``."""
         if path.exists():
             shutil.rmtree(path, ignore_errors=True)
-        self._run(["worktree", "prune"], check=False)
+        with self._worktree_lock:
+            self._run(["worktree", "prune"], check=False)
 
     def remove_stale_worktrees(self, prefix: str) -> list[Path]:
         removed = []
