@@ -103,7 +103,8 @@ def pending(ledger: Ledger, session_id: int | None = None) -> list[dict[str, Any
 def recent(ledger: Ledger, session_id: int | None = None, limit: int = 50) -> list[dict[str, Any]]:
     """Answered requests, newest first."""
     ensure_table(ledger)
-    q = sa.select(approvals).where(approvals.c.status != "pending").order_by(approvals.c.id.desc()).limit(limit)
+    q = sa.select(approvals).where(approvals.c.status != "pending")
+    q = q.order_by(approvals.c.id.desc()).limit(limit)
     if session_id is not None:
         q = q.where(approvals.c.session_id == session_id)
     with engine_of(ledger).connect() as conn, conn.begin():

@@ -294,9 +294,9 @@ def chart_data(ledger: Ledger, session: Session, max_points: int = 2000) -> Char
     holdouts = {int(i): h for i, ev in kept_ev.items() if (h := _holdout(ev)) is not None}
     best: list[tuple[int, float]] = []
     for idx, metric, status in rows:
-        if status == Status.KEEP.value and metric is not None:
-            if not best or session.direction.better(metric, best[-1][1]) or idx == 0:
-                best.append((int(idx), float(metric)))
+        better = not best or session.direction.better(metric, best[-1][1])
+        if status == Status.KEEP.value and metric is not None and better:
+            best.append((int(idx), float(metric)))
     points = [Point(int(i), m, s, holdouts.get(int(i))) for i, m, s in rows]
     total = len(points)
     downsampled = total > max_points
@@ -386,7 +386,8 @@ class CostSeries:
 
 
 def _slots(spec: dict[str, Any]) -> int:
-    for section, key in (("executor", "slots"), ("run", "slots"), ("run", "parallel"), ("executor", "parallel")):
+    places = (("executor", "slots"), ("run", "slots"), ("run", "parallel"), ("executor", "parallel"))
+    for section, key in places:
         value = (spec.get(section) or {}).get(key) if isinstance(spec.get(section), dict) else None
         if isinstance(value, int) and value > 0:
             return value

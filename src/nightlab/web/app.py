@@ -94,6 +94,13 @@ def duration(s: float | None) -> str:
     return f"{s / 3600:.2f} h"
 
 
+def time_unit(span_s: float) -> tuple[str, float]:
+    """The unit a time axis of ``span_s`` seconds reads best in."""
+    if span_s < 120:
+        return "seconds", 1.0
+    return ("minutes", 60.0) if span_s < 7200 else ("hours", 3600.0)
+
+
 def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | None = None) -> FastAPI:
     """The dashboard for ``ledger`` (and the audit log of ``lab_dir``), with ``access`` rules."""
     access = access or Access.make("127.0.0.1", None)
@@ -134,7 +141,8 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
                                                "(…?token=…) or send the X-Nightlab-Token header"))
         if request.method not in ("GET", "HEAD", "OPTIONS"):
             if not same_token(request.headers.get(TOKEN_HEADER), access.token):
-                return _secure(_deny(request, 403, "acting needs the dashboard token in the X-Nightlab-Token header"))
+                why = "acting needs the dashboard token in the X-Nightlab-Token header"
+                return _secure(_deny(request, 403, why))
             origin = request.headers.get("origin")
             if origin and origin != "null" and host_name(origin.split("://", 1)[-1]) != host:
                 return _secure(_deny(request, 403, f"cross-origin request refused (Origin {origin})"))
@@ -171,7 +179,8 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
             raise HTTPException(422, f"unknown sort {sort!r}; one of {sorted(queries.SORTS)}")
         if order not in ("asc", "desc"):
             raise HTTPException(422, "order must be asc or desc")
-        return dict(statuses=[x for x in status or [] if x], researcher=researcher or None, sort=sort, order=order)
+        statuses = [x for x in status or [] if x]
+        return dict(statuses=statuses, researcher=researcher or None, sort=sort, order=order)
 
     def cursor(s: Session, rows: list[queries.ExperimentRow], since: int | None) -> int:
         running = [r.idx for r in rows if r.status == Status.RUNNING.value]
@@ -263,7 +272,7 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
         s = session_or_404(tag)
         t = queries.timing(ledger, s.id)
         series = queries.cost_series(ledger, s.id)
-        unit, div = ("seconds", 1.0) if t.span_s < 120 else ("minutes", 60.0) if t.span_s < 7200 else ("hours", 3600.0)
+        unit, div = time_unit(t.span_s)
         hours = [b.t0 / div for b in series.buckets]
         x_label = f"{unit} since start"
         cum, acc = [], 0.0
@@ -272,18 +281,20 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
             cum.append(acc)
         spend = charts.line_svg(hours, cum, x_label=x_label, y_label="spend (USD, cumulative)")
         secs = charts.stacked_svg(
-            hours, {"proposing": [b.propose_s for b in series.buckets], "running": [b.run_s for b in series.buckets],
+            hours, {"proposing": [b.propose_s for b in series.buckets],
+                    "running": [b.run_s for b in series.buckets],
                     "overhead": [b.overhead_s for b in series.buckets]},
             {"proposing": "#fdae61", "running": "#2b83ba", "overhead": "#bbbbbb"},
             x_label=x_label, y_label="seconds",
         )
         rate = charts.stacked_svg(
-            hours, {"keep": [b.keeps for b in series.buckets], "other": [b.n - b.keeps for b in series.buckets]},
+            hours, {"keep": [b.keeps for b in series.buckets],
+                    "other": [b.n - b.keeps for b in series.buckets]},
             {"keep": charts.STATUS_COLOURS["keep"], "other": "#cccccc"},
             x_label=x_label, y_label="experiments",
         )
-        return page(request, "costs.html", s=s, t=t, spend_svg=spend, secs_svg=secs, rate_svg=rate, nav="session",
-                    usage=ledger.usage_totals(s.id))
+        return page(request, "costs.html", s=s, t=t, spend_svg=spend, secs_svg=secs, rate_svg=rate,
+                    nav="session", usage=ledger.usage_totals(s.id))
 
     @app.get("/audit", response_class=HTMLResponse)
     def audit_page(request: Request, page_: int = Query(0, alias="page", ge=0)) -> HTMLResponse:
@@ -299,8 +310,9 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
         for a in approvals.pending(ledger, sid):
             s = by_id.get(a["session_id"])
             red = redactor_for(s)[0] if s else redactor
-            items.append(dict(a, tag=s.tag if s else "?", rationale=red.text(a["rationale"]),
-                              diff_html=highlight(red.text(a["diff"]), DiffLexer(), formatter) if a["diff"] else ""))
+            diff_html = highlight(red.text(a["diff"]), DiffLexer(), formatter) if a["diff"] else ""
+            tag = s.tag if s else "?"
+            items.append(dict(a, tag=tag, rationale=red.text(a["rationale"]), diff_html=diff_html))
         done = [dict(a, tag=by_id[a["session_id"]].tag if a["session_id"] in by_id else "?")
                 for a in approvals.recent(ledger, sid, 20)]
         return page(request, "approvals.html", items=items, done=done, session=session, nav="approvals")
@@ -314,7 +326,8 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
     @app.get("/api/sessions")
     def api_sessions() -> list[dict[str, Any]]:
         return [dict(session_dict(x.session), counts=x.counts, experiments=x.total, cost_usd=x.cost_usd,
-                     tokens=x.tokens, last_activity=x.last_activity) for x in queries.session_summaries(ledger)]
+                     tokens=x.tokens, last_activity=x.last_activity)
+                for x in queries.session_summaries(ledger)]
 
     @app.get("/api/sessions/{tag}")
     def api_session(tag: str) -> dict[str, Any]:
@@ -389,7 +402,7 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
             row = approvals.answer(ledger, approval_id, body.approved, body.why, body.who or "dashboard")
         except UsageError as e:
             raise HTTPException(409 if "already" in e.message else 404, e.message) from None
-        return redactor.data(row)  # type: ignore[no-any-return]
+        return dict(redactor.data(row))
 
     return app
 

@@ -53,7 +53,8 @@ def _verify(path: Path) -> tuple[bool | None, int | None, int | None, str]:
             return _cache[key]
     try:
         r = audit.verify(path)
-        out = (bool(r.ok), getattr(r, "count", None), getattr(r, "first_bad_seq", None), str(getattr(r, "reason", "")))
+        out = (bool(r.ok), getattr(r, "count", None), getattr(r, "first_bad_seq", None),
+               str(getattr(r, "reason", "")))
     except Exception as e:  # a verifier failure is shown, not raised: the page must still answer
         out = (False, None, None, f"verification failed: {type(e).__name__}: {e}")
     with _lock:

@@ -55,7 +55,7 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 
 def _quantile(sorted_vals: Sequence[float], q: float) -> float:
-    i = min(len(sorted_vals) - 1, max(0, int(round(q * (len(sorted_vals) - 1)))))
+    i = min(len(sorted_vals) - 1, max(0, round(q * (len(sorted_vals) - 1))))
     return sorted_vals[i]
 
 
@@ -113,8 +113,9 @@ def progress_svg(
         if t != int(t):
             continue
         x = sx(t)
-        out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{mt + ph}" y2="{mt + ph + strip + 4}" stroke="#ccc"/>')
-        out.append(f'<text x="{x:.1f}" y="{mt + ph + strip + 18}" text-anchor="middle" fill="#666">{int(t)}</text>')
+        y0 = mt + ph
+        out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{y0}" y2="{y0 + strip + 4}" stroke="#ccc"/>')
+        out.append(_text(x, y0 + strip + 18, str(int(t)), "middle"))
     out.append(f'<text x="{ml + pw / 2}" y="{height - 6}" text-anchor="middle" fill="#444">experiment</text>')
     out.append(f'<text transform="translate(14 {mt + ph / 2}) rotate(-90)" text-anchor="middle" fill="#444">'
                f'{escape(data.metric_name)} ({escape(data.direction)})</text>')
@@ -144,7 +145,8 @@ def progress_svg(
         r = 4.5 if p.status == "keep" else 3
         fill = colour if p.status in ("keep", "running") or p.metric is None else "white"
         circle = (f'<circle class="{cls} st-{p.status}" data-idx="{p.idx}" data-status="{p.status}" '
-                  f'cx="{sx(p.idx):.1f}" cy="{y:.1f}" r="{r}" fill="{fill}" stroke="{colour}" stroke-width="1.5">'
+                  f'cx="{sx(p.idx):.1f}" cy="{y:.1f}" r="{r}" fill="{fill}" stroke="{colour}" '
+                  'stroke-width="1.5">'
                   f'<title>{escape(label)}</title></circle>')
         out.append(f'<a href="{escape(href(p.idx))}">{circle}</a>' if href else circle)
     out.append("</g>")
@@ -152,8 +154,10 @@ def progress_svg(
         if p.holdout is not None:
             x, y = sx(p.idx), sy(min(max(p.holdout, y_lo), y_hi))
             out.append(f'<path class="holdout" d="M{x:.1f} {y - 5:.1f}l5 5l-5 5l-5 -5z" fill="none" '
-                       f'stroke="{HOLDOUT}" stroke-width="1.5"><title>#{p.idx} holdout {fmt(p.holdout)}</title></path>')
-    out.append(_legend(ml + 4, 14, bool(data.baseline is not None), any(p.holdout is not None for p in data.points)))
+                       f'stroke="{HOLDOUT}" stroke-width="1.5">'
+                       f'<title>#{p.idx} holdout {fmt(p.holdout)}</title></path>')
+    has_holdout = any(p.holdout is not None for p in data.points)
+    out.append(_legend(ml + 4, 14, data.baseline is not None, has_holdout))
     if data.downsampled:
         out.append(f'<text x="{ml + pw}" y="14" text-anchor="end" fill="#999">showing {len(data.points)} of '
                    f'{data.total} (every keep; min/max of the rest)</text>')
@@ -167,7 +171,7 @@ def _legend(x: float, y: float, baseline: bool, holdout: bool) -> str:
     out, cx = [], x
     for name, colour, filled in items:
         out.append(f'<circle cx="{cx + 4}" cy="{y - 4}" r="4" fill="{colour if filled else "white"}" '
-                   f'stroke="{colour}" stroke-width="1.5"/><text x="{cx + 12}" y="{y}" fill="#444">{name}</text>')
+                   f'stroke="{colour}" stroke-width="1.5"/>' + _text(cx + 12, y, name, fill="#444"))
         cx += 22 + 6.5 * len(name)
     out.append(f'<line x1="{cx}" x2="{cx + 18}" y1="{y - 4}" y2="{y - 4}" stroke="{BEST}" stroke-width="2"/>'
                f'<text x="{cx + 22}" y="{y}" fill="#444">best so far</text>')
@@ -177,8 +181,8 @@ def _legend(x: float, y: float, baseline: bool, holdout: bool) -> str:
                    f'stroke-dasharray="5 4"/><text x="{cx + 22}" y="{y}" fill="#444">baseline</text>')
         cx += 80
     if holdout:
-        out.append(f'<path d="M{cx + 6} {y - 9}l5 5l-5 5l-5 -5z" fill="none" stroke="{HOLDOUT}" stroke-width="1.5"/>'
-                   f'<text x="{cx + 16}" y="{y}" fill="#444">holdout</text>')
+        out.append(f'<path d="M{cx + 6} {y - 9}l5 5l-5 5l-5 -5z" fill="none" stroke="{HOLDOUT}" '
+                   f'stroke-width="1.5"/>' + _text(cx + 16, y, "holdout", fill="#444"))
     return "".join(out)
 
 
@@ -189,8 +193,7 @@ def line_svg(
     """A small line chart (e.g. cumulative spend over hours)."""
     ml, mr, mt, mb = 60, 12, 12, 36
     pw, ph = width - ml - mr, height - mt - mb
-    out = [f'<svg class="nl-line" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
-           f'width="100%" {FONT}>', f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="#fbfbfb" stroke="#e3e3e3"/>']
+    out = [_open("nl-line", width, height), _frame(ml, mt, pw, ph)]
     if xs:
         x_lo, x_hi = min(xs), max(xs)
         y_lo, y_hi = min(0.0, min(ys)), max(ys)
@@ -205,14 +208,12 @@ def line_svg(
 
         for t in nice_ticks(y_lo, y_hi, 4):
             out.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#ececec"/>'
-                       f'<text x="{ml - 5}" y="{sy(t) + 4:.1f}" text-anchor="end" fill="#666">{fmt(t)}</text>')
+                       + _text(ml - 5, sy(t) + 4, fmt(t), "end"))
         for t in nice_ticks(x_lo, x_hi, 5):
-            out.append(f'<text x="{sx(t):.1f}" y="{mt + ph + 15}" text-anchor="middle" fill="#666">{fmt(t)}</text>')
+            out.append(_text(sx(t), mt + ph + 15, fmt(t), "middle"))
         pts = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(xs, ys, strict=True))
         out.append(f'<polyline points="{pts}" fill="none" stroke="{colour}" stroke-width="2"/>')
-    out.append(f'<text x="{ml + pw / 2}" y="{height - 4}" text-anchor="middle" fill="#444">{escape(x_label)}</text>')
-    out.append(f'<text transform="translate(12 {mt + ph / 2}) rotate(-90)" text-anchor="middle" fill="#444">'
-               f'{escape(y_label)}</text></svg>')
+    out.append(_axis_labels(ml, mt, pw, ph, height, x_label, y_label))
     return "".join(out)
 
 
@@ -223,8 +224,7 @@ def stacked_svg(
     """Stacked bars, one per x (e.g. seconds proposing / running / overhead per time bucket)."""
     ml, mr, mt, mb = 60, 12, 22, 36
     pw, ph = width - ml - mr, height - mt - mb
-    out = [f'<svg class="nl-stack" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
-           f'width="100%" {FONT}>', f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="#fbfbfb" stroke="#e3e3e3"/>']
+    out = [_open("nl-stack", width, height), _frame(ml, mt, pw, ph)]
     n = len(xs)
     totals = [sum(s[i] for s in series.values()) for i in range(n)]
     top = max(totals, default=0.0) or 1.0
@@ -247,13 +247,31 @@ def stacked_svg(
     if n:
         for t in nice_ticks(min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1, 5):
             x = ml + pw * ((t - min(xs)) / ((max(xs) - min(xs)) or 1))
-            out.append(f'<text x="{x:.1f}" y="{mt + ph + 15}" text-anchor="middle" fill="#666">{fmt(t)}</text>')
-    cx = ml
+            out.append(_text(x, mt + ph + 15, fmt(t), "middle"))
+    cx: float = ml
     for name, colour in colours.items():
         out.append(f'<rect x="{cx}" y="4" width="10" height="10" fill="{colour}"/>'
                    f'<text x="{cx + 14}" y="13" fill="#444">{escape(name)}</text>')
         cx += 24 + 6.5 * len(name)
-    out.append(f'<text x="{ml + pw / 2}" y="{height - 4}" text-anchor="middle" fill="#444">{escape(x_label)}</text>')
-    out.append(f'<text transform="translate(12 {mt + ph / 2}) rotate(-90)" text-anchor="middle" fill="#444">'
-               f'{escape(y_label)}</text></svg>')
+    out.append(_axis_labels(ml, mt, pw, ph, height, x_label, y_label))
     return "".join(out)
+
+
+def _text(x: float, y: float, s: str, anchor: str = "start", fill: str = "#666") -> str:
+    return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" fill="{fill}">{escape(s)}</text>'
+
+
+def _open(cls: str, width: int, height: int) -> str:
+    return (f'<svg class="{cls}" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
+            f'width="100%" {FONT}>')
+
+
+def _frame(x: float, y: float, w: float, h: float) -> str:
+    return f'<rect x="{x}" y="{y}" width="{w}" height="{h}" fill="#fbfbfb" stroke="#e3e3e3"/>'
+
+
+def _axis_labels(ml: float, mt: float, pw: float, ph: float, height: float, x_label: str,
+                 y_label: str) -> str:
+    return (_text(ml + pw / 2, height - 4, x_label, "middle", "#444")
+            + f'<text transform="translate(12 {mt + ph / 2}) rotate(-90)" text-anchor="middle" fill="#444">'
+            f'{escape(y_label)}</text></svg>')
