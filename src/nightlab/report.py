@@ -110,8 +110,8 @@ def progress_png(ledger: Ledger, session: Session, path: Path) -> Path:
         failed = [p for p in data.points if p.metric is None]
         ax.scatter([p.idx for p in others], [float(p.metric or 0.0) for p in others], s=12, facecolors="none",
                    edgecolors="#a0a0a0", linewidths=0.8, label="discarded", zorder=2)
-        ax.scatter([p.idx for p in keeps], [float(p.metric or 0.0) for p in keeps], s=30, color="#1a9850", label="kept",
-                   zorder=4)
+        ax.scatter([p.idx for p in keeps], [float(p.metric or 0.0) for p in keeps], s=30, color="#1a9850",
+                   label="kept", zorder=4)
         if data.best:
             xs = [i for i, _ in data.best] + [data.last_idx]
             ys = [m for _, m in data.best] + [data.best[-1][1]]
@@ -121,8 +121,8 @@ def progress_png(ledger: Ledger, session: Session, path: Path) -> Path:
             ax.axhline(data.baseline, color="#555", linestyle="--", linewidth=1, label="baseline", zorder=1)
         hold = [p for p in data.points if p.holdout is not None]
         if hold:
-            ax.scatter([p.idx for p in hold], [float(p.holdout or 0.0) for p in hold], marker="D", s=28, facecolors="none",
-                       edgecolors="#e6a100", label="holdout", zorder=5)
+            ax.scatter([p.idx for p in hold], [float(p.holdout or 0.0) for p in hold], marker="D", s=28,
+                       facecolors="none", edgecolors="#e6a100", label="holdout", zorder=5)
         if failed:
             y0 = ax.get_ylim()[0]
             ax.scatter([p.idx for p in failed], [y0] * len(failed), marker="x", s=14, color="#d73027",
