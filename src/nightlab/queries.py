@@ -294,8 +294,9 @@ def chart_data(ledger: Ledger, session: Session, max_points: int = 2000) -> Char
     holdouts = {int(i): h for i, ev in kept_ev.items() if (h := _holdout(ev)) is not None}
     best: list[tuple[int, float]] = []
     for idx, metric, status in rows:
-        better = not best or session.direction.better(metric, best[-1][1])
-        if status == Status.KEEP.value and metric is not None and better:
+        if status != Status.KEEP.value or metric is None:
+            continue
+        if not best or session.direction.better(metric, best[-1][1]):
             best.append((int(idx), float(metric)))
     points = [Point(int(i), m, s, holdouts.get(int(i))) for i, m, s in rows]
     total = len(points)
