@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from nightlab.ledger import Ledger, candidates, experiments, sessions
-from nightlab.types import Session, Status
+from nightlab.types import Session, Status, Usage
 
+T = TypeVar("T")
+Row3 = tuple[int, float | None, str]  # (idx, metric, status)
 E = experiments.c
 C = candidates.c
 
@@ -43,6 +47,18 @@ SORTS: dict[str, Any] = {
 
 MAX_LIMIT = 500
 
+DASHBOARD_INDEXES = {
+    # every column the chart, the counts, the timing sums and the table's sorts read: these
+    # scans never touch the wide rows (log tails, diffs)
+    "ix_dash_experiments_cover": ("experiments", "session_id, idx, status, metric, started_at, finished_at, "
+                                                 "propose_s, run_s, overhead_s"),
+    "ix_dash_candidates_cover": ("candidates", "experiment_id, researcher, cost_usd, tokens_in, tokens_out, "
+                                               "tokens_cached"),
+}
+"""Covering indexes for the dashboard's reads of big sessions, as plain DDL (they are not
+part of the ledger's Table objects). Created by :func:`ensure_indexes` until a ledger
+migration owns them."""
+
 
 def engine_of(ledger: Ledger) -> Engine:
     """The ledger's SQLAlchemy engine (``ledger.engine``, or the early private name)."""
@@ -57,6 +73,59 @@ def reading(ledger: Ledger) -> Iterator[Connection]:
     """One short read transaction."""
     with engine_of(ledger).connect() as conn, conn.begin():
         yield conn
+
+
+def ensure_indexes(ledger: Ledger) -> None:
+    """Create :data:`DASHBOARD_INDEXES` where missing (``CREATE INDEX IF NOT EXISTS``).
+
+    The only write here. It runs once when the dashboard starts; on a ledger of 100,000
+    experiments it takes about a second, and later calls cost a catalogue look-up.
+    """
+    with engine_of(ledger).connect() as conn:
+        conn.execution_options(nightlab_write=True)
+        with conn.begin():
+            for name, (table, columns) in DASHBOARD_INDEXES.items():
+                conn.execute(sa.text(f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({columns})"))
+
+
+# --------------------------------------------------------------------------- memo
+
+_memo: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+_memo_lock = threading.Lock()
+MEMO_SIZE = 64
+
+
+def version(ledger: Ledger, session_id: int | None) -> tuple[Any, ...]:
+    """A cheap signature that changes whenever the engine changes a session's data: an
+    experiment starts (count), finishes (running count), a keep moves the incumbent or the
+    session's row changes (``updated_at``). Answered from indexes in a few milliseconds."""
+    where = [E.session_id == session_id] if session_id is not None else []
+    q = sa.select(sa.func.count(), sa.func.max(E.id)).select_from(experiments).where(*where)
+    rq = sa.select(sa.func.count()).select_from(experiments).where(*where, E.status == Status.RUNNING.value)
+    sq = sa.select(sa.func.count(), sa.func.max(sessions.c.updated_at))
+    if session_id is not None:
+        sq = sq.where(sessions.c.id == session_id)
+    with reading(ledger) as conn:
+        return (*conn.execute(q).one(), conn.execute(rq).scalar_one(), *conn.execute(sq).one())
+
+
+def memoized(ledger: Ledger, session_id: int | None, name: str, compute: Callable[[], T], *args: Any) -> T:
+    """``compute()``, reused while :func:`version` of the session is unchanged.
+
+    Big sessions change once per experiment (seconds to minutes apart) but their pages are
+    read far more often; the signature costs one index scan instead of the aggregate.
+    """
+    key = (id(engine_of(ledger)), session_id, name, args, version(ledger, session_id))
+    with _memo_lock:
+        if key in _memo:
+            _memo.move_to_end(key)
+            return cast(T, _memo[key])
+    value = compute()
+    with _memo_lock:
+        _memo[key] = value
+        while len(_memo) > MEMO_SIZE:
+            _memo.popitem(last=False)
+    return value
 
 
 # --------------------------------------------------------------------------- rows
@@ -131,6 +200,11 @@ def _row(r: Any) -> ExperimentRow:
 
 
 def session_summaries(ledger: Ledger) -> list[SessionSummary]:
+    """See ``_session_summaries``; memoized per session version (:func:`memoized`)."""
+    return memoized(ledger, None, "session_summaries", lambda: _session_summaries(ledger))
+
+
+def _session_summaries(ledger: Ledger) -> list[SessionSummary]:
     """Every session, newest first, with its experiment counts by status and its spend."""
     with reading(ledger) as conn:
         rows = conn.execute(sa.select(sessions.c.id).order_by(sessions.c.id.desc())).all()
@@ -173,12 +247,22 @@ def spec_json(ledger: Ledger, session_id: int) -> dict[str, Any]:
 
 
 def status_counts(ledger: Ledger, session_id: int) -> dict[str, int]:
+    """See ``_status_counts``; memoized per session version (:func:`memoized`)."""
+    return memoized(ledger, session_id, "status_counts", lambda: _status_counts(ledger, session_id))
+
+
+def _status_counts(ledger: Ledger, session_id: int) -> dict[str, int]:
     q = sa.select(E.status, sa.func.count()).where(E.session_id == session_id).group_by(E.status)
     with reading(ledger) as conn:
         return {s: int(n) for s, n in conn.execute(q)}
 
 
 def researchers(ledger: Ledger, session_id: int) -> list[str]:
+    """See ``_researchers``; memoized per session version (:func:`memoized`)."""
+    return memoized(ledger, session_id, "researchers", lambda: _researchers(ledger, session_id))
+
+
+def _researchers(ledger: Ledger, session_id: int) -> list[str]:
     """The researchers that proposed the session's candidates (for the table's filter)."""
     q = (
         sa.select(C.researcher).distinct().select_from(_joined())
@@ -226,14 +310,20 @@ def experiments_page(
     col = SORTS[sort]
     key = (col.asc() if order == "asc" else col.desc()).nulls_last()
     tiebreak = E.idx.asc() if order == "asc" else E.idx.desc()
-    q = sa.select(*_row_columns()).select_from(_joined()).where(*where)
-    q = q.order_by(key, tiebreak) if sort != "idx" else q.order_by(tiebreak)
-    q = q.limit(limit).offset(offset)
-    count_from = _joined() if researcher else experiments
-    cq = sa.select(sa.func.count()).select_from(count_from).where(*where)
+    needs_cand = bool(researcher) or sort in ("researcher", "cost", "tokens")
+    # phase 1 reads only indexed columns (covering indexes); phase 2 fetches the page's rows
+    ids_from = _joined() if needs_cand else experiments
+    ids_q = sa.select(E.id).select_from(ids_from).where(*where)
+    ids_q = ids_q.order_by(key, tiebreak) if sort != "idx" else ids_q.order_by(tiebreak)
+    ids_q = ids_q.limit(limit).offset(offset)
+    cq = sa.select(sa.func.count()).select_from(_joined() if researcher else experiments).where(*where)
     with reading(ledger) as conn:
-        rows = [_row(r) for r in conn.execute(q)]
+        ids = [i for (i,) in conn.execute(ids_q)]
+        found = {r.id: r for r in conn.execute(
+            sa.select(E.id, *_row_columns()).select_from(_joined()).where(E.id.in_(ids))
+        )} if ids else {}
         total = int(conn.execute(cq).scalar_one())
+    rows = [_row(found[i]) for i in ids if i in found]
     return Page(rows, total, limit, offset)
 
 
@@ -276,6 +366,11 @@ def _holdout(evidence_json: str | None) -> float | None:
 
 
 def chart_data(ledger: Ledger, session: Session, max_points: int = 2000) -> ChartData:
+    """See ``_chart_data``; memoized per session version (:func:`memoized`)."""
+    return memoized(ledger, session.id, "chart_data", lambda: _chart_data(ledger, session, max_points), max_points)
+
+
+def _chart_data(ledger: Ledger, session: Session, max_points: int = 2000) -> ChartData:
     """Every experiment as a point (idx, metric, status), the running best and the baseline.
 
     Over ``max_points`` experiments the points are downsampled: every keep and every
@@ -285,49 +380,74 @@ def chart_data(ledger: Ledger, session: Session, max_points: int = 2000) -> Char
     is read from a keep's evidence (``evidence["holdout"]``, a number or ``{"metric": x}``).
     """
     with reading(ledger) as conn:
-        rows = conn.execute(
+        rows: list[tuple[int, float | None, str]] = [tuple(r) for r in conn.execute(  # type: ignore[misc]
             sa.select(E.idx, E.metric, E.status).where(E.session_id == session.id).order_by(E.idx)
-        ).all()
+        ).tuples()]
         kept_ev = dict(conn.execute(
             sa.select(E.idx, E.evidence_json).where(E.session_id == session.id, E.status == Status.KEEP.value)
         ).all())
     holdouts = {int(i): h for i, ev in kept_ev.items() if (h := _holdout(ev)) is not None}
+    keep, running = Status.KEEP.value, Status.RUNNING.value
+    better = session.direction.better
     best: list[tuple[int, float]] = []
     for idx, metric, status in rows:
-        if status != Status.KEEP.value or metric is None:
-            continue
-        if not best or session.direction.better(metric, best[-1][1]):
-            best.append((int(idx), float(metric)))
-    points = [Point(int(i), m, s, holdouts.get(int(i))) for i, m, s in rows]
-    total = len(points)
+        if status == keep and metric is not None and (not best or better(metric, best[-1][1])):
+            best.append((idx, metric))
+    total = len(rows)
+    last_idx = int(rows[-1][0]) if rows else 0
     downsampled = total > max_points
     if downsampled:
-        points = _downsample(points, max_points)
+        rows = _downsample(rows, max_points, keep, running)
+        best = _thin_steps(best, last_idx, max_points)
+    points = [Point(i, m, st, holdouts.get(i)) for i, m, st in rows]
     return ChartData(
         points=points, total=total, downsampled=downsampled, best=best,
-        last_idx=int(rows[-1][0]) if rows else 0, baseline=session.baseline_metric,
+        last_idx=last_idx, baseline=session.baseline_metric,
         direction=session.direction.value, metric_name=session.metric_name,
     )
 
 
-def _downsample(points: list[Point], max_points: int) -> list[Point]:
-    keep = {p.idx: p for p in points if p.status in (Status.KEEP.value, Status.RUNNING.value) or p.idx == 0}
-    rest = [p for p in points if p.idx not in keep]
-    n_buckets = max(1, (max_points - len(keep)) // 3)
-    if rest and n_buckets:
-        size = max(1, math.ceil(len(rest) / n_buckets))
-        for start in range(0, len(rest), size):
-            bucket = rest[start:start + size]
-            with_metric = [p for p in bucket if p.metric is not None]
-            if with_metric:
-                lo = min(with_metric, key=lambda p: p.metric)  # type: ignore[arg-type,return-value]
-                hi = max(with_metric, key=lambda p: p.metric)  # type: ignore[arg-type,return-value]
-                keep[lo.idx] = lo
-                keep[hi.idx] = hi
-            without = next((p for p in bucket if p.metric is None), None)
-            if without is not None:
-                keep[without.idx] = without
-    return [keep[i] for i in sorted(keep)]
+def _decimate(items: list[Any], n: int) -> list[Any]:
+    """At most ``n`` items spread evenly, the first and the last always among them."""
+    if len(items) <= n:
+        return items
+    step = (len(items) - 1) / max(1, n - 1)
+    return [items[round(k * step)] for k in range(n)]
+
+
+def _downsample(rows: list[Row3], max_points: int, keep: str, running: str) -> list[Row3]:
+    special = [r for r in rows if r[2] == keep or r[2] == running or r[0] == 0]
+    chosen = {r[0]: r for r in _decimate(special, max_points // 3)}
+    rest = [r for r in rows if r[2] != keep and r[2] != running and r[0] != 0]
+    n_buckets = max(1, (max_points - len(chosen)) // 3)
+    size = max(1, math.ceil(len(rest) / n_buckets))
+    for start in range(0, len(rest), size):
+        bucket = rest[start:start + size]
+        with_metric = [r for r in bucket if r[1] is not None]
+        if with_metric:
+            lo = min(with_metric, key=_metric_key)
+            hi = max(with_metric, key=_metric_key)
+            chosen[lo[0]] = lo
+            chosen[hi[0]] = hi
+        without = next((r for r in bucket if r[1] is None), None)
+        if without is not None:
+            chosen[without[0]] = without
+    return [chosen[i] for i in sorted(chosen)]
+
+
+def _metric_key(r: Row3) -> float:
+    return r[1] if r[1] is not None else math.nan
+
+
+def _thin_steps(best: list[tuple[int, float]], last_idx: int, max_points: int) -> list[tuple[int, float]]:
+    """The running best with at most about ``max_points`` steps: per x bucket, its last step."""
+    if len(best) <= max_points:
+        return best
+    width = max(1, math.ceil((last_idx + 1) / max_points))
+    out: dict[int, tuple[int, float]] = {}
+    for step in best:
+        out[step[0] // width] = step
+    return [best[0], *[out[k] for k in sorted(out) if out[k] != best[0]]]
 
 
 # --------------------------------------------------------------------------- cost and latency
@@ -348,6 +468,7 @@ class Timing:
     tokens_out: int
     tokens_cached: int
     slots: int
+    usage_s: float = 0.0  # seconds the researchers reported for proposing (their own clock)
 
     @property
     def span_s(self) -> float:
@@ -367,6 +488,10 @@ class Timing:
         span = self.span_s
         busy = self.propose_s + self.run_s + self.overhead_s
         return min(1.0, busy / (span * self.slots)) if span > 0 else None
+
+
+    def usage(self) -> Usage:
+        return Usage(self.tokens_in, self.tokens_out, self.tokens_cached, self.cost_usd, self.usage_s)
 
 
 @dataclass(frozen=True)
@@ -396,6 +521,11 @@ def _slots(spec: dict[str, Any]) -> int:
 
 
 def timing(ledger: Ledger, session_id: int) -> Timing:
+    """See ``_timing``; memoized per session version (:func:`memoized`)."""
+    return memoized(ledger, session_id, "timing", lambda: _timing(ledger, session_id))
+
+
+def _timing(ledger: Ledger, session_id: int) -> Timing:
     q = sa.select(
         sa.func.count(),
         sa.func.coalesce(sa.func.sum(E.propose_s), 0.0),
@@ -407,18 +537,23 @@ def timing(ledger: Ledger, session_id: int) -> Timing:
         sa.func.coalesce(sa.func.sum(C.tokens_in), 0),
         sa.func.coalesce(sa.func.sum(C.tokens_out), 0),
         sa.func.coalesce(sa.func.sum(C.tokens_cached), 0),
+        sa.func.coalesce(sa.func.sum(C.usage_s), 0.0),
     ).select_from(_joined()).where(E.session_id == session_id)
     with reading(ledger) as conn:
-        n, prop, run, over, first, last, cost, t_in, t_out, t_cached = conn.execute(q).one()
-    # the propose phase happens before started_at: count it into the span
+        n, prop, run, over, first, last, cost, t_in, t_out, t_cached, usage_s = conn.execute(q).one()
     first_start = float(first) if first is not None else None
     return Timing(
         int(n), float(prop), float(run), float(over), first_start, float(last) if last is not None else None,
-        float(cost), int(t_in), int(t_out), int(t_cached), _slots(spec_json(ledger, session_id)),
+        float(cost), int(t_in), int(t_out), int(t_cached), _slots(spec_json(ledger, session_id)), float(usage_s),
     )
 
 
 def cost_series(ledger: Ledger, session_id: int, buckets: int = 60) -> CostSeries:
+    """See ``_cost_series``; memoized per session version (:func:`memoized`)."""
+    return memoized(ledger, session_id, "cost_series", lambda: _cost_series(ledger, session_id, buckets), buckets)
+
+
+def _cost_series(ledger: Ledger, session_id: int, buckets: int = 60) -> CostSeries:
     """Experiments bucketed by start time: count, keeps, spend and seconds per bucket (in SQL)."""
     with reading(ledger) as conn:
         first, last = conn.execute(

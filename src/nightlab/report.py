@@ -89,7 +89,7 @@ def render_html(ledger: Ledger, session: Session, png_name: str = "progress.png"
     return str(env.get_template("report.html").render(
         s=session, chart=chart, spend_svg=spend, secs_svg=secs, t=t, kept=kept_view, rows=rows, red=red,
         total=page.total, truncated=page.total > len(rows), counts=queries.status_counts(ledger, session.id),
-        improvement=improvement_pct(session), usage=ledger.usage_totals(session.id),
+        improvement=improvement_pct(session), usage=t.usage(),
         css=(HERE / "static" / "style.css").read_text(encoding="utf-8"), generated=time.time(),
         spec=red.data(spec), machine=red.data(session.machine), png_name=png_name,
     ))

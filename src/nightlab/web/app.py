@@ -104,6 +104,7 @@ def time_unit(span_s: float) -> tuple[str, float]:
 def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | None = None) -> FastAPI:
     """The dashboard for ``ledger`` (and the audit log of ``lab_dir``), with ``access`` rules."""
     access = access or Access.make("127.0.0.1", None)
+    queries.ensure_indexes(ledger)
     app = FastAPI(title="nightlab", version=__version__, docs_url=None, redoc_url=None)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     env = templates.env
@@ -294,7 +295,7 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
             x_label=x_label, y_label="experiments",
         )
         return page(request, "costs.html", s=s, t=t, spend_svg=spend, secs_svg=secs, rate_svg=rate,
-                    nav="session", usage=ledger.usage_totals(s.id))
+                    nav="session", usage=t.usage())
 
     @app.get("/audit", response_class=HTMLResponse)
     def audit_page(request: Request, page_: int = Query(0, alias="page", ge=0)) -> HTMLResponse:
@@ -337,7 +338,7 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
         d = session_dict(s)
         d["machine"] = red.data(s.machine)
         return dict(d, spec=red.data(spec), counts=queries.status_counts(ledger, s.id),
-                    usage=asdict(ledger.usage_totals(s.id)),
+                    usage=asdict(t.usage()),
                     timing=dict(asdict(t), span_s=t.span_s, duty_cycle=t.duty_cycle, busy_cycle=t.busy_cycle),
                     pending_approvals=len(approvals.pending(ledger, s.id)))
 
@@ -380,7 +381,7 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
         t = queries.timing(ledger, s.id)
         series = queries.cost_series(ledger, s.id, buckets)
         return dict(timing=dict(asdict(t), span_s=t.span_s, duty_cycle=t.duty_cycle, busy_cycle=t.busy_cycle),
-                    usage=asdict(ledger.usage_totals(s.id)), bucket_s=series.width_s,
+                    usage=asdict(t.usage()), bucket_s=series.width_s,
                     buckets=[asdict(b) for b in series.buckets])
 
     @app.get("/api/audit")
