@@ -380,9 +380,8 @@ def _chart_data(ledger: Ledger, session: Session, max_points: int = 2000) -> Cha
     is read from a keep's evidence (``evidence["holdout"]``, a number or ``{"metric": x}``).
     """
     with reading(ledger) as conn:
-        rows: list[tuple[int, float | None, str]] = [tuple(r) for r in conn.execute(  # type: ignore[misc]
-            sa.select(E.idx, E.metric, E.status).where(E.session_id == session.id).order_by(E.idx)
-        ).tuples()]
+        result = conn.execute(sa.select(E.idx, E.metric, E.status).where(E.session_id == session.id).order_by(E.idx))
+        rows: list[Row3] = [tuple(r) for r in result]  # type: ignore[misc]
         kept_ev = dict(conn.execute(
             sa.select(E.idx, E.evidence_json).where(E.session_id == session.id, E.status == Status.KEEP.value)
         ).all())
