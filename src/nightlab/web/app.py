@@ -101,8 +101,11 @@ def time_unit(span_s: float) -> tuple[str, float]:
     return ("minutes", 60.0) if span_s < 7200 else ("hours", 3600.0)
 
 
-def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | None = None) -> FastAPI:
-    """The dashboard for ``ledger`` (and the audit log of ``lab_dir``), with ``access`` rules."""
+def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | None = None, *,
+               poll_ms: int = 2000) -> FastAPI:
+    """The dashboard for ``ledger`` (and the audit log of ``lab_dir``), with ``access`` rules.
+
+    Live pages poll the JSON API every ``poll_ms`` milliseconds."""
     access = access or Access.make("127.0.0.1", None)
     queries.ensure_indexes(ledger)
     app = FastAPI(title="nightlab", version=__version__, docs_url=None, redoc_url=None)
@@ -117,6 +120,7 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
     env.globals["statuses"] = STATUSES
     env.globals["token"] = access.token
     env.globals["version"] = __version__
+    env.globals["poll_ms"] = int(poll_ms)
     redactor = Redactor.from_env()
     formatter = HtmlFormatter(cssclass="hl")
     pygments_css = formatter.get_style_defs(".hl")

@@ -85,6 +85,6 @@
         const typing = document.activeElement && document.activeElement.classList.contains("why");
         if (fresh && !typing) location.reload();
       } catch (e) { /* try again */ }
-    }, 3000);
+    }, Math.max(1000, parseInt(body.dataset.poll || "3000", 10)));
   }
 })();
