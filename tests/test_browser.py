@@ -19,21 +19,29 @@ pytestmark = pytest.mark.browser
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None:
-    pytest.skip("chromium is not installed (apt-get install chromium chromium-driver)", allow_module_level=True)
+    pytest.skip(
+        "chromium is not installed (apt-get install chromium chromium-driver)", allow_module_level=True
+    )
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 uvicorn = pytest.importorskip("uvicorn", reason="the ui extra is not installed")
 
-from tests.dashlab import make_dash_lab, run_session, target
+from tests.dashlab import make_dash_lab, run_session, target  # noqa: E402
 
-from nightlab import approvals
-from nightlab.engine import Engine
-from nightlab.ledger import Ledger
-from nightlab.researchers.scripted import ScriptedResearcher
-from nightlab.web.app import create_app
-from nightlab.web.security import Access
+from nightlab import approvals  # noqa: E402
+from nightlab.engine import Engine  # noqa: E402
+from nightlab.ledger import Ledger  # noqa: E402
+from nightlab.researchers.scripted import ScriptedResearcher  # noqa: E402
+from nightlab.web.app import create_app  # noqa: E402
+from nightlab.web.security import Access  # noqa: E402
 
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 
@@ -113,20 +121,29 @@ def test_a_running_session_adds_a_point_without_reload(server, page, lab: Path):
     assert page.locator("svg.nl-chart circle[data-idx]").count() == n
     # the real engine resumes the session in the background and runs one more experiment
     step = {"rationale": "fine-tune X", "files": {"target.py": target(1.1, 2.0)}}
-    eng = Engine(lab, tag="t", resume=True, researcher=ScriptedResearcher([step]), sandbox_mode="none",
-                 max_experiments=n)
+    eng = Engine(
+        lab,
+        tag="t",
+        resume=True,
+        researcher=ScriptedResearcher([step]),
+        sandbox_mode="none",
+        max_experiments=n,
+    )
     th = threading.Thread(target=eng.run)
     th.start()
     try:
-        page.wait_for_function(f"document.querySelectorAll('svg.nl-chart circle[data-idx]').length > {n}",
-                               timeout=15_000)
+        page.wait_for_function(
+            f"document.querySelectorAll('svg.nl-chart circle[data-idx]').length > {n}", timeout=15_000
+        )
     finally:
         th.join(30)
         eng.close()
     assert page.evaluate("window.__not_reloaded") is True
     page.wait_for_selector(f'#exp-table tr[data-idx="{n}"]', timeout=10_000)
-    page.wait_for_function(f"document.querySelector('svg.nl-chart circle[data-idx=\"{n}\"]')"
-                           ".dataset.status === 'discard'", timeout=10_000)
+    page.wait_for_function(
+        f"document.querySelector('svg.nl-chart circle[data-idx=\"{n}\"]').dataset.status === 'discard'",
+        timeout=10_000,
+    )
     assert page.evaluate("window.__not_reloaded") is True
     assert ledger.count_experiments(ledger.get_session("t").id) == n + 1
 
@@ -134,8 +151,9 @@ def test_a_running_session_adds_a_point_without_reload(server, page, lab: Path):
 def test_approve_button_answers_the_waiting_request(server, page):
     url, ledger = server
     s = ledger.get_session("t")
-    aid = approvals.request(ledger, s.id, 42, "keep", diff="--- a/t\n+++ b/t\n@@ -1 +1 @@\n-a\n+b\n",
-                            rationale="keep this?")
+    aid = approvals.request(
+        ledger, s.id, 42, "keep", diff="--- a/t\n+++ b/t\n@@ -1 +1 @@\n-a\n+b\n", rationale="keep this?"
+    )
     other = approvals.request(ledger, s.id, 43, "run", rationale="and this?")
     page.goto(f"{url}/approvals")
     card = page.locator(f"#approval-{aid}")

@@ -62,8 +62,9 @@ def test_report_command_writes_both_files(lab: Path, tmp_path: Path):
 
 
 def test_report_of_a_missing_session_says_so(lab: Path, tmp_path: Path):
-    r = CliRunner().invoke(report, ["--lab", str(lab), "--tag", "nope", "-o", str(tmp_path / "x.html")],
-                           standalone_mode=False)
+    r = CliRunner().invoke(
+        report, ["--lab", str(lab), "--tag", "nope", "-o", str(tmp_path / "x.html")], standalone_mode=False
+    )
     assert isinstance(r.exception, UsageError) and "no session 'nope'" in r.exception.message
     r = CliRunner().invoke(report, ["--lab", str(tmp_path)], standalone_mode=False)
     assert isinstance(r.exception, UsageError) and "no ledger" in r.exception.message
@@ -74,8 +75,9 @@ def test_report_of_a_session_with_a_running_experiment(tmp_path: Path):
     run_session(lab, steps=[{"rationale": "only one", "files": {"target.py": "raise SystemExit(1)\n"}}])
     with Ledger.for_lab(lab) as led:
         s = led.get_session("t")
-        led.start_experiment(s.id, idx=2, parent_commit="p", seed=0, candidate=None, description="in flight",
-                             propose_s=0.0)
+        led.start_experiment(
+            s.id, idx=2, parent_commit="p", seed=0, candidate=None, description="in flight", propose_s=0.0
+        )
         html, png = write_report(led, tmp_path / "r.html")
     text = html.read_text()
     assert 'data-status="running"' in text and 'data-status="crash"' in text

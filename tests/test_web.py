@@ -50,15 +50,33 @@ def client(lab: Path, ledger: Ledger) -> TestClient:
 
 def pages(ledger: Ledger) -> list[str]:
     n = ledger.count_experiments(ledger.get_session("t").id)
-    return (["/", "/s/t", "/s/t?status=keep&status=discard&sort=metric&order=asc", "/s/t?researcher=scripted&page=0",
-             "/s/t/costs", "/audit", "/approvals", "/approvals?session=t", "/s/t/fragment/chart",
-             "/s/t/fragment/summary", "/s/t/fragment/table"]
-            + [f"/s/t/e/{i}" for i in range(n)])
+    return [
+        "/",
+        "/s/t",
+        "/s/t?status=keep&status=discard&sort=metric&order=asc",
+        "/s/t?researcher=scripted&page=0",
+        "/s/t/costs",
+        "/audit",
+        "/approvals",
+        "/approvals?session=t",
+        "/s/t/fragment/chart",
+        "/s/t/fragment/summary",
+        "/s/t/fragment/table",
+    ] + [f"/s/t/e/{i}" for i in range(n)]
 
 
-API = ["/api/sessions", "/api/sessions/t", "/api/sessions/t/experiments", "/api/sessions/t/experiments?since=1",
-       "/api/sessions/t/experiments/1", "/api/sessions/t/chart", "/api/sessions/t/costs", "/api/audit",
-       "/api/approvals", "/api/approvals?session=t"]
+API = [
+    "/api/sessions",
+    "/api/sessions/t",
+    "/api/sessions/t/experiments",
+    "/api/sessions/t/experiments?since=1",
+    "/api/sessions/t/experiments/1",
+    "/api/sessions/t/chart",
+    "/api/sessions/t/costs",
+    "/api/audit",
+    "/api/approvals",
+    "/api/approvals?session=t",
+]
 
 
 def test_every_page_and_endpoint_answers_and_never_shows_the_secret(client: TestClient, ledger: Ledger):
@@ -151,14 +169,25 @@ def test_a_new_experiment_is_seen_through_the_cursor(lab: Path, tmp_path: Path):
     led = Ledger(f"sqlite:///{tmp_path / 'l.db'}")
     src = Ledger.for_lab(lab)
     s0 = src.get_session("t")
-    s = led.create_session(tag="live", branch="b", base_commit="0" * 40, metric_name="score",
-                           direction=Direction.MINIMIZE, sandbox="none", spec_hash="h", spec_json="{}",
-                           lab_path=str(lab), machine={}, researcher="scripted")
+    s = led.create_session(
+        tag="live",
+        branch="b",
+        base_commit="0" * 40,
+        metric_name="score",
+        direction=Direction.MINIMIZE,
+        sandbox="none",
+        spec_hash="h",
+        spec_json="{}",
+        lab_path=str(lab),
+        machine={},
+        researcher="scripted",
+    )
     src.close()
     c = TestClient(create_app(led, None), base_url=BASE)
     assert client_cursor(c) == -1
-    eid = led.start_experiment(s.id, idx=0, parent_commit="p", seed=0, candidate=None, description="baseline",
-                               propose_s=0.0)
+    eid = led.start_experiment(
+        s.id, idx=0, parent_commit="p", seed=0, candidate=None, description="baseline", propose_s=0.0
+    )
     d = c.get("/api/sessions/live/experiments?since=-1").json()
     assert [e["status"] for e in d["experiments"]] == ["running"] and d["cursor"] == -1  # re-sent until done
     assert 'data-idx="0"' in c.get("/s/live/fragment/chart").text
@@ -178,7 +207,9 @@ def client_cursor(c: TestClient) -> int:
 
 def test_approve_needs_the_token_and_same_origin(client: TestClient, ledger: Ledger):
     s = ledger.get_session("t")
-    aid = approvals.request(ledger, s.id, 9, "run", diff="--- a/t\n+++ b/t\n@@ -1 +1 @@\n-a\n+b\n", rationale="ok?")
+    aid = approvals.request(
+        ledger, s.id, 9, "run", diff="--- a/t\n+++ b/t\n@@ -1 +1 @@\n-a\n+b\n", rationale="ok?"
+    )
     html = client.get("/approvals").text
     assert f'id="approval-{aid}"' in html and 'name="nightlab-token" content="tok-123"' in html
     url = f"/api/approvals/{aid}"
@@ -189,14 +220,23 @@ def test_approve_needs_the_token_and_same_origin(client: TestClient, ledger: Led
     assert client.post(url + "?token=tok-123", json={"approved": True}).status_code == 403
     client.cookies.clear()
     hdr = {"X-Nightlab-Token": "tok-123"}
-    assert client.post(url, json={"approved": True}, headers={**hdr, "Origin": "http://evil.example"}
-                       ).status_code == 403
+    assert (
+        client.post(
+            url, json={"approved": True}, headers={**hdr, "Origin": "http://evil.example"}
+        ).status_code
+        == 403
+    )
     assert client.post(url, json={"approved": True}, headers={**hdr, "Origin": "null"}).status_code == 403
-    assert client.post(url, json={"approved": True}, headers={**hdr, "Sec-Fetch-Site": "cross-site"}
-                       ).status_code == 403
+    assert (
+        client.post(url, json={"approved": True}, headers={**hdr, "Sec-Fetch-Site": "cross-site"}).status_code
+        == 403
+    )
     assert approvals.get(ledger, aid)["status"] == "pending"
-    r = client.post(url, json={"approved": False, "why": "too risky"},
-                    headers={**hdr, "Origin": BASE, "Sec-Fetch-Site": "same-origin"})
+    r = client.post(
+        url,
+        json={"approved": False, "why": "too risky"},
+        headers={**hdr, "Origin": BASE, "Sec-Fetch-Site": "same-origin"},
+    )
     assert r.status_code == 200 and r.json()["status"] == "rejected"
     row = approvals.get(ledger, aid)
     assert row["status"] == "rejected" and row["why"] == "too risky" and row["answered_at"] is not None
@@ -214,7 +254,9 @@ def test_loopback_refuses_foreign_host_headers(client: TestClient):
 def test_off_loopback_every_request_needs_the_token(lab: Path, ledger: Ledger):
     with pytest.raises(ValueError):
         Access.make("0.0.0.0", None)
-    c = TestClient(create_app(ledger, lab, Access.make("0.0.0.0", "s3cr3t-token")), base_url="http://10.1.2.3:8765")
+    c = TestClient(
+        create_app(ledger, lab, Access.make("0.0.0.0", "s3cr3t-token")), base_url="http://10.1.2.3:8765"
+    )
     assert c.get("/").status_code == 401
     assert c.get("/api/sessions").status_code == 401
     assert c.get("/api/sessions", headers={"X-Nightlab-Token": "nope"}).status_code == 401
@@ -222,7 +264,9 @@ def test_off_loopback_every_request_needs_the_token(lab: Path, ledger: Ledger):
     assert c.get("/api/sessions", headers={"Authorization": "Bearer s3cr3t-token"}).status_code == 200
     r = c.get("/s/t?token=s3cr3t-token&page=0", follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/s/t?page=0"
-    assert "httponly" in r.headers["set-cookie"].lower() and "samesite=strict" in r.headers["set-cookie"].lower()
+    assert (
+        "httponly" in r.headers["set-cookie"].lower() and "samesite=strict" in r.headers["set-cookie"].lower()
+    )
     assert c.get("/s/t").status_code == 200  # the cookie now
 
 
@@ -241,11 +285,23 @@ def test_audit_page_without_the_audit_module(client: TestClient, lab: Path, monk
     assert client.get("/api/audit").json()["available"] is False
 
 
-def test_audit_page_shows_verification_and_entries(client: TestClient, lab: Path, monkeypatch: pytest.MonkeyPatch):
+def test_audit_page_shows_verification_and_entries(
+    client: TestClient, lab: Path, monkeypatch: pytest.MonkeyPatch
+):
     # the audit module is another engineer's; its planned interface, given here in a few lines
     log = lab / ".nightlab" / "audit.jsonl"
-    entries = [{"seq": i, "time": time.time(), "kind": "experiment.finished", "prev_hash": f"h{i - 1}",
-                "hash": f"h{i}", "experiment": i, "data": {"status": "keep", "key": SECRET}} for i in range(250)]
+    entries = [
+        {
+            "seq": i,
+            "time": time.time(),
+            "kind": "experiment.finished",
+            "prev_hash": f"h{i - 1}",
+            "hash": f"h{i}",
+            "experiment": i,
+            "data": {"status": "keep", "key": SECRET},
+        }
+        for i in range(250)
+    ]
     log.write_text("".join(json.dumps(e) + "\n" for e in entries))
     verdict = {"ok": False, "count": 250, "first_bad_seq": 7, "reason": "hash mismatch"}
     fake = types.SimpleNamespace(verify=lambda path: types.SimpleNamespace(**verdict))
@@ -256,9 +312,13 @@ def test_audit_page_shows_verification_and_entries(client: TestClient, lab: Path
         seqs = [int(x) for x in re.findall(r'<tr[^>]*><td class="num">(\d+)</td>', html)]
         assert seqs == list(range(249, 149, -1))  # newest first, 100 a page
         html2 = client.get("/audit?page=2").text
-        assert [int(x) for x in re.findall(r'<tr[^>]*><td class="num">(\d+)</td>', html2)] == list(range(49, -1, -1))
+        assert [int(x) for x in re.findall(r'<tr[^>]*><td class="num">(\d+)</td>', html2)] == list(
+            range(49, -1, -1)
+        )
         verdict.update(ok=True, first_bad_seq=None, reason="")
-        log.write_text(log.read_text() + json.dumps({**entries[0], "seq": 250}) + "\n")  # new size: re-verified
+        log.write_text(
+            log.read_text() + json.dumps({**entries[0], "seq": 250}) + "\n"
+        )  # new size: re-verified
         assert "chain verified: 250 entries" in client.get("/audit").text
     finally:
         log.unlink()
@@ -268,27 +328,73 @@ def test_audit_page_shows_verification_and_entries(client: TestClient, lab: Path
 
 
 def _fill(led: Ledger, n: int, seed: int = 1) -> int:
-    s = led.create_session(tag="big", branch="b", base_commit="0" * 40, metric_name="loss",
-                           direction=Direction.MINIMIZE, sandbox="none", spec_hash="h", spec_json="{}",
-                           lab_path="/x", machine={}, researcher="mix")
+    s = led.create_session(
+        tag="big",
+        branch="b",
+        base_commit="0" * 40,
+        metric_name="loss",
+        direction=Direction.MINIMIZE,
+        sandbox="none",
+        spec_hash="h",
+        spec_json="{}",
+        lab_path="/x",
+        machine={},
+        researcher="mix",
+    )
     rng = random.Random(seed)
-    best, exps, cands = 10.0, [], []
+    best, exps = 10.0, []
     for i in range(n):
         r = rng.random()
         metric = None if r < 0.1 else best + rng.uniform(-0.05, 1.0)
         status = "crash" if metric is None else ("keep" if metric < best or i == 0 else "discard")
         best = metric if status == "keep" and metric is not None else best
-        exps.append(dict(session_id=s.id, idx=i, status=status, parent_commit="p", commit=None, metric=metric,
-                         secondary_json="{}", trust="evaluator", description=f"d{i}", reason="", log_tail="",
-                         seed=0, started_at=1000.0 + i, finished_at=1000.5 + i, propose_s=0.1, run_s=0.3,
-                         overhead_s=0.1, exit_code=0, evidence_json="{}", pid=None, pid_start=None, worktree=""))
+        exps.append(
+            dict(
+                session_id=s.id,
+                idx=i,
+                status=status,
+                parent_commit="p",
+                commit=None,
+                metric=metric,
+                secondary_json="{}",
+                trust="evaluator",
+                description=f"d{i}",
+                reason="",
+                log_tail="",
+                seed=0,
+                started_at=1000.0 + i,
+                finished_at=1000.5 + i,
+                propose_s=0.1,
+                run_s=0.3,
+                overhead_s=0.1,
+                exit_code=0,
+                evidence_json="{}",
+                pid=None,
+                pid_start=None,
+                worktree="",
+            )
+        )
     with queries.engine_of(led).begin() as conn:
         conn.execute(experiments.insert(), exps)
         ids = [r.id for r in conn.execute(experiments.select().where(experiments.c.session_id == s.id))]
-        conn.execute(candidates.insert(), [
-            dict(experiment_id=eid, researcher=("a", "b")[k % 3 == 0], rationale="", diff="", params_json="{}",
-                 tokens_in=10, tokens_out=1, tokens_cached=0, cost_usd=0.01 * (k % 5), usage_s=0.1)
-            for k, eid in enumerate(ids)])
+        conn.execute(
+            candidates.insert(),
+            [
+                dict(
+                    experiment_id=eid,
+                    researcher=("a", "b")[k % 3 == 0],
+                    rationale="",
+                    diff="",
+                    params_json="{}",
+                    tokens_in=10,
+                    tokens_out=1,
+                    tokens_cached=0,
+                    cost_usd=0.01 * (k % 5),
+                    usage_s=0.1,
+                )
+                for k, eid in enumerate(ids)
+            ],
+        )
     return s.id
 
 
@@ -297,10 +403,20 @@ def test_pages_sort_filter_like_python_would(tmp_path: Path):
     sid = _fill(led, 700)
     queries.ensure_indexes(led)
     rows = led.experiments(sid)
-    page = queries.experiments_page(led, sid, sort="metric", order="desc", statuses=["discard", "keep"],
-                                    researcher="b", limit=50, offset=50)
-    want = sorted((e for e in rows if e.status.value in ("discard", "keep") and e.researcher == "b"),
-                  key=lambda e: (-(e.metric or 0), -e.idx))
+    page = queries.experiments_page(
+        led,
+        sid,
+        sort="metric",
+        order="desc",
+        statuses=["discard", "keep"],
+        researcher="b",
+        limit=50,
+        offset=50,
+    )
+    want = sorted(
+        (e for e in rows if e.status.value in ("discard", "keep") and e.researcher == "b"),
+        key=lambda e: (-(e.metric or 0), -e.idx),
+    )
     assert page.total == len(want)
     assert [r.idx for r in page.rows] == [e.idx for e in want[50:100]]
     by_cost = queries.experiments_page(led, sid, sort="cost", order="asc", limit=500)
@@ -332,19 +448,39 @@ def test_chart_downsampling_keeps_every_keep_and_the_exact_best(tmp_path: Path):
 
 def test_usage_and_timing_aggregate(tmp_path: Path):
     led = Ledger(f"sqlite:///{tmp_path / 'u.db'}")
-    s = led.create_session(tag="u", branch="b", base_commit="0", metric_name="m", direction=Direction.MAXIMIZE,
-                           sandbox="none", spec_hash="h", spec_json='{"executor": {"slots": 2}}', lab_path="/x",
-                           machine={}, researcher="llm")
+    s = led.create_session(
+        tag="u",
+        branch="b",
+        base_commit="0",
+        metric_name="m",
+        direction=Direction.MAXIMIZE,
+        sandbox="none",
+        spec_hash="h",
+        spec_json='{"executor": {"slots": 2}}',
+        lab_path="/x",
+        machine={},
+        researcher="llm",
+    )
     for i in range(4):
-        eid = led.start_experiment(s.id, idx=i, parent_commit="p", seed=0, description="d", propose_s=1.0,
-                                   started_at=100.0 + 10 * i,
-                                   candidate=Candidate(parent="p", rationale="r", usage=Usage(100, 10, 5, 0.25, 1.0)))
-        led.finish_experiment(eid, status=Status.DISCARD, metric=1.0, run_s=4.0, overhead_s=1.0,
-                              finished_at=106.0 + 10 * i)
+        eid = led.start_experiment(
+            s.id,
+            idx=i,
+            parent_commit="p",
+            seed=0,
+            description="d",
+            propose_s=1.0,
+            started_at=100.0 + 10 * i,
+            candidate=Candidate(parent="p", rationale="r", usage=Usage(100, 10, 5, 0.25, 1.0)),
+        )
+        led.finish_experiment(
+            eid, status=Status.DISCARD, metric=1.0, run_s=4.0, overhead_s=1.0, finished_at=106.0 + 10 * i
+        )
     t = queries.timing(led, s.id)
     assert (t.n, t.propose_s, t.run_s, t.overhead_s, t.slots) == (4, 4.0, 16.0, 4.0, 2)
     assert t.span_s == pytest.approx(36.0) and t.duty_cycle == pytest.approx(16.0 / 72.0)
     assert t.usage() == led.usage_totals(s.id)
     series = queries.cost_series(led, s.id, buckets=4)
-    assert sum(b.n for b in series.buckets) == 4 and sum(b.cost_usd for b in series.buckets) == pytest.approx(1.0)
+    assert sum(b.n for b in series.buckets) == 4 and sum(b.cost_usd for b in series.buckets) == pytest.approx(
+        1.0
+    )
     led.close()

@@ -367,7 +367,8 @@ def _holdout(evidence_json: str | None) -> float | None:
 
 def chart_data(ledger: Ledger, session: Session, max_points: int = 2000) -> ChartData:
     """See ``_chart_data``; memoized per session version (:func:`memoized`)."""
-    return memoized(ledger, session.id, "chart_data", lambda: _chart_data(ledger, session, max_points), max_points)
+    return memoized(ledger, session.id, "chart_data", lambda: _chart_data(ledger, session, max_points),
+                    max_points)
 
 
 def _chart_data(ledger: Ledger, session: Session, max_points: int = 2000) -> ChartData:
@@ -380,8 +381,9 @@ def _chart_data(ledger: Ledger, session: Session, max_points: int = 2000) -> Cha
     is read from a keep's evidence (``evidence["holdout"]``, a number or ``{"metric": x}``).
     """
     with reading(ledger) as conn:
-        result = conn.execute(sa.select(E.idx, E.metric, E.status).where(E.session_id == session.id).order_by(E.idx))
-        rows: list[Row3] = [tuple(r) for r in result]  # type: ignore[misc]
+        q = sa.select(E.idx, E.metric, E.status).where(E.session_id == session.id).order_by(E.idx)
+        result = conn.execute(q)
+        rows: list[Row3] = [tuple(r) for r in result]
         kept_ev = dict(conn.execute(
             sa.select(E.idx, E.evidence_json).where(E.session_id == session.id, E.status == Status.KEEP.value)
         ).all())
@@ -543,13 +545,15 @@ def _timing(ledger: Ledger, session_id: int) -> Timing:
     first_start = float(first) if first is not None else None
     return Timing(
         int(n), float(prop), float(run), float(over), first_start, float(last) if last is not None else None,
-        float(cost), int(t_in), int(t_out), int(t_cached), _slots(spec_json(ledger, session_id)), float(usage_s),
+        float(cost), int(t_in), int(t_out), int(t_cached), _slots(spec_json(ledger, session_id)),
+        float(usage_s),
     )
 
 
 def cost_series(ledger: Ledger, session_id: int, buckets: int = 60) -> CostSeries:
     """See ``_cost_series``; memoized per session version (:func:`memoized`)."""
-    return memoized(ledger, session_id, "cost_series", lambda: _cost_series(ledger, session_id, buckets), buckets)
+    return memoized(ledger, session_id, "cost_series", lambda: _cost_series(ledger, session_id, buckets),
+                    buckets)
 
 
 def _cost_series(ledger: Ledger, session_id: int, buckets: int = 60) -> CostSeries:
