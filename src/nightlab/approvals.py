@@ -62,7 +62,7 @@ def _row(r: Any) -> dict[str, Any]:
     return dict(r._mapping)
 
 
-def request(ledger: Ledger, session_id: int, idx: int, kind: str, diff: str, rationale: str) -> int:
+def request(ledger: Ledger, session_id: int, idx: int, kind: str, diff: str = "", rationale: str = "") -> int:
     """Queue a pending approval for experiment ``idx`` of a session; returns its id."""
     if kind not in KINDS:
         raise ValueError(f"approval kind must be one of {KINDS}, not {kind!r}")
@@ -84,7 +84,7 @@ def get(ledger: Ledger, approval_id: int) -> dict[str, Any] | None:
     return _row(r) if r is not None else None
 
 
-def pending(ledger: Ledger, session_id: int | None) -> list[dict[str, Any]]:
+def pending(ledger: Ledger, session_id: int | None = None) -> list[dict[str, Any]]:
     """Pending approvals of a session (of every session with ``None``), oldest first."""
     ensure_table(ledger)
     q = sa.select(approvals).where(approvals.c.status == "pending")
@@ -92,6 +92,16 @@ def pending(ledger: Ledger, session_id: int | None) -> list[dict[str, Any]]:
         q = q.where(approvals.c.session_id == session_id)
     with ledger.transaction() as conn:
         return [_row(r) for r in conn.execute(q.order_by(approvals.c.id)).all()]
+
+
+def recent(ledger: Ledger, session_id: int | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    """Answered (or cancelled) requests, newest first."""
+    ensure_table(ledger)
+    q = sa.select(approvals).where(approvals.c.status != "pending")
+    if session_id is not None:
+        q = q.where(approvals.c.session_id == session_id)
+    with ledger.transaction() as conn:
+        return [_row(r) for r in conn.execute(q.order_by(approvals.c.id.desc()).limit(limit)).all()]
 
 
 def find_pending(ledger: Ledger, session_id: int, idx: int) -> dict[str, Any] | None:
@@ -104,7 +114,7 @@ def find_pending(ledger: Ledger, session_id: int, idx: int) -> dict[str, Any] | 
     return _row(r) if r is not None else None
 
 
-def answer(ledger: Ledger, approval_id: int, approved: bool, why: str, who: str) -> dict[str, Any]:
+def answer(ledger: Ledger, approval_id: int, approved: bool, why: str = "", who: str = "") -> dict[str, Any]:
     """Approve or reject a pending approval; returns the answered row.
 
     Raises :class:`UsageError` when there is no such approval or it was answered already.
