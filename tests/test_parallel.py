@@ -12,7 +12,6 @@ from nightlab.ledger import Ledger
 from nightlab.researchers import Context
 from nightlab.types import Candidate, Status
 
-
 # X and Y far apart, so a change to one applies on top of a change to the other; the run time
 # depends on the values, so the file itself carries no per-candidate sleep line to conflict on.
 SPREAD = """\

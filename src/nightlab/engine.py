@@ -539,6 +539,7 @@ class Engine:
             status = Status.INTERRUPTED if self.stop.cancel.is_set() else Status.DISCARD
             return self._finish(exp_id, status, t0, res, m, reason=verdict.reason, evidence=evidence)
         if self.autonomy == "approve-keep":
+            inc = self.session.incumbent_metric
             answer, why = self._await_human(idx, "keep", canonical, (
                 f"{candidate.rationale}\n\n{self.spec.metric.name} = {m.metric:.6g} (incumbent "
                 f"{'—' if inc is None else f'{inc:.6g}'}): {verdict.reason}"))
