@@ -62,7 +62,8 @@ def main() -> None:
     ex = RayExecutor()
     print(f"ray {ray.__version__}: local cluster up in {time.monotonic() - t0:.1f} s; "
           f"archive {len(tar)} bytes; sandbox {args.sandbox}")
-    warm = [ex.submit(job(f"warm/{i}", "echo ---; echo m: 1")) for i in range(max(slots))]
+    # sleep so that every slot gets its own Ray worker process started before timing
+    warm = [ex.submit(job(f"warm/{i}", "sleep 1; echo ---; echo m: 1")) for i in range(max(slots))]
     for i, h in enumerate(warm):
         ex.result(h, log_path=tmp / "warm" / f"{i}.log")
     print(f"{'slots':>5} {'runs':>5} {'wall_s':>7} {'exp/s':>7} {'ideal':>7} {'ratio':>6} {'lost':>5}")
