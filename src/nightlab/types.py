@@ -24,6 +24,7 @@ class Status(enum.StrEnum):
     INVALID = "invalid"  # the edit did not apply, or changed nothing
     REJECTED = "rejected"  # refused by the guard or a policy before running
     INTERRUPTED = "interrupted"  # the harness stopped (Ctrl-C, or died and was resumed)
+    LOST = "lost"  # a remote executor could not run it to a result (workers died, retries exhausted)
 
     def is_finished(self) -> bool:
         return self is not Status.RUNNING
@@ -34,7 +35,7 @@ class Status(enum.StrEnum):
 
     def is_failure(self) -> bool:
         """Counts toward ``max_crashes_in_row``."""
-        return self in (Status.CRASH, Status.TIMEOUT)
+        return self in (Status.CRASH, Status.TIMEOUT, Status.LOST)
 
 
 class Direction(enum.StrEnum):

@@ -1,0 +1,435 @@
+"""Run one experiment as a Ray task (``--executor ray``) and bring its log and measurement home.
+
+Contract
+--------
+The head (the engine's process) builds a :class:`RemoteJob`: the ``git archive`` tar of the
+experiment commit, the command, the env and the sandbox settings. ``RayExecutor.submit`` sends it
+as one Ray task with the executor's resource request (``num_cpus``, ``num_gpus``, custom
+``resources``). On the worker the task unpacks the tar into a fresh temp dir, runs the command with
+:func:`nightlab.sandbox.run` (the same sandbox guarantees as a local run, bwrap resolved on the
+worker), measures it with :func:`nightlab.measure.measure` (the ``[metric]`` spec is re-validated
+there), and returns the exit status, the measurement and the last :data:`LOG_CAP` bytes of the log;
+the temp dir is always removed. ``RayExecutor.result`` writes that log to the head's ``log_path``
+and returns a :class:`RemoteResult` whose ``run.log_path`` is that head path, or a :class:`Lost`.
+A crashed or timed-out command is data (a ``RemoteResult``), never an exception.
+
+Idempotency (Ray runs tasks at least once)
+------------------------------------------
+The worker never writes the ledger, the session branch or anything on the head: a task only
+returns a value. The head records each experiment once, from the single value that ``result``
+returns, so re-executions of a task (retries, lineage reconstruction) can never create a duplicate
+row. Each attempt is a separate task named ``nightlab:<job.key>#<attempt>``.
+
+Retries and ``lost``
+--------------------
+Retries are driven by the head, not by Ray's ``max_retries``: each attempt is submitted with
+``max_retries=0, retry_exceptions=False``, and a *system* failure (the worker process or its node
+died, the result object was lost, the Ray OOM killer struck) is resubmitted up to the executor's
+``max_retries`` times. This counts attempts exactly (``RemoteResult.attempts``) and keeps every
+attempt bounded. After the last attempt, or at once for a failure that a retry cannot fix (an
+exception raised by the task itself, e.g. bwrap required but missing on that worker; a runtime env
+that cannot be set up), ``result`` returns ``Lost(reason)``; the engine records status ``lost``.
+``result`` never hangs on a cluster that cannot run the job: when no alive node offers the requested
+resources for ``unschedulable_s`` seconds (all workers gone), the task is cancelled and ``Lost`` is
+returned. A task that is merely queued behind others on a cluster that *can* run it waits; pass
+``timeout`` to bound that too.
+
+Cancel
+------
+When ``cancel`` is set, the task gets ``ray.cancel`` (a ``KeyboardInterrupt`` on the worker, on
+which ``sandbox.run`` kills the command's tree), then ``ray.cancel(force=True)`` (the worker process
+is killed) if it has not ended after ``kill_grace_s + 5`` s. ``result`` returns an interrupted
+``RunResult``; the partial log stays on the worker and is discarded.
+
+Where the code and the data come from
+-------------------------------------
+- nightlab must be importable on every worker (the task function is sent by reference). A local
+  cluster (``ray.init()`` from the engine) inherits the head's environment. Nodes started with
+  ``ray start`` must run the same Python with nightlab installed (or ``PYTHONPATH`` pointing at it);
+  ``init_kwargs={"runtime_env": {...}}`` works too but makes Ray start dedicated workers (slower).
+- ``env`` is passed exactly as given (it names the head's interpreter in ``PATH``): all nodes need
+  the same paths, as with any Ray cluster built from one image.
+- ``data_dir`` (``NIGHTLAB_DATA_DIR``) is bound read-only when it exists *on the worker*. On one
+  machine that is the head's own folder. On several machines it must be a shared filesystem mounted
+  at the same path on every node (NFS, a cluster FS); nightlab does not copy data to workers. When
+  the path is missing on a worker the run sees no such folder and will usually crash (recorded as
+  ``crash``, not hidden).
+- GPUs: Ray's resources are logical. With ``num_gpus > 0`` the task pins ``CUDA_VISIBLE_DEVICES``
+  to the GPU ids Ray assigned it, overriding the head's value; with ``num_gpus == 0`` the env is
+  left as given (leave ``memory_mb`` at 0 for GPU jobs, see ``sandbox``).
+
+Not covered
+-----------
+- A worker process or node killed hard (node death, forced cancel) with ``sandbox_mode="none"``
+  can leave the command running on that node until it exits by itself: the kill-the-tree logic
+  runs in the worker that died. Under bwrap, ``--die-with-parent`` takes the sandbox down with it.
+- The unpacked tree is a plain folder, not a git worktree (no ``.git``); commands that call git
+  on their own tree do not work remotely.
+- ``on_start`` (a pid for ``kill_orphan`` on resume) has no remote counterpart: the pid lives on
+  the worker. A head that dies loses its Ray driver, and Ray then kills the driver's tasks.
+- Logs are capped at the last :data:`LOG_CAP` bytes (the summary block is at the end); the head
+  notes the truncation in the first line of the log it writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import socket
+import tarfile
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nightlab import sandbox
+from nightlab.errors import UsageError
+from nightlab.measure import measure
+from nightlab.spec import MetricSpec
+from nightlab.types import Measurement, RunResult
+
+LOG_CAP = 1024 * 1024  # bytes of the log's end that travel back to the head
+
+
+@dataclass(frozen=True)
+class RemoteJob:
+    """One experiment, self-contained, as it travels to a worker."""
+
+    key: str  # idempotency key, e.g. f"{session_tag}/{idx}"
+    archive: bytes  # `git archive --format=tar <commit>` of the experiment commit (the whole repo tree)
+    lab_rel: str  # the lab folder inside the tree ('' = the root)
+    command: str
+    env: dict[str, str]  # exactly the run's env (the engine builds it)
+    timeout_s: float
+    kill_grace_s: float
+    sandbox_mode: str  # "bwrap", "none", or "auto"/"required" (resolved on the worker)
+    network: bool
+    memory_mb: int
+    metric: dict[str, Any]  # MetricSpec.model_dump(); re-validated on the worker
+    data_dir: str | None  # NIGHTLAB_DATA_DIR: bound read-only where it exists on the worker
+    hide: tuple[str, ...] = ()  # paths relative to the lab folder hidden from the run ([sandbox] hide)
+
+
+@dataclass(frozen=True)
+class RemoteResult:
+    run: RunResult  # log_path is the head's local path, where the log was written
+    measurement: Measurement
+    node: str  # "<hostname>/<ray node id>" of the worker that ran the last attempt
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Lost:
+    """The job could not be run to a result (see the module docstring); the engine records ``lost``."""
+
+    reason: str
+    attempts: int
+    node: str = ""
+
+
+@dataclass(frozen=True)
+class TaskOutput:
+    """What the task returns to the head (plain data: picklable, no paths of the worker)."""
+
+    exit_code: int | None
+    timed_out: bool
+    wall_s: float
+    sandbox: str
+    interrupted: bool
+    measurement: Measurement
+    log: bytes
+    log_truncated: bool
+    node: str = ""
+
+
+@dataclass(frozen=True)
+class RayHandle:
+    """A submitted job: give it back to ``RayExecutor.result``."""
+
+    job: RemoteJob
+    ref: Any  # ray.ObjectRef of the first attempt
+    submitted_at: float = field(default_factory=time.monotonic)
+
+
+# --------------------------------------------------------------------------- the worker side
+
+
+def _read_tail(path: Path, cap: int) -> tuple[bytes, bool]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - cap))
+            return f.read(), size > cap
+    except OSError:
+        return b"", False
+
+
+def run_job(job: RemoteJob, *, extra_env: dict[str, str] | None = None,
+            extra_hidden: tuple[Path, ...] = (), node: str = "") -> TaskOutput:
+    """Unpack, run sandboxed, measure, clean up. Runs on the worker; needs no Ray.
+
+    Raises ``SandboxError`` when the sandbox cannot start there, ``ValidationError`` for a bad
+    metric spec, ``tarfile`` errors for an unsafe archive (absolute paths, links out of the tree).
+    """
+    metric = MetricSpec.model_validate(job.metric)
+    mode = job.sandbox_mode if job.sandbox_mode == "bwrap" else sandbox.resolve_mode(job.sandbox_mode)
+    work = Path(tempfile.mkdtemp(prefix="nightlab-ray-"))
+    try:
+        tree = work / "tree"
+        tree.mkdir()
+        with tarfile.open(fileobj=io.BytesIO(job.archive), mode="r:") as tar:
+            tar.extractall(tree, filter="data")
+        lab_root = (tree / job.lab_rel) if job.lab_rel else tree
+        lab_root.mkdir(parents=True, exist_ok=True)
+        env = dict(job.env)
+        env.update(extra_env or {})
+        readonly: list[Path] = []
+        if job.data_dir:
+            env["NIGHTLAB_DATA_DIR"] = job.data_dir
+            if Path(job.data_dir).exists():
+                readonly.append(Path(job.data_dir))
+        # Hide the temp root (other jobs' trees, our own log) and Ray's state (its auth token);
+        # the tree itself is re-exposed writable because deeper mounts win.
+        hidden = (work.parent, *extra_hidden, *(lab_root / h for h in job.hide))
+        policy = sandbox.SandboxPolicy(
+            mode=mode, network=job.network, writable=(tree,), readonly=tuple(readonly),
+            hidden=tuple(dict.fromkeys(hidden)), memory_mb=job.memory_mb,
+        )
+        log_path = work / "run.log"
+        res = sandbox.run(job.command, cwd=lab_root, env=env, policy=policy, timeout_s=job.timeout_s,
+                          log_path=log_path, kill_grace_s=job.kill_grace_s)
+        m = measure(metric, log_path, lab_root)
+        log, truncated = _read_tail(log_path, LOG_CAP)
+        return TaskOutput(res.exit_code, res.timed_out, res.wall_s, res.sandbox, res.interrupted, m, log,
+                          truncated, node)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _ray_task(job: RemoteJob) -> TaskOutput:
+    """The Ray task: ``run_job`` plus what only Ray knows (node id, assigned GPUs, Ray's paths)."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    extra_env: dict[str, str] = {}
+    gpus = ctx.get_accelerator_ids().get("GPU", [])
+    if gpus:
+        extra_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+    hidden = [Path.home() / ".ray"]
+    with contextlib.suppress(Exception):  # older Ray: no get_temp_dir; /tmp/ray is under the private /tmp
+        hidden.append(Path(ctx.get_temp_dir()))
+    node = f"{socket.gethostname()}/{ctx.get_node_id()}"
+    try:
+        return run_job(job, extra_env=extra_env, extra_hidden=tuple(hidden), node=node)
+    except Exception as e:  # one plain, picklable exception type travels back, with a one-line reason
+        raise RemoteJobError(f"on {node}: {_brief(e)}") from None
+
+
+class RemoteJobError(Exception):
+    """The task itself failed on the worker (not the command): no retry, the job is ``Lost``."""
+
+
+# --------------------------------------------------------------------------- the head side
+
+
+class RayExecutor:
+    """Submit ``RemoteJob``s to a Ray cluster and collect ``RemoteResult``s (or ``Lost``).
+
+    ``address``: ``None`` starts a local cluster (or joins ``RAY_ADDRESS``), ``"auto"`` joins the
+    cluster running on this machine, ``"ray://host:port"`` uses Ray Client. If Ray is already
+    initialised in this process it is reused as is, and ``shutdown`` leaves it running.
+    ``init_kwargs`` go to ``ray.init`` (defaults: no dashboard, worker output not echoed).
+    Thread-safe: the engine's slots may call ``run`` concurrently.
+    """
+
+    def __init__(
+        self,
+        *,
+        address: str | None = None,
+        num_cpus: float = 1,
+        num_gpus: float = 0,
+        resources: dict[str, float] | None = None,
+        max_retries: int = 2,
+        init_kwargs: dict[str, Any] | None = None,
+        unschedulable_s: float = 30.0,
+        poll_s: float = 0.2,
+    ) -> None:
+        try:
+            import ray
+        except ImportError as e:
+            raise UsageError("the ray executor needs Ray", fix="pip install 'nightlab[ray]'") from e
+        if max_retries < 0:
+            raise UsageError(f"max_retries must be >= 0, got {max_retries}", fix="use 0 or more")
+        self._ray: Any = ray
+        self._owns = False
+        if not ray.is_initialized():
+            kwargs = {"include_dashboard": False, "log_to_driver": False, **(init_kwargs or {})}
+            ray.init(address=address, **kwargs)
+            self._owns = True
+        self.num_cpus = num_cpus
+        self.num_gpus = num_gpus
+        self.resources = dict(resources or {})
+        self.max_retries = max_retries
+        self.unschedulable_s = unschedulable_s
+        self.poll_s = poll_s
+        self._task = ray.remote(_ray_task)
+
+    # ------------------------------------------------------------------ submit
+
+    def _submit(self, job: RemoteJob, attempt: int) -> Any:
+        opts: dict[str, Any] = {
+            "num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "max_retries": 0,
+            "retry_exceptions": False, "name": f"nightlab:{job.key}#{attempt}",
+        }
+        if self.resources:
+            opts["resources"] = self.resources
+        return self._task.options(**opts).remote(job)
+
+    def submit(self, job: RemoteJob) -> RayHandle:
+        """Start the first attempt of ``job``; returns at once."""
+        return RayHandle(job, self._submit(job, 1))
+
+    # ------------------------------------------------------------------ result
+
+    def _classify(self, e: BaseException) -> str:
+        """"system" (a retry may help), "cancelled", or "error" (a retry will not help)."""
+        ex = self._ray.exceptions
+        system = (ex.WorkerCrashedError, ex.NodeDiedError, ex.LocalRayletDiedError, ex.ObjectLostError,
+                  ex.RaySystemError, ex.OutOfMemoryError)
+        if isinstance(e, ex.TaskCancelledError):
+            return "cancelled"
+        if isinstance(e, system):
+            return "system"
+        if isinstance(e, ex.RayTaskError) and isinstance(getattr(e, "cause", None), system):
+            return "system"
+        return "error"
+
+    def _hostable(self) -> bool:
+        """True when some alive node offers the resources the job asks for (totals, not free)."""
+        need = {"CPU": self.num_cpus, "GPU": self.num_gpus, **self.resources}
+        need = {k: v for k, v in need.items() if v > 0}
+        for node in self._ray.nodes():
+            have = node.get("Resources", {})
+            if node.get("Alive") and all(have.get(k, 0) >= v for k, v in need.items()):
+                return True
+        return False
+
+    def _cancel(self, ref: Any, grace_s: float) -> None:
+        ray = self._ray
+        try:
+            ray.cancel(ref, force=False)
+            ready, _ = ray.wait([ref], timeout=grace_s + 5)
+            if not ready:
+                ray.cancel(ref, force=True)
+        except Exception:  # already finished or the cluster is gone: nothing left to stop
+            pass
+
+    def result(self, handle: RayHandle, *, log_path: Path, timeout: float | None = None,
+               cancel: threading.Event | None = None) -> RemoteResult | Lost:
+        """Wait for ``handle``'s job: retries system failures, never hangs (see module docstring).
+
+        ``timeout`` bounds the whole wait (queueing included): past it the task is cancelled and
+        ``Lost`` returned. Writes the log to ``log_path`` (parents created) on every outcome.
+        """
+        ray = self._ray
+        job, ref, attempts = handle.job, handle.ref, 1
+        log_path = Path(log_path)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        unhostable_since: float | None = None
+        next_check = start
+        while True:
+            try:
+                ready, _ = ray.wait([ref], timeout=self.poll_s)
+                if ready:
+                    return self._deliver(ray.get(ref), job, log_path, attempts)
+            except Exception as e:
+                kind = self._classify(e)
+                if kind == "system" and attempts <= self.max_retries:
+                    attempts += 1
+                    try:
+                        ref = self._submit(job, attempts)
+                    except Exception as e2:
+                        return self._lost(log_path, f"resubmit failed: {_brief(e2)}", attempts)
+                    unhostable_since = None
+                    continue
+                what = "gave up after" if kind == "system" else "failed on"
+                return self._lost(log_path, f"{what} attempt {attempts}: {_brief(e)}", attempts)
+            now = time.monotonic()
+            if cancel is not None and cancel.is_set():
+                self._cancel(ref, job.kill_grace_s)
+                log_path.write_text("[nightlab] cancelled; the partial log stayed on the Ray worker\n")
+                run = RunResult(None, False, time.monotonic() - start, str(log_path), job.sandbox_mode,
+                                job.command, interrupted=True)
+                return RemoteResult(run, Measurement(None, error="interrupted"), "", attempts)
+            if deadline is not None and now >= deadline:
+                self._cancel(ref, job.kill_grace_s)
+                return self._lost(log_path, f"no result within {timeout:g} s", attempts)
+            if now >= next_check:
+                next_check = now + 1.0
+                try:
+                    hostable = self._hostable()
+                except Exception as e:
+                    return self._lost(log_path, f"cannot reach the Ray cluster: {_brief(e)}", attempts)
+                if hostable:
+                    unhostable_since = None
+                elif unhostable_since is None:
+                    unhostable_since = now
+                elif now - unhostable_since >= self.unschedulable_s:
+                    self._cancel(ref, 0.0)
+                    return self._lost(log_path, f"no alive node offers {self._request()} for "
+                                      f"{self.unschedulable_s:g} s", attempts)
+
+    def run(self, job: RemoteJob, *, log_path: Path, cancel: threading.Event | None = None,
+            timeout: float | None = None) -> RemoteResult | Lost:
+        """``submit`` then ``result``."""
+        return self.result(self.submit(job), log_path=log_path, cancel=cancel, timeout=timeout)
+
+    def shutdown(self) -> None:
+        """Disconnect from (and stop, when this executor started it) the Ray cluster."""
+        if self._owns and self._ray.is_initialized():
+            self._ray.shutdown()
+        self._owns = False
+
+    # ------------------------------------------------------------------ helpers
+
+    def _request(self) -> str:
+        need = {"CPU": self.num_cpus, "GPU": self.num_gpus, **self.resources}
+        return ", ".join(f"{k}={v:g}" for k, v in need.items() if v > 0) or "no resources"
+
+    def _lost(self, log_path: Path, reason: str, attempts: int) -> Lost:
+        log_path.write_text(f"[nightlab] lost: {reason}\n")
+        return Lost(reason, attempts)
+
+    def _deliver(self, out: TaskOutput, job: RemoteJob, log_path: Path, attempts: int) -> RemoteResult:
+        with open(log_path, "wb") as f:
+            if out.log_truncated:
+                f.write(f"[nightlab] log truncated to its last {LOG_CAP} bytes on the worker\n".encode())
+            f.write(out.log)
+        run = RunResult(out.exit_code, out.timed_out, out.wall_s, str(log_path), out.sandbox, job.command,
+                        interrupted=out.interrupted)
+        return RemoteResult(run, out.measurement, out.node, attempts)
+
+
+def _brief(e: BaseException) -> str:
+    """One line about an exception: its type and the first line of its message (the cause's, for a
+    ``RayTaskError``)."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException) and cause is not e:
+        e = cause
+    if isinstance(e, RemoteJobError):
+        return str(e)
+    text = [line for line in str(e).strip().splitlines() if line.strip()]
+    return f"{type(e).__name__}: {text[0].strip()[:300]}" if text else type(e).__name__
+
+
+__all__ = [
+    "LOG_CAP", "Lost", "RayExecutor", "RayHandle", "RemoteJob", "RemoteJobError", "RemoteResult",
+    "TaskOutput", "run_job",
+]

@@ -1,0 +1,192 @@
+"""The Ray executor on a real local Ray cluster (``ray.init(num_cpus=2)``, one per module).
+
+Real git (``git archive`` of a real commit), real sandbox (bwrap where the job asks for it),
+real worker processes: the worker-death test has the job SIGKILL its own Ray worker.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nightlab.errors import UsageError
+from nightlab.executors.ray_executor import Lost, RayExecutor, RemoteJob, RemoteResult
+from nightlab.types import Status
+
+pytestmark = [
+    pytest.mark.ray,
+    # Ray's own import-time and shutdown noise, not ours.
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*"),
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+]
+
+GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"}
+METRIC = {"name": "score", "direction": "minimize", "source": "summary", "secondary": ["other"]}
+
+
+def git_archive(root: Path, files: dict[str, str]) -> bytes:
+    """Commit ``files`` in a fresh repo at ``root``; the ``git archive`` tar of that commit."""
+    env = {**os.environ, **GIT_ENV}
+    root.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "init", "-q", str(root)], check=True, env=env)
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    subprocess.run(["git", "-C", str(root), "add", "-A"], check=True, env=env)
+    subprocess.run(["git", "-C", str(root), "commit", "-qm", "exp"], check=True, env=env)
+    return subprocess.run(["git", "-C", str(root), "archive", "--format=tar", "HEAD"], check=True,
+                          env=env, capture_output=True).stdout
+
+
+def job(tmp_path: Path, command: str, *, files: dict[str, str] | None = None, lab_rel: str = "lab",
+        timeout_s: float = 20, mode: str = "auto", metric: dict[str, object] | None = None,
+        data_dir: str | None = None, key: str = "t/1") -> RemoteJob:
+    files = files or {f"{lab_rel or '.'}/train.py": "print('hi')\n"}
+    env = {"PATH": os.environ["PATH"], "NIGHTLAB_SEED": "7"}
+    return RemoteJob(key=key, archive=git_archive(tmp_path / "repo", files), lab_rel=lab_rel, command=command,
+                     env=env, timeout_s=timeout_s, kill_grace_s=0.5, sandbox_mode=mode, network=False,
+                     memory_mb=0, metric=metric or METRIC, data_dir=data_dir)
+
+
+@pytest.fixture(scope="module")
+def executor() -> Iterator[RayExecutor]:
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield RayExecutor(max_retries=1, unschedulable_s=2)
+    finally:
+        ray.shutdown()
+
+
+def test_summary_metric_and_log_come_back(executor: RayExecutor, tmp_path: Path) -> None:
+    files = {"lab/train.py": "import os\nprint('training')\nprint('---')\nprint('score: 1.25')\n"
+             "print('other:', os.environ['NIGHTLAB_SEED'])\n", "README": "top\n"}
+    j = job(tmp_path, "cat ../README && python train.py", files=files)
+    log = tmp_path / "head" / "run.log"
+    res = executor.run(j, log_path=log)
+    assert isinstance(res, RemoteResult), res
+    assert res.run.ok and res.run.exit_code == 0
+    assert res.run.sandbox == "bwrap"  # "auto" resolved on the worker; bwrap is installed
+    assert res.run.log_path == str(log)
+    assert res.measurement.metric == 1.25 and res.measurement.secondary == {"other": 7.0}
+    assert log.read_text().splitlines()[:2] == ["top", "training"]
+    assert res.attempts == 1 and res.node
+
+
+def test_crash_is_data_with_exit_code_and_log(executor: RayExecutor, tmp_path: Path) -> None:
+    res = executor.run(job(tmp_path, "echo boom >&2; exit 3"), log_path=tmp_path / "run.log")
+    assert isinstance(res, RemoteResult)
+    assert res.run.exit_code == 3 and not res.run.timed_out
+    assert res.measurement.metric is None and "no 'score'" in res.measurement.error
+    assert (tmp_path / "run.log").read_text() == "boom\n"
+
+
+def test_timeout_kills_the_tree_on_the_worker(executor: RayExecutor, tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    cmd = f"sleep 60 & echo $! > {pids}; setsid sleep 60 & echo $! >> {pids}; wait"
+    t0 = time.monotonic()
+    res = executor.run(job(tmp_path, cmd, timeout_s=1.5, mode="none"), log_path=tmp_path / "run.log")
+    assert isinstance(res, RemoteResult)
+    assert res.run.timed_out and res.run.exit_code is None
+    assert time.monotonic() - t0 < 15
+    for pid in map(int, pids.read_text().split()):
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().split(")")[-1].split()[0] in "ZX", pid
+
+
+def test_json_metric_data_dir_read_only_and_tree_writable(executor: RayExecutor, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "n.txt").write_text("41\n")
+    cmd = ('n=$(cat "$NIGHTLAB_DATA_DIR/n.txt"); echo "{\\"score\\": $((n + 1))}" > out.json; '
+           'touch "$NIGHTLAB_DATA_DIR/x" 2>/dev/null && echo data-writable; echo done')
+    metric = {"name": "score", "source": "json", "file": "out.json"}
+    res = executor.run(job(tmp_path, cmd, metric=metric, data_dir=str(data)), log_path=tmp_path / "run.log")
+    assert isinstance(res, RemoteResult) and res.run.sandbox == "bwrap"
+    assert res.measurement.metric == 42.0, res.measurement
+    assert (tmp_path / "run.log").read_text() == "done\n"
+    assert not (data / "x").exists()
+
+
+def test_real_commit_tree_at_root_and_temp_dir_removed(executor: RayExecutor, tmp_path: Path) -> None:
+    files = {"a/b/c.txt": "deep\n", "run.sh": "cat a/b/c.txt; echo ---; echo score: $(ls | wc -l)\n"}
+    j = job(tmp_path, "sh run.sh; echo $PWD > " + str(tmp_path / "cwd"), files=files, lab_rel="", mode="none")
+    res = executor.run(j, log_path=tmp_path / "run.log")
+    assert isinstance(res, RemoteResult)
+    assert res.measurement.metric == 2.0  # a/ and run.sh: no .git in an archive
+    assert (tmp_path / "run.log").read_text().startswith("deep\n")
+    workdir = Path((tmp_path / "cwd").read_text().strip())
+    assert workdir.name == "tree" and not workdir.exists()
+
+
+def test_worker_death_is_retried_and_runs_recorded_once(executor: RayExecutor, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    # First execution: SIGKILL our own Ray worker (the task's process) mid-run.
+    cmd = (f"echo run >> {runs}; if [ $(wc -l < {runs}) -eq 1 ]; then kill -9 $PPID; sleep 3; fi; "
+           "echo ---; echo score: 3")
+    res = executor.run(job(tmp_path, cmd, mode="none"), log_path=tmp_path / "run.log")
+    assert isinstance(res, RemoteResult), res
+    assert res.attempts == 2 and res.measurement.metric == 3.0
+    assert runs.read_text() == "run\nrun\n"
+
+
+def test_worker_death_without_retries_left_is_lost(executor: RayExecutor, tmp_path: Path) -> None:
+    ex = RayExecutor(max_retries=0)
+    cmd = "kill -9 $PPID; sleep 3"
+    t0 = time.monotonic()
+    res = ex.run(job(tmp_path, cmd, mode="none"), log_path=tmp_path / "run.log")
+    assert isinstance(res, Lost) and res.attempts == 1, res
+    assert "WorkerCrashedError" in res.reason or "died" in res.reason.lower()
+    assert time.monotonic() - t0 < 30
+    assert (tmp_path / "run.log").read_text().startswith("[nightlab] lost:")
+    assert Status.LOST.is_failure() and not Status.LOST.was_run()
+
+
+def test_task_error_is_lost_at_once_not_retried(executor: RayExecutor, tmp_path: Path) -> None:
+    res = executor.run(job(tmp_path, "true", metric={"name": "score", "source": "json"}),
+                       log_path=tmp_path / "run.log")
+    assert isinstance(res, Lost) and res.attempts == 1
+    assert "ValidationError" in res.reason and "on " in res.reason, res.reason
+
+
+def test_unschedulable_job_is_lost_not_hung(tmp_path: Path, executor: RayExecutor) -> None:
+    ex = RayExecutor(resources={"no-such-resource": 1}, unschedulable_s=1)
+    t0 = time.monotonic()
+    res = ex.run(job(tmp_path, "true"), log_path=tmp_path / "run.log")
+    assert isinstance(res, Lost) and "no alive node offers" in res.reason
+    assert time.monotonic() - t0 < 10
+
+
+def test_cancel_interrupts_the_run(executor: RayExecutor, tmp_path: Path) -> None:
+    cancel = threading.Event()
+    started = tmp_path / "started"
+    cmd = f"touch {started}; sleep 60"
+    h = executor.submit(job(tmp_path, cmd, mode="none"))
+
+    def set_when_started() -> None:
+        deadline = time.monotonic() + 20
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cancel.set()
+
+    threading.Thread(target=set_when_started, daemon=True).start()
+    t0 = time.monotonic()
+    res = executor.result(h, log_path=tmp_path / "run.log", cancel=cancel)
+    assert isinstance(res, RemoteResult) and res.run.interrupted and res.run.exit_code is None
+    assert res.measurement.metric is None
+    assert time.monotonic() - t0 < 15
+
+
+def test_without_ray_a_usage_error_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` sees when it is not installed
+    with pytest.raises(UsageError) as e:
+        RayExecutor()
+    assert "nightlab[ray]" in e.value.fix
