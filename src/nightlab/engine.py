@@ -140,6 +140,7 @@ class Engine:
         max_experiments: int | None = None,
         sandbox_mode: str | None = None,
         events: EventSink | None = None,
+        executor: dict[str, Any] | None = None,
         autonomy: str | None = None,
     ) -> None:
         self.lab_dir = Path(lab_dir).resolve()
@@ -148,6 +149,15 @@ class Engine:
             self.spec = self.spec.model_copy(
                 update={"stop": self.spec.stop.model_copy(update={"max_experiments": max_experiments})}
             )
+        if executor:
+            try:
+                self.spec = self.spec.model_copy(update={"executor": self.spec.executor.model_validate(
+                    {**self.spec.executor.model_dump(), **executor})})
+            except ValueError as e:
+                raise UsageError(f"bad executor option: {e}", "see `nightlab run --help`") from None
+        if self.spec.executor.kind == "ray" and (self.spec.evaluate.command or self.spec.holdout.command):
+            raise UsageError("the ray executor does not run [evaluate] or [holdout] commands yet",
+                             "use [executor] kind = \"local\" (with slots) for labs with a protected evaluator")
         self.ws = Workspace(self.lab_dir)
         self.ws.ensure_state_dir()
         self.ledger = Ledger.for_lab(self.lab_dir, db_url)
@@ -171,6 +181,13 @@ class Engine:
         self._tls = threading.local()  # which slot the current thread runs (GPU pinning)
         self._keep_lock = threading.Lock()  # one keep decision at a time, against the current incumbent
         self._requeue: list[Candidate] = []  # stale winners, rebased onto the new incumbent
+        self.ray: Any = None
+        if self.spec.executor.kind == "ray":
+            from nightlab.executors.ray_executor import RayExecutor
+
+            ex = self.spec.executor
+            self.ray = RayExecutor(address=ex.address or None, num_cpus=ex.num_cpus, num_gpus=ex.num_gpus,
+                                   resources=dict(ex.resources), max_retries=ex.max_retries)
         self.session = self._open_session(tag, resume)
         self.resumed = resume
         self.protected_hashes = self.guard.hash_protected(self.session.base_commit)
@@ -354,6 +371,55 @@ class Engine:
             safe = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name).name).lstrip(".") or "artifact"
             (folder / safe).write_text(text, encoding="utf-8")
 
+    def _run_remote(self, idx: int, exp_id: int, candidate: Candidate | None, commit: str, canonical: str,
+                    wt: Path, lab_root: Path, t0: float, seed: int, log_path: Path) -> Experiment:
+        """Run the committed experiment as a Ray task; the tree travels as a ``git archive`` tar."""
+        from nightlab.executors.ray_executor import Lost, RemoteJob
+
+        archive = subprocess.run(["git", "archive", "--format=tar", commit], cwd=self.lab_dir,
+                                 capture_output=True, check=True).stdout
+        job = RemoteJob(
+            key=f"{self.session.tag}/{idx}", archive=archive, lab_rel=self.ws.lab_rel,
+            command=self.spec.run.command, env=self.run_env(seed, idx), timeout_s=self.spec.run.hard_timeout_s,
+            kill_grace_s=self.spec.run.kill_grace_s,
+            sandbox_mode=self.sandbox_mode, network=self.spec.sandbox.network, memory_mb=self.spec.run.memory_mb,
+            metric=self.spec.metric.model_dump(mode="json"),
+            data_dir=str(self.data_dir) if self.data_dir.exists() else None, hide=tuple(self.spec.sandbox.hide),
+        )
+        self.events.emit("sandbox.start", experiment=idx, command=self.spec.run.command, executor="ray",
+                         mode=self.sandbox_mode, network=self.spec.sandbox.network,
+                         timeout_s=self.spec.run.hard_timeout_s, archive_sha256=hashlib.sha256(archive).hexdigest())
+        out = self.ray.run(job, log_path=log_path, cancel=self.stop.cancel)
+        if isinstance(out, Lost):
+            self.events.emit("sandbox.exit", experiment=idx, lost=True, reason=out.reason, attempts=out.attempts)
+            return self._finish(exp_id, Status.LOST, t0, reason=f"lost after {out.attempts} attempt(s): {out.reason}",
+                                evidence={"executor": "ray", "node": out.node, "attempts": out.attempts})
+        res, m = out.run, out.measurement
+        self.events.emit("sandbox.exit", experiment=idx, exit_code=res.exit_code, timed_out=res.timed_out,
+                         interrupted=res.interrupted, wall_s=round(res.wall_s, 3), node=out.node,
+                         attempts=out.attempts, log_sha256=_file_sha(Path(res.log_path)))
+        where = {"executor": "ray", "node": out.node, "attempts": out.attempts}
+        if res.interrupted:
+            return self._finish(exp_id, Status.INTERRUPTED, t0, res,
+                                reason=f"interrupted: {self.stop.cancel_reason or 'stop requested'}")
+        if res.timed_out:
+            return self._finish(exp_id, Status.TIMEOUT, t0, res, evidence=where,
+                                reason=f"killed at the {self.spec.run.hard_timeout_s:g}s timeout")
+        self.events.emit("measurement", experiment=idx, metric=m.metric, secondary=m.secondary, trust=m.trust,
+                         error=m.error)
+        if res.exit_code != 0:
+            return self._finish(exp_id, Status.CRASH, t0, res, m, reason=f"exit code {res.exit_code}", evidence=where)
+        if not m.valid:
+            return self._finish(exp_id, Status.CRASH, t0, res, m, reason=m.error, evidence=where)
+        assert m.metric is not None
+        if candidate is None:
+            exp = self._finish(exp_id, Status.KEEP, t0, res, m, reason="baseline", commit=commit,
+                               incumbent=(commit, m.metric), evidence={"policy": "baseline", **where})
+            self.session = self.ledger.update_session(self.session.id, baseline_metric=m.metric)
+            return exp
+        with self._keep_lock:
+            return self._decide(idx, exp_id, candidate, commit, canonical, wt, lab_root, t0, res, m, where)
+
     def _kept_metric(self, commit: str) -> float | None:
         """The metric the ledger holds for a kept commit (its estimate, when a policy made one)."""
         for e in self.ledger.experiments(self.session.id, status=Status.KEEP):
@@ -471,6 +537,9 @@ class Engine:
             self.events.emit("sandbox.start", experiment=idx, command=self.spec.run.command, cwd=str(lab_root),
                              mode=policy.mode, network=policy.network, hidden=[str(h) for h in policy.hidden],
                              timeout_s=self.spec.run.hard_timeout_s, memory_mb=policy.memory_mb)
+            if self.ray is not None:
+                return self._run_remote(idx, exp_id, candidate, commit, canonical, wt, lab_root, t0, seed,
+                                        log_path)
             res = sandbox.run(
                 self.spec.run.command, cwd=lab_root, env=self.run_env(seed, idx), policy=policy,
                 timeout_s=self.spec.run.hard_timeout_s, log_path=log_path, kill_grace_s=self.spec.run.kill_grace_s,
@@ -523,12 +592,12 @@ class Engine:
                 return self._finish(exp_id, Status.DISCARD, t0, res, m, evidence={"stale": True, **extras},
                                     reason=f"not better than its parent {candidate.parent[:10]} "
                                            f"({m.metric:.6g} vs {parent_metric})")
-            inc = parent_metric
             self._requeue.append(Candidate(
                 parent=self.session.incumbent_commit, rationale=f"rebase of #{idx}: {candidate.rationale}",
                 diff=canonical, params=dict(candidate.params), researcher=REBASE))
             return self._finish(exp_id, Status.DISCARD, t0, res, m,
-                                evidence={"stale": True, "candidate": m.metric, "incumbent": inc, **extras},
+                                evidence={"stale": True, "candidate": m.metric, "parent_metric": parent_metric,
+                                          **extras},
                                 reason=f"stale: beat the incumbent, but its parent {candidate.parent[:10]} is no "
                                        "longer the incumbent; requeued, rebased onto the new incumbent, "
                                        "to be re-measured")
@@ -816,6 +885,8 @@ class Engine:
         return self.session
 
     def close(self) -> None:
+        if self.ray is not None:
+            self.ray.shutdown()
         if self.audit is not None:
             self.audit.close()
         self.ledger.close()

@@ -49,18 +49,31 @@ def _summary(session: Session, lab: Path) -> None:
 @click.option("--autonomy", type=click.Choice(["auto", "approve-keep", "review"]), default=None,
               help="Override [autonomy] level: review (each candidate waits for a human before it runs), "
                    "approve-keep (a keep waits before the branch advances), auto (nothing waits).")
+@click.option("--slots", type=click.IntRange(min=1), default=None, help="Override [executor] slots.")
+@click.option("--executor", "executor_kind", type=click.Choice(["local", "ray"]), default=None,
+              help="Override [executor] kind.")
+@click.option("--address", default=None, help="Ray cluster address (auto, ray://host:port); implies --executor ray.")
 @click.option("--plain", is_flag=True, help="Plain log lines instead of the live view.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the final summary.")
 def run(lab: Path, tag: str | None, resume: bool, db: str | None, max_experiments: int | None,
-        sandbox: str | None, autonomy: str | None, plain: bool, quiet: bool) -> None:
+        sandbox: str | None, autonomy: str | None, slots: int | None, executor_kind: str | None,
+        address: str | None, plain: bool, quiet: bool) -> None:
     """Run (or resume) a research session until a stop rule fires.
 
     Ctrl-C kills the experiment in flight, records it as interrupted and stops;
     SIGTERM or a file .nightlab/STOP stops after the experiment in flight.
     In review or approve-keep mode the session waits for `nightlab approve N` / `nightlab reject N`.
     """
+    executor: dict[str, object] = {}
+    if slots is not None:
+        executor["slots"] = slots
+    if address is not None:
+        executor.update(kind="ray", address=address)
+    if executor_kind is not None:
+        executor["kind"] = executor_kind
     engine = Engine(lab, tag=tag, resume=resume, db_url=db, reporter=make_reporter(quiet, plain or None),
-                    max_experiments=max_experiments, sandbox_mode=sandbox, autonomy=autonomy)
+                    max_experiments=max_experiments, sandbox_mode=sandbox, autonomy=autonomy,
+                    executor=executor or None)
     session = _run_engine(engine)
     _summary(session, lab)
     if session.stop_reason.startswith("interrupted"):

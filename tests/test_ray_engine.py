@@ -1,0 +1,70 @@
+"""A whole session through the Ray executor: each experiment is a Ray task on a local cluster."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+
+import pytest
+
+from nightlab.engine import Engine
+from nightlab.researchers.scripted import ScriptedResearcher
+from nightlab.types import Status
+from tests.conftest import SPEC, TARGET_PY, git
+
+ray = pytest.importorskip("ray")
+
+pytestmark = [
+    pytest.mark.ray,
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*"),
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+]
+
+
+def target(x: float) -> str:
+    return TARGET_PY.replace("X = 3.0", f"X = {x}")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["none", pytest.param("required", marks=pytest.mark.skipif(
+    shutil.which("bwrap") is None, reason="bwrap not installed"))])
+def test_a_session_runs_through_ray(make_lab, cluster, mode):
+    lab = make_lab(spec=SPEC.replace("pipeline = false", 'kind = "ray"\nslots = 2\nnum_cpus = 1'))
+    steps = [{"rationale": "opt X", "files": {"target.py": target(1.0)}},
+             {"rationale": "worse", "files": {"target.py": target(7.0)}},
+             {"rationale": "edit the evaluator", "files": {"evaluate.py": "print('x')\n"}}]
+    eng = Engine(lab, tag="ray", researcher=ScriptedResearcher(steps), sandbox_mode=mode, max_experiments=3)
+    session = eng.run()
+    exps = eng.ledger.experiments(session.id)
+    eng.close()
+    by = {e.idx: e for e in exps}
+    assert sorted(by) == [0, 1, 2, 3]
+    assert by[0].status is Status.KEEP and by[0].evidence["executor"] == "ray" and by[0].metric == pytest.approx(8.5)
+    ran = [e for e in exps if e.status in (Status.KEEP, Status.DISCARD)]
+    assert all(e.evidence.get("executor") == "ray" and e.evidence.get("attempts") == 1 for e in ran)
+    assert session.incumbent_metric == pytest.approx(4.5)
+    assert "X = 1.0" in git(lab, "show", "nightlab/ray:target.py")
+    assert any(e.status is Status.REJECTED for e in exps)  # the guard runs on the head, before Ray
+    # the log came home
+    assert "training..." in (lab / ".nightlab" / "artifacts" / str(by[1].id) / "run.log").read_text()
+    # exactly one row per experiment, even though Ray runs tasks at least once
+    with sqlite3.connect(lab / ".nightlab" / "ledger.db") as con:
+        dup = con.execute("select idx, count(*) from experiments group by session_id, idx having count(*) > 1")
+        assert dup.fetchall() == []
+
+
+def test_ray_with_an_evaluator_is_refused(make_lab):
+    from nightlab.errors import UsageError
+
+    lab = make_lab(spec=SPEC.replace("pipeline = false", 'kind = "ray"')
+                   + '\n[evaluate]\ncommand = "python evaluate.py"\n')
+    with pytest.raises(UsageError, match="ray executor"):
+        Engine(lab, tag="x", researcher=ScriptedResearcher([]), sandbox_mode="none")
