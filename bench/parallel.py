@@ -1,0 +1,121 @@
+"""Duty cycle and throughput of the executor (issue: many experiments at once).
+
+    python bench/parallel.py [--quick] [--ray]
+
+1. Duty cycle, sequential vs pipelined: a researcher that takes PROPOSE_S per proposal and runs
+   of RUN_S (defaults 2 s and 6 s), N experiments on one slot. The sequential loop is
+   autoresearch's (think, then run, then think...); nightlab pipelines: it proposes the next
+   candidate while the current one runs. Duty cycle = busy slot-seconds / (slots x wall seconds).
+2. Throughput with 1, 2, 4, 8 local slots of sleep-bound runs (SLEEP_S each, 3 per slot):
+   experiments per second against the ideal N / SLEEP_S.
+3. With --ray, the same through the Ray executor on a local cluster (ray.init(num_cpus=8)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+sys.path.insert(0, SRC)
+os.environ["PYTHONPATH"] = SRC + os.pathsep + os.environ.get("PYTHONPATH", "")  # for Ray's workers
+
+from nightlab.engine import Engine  # noqa: E402
+from nightlab.types import Candidate  # noqa: E402
+
+SPEC = """\
+[files]
+editable = ["work.sh"]
+[run]
+command = "sh work.sh"
+budget_s = 60
+[metric]
+name = "m"
+[stop]
+max_experiments = {n}
+max_crashes_in_row = 0
+[researcher]
+kind = "scripted"
+[sandbox]
+mode = "auto"
+[executor]
+kind = "{kind}"
+slots = {slots}
+pipeline = {pipeline}
+"""
+
+
+class Thinker:
+    """A researcher that thinks for ``seconds`` and proposes a (worse) change."""
+
+    name = "thinker"
+
+    def __init__(self, seconds: float, sleep_s: float) -> None:
+        self.seconds, self.sleep_s = seconds, sleep_s
+
+    def propose(self, ctx):  # type: ignore[no-untyped-def]
+        time.sleep(self.seconds)
+        return Candidate(parent=ctx.parent, rationale=f"try {ctx.idx}",
+                         files={"work.sh": f"sleep {self.sleep_s}\necho ---\necho m: {100 + ctx.idx}\n"})
+
+    def observe(self, e):  # type: ignore[no-untyped-def]
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def session(n: int, slots: int, pipeline: bool, propose_s: float, sleep_s: float, kind: str = "local") -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        lab = Path(tmp)
+        (lab / "nightlab.toml").write_text(SPEC.format(n=n, slots=slots, pipeline=str(pipeline).lower(), kind=kind))
+        (lab / "work.sh").write_text("echo ---\necho m: 1\n")  # the baseline is instant
+        env = {"GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "b",
+               "GIT_COMMITTER_EMAIL": "b@b", "PATH": "/usr/bin:/bin"}
+        for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "lab"]):
+            subprocess.run(cmd, cwd=lab, check=True, env=env)
+        eng = Engine(lab, tag="b", researcher=Thinker(propose_s, sleep_s))
+        t0 = time.monotonic()
+        s = eng.run()
+        wall = time.monotonic() - t0
+        noise = eng.ledger.session_json(s.id)[1]
+        exps = eng.ledger.experiments(s.id)[1:]
+        eng.close()
+        return {"wall": wall, "n": len(exps), "duty": noise.get("executor", {}).get("duty_cycle", 0.0),
+                "rate": len(exps) / noise.get("executor", {}).get("wall_s", wall)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="shorter runs (0.5 s think, 1.5 s run)")
+    ap.add_argument("--ray", action="store_true", help="also the Ray executor on a local cluster")
+    ap.add_argument("-n", type=int, default=20)
+    args = ap.parse_args()
+    think, run = (0.5, 1.5) if args.quick else (2.0, 6.0)
+    print(f"## duty cycle: researcher {think:g} s per proposal, runs of {run:g} s, {args.n} experiments, 1 slot\n")
+    print("| loop | wall s | duty cycle |\n|---|---|---|")
+    for label, pipe in (("sequential (autoresearch-style)", False), ("pipelined (nightlab)", True)):
+        r = session(args.n, 1, pipe, think, run)
+        print(f"| {label} | {r['wall']:.1f} | {100 * r['duty']:.1f}% |")
+    sleep_s = 1.0 if args.quick else 2.0
+    kinds = ["local", "ray"] if args.ray else ["local"]
+    if args.ray:
+        import ray
+
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    for kind in kinds:
+        print(f"\n## throughput, {kind} executor: sleep-bound runs of {sleep_s:g} s, 3 per slot\n")
+        print("| slots | experiments/s | ideal | ratio |\n|---|---|---|---|")
+        for slots in (1, 2, 4, 8):
+            r = session(3 * slots, slots, True, 0.0, sleep_s, kind)
+            ideal = slots / sleep_s
+            print(f"| {slots} | {r['rate']:.2f} | {ideal:.2f} | {r['rate'] / ideal:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
