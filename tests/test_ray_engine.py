@@ -6,11 +6,11 @@ import shutil
 import sqlite3
 
 import pytest
+from tests.conftest import SPEC, TARGET_PY, git
 
 from nightlab.engine import Engine
 from nightlab.researchers.scripted import ScriptedResearcher
 from nightlab.types import Status
-from tests.conftest import SPEC, TARGET_PY, git
 
 ray = pytest.importorskip("ray")
 
