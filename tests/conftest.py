@@ -100,3 +100,25 @@ def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh, empty PostgreSQL database (dropped afterwards); skips without NIGHTLAB_TEST_POSTGRES."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    admin_url = os.environ.get("NIGHTLAB_TEST_POSTGRES")
+    if not admin_url:
+        pytest.skip("NIGHTLAB_TEST_POSTGRES is not set (CI starts PostgreSQL with .ci/services.sh)")
+    name = f"nightlab_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    try:
+        yield sa.make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.dispose()

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -83,24 +82,9 @@ def sled(db: Path):
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def led(request: pytest.FixtureRequest, db: Path):
     """A ledger on each backend: SQLite always, PostgreSQL when NIGHTLAB_TEST_POSTGRES is set."""
-    if request.param == "sqlite":
-        with Ledger(url_of(db)) as led:
-            yield led
-        return
-    admin_url = os.environ.get("NIGHTLAB_TEST_POSTGRES")
-    if not admin_url:
-        pytest.skip("NIGHTLAB_TEST_POSTGRES is not set")
-    name = f"nightlab_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE {name}")
-    try:
-        with Ledger(sa.make_url(admin_url).set(database=name).render_as_string(hide_password=False)) as led:
-            yield led
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.dispose()
+    url = url_of(db) if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    with Ledger(url) as led:
+        yield led
 
 
 # -- opening -----------------------------------------------------------------------------

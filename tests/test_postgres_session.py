@@ -2,36 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import uuid
 
 import pytest
-import sqlalchemy as sa
+from tests.conftest import SPEC, TARGET_PY, cli_env, nightlab_cmd
 
 from nightlab.engine import Engine
 from nightlab.researchers.scripted import ScriptedResearcher
 from nightlab.types import Status
-from tests.conftest import SPEC, TARGET_PY, cli_env, nightlab_cmd
 
 pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture
-def pg_url():
-    admin_url = os.environ.get("NIGHTLAB_TEST_POSTGRES")
-    if not admin_url:
-        pytest.skip("NIGHTLAB_TEST_POSTGRES is not set (CI starts PostgreSQL with .ci/services.sh)")
-    name = f"nightlab_s_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE {name}")
-    try:
-        yield sa.make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.dispose()
 
 
 def test_a_session_on_postgres(make_lab, pg_url):
