@@ -141,6 +141,7 @@ def status(lab: Path, db: str | None, tag: str | None) -> None:
         usage = led.usage_totals(s.id)
         last = led.experiments(s.id, order="desc", limit=1)
         baseline = _baseline(led, s)
+        extra = led.session_json(s.id)[1]
     con = _console()
     t = Table.grid(padding=(0, 2))
     t.add_column(style="bold")
@@ -162,11 +163,23 @@ def status(lab: Path, db: str | None, tag: str | None) -> None:
         f"tokens in {usage.tokens_in:,}  out {usage.tokens_out:,}  cached {usage.tokens_cached:,}  "
         f"${usage.cost_usd:.2f}  propose {usage.seconds:.1f}s",
     )
+    noise = extra.get("sigma")
+    if noise is not None:
+        t.add_row("noise", f"sigma {float(noise):.6g} from {extra.get('k', '?')} baseline runs")
+    hold = extra.get("holdout") or {}
+    if isinstance(hold, dict) and hold.get("baseline") is not None:
+        t.add_row("holdout", f"baseline {_fmt(hold.get('baseline'))}  latest {_fmt(hold.get('latest'))}")
+    for w in extra.get("warnings") or []:
+        t.add_row("warning", Text(str(w), style="yellow"))
+    ex = extra.get("executor") or {}
+    if ex:
+        t.add_row("executor", f"{ex.get('slots', 1)} slot(s), pipeline {'on' if ex.get('pipeline') else 'off'}, "
+                              f"duty cycle {100 * float(ex.get('duty_cycle', 0)):.1f}%")
     if last:
         e = last[0]
         line = Text(f"#{e.idx} ")
         line.append_text(_status_text(e.status))
-        line.append(f"  {_fmt(e.metric)}  {e.description}")
+        line.append(f"  {_fmt(e.metric)}  {e.description[:80]}")
         t.add_row("last", line)
     con.print(t)
 
@@ -204,7 +217,7 @@ def log(lab: Path, db: str | None, tag: str | None, status_: str | None, limit: 
             _delta(s, e, kept_metric),
             e.trust if e.metric is not None else "",
             f"{e.run_s:.1f}",
-            Text(e.description),
+            Text(e.description if len(e.description) <= 44 else e.description[:43] + "…"),
         )
     _console().print(t)
 
