@@ -6,7 +6,6 @@ import sqlite3
 import subprocess
 
 import pytest
-
 from tests.conftest import cli_env, nightlab_cmd
 
 
