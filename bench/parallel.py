@@ -107,7 +107,7 @@ def main() -> None:
     if args.ray:
         import ray
 
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     for kind in kinds:
         print(f"\n## throughput, {kind} executor: sleep-bound runs of {sleep_s:g} s, 3 per slot\n")
         print("| slots | experiments/s | ideal | ratio |\n|---|---|---|---|")

@@ -58,7 +58,7 @@ def main() -> None:
     import ray
 
     t0 = time.monotonic()
-    ray.init(num_cpus=max(slots), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=max(slots), include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     ex = RayExecutor()
     print(f"ray {ray.__version__}: local cluster up in {time.monotonic() - t0:.1f} s; "
           f"archive {len(tar)} bytes; sandbox {args.sandbox}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,16 @@ HAVE_BWRAP = shutil.which("bwrap") is not None
 MODES = ["none", pytest.param("auto", marks=pytest.mark.skipif(not HAVE_BWRAP, reason="bwrap not installed"))]
 
 # A fake Claude Code (tests/fake_agent.py): reads the prompt file, edits a file, prints a result JSON.
-# It lives outside /tmp because bwrap gives the agent a private /tmp.
-FAKE_AGENT = Path(__file__).with_name("fake_agent.py")
+# It is copied outside /tmp because bwrap gives the agent a private /tmp (and CI may check out under /tmp).
+_HOST_DIR = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="nightlab-agent-test-"))
+FAKE_AGENT = _HOST_DIR / "fake_agent.py"
+shutil.copy(Path(__file__).with_name("fake_agent.py"), FAKE_AGENT)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cleanup_host_dir():
+    yield
+    shutil.rmtree(_HOST_DIR, ignore_errors=True)
 
 
 def agent_spec(script: Path, args: str, mode: str) -> str:
@@ -90,7 +99,7 @@ def test_an_agent_that_changes_nothing_is_invalid(make_lab, tmp_path):
 
 @pytest.mark.skipif(not HAVE_BWRAP, reason="bwrap not installed")
 def test_the_agent_cannot_write_outside_its_worktree_under_bwrap(make_lab, tmp_path):
-    escape = Path(__file__).with_name(f"escaped-{tmp_path.name}.txt")  # a real, writable host path
+    escape = _HOST_DIR / f"escaped-{tmp_path.name}.txt"  # a real, writable host path, visible read-only
     lab = make_lab(spec=agent_spec(FAKE_AGENT, f"target.py 'X = 3.0' 'X = 1.0' {escape}", "required"))
     eng = Engine(lab, tag="t", sandbox_mode="none", max_experiments=1)
     try:

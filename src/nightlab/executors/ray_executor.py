@@ -268,7 +268,11 @@ class RayExecutor:
         self._ray: Any = ray
         self._owns = False
         if not ray.is_initialized():
-            kwargs = {"include_dashboard": False, "log_to_driver": False, **(init_kwargs or {})}
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+            if not address:
+                # a cluster of our own stays on loopback: nothing listens on the machine's other addresses
+                kwargs["_node_ip_address"] = "127.0.0.1"
+            kwargs.update(init_kwargs or {})
             ray.init(address=address, **kwargs)
             self._owns = True
         self.num_cpus = num_cpus
