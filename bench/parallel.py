@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local cluster on loopback
+
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 sys.path.insert(0, SRC)
 os.environ["PYTHONPATH"] = SRC + os.pathsep + os.environ.get("PYTHONPATH", "")  # for Ray's workers
@@ -107,7 +109,7 @@ def main() -> None:
     if args.ray:
         import ray
 
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     for kind in kinds:
         print(f"\n## throughput, {kind} executor: sleep-bound runs of {sleep_s:g} s, 3 per slot\n")
         print("| slots | experiments/s | ideal | ratio |\n|---|---|---|---|")

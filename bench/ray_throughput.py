@@ -20,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local cluster on loopback
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (sys.path[0], os.environ.get("PYTHONPATH", "")) if p)
 
@@ -58,7 +60,7 @@ def main() -> None:
     import ray
 
     t0 = time.monotonic()
-    ray.init(num_cpus=max(slots), include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(num_cpus=max(slots), include_dashboard=False, log_to_driver=False)
     ex = RayExecutor()
     print(f"ray {ray.__version__}: local cluster up in {time.monotonic() - t0:.1f} s; "
           f"archive {len(tar)} bytes; sandbox {args.sandbox}")

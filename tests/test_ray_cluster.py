@@ -52,6 +52,10 @@ def _ppid(pid: int) -> int:
     return int(stat[stat.rfind(")") + 2:].split()[1])
 
 
+# A loopback address Ray does not rewrite (it replaces 127.0.0.1 with the machine's outward address).
+NODE_IP = "127.0.0.2"
+
+
 @dataclass
 class Cluster:
     root: Path
@@ -63,7 +67,7 @@ class Cluster:
         ports = [f"--{opt}={_free_port()}" for opt in (
             "node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
             "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")]
-        argv = [RAY, "start", "--node-ip-address", "127.0.0.1", "--temp-dir", str(self.root / name),
+        argv = [RAY, "start", "--node-ip-address", NODE_IP, "--temp-dir", str(self.root / name),
                 "--disable-usage-stats", *ports, *args]
         with open(self.root / f"{name}.out", "wb") as out:
             # A new session: every daemon of this node keeps this process group, so one killpg
@@ -92,13 +96,14 @@ def cluster() -> Iterator[Cluster]:
     if already:  # another module imported Ray first: refresh its cached config, as Ray itself does
         ray._raylet.Config.initialize("")
     root = Path(tempfile.mkdtemp(prefix="nlr", dir="/tmp"))  # short: Ray's socket paths have a limit
-    env = {**os.environ, "PYTHONPATH": SRC, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "PYTHONPATH": SRC, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}  # several nodes; they stay on loopback by NODE_IP
     c = Cluster(root, _free_port(), env)
     try:
         c.start("head", "--head", "--port", str(c.port), "--num-cpus", "0", "--include-dashboard=false",
                 f"--dashboard-port={_free_port()}")
         for w in ("w1", "w2"):
-            c.start(w, "--address", f"127.0.0.1:{c.port}", "--num-cpus", "1")
+            c.start(w, "--address", f"{NODE_IP}:{c.port}", "--num-cpus", "1")
         yield c
     finally:
         if ray.is_initialized():
@@ -160,7 +165,7 @@ CMD = "echo $$ $PPID >> {runs}; if [ $(wc -l < {runs}) -eq 1 ]; then sleep 60; f
 
 
 def test_killed_worker_node_is_retried_elsewhere_and_returns_once(cluster: Cluster, tmp_path: Path) -> None:
-    ex = RayExecutor(address=f"127.0.0.1:{cluster.port}", max_retries=1, unschedulable_s=5)
+    ex = RayExecutor(address=f"{NODE_IP}:{cluster.port}", max_retries=1, unschedulable_s=5)
     runs = tmp_path / "runs"
     h = ex.submit(_job(tmp_path, "s/1", CMD.format(runs=runs)))
     node, sh, worker = _node_running(cluster, runs, 1)
@@ -175,7 +180,7 @@ def test_killed_worker_node_is_retried_elsewhere_and_returns_once(cluster: Clust
 
 
 def test_killed_last_worker_node_is_lost_in_bounded_time(cluster: Cluster, tmp_path: Path) -> None:
-    ex = RayExecutor(address=f"127.0.0.1:{cluster.port}", max_retries=1, unschedulable_s=5)
+    ex = RayExecutor(address=f"{NODE_IP}:{cluster.port}", max_retries=1, unschedulable_s=5)
     runs = tmp_path / "runs"
     h = ex.submit(_job(tmp_path, "s/2", CMD.format(runs=runs)))
     node, sh, worker = _node_running(cluster, runs, 1)

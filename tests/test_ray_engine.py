@@ -29,7 +29,9 @@ def target(x: float) -> str:
 def cluster():
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # the cluster listens on loopback only (conftest sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)
+    assert all(n["NodeManagerAddress"].startswith("127.") for n in ray.nodes())
     yield
     ray.shutdown()
 

@@ -59,7 +59,7 @@ def job(tmp_path: Path, command: str, *, files: dict[str, str] | None = None, la
 @pytest.fixture(scope="module")
 def executor() -> Iterator[RayExecutor]:
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield RayExecutor(max_retries=1, unschedulable_s=2)
     finally:

@@ -259,6 +259,10 @@ class RayExecutor:
         unschedulable_s: float = 30.0,
         poll_s: float = 0.2,
     ) -> None:
+        if not address:
+            # A cluster of our own stays on loopback (Ray otherwise advertises the machine's outward
+            # address). Read by Ray when it is first imported; later imports keep Ray's own choice.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         try:
             import ray
         except ImportError as e:
@@ -268,11 +272,7 @@ class RayExecutor:
         self._ray: Any = ray
         self._owns = False
         if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-            if not address:
-                # a cluster of our own stays on loopback: nothing listens on the machine's other addresses
-                kwargs["_node_ip_address"] = "127.0.0.1"
-            kwargs.update(init_kwargs or {})
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, **(init_kwargs or {})}
             ray.init(address=address, **kwargs)
             self._owns = True
         self.num_cpus = num_cpus
