@@ -40,7 +40,7 @@ from nightlab.ledger import Ledger
 from nightlab.permissions import rule_of
 from nightlab.policy import make_policy
 from nightlab.researchers import Context, Researcher
-from nightlab.spec import PROGRAM_FILE, Spec, load_spec, match_files
+from nightlab.spec import PROGRAM_FILE, Spec, load_spec, matches
 from nightlab.types import Candidate, Experiment, Measurement, RunResult, Session, Status, Usage
 from nightlab.verifier import Verifier
 from nightlab.workspace import ApplyError, Workspace
@@ -332,8 +332,6 @@ class Engine:
         parent = self.session.incumbent_commit
         files: dict[str, str] = {}
         all_files = self.ws.ls_files(parent)
-        from nightlab.spec import matches
-
         for p in all_files:
             if matches(p, self.spec.files.editable) and not matches(p, self.guard.protected):
                 try:
@@ -890,10 +888,6 @@ class Engine:
         if self.audit is not None:
             self.audit.close()
         self.ledger.close()
-
-
-def editable_files(spec: Spec, lab_dir: Path) -> list[str]:
-    return match_files(lab_dir, spec.files.editable)
 
 
 def improvement_pct(baseline: float | None, best: float | None, direction: Any) -> float | None:
