@@ -14,10 +14,13 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from tests.conftest import SPEC, cli_env, nightlab_cmd
@@ -83,6 +86,46 @@ def test_hostile_metric_files_are_crashes_and_the_night_goes_on(make_lab, mode):
     for (idx, status, reason), (name, _, why) in zip(rows[1:-1], METRIC_FILE_ATTACKS, strict=True):
         assert status == "crash" and why in reason, (idx, name, status, reason)
     assert rows[-1][1] == "keep"  # the night went on and still keeps honest improvements
+
+
+def _measure_in_child(lab: Path, timeout: float = 30) -> str:
+    """measure() in another process, so a blocking open fails the test instead of hanging it."""
+    code = ("import sys; from pathlib import Path; from nightlab.measure import measure; "
+            "from nightlab.spec import MetricSpec; "
+            "m = measure(MetricSpec(name='score', source='json', file='out/m.json'), Path('/nonexistent'), "
+            "Path(sys.argv[1])); print(m.error)")
+    out = subprocess.run([sys.executable, "-c", code, str(lab)], env=cli_env(),
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def _fifo(p: Path) -> None:
+    os.mkfifo(p)
+
+
+def _socket(p: Path) -> None:
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(p))
+    s.close()
+
+
+SPECIAL = [
+    ("fifo", _fifo, "named pipe"),
+    ("socket", _socket, "a socket"),
+    ("directory", lambda p: p.mkdir(), "a directory"),
+    ("devzero", lambda p: p.symlink_to("/dev/zero"), "symlink"),
+    ("fifo_link", lambda p: (os.mkfifo(p.with_name("pipe")), p.symlink_to("pipe")), "symlink"),
+    ("dir_link", lambda p: (p.parent.rename(p.parent.with_name("real")), p.parent.symlink_to("real"),
+                            os.mkfifo(p)), "symlink"),
+]
+
+
+@pytest.mark.parametrize("name,make,why", SPECIAL, ids=[s[0] for s in SPECIAL])
+def test_special_metric_files_never_block(tmp_path, name, make, why):
+    (tmp_path / "out").mkdir()
+    make(tmp_path / "out" / "m.json")
+    assert why in _measure_in_child(tmp_path)
 
 
 def printing(*lines: str) -> str:
@@ -189,12 +232,13 @@ def test_non_utf8_names_and_output_are_stored_escaped(make_lab, request, backend
     assert '"b/\\377\\376.py"' in cand_made.diff
     assert "\\xe9" in cand_made.diff and cand_made.rationale == "latin-1 \\xe9 rationale"
     # the audit log holds the same escaped text and still verifies
-    audit = subprocess.run(nightlab_cmd("audit", "verify", "--lab", str(lab)), env=cli_env(),
+    db = ["--db", url] if url else []
+    audit = subprocess.run(nightlab_cmd("audit", "verify", "--lab", str(lab), *db), env=cli_env(),
                            capture_output=True, text=True, timeout=60)
     assert audit.returncode == 0, audit.stdout + audit.stderr
     for cmd in (("show", "1"), ("show", "2"), ("log",), ("diff", "2")):
-        args = [*cmd, "--lab", str(lab)] + (["--db", url] if url else [])
-        out = subprocess.run(nightlab_cmd(*args), env=cli_env(), capture_output=True, timeout=60)
+        out = subprocess.run(nightlab_cmd(*cmd, "--lab", str(lab), *db), env=cli_env(), capture_output=True,
+                             timeout=60)
         assert out.returncode == 0, out.stderr
 
 
