@@ -118,3 +118,10 @@ def test_absurd_metrics_are_refused_and_kept_visible():
     assert sanity(Measurement(1e9), spec, None).metric == 1e9  # the baseline itself: only max_abs
     off = MetricSpec(name="score", max_abs=0, max_ratio=0)
     assert sanity(Measurement(-1e308), off, 0.5).metric == -1e308
+
+
+def test_warnings_are_bounded(tmp_path):
+    log = tmp_path / "run.log"
+    log.write_text("---\n" + "".join(f"k{i}: 1\nk{i}: 2\n" for i in range(10_000)) + "score: 1\n")
+    m = measure(MetricSpec(name="score"), log, tmp_path)
+    assert m.metric == 1.0 and len(m.warnings) == 6 and m.warnings[-1] == "... and 9995 more"

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from nightlab import approvals, sandbox
+from nightlab import approvals, escape, sandbox
 from nightlab import researchers as researchers_mod
 from nightlab.audit import AuditLog, Signer, store_head
 from nightlab.context import SECRET_ENV
@@ -375,7 +375,7 @@ class Engine:
         folder.mkdir(parents=True, exist_ok=True)
         for name, text in artifacts.items():
             safe = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name).name).lstrip(".") or "artifact"
-            (folder / safe).write_text(text, encoding="utf-8")
+            (folder / safe).write_text(escape.text(text), encoding="utf-8")  # a transcript may hold any bytes
 
     def _run_remote(self, idx: int, exp_id: int, candidate: Candidate | None, commit: str, canonical: str,
                     wt: Path, lab_root: Path, t0: float, seed: int, log_path: Path) -> Experiment:

@@ -228,7 +228,12 @@ def parse_json_metrics(data: bytes, name: str = "the metric file") -> tuple[dict
         raise MetricFileError(f"{name} must hold a JSON object, not {type(obj).__name__}")
     warnings = [f"duplicate key {_safe(k)[:80]!r} in {name}: the last value counts"
                 for k in dict.fromkeys(last[0])]
-    return obj, warnings
+    return obj, _few(warnings)
+
+
+def _few(warnings: list[str], n: int = 5) -> list[str]:
+    """At most ``n`` warnings stored (a run can repeat 100,000 keys), and how many were left out."""
+    return warnings if len(warnings) <= n else [*warnings[:n], f"... and {len(warnings) - n} more"]
 
 
 # --------------------------------------------------------------------------- measure
@@ -274,7 +279,7 @@ def measure_summary_text(metric: MetricSpec, text: str, trust: str = "inline") -
         counts.setdefault(k, []).append(v)
     warnings = [f"duplicate key {k[:80]!r} in the summary block: the last value counts "
                 f"({', '.join(_safe(v)[:40] for v in vs[:5])})" for k, vs in counts.items() if len(vs) > 1]
-    return _from_values(metric, dict(pairs), warnings,
+    return _from_values(metric, dict(pairs), _few(warnings),
                         "the summary block (a '---' line, then 'key: value' lines)", trust)
 
 
