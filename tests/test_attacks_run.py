@@ -312,3 +312,22 @@ def test_a_straggler_holding_the_log_pipe_does_not_hold_the_harness(tmp_path):
         if pidfile.exists():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pidfile.read_text()), signal.SIGKILL)
+
+
+def test_a_hostile_agent_transcript_gives_no_usage_instead_of_an_error():
+    """The agent researcher's output is untrusted too: its usage lines are parsed, never trusted to parse."""
+    from nightlab.researchers.agent import parse_usage
+
+    lines = [
+        '{"type": "result", "usage": {"input_tokens": "many"}}',
+        '{"type": "result", "usage": [1, 2]}',
+        '{"type": "result", "usage": {"input_tokens": ' + "9" * 5000 + "}}",
+        '{"type": "result", "usage": {"output_tokens": 1e999}}',
+        '{"type": "result", "total_cost_usd": NaN}',
+        '{"type": "item.completed", "item": "x"}',
+        "{" + "[" * 100_000 + "}",
+        "Tokens: 1.2.3k sent, 3 received.",
+        '{"type": "turn.completed", "usage": {"input_tokens": 7, "output_tokens": 2}}',
+    ]
+    t_in, t_out, _, cost, _ = parse_usage("\n".join(lines))
+    assert (t_in, t_out, cost) == (7, 2, None)
