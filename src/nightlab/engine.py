@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from nightlab import approvals, sandbox
+from nightlab import approvals, escape, sandbox
 from nightlab import researchers as researchers_mod
 from nightlab.audit import AuditLog, Signer, store_head
 from nightlab.context import SECRET_ENV
@@ -98,6 +98,11 @@ ANCHOR_KINDS = frozenset({"decision", "session.start", "session.resume", "sessio
 
 
 REBASE = "rebase"  # the researcher name of a requeued stale winner
+
+
+def _raw(text: str) -> bytes:
+    """The bytes git gave (its output is decoded with surrogateescape: names and lines not UTF-8)."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 def _sha(text: str) -> str:
@@ -306,6 +311,7 @@ class Engine:
         return sandbox.SandboxPolicy(
             mode=self.sandbox_mode, network=self.spec.permissions.run_network, writable=(worktree,),
             readonly=tuple(readonly), hidden=tuple(dict.fromkeys(hidden)), memory_mb=self.spec.run.memory_mb,
+            max_log_bytes=self.spec.run.max_log_bytes,
         )
 
     def run_setup(self) -> None:
@@ -351,6 +357,8 @@ class Engine:
         now = time.time()
         run_s = run.wall_s if run else 0.0
         log_tail = sandbox.tail(Path(run.log_path), 50) if run else ""
+        if m is not None and m.warnings:  # duplicate keys, absurd values: kept with the measurement
+            kw["evidence"] = {**(kw.get("evidence") or {}), "warnings": list(m.warnings)}
         exp = self.ledger.finish_experiment(
             exp_id, status=status, metric=m.metric if m else None, secondary=m.secondary if m else {},
             trust=m.trust if m else "inline", reason=reason, log_tail=log_tail, run_s=run_s,
@@ -367,7 +375,7 @@ class Engine:
         folder.mkdir(parents=True, exist_ok=True)
         for name, text in artifacts.items():
             safe = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name).name).lstrip(".") or "artifact"
-            (folder / safe).write_text(text, encoding="utf-8")
+            (folder / safe).write_text(escape.text(text), encoding="utf-8")  # a transcript may hold any bytes
 
     def _run_remote(self, idx: int, exp_id: int, candidate: Candidate | None, commit: str, canonical: str,
                     wt: Path, lab_root: Path, t0: float, seed: int, log_path: Path) -> Experiment:
@@ -383,6 +391,7 @@ class Engine:
             sandbox_mode=self.sandbox_mode, network=self.spec.sandbox.network, memory_mb=self.spec.run.memory_mb,
             metric=self.spec.metric.model_dump(mode="json"),
             data_dir=str(self.data_dir) if self.data_dir.exists() else None, hide=tuple(self.spec.sandbox.hide),
+            max_log_bytes=self.spec.run.max_log_bytes,
         )
         self.events.emit("sandbox.start", experiment=idx, command=self.spec.run.command, executor="ray",
                          mode=self.sandbox_mode, network=self.spec.sandbox.network,
@@ -392,7 +401,7 @@ class Engine:
             self.events.emit("sandbox.exit", experiment=idx, lost=True, reason=out.reason, attempts=out.attempts)
             return self._finish(exp_id, Status.LOST, t0, reason=f"lost after {out.attempts} attempt(s): {out.reason}",
                                 evidence={"executor": "ray", "node": out.node, "attempts": out.attempts})
-        res, m = out.run, out.measurement
+        res, m = out.run, self.verifier.sane(out.measurement)
         self.events.emit("sandbox.exit", experiment=idx, exit_code=res.exit_code, timed_out=res.timed_out,
                          interrupted=res.interrupted, wall_s=round(res.wall_s, 3), node=out.node,
                          attempts=out.attempts, log_sha256=_file_sha(Path(res.log_path)))
@@ -508,7 +517,7 @@ class Engine:
                 self.ledger.update_experiment(exp_id, commit=commit, diff=stored)
                 self.ws.keep_ref(self.session.tag, idx, commit)
                 self.events.emit("git.commit", experiment=idx, commit=commit, parent=parent,
-                                 diff_sha256=_sha(canonical), diff_bytes=len(canonical.encode()))
+                                 diff_sha256=_sha(canonical), diff_bytes=len(_raw(canonical)))
                 self.events.emit("guard", experiment=idx, stage="size", ok=problem is None,
                                  reason=problem or "")
                 if problem:
@@ -530,7 +539,7 @@ class Engine:
             log_path = self.artifacts_dir / str(exp_id) / "run.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
             if candidate is not None:
-                (log_path.parent / "candidate.diff").write_text(canonical)
+                (log_path.parent / "candidate.diff").write_bytes(_raw(canonical))
             policy = self.sandbox_policy(wt)
             self.events.emit("sandbox.start", experiment=idx, command=self.spec.run.command, cwd=str(lab_root),
                              mode=policy.mode, network=policy.network, hidden=[str(h) for h in policy.hidden],
@@ -638,10 +647,10 @@ class Engine:
     def _stored_diff(self, diff: str, problem: str | None) -> str:
         """The diff as the ledger keeps it: cut at ``max_diff_bytes`` when it broke that rule."""
         limit = self.spec.permissions.max_diff_bytes
-        if problem is None or not limit or len(diff.encode()) <= limit:
+        if problem is None or not limit or len(_raw(diff)) <= limit:
             return diff
-        cut = diff.encode()[:limit].decode("utf-8", "ignore")
-        return cut + f"\n[nightlab: diff cut at {limit} of {len(diff.encode())} bytes]\n"
+        cut = _raw(diff)[:limit].decode("utf-8", "ignore")
+        return cut + f"\n[nightlab: diff cut at {limit} of {len(_raw(diff))} bytes]\n"
 
     def _stop_requested(self) -> str:
         if self.stop.cancel.is_set():
@@ -893,7 +902,8 @@ class Engine:
 def improvement_pct(baseline: float | None, best: float | None, direction: Any) -> float | None:
     if baseline is None or best is None or baseline == 0 or not math.isfinite(baseline):
         return None
-    return 100.0 * direction.improvement(best, baseline) / abs(baseline)
+    pct = 100.0 * direction.improvement(best, baseline) / abs(baseline)
+    return pct if math.isfinite(pct) else None  # 1e308 - (-1e308) overflows: no "+inf%"
 
 
 def install_signal_handlers(engine: Engine) -> Callable[[], None]:

@@ -41,6 +41,7 @@ class RunSpec(_Section):
     seed: int = 0
     memory_mb: int = Field(0, ge=0, description="address-space limit per run (0: none)")
     kill_grace_s: float = Field(3.0, ge=0, description="SIGTERM to SIGKILL grace at the timeout")
+    max_log_mb: float = Field(20.0, gt=0, description="stored log per run: its head and tail, the middle cut")
 
     @field_validator("command")
     @classmethod
@@ -53,6 +54,10 @@ class RunSpec(_Section):
     def hard_timeout_s(self) -> float:
         return self.timeout_s if self.timeout_s is not None else self.budget_s * 2 + 60
 
+    @property
+    def max_log_bytes(self) -> int:
+        return max(4096, int(self.max_log_mb * 1024 * 1024))
+
 
 class MetricSpec(_Section):
     name: str
@@ -61,6 +66,9 @@ class MetricSpec(_Section):
     file: str = Field("", description="with source = 'json': the JSON file the run writes")
     secondary: list[str] = Field(default_factory=list, description="other figures to record")
     memory: str = Field("", description="secondary figure (MB) used for results.tsv's memory_gb")
+    max_abs: float = Field(1e15, ge=0, description="a metric of larger magnitude is absurd: refused (0: off)")
+    max_ratio: float = Field(1000.0, ge=0, description="a metric further from the baseline than this many "
+                             "times the baseline's magnitude is absurd: refused (0: off)")
 
     @model_validator(mode="after")
     def _json_needs_file(self) -> MetricSpec:

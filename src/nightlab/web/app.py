@@ -69,7 +69,8 @@ def improvement_pct(s: Session) -> float | None:
     b, m = s.baseline_metric, s.incumbent_metric
     if b is None or m is None or b == 0 or not math.isfinite(b):
         return None
-    return 100.0 * s.direction.improvement(m, b) / abs(b)
+    pct = 100.0 * s.direction.improvement(m, b) / abs(b)
+    return pct if math.isfinite(pct) else None  # an absurd metric (max_abs off) must not print "inf%"
 
 
 def ago(t: float | None) -> str:
