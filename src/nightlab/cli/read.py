@@ -133,8 +133,16 @@ def _improvement(session: Session, new: float | None, old: float | None) -> str:
 
 @click.command()
 @_common
-def status(lab: Path, db: str | None, tag: str | None) -> None:
-    """Where a session stands: incumbent, improvement, counts, cost."""
+@click.option("--all", "all_labs", is_flag=True,
+              help="every lab you follow (`nightlab labs`) and every lab of the --db ledger, as one table")
+@click.option("--registry", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="with --all: the lab registry file (default: ~/.config/nightlab/labs.toml)")
+def status(lab: Path, db: str | None, tag: str | None, all_labs: bool = False, registry: Path | None = None) -> None:
+    """Where a session stands: incumbent, improvement, counts, cost (--all: every lab you follow)."""
+    if all_labs:
+        from nightlab.cli.labs import print_all
+
+        return print_all(registry, db)
     led, s = _open(lab, db, tag)
     with led:
         counts = led.count_by_status(s.id)
