@@ -201,6 +201,8 @@ class AutonomySpec(_Section):
     poll_s: float = Field(default=1.0, gt=0, description="how often a waiting session polls the ledger")
     expire_h: float = Field(default=0.0, ge=0,
                             description="no answer after this counts as a rejection (0: never)")
+    agents_may_approve: bool = Field(default=False,
+                                     description="coding agents (nightlab mcp) may answer approvals")
 
 
 class AuditSpec(_Section):

@@ -85,3 +85,24 @@ def print_all(registry: Path | None, db: str | None, as_json: bool = False) -> N
                   "—" if s.incumbent is None else f"{s.incumbent:.6g}", imp, str(s.experiments_24h),
                   f"${s.cost_24h:.2f}", sparkline(s.best_so_far[-20:], s.direction or "minimize"), s.detail)
     Console(highlight=False, width=200).print(t)
+
+
+@click.command()
+@click.option("--lab", "lab", type=click.Path(file_okay=False, path_type=Path), default=".", show_default=True,
+              help="the lab that tools use when they name none")
+@registry_option
+def mcp(lab: Path, registry: Path | None) -> None:
+    """Serve nightlab to coding agents over the Model Context Protocol (stdio).
+
+    Add it to Claude Code with `claude mcp add nightlab -- nightlab mcp --lab /path/to/lab`
+    (Codex: an [mcp_servers.nightlab] entry with command = "nightlab", args = ["mcp"]).
+    """
+    try:
+        import mcp as _sdk  # noqa: F401
+    except ImportError:
+        from nightlab.errors import UsageError
+
+        raise UsageError("`nightlab mcp` needs the official MCP SDK", "pip install 'nightlab[mcp]'") from None
+    from nightlab.mcp_server import serve
+
+    serve(lab.resolve(), registry)
