@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from nightlab import approvals, escape, sandbox
+from nightlab import approvals, escape, notify, sandbox
 from nightlab import researchers as researchers_mod
 from nightlab.audit import AuditLog, Signer, store_head
 from nightlab.context import SECRET_ENV
@@ -171,7 +171,8 @@ class Engine:
         if self.autonomy not in ("auto", "approve-keep", "review"):
             raise UsageError(f"unknown autonomy level {self.autonomy!r}", "use auto, approve-keep or review")
         self.audit = self._open_audit()
-        sinks = [s for s in (self.audit, events) if s is not None]
+        self.notifier = notify.for_spec(self.spec, self.lab_dir)
+        sinks = [s for s in (self.audit, events, self.notifier) if s is not None]
         self.events: EventSink = Locked(sinks[0] if len(sinks) == 1 else FanOut(*sinks)) if sinks else NullSink()
         self.guard = Guard(self.spec, self.ws)
         self.policy = make_policy(self.spec.accept)
@@ -892,6 +893,8 @@ class Engine:
         return self.session
 
     def close(self) -> None:
+        if self.notifier is not None:
+            self.notifier.close()  # waits (bounded) so that "session stopped" goes out before we exit
         if self.ray is not None:
             self.ray.shutdown()
         if self.audit is not None:

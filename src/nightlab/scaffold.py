@@ -157,7 +157,44 @@ def init_lab(root: Path, *, from_autoresearch: bool = False, force: bool = False
             direction_word="lowest" if layout.direction == "minimize" else "highest",
         ))
         written.append(program)
+    written.append(write_agents_md(root, layout.editable, layout.protected))
     return written
+
+
+AGENTS_BEGIN = "<!-- nightlab: begin (written by `nightlab init`; edit freely, it is replaced only by init) -->"
+AGENTS_END = "<!-- nightlab: end -->"
+AGENTS_SECTION = """{begin}
+## nightlab (autonomous research on this repository)
+
+This repository is a nightlab lab: `nightlab.toml` says what a research session may edit ({editable}), how an
+experiment runs and what it measures; `program.md` is the human's research brief.
+
+- Read the state: `nightlab status`, `nightlab log`, `nightlab show N`, `nightlab diff N`, `nightlab status --all`
+  (or the MCP server: `nightlab mcp`, tools `status`, `log`, `experiment`, `pending`, `audit_state`).
+- Act: `nightlab run --tag TAG` starts a session (`--resume` continues one); `touch .nightlab/STOP` stops it
+  after the experiment in flight. Kept results are commits on the branch `nightlab/TAG`.
+- Do not edit {protected}`nightlab.toml`, `program.md` or anything under `.nightlab/` while a session runs;
+  never rewrite `nightlab/*` branches or `refs/nightlab/*`. Answer approvals (`nightlab approve N`) only
+  when the human asked you to.
+{end}
+"""
+
+
+def write_agents_md(root: Path, editable: list[str], protected: list[str]) -> Path:
+    """Add (or refresh) nightlab's section in the repository's ``AGENTS.md``; the rest of the file is kept."""
+    path = root / "AGENTS.md"
+    section = AGENTS_SECTION.format(
+        begin=AGENTS_BEGIN, end=AGENTS_END, editable=", ".join(f"`{e}`" for e in editable) or "nothing",
+        protected="".join(f"`{p}`, " for p in protected))
+    text = path.read_text() if path.exists() else ""
+    if AGENTS_BEGIN in text and AGENTS_END in text:
+        head, rest = text.split(AGENTS_BEGIN, 1)
+        tail = rest.split(AGENTS_END, 1)[1].lstrip("\n")
+        text = head + section + tail
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section
+    path.write_text(text)
+    return path
 
 
 def examples_dir() -> Path:

@@ -209,6 +209,8 @@ class AutonomySpec(_Section):
     poll_s: float = Field(default=1.0, gt=0, description="how often a waiting session polls the ledger")
     expire_h: float = Field(default=0.0, ge=0,
                             description="no answer after this counts as a rejection (0: never)")
+    agents_may_approve: bool = Field(default=False,
+                                     description="coding agents (nightlab mcp) may answer approvals")
 
 
 class AuditSpec(_Section):
@@ -222,6 +224,49 @@ class AuditSpec(_Section):
 
 class LabSpec(_Section):
     name: str = ""
+
+
+NotifyKind = Literal["keep", "new_best", "session_stopped", "approval_waiting", "crash_streak",
+                     "holdout_divergence", "pool_claim_accepted"]
+_DEFAULT_NOTIFY: tuple[NotifyKind, ...] = ("new_best", "session_stopped", "approval_waiting", "crash_streak",
+                                          "holdout_divergence", "pool_claim_accepted")
+
+
+class NotifySpec(_Section):
+    """Where to send a ping (see :mod:`nightlab.notify`); the user's ``~/.config/nightlab/config.toml``
+    ``[notify]`` applies when the spec names no target."""
+
+    webhooks: list[str] = Field(default_factory=list,
+                                description="Slack/Discord-compatible incoming webhook URLs (${ENV} allowed)")
+    ntfy: str = Field("", description="an ntfy topic URL, e.g. https://ntfy.sh/my-night")
+    command: str = Field("", description="a command run with the event as JSON on stdin (no shell)")
+    events: list[NotifyKind] = Field(
+        default_factory=lambda: list(_DEFAULT_NOTIFY),
+        description="which kinds to send (keep, new_best, session_stopped, approval_waiting, crash_streak, "
+                    "holdout_divergence, pool_claim_accepted)")
+    crash_streak: int = Field(3, ge=1, description="crashes or timeouts in a row that make a crash_streak")
+    retries: int = Field(3, ge=0, le=10)
+    backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles each time (at most 60 s)")
+    timeout_s: float = Field(10.0, gt=0)
+
+    @field_validator("webhooks")
+    @classmethod
+    def _http_urls(cls, v: list[str]) -> list[str]:
+        for url in v:
+            if not url.startswith(("http://", "https://", "${")):
+                raise ValueError("a webhook must be an http:// or https:// URL")
+        return v
+
+    @field_validator("ntfy")
+    @classmethod
+    def _ntfy_url(cls, v: str) -> str:
+        if v and not v.startswith(("http://", "https://", "${")):
+            raise ValueError("ntfy must be a topic URL, e.g. https://ntfy.sh/my-night")
+        return v
+
+    @property
+    def has_target(self) -> bool:
+        return bool(self.webhooks or self.ntfy or self.command)
 
 
 class Spec(_Section):
@@ -239,6 +284,7 @@ class Spec(_Section):
     permissions: PermissionsSpec = Field(default_factory=PermissionsSpec)
     autonomy: AutonomySpec = Field(default_factory=AutonomySpec)
     audit: AuditSpec = Field(default_factory=AuditSpec)
+    notify: NotifySpec = Field(default_factory=NotifySpec)
 
     @model_validator(mode="before")
     @classmethod

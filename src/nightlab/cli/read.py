@@ -155,8 +155,16 @@ def _improvement(session: Session, new: float | None, old: float | None) -> str:
 
 @click.command()
 @_common
-def status(lab: Path, db: str | None, tag: str | None) -> None:
-    """Where a session stands: incumbent, improvement, counts, cost."""
+@click.option("--all", "all_labs", is_flag=True,
+              help="every lab you follow (`nightlab labs`) and every lab of the --db ledger, as one table")
+@click.option("--registry", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="with --all: the lab registry file (default: ~/.config/nightlab/labs.toml)")
+def status(lab: Path, db: str | None, tag: str | None, all_labs: bool = False, registry: Path | None = None) -> None:
+    """Where a session stands: incumbent, improvement, counts, cost (--all: every lab you follow)."""
+    if all_labs:
+        from nightlab.cli.labs import print_all
+
+        return print_all(registry, db)
     led, s = _open(lab, db, tag)
     with led:
         counts = led.count_by_status(s.id)
@@ -340,10 +348,23 @@ def diff(lab: Path, db: str | None, tag: str | None, n: int) -> None:
     help="write here (default: stdout)",
 )
 @click.option("--memory-key", default="", help="secondary figure in MB for the tsv memory_gb column")
+@click.option("--mlflow", "to_mlflow", is_flag=True,
+              help="log every experiment as an MLflow run instead (pip install 'nightlab[mlflow]'); idempotent")
+@click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKING_URI",
+              help="with --mlflow: the tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's default)")
 def export_cmd(
-    lab: Path, db: str | None, tag: str | None, fmt: str, output: Path | None, memory_key: str
+    lab: Path, db: str | None, tag: str | None, fmt: str, output: Path | None, memory_key: str,
+    to_mlflow: bool = False, tracking_uri: str | None = None,
 ) -> None:
-    """Export the session: karpathy-compatible results.tsv, CSV or JSONL."""
+    """Export the session: karpathy-compatible results.tsv, CSV or JSONL, or MLflow runs (--mlflow)."""
+    if to_mlflow:
+        from nightlab.api import Lab
+        from nightlab.mlflow_export import export_mlflow
+
+        r = export_mlflow(Lab(lab, db), tag, tracking_uri)
+        click.echo(f"MLflow experiment {r.experiment_id} at {r.tracking_uri}: {r.created} runs created, "
+                   f"{r.replaced} replaced, {r.unchanged} unchanged")
+        return
     led, s = _open(lab, db, tag)
     with led:
         if output is None:
