@@ -38,10 +38,10 @@ def main() -> None:
 
 
 def _register() -> None:
-    from nightlab.cli import audit, init, read, run, sweep, ui, verify
+    from nightlab.cli import audit, compare, init, read, run, sweep, ui, verify
 
     for cmd in (init.init, run.run, run.demo, read.status, read.log, read.show, read.diff, read.export_cmd,
-                sweep.sweep, ui.ui, ui.report, *audit.COMMANDS, *verify.COMMANDS):
+                sweep.sweep, compare.compare, ui.ui, ui.report, *audit.COMMANDS, *verify.COMMANDS):
         main.add_command(cmd)
 
 
