@@ -30,6 +30,22 @@ print("---")
 print(f"score: {score:.6f}")
 '''
 HINT = "HINT: the score is smallest at X = 1."
+EVOLVED = f"""Here are two.
+
+=== VARIANT hinted
+HYPOTHESIS: telling the agent where the optimum is should make it go there at once
+---
+Improve the score.
+
+{HINT}
+=== END
+
+=== VARIANT vague
+HYPOTHESIS: a shorter brief leaves the agent more freedom
+---
+Make it better.
+=== END
+"""
 
 
 class ProgramAwareLLM(FakeLLMServer):
@@ -38,6 +54,7 @@ class ProgramAwareLLM(FakeLLMServer):
     def __init__(self) -> None:
         super().__init__("openai", [Turn(text="unused")])
         self.n = 0
+        self.evolve_prompts: list[str] = []
 
     def _next(self, body: dict[str, Any], headers: dict[str, str]) -> Turn:
         with self._lock:
@@ -45,7 +62,10 @@ class ProgramAwareLLM(FakeLLMServer):
             self.n += 1
             n = self.n
         prompt = json.dumps(body.get("messages", []))
-        x = 1.0 if HINT in prompt else [2.0, 2.5][n % 2]
+        if "=== VARIANT" in prompt:  # nightlab evolve-program asks for new program.md files
+            self.evolve_prompts.append(prompt)
+            return Turn(text=EVOLVED, tokens_in=2000, tokens_out=300)
+        x = 1.0 if HINT in prompt else 2.0 + 0.5 * (n % 2) * ("Lower" in prompt)
         text = (f"Set X to {x}.\n\ntarget.py\n```python\n<<<<<<< SEARCH\nY = 0.0\n=======\nY = 0.0\nX = {x}\n"
                 ">>>>>>> REPLACE\n```\n")
         return Turn(text=text, tokens_in=500, tokens_out=50)
@@ -200,3 +220,34 @@ def test_budget_cuts_a_session_at_the_budget():
     exps = [exp(0, 5.0, 1.0), exp(1, 4.0, 10.0), exp(2, 3.0, 10.0), exp(3, 1.0, 10.0)]
     r = cmp.seed_result(0, "t", exps, cmp.Budget("run_s", 25.0), Direction.MINIMIZE)
     assert r.best == 3.0 and r.spent == 20.0 and r.experiments == 2  # #3 went past the budget: not counted
+
+
+def test_evolve_program_writes_variants_compares_them_and_keeps_the_lineage(make_lab, fake_key):
+    from nightlab import evolve
+
+    with ProgramAwareLLM() as srv:
+        lab = llm_lab(make_lab, srv)
+        (lab / "variants" / "terse.md").write_text("Lower the score.\n")
+        arms = [cmp.parse_arm("base=program.md"), cmp.parse_arm("terse=variants/terse.md")]
+        cmp.run_compare(lab, cmp.Plan("src", arms, 3, cmp.Budget.parse("experiments=1"), chunk=1))
+        dry = CliRunner().invoke(__import__("nightlab.cli.compare", fromlist=["x"]).evolve_program,
+                                 ["--lab", str(lab), "--from", "src", "--dry-run"], catch_exceptions=False)
+        assert dry.exit_code == 0 and "## Arm base" in dry.output and "Lower the score." in dry.output
+        assert "=== VARIANT" in dry.output and not srv.evolve_prompts  # a dry run calls no model
+        n_requests = len(srv.requests)
+        res = CliRunner().invoke(__import__("nightlab.cli.compare", fromlist=["x"]).evolve_program,
+                                 ["--lab", str(lab), "--from", "src", "-n", "2", "--name", "evo"],
+                                 catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        assert len(srv.evolve_prompts) == 1 and "What its agents kept" in srv.evolve_prompts[0]
+        assert len(srv.requests) > n_requests + 1  # the variants ran as real sessions
+    best = (lab / ".nightlab" / "programs" / "evo" / "best.md").read_text()
+    assert HINT in best and "g1-hinted" in res.output
+    rows = evolve.lineage_rows(lab, None, "evo")
+    assert [(r["generation"], r["name"], r["parent"], r["status"]) for r in rows] == [
+        (0, rows[0]["name"], "", "seed"), (1, "g1-hinted", rows[0]["name"], "winner"),
+        (1, "g1-vague", rows[0]["name"], "lost")]
+    assert rows[1]["hypothesis"].startswith("telling the agent") and rows[1]["comparison"] == "evo-g1"
+    lin = CliRunner().invoke(__import__("nightlab.cli.compare", fromlist=["x"]).evolve_program,
+                             ["--lab", str(lab), "--from", "src", "--name", "evo", "--lineage"])
+    assert "g1-hinted" in lin.output and "winner" in lin.output

@@ -153,3 +153,40 @@ def _run(lab: Path, plan: Any, resume: str | None, db: str | None, sandbox: str 
     except KeyboardInterrupt:
         raise UsageError("comparison interrupted", f"continue it with `nightlab compare --resume "
                                                    f"{resume or (plan.name if plan else '?')}`") from None
+
+
+@click.command("evolve-program")
+@click.option("--lab", "lab", type=click.Path(file_okay=False, path_type=Path), default=".", show_default=True)
+@click.option("--from", "source", required=True, metavar="COMPARISON",
+              help="A finished comparison (`nightlab compare --list`) whose arms and results seed the evolution.")
+@click.option("--name", default=None, help="The evolution's name (default: <COMPARISON>-evo).")
+@click.option("-n", "--variants", type=click.IntRange(1, 8), default=2, show_default=True,
+              help="New program.md variants per generation.")
+@click.option("--generations", "-g", type=click.IntRange(1, 20), default=1, show_default=True)
+@click.option("--dry-run", is_flag=True, help="Print the dossier and the prompt; call no model, run nothing.")
+@click.option("--lineage", "show_lineage", is_flag=True, help="Print the lineage of the evolution --name.")
+@click.option("--db", default=None, envvar="NIGHTLAB_DB", help="Ledger URL.")
+@click.option("--sandbox", type=click.Choice(["auto", "required", "none"]), default=None)
+def evolve_program(lab: Path, source: str, name: str | None, variants: int, generations: int, dry_run: bool,
+                   show_lineage: bool, db: str | None, sandbox: str | None) -> None:
+    """Ask the lab's LLM for better program.md files from a comparison's evidence, and compare them.
+
+    Each generation's variants run against the best program so far with the source comparison's seeds,
+    budget and alpha; a variant replaces it only when the comparison declares it the winner.
+    """
+    from nightlab import evolve
+
+    lab = lab.resolve()
+    if show_lineage:
+        for r in evolve.lineage_rows(lab, db, name or f"{source}-evo"):
+            mean = "—" if r["mean_best"] is None else f"{r['mean_best']:.6g}"
+            click.echo(f"g{r['generation']}\t{r['name']}\t<- {r['parent'] or '(seed)'}\t{r['status']}\t{mean}\t"
+                       f"{r['hypothesis']}")
+        return
+    out = evolve.evolve(lab, source, name=name, n=variants, generations=generations, db=db, sandbox=sandbox,
+                        dry_run=dry_run, say=lambda s: click.echo(s, err=True))
+    if dry_run:
+        click.echo("# system\n\n" + out["system"] + "\n\n# prompt\n\n" + out["prompt"])
+        return
+    click.echo(f"best program.md: {out['path']} ({out['name']}, from comparison {out['comparison']}, "
+               f"mean best {out['mean']})")

@@ -41,7 +41,8 @@ def _register() -> None:
     from nightlab.cli import audit, compare, init, read, run, sweep, ui, verify
 
     for cmd in (init.init, run.run, run.demo, read.status, read.log, read.show, read.diff, read.export_cmd,
-                sweep.sweep, compare.compare, ui.ui, ui.report, *audit.COMMANDS, *verify.COMMANDS):
+                sweep.sweep, compare.compare, compare.evolve_program, ui.ui, ui.report, *audit.COMMANDS,
+                *verify.COMMANDS):
         main.add_command(cmd)
 
 
