@@ -130,6 +130,26 @@ def test_compare_finds_the_better_program_md_with_real_sessions(make_lab, fake_k
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data["winner"] == "hint" and {a["name"] for a in data["arms"]} == {"base", "hint"}
+    # the dashboard's comparison pages
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from nightlab.web.app import create_app
+
+    with Ledger.for_lab(lab) as led:
+        client = TestClient(create_app(led, lab), base_url="http://127.0.0.1")
+        listing = client.get("/compare")
+        assert listing.status_code == 200 and 'href="/compare/pm"' in listing.text
+        page = client.get("/compare/pm")
+        assert page.status_code == 200 and "winner: hint" in page.text
+        assert page.text.count('class="arm" data-arm="hint"') == 3 and 'data-arm="base"' in page.text
+        assert client.get("/api/compare/pm").json()["winner"] == "hint"
+        assert client.get("/compare/nope").status_code == 404
+    out = subprocess.run(nightlab_cmd("report", "--lab", str(lab), "--compare", "pm", "-o", str(lab / "c.html")),
+                         env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    html = (lab / "c.html").read_text()
+    assert "winner: hint" in html and "<svg" in html and 'href="http' not in html and "<script" not in html
 
 
 def test_an_interrupted_comparison_resumes_where_it_stopped(make_lab, fake_key):
