@@ -147,6 +147,8 @@ class Engine:
         events: EventSink | None = None,
         executor: dict[str, Any] | None = None,
         autonomy: str | None = None,
+        program: str | None = None,
+        base_commit: str | None = None,
     ) -> None:
         self.lab_dir = Path(lab_dir).resolve()
         self.spec = spec or load_spec(self.lab_dir)
@@ -183,6 +185,8 @@ class Engine:
         self.artifacts_dir = self.ws.state_dir / "artifacts"
         self.stop_file = self.ws.state_dir / "STOP"
         self._researcher_override = researcher
+        self._program = program  # a program.md text instead of the lab's file (an arm of `nightlab compare`)
+        self._base_commit = base_commit  # a new session starts here instead of HEAD
         self.researcher: Researcher | None = None
         self._tls = threading.local()  # which slot the current thread runs (GPU pinning)
         self._keep_lock = threading.Lock()  # one keep decision at a time, against the current incumbent
@@ -230,7 +234,7 @@ class Engine:
         if self.ws.resolve(f"refs/heads/{branch}"):
             raise UsageError(f"the branch {branch} already exists but the ledger has no session '{tag}'",
                              f"pick a new --tag, or delete the branch: git branch -D {branch}")
-        base = self.ws.head()
+        base = self._base_commit or self.ws.head()
         session = self.ledger.create_session(
             tag=tag, branch=branch, base_commit=base, metric_name=self.spec.metric.name,
             direction=self.spec.metric.direction, sandbox=self.sandbox_mode, spec_hash=self.spec.digest(),
@@ -346,7 +350,8 @@ class Engine:
                 except UnicodeDecodeError:
                     continue
         program_path = self.lab_dir / PROGRAM_FILE
-        program = program_path.read_text(encoding="utf-8") if program_path.exists() else ""
+        program = self._program if self._program is not None else (
+            program_path.read_text(encoding="utf-8") if program_path.exists() else "")
         return Context(
             spec=self.spec, lab_dir=self.lab_dir, program=program, parent=parent, files=files,
             history=tuple(history), metric_name=self.spec.metric.name, direction=self.spec.metric.direction,

@@ -38,10 +38,11 @@ def main() -> None:
 
 
 def _register() -> None:
-    from nightlab.cli import audit, init, labs, read, run, sweep, ui, verify
+    from nightlab.cli import audit, compare, init, labs, read, run, sweep, ui, verify
 
     for cmd in (init.init, run.run, run.demo, read.status, read.log, read.show, read.diff, read.export_cmd,
-                sweep.sweep, ui.ui, ui.report, labs.labs, labs.mcp, *audit.COMMANDS, *verify.COMMANDS):
+                sweep.sweep, compare.compare, compare.evolve_program, ui.ui, ui.report, labs.labs, labs.mcp,
+                *audit.COMMANDS, *verify.COMMANDS):
         main.add_command(cmd)
 
 

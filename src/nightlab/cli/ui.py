@@ -98,12 +98,21 @@ def ui(lab: Path, db: str | None, host: str, port: int, token: str | None, home:
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False, path_type=Path),
               default="report.html", show_default=True,
               help="HTML file to write; progress.png is written beside it.")
-def report(lab: Path, db: str | None, tag: str | None, output: Path) -> None:
+@click.option("--compare", "comparison", default=None, metavar="NAME",
+              help="Report the comparison NAME (`nightlab compare`) instead of a session.")
+def report(lab: Path, db: str | None, tag: str | None, output: Path, comparison: str | None = None) -> None:
     """Write one self-contained HTML report (charts inline) and progress.png, from the ledger alone."""
     _need("jinja2", "matplotlib")
-    from nightlab.report import write_report
+    from nightlab.report import render_compare_html, write_report
 
     ledger = _ledger(lab, db)
+    if comparison:
+        try:
+            output.write_text(render_compare_html(ledger, comparison), encoding="utf-8")
+        finally:
+            ledger.close()
+        click.echo(f"wrote {output}")
+        return
     try:
         html, png = write_report(ledger, output, tag)
     finally:

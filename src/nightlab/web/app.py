@@ -208,6 +208,39 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
         return page(request, "sessions.html", summaries=queries.session_summaries(ledger),
                     improvement=improvement_pct, nav="sessions")
 
+    @app.get("/compare", response_class=HTMLResponse)
+    def comparisons_page(request: Request) -> HTMLResponse:
+        import json as _json
+
+        from nightlab import compare as cmp
+
+        rows = []
+        for c in cmp.list_comparisons(ledger):
+            cfg = _json.loads(c["config_json"])
+            rows.append(dict(name=c["name"], status=c["status"], created_at=c["created_at"], seeds=cfg["seeds"],
+                             arms=[a["name"] for a in cfg["arms"]], budget=f"{cfg['budget'][0]}={cfg['budget'][1]:g}"))
+        return page(request, "comparisons.html", rows=rows, nav="compare")
+
+    @app.get("/compare/{name}", response_class=HTMLResponse)
+    def compare_page(request: Request, name: str) -> HTMLResponse:
+        from nightlab import compare as cmp
+        from nightlab.web import compare_view
+
+        try:
+            report = cmp.load_report(ledger, name)
+        except UsageError as e:
+            raise HTTPException(404, e.message) from None
+        return page(request, "compare.html", nav="compare", **compare_view.context(report))
+
+    @app.get("/api/compare/{name}")
+    def api_compare(name: str) -> dict[str, Any]:
+        from nightlab import compare as cmp
+
+        try:
+            return dict(redactor.data(cmp.load_report(ledger, name).as_dict()))
+        except UsageError as e:
+            raise HTTPException(404, e.message) from None
+
     @app.get("/s/{tag}", response_class=HTMLResponse)
     def session_page(request: Request, tag: str, status: list[str] | None = Query(None),
                      researcher: str | None = None, sort: str = "idx", order: str = "desc",
