@@ -6,6 +6,7 @@ Harness errors (:class:`~nightlab.errors.NightlabError`) are printed as ``error:
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any
 
@@ -43,6 +44,7 @@ def _register() -> None:
     for cmd in (init.init, run.run, run.demo, read.status, read.log, read.show, read.diff, read.export_cmd,
                 sweep.sweep, ui.ui, ui.report, *audit.COMMANDS, *verify.COMMANDS):
         main.add_command(cmd)
+    main.add_command(importlib.import_module("nightlab.cli.space").space)  # nightlab space
 
 
 _register()
