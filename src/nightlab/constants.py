@@ -466,10 +466,10 @@ def scan(source: str, file: str = "", overrides: Mapping[str, Any] | None = None
             parsed = parse_range(mark.group(1), value, kind, where)
             const = None if parsed is None else _ranged(base, parsed, "comment")
             reason = "fixed by its # nightlab: comment" if const is None else ""
-        elif kind == "str":
-            const, reason = None, "a string: give choices to search it"
         elif excluded(name):
             const, reason = None, excluded(name)
+        elif kind == "str":
+            const, reason = None, "a string: give choices to search it"
         else:
             assert not isinstance(value, str)
             pow_choices = _pow_choices(lf.text, int(value)) if kind == "int" else ()
