@@ -244,6 +244,8 @@ def test_a_search_session_on_the_nanogpt_layout_learns_from_crashes(tmp_path: Pa
     finally:
         eng.close()
     assert session.stop_reason == "max_experiments (16) reached", session.stop_reason
+    # crash streaks happened, a health check re-ran the incumbent each time, and the night went on
+    assert list(eng.artifacts_dir.glob("health-nano-*.log"))
     crashes = [e for e in exps if e.status is Status.CRASH]
     assert crashes and all("out of memory" in e.log_tail for e in crashes)  # never the assert, never vocab
     assert not any("AssertionError" in e.log_tail for e in exps)

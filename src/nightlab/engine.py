@@ -732,7 +732,7 @@ class Engine:
             if row >= 4 * st.max_crashes_in_row:
                 return f"max_crashes_in_row: {row} crashes or timeouts in a row; the researcher finds nothing that runs"
             if row - self._crashes_checked >= st.max_crashes_in_row:
-                if self.ray is not None or not self._incumbent_runs(row):
+                if self.ray is not None or not self._incumbent_runs(row, tried[-1].idx):
                     return f"max_crashes_in_row: {row} crashes or timeouts in a row" + (
                         "" if self.ray is not None else ", and the incumbent fails too: the lab is broken")
                 self._crashes_checked = row  # the candidates crashed, not the lab: go on
@@ -740,16 +740,16 @@ class Engine:
                 self._crashes_checked = 0
         return ""
 
-    def _incumbent_runs(self, row: int) -> bool:
+    def _incumbent_runs(self, row: int, after: int) -> bool:
         """Health check after a crash streak: re-run the incumbent once (not an experiment). True when it
         still yields its metric: the crashes were the candidates' (the researcher has been told), not a
         broken lab (data gone, GPU lost, disk full)."""
         self.reporter.message(f"{row} crashes in a row: re-running the incumbent to tell a broken lab from bad "
                               "candidates")
-        wt = self.ws.add_worktree(f"{self.session.tag}-health-{row}", self.session.incumbent_commit)
+        wt = self.ws.add_worktree(f"{self.session.tag}-health-{after}", self.session.incumbent_commit)
         try:
             lab_root = self.ws.lab_in(wt)
-            log_path = self.artifacts_dir / f"health-{self.session.tag}-{row}.log"
+            log_path = self.artifacts_dir / f"health-{self.session.tag}-{after}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
             res = sandbox.run(self.spec.run.command, cwd=lab_root, env=self.run_env(self.spec.run.seed, -1),
                               policy=self.sandbox_policy(wt), timeout_s=self.spec.run.hard_timeout_s,
