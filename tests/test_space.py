@@ -251,3 +251,19 @@ def test_a_search_session_on_the_nanogpt_layout_learns_from_crashes(tmp_path: Pa
     assert not any("AssertionError" in e.log_tail for e in exps)
     assert all(e.params["n_embd"] % e.params["n_head"] == 0 for e in exps[1:])
     assert any(e.status is Status.KEEP for e in exps[1:])
+
+
+@pytest.mark.parametrize(("entry", "words"), [
+    ("{ rnge = [0.01, 0.1] }", "unknown key 'rnge'"),
+    ("5", "'LR' = 5"),
+    ("{ range = [0.01, 0.1], choices = [1, 2] }", "not both"),
+    ("{ fixed = true, log = true }", "fixed = true takes no"),
+])
+def test_researcher_space_table_errors_name_the_entry(tmp_path: Path, entry: str, words: str) -> None:
+    (tmp_path / "train.py").write_text("LR = 0.04\n")
+    (tmp_path / "nightlab.toml").write_text(
+        '[files]\neditable = ["train.py"]\n[run]\ncommand = "python train.py"\n[metric]\nname = "loss"\n'
+        f"[researcher.space]\nLR = {entry}\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(tmp_path)
+    assert words in info.value.message and "[researcher.space] 'LR'" in info.value.message

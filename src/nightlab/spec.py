@@ -112,6 +112,32 @@ class ResearcherSpec(BaseModel):
     space: dict[str, str | SpaceEntry] = Field(
         default_factory=dict, description="NAME = 'LOW..HIGH [log]' | 'choices A,B' | 'fixed' | a table")
 
+    @field_validator("space", mode="before")
+    @classmethod
+    def _space_entries(cls, v: Any) -> Any:
+        """One clear message per bad entry, naming it (the union would give two obscure ones)."""
+        if not isinstance(v, dict):
+            return v
+        forms = ("write NAME = 'LOW..HIGH', 'LOW..HIGH log', 'choices A,B', 'fixed', or a table "
+                 "{ range = [LOW, HIGH], log = true, int = true } / { choices = [...] } / { fixed = true }")
+        out: dict[str, Any] = {}
+        for key, entry in v.items():
+            if isinstance(entry, str | SpaceEntry):
+                out[key] = entry
+                continue
+            if not isinstance(entry, dict):
+                raise ValueError(f"[researcher.space] {key!r} = {entry!r}: {forms}")
+            try:
+                out[key] = SpaceEntry.model_validate(entry)
+            except ValidationError as e:
+                err = e.errors()[0]
+                what = (f"unknown key {err['loc'][0]!r} (known: range, log, int, choices, fixed)"
+                        if err["type"] == "extra_forbidden" else
+                        f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}".removeprefix(": ")
+                        .replace("Value error, ", ""))
+                raise ValueError(f"[researcher.space] {key!r}: {what}; {forms}") from None
+        return out
+
     @property
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
