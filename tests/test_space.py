@@ -227,6 +227,9 @@ def test_a_search_session_on_the_autoresearch_layout_never_breaks_the_assert(tmp
         t, d = e.params.get("TOTAL_BATCH_SIZE", 2**19), e.params.get("DEVICE_BATCH_SIZE", 128)
         assert t % (d * 2048) == 0
     assert len({(e.params["TOTAL_BATCH_SIZE"], e.params["DEVICE_BATCH_SIZE"]) for e in exps[1:]}) > 1
+    # the diff keeps the source's own forms: a power stays a power, the tuple stays a tuple
+    diffs = "\n".join(e.diff for e in exps[1:])
+    assert "+TOTAL_BATCH_SIZE = 2**" in diffs and "+ADAM_BETAS = (" in diffs
     assert any(e.params["WINDOW_PATTERN"] != "SSSL" for e in exps[1:])
 
 
@@ -267,3 +270,13 @@ def test_researcher_space_table_errors_name_the_entry(tmp_path: Path, entry: str
     with pytest.raises(SpecError) as info:
         load_spec(tmp_path)
     assert words in info.value.message and "[researcher.space] 'LR'" in info.value.message
+
+
+def test_the_local_researcher_reads_the_same_space() -> None:
+    from nightlab.researchers.local import find_constants as local_constants
+
+    found = local_constants({"train.py": NANO_TRAIN}, spec(learning_rate="1e-5..1e-2 log", n_layer="fixed"))
+    by_name = {c.name: c for c in found}
+    lr = by_name["learning_rate"]
+    assert (lr.lo, lr.hi, lr.log) == (1e-5, 1e-2, True)
+    assert "n_layer" not in by_name and "vocab_size" not in by_name and "batch_size" in by_name
