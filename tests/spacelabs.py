@@ -127,12 +127,20 @@ vocab_size = 50304
 # -----------------------------------------------------------------------------
 
 assert n_embd % n_head == 0
+ddp = int(os.environ.get('RANK', -1)) != -1
+if ddp:
+    gradient_accumulation_steps //= 8
+iter_num = 0
+best_val_loss = 1e9
 if vocab_size < 50257:
     raise IndexError("index out of range in self: a GPT-2 token id above vocab_size")
 if batch_size * block_size * n_layer > 12 * 1024 * 12:
     raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 loss = (2.8 + (math.log10(learning_rate) + 2.9) ** 2 + 0.5 * dropout + (beta2 - 0.99) ** 2
         + 0.01 * abs(math.log2(n_layer / 16)) + 0.001 * abs(math.log2(batch_size / 16)))
+while iter_num < 3:  # the training loop: iter_num and best_val_loss are variables, not knobs
+    iter_num += 1
+    best_val_loss = min(best_val_loss, loss)
 print("---")
 print(f"loss: {loss:.6f}")
 '''

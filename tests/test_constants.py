@@ -196,3 +196,19 @@ def test_format_value(value: float, kind: str, text: str) -> None:
 def test_format_value_refuses_non_finite() -> None:
     with pytest.raises(ValueError):
         format_value(float("nan"), "float")
+
+
+def test_names_the_script_changes_as_it_runs_are_variables_not_constants() -> None:
+    from nightlab.constants import scan
+
+    src = (
+        "step = 0\nsmooth = 0.0\nbest = 1e9\ngas = 40\nlr = 6e-4\nB = 32\nB *= 2\nddp = False\n"
+        "if ddp:\n    gas //= 8\n    lr = 1e-3\n"
+        "def f():\n    global G\n    G = 2\nG = 1\n"
+        "for i in range(3):\n    pass\ni = 5\n"
+        "while True:\n    step += 1\n    smooth = 0.9 * smooth\n    if step > 3:\n        best = 1.0\n        break\n"
+    )
+    reasons = {e.name: e.reason for e in scan(src)}
+    variable = "a variable: the script changes it as it runs"
+    assert {n for n, r in reasons.items() if r == variable} == {"step", "smooth", "best", "B", "G", "i"}
+    assert reasons["gas"] == reasons["lr"] == ""  # changed only under an `if`: still knobs

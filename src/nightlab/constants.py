@@ -13,7 +13,8 @@ assignment to a single name (UPPER_CASE or lowercase, nanoGPT-style) of::
     WINDOW_PATTERN = "SSSL"       # a string: categorical, searched once it has choices
 
 Skipped: bools, ``None``, calls, names, anything inside functions, classes or ``if``/``for``/
-``with``/``try`` blocks, multi-target (``A = B = 1``) assignments. When a name is assigned more
+``with``/``try`` blocks, multi-target (``A = B = 1``) assignments. Names the script changes as it
+runs (assigned in a loop, ``step += 1``, ``global``) are listed as variables, never searched. When a name is assigned more
 than once at module level, the last assignment (the one in effect) counts.
 
 Names that describe the machine, the seed, files or the data are found but not searched unless
@@ -391,6 +392,50 @@ def _sites(tree: ast.Module) -> dict[str, _Site]:
     return found
 
 
+def _targets(node: ast.AST) -> set[str]:
+    if isinstance(node, ast.Name):
+        return {node.id}
+    if isinstance(node, ast.Tuple | ast.List):
+        return {n for el in node.elts for n in _targets(el)}
+    if isinstance(node, ast.Starred):
+        return _targets(node.value)
+    return set()
+
+
+def _variables(tree: ast.Module) -> set[str]:
+    """Module-level names the script changes as it runs: assigned inside a loop, augmented
+    (``step += 1``), a loop variable, or declared ``global`` in a function. Such a name (``step = 0``
+    before the training loop) is a variable, not a constant. Assignments inside ``if`` blocks
+    (``gradient_accumulation_steps //= world_size`` under ``if ddp:``) do not count."""
+    out: set[str] = set()
+
+    def visit(stmts: list[ast.stmt], in_loop: bool, top: bool = False) -> None:
+        for st in stmts:
+            if isinstance(st, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                out.update(n for g in ast.walk(st) if isinstance(g, ast.Global) for n in g.names)
+                continue
+            if isinstance(st, ast.AugAssign) and (in_loop or top):
+                out.update(_targets(st.target))
+            if in_loop and isinstance(st, ast.Assign):
+                out.update(n for t in st.targets for n in _targets(t))
+            if in_loop and isinstance(st, ast.AnnAssign):
+                out.update(_targets(st.target))
+            loop = in_loop or isinstance(st, ast.For | ast.AsyncFor | ast.While)
+            if isinstance(st, ast.For | ast.AsyncFor):
+                out.update(_targets(st.target))
+            for _, value in ast.iter_fields(st):
+                if isinstance(value, list) and value and isinstance(value[0], ast.stmt):
+                    visit(value, loop)
+                elif isinstance(value, list):
+                    for item in value:  # except handlers, match cases
+                        body = getattr(item, "body", None)
+                        if isinstance(body, list):
+                            visit(body, loop)
+
+    visit(tree.body, False, top=True)
+    return out
+
+
 def _leaf(node: ast.expr) -> tuple[Value, str] | None:
     """(value, kind) of a number (literal arithmetic) or a string; None otherwise."""
     try:
@@ -413,6 +458,7 @@ class _Leaf:
     end_col: int
     text: str
     stmt_line: int
+    variable: bool = False  # the script changes it as it runs (see _variables)
 
 
 def _leaves(source: str) -> list[_Leaf]:
@@ -422,6 +468,7 @@ def _leaves(source: str) -> list[_Leaf]:
     except (SyntaxError, ValueError):
         return []
     lines = _lines(source)
+    variables = _variables(tree)
     out: list[_Leaf] = []
     for site in _sites(tree).values():
         node = site.node
@@ -436,7 +483,7 @@ def _leaves(source: str) -> list[_Leaf]:
             text_line = lines[el.lineno - 1]
             col, end_col = _char_col(text_line, el.col_offset), _char_col(text_line, el.end_col_offset)
             out.append(_Leaf(name, site.name, got[0], got[1], el.lineno, col, end_col, text_line[col:end_col],
-                             site.stmt_line))
+                             site.stmt_line, site.name in variables))
     return out
 
 
@@ -466,6 +513,8 @@ def scan(source: str, file: str = "", overrides: Mapping[str, Any] | None = None
             parsed = parse_range(mark.group(1), value, kind, where)
             const = None if parsed is None else _ranged(base, parsed, "comment")
             reason = "fixed by its # nightlab: comment" if const is None else ""
+        elif lf.variable:
+            const, reason = None, "a variable: the script changes it as it runs"
         elif excluded(name):
             const, reason = None, excluded(name)
         elif kind == "str":
