@@ -14,8 +14,9 @@ assignment to a single name (UPPER_CASE or lowercase, nanoGPT-style) of::
 
 Skipped: bools, ``None``, calls, names, anything inside functions, classes or ``if``/``for``/
 ``with``/``try`` blocks, multi-target (``A = B = 1``) assignments. Names the script changes as it
-runs (assigned in a loop, ``step += 1``, ``global``) are listed as variables, never searched. When a name is assigned more
-than once at module level, the last assignment (the one in effect) counts.
+runs (assigned in a loop, ``step += 1``, ``global``) are listed as variables, never searched.
+When a name is assigned more than once at module level, the last assignment (the one in effect)
+counts.
 
 Names that describe the machine, the seed, files or the data are found but not searched unless
 a ``# nightlab:`` comment or ``[researcher.space]`` names them (see :data:`EXCLUDED`): a
@@ -96,7 +97,8 @@ _FORMS = (
 EXCLUDED: tuple[tuple[str, str], ...] = (
     ("*peak_flops*", "hardware figure"), ("*flops*", "hardware figure"), ("device", "hardware"),
     ("device_type", "hardware"), ("*_device", "hardware"), ("dtype", "hardware"), ("*_dtype", "hardware"),
-    ("ptdtype", "hardware"), ("backend", "hardware"), ("*num_gpus*", "hardware"), ("world_size", "hardware"),
+    ("ptdtype", "hardware"), ("backend", "hardware"), ("*num_gpus*", "hardware"), ("*world_size*", "hardware"),
+    ("*_rank", "hardware"), ("rank", "hardware"),
     ("*seed*", "seed"),
     ("*_dir", "path"), ("*path*", "path"), ("*file*", "path"), ("init_from", "path"), ("wandb_*", "logging"),
     ("*interval*", "logging"), ("eval_iters", "evaluation"), ("*eval_tokens*", "evaluation"),

@@ -164,8 +164,9 @@ class SearchResearcher:
             ]
             raise UsageError(
                 f"the search researcher found no tunable constants in {', '.join(scanned)}",
-                "make the knobs module-level UPPER_CASE number assignments (e.g. LEARNING_RATE = 3e-4, "
-                "optionally with '# nightlab: 1e-5..1e-2 log'), or set [researcher] kind to another one",
+                "make the knobs module-level assignments (e.g. LEARNING_RATE = 3e-4, optionally with "
+                "'# nightlab: 1e-5..1e-2 log'), or declare ranges in [researcher.space]; `nightlab space` shows "
+                "what was found and why it is not searched; or set [researcher] kind to another one",
             )
 
         def named(key: str, c: Constant, names: list[str]) -> bool:
