@@ -628,7 +628,7 @@ def format_value(value: Value, kind: str) -> str:
     return text
 
 
-def _write(text: str, kind: str, value: Value) -> str:
+def written_as(text: str, kind: str, value: Value) -> str:
     """The text for ``value`` in place of ``text``: a power stays a power, a string keeps its quotes."""
     m = _POW.match(text)
     if m and kind == "int" and isinstance(value, int) and value > 0:
@@ -660,5 +660,5 @@ def rewrite(source: str, values: Mapping[str, Value]) -> str:
         if value == lf.value and isinstance(value, str) == isinstance(lf.value, str):
             continue
         line = lines[lf.line - 1]
-        lines[lf.line - 1] = line[: lf.col] + _write(lf.text, lf.kind, value) + line[lf.end_col :]
+        lines[lf.line - 1] = line[: lf.col] + written_as(lf.text, lf.kind, value) + line[lf.end_col :]
     return "".join(lines)

@@ -52,7 +52,7 @@ from optuna.distributions import (
 from optuna.trial import TrialState, create_trial
 from pydantic import BaseModel, ConfigDict
 
-from nightlab.constants import Constant, Value, format_value, rewrite
+from nightlab.constants import Constant, Value, format_value, rewrite, written_as
 from nightlab.errors import UsageError
 from nightlab.space import Space, search_space
 from nightlab.types import Candidate, Experiment, Status
@@ -280,7 +280,7 @@ class SearchResearcher:
                 continue
             if value != c.value:
                 changes.setdefault(c.file, {})[c.name] = value
-                notes.append(f"{key} {c.text} -> {format_value(value, c.kind)}")
+                notes.append(f"{key} {c.text} -> {written_as(c.text, c.kind, value)}")
         files = {path: rewrite(ctx.files[path], vals) for path, vals in changes.items()}
         files = {path: text for path, text in files.items() if text != ctx.files[path]}
         return Candidate(
