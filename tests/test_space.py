@@ -83,9 +83,14 @@ def test_the_assert_is_evaluated_with_the_constant_imported_from_prepare(tmp_pat
     assert space.violations({"DEVICE_BATCH_SIZE": 384})
     assert space.violations({"TOTAL_BATCH_SIZE": 2**17})  # 2**17 / (128 * 2048) is not whole
     assert not space.violations({"TOTAL_BATCH_SIZE": 2**17, "DEVICE_BATCH_SIZE": 64})
-    # without prepare.py the assert cannot be evaluated: left alone (the run will tell)
+    # without prepare.py MAX_SEQ_LEN cannot be read: taken as it is now (the baseline shows it divides),
+    # a proposal passes when TOTAL/DEVICE stays a whole multiple of its current value (conservative)
     alone = search_space(spec(), {"train.py": AR_TRAIN}, tmp_path / "elsewhere")
-    assert not alone.checks and alone.params["DEVICE_BATCH_SIZE"].choices == ()
+    assert alone.checks and alone.params["DEVICE_BATCH_SIZE"].choices == (32, 64, 128, 256, 512)
+    assert not alone.violations({}) and not alone.violations({"DEVICE_BATCH_SIZE": 64})
+    assert not alone.violations({"TOTAL_BATCH_SIZE": 2**20, "DEVICE_BATCH_SIZE": 256})
+    assert alone.violations({"DEVICE_BATCH_SIZE": 512}) and alone.violations({"TOTAL_BATCH_SIZE": 2**18})
+    assert alone.violations({"DEVICE_BATCH_SIZE": 256})  # would work with 2048, refused without knowing it
 
 
 def test_nanogpt_layout_space() -> None:

@@ -14,8 +14,12 @@ the file (``tokens_per_fwdbwd`` above), and ``from module import NAME`` of a mod
 constant of a sibling ``module.py`` (``MAX_SEQ_LEN`` from ``prepare.py``).
 
 An assert is used only when it depends on a searched constant, can be evaluated, and holds
-for the current values (so it is a real constraint, not a runtime check). Anything it cannot
-evaluate (calls, attributes, unknown names) is left alone: the run will tell.
+for the current values (so it is a real constraint, not a runtime check). One exception: in
+``X % (K * U) == 0`` a factor ``U`` that cannot be read (it comes from a call, or a module that is
+not there) is taken as it is now, which the working baseline shows to be fine: a proposal is
+kept when ``X / K`` stays a whole multiple of its current value (conservative: it may refuse a
+point that would have worked, never allows one that breaks). Anything else it cannot evaluate
+(calls, attributes, unknown names) is left alone: the run will tell.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ class Check:
     test: ast.expr = field(repr=False, compare=False)
     uses: frozenset[str] = frozenset()  # searched constant names (of ``file``) it depends on
     modulo: frozenset[str] = frozenset()  # those that appear under a ``%`` (divisibility)
+    # ``X % (K * U) == 0`` with a factor U nightlab cannot read: (X, the known factors K, X and K now).
+    # Kept when X/K stays a whole multiple of its current value, which keeps U's divisibility.
+    relative: tuple[ast.expr, tuple[ast.expr, ...], int, int] | None = field(default=None, repr=False,
+                                                                             compare=False)
 
 
 class _Env(Mapping[str, Any]):
@@ -151,8 +159,14 @@ class Checks:
         for c in self.checks:
             info = self._infos[c.file]
             mine = {name: v for (file, name), v in values.items() if file == c.file and "[" not in name}
+            env = _Env(info.fixed, info.aliases, mine)
             try:
-                ok = evaluate(c.test, _Env(info.fixed, info.aliases, mine))
+                if c.relative is None:
+                    ok = bool(evaluate(c.test, env))
+                else:
+                    x_node, known, x0, k0 = c.relative
+                    x, k = evaluate(x_node, env), _product(known, env)
+                    ok = isinstance(x, int) and isinstance(k, int) and x * k != 0 and (x * k0) % (x0 * k) == 0
             except Unknown:
                 continue
             if not ok:
@@ -181,11 +195,62 @@ def find_checks(files: Mapping[str, str], params: list[Constant],
             uses = _depends(test, info.aliases) & names
             if not uses:
                 continue
+            modulo = frozenset(_under_mod(test, info.aliases) & names)
             try:
                 holds = evaluate(test, _Env(info.fixed, info.aliases, {}))
             except Unknown:
+                relative = _relative(test, info, names)
+                if relative is not None:
+                    checks.append(Check(path, line, src, test, frozenset(uses), modulo, relative))
                 continue
             if holds is True:
-                checks.append(Check(path, line, src, test, frozenset(uses),
-                                    frozenset(_under_mod(test, info.aliases) & names)))
+                checks.append(Check(path, line, src, test, frozenset(uses), modulo))
     return Checks(checks, infos)
+
+
+def _product(nodes: tuple[ast.expr, ...], env: Mapping[str, Any]) -> Any:
+    out: Any = 1
+    for n in nodes:
+        out = out * evaluate(n, env)
+    return out
+
+
+def _factors(node: ast.expr, aliases: dict[str, ast.expr], depth: int = 0) -> list[ast.expr]:
+    if isinstance(node, ast.Name) and node.id in aliases and depth < 8:
+        return _factors(aliases[node.id], aliases, depth + 1)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
+        return _factors(node.left, aliases, depth) + _factors(node.right, aliases, depth)
+    return [node]
+
+
+def _relative(test: ast.expr, info: _FileInfo, names: set[str]
+              ) -> tuple[ast.expr, tuple[ast.expr, ...], int, int] | None:
+    """``X % Y == 0`` where Y has a factor that cannot be read (imported from code nightlab cannot
+    evaluate): the known part, so a change can be checked against the current, working values."""
+    if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+        mod = test.operand
+    elif (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)
+          and isinstance(test.comparators[0], ast.Constant) and test.comparators[0].value == 0):
+        mod = test.left
+    else:
+        return None
+    if not (isinstance(mod, ast.BinOp) and isinstance(mod.op, ast.Mod)):
+        return None
+    env = _Env(info.fixed, info.aliases, {})
+    known: list[ast.expr] = []
+    unknown = False
+    for f in _factors(mod.right, info.aliases):
+        try:
+            evaluate(f, env)
+            known.append(f)
+        except Unknown:
+            if _depends(f, info.aliases) & names:
+                return None  # an unreadable factor that moves with the search: cannot reason about it
+            unknown = True
+    try:
+        x0, k0 = evaluate(mod.left, env), _product(tuple(known), env)
+    except Unknown:
+        return None
+    if not unknown or not isinstance(x0, int) or not isinstance(k0, int) or x0 * k0 == 0:
+        return None
+    return mod.left, tuple(known), x0, k0
