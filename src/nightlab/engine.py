@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
@@ -744,8 +745,10 @@ class Engine:
         """Health check after a crash streak: re-run the incumbent once (not an experiment). True when it
         still yields its metric: the crashes were the candidates' (the researcher has been told), not a
         broken lab (data gone, GPU lost, disk full)."""
-        self.reporter.message(f"{row} crashes in a row: re-running the incumbent to tell a broken lab from bad "
-                              "candidates")
+        errors = Counter(_first_line(next((ln for ln in reversed(e.log_tail.splitlines()) if ln.strip()), "?"), 120)
+                         for e in self.ledger.experiments(self.session.id)[-row:])
+        self.reporter.message(f"{row} crashes in a row ({'; '.join(f'{n} x {t}' for t, n in errors.most_common(2))})"
+                              ": re-running the incumbent to tell a broken lab from bad candidates")
         wt = self.ws.add_worktree(f"{self.session.tag}-health-{after}", self.session.incumbent_commit)
         try:
             lab_root = self.ws.lab_in(wt)

@@ -47,6 +47,7 @@ max_crashes_in_row = 5
 kind = "search"                 # Optuna over the constants of the editable files: `nightlab space` lists them
 sampler = "tpe"
 seed = 0
+# exclude = ["NOISE"]           # never search these (or: NAME = "fixed" in [researcher.space] below)
 
 [sandbox]
 mode = "auto"                   # auto | required | none (bubblewrap: no network, read-only root)
