@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
@@ -165,6 +166,9 @@ class Engine:
         if self.spec.executor.kind == "ray" and (self.spec.evaluate.command or self.spec.holdout.command):
             raise UsageError("the ray executor does not run [evaluate] or [holdout] commands yet",
                              "use [executor] kind = \"local\" (with slots) for labs with a protected evaluator")
+        from nightlab.space import validate as validate_space
+
+        validate_space(self.spec, self.lab_dir)  # every # nightlab: comment and [researcher.space], up front
         self.ws = Workspace(self.lab_dir)
         self.ws.ensure_state_dir()
         self.ledger = Ledger.for_lab(self.lab_dir, db_url)
@@ -191,6 +195,7 @@ class Engine:
         self._tls = threading.local()  # which slot the current thread runs (GPU pinning)
         self._keep_lock = threading.Lock()  # one keep decision at a time, against the current incumbent
         self._requeue: list[Candidate] = []  # stale winners, rebased onto the new incumbent
+        self._crashes_checked = 0  # crashes of the current streak already cleared by a health check
         self.ray: Any = None
         if self.spec.executor.kind == "ray":
             from nightlab.executors.ray_executor import RayExecutor
@@ -740,9 +745,41 @@ class Engine:
                 if not e.status.is_failure():
                     break
                 row += 1
-            if row >= st.max_crashes_in_row:
-                return f"max_crashes_in_row: {row} crashes or timeouts in a row"
+            if row >= 4 * st.max_crashes_in_row:
+                return f"max_crashes_in_row: {row} crashes or timeouts in a row; the researcher finds nothing that runs"
+            if row - self._crashes_checked >= st.max_crashes_in_row:
+                if self.ray is not None or not self._incumbent_runs(row, tried[-1].idx):
+                    return f"max_crashes_in_row: {row} crashes or timeouts in a row" + (
+                        "" if self.ray is not None else ", and the incumbent fails too: the lab is broken")
+                self._crashes_checked = row  # the candidates crashed, not the lab: go on
+            elif row == 0:
+                self._crashes_checked = 0
         return ""
+
+    def _incumbent_runs(self, row: int, after: int) -> bool:
+        """Health check after a crash streak: re-run the incumbent once (not an experiment). True when it
+        still yields its metric: the crashes were the candidates' (the researcher has been told), not a
+        broken lab (data gone, GPU lost, disk full)."""
+        errors = Counter(_first_line(next((ln for ln in reversed(e.log_tail.splitlines()) if ln.strip()), "?"), 120)
+                         for e in self.ledger.experiments(self.session.id)[-row:])
+        self.reporter.message(f"{row} crashes in a row ({'; '.join(f'{n} x {t}' for t, n in errors.most_common(2))})"
+                              ": re-running the incumbent to tell a broken lab from bad candidates")
+        wt = self.ws.add_worktree(f"{self.session.tag}-health-{after}", self.session.incumbent_commit)
+        try:
+            lab_root = self.ws.lab_in(wt)
+            log_path = self.artifacts_dir / f"health-{self.session.tag}-{after}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            res = sandbox.run(self.spec.run.command, cwd=lab_root, env=self.run_env(self.spec.run.seed, -1),
+                              policy=self.sandbox_policy(wt), timeout_s=self.spec.run.hard_timeout_s,
+                              log_path=log_path, kill_grace_s=self.spec.run.kill_grace_s, cancel=self.stop.cancel)
+            m, tampered = self.verifier.measure(wt, lab_root, self.session.incumbent_commit, log_path,
+                                                self.spec.run.seed, -1, res.exit_code == 0, tag="-health")
+            ok = res.ok and not tampered and m.valid
+        finally:
+            self.ws.remove_worktree(wt)
+        self.events.emit("health.check", crashes_in_row=row, ok=ok, log=str(log_path))
+        self.reporter.message("the incumbent still runs: going on" if ok else "the incumbent fails too")
+        return ok
 
     # ------------------------------------------------------------------ the loop
 

@@ -89,11 +89,62 @@ class StopSpec(_Section):
     max_tokens: int = Field(default=0, ge=0, description="researcher tokens in + out (0: no limit)")
 
 
+class SpaceEntry(_Section):
+    """One entry of ``[researcher.space]`` as a table (the string form is the ``# nightlab:`` grammar)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    range: tuple[float, float] | None = Field(None, description="[LOW, HIGH]")
+    log: bool = Field(False, description="log-uniform (needs LOW > 0)")
+    integer: bool = Field(False, alias="int", description="search whole numbers only")
+    choices: list[int | float | str] = Field(default_factory=list, description="one of these values")
+    fixed: bool = Field(False, description="never searched")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SpaceEntry:
+        if self.fixed and (self.range or self.choices or self.log):
+            raise ValueError("fixed = true takes no range, log or choices")
+        if self.range and self.choices:
+            raise ValueError("give range or choices, not both")
+        return self
+
+
 class ResearcherSpec(BaseModel):
-    """``kind`` picks the researcher; the other keys are that researcher's options."""
+    """``kind`` picks the researcher; the other keys are that researcher's options.
+
+    ``[researcher.space]`` (read by the ``search`` and ``local`` researchers) declares the search
+    space per constant name; see :mod:`nightlab.constants`.
+    """
 
     model_config = ConfigDict(extra="allow", frozen=True)
     kind: str = "search"
+    space: dict[str, str | SpaceEntry] = Field(
+        default_factory=dict, description="NAME = 'LOW..HIGH [log]' | 'choices A,B' | 'fixed' | a table")
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _space_entries(cls, v: Any) -> Any:
+        """One clear message per bad entry, naming it (the union would give two obscure ones)."""
+        if not isinstance(v, dict):
+            return v
+        forms = ("write NAME = 'LOW..HIGH', 'LOW..HIGH log', 'choices A,B', 'fixed', or a table "
+                 "{ range = [LOW, HIGH], log = true, int = true } / { choices = [...] } / { fixed = true }")
+        out: dict[str, Any] = {}
+        for key, entry in v.items():
+            if isinstance(entry, str | SpaceEntry):
+                out[key] = entry
+                continue
+            if not isinstance(entry, dict):
+                raise ValueError(f"[researcher.space] {key!r} = {entry!r}: {forms}")
+            try:
+                out[key] = SpaceEntry.model_validate(entry)
+            except ValidationError as e:
+                err = e.errors()[0]
+                what = (f"unknown key {err['loc'][0]!r} (known: range, log, int, choices, fixed)"
+                        if err["type"] == "extra_forbidden" else
+                        f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}".removeprefix(": ")
+                        .replace("Value error, ", ""))
+                raise ValueError(f"[researcher.space] {key!r}: {what}; {forms}") from None
+        return out
 
     @property
     def options(self) -> dict[str, Any]:

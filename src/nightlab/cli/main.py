@@ -6,6 +6,7 @@ Harness errors (:class:`~nightlab.errors.NightlabError`) are printed as ``error:
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any
 
@@ -44,6 +45,7 @@ def _register() -> None:
                 sweep.sweep, compare.compare, compare.evolve_program, ui.ui, ui.report, labs.labs, labs.mcp,
                 *audit.COMMANDS, *verify.COMMANDS):
         main.add_command(cmd)
+    main.add_command(importlib.import_module("nightlab.cli.space").space)  # nightlab space
 
 
 _register()
