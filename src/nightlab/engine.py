@@ -346,6 +346,7 @@ class Engine:
             spec=self.spec, lab_dir=self.lab_dir, program=program, parent=parent, files=files,
             history=tuple(history), metric_name=self.spec.metric.name, direction=self.spec.metric.direction,
             incumbent_metric=self.session.incumbent_metric, baseline_metric=self.session.baseline_metric, idx=idx,
+            extra={"session": self.session.tag},
         )
 
     def _finish(self, exp_id: int, status: Status, t0: float, run: RunResult | None = None,
