@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from nightlab import approvals, keep, sandbox
+from nightlab import approvals, constraints, keep, sandbox
 from nightlab import researchers as researchers_mod
 from nightlab.audit import AuditLog, Signer, store_head
 from nightlab.context import SECRET_ENV
@@ -585,6 +585,12 @@ class Engine:
         """Keep or discard a measured candidate. Called under ``_keep_lock``."""
         self.session = self.ledger.get_session(self.session.tag) or self.session
         assert m.metric is not None
+        ms = self.spec.metric
+        limits = constraints.parse_all(ms.constraints, [ms.name, *ms.secondary])
+        broken = constraints.broken(limits, {**m.secondary, ms.name: m.metric, constraints.RUN_S: res.wall_s})
+        if broken:
+            return self._finish(exp_id, Status.DISCARD, t0, res, m, reason=broken,
+                                evidence={"constraint": broken[len("constraint: "):], **extras})
         stale = candidate.parent != self.session.incumbent_commit
         if stale and self.keep_semantics == "rebase":
             return self._decide_rebase(idx, exp_id, candidate, canonical, t0, res, m, extras)

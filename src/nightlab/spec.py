@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from nightlab.errors import SpecError
 from nightlab.types import Direction
@@ -61,12 +61,22 @@ class MetricSpec(_Section):
     file: str = Field("", description="with source = 'json': the JSON file the run writes")
     secondary: list[str] = Field(default_factory=list, description="other figures to record")
     memory: str = Field("", description="secondary figure (MB) used for results.tsv's memory_gb")
+    constraints: list[str] = Field(default_factory=list, description="limits a kept run must respect, "
+                                   "e.g. [\"peak_vram_mb <= 40000\"] (see nightlab.constraints)")
 
     @model_validator(mode="after")
     def _json_needs_file(self) -> MetricSpec:
         if self.source == "json" and not self.file:
             raise ValueError("source = 'json' needs file = '<path the run writes>'")
         return self
+
+    @field_validator("constraints")
+    @classmethod
+    def _constraints_parse(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        from nightlab.constraints import parse_all
+
+        parse_all(v, [info.data.get("name", ""), *info.data.get("secondary", [])])
+        return v
 
 
 class StopSpec(_Section):
