@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from nightlab import approvals, constraints, keep, sandbox
+from nightlab import approvals, constraints, keep, prune, sandbox
 from nightlab import researchers as researchers_mod
 from nightlab.audit import AuditLog, Signer, store_head
 from nightlab.context import SECRET_ENV
@@ -183,6 +183,7 @@ class Engine:
         self._tls = threading.local()  # which slot the current thread runs (GPU pinning)
         self._keep_lock = threading.Lock()  # one keep decision at a time, against the current incumbent
         self._requeue: list[Candidate | keep.Requeued] = []  # combinations of stale changes (keep.py)
+        self.pruner = prune.Pruner(self.spec.prune, self.spec.metric.name, self.spec.metric.direction)
         self.ray: Any = None
         if self.spec.executor.kind == "ray":
             from nightlab.executors.ray_executor import RayExecutor
@@ -354,6 +355,14 @@ class Engine:
         now = time.time()
         run_s = run.wall_s if run else 0.0
         log_tail = sandbox.tail(Path(run.log_path), 50) if run else ""
+        watch: prune.Watch | None = getattr(self._tls, "watch", None)
+        if watch is not None:  # the run's progress curve (and, pruned, what it saved) goes with its evidence
+            self._tls.watch = None
+            extra = watch.finish(status, m.metric if m else None, run_s)
+            if status is Status.PRUNED:
+                extra["saved_s"] = round(self.pruner.saved_s(run_s, self.spec.run.budget_s), 3)
+            if extra:
+                kw["evidence"] = {**(kw.get("evidence") or {}), **extra}
         exp = self.ledger.finish_experiment(
             exp_id, status=status, metric=m.metric if m else None, secondary=m.secondary if m else {},
             trust=m.trust if m else "inline", reason=reason, log_tail=log_tail, run_s=run_s,
@@ -454,6 +463,7 @@ class Engine:
         it wins its measured tree is kept on top of it (keep.py; README, "Concurrency semantics").
         """
         self._tls.slot = slot
+        self._tls.watch = None
         t0 = time.monotonic()
         parent = candidate.parent if candidate else self.session.incumbent_commit
         seed = self.spec.run.seed
@@ -541,15 +551,25 @@ class Engine:
             if self.ray is not None:
                 return self._run_remote(idx, exp_id, candidate, commit, canonical, wt, lab_root, t0, seed,
                                         log_path)
-            res = sandbox.run(
-                self.spec.run.command, cwd=lab_root, env=self.run_env(seed, idx), policy=policy,
-                timeout_s=self.spec.run.hard_timeout_s, log_path=log_path, kill_grace_s=self.spec.run.kill_grace_s,
-                on_start=lambda pid: self._started_run(exp_id, pid),
-                cancel=self.stop.cancel,
-            )
+            watch = self.pruner.watch(log_path, self.stop.cancel, prunable=candidate is not None)
+            self._tls.watch = watch
+            try:
+                res = sandbox.run(
+                    self.spec.run.command, cwd=lab_root, env=self.run_env(seed, idx), policy=policy,
+                    timeout_s=self.spec.run.hard_timeout_s, log_path=log_path,
+                    kill_grace_s=self.spec.run.kill_grace_s, on_start=lambda pid: self._started_run(exp_id, pid),
+                    cancel=watch.cancel,
+                )
+            finally:
+                watch.close()
             self.events.emit("sandbox.exit", experiment=idx, exit_code=res.exit_code, timed_out=res.timed_out,
                              interrupted=res.interrupted, wall_s=round(res.wall_s, 3),
                              log_sha256=_file_sha(Path(res.log_path)))
+            if res.interrupted and watch.pruned_at is not None and not self.stop.cancel.is_set():
+                last = watch.curve[-1][1] if watch.curve else math.nan
+                return self._finish(exp_id, Status.PRUNED, t0, res, reason=(
+                    f"pruned at step {watch.pruned_at}: {self.spec.metric.name}={last:.6g} judged hopeless by the "
+                    f"{self.spec.prune.pruner} pruner against earlier runs at that step"))
             if res.interrupted:
                 return self._finish(exp_id, Status.INTERRUPTED, t0, res,
                                     reason=f"interrupted: {self.stop.cancel_reason or 'stop requested'}")
@@ -793,6 +813,7 @@ class Engine:
                     self.reporter.message("WARNING: sandbox = none: holdout files are NOT hidden from runs")
             self.researcher = self._researcher_override or researchers_mod.create(self.spec, self.lab_dir)
             history = self.ledger.experiments(self.session.id)
+            self.pruner.replay(history)
             for e in history:
                 self.researcher.observe(e)
             if not any(e.idx == 0 and e.status is Status.KEEP for e in history):

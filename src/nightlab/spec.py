@@ -222,6 +222,29 @@ class AuditSpec(_Section):
                                   description="records between checkpoints (and at session stop)")
 
 
+class PruneSpec(_Section):
+    """``[prune]``: stop hopeless runs early from their progress lines (see nightlab.prune). Off by default."""
+
+    pruner: Literal["none", "median", "successive_halving", "hyperband", "threshold"] = Field(
+        "none", description="median: worse than the median of earlier runs at the same step; successive_halving"
+        " / hyperband: Optuna's asynchronous SHA / Hyperband; threshold: outside [lower, upper]")
+    warmup_steps: int = Field(0, ge=0, description="never prune before this step (Optuna's n_warmup_steps)")
+    startup_runs: int = Field(3, ge=0, description="median: runs that must finish before any is pruned")
+    min_resource: int = Field(1, ge=1, description="successive_halving / hyperband: the first rung, in steps")
+    max_resource: int = Field(0, ge=0, description="hyperband: the last step of a full run (0: learnt)")
+    reduction_factor: int = Field(3, ge=2, description="successive_halving / hyperband: 1 in this many "
+                                  "runs goes on at each rung")
+    lower: float | None = Field(None, description="threshold: prune when the value falls below")
+    upper: float | None = Field(None, description="threshold: prune when the value rises above")
+    poll_s: float = Field(0.2, gt=0, le=10, description="how often the run's log is read for progress")
+
+    @model_validator(mode="after")
+    def _threshold_needs_a_bound(self) -> PruneSpec:
+        if self.pruner == "threshold" and self.lower is None and self.upper is None:
+            raise ValueError("pruner = 'threshold' needs lower = … and/or upper = …")
+        return self
+
+
 class LabSpec(_Section):
     name: str = ""
 
@@ -241,6 +264,7 @@ class Spec(_Section):
     permissions: PermissionsSpec = Field(default_factory=PermissionsSpec)
     autonomy: AutonomySpec = Field(default_factory=AutonomySpec)
     audit: AuditSpec = Field(default_factory=AuditSpec)
+    prune: PruneSpec = Field(default_factory=PruneSpec)
 
     @model_validator(mode="before")
     @classmethod

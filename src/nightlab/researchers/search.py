@@ -363,8 +363,8 @@ class SearchResearcher:
             self._in_study.add(e.idx)
             if ok:
                 self.study.tell(trial, value)
-            else:
-                self.study.tell(trial, state=TrialState.FAIL)
+            else:  # a pruned run counts as pruned (TPE ranks it below the completed ones)
+                self.study.tell(trial, state=TrialState.PRUNED if e.status is Status.PRUNED else TrialState.FAIL)
         elif e.idx in self._in_study:
             return  # already in a persistent study (storage)
         elif e.idx == 0:
