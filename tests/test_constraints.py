@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
@@ -78,3 +79,34 @@ def test_a_better_run_that_breaks_a_constraint_is_discarded(make_lab):
     assert by[1].status is Status.DISCARD and by[1].reason == "constraint: mem <= 150 (got 400)"
     assert by[1].evidence["constraint"] == "mem <= 150 (got 400)"
     assert by[2].status is Status.KEEP and session.incumbent_commit == by[2].commit
+
+
+def test_the_session_page_draws_a_pareto_view(make_lab):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from nightlab.ledger import Ledger
+    from nightlab.web.app import create_app
+    from nightlab.web.security import Access
+
+    spec = SPEC.replace('secondary = ["seed"]', 'secondary = ["seed", "mem"]')
+    lab = make_lab(files={"target.py": MEM_PY}, spec=spec)
+    texts = [MEM_PY.replace("X = 3.0", f"X = {x}").replace("MEM = 100", f"MEM = {mem}")
+             for x, mem in ((2.0, 300), (1.5, 50), (2.5, 20))]
+    eng = Engine(lab, tag="pa", researcher=Steps(texts), sandbox_mode="none", max_experiments=3)
+    eng.run()
+    eng.close()
+    with Ledger.for_lab(lab) as led:
+        client = TestClient(create_app(led, lab, Access.make("127.0.0.1", "tok")), base_url="http://127.0.0.1")
+        full = client.get("/s/pa?pareto=mem").text
+        assert 'id="pareto"' in full and "<b>mem</b>" in full
+        page = full[full.index('class="nl-pareto"'):]
+        page = page[:page.index("</svg>")]
+        circles = dict(re.findall(r'<circle data-idx="(\d+)" data-status="(\w+)"', page))
+        assert circles == {"0": "keep", "1": "keep", "2": "keep", "3": "discard"}, circles
+        # the front: #3 (mem 20), #2 (mem 50, better score); #0 and #1 are dominated by #2
+        assert 'class="front"' in page
+        assert re.search(r'data-idx="2"[^>]*stroke="#1a9850"', page) and re.search(r'data-idx="3"[^>]*stroke=', page)
+        assert not re.search(r'data-idx="1"[^>]*stroke=', page)
+        default = client.get("/s/pa").text  # the first secondary figure by default; run_s always offered
+        assert "<b>seed</b>" in default and "pareto=run_s" in default

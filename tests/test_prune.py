@@ -173,3 +173,28 @@ def test_the_watch_reads_a_log_written_by_someone_else(tmp_path: Path):
         time.sleep(0.02)
     w2.close()
     assert w2.cancel.is_set() and w2.pruned_at is None
+
+
+def test_the_example_labs_print_progress_lines(tmp_path: Path):
+    import shutil
+    import subprocess
+    import sys
+
+    from nightlab.measure import parse_summary
+
+    root = Path(__file__).resolve().parent.parent / "examples"
+    lab = tmp_path / "quickfit"
+    shutil.copytree(root / "quickfit", lab)
+    env = {"PATH": "/usr/bin:/bin", "NIGHTLAB_DATA_DIR": str(tmp_path / "data"), "NIGHTLAB_BUDGET_S": "5",
+           "NIGHTLAB_SEED": "0"}
+    subprocess.run([sys.executable, "prepare.py"], cwd=lab, env=env, check=True, capture_output=True)
+    out = subprocess.run([sys.executable, "fit.py"], cwd=lab, env=env, check=True, capture_output=True,
+                         text=True).stdout
+    points = [p for line in out.splitlines() if (p := parse_progress(line))]
+    assert [s for s, _ in points] == list(range(1, 31))  # one per epoch (EPOCHS = 30)
+    assert points[-1][1]["val_loss"] == pytest.approx(float(parse_summary(out)["val_loss"]), abs=1e-6)
+    assert load_spec(root / "quickfit").prune.pruner in ("none", "median")
+    # tinygpt prints its smoothed training loss every 5% of the budget, pruned on as [prune] figure
+    text = (root / "tinygpt" / "train.py").read_text()
+    assert 'print(f"nightlab: step={reported} train_bpb=' in text
+    assert load_spec(root / "tinygpt").prune.figure in ("", "train_bpb")

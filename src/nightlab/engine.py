@@ -183,7 +183,8 @@ class Engine:
         self._tls = threading.local()  # which slot the current thread runs (GPU pinning)
         self._keep_lock = threading.Lock()  # one keep decision at a time, against the current incumbent
         self._requeue: list[Candidate | keep.Requeued] = []  # combinations of stale changes (keep.py)
-        self.pruner = prune.Pruner(self.spec.prune, self.spec.metric.name, self.spec.metric.direction)
+        self.pruner = prune.Pruner(self.spec.prune, self.spec.prune.figure or self.spec.metric.name,
+                                   self.spec.metric.direction)
         self.ray: Any = None
         if self.spec.executor.kind == "ray":
             from nightlab.executors.ray_executor import RayExecutor
@@ -568,7 +569,7 @@ class Engine:
             if res.interrupted and watch.pruned_at is not None and not self.stop.cancel.is_set():
                 last = watch.curve[-1][1] if watch.curve else math.nan
                 return self._finish(exp_id, Status.PRUNED, t0, res, reason=(
-                    f"pruned at step {watch.pruned_at}: {self.spec.metric.name}={last:.6g} judged hopeless by the "
+                    f"pruned at step {watch.pruned_at}: {self.pruner.metric}={last:.6g} judged hopeless by the "
                     f"{self.spec.prune.pruner} pruner against earlier runs at that step"))
             if res.interrupted:
                 return self._finish(exp_id, Status.INTERRUPTED, t0, res,

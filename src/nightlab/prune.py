@@ -5,8 +5,9 @@ The output contract's progress line (print it, flushed, whenever the run has a f
     nightlab: step=120 val_bpb=1.234
 
 One line per report: the literal ``nightlab:``, ``step=N`` (an integer, increasing), then one or
-more ``name=value`` figures. The figure named like ``[metric] name`` is the one pruned on; the
-others are stored with the curve. Lines that do not match are ignored (they are free-form log).
+more ``name=value`` figures. The figure named like ``[metric] name`` (or ``[prune] figure``) is
+the one pruned on and stored as the run's curve; the others are ignored, as are lines that do
+not match (free-form log).
 From autoresearch's ``train.py``: ``print(f"nightlab: step={step} val_bpb={val_bpb:.4f}", flush=True)``.
 
 A :class:`Watch` runs a thread per run that tails the run's log *file on disk* (whoever writes

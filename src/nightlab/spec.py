@@ -228,6 +228,8 @@ class PruneSpec(_Section):
     pruner: Literal["none", "median", "successive_halving", "hyperband", "threshold"] = Field(
         "none", description="median: worse than the median of earlier runs at the same step; successive_halving"
         " / hyperband: Optuna's asynchronous SHA / Hyperband; threshold: outside [lower, upper]")
+    figure: str = Field("", description="the progress figure pruned on (default: [metric] name), e.g. "
+                        "'train_bpb' when the run's progress lines carry a training loss")
     warmup_steps: int = Field(0, ge=0, description="never prune before this step (Optuna's n_warmup_steps)")
     startup_runs: int = Field(3, ge=0, description="median: runs that must finish before any is pruned")
     min_resource: int = Field(1, ge=1, description="successive_halving / hyperband: the first rung, in steps")

@@ -283,7 +283,8 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
         red, _ = redactor_for(s)
         diff_html = highlight(red.text(e.diff), DiffLexer(), formatter) if e.diff else ""
         base = ledger.get_experiment(s.id, 0) if idx else None
-        curve = figures_mod.curve_svg(e.evidence.get("curve") or [], s.metric_name,
+        figure = (queries.spec_json(ledger, s.id).get("prune") or {}).get("figure") or s.metric_name
+        curve = figures_mod.curve_svg(e.evidence.get("curve") or [], str(figure),
                                       reference=(base.evidence.get("curve") or []) if base else [],
                                       pruned_at=e.evidence.get("pruned_at"))
         return page(request, "experiment.html", s=s, e=e, red=red, diff_html=diff_html, nav="session", curve=curve,
