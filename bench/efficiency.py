@@ -349,7 +349,8 @@ def summarize_optuna(rows: list[dict[str, Any]]) -> None:
     nw = statistics.mean(r["nightlab"]["wall_s"] for r in rows)
     ow = statistics.mean(r["optuna"]["wall_s"] for r in rows)
     print(f"\nmean wall time for {trials + 1} evaluations: nightlab {nw:.1f}s "
-          f"({3600 * (trials + 1) / nw:.0f} trials/hour), optuna {ow:.1f}s ({3600 * (trials + 1) / ow:.0f} trials/hour)")
+          f"({3600 * (trials + 1) / nw:.0f} trials/hour), optuna {ow:.1f}s "
+          f"({3600 * (trials + 1) / ow:.0f} trials/hour)")
 
 
 def main() -> None:
