@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import optuna
+import pytest
 from tests.conftest import SPEC
 
 from nightlab.engine import Engine
@@ -93,3 +94,24 @@ def test_a_bad_storage_url_is_a_usage_error(make_lab):
         assert "storage" in e.message
     else:
         raise AssertionError("expected a UsageError")
+
+
+@pytest.mark.parametrize("seed", [3, 4])  # seeds where the old rebase semantics lost a measured improvement
+def test_pipelined_search_never_discards_a_measured_improvement(make_lab, seed):
+    """The issue's demo case: one slot, pipelining on, every keep makes the next proposal stale."""
+    spec = SEARCH_SPEC.replace("pipeline = false", "pipeline = true").replace("seed = 0", f"seed = {seed}")
+    lab = make_lab(files={"target.py": TARGET}, spec=spec)
+    eng = Engine(lab, tag="pl", sandbox_mode="none", max_experiments=12)
+    session = eng.run()
+    exps = sorted(eng.ledger.experiments(session.id), key=lambda e: e.finished_at or 0)
+    eng.close()
+    assert all(e.status.was_run() for e in exps), [(e.idx, e.status, e.reason) for e in exps]
+    stale = [e for e in exps if e.evidence.get("stale")]
+    assert stale  # pipelining made stale candidates, and they were judged on their measurement
+    inc = float("inf")
+    for e in exps:
+        assert e.metric is not None
+        if e.metric < inc:
+            assert e.status is Status.KEEP, (e.idx, e.reason)  # greedy: every measured improvement is kept
+            inc = e.metric
+    assert session.incumbent_metric == inc
