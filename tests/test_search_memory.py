@@ -115,3 +115,9 @@ def test_pipelined_search_never_discards_a_measured_improvement(make_lab, seed):
             assert e.status is Status.KEEP, (e.idx, e.reason)  # greedy: every measured improvement is kept
             inc = e.metric
     assert session.incumbent_metric == inc
+
+
+def test_a_setting_read_back_from_json_is_recognised():
+    key = SearchResearcher._key
+    assert key({"A": 1, "B": [1, 2]}) == key({"B": (1, 2), "A": 1})  # lists from the ledger's JSON
+    assert hash(key({"B": [[1, 2], 3]}))

@@ -247,7 +247,12 @@ class SearchResearcher:
 
     @staticmethod
     def _key(params: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
-        return tuple(sorted(params.items()))
+        """A hashable form of a setting (a tuple value read back from the ledger's JSON is a list)."""
+
+        def freeze(v: Any) -> Any:
+            return tuple(freeze(x) for x in v) if isinstance(v, list | tuple) else v
+
+        return tuple(sorted((k, freeze(v)) for k, v in params.items()))
 
     def _remember(self, params: dict[str, Any], value: float | None) -> None:
         key = self._key(params)
