@@ -11,8 +11,10 @@ passes); the engine records a problem as ``rejected`` with reason ``policy: <rul
 - :meth:`Guard.check_size` on the canonical diff git computed: ``[permissions]
   max_diff_bytes`` and ``max_new_files``.
 
-Protected files (the spec's ``protected`` globs plus ``nightlab.toml`` and ``program.md``)
-are hashed at session start and verified in every worktree before every run.
+Protected files (the spec's ``protected`` globs plus ``nightlab.toml`` and ``program.md``, the
+``[evaluate]``/``[holdout]`` ``files``, and every lab file their commands name, e.g. ``evaluate.py``
+in ``python evaluate.py``) are hashed at session start and verified in every worktree before every
+run and every evaluation.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 from nightlab.permissions import diff_violation, violation
-from nightlab.spec import PROGRAM_FILE, SPEC_FILE, Spec, matches
+from nightlab.spec import PROGRAM_FILE, SPEC_FILE, Spec, evaluator_files, matches
 from nightlab.workspace import Change, Workspace
 
 IMPLICITLY_PROTECTED = [SPEC_FILE, PROGRAM_FILE]
@@ -70,9 +72,10 @@ def path_problem(path: str) -> str | None:
 class Guard:
     def __init__(self, spec: Spec, workspace: Workspace) -> None:
         self.editable = list(spec.files.editable)
-        # evaluator and holdout files are protected too: nobody edits them, they are hash-checked
-        self.protected = list(dict.fromkeys([*spec.files.protected, *IMPLICITLY_PROTECTED,
-                                             *spec.evaluate.files, *spec.holdout.files]))
+        # evaluator and holdout files (listed, or named by their commands) are protected too:
+        # nobody edits them, they are hash-checked
+        self.auto_protected = [f for f, _ in evaluator_files(spec, workspace.lab_dir)]
+        self.protected = list(dict.fromkeys([*spec.files.protected, *IMPLICITLY_PROTECTED, *self.auto_protected]))
         self.permissions = spec.permissions
         self.ws = workspace
 

@@ -1,0 +1,207 @@
+"""The clean tree a protected evaluator (or the holdout command) runs in.
+
+Nothing a run wrote can be imported or executed by the evaluator, because the evaluator never sees
+the run's worktree. :func:`build` makes a fresh folder under ``.nightlab/eval/`` holding:
+
+- ``tree/`` (the evaluator's working directory): the lab's non-editable files as of the session's
+  trusted commit and the candidate's committed editable files — both read from git objects, never
+  from the worktree — plus the run's declared outputs (``[evaluate] outputs``), copied as regular
+  files. Files matched by ``exclude`` (holdout files for the evaluator, ``[sandbox] hide``) are
+  left out.
+- ``trusted/``: the non-editable files again; the evaluator's ``PYTHONPATH``
+  (``$NIGHTLAB_TRUSTED_DIR``). With ``PYTHONSAFEPATH=1`` the working directory is not on
+  ``sys.path``, so ``import x`` finds the lab's trusted helpers, then the standard library and
+  site-packages, never a committed editable module or an output. An evaluator that must import the
+  candidate's code (tinygpt's ``train.build_model``) appends the working directory to ``sys.path``
+  itself, after the standard library, so it cannot shadow ``json``.
+
+Outputs are rejected (:class:`OutputRejected`, recorded as a ``crash`` with the reason) when one is
+a symlink, a folder where a file is expected, a FIFO, socket or device, a hard link (it may share
+its inode with a protected or holdout file), would replace a committed file, or when together they
+exceed ``max_bytes``. Files are opened with ``O_NOFOLLOW | O_NONBLOCK`` and checked with ``fstat``,
+so a FIFO can never block the harness.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from nightlab import globs
+from nightlab.errors import GitError
+from nightlab.workspace import Workspace
+
+CHUNK = 1 << 20
+
+
+class OutputRejected(Exception):
+    """A declared output the evaluator may not see; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class CleanTree:
+    root: Path  # the temporary folder (remove with :func:`remove`)
+    lab: Path  # the working directory: trusted + committed editable files + outputs
+    trusted: Path  # PYTHONPATH: the non-editable files only
+    outputs: tuple[str, ...]  # the outputs copied (lab-relative)
+    output_bytes: int
+
+
+def _tree(ws: Workspace, commit: str) -> list[tuple[str, str, str]]:
+    """(mode, blob id, lab-relative path) of the regular files of ``commit`` in the lab folder."""
+    args = ["ls-tree", "-r", "-z", commit]
+    if ws.lab_rel:
+        args += ["--", ws.lab_rel]
+    out: list[tuple[str, str, str]] = []
+    for rec in ws.git(*args).split("\0"):
+        if not rec:
+            continue
+        meta, _, path = rec.partition("\t")
+        mode, kind, oid = meta.split()
+        lab_path = ws.lab_path(path)
+        if kind == "blob" and mode in ("100644", "100755") and lab_path is not None:
+            out.append((mode, oid, lab_path))
+    return out
+
+
+def _blobs(ws: Workspace, oids: list[str]) -> dict[str, bytes]:
+    """The raw content of ``oids`` (one ``git cat-file --batch``; no filters, no attributes)."""
+    if not oids:
+        return {}
+    uniq = list(dict.fromkeys(oids))
+    proc = subprocess.run(["git", "cat-file", "--batch"], cwd=ws.lab_dir, env=ws._env,
+                          input="".join(f"{o}\n" for o in uniq).encode(), capture_output=True)
+    if proc.returncode != 0:
+        raise GitError(f"git cat-file failed: {proc.stderr.decode(errors='replace')[:300]}")
+    data, pos, out = proc.stdout, 0, {}
+    for oid in uniq:
+        nl = data.index(b"\n", pos)
+        header = data[pos:nl].split()
+        if len(header) != 3 or header[1] != b"blob":
+            raise GitError(f"git cat-file: unexpected answer for {oid}: {data[pos:nl][:100]!r}")
+        size = int(header[2])
+        out[oid] = data[nl + 1:nl + 1 + size]
+        pos = nl + 1 + size + 1
+    return out
+
+
+def _write(dest: Path, rel: str, content: bytes) -> None:
+    f = dest / rel
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_bytes(content)
+
+
+def build(ws: Workspace, *, trusted_commit: str, commit: str, editable: list[str], protected: list[str],
+          exclude: Iterable[str], run_root: Path | None, outputs: Iterable[str], max_bytes: int,
+          parent: Path) -> CleanTree:
+    """A clean tree for ``commit`` (see the module docstring); raises :class:`OutputRejected`.
+
+    Files matching ``editable`` and not ``protected`` come from ``commit``; every other file from
+    ``trusted_commit``; files matching ``exclude`` from neither.
+    """
+    exclude = list(exclude)
+
+    def mutable(p: str) -> bool:
+        return globs.match(p, editable) and not globs.match(p, protected)
+
+    parent.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="eval-", dir=parent))
+    lab, trusted = root / "tree", root / "trusted"
+    lab.mkdir()
+    trusted.mkdir()
+    try:
+        base = [(m, o, p) for m, o, p in _tree(ws, trusted_commit)
+                if not mutable(p) and not globs.match(p, exclude)]
+        mine = [(m, o, p) for m, o, p in _tree(ws, commit) if mutable(p) and not globs.match(p, exclude)]
+        blobs = _blobs(ws, [o for _, o, _ in base + mine])
+        committed: set[str] = set()
+        for _, oid, path in base:
+            _write(lab, path, blobs[oid])
+            _write(trusted, path, blobs[oid])
+            committed.add(path)
+        for _, oid, path in mine:
+            _write(lab, path, blobs[oid])
+            committed.add(path)
+        copied, total = _copy_outputs(run_root, list(outputs), lab, committed, max_bytes)
+        return CleanTree(root, lab, trusted, tuple(copied), total)
+    except BaseException:
+        remove(root)
+        raise
+
+
+def _copy_outputs(run_root: Path | None, patterns: list[str], lab: Path, committed: set[str],
+                  max_bytes: int) -> tuple[list[str], int]:
+    if run_root is None or not patterns:
+        return [], 0
+    total = 0
+    copied: list[str] = []
+    for rel in globs.expand(run_root, patterns, dirs=True):
+        src = run_root / rel
+        st = os.lstat(src)
+        mode = st.st_mode
+        if stat.S_ISLNK(mode):
+            raise OutputRejected(f"{rel} is a symlink; outputs must be regular files")
+        if stat.S_ISDIR(mode):
+            raise OutputRejected(f"{rel} is a folder where [evaluate] outputs expects a file")
+        if not stat.S_ISREG(mode):
+            raise OutputRejected(f"{rel} is not a regular file ({_kind(mode)}); outputs must be regular files")
+        if st.st_nlink > 1:
+            raise OutputRejected(f"{rel} is a hard link ({st.st_nlink} names); outputs must be plain files")
+        if rel in committed or any(str(a) in committed for a in PurePosixPath(rel).parents):
+            raise OutputRejected(f"{rel} would replace a committed file of the lab")
+        total = _copy_one(src, lab / rel, st, total, max_bytes, rel)
+        copied.append(rel)
+    return copied, total
+
+
+def _copy_one(src: Path, dest: Path, st: os.stat_result, total: int, max_bytes: int, rel: str) -> int:
+    too_big = OutputRejected(f"the outputs exceed [evaluate] max_output_mb ({max_bytes / 2**20:g} MB) at {rel}")
+    if total + st.st_size > max_bytes:
+        raise too_big
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise OutputRejected(f"{rel} cannot be opened: {e.strerror or e}") from None
+    try:
+        fst = os.fstat(fd)
+        if not stat.S_ISREG(fst.st_mode) or (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+            raise OutputRejected(f"{rel} changed while it was being copied")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(dest, "xb") as out:
+            while True:
+                chunk = os.read(fd, CHUNK)
+                if not chunk:
+                    break
+                total += len(chunk)
+                if total > max_bytes:
+                    raise too_big
+                out.write(chunk)
+    except OSError as e:
+        raise OutputRejected(f"{rel} cannot be copied: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    os.chmod(dest, 0o444)
+    return total
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a special file"
+
+
+def remove(root: Path) -> None:
+    shutil.rmtree(root, ignore_errors=True)
+
+
+__all__ = ["CleanTree", "OutputRejected", "build", "remove"]
