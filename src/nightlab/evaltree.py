@@ -16,10 +16,10 @@ the run's worktree. :func:`build` makes a fresh folder under ``.nightlab/eval/``
   itself, after the standard library, so it cannot shadow ``json``.
 
 Outputs are rejected (:class:`OutputRejected`, recorded as a ``crash`` with the reason) when one is
-a symlink, a folder where a file is expected, a FIFO, socket or device, a hard link (it may share
-its inode with a protected or holdout file), would replace a committed file, or when together they
-exceed ``max_bytes``. Files are opened with ``O_NOFOLLOW | O_NONBLOCK`` and checked with ``fstat``,
-so a FIFO can never block the harness.
+a symlink (or lies under a symlinked folder), a folder where a file is expected, a FIFO, socket or
+device, a hard link (it may share its inode with a protected or holdout file), would replace a
+committed file, or when together they exceed ``max_bytes``. Files are opened with
+``O_NOFOLLOW | O_NONBLOCK`` and checked with ``fstat``, so a FIFO can never block the harness.
 """
 
 from __future__ import annotations
@@ -141,6 +141,9 @@ def _copy_outputs(run_root: Path | None, patterns: list[str], lab: Path, committ
         return [], 0
     total = 0
     copied: list[str] = []
+    for rel in globs.blocked(run_root, patterns):
+        kind = "a symlink" if (run_root / rel).is_symlink() else "not a folder"
+        raise OutputRejected(f"{rel} is {kind} where [evaluate] outputs expects a folder")
     for rel in globs.expand(run_root, patterns, dirs=True):
         src = run_root / rel
         st = os.lstat(src)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import re
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
 
@@ -155,6 +155,12 @@ _Regs = list[tuple[re.Pattern[str], re.Pattern[str]]]
 
 
 def _walk(root: Path, base: str, regs: _Regs, dirs: bool, found: set[str]) -> None:
+    for rel, st in _entries(root, base):
+        _consider(rel, st, regs, dirs, found)
+
+
+def _entries(root: Path, base: str) -> Iterator[tuple[str, os.stat_result]]:
+    """``base`` (when it is not "") and every entry below it, symlinks not followed."""
     if base and _skipped(base):
         return
     start = root / base if base else root
@@ -163,7 +169,7 @@ def _walk(root: Path, base: str, regs: _Regs, dirs: bool, found: set[str]) -> No
     except OSError:
         return
     if base:
-        _consider(base, st, regs, dirs, found)
+        yield base, st
     if not stat.S_ISDIR(st.st_mode):
         return
     stack = [(start, base)]
@@ -181,9 +187,47 @@ def _walk(root: Path, base: str, regs: _Regs, dirs: bool, found: set[str]) -> No
                 est = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
-            _consider(child, est, regs, dirs, found)
+            yield child, est
             if stat.S_ISDIR(est.st_mode):
                 stack.append((Path(entry.path), child))
+
+
+def _folder_regexes(pattern: str) -> list[re.Pattern[str]]:
+    """Regexes of the folders a match of ``pattern`` would lie in."""
+    segs = _segments(pattern)
+    out: list[re.Pattern[str]] = []
+    for d in range(1, len(segs)):
+        if segs[d - 1] == "**":
+            out.append(compile_glob("/".join(segs[:d - 1]) or "**"))  # anything at or under that folder
+            break
+        out.append(compile_glob("/".join(segs[:d]), cover=False))
+    return out
+
+
+def blocked(root: Path, patterns: Iterable[str]) -> list[str]:
+    """Symlinks under ``root`` where a pattern expects a folder on the way to its matches: ``out``
+    when ``out/*.json`` is wanted and ``out -> /etc`` (:func:`expand` never follows them)."""
+    pats = [p for p in dict.fromkeys(patterns) if problem(p) is None]
+    regs = [rx for p in pats for rx in _folder_regexes(p)]
+    if not regs:
+        return []
+    found: set[str] = set()
+    for p in pats:
+        parts = literal_base(p).split("/") if literal_base(p) else []
+        for k in range(1, len(parts) + 1):  # the literal folders first: their entries are not walked
+            rel = "/".join(parts[:k])
+            try:
+                st = os.lstat(root / rel)
+            except OSError:
+                break
+            if stat.S_ISLNK(st.st_mode):
+                found.add(rel)
+            if not stat.S_ISDIR(st.st_mode):
+                break
+        for rel, st in _entries(root, literal_base(p)):
+            if stat.S_ISLNK(st.st_mode) and any(rx.match(rel) for rx in regs):
+                found.add(rel)
+    return sorted(found)
 
 
 def _consider(rel: str, st: os.stat_result, regs: _Regs, dirs: bool, found: set[str]) -> None:
@@ -226,4 +270,4 @@ def files(root: Path, patterns: Iterable[str]) -> list[str]:
     return [p for p in expand(root, patterns) if (root / p).is_file() and not (root / p).is_symlink()]
 
 
-__all__ = ["compile_glob", "cover", "expand", "files", "literal_base", "match", "problem"]
+__all__ = ["blocked", "compile_glob", "cover", "expand", "files", "literal_base", "match", "problem"]
