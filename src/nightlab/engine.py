@@ -382,7 +382,8 @@ class Engine:
             kill_grace_s=self.spec.run.kill_grace_s,
             sandbox_mode=self.sandbox_mode, network=self.spec.sandbox.network, memory_mb=self.spec.run.memory_mb,
             metric=self.spec.metric.model_dump(mode="json"),
-            data_dir=str(self.data_dir) if self.data_dir.exists() else None, hide=tuple(self.spec.sandbox.hide),
+            data_dir=str(self.data_dir) if self.data_dir.exists() else None,
+            hide=(*self.spec.sandbox.hide, *self.spec.holdout.files),
         )
         self.events.emit("sandbox.start", experiment=idx, command=self.spec.run.command, executor="ray",
                          mode=self.sandbox_mode, network=self.spec.sandbox.network,
