@@ -363,3 +363,14 @@ def test_spec_mistakes_about_the_evaluator_name_key_and_fix(tmp_path, change, me
         load_spec(lab)
     assert message in e.value.message, e.value.message
     assert e.value.fix and "see the message above" not in e.value.fix
+
+
+def test_outputs_may_not_reach_holdout_files(tmp_path):
+    # the worktree holds the committed holdout files: an output pattern over them would copy them
+    # into the evaluator's tree
+    spec = SPEC.replace('metric = "holdout_score"', 'metric = "holdout_score"\nfiles = ["holdout/**"]').replace(
+        'outputs = ["params.json", "out/*.json"]', 'outputs = ["params.json", "**/*.csv"]')
+    lab = make(tmp_path, spec=spec, **{"holdout/labels.csv": "labels"})
+    with pytest.raises(SpecError) as e:
+        load_spec(lab)
+    assert "[evaluate] outputs matches 'holdout/labels.csv'" in e.value.message

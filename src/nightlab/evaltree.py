@@ -8,7 +8,7 @@ the run's worktree. :func:`build` makes a fresh folder under ``.nightlab/eval/``
   from the worktree — plus the run's declared outputs (``[evaluate] outputs``), copied as regular
   files. Files matched by ``exclude`` (holdout files for the evaluator, ``[sandbox] hide``) are
   left out.
-- ``trusted/``: the non-editable files again; the evaluator's ``PYTHONPATH``
+- ``trusted/``: the non-editable files again (hard links to the same bytes); the evaluator's ``PYTHONPATH``
   (``$NIGHTLAB_TRUSTED_DIR``). With ``PYTHONSAFEPATH=1`` the working directory is not on
   ``sys.path``, so ``import x`` finds the lab's trusted helpers, then the standard library and
   site-packages, never a committed editable module or an output. An evaluator that must import the
@@ -123,12 +123,14 @@ def build(ws: Workspace, *, trusted_commit: str, commit: str, editable: list[str
         committed: set[str] = set()
         for _, oid, path in base:
             _write(lab, path, blobs[oid])
-            _write(trusted, path, blobs[oid])
+            (trusted / path).parent.mkdir(parents=True, exist_ok=True)
+            os.link(lab / path, trusted / path)  # the same trusted bytes, stored once
             committed.add(path)
         for _, oid, path in mine:
             _write(lab, path, blobs[oid])
             committed.add(path)
-        copied, total = _copy_outputs(run_root, list(outputs), lab, committed, max_bytes)
+        forbidden = [*protected, *exclude]
+        copied, total = _copy_outputs(run_root, list(outputs), lab, committed, forbidden, max_bytes)
         return CleanTree(root, lab, trusted, tuple(copied), total)
     except BaseException:
         remove(root)
@@ -136,7 +138,7 @@ def build(ws: Workspace, *, trusted_commit: str, commit: str, editable: list[str
 
 
 def _copy_outputs(run_root: Path | None, patterns: list[str], lab: Path, committed: set[str],
-                  max_bytes: int) -> tuple[list[str], int]:
+                  forbidden: list[str], max_bytes: int) -> tuple[list[str], int]:
     if run_root is None or not patterns:
         return [], 0
     total = 0
@@ -158,6 +160,8 @@ def _copy_outputs(run_root: Path | None, patterns: list[str], lab: Path, committ
             raise OutputRejected(f"{rel} is a hard link ({st.st_nlink} names); outputs must be plain files")
         if rel in committed or any(str(a) in committed for a in PurePosixPath(rel).parents):
             raise OutputRejected(f"{rel} would replace a committed file of the lab")
+        if globs.match(rel, forbidden):
+            raise OutputRejected(f"{rel} is a protected, holdout or hidden path, not an output")
         total = _copy_one(src, lab / rel, st, total, max_bytes, rel)
         copied.append(rel)
     return copied, total

@@ -448,13 +448,13 @@ def check_files(path: Path, spec: Spec) -> None:
             "reads (globs; [] when it reads none)",
         )
     outputs = spec.evaluate.outputs or []
-    fixed = sorted(protected | {SPEC_FILE, PROGRAM_FILE} | {f for f, _ in evaluator_files(spec, root)
-                                                              if (root / f).is_file()})
+    fixed = sorted(protected | {SPEC_FILE, PROGRAM_FILE}
+                   | set(match_files(root, [p for p, _ in evaluator_files(spec, root)])))
     for f in fixed:
         if matches(f, outputs):
             raise SpecError(
-                f"{path}: [evaluate] outputs matches {f!r}, a protected file: a run could replace it "
-                "in the evaluator's tree",
+                f"{path}: [evaluate] outputs matches {f!r}, a protected, evaluator or holdout file: a run "
+                "could replace it in the evaluator's tree",
                 "narrow the pattern to the files the run writes (e.g. \"out/*.json\")",
             )
 
