@@ -22,7 +22,7 @@ from nightlab.engine import Engine
 from nightlab.errors import SpecError
 from nightlab.researchers.scripted import ScriptedResearcher
 from nightlab.spec import load_spec
-from nightlab.types import Status
+from nightlab.types import Candidate, Status
 
 HAVE_BWRAP = shutil.which("bwrap") is not None
 needs_bwrap = pytest.mark.skipif(not HAVE_BWRAP, reason="bwrap not installed")
@@ -374,3 +374,31 @@ def test_outputs_may_not_reach_holdout_files(tmp_path):
     with pytest.raises(SpecError) as e:
         load_spec(lab)
     assert "[evaluate] outputs matches 'holdout/labels.csv'" in e.value.message
+
+
+def test_hidden_files_stay_out_of_the_researchers_sight(tmp_path):
+    spec = SPEC.replace('editable = ["target.py"]', 'editable = ["target.py", "notes/*.txt"]').replace(
+        'metric = "holdout_score"', 'metric = "holdout_score"\nfiles = ["holdout/**"]').replace(
+        "[metric]", '[sandbox]\nhide = ["notes/private.txt"]\n\n[metric]')
+    lab = make(tmp_path, spec=spec, **{"notes/a.txt": "ideas", "notes/private.txt": "do not show",
+                                       "holdout/labels.csv": "labels"})
+    seen: list[dict[str, str]] = []
+
+    def look(ctx):
+        seen.append(dict(ctx.files))
+        return Candidate(parent=ctx.parent, rationale="noop", files={"target.py": target(2.0, 0.0)})
+
+    eng = Engine(lab, tag="t", sandbox_mode="none", max_experiments=1, researcher=ScriptedResearcher([look]))
+    eng.run()
+    eng.close()
+    assert seen and "notes/a.txt" in seen[0] and "notes/private.txt" not in seen[0]
+    # an agent researcher works in a worktree of its own: both copies of hidden paths are covered there
+    from nightlab.researchers import create
+
+    agent = create(load_spec(lab).model_copy(update={"researcher": load_spec(lab).researcher.model_validate(
+        {"kind": "agent", "command": "true", "sandbox": "none"})}), lab)
+    wt = tmp_path / "agent-wt"
+    shutil.copytree(lab, wt, ignore=shutil.ignore_patterns(".git", ".nightlab"))
+    hidden = set(agent.policy(wt, tmp_path / "prompt.md").hidden)  # type: ignore[attr-defined]
+    for root in (lab.resolve(), wt):
+        assert {root / "holdout", root / "notes" / "private.txt"} <= hidden, hidden
