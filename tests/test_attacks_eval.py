@@ -276,6 +276,8 @@ def test_command_files_are_found_by_shlex():
     assert command_files("OMP_NUM_THREADS=1 python ./holdout.py --data=prepare.py", root) == \
         ["holdout.py", "prepare.py"]
     assert command_files("python -m evaluate", root) == ["evaluate.py"]
+    assert command_files("sh -c 'cd . && python evaluate.py; python holdout.py'", root) == \
+        ["evaluate.py", "holdout.py"]
     assert command_files("python 'unclosed", root) == []
 
 

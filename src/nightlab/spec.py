@@ -349,15 +349,21 @@ def matches(path: str, patterns: list[str]) -> bool:
     return globs.match(path, patterns)
 
 
-def command_files(command: str, root: Path) -> list[str]:
+def command_files(command: str, root: Path, _depth: int = 0) -> list[str]:
     """Lab files a shell command names: every token (or ``--opt=value`` value) that is a file
-    under ``root``, and ``python -m mod``'s module file. Unparsable commands name nothing."""
+    under ``root``, ``python -m mod``'s module file, and the same inside a quoted token with spaces
+    (``sh -c "python evaluate.py"``). Unparsable commands name nothing."""
     try:
-        tokens = shlex.split(command)
+        lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        tokens = list(lexer)  # ; && | ( ) are tokens of their own
     except ValueError:
         return []
     out: list[str] = []
     for k, tok in enumerate(tokens):
+        if _depth < 2 and any(c.isspace() for c in tok):
+            out += command_files(tok, root, _depth + 1)
+            continue
         cands = [tok, tok.split("=", 1)[1]] if "=" in tok else [tok]
         if k > 0 and tokens[k - 1] == "-m":
             mod = tok.replace(".", "/")
