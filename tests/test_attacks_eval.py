@@ -190,6 +190,10 @@ OUTPUT_ATTACKS = {
     "just-over-the-cap": ("open('params.json', 'a').write(' ' * (2**20 + 1))", "max_output_mb"),
     "symlinked-output-folder": ("os.symlink('/etc', 'out')", "out is a symlink"),
     "symlinked-subfolder-file": ("os.makedirs('out'); os.symlink('../helper.py', 'out/a.json')", "is a symlink"),
+    "too-many-files": ("os.makedirs('out')\nfor i in range(10001):\n    open(f'out/{i}.json', 'w').close()",
+                       "more than 10000"),
+    "non-utf8-name": ("os.makedirs('out'); os.symlink('/etc/passwd', b'out/\\xff.json')",
+                      "out/\\xff.json is a symlink"),
 }
 
 

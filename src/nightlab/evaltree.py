@@ -38,6 +38,12 @@ from nightlab.errors import GitError
 from nightlab.workspace import Workspace
 
 CHUNK = 1 << 20
+MAX_OUTPUT_FILES = 10_000  # a run that leaves more output files than this is not evaluated
+
+
+def shown(rel: str) -> str:
+    """A run-chosen path as printable, storable text (bytes that are not UTF-8 become escapes)."""
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 class OutputRejected(Exception):
@@ -144,27 +150,38 @@ def _copy_outputs(run_root: Path | None, patterns: list[str], lab: Path, committ
     total = 0
     copied: list[str] = []
     for rel in globs.blocked(run_root, patterns):
-        kind = "a symlink" if (run_root / rel).is_symlink() else "not a folder"
-        raise OutputRejected(f"{rel} is {kind} where [evaluate] outputs expects a folder")
-    for rel in globs.expand(run_root, patterns, dirs=True):
-        src = run_root / rel
-        st = os.lstat(src)
-        mode = st.st_mode
-        if stat.S_ISLNK(mode):
-            raise OutputRejected(f"{rel} is a symlink; outputs must be regular files")
-        if stat.S_ISDIR(mode):
-            raise OutputRejected(f"{rel} is a folder where [evaluate] outputs expects a file")
-        if not stat.S_ISREG(mode):
-            raise OutputRejected(f"{rel} is not a regular file ({_kind(mode)}); outputs must be regular files")
-        if st.st_nlink > 1:
-            raise OutputRejected(f"{rel} is a hard link ({st.st_nlink} names); outputs must be plain files")
-        if rel in committed or any(str(a) in committed for a in PurePosixPath(rel).parents):
-            raise OutputRejected(f"{rel} would replace a committed file of the lab")
-        if globs.match(rel, forbidden):
-            raise OutputRejected(f"{rel} is a protected, holdout or hidden path, not an output")
-        total = _copy_one(src, lab / rel, st, total, max_bytes, rel)
+        raise OutputRejected(f"{shown(rel)} is a symlink where [evaluate] outputs expects a folder")
+    found = globs.expand(run_root, patterns, dirs=True)
+    if len(found) > MAX_OUTPUT_FILES:
+        raise OutputRejected(f"the run left {len(found)} outputs (more than {MAX_OUTPUT_FILES})")
+    for rel in found:
+        try:
+            total = _check_and_copy(run_root, rel, lab, committed, forbidden, total, max_bytes)
+        except OSError as e:  # vanished, name too long, disk full: the outputs cannot be evaluated
+            raise OutputRejected(f"{shown(rel)} cannot be copied: {e.strerror or e}") from None
         copied.append(rel)
     return copied, total
+
+
+def _check_and_copy(run_root: Path, rel: str, lab: Path, committed: set[str], forbidden: list[str],
+                    total: int, max_bytes: int) -> int:
+    src = run_root / rel
+    st = os.lstat(src)
+    mode = st.st_mode
+    name = shown(rel)
+    if stat.S_ISLNK(mode):
+        raise OutputRejected(f"{name} is a symlink; outputs must be regular files")
+    if stat.S_ISDIR(mode):
+        raise OutputRejected(f"{name} is a folder where [evaluate] outputs expects a file")
+    if not stat.S_ISREG(mode):
+        raise OutputRejected(f"{name} is not a regular file ({_kind(mode)}); outputs must be regular files")
+    if st.st_nlink > 1:
+        raise OutputRejected(f"{name} is a hard link ({st.st_nlink} names); outputs must be plain files")
+    if rel in committed or any(str(a) in committed for a in PurePosixPath(rel).parents):
+        raise OutputRejected(f"{name} would replace a committed file of the lab")
+    if globs.match(rel, forbidden):
+        raise OutputRejected(f"{name} is a protected, holdout or hidden path, not an output")
+    return _copy_one(src, lab / rel, st, total, max_bytes, name)
 
 
 def _copy_one(src: Path, dest: Path, st: os.stat_result, total: int, max_bytes: int, rel: str) -> int:

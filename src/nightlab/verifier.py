@@ -250,7 +250,8 @@ class Verifier:
             self.e.events.emit("evaluate.outputs", experiment=idx, ok=False, reason=str(rejected))
             return Measurement(None, trust="evaluator", error=f"output rejected: {rejected}"), ""
         try:
-            self.e.events.emit("evaluate.outputs", experiment=idx, ok=True, outputs=list(tree.outputs),
+            self.e.events.emit("evaluate.outputs", experiment=idx, ok=True,
+                               outputs=[evaltree.shown(o) for o in tree.outputs[:100]], files=len(tree.outputs),
                                bytes=tree.output_bytes)
             pol = self._eval_policy(wt, tree)
             self.e.events.emit("sandbox.start", experiment=idx, command=spec.command, cwd=str(tree.lab),
