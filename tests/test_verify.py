@@ -177,7 +177,7 @@ def test_holdout_files_are_invisible_to_runs_and_the_researcher(make_lab):
     session = eng.run()
     exps = eng.ledger.experiments(session.id)
     assert hold.read_text() == "8.5"  # setup wrote it outside the runs' sight
-    # the read of the holdout data fails inside the sandbox; the hidden lab file reads empty
+    # the read of the holdout data fails inside the sandbox; the hidden lab file cannot be opened (EACCES)
     assert exps[1].status is Status.CRASH and exps[1].exit_code == 1
     tail = exps[1].log_tail
     assert f"cannot read {hold}: FileNotFoundError" in tail and tail.rstrip().endswith(f"{str(hold)!r}")
