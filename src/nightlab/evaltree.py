@@ -76,31 +76,36 @@ def _tree(ws: Workspace, commit: str) -> list[tuple[str, str, str]]:
     return out
 
 
-def _blobs(ws: Workspace, oids: list[str]) -> dict[str, bytes]:
-    """The raw content of ``oids`` (one ``git cat-file --batch``; no filters, no attributes)."""
-    if not oids:
-        return {}
-    uniq = list(dict.fromkeys(oids))
-    proc = subprocess.run(["git", "cat-file", "--batch"], cwd=ws.lab_dir, env=ws._env,
-                          input="".join(f"{o}\n" for o in uniq).encode(), capture_output=True)
-    if proc.returncode != 0:
-        raise GitError(f"git cat-file failed: {proc.stderr.decode(errors='replace')[:300]}")
-    data, pos, out = proc.stdout, 0, {}
-    for oid in uniq:
-        nl = data.index(b"\n", pos)
-        header = data[pos:nl].split()
-        if len(header) != 3 or header[1] != b"blob":
-            raise GitError(f"git cat-file: unexpected answer for {oid}: {data[pos:nl][:100]!r}")
-        size = int(header[2])
-        out[oid] = data[nl + 1:nl + 1 + size]
-        pos = nl + 1 + size + 1
-    return out
-
-
-def _write(dest: Path, rel: str, content: bytes) -> None:
-    f = dest / rel
-    f.parent.mkdir(parents=True, exist_ok=True)
-    f.write_bytes(content)
+def _write_blobs(ws: Workspace, files: list[tuple[str, Path]]) -> None:
+    """Write blob ``oid`` to ``path`` for each pair, streamed from one ``git cat-file --batch`` (raw
+    content: no filters, no attributes; nothing held in memory but one chunk)."""
+    if not files:
+        return
+    with tempfile.TemporaryFile() as ids:
+        ids.write("".join(f"{oid}\n" for oid, _ in files).encode())
+        ids.seek(0)
+        proc = subprocess.Popen(["git", "cat-file", "--batch"], cwd=ws.lab_dir, env=ws._env, stdin=ids,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert proc.stdout is not None
+        try:
+            for oid, path in files:
+                header = proc.stdout.readline().split()
+                if len(header) != 3 or header[1] != b"blob":
+                    raise GitError(f"git cat-file: unexpected answer for {oid}: {b' '.join(header)[:100]!r}")
+                left = int(header[2])
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "wb") as out:
+                    while left:
+                        chunk = proc.stdout.read(min(CHUNK, left))
+                        if not chunk:
+                            raise GitError(f"git cat-file: {oid} cut short")
+                        out.write(chunk)
+                        left -= len(chunk)
+                proc.stdout.read(1)  # the newline after each object
+        finally:
+            proc.stdout.close()
+            proc.kill()
+            proc.wait()
 
 
 def build(ws: Workspace, *, trusted_commit: str, commit: str, editable: list[str], protected: list[str],
@@ -125,16 +130,11 @@ def build(ws: Workspace, *, trusted_commit: str, commit: str, editable: list[str
         base = [(m, o, p) for m, o, p in _tree(ws, trusted_commit)
                 if not mutable(p) and not globs.match(p, exclude)]
         mine = [(m, o, p) for m, o, p in _tree(ws, commit) if mutable(p) and not globs.match(p, exclude)]
-        blobs = _blobs(ws, [o for _, o, _ in base + mine])
-        committed: set[str] = set()
-        for _, oid, path in base:
-            _write(lab, path, blobs[oid])
+        _write_blobs(ws, [(oid, lab / path) for _, oid, path in base + mine])
+        for _, _, path in base:
             (trusted / path).parent.mkdir(parents=True, exist_ok=True)
             os.link(lab / path, trusted / path)  # the same trusted bytes, stored once
-            committed.add(path)
-        for _, oid, path in mine:
-            _write(lab, path, blobs[oid])
-            committed.add(path)
+        committed = {path for _, _, path in base + mine}
         forbidden = [*protected, *exclude]
         copied, total = _copy_outputs(run_root, list(outputs), lab, committed, forbidden, max_bytes)
         return CleanTree(root, lab, trusted, tuple(copied), total)
