@@ -234,6 +234,18 @@ def test_the_run_cannot_rewrite_an_unlisted_evaluator(tmp_path):
     assert "protected automatically (named by [evaluate]/[holdout]): evaluate.py, holdout.py" in out.getvalue()
 
 
+@pytest.mark.parametrize(("attack", "why"), [
+    ("open('evaluate.py', 'a').truncate(2**40)", "evaluate.py: protected file changed"),  # 1 TB, sparse
+    ("os.remove('helper.py'); os.mkfifo('helper.py')", "helper.py: protected file missing or replaced"),
+    ("os.remove('helper.py'); os.symlink('/dev/zero', 'helper.py')", "helper.py: protected file missing or replaced"),
+])
+def test_replaced_protected_files_are_caught_without_reading_them(tmp_path, attack, why):
+    lab = make(tmp_path)
+    s, (_base, bad) = session(lab, attack + "\n")
+    assert bad.status is Status.REJECTED and why in bad.reason, bad.reason
+    assert s.incumbent_metric == pytest.approx(8.5)
+
+
 def test_the_run_cannot_rewrite_an_unlisted_holdout_script(tmp_path):
     lab = make(tmp_path)
     forged = "plant('holdout.py', 'print(\"---\"); print(\"holdout_score: 10.0\")')\n"
