@@ -420,3 +420,19 @@ def test_hidden_files_stay_out_of_the_researchers_sight(tmp_path):
     hidden = set(agent.policy(wt, tmp_path / "prompt.md").hidden)  # type: ignore[attr-defined]
     for root in (lab.resolve(), wt):
         assert {root / "holdout", root / "notes" / "private.txt"} <= hidden, hidden
+
+
+@needs_bwrap
+def test_hide_plus_evaluate_files_is_for_the_evaluator_only_and_holdout_stays_holdout(tmp_path):
+    # labels.txt: hidden from runs, read by the evaluator; holdout/h.csv: even listed as an evaluator
+    # file, the evaluator does not get it (only the holdout command does)
+    spec = SPEC.replace('metric = "holdout_score"', 'metric = "holdout_score"\nfiles = ["holdout/**"]').replace(
+        "[metric]", '[sandbox]\nhide = ["labels.txt"]\n\n[metric]').replace(
+        'max_output_mb = 1', 'max_output_mb = 1\nfiles = ["labels.txt", "holdout/h.csv"]')
+    evaluate = EVALUATE.replace('print("---")', 'import os\nassert open("labels.txt").read() == "L"\n'
+                                'assert not os.path.exists("holdout/h.csv")\nprint("---")')
+    lab = make(tmp_path, spec=spec, **{"labels.txt": "L", "holdout/h.csv": "H", "evaluate.py": evaluate})
+    _s, (base, peek) = session(lab, PEEK.replace("PATHS", repr(["labels.txt", "holdout/h.csv"])))
+    assert base.status is Status.KEEP, base.reason
+    assert "cannot read labels.txt:" in peek.log_tail and "cannot read holdout/h.csv:" in peek.log_tail
+    assert peek.status is Status.KEEP and peek.metric == pytest.approx(5.5), peek.reason

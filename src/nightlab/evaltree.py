@@ -6,8 +6,8 @@ the run's worktree. :func:`build` makes a fresh folder under ``.nightlab/eval/``
 - ``tree/`` (the evaluator's working directory): the lab's non-editable files as of the session's
   trusted commit and the candidate's committed editable files — both read from git objects, never
   from the worktree — plus the run's declared outputs (``[evaluate] outputs``), copied as regular
-  files. Files matched by ``exclude`` (holdout files for the evaluator, ``[sandbox] hide``) are
-  left out.
+  files. Holdout files are left out of the evaluator's tree; ``[sandbox] hide`` files out of both,
+  unless they are also ``[evaluate] files`` (hidden from runs, read by the evaluator).
 - ``trusted/``: the non-editable files again (hard links to the same bytes); the evaluator's ``PYTHONPATH``
   (``$NIGHTLAB_TRUSTED_DIR``). With ``PYTHONSAFEPATH=1`` the working directory is not on
   ``sys.path``, so ``import x`` finds the lab's trusted helpers, then the standard library and
@@ -110,13 +110,16 @@ def _write_blobs(ws: Workspace, files: list[tuple[str, Path]]) -> None:
 
 def build(ws: Workspace, *, trusted_commit: str, commit: str, editable: list[str], protected: list[str],
           exclude: Iterable[str], run_root: Path | None, outputs: Iterable[str], max_bytes: int,
-          parent: Path) -> CleanTree:
+          parent: Path, hide: Iterable[str] = (), keep: Iterable[str] = ()) -> CleanTree:
     """A clean tree for ``commit`` (see the module docstring); raises :class:`OutputRejected`.
 
     Files matching ``editable`` and not ``protected`` come from ``commit``; every other file from
-    ``trusted_commit``; files matching ``exclude`` from neither.
+    ``trusted_commit``. Files matching ``exclude``, or ``hide`` but not ``keep``, from neither.
     """
-    exclude = list(exclude)
+    drop, hidden, keep = list(exclude), list(hide), list(keep)
+
+    def excluded(p: str) -> bool:
+        return globs.match(p, drop) or (globs.match(p, hidden) and not globs.match(p, keep))
 
     def mutable(p: str) -> bool:
         return globs.match(p, editable) and not globs.match(p, protected)
@@ -128,14 +131,14 @@ def build(ws: Workspace, *, trusted_commit: str, commit: str, editable: list[str
     trusted.mkdir()
     try:
         base = [(m, o, p) for m, o, p in _tree(ws, trusted_commit)
-                if not mutable(p) and not globs.match(p, exclude)]
-        mine = [(m, o, p) for m, o, p in _tree(ws, commit) if mutable(p) and not globs.match(p, exclude)]
+                if not mutable(p) and not excluded(p)]
+        mine = [(m, o, p) for m, o, p in _tree(ws, commit) if mutable(p) and not excluded(p)]
         _write_blobs(ws, [(oid, lab / path) for _, oid, path in base + mine])
         for _, _, path in base:
             (trusted / path).parent.mkdir(parents=True, exist_ok=True)
             os.link(lab / path, trusted / path)  # the same trusted bytes, stored once
         committed = {path for _, _, path in base + mine}
-        forbidden = [*protected, *exclude]
+        forbidden = [*protected, *drop, *hidden]
         copied, total = _copy_outputs(run_root, list(outputs), lab, committed, forbidden, max_bytes)
         return CleanTree(root, lab, trusted, tuple(copied), total)
     except BaseException:

@@ -207,12 +207,16 @@ class Verifier:
     def clean_tree(self, commit: str, wt: Path | None, *, holdout: bool = False) -> evaltree.CleanTree:
         """The clean tree for ``commit`` with the outputs of the run in ``wt``; raises OutputRejected."""
         e = self.e
-        exclude = list(e.spec.sandbox.hide) if holdout else [*e.spec.holdout.files, *e.spec.sandbox.hide]
+        # holdout files only in the holdout command's tree; [sandbox] hide files in neither, unless they
+        # are also [evaluate] files (hidden from runs, read by the evaluator)
+        exclude = [] if holdout else list(e.spec.holdout.files)
+        keep = [*e.spec.evaluate.files, *e.spec.holdout.files] if holdout else list(e.spec.evaluate.files)
         return evaltree.build(
             e.ws, trusted_commit=e.session.base_commit, commit=commit,
             editable=list(e.spec.files.editable), protected=e.guard.protected, exclude=exclude,
+            hide=e.spec.sandbox.hide,
             run_root=e.ws.lab_in(wt) if wt is not None else None, outputs=e.spec.evaluate.outputs or [],
-            max_bytes=int(e.spec.evaluate.max_output_mb * 2**20), parent=e.ws.state_dir / "eval")
+            max_bytes=int(e.spec.evaluate.max_output_mb * 2**20), parent=e.ws.state_dir / "eval", keep=keep)
 
     # ------------------------------------------------------------------ tamper checks
 
