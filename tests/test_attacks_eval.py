@@ -436,3 +436,13 @@ def test_hide_plus_evaluate_files_is_for_the_evaluator_only_and_holdout_stays_ho
     assert base.status is Status.KEEP, base.reason
     assert "cannot read labels.txt:" in peek.log_tail and "cannot read holdout/h.csv:" in peek.log_tail
     assert peek.status is Status.KEEP and peek.metric == pytest.approx(5.5), peek.reason
+
+
+def test_outputs_are_data_not_modules(tmp_path):
+    # an output pattern that matches no protected file but lets the run leave a top-level json.py
+    spec = SPEC.replace('outputs = ["params.json", "out/*.json"]', 'outputs = ["params.json", "j*"]')
+    lab = make(tmp_path, spec=spec)
+    s, (base, bad) = session(lab, f"plant('json.py', {FORGED_JSON!r})\n")
+    assert base.status is Status.KEEP
+    assert bad.status is Status.CRASH and "json.py is a Python module" in bad.reason, bad.reason
+    assert s.incumbent_metric == pytest.approx(8.5)

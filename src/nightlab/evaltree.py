@@ -39,6 +39,9 @@ from nightlab.workspace import Workspace
 
 CHUNK = 1 << 20
 MAX_OUTPUT_FILES = 10_000  # a run that leaves more output files than this is not evaluated
+# outputs are data, never code an interpreter could pick up (a Python without PYTHONSAFEPATH
+# puts the working directory first on sys.path)
+IMPORTABLE = (".py", ".pyc", ".pyo", ".pyw", ".pth", ".so", ".pyd")
 
 
 def shown(rel: str) -> str:
@@ -178,6 +181,9 @@ def _check_and_copy(run_root: Path, rel: str, lab: Path, committed: set[str], fo
         raise OutputRejected(f"{name} is a folder where [evaluate] outputs expects a file")
     if not stat.S_ISREG(mode):
         raise OutputRejected(f"{name} is not a regular file ({_kind(mode)}); outputs must be regular files")
+    if rel.lower().endswith(IMPORTABLE):
+        raise OutputRejected(f"{name} is a Python module or extension; outputs are data (commit code as "
+                             "editable files)")
     if st.st_nlink > 1:
         raise OutputRejected(f"{name} is a hard link ({st.st_nlink} names); outputs must be plain files")
     if rel in committed or any(str(a) in committed for a in PurePosixPath(rel).parents):
