@@ -265,9 +265,4 @@ def cover(root: Path, patterns: Iterable[str]) -> list[str]:
     return sorted(out)
 
 
-def files(root: Path, patterns: Iterable[str]) -> list[str]:
-    """Like :func:`expand`, but only entries that are regular files (symlinks not followed)."""
-    return [p for p in expand(root, patterns) if (root / p).is_file() and not (root / p).is_symlink()]
-
-
-__all__ = ["blocked", "compile_glob", "cover", "expand", "files", "literal_base", "match", "problem"]
+__all__ = ["blocked", "compile_glob", "cover", "expand", "literal_base", "match", "problem"]
