@@ -317,8 +317,7 @@ class Engine:
 
     def sandbox_policy(self, worktree: Path) -> sandbox.SandboxPolicy:
         hidden = [self.ws.state_dir, self.ws.repo_root / ".git", self.ws.git_dir]
-        hidden += [self.lab_dir / h for h in self.spec.sandbox.hide]
-        hidden += self.verifier.hidden_paths(self.ws.lab_in(worktree))
+        hidden += self.verifier.hidden_paths(self.ws.lab_in(worktree))  # holdout files and [sandbox] hide
         readonly = [worktree / ".git"]
         if self.data_dir.exists():
             readonly.append(self.data_dir)
@@ -353,7 +352,8 @@ class Engine:
         files: dict[str, str] = {}
         all_files = self.ws.ls_files(parent)
         for p in all_files:
-            if matches(p, self.spec.files.editable) and not matches(p, self.guard.protected):
+            if (matches(p, self.spec.files.editable) and not matches(p, self.guard.protected)
+                    and not matches(p, self.spec.sandbox.hide)):
                 try:
                     files[p] = self.ws.read_file(parent, p).decode("utf-8")
                 except UnicodeDecodeError:
@@ -414,7 +414,8 @@ class Engine:
             kill_grace_s=self.spec.run.kill_grace_s,
             sandbox_mode=self.sandbox_mode, network=self.spec.sandbox.network, memory_mb=self.spec.run.memory_mb,
             metric=self.spec.metric.model_dump(mode="json"),
-            data_dir=str(self.data_dir) if self.data_dir.exists() else None, hide=tuple(self.spec.sandbox.hide),
+            data_dir=str(self.data_dir) if self.data_dir.exists() else None,
+            hide=(*self.spec.sandbox.hide, *self.spec.holdout.files),
             max_log_bytes=self.spec.run.max_log_bytes,
         )
         self.events.emit("sandbox.start", experiment=idx, command=self.spec.run.command, executor="ray",
@@ -854,6 +855,8 @@ class Engine:
             if self.resumed:
                 self.recover()
             self.reporter.session_started(self.session, self.spec, self.resumed)
+            if msg := self.verifier.start_message():
+                self.reporter.message(msg)
             self.events.emit("session.resume" if self.resumed else "session.start", tag=self.session.tag,
                              branch=self.session.branch, base_commit=self.session.base_commit,
                              spec_sha256=self.session.spec_hash, sandbox=self.sandbox_mode,

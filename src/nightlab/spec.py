@@ -7,15 +7,16 @@ and the fix. Nothing here touches git or runs anything.
 from __future__ import annotations
 
 import difflib
-import fnmatch
 import hashlib
 import json
+import shlex
 import tomllib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from nightlab import globs
 from nightlab.errors import SpecError
 from nightlab.types import Direction
 
@@ -47,7 +48,8 @@ class RunSpec(_Section):
     @classmethod
     def _command_not_empty(cls, v: str) -> str:
         if not v.strip():
-            raise ValueError("the run command is empty")
+            raise ValueError('the run command is empty; fix: write the command that runs one experiment, '
+                             'e.g. command = "python train.py"')
         return v
 
     @property
@@ -75,7 +77,8 @@ class MetricSpec(_Section):
     @model_validator(mode="after")
     def _json_needs_file(self) -> MetricSpec:
         if self.source == "json" and not self.file:
-            raise ValueError("source = 'json' needs file = '<path the run writes>'")
+            raise ValueError("source = 'json' needs a file; fix: add file = \"<path the run writes>\", "
+                             "e.g. file = \"metrics.json\"")
         return self
 
     @field_validator("constraints")
@@ -183,8 +186,12 @@ class EvaluateSpec(_Section):
     """``[evaluate]``: a protected evaluator run after the run step, in its own read-only sandbox."""
 
     command: str = Field("", description="e.g. 'python evaluate.py'; its summary block gives the metric")
-    files: list[str] = Field(default_factory=list, description="evaluator files (default: the protected "
-                             "files); protected and hash-checked before every evaluation")
+    files: list[str] = Field(default_factory=list, description="evaluator files; protected and hash-checked "
+                             "(files named in the command are protected automatically)")
+    outputs: list[str] | None = Field(None, description="globs of the files the run writes that the evaluator "
+                                      "(and the holdout command) read, e.g. [\"ckpt.pt\", \"out/*.json\"]; "
+                                      "copied as regular files into the clean tree they run in")
+    max_output_mb: float = Field(1024.0, gt=0, description="size cap on the declared outputs, all together")
     timeout_s: float = Field(600.0, gt=0, description="hard kill for one evaluation")
 
 
@@ -193,8 +200,8 @@ class HoldoutSpec(_Section):
 
     command: str = Field("", description="e.g. 'python holdout.py'; run after keeps, in the kept worktree")
     metric: str = Field("", description="the key it prints (default: [metric] name)")
-    files: list[str] = Field(default_factory=list, description="lab files hidden from runs, evaluator "
-                             "and researcher")
+    files: list[str] = Field(default_factory=list, description="lab files (globs) hidden from runs, "
+                             "evaluator and researcher; each pattern must match a file")
     every: int = Field(1, ge=1, description="evaluate every n-th keep (the baseline always)")
     max_divergence: float = Field(0.05, ge=0, description="allowed gap: relative search gain minus "
                                   "relative holdout gain")
@@ -205,7 +212,8 @@ class HoldoutSpec(_Section):
 class SandboxSpec(_Section):
     mode: Literal["auto", "required", "none"] = "auto"
     network: bool = False
-    hide: list[str] = Field(default_factory=list, description="extra lab paths hidden from runs")
+    hide: list[str] = Field(default_factory=list, description="extra lab paths (globs, or folders) hidden "
+                            "from runs and researchers, in the lab folder and in every worktree")
 
 
 class ExecutorSpec(_Section):
@@ -390,7 +398,7 @@ class Spec(_Section):
             return data
         if "network" in sb and "run_network" in perms and sb["network"] != perms["run_network"]:
             raise ValueError("[sandbox] network and [permissions] run_network disagree; "
-                             "keep only [permissions] run_network")
+                             "fix: keep only [permissions] run_network")
         value = perms.get("run_network", sb.get("network"))
         if value is None:
             return data
@@ -463,7 +471,8 @@ def _validation_to_spec_error(path: Path, err: ValidationError, model: type[Base
     elif kind == "missing":
         msg = "required key is missing"
     elif kind == "value_error":
-        fix = "see the message above"
+        msg, sep, given = msg.partition("; fix: ")
+        fix = given if sep else "correct the value as the message says"
     extra = f" ({len(err.errors()) - 1} more problem(s) after this one)" if len(err.errors()) > 1 else ""
     return SpecError(f"{path}: {where}: {msg}{extra}", fix)
 
@@ -472,25 +481,51 @@ def _validation_to_spec_error(path: Path, err: ValidationError, model: type[Base
 
 
 def match_files(root: Path, patterns: list[str]) -> list[str]:
-    """Files under ``root`` (relative, posix) matching any glob; ``.git`` and ``.nightlab`` skipped."""
-    out: set[str] = set()
-    for pat in patterns:
-        for p in root.glob(pat):
-            if p.is_file():
-                rel = p.relative_to(root).as_posix()
-                if not rel.startswith((".git/", ".nightlab/")):
-                    out.add(rel)
-    return sorted(out)
+    """Paths under ``root`` (lab-relative, posix) matching any glob (see :mod:`nightlab.globs`)."""
+    return globs.expand(root, patterns)
 
 
 def matches(path: str, patterns: list[str]) -> bool:
-    """True when a relative posix path matches one of the globs (``**`` allowed)."""
-    for pat in patterns:
-        if fnmatch.fnmatchcase(path, pat) or Path(path).match(pat):
-            return True
-        if pat.endswith("/**") and path.startswith(pat[:-2]):
-            return True
-    return False
+    """True when a lab-relative posix path matches one of the globs (see :mod:`nightlab.globs`)."""
+    return globs.match(path, patterns)
+
+
+def command_files(command: str, root: Path, _depth: int = 0) -> list[str]:
+    """Lab files a shell command names: every token (or ``--opt=value`` value) that is a file
+    under ``root``, ``python -m mod``'s module file, and the same inside a quoted token with spaces
+    (``sh -c "python evaluate.py"``). Unparsable commands name nothing."""
+    try:
+        lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        tokens = list(lexer)  # ; && | ( ) are tokens of their own
+    except ValueError:
+        return []
+    out: list[str] = []
+    for k, tok in enumerate(tokens):
+        if _depth < 2 and any(c.isspace() for c in tok):
+            out += command_files(tok, root, _depth + 1)
+            continue
+        cands = [tok, tok.split("=", 1)[1]] if "=" in tok else [tok]
+        if k > 0 and tokens[k - 1] == "-m":
+            mod = tok.replace(".", "/")
+            cands += [f"{mod}.py", f"{mod}/__init__.py", f"{mod}/__main__.py"]
+        for c in cands:
+            c = c[2:] if c.startswith("./") else c
+            if not c or globs.problem(c):
+                continue
+            f = root / c
+            if f.is_file() and not f.is_symlink() and not c.startswith((".git/", ".nightlab/")):
+                out.append(PurePosixPath(c).as_posix())
+    return list(dict.fromkeys(out))
+
+
+def evaluator_files(spec: Spec, root: Path) -> list[tuple[str, str]]:
+    """(pattern or path, the key that names it) for every evaluator and holdout file, automatic ones too."""
+    out = [(f, "[evaluate] command") for f in command_files(spec.evaluate.command, root)]
+    out += [(f, "[holdout] command") for f in command_files(spec.holdout.command, root)]
+    out += [(p, "[evaluate] files") for p in spec.evaluate.files]
+    out += [(p, "[holdout] files") for p in spec.holdout.files]
+    return out
 
 
 # --------------------------------------------------------------------------- load
@@ -504,19 +539,34 @@ def parse_spec(path: Path, data: dict[str, Any]) -> Spec:
     return spec
 
 
+def _glob_keys(spec: Spec) -> list[tuple[str, list[str]]]:
+    return [("[files] editable", spec.files.editable), ("[files] protected", spec.files.protected),
+            ("[sandbox] hide", spec.sandbox.hide), ("[evaluate] files", spec.evaluate.files),
+            ("[evaluate] outputs", spec.evaluate.outputs or []), ("[holdout] files", spec.holdout.files)]
+
+
 def check_files(path: Path, spec: Spec) -> None:
-    """Errors that need the lab folder: editable files exist; nothing is both editable and protected."""
+    """Errors that need the lab folder: patterns are lab-relative; editable files exist; nothing is both
+    editable and protected (evaluator and holdout files included); holdout patterns match; outputs declared."""
     root = path.parent
+    for key, pats in _glob_keys(spec):
+        for i, pat in enumerate(pats):
+            why = globs.problem(pat)
+            if why:
+                raise SpecError(f"{path}: {key}[{i}] = {pat!r}: {why}",
+                                "use a path or glob relative to the lab folder, e.g. \"data/*.csv\"")
     for i, pat in enumerate(spec.files.editable):
-        if pat.startswith("/") or ".." in Path(pat).parts:
-            raise SpecError(
-                f"{path}: [files] editable[{i}] = {pat!r} points outside the lab",
-                "use a path relative to the lab folder",
-            )
         if not match_files(root, [pat]):
             raise SpecError(
                 f"{path}: [files] editable[{i}] = {pat!r} matches no file in {root}",
                 "create the file, or correct the path (it is relative to the folder of nightlab.toml)",
+            )
+    for i, pat in enumerate(spec.holdout.files):
+        if not match_files(root, [pat]):
+            raise SpecError(
+                f"{path}: [holdout] files[{i}] = {pat!r} matches no file in {root}, so it would hide nothing",
+                "correct the pattern (globs: * stays in one folder, dir/** is everything under dir, "
+                "**/x is x at any depth), or remove it",
             )
     editable = set(match_files(root, spec.files.editable))
     protected = set(match_files(root, spec.files.protected))
@@ -526,6 +576,34 @@ def check_files(path: Path, spec: Spec) -> None:
             f"{path}: [files] {both[0]!r} is both editable and protected",
             "remove it from one of [files] editable or [files] protected",
         )
+    for pat, key in evaluator_files(spec, root):
+        named = [pat] if (root / pat).is_file() else match_files(root, [pat])
+        for f in named:
+            if matches(f, spec.files.editable):
+                raise SpecError(
+                    f"{path}: {f!r} is an evaluator/holdout file (named by {key}) and also matches "
+                    "[files] editable, so a run could rewrite the code that scores it",
+                    f"remove {f!r} from [files] editable (evaluator and holdout files are protected "
+                    "automatically)",
+                )
+    if (spec.evaluate.command.strip() or spec.holdout.command.strip()) and spec.evaluate.outputs is None:
+        which = "[evaluate] command" if spec.evaluate.command.strip() else "[holdout] command"
+        raise SpecError(
+            f"{path}: {which} is set but [evaluate] outputs is missing: the evaluator runs in a clean "
+            "tree that holds only the committed files and the run's declared outputs",
+            'add [evaluate] outputs = ["ckpt.pt"] listing the files the run writes that the evaluator '
+            "reads (globs; [] when it reads none)",
+        )
+    outputs = spec.evaluate.outputs or []
+    fixed = sorted(protected | {SPEC_FILE, PROGRAM_FILE}
+                   | set(match_files(root, [p for p, _ in evaluator_files(spec, root)])))
+    for f in fixed:
+        if matches(f, outputs):
+            raise SpecError(
+                f"{path}: [evaluate] outputs matches {f!r}, a protected, evaluator or holdout file: a run "
+                "could replace it in the evaluator's tree",
+                "narrow the pattern to the files the run writes (e.g. \"out/*.json\")",
+            )
 
 
 def load_spec(path: Path | str, *, check_paths: bool = True) -> Spec:

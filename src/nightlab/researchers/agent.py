@@ -28,9 +28,10 @@ or nothing).
 **Permissions.** Under bubblewrap (``sandbox = "auto"`` where installed, or ``"required"``)
 the agent gets: the network (it must reach its model API); write access to its worktree and
 to its own config paths in ``$HOME`` that exist (below) and ``writable`` extras; the rest of
-the file system read-only, the lab's ``.nightlab/`` (ledger, artifacts, other worktrees) and
-``[sandbox] hide`` paths hidden; the environment of nightlab, API keys included (the agent
-needs its key; the transcript is redacted). The presets add their own tool permissions:
+the file system read-only, the lab's ``.nightlab/`` (ledger, artifacts, other worktrees),
+``[sandbox] hide`` and ``[holdout] files`` hidden (the lab's and the worktree's copies); the
+environment of nightlab, API keys included (the agent needs its key; the transcript is
+redacted). The presets add their own tool permissions:
 
 - ``claude``: ``claude -p … --output-format json --permission-mode acceptEdits --allowedTools
   Read,Edit,Write,Glob,Grep``: reads and edits files, no shell, no web; writes ``~/.claude``,
@@ -62,7 +63,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from nightlab import sandbox
+from nightlab import globs, sandbox
 from nightlab.context import ContextOptions, build_prompt, redact, secret_values
 from nightlab.pricing import Price, cost_usd
 from nightlab.types import Candidate, Experiment, Usage
@@ -190,7 +191,9 @@ class AgentResearcher:
                                     files=" ".join(shlex.quote(f) for f in files), model_arg=model_arg)
 
     def policy(self, worktree: Path, prompt_file: Path) -> sandbox.SandboxPolicy:
-        hidden = [self.ws.state_dir, *(self.lab_dir / h for h in self.spec.sandbox.hide)]
+        pats = [*self.spec.sandbox.hide, *self.spec.holdout.files]  # both copies: the lab's and the worktree's
+        roots = (self.lab_dir, self.ws.lab_in(worktree))
+        hidden = [self.ws.state_dir, *(root / p for root in roots for p in globs.cover(root, pats))]
         writable = [worktree, *(p for p in self.extra_writable if p.exists())]
         return sandbox.SandboxPolicy(mode=self.mode, network=True, writable=tuple(writable),
                                      readonly=(prompt_file,), hidden=tuple(hidden))
