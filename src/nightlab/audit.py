@@ -693,6 +693,14 @@ def verify_lab(
     if first is not None and first.get("seq") == 1:
         log_id = str(first.get("hash", ""))
     held = ledger_head(ledger, log_id) if log_id else None
+    if not log_id:  # empty, or its first record gone: the ledger may still know what it held
+        _ensure_table(ledger)
+        with ledger.transaction() as conn:
+            row = conn.execute(sa.select(audit_heads.c.count, audit_heads.c.log_id)
+                               .order_by(audit_heads.c.updated_at.desc())).first()
+        if row is not None and first is None:
+            return VerifyResult(False, 0, 1, f"truncated: the ledger records {int(row[0])} records of log "
+                                f"{str(row[1])[:16]}, the log is empty"), "; ".join(note)
     if held is None:
         note.append("the ledger holds no record count for this log")
     anchor = read_anchor(path)

@@ -99,7 +99,8 @@ def machine_info() -> dict[str, Any]:
 # between leaves the few records of a window of milliseconds (docs/security.md).
 ANCHOR_KINDS = frozenset({"decision", "session.start", "session.resume", "session.stop", "approval.request",
                           "approval.answer", "recover", "policy.violation", "checkpoint",
-                          "researcher.request", "candidate", "sandbox.start", "sandbox.exit", "setup.run"})
+                          "researcher.request", "candidate", "git.commit", "sandbox.start", "sandbox.exit",
+                          "setup.run"})
 
 
 REBASE = "rebase"  # the researcher name of a requeued stale winner
