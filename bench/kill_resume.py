@@ -116,9 +116,9 @@ def marked(marker: str) -> dict[int, int]:
     return out
 
 
-def still_alive(pids: dict[int, int], marker: str) -> int:
+def still_alive(pids: dict[int, int], marker: str) -> dict[int, int]:
     now = marked(marker)
-    return sum(1 for p, s in pids.items() if now.get(p) == s)
+    return {p: s for p, s in pids.items() if now.get(p) == s}
 
 
 def cli(lab: Path, sandbox: str, *args: str) -> list[str]:
@@ -152,8 +152,8 @@ def torture(kills: int, sandbox: str, seed: int, max_delay: float, keep: bool, s
     tmp = tempfile.mkdtemp(prefix="nightlab-kill-resume-")
     lab = make_lab(Path(tmp), marker, rng)
     env = {**os.environ, "PYTHONPATH": src}
-    survived_resume = 0
-    orphans = 0
+    survived_resume: set[tuple[int, int]] = set()
+    orphans: set[tuple[int, int]] = set()
     checked = 0
     harness_errors = 0
     t0 = time.monotonic()
@@ -173,8 +173,8 @@ def torture(kills: int, sandbox: str, seed: int, max_delay: float, keep: bool, s
                   f"{err.decode(errors='replace')[-400:]}", file=sys.stderr)
         if resumes_done(lab) > done:  # this resume finished recovering: nothing older may live
             checked += 1
-            orphans += len(before)
-            survived_resume += still_alive(before, marker)
+            orphans |= set(before.items())
+            survived_resume |= set(still_alive(before, marker).items())
         if (i + 1) % 20 == 0:
             print(f"  {i + 1}/{kills} kills, {time.monotonic() - t0:.0f} s", file=sys.stderr)
     (lab / ".nightlab" / "STOP").write_text("")
@@ -208,8 +208,8 @@ def torture(kills: int, sandbox: str, seed: int, max_delay: float, keep: bool, s
         "sandbox": sandbox, "kills": kills, "seed": seed, "max_delay_s": max_delay,
         "wall_s": round(time.monotonic() - t0, 1), "experiments": len(rows), "statuses": statuses,
         "rows_lost": lost, "rows_running": running, "final_resume_exit": final.returncode,
-        "resumes_checked": checked, "orphans_before_those_resumes": orphans,
-        "survived_a_resume": survived_resume, "survivors_at_end": len(survivors_end),
+        "resumes_checked": checked, "orphans_before_those_resumes": len(orphans),
+        "survived_a_resume": len(survived_resume), "survivors_at_end": len(survivors_end),
         "leaked_worktree_dirs": len(wt_dirs), "leaked_registrations": len(registrations),
         "branch_matches_ledger": branch == inc, "harness_errors": harness_errors,
         "audit_verify_exit": verify.returncode, "audit_verify": verify.stdout.strip().splitlines()[:1],
