@@ -283,3 +283,25 @@ def test_locked_registration_without_gitdir_is_ours_only_when_named_and_initiali
     ws.remove_stale_worktrees("s-")
     assert not (admin_root / "s-3").exists()
     assert (admin_root / "s-4" / "locked").exists() and (admin_root / "other-1" / "locked").exists()
+
+
+def test_resume_while_the_session_still_runs_is_refused_and_kills_nothing(make_lab):
+    marker = _marker()
+    lab = _children_lab(make_lab, marker)
+    proc = subprocess.Popen(nightlab_cmd("run", "--lab", str(lab), "--tag", "live", "--plain", "--sandbox", "none"),
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_running(lab, 1)
+        _wait(lambda: len(_with_marker(marker)) >= 3, what="the run's background children")
+        before = set(_with_marker(marker))
+        res = _resume(lab, "none")
+        assert res.returncode == 2, res.stdout + res.stderr
+        assert "running in another nightlab process" in res.stderr and f"pid {proc.pid}" in res.stderr
+        assert "Traceback" not in res.stderr
+        assert before <= set(_with_marker(marker)) and proc.poll() is None
+        rows = _query(lab, "select status from experiments where idx = 1")
+        assert rows == [("running",)]
+    finally:
+        proc.kill()
+        proc.wait()
+        _kill_markers(marker)

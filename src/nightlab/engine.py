@@ -12,6 +12,7 @@ is fast-forwarded to the ledger's incumbent if the kill fell between the two wri
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import math
 import os
@@ -240,6 +241,25 @@ class Engine:
         )
         self.ws.create_branch(branch, base)
         return self.ledger.update_session(session.id, incumbent_commit=base)
+
+    def _lock_session(self) -> int:
+        """Hold an exclusive ``flock`` on ``.nightlab/session-<tag>.lock`` while the session runs, so a
+        second harness on it (a ``--resume`` while it still runs) is refused before :meth:`recover`
+        kills its runs. The kernel drops the lock when the holder dies, SIGKILL included; the fd is
+        close-on-exec, so runs and git children never inherit it."""
+        path = self.ws.state_dir / f"session-{self.session.tag}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise UsageError(f"session '{self.session.tag}' is running in another nightlab process"
+                             + (f" (pid {holder})" if holder else ""),
+                             f"let it finish, or stop it first (Ctrl-C there, or touch {self.stop_file})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
 
     def recover(self) -> list[Experiment]:
         """Clean up after a harness that died: orphans, stale worktrees, a lagging branch.
@@ -765,6 +785,7 @@ class Engine:
 
     def run(self) -> Session:
         """Run the session until a stop rule fires. Returns the final session row."""
+        lock = self._lock_session()  # before the try: a refused second harness must not close the session
         try:
             if self.resumed:
                 self.recover()
@@ -814,6 +835,7 @@ class Engine:
                 self._close("stopped", "harness error")
             raise
         finally:
+            os.close(lock)
             if self.researcher is not None:
                 with contextlib.suppress(Exception):  # closing must not mask the real outcome
                     self.researcher.close()
