@@ -201,7 +201,7 @@ class Workspace:
         "initializing"), which ``git worktree prune`` skips forever: such locks are removed first,
         but only on nightlab's own registrations (pointing into ``.nightlab/worktrees`` under
         ``prefix``, or, when git died before writing ``gitdir``, named ``prefix…`` and locked by
-        git's "initializing"). Returns the folders removed.
+        git's "initializing" or an empty lock). Returns the folders removed.
         """
         removed = []
         with self._worktree_lock:
@@ -242,7 +242,9 @@ class Workspace:
                 locked = (admin / "locked").read_text(errors="replace").strip()
             except OSError:
                 locked = ""
-            if admin.name.startswith(prefix) and locked == "initializing":
+            # git writes `locked` before `gitdir`: killed in between, it holds "initializing" (or
+            # nothing, killed inside that write); no user lock exists without a gitdir
+            if admin.name.startswith(prefix) and locked in ("", "initializing"):
                 out.append((admin, None))
         return out
 
