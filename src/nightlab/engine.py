@@ -321,8 +321,9 @@ class Engine:
     def new_run(self, kind: str, idx: int | None = None) -> str:
         """A fresh run id for ``sandbox.run(run_id=...)``, committed to the ledger *before* the spawn,
         so that :meth:`recover` finds the run's processes by their ``NIGHTLAB_RUN_ID`` tag."""
-        run_id = f"{self.session.tag}.{'' if idx is None or idx < 0 else idx}.{kind}.{secrets.token_hex(8)}"
-        self.ledger.record_run(self.session.id, run_id, kind, None if idx is None or idx < 0 else idx)
+        exp = None if idx is None or idx < 0 else idx
+        run_id = f"{self.session.tag[:64]}.{'' if exp is None else exp}.{kind[:32]}.{secrets.token_hex(8)}"
+        self.ledger.record_run(self.session.id, run_id, kind[:32], exp)
         return run_id
 
     def run_env(self, seed: int, idx: int) -> dict[str, str]:
