@@ -181,7 +181,7 @@ def test_harness_killed_right_after_starting_bwrap(make_lab):
                         comm = Path(f"/proc/{child}/comm").read_text().strip()
                     except OSError:
                         continue
-                    # the baseline's bwrap comes first; kill at the candidate's (the ledger holds two rows)
+                    # the baseline's bwrap comes first; kill at the candidate's (two experiment rows)
                     if comm == "bwrap" and _runs(lab) >= 2:
                         proc.kill()
                         hit = True
@@ -211,7 +211,8 @@ def _query(lab: Path, sql: str) -> list[tuple]:
 
 
 def _runs(lab: Path) -> int:
-    rows = _query(lab, "select count(*) from runs where kind = 'run'")
+    """Experiments started (the candidate's row exists before its run's bwrap does)."""
+    rows = _query(lab, "select count(*) from experiments")
     return int(rows[0][0]) if rows else 0
 
 
@@ -307,4 +308,40 @@ def test_resume_while_the_session_still_runs_is_refused_and_kills_nothing(make_l
     finally:
         proc.kill()
         proc.wait()
+        _kill_markers(marker)
+
+
+@pytest.mark.skipif(not HAVE_BWRAP, reason="bwrap not installed")
+def test_resume_kills_a_sandbox_that_outlived_its_harness(make_lab):
+    """The state the bwrap start race leaves, made deterministically: a bwrap (without a parent to die
+    with) whose PID namespace holds a setsid child and one that cleared its environment. Its run id is
+    in the ledger, as the engine writes it before every spawn; resume kills bwrap and the namespace."""
+    from nightlab.ledger import Ledger
+
+    marker = _marker()
+    lab = make_lab(spec=SPEC.replace('kind = "scripted"', 'kind = "scripted"\nsteps = "steps.json"'))
+    _fast_steps(lab)
+    res = subprocess.run(nightlab_cmd("run", "--lab", str(lab), "--tag", "ns", "--plain", "--sandbox", "none",
+                                      "--max-experiments", "1"), env=cli_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    with Ledger.for_lab(lab) as ledger:
+        session = ledger.get_session("ns")
+        assert session is not None
+        ledger.record_run(session.id, "ns.9.run.deadbeefdeadbeef", "run", 9)
+    inner = f"setsid sleep {marker}1 & env -i setsid sleep {marker}2 & exec sleep {marker}3"
+    bwrap = subprocess.Popen(["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-pid",
+                              "--", "/bin/sh", "-c", inner],
+                             env={**os.environ, "NIGHTLAB_RUN_ID": "ns.9.run.deadbeefdeadbeef"},
+                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait(lambda: len(_with_marker(marker)) >= 3, what="the sandbox's processes")
+        res = _resume(lab, "none", "--max-experiments", "1")
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert bwrap.wait(timeout=10) == -signal.SIGKILL
+        assert _with_marker(marker) == []  # the env-cleared child too: it died with the namespace
+        assert "killed" in res.stdout
+    finally:
+        if bwrap.poll() is None:
+            bwrap.kill()
         _kill_markers(marker)
