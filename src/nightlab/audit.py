@@ -24,8 +24,10 @@ Contracts:
   and head hash before it, signed with ed25519 when signing is on; the latest checkpoint is
   also written beside the log (``audit.anchor.json``), and the ledger stores the record count
   and head after every record of the kinds it is told to anchor (:func:`store_head`; the engine
-  anchors every decision, approval and session event, so at most one experiment's records trail
-  it). :func:`verify` checks all three.
+  anchors every decision, approval and session event and the start of every proposal, experiment
+  and run). :func:`verify` checks all three and reports how many records follow the last anchor
+  (:attr:`VerifyResult.unanchored`): those alone can be cut without a trace. :meth:`AuditLog.check_anchor`
+  refuses to append to a log shorter than its ledger anchor (a resume after a cut tail).
 * **Secrets.** String values under secret-looking keys, values of secret-looking environment
   variables, token-shaped strings and the values of any ``env`` mapping are replaced by
   ``[redacted…]`` before a record is built.
@@ -322,8 +324,9 @@ def _fsync_dir(path: Path) -> None:
 class AuditLog:
     """The writer. Implements :class:`~nightlab.events.EventSink`. See the module docstring.
 
-    ``anchor(log_id, count, head)`` is called after every record (the engine stores it in
-    the ledger); ``signer`` signs checkpoints. Not thread-safe within a process (the engine
+    ``anchor(log_id, count, head)`` is called after every record of ``anchor_kinds`` (the engine
+    stores it in the ledger); ``anchored(log_id)`` returns what was stored, checked on open
+    (:meth:`check_anchor`); ``signer`` signs checkpoints. Not thread-safe within a process (the engine
     emits from one thread); safe across processes.
     """
 
@@ -336,6 +339,7 @@ class AuditLog:
         anchor: Callable[[str, int, str], None] | None = None,
         anchor_kinds: frozenset[str] | None = None,
         environ: Mapping[str, str] | None = None,
+        anchored: Callable[[str], tuple[int, str] | None] | None = None,
     ) -> None:
         self.path = Path(path)
         self.checkpoint_every = checkpoint_every
@@ -356,9 +360,17 @@ class AuditLog:
         except OSError as e:
             raise AuditError(f"cannot open the audit log {self.path}: {e.strerror}",
                              "check the lab folder's permissions and free space") from None
-        recovered: dict[str, Any] | None = None
+        try:
+            self._open(anchored)
+        except AuditError:
+            self.close()
+            raise
+
+    def _open(self, anchored: Callable[[str], tuple[int, str] | None] | None) -> None:
         with self._locked():
             recovered = self._load()
+            if anchored is not None and self.log_id:  # before any append re-anchors the log
+                self.check_anchor(anchored(self.log_id))
             if self.count == 0:
                 self._append_locked("audit.init", None, {
                     "nonce": secrets.token_hex(16), "version": VERSION, "host": socket.gethostname(),
@@ -496,6 +508,22 @@ class AuditLog:
         _fsync_dir(self.path.parent)
         return rec
 
+    def check_anchor(self, held: tuple[int, str] | None) -> None:
+        """Refuse a log that lost records an anchor vouched for: ``held`` is ``(count, head)`` as the
+        ledger stored it (:func:`ledger_head`). Raises :class:`AuditError`; cheap (reads one line
+        at most when the log grew past the anchor, else compares the head)."""
+        if held is None:
+            return
+        n, head = held
+        if self.count < n:
+            raise AuditError(f"the audit log {self.path} holds {self.count} records but the ledger anchored "
+                             f"{n}: records {self.count + 1}..{n} were cut",
+                             "run `nightlab audit verify`; restore the log from a copy, or move it aside to "
+                             "start a new one (the cut stays visible in the ledger)")
+        if self.count == n and self.head != head:
+            raise AuditError(f"the audit log {self.path}: record {n} differs from the one the ledger anchored",
+                             "run `nightlab audit verify`; restore the log from a copy, or move it aside")
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
@@ -517,6 +545,12 @@ class VerifyResult:
     log_id: str = ""
     signed_checkpoints: int = 0  # checkpoint signatures that verified (0 without a public key)
     anchored: str = ""  # what the tail was checked against
+    last_anchor: int = 0  # the highest record count an anchor (ledger, anchor file) vouches for
+
+    @property
+    def unanchored(self) -> int:
+        """Records after the last anchor: a cut among them cannot be detected (docs/security.md)."""
+        return max(0, self.count - self.last_anchor)
 
 
 def read_anchor(log_path: Path | str) -> dict[str, Any] | None:
@@ -607,7 +641,8 @@ def verify(
     if torn:
         return bad(count + 1, "the last line is incomplete "
                               "(a torn write; the writer cuts it on its next open)")
-    anchored = []
+    anchored: list[str] = []
+    last = 0
     for source, n, head in (("the ledger", expected_count, expected_head),
                             ("the anchor file", (anchor or {}).get("count"), (anchor or {}).get("head"))):
         if source == "the anchor file" and anchor is not None:
@@ -632,7 +667,8 @@ def verify(
             return VerifyResult(False, count, n, f"record {n}: its hash differs from the one {source} "
                                                  "recorded (the log was rewritten)", prev, log_id, signed)
         anchored.append(f"{source} ({n})")
-    return VerifyResult(True, count, None, "", prev, log_id, signed, ", ".join(anchored))
+        last = max(last, n)
+    return VerifyResult(True, count, None, "", prev, log_id, signed, ", ".join(anchored), last)
 
 
 def verify_lab(
@@ -661,6 +697,14 @@ def verify_lab(
     if first is not None and first.get("seq") == 1:
         log_id = str(first.get("hash", ""))
     held = ledger_head(ledger, log_id) if log_id else None
+    if not log_id:  # empty, or its first record gone: the ledger may still know what it held
+        _ensure_table(ledger)
+        with ledger.transaction() as conn:
+            row = conn.execute(sa.select(audit_heads.c.count, audit_heads.c.log_id)
+                               .order_by(audit_heads.c.updated_at.desc())).first()
+        if row is not None and first is None:
+            return VerifyResult(False, 0, 1, f"truncated: the ledger records {int(row[0])} records of log "
+                                f"{str(row[1])[:16]}, the log is empty"), "; ".join(note)
     if held is None:
         note.append("the ledger holds no record count for this log")
     anchor = read_anchor(path)

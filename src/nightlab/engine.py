@@ -12,11 +12,13 @@ is fast-forwarded to the ledger's incumbent if the kill fell between the two wri
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import math
 import os
 import platform
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -32,7 +34,7 @@ from typing import Any
 
 from nightlab import approvals, constraints, escape, keep, notify, prune, sandbox
 from nightlab import researchers as researchers_mod
-from nightlab.audit import AuditLog, Signer, store_head
+from nightlab.audit import AuditLog, Signer, ledger_head, store_head
 from nightlab.context import SECRET_ENV
 from nightlab.errors import NightlabError, SandboxError, UsageError
 from nightlab.events import EventSink, FanOut, Locked, NullSink
@@ -93,9 +95,14 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-# Audit records after which the ledger stores the log's count and head (each costs a ledger write).
+# Audit records after which the ledger stores the log's count and head (each costs a ledger write):
+# the decisions and session events, and the start of every wait that can last (a proposal, an
+# experiment, a run, setup), so a harness killed mid-wait leaves no unanchored tail; one killed in
+# between leaves the few records of a window of milliseconds (docs/security.md).
 ANCHOR_KINDS = frozenset({"decision", "session.start", "session.resume", "session.stop", "approval.request",
-                          "approval.answer", "recover", "policy.violation", "checkpoint"})
+                          "approval.answer", "recover", "policy.violation", "checkpoint",
+                          "researcher.request", "candidate", "git.commit", "sandbox.start", "sandbox.exit",
+                          "setup.run"})
 
 
 REBASE = "rebase"  # the researcher name of a requeued combination of a stale candidate's change
@@ -218,9 +225,10 @@ class Engine:
             return None
         signer = Signer.load_or_create(self.ws.state_dir / "keys") if self.spec.audit.sign else None
         ledger = self.ledger
+        # anchored: no session continues a log that lost records the ledger counted
         return AuditLog(self.ws.state_dir / "audit.jsonl", checkpoint_every=self.spec.audit.checkpoint_every,
                         signer=signer, anchor=lambda log_id, n, head: store_head(ledger, log_id, n, head),
-                        anchor_kinds=ANCHOR_KINDS)
+                        anchor_kinds=ANCHOR_KINDS, anchored=lambda log_id: ledger_head(ledger, log_id))
 
     # ------------------------------------------------------------------ session
 
@@ -253,19 +261,56 @@ class Engine:
         self.ws.create_branch(branch, base)
         return self.ledger.update_session(session.id, incumbent_commit=base)
 
+    def _lock_session(self) -> int:
+        """Hold an exclusive ``flock`` on ``.nightlab/session-<tag>.lock`` while the session runs, so a
+        second harness on it (a ``--resume`` while it still runs) is refused before :meth:`recover`
+        kills its runs. The kernel drops the lock when the holder dies, SIGKILL included; the fd is
+        close-on-exec, so runs and git children never inherit it."""
+        path = self.ws.state_dir / f"session-{self.session.tag}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise UsageError(f"session '{self.session.tag}' is running in another nightlab process"
+                             + (f" (pid {holder})" if holder else ""),
+                             f"let it finish, or stop it first (Ctrl-C there, or touch {self.stop_file})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
     def recover(self) -> list[Experiment]:
-        """Clean up after a harness that died: orphans, stale worktrees, a lagging branch."""
+        """Clean up after a harness that died: orphans, stale worktrees, a lagging branch.
+
+        Processes first: every process on this machine tagged with one of the session's run ids
+        (``NIGHTLAB_RUN_ID``, recorded in the ledger before each spawn) is killed with its
+        descendants, whatever became of its parent (``setsid``, double forks, a ``bwrap`` whose
+        harness died before ``--die-with-parent`` took hold), then each orphaned experiment's
+        recorded pid (if it still is the process that started then). Only then are worktrees removed.
+        """
         recovered = []
+        run_ids = {r["run_id"] for r in self.ledger.runs(self.session.id)}
+        tagged = sandbox.kill_tagged(run_ids) if run_ids else {}
         for exp in self.ledger.orphaned(self.session.id):
             killed = False
             if exp.pid:
                 killed = sandbox.kill_orphan(exp.pid, exp.pid_start)
+            killed = killed or (exp.pid in tagged)
             self.events.emit("recover", experiment=exp.idx, pid=exp.pid, killed=killed)
             recovered.append(self.ledger.finish_experiment(
                 exp.id, status=Status.INTERRUPTED,
                 reason="orphaned: the harness stopped without finishing it" + (" (run killed)" if killed else ""),
                 finished_at=time.time(),
             ))
+        survivors = sandbox.find_tagged(run_ids) if run_ids else {}
+        if tagged or survivors:
+            self.events.emit("recover", processes_killed=sorted(tagged), survivors=sorted(survivors))
+            self.reporter.message(f"killed {len(tagged)} process(es) left by runs of the stopped harness")
+        if survivors:
+            pids = " ".join(str(p) for p in sorted(survivors))
+            raise NightlabError(f"processes of this session's earlier runs could not be killed: {pids}",
+                                f"kill them (kill -9 {pids}; as their owner or root), then --resume again")
         stale = approvals.cancel_stale(self.ledger, self.session.id, "the session stopped while it waited")
         if stale:
             self.events.emit("recover", approvals_cancelled=stale)
@@ -291,6 +336,14 @@ class Engine:
         return recovered
 
     # ------------------------------------------------------------------ environment
+
+    def new_run(self, kind: str, idx: int | None = None) -> str:
+        """A fresh run id for ``sandbox.run(run_id=...)``, committed to the ledger *before* the spawn,
+        so that :meth:`recover` finds the run's processes by their ``NIGHTLAB_RUN_ID`` tag."""
+        exp = None if idx is None or idx < 0 else idx
+        run_id = f"{self.session.tag[:64]}.{'' if exp is None else exp}.{kind[:32]}.{secrets.token_hex(8)}"
+        self.ledger.record_run(self.session.id, run_id, kind[:32], exp)
+        return run_id
 
     def run_env(self, seed: int, idx: int) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not SECRET_ENV.search(k)}
@@ -339,7 +392,7 @@ class Engine:
         policy = sandbox.SandboxPolicy(mode="none")
         res = sandbox.run(self.spec.run.setup, cwd=self.lab_dir, env=env, policy=policy,
                           timeout_s=max(3600.0, self.spec.run.hard_timeout_s), log_path=log,
-                          cancel=self.stop.cancel)
+                          cancel=self.stop.cancel, run_id=self.new_run("setup"))
         if not res.ok:
             why = "timed out" if res.timed_out else f"exited with {res.exit_code}"
             raise NightlabError(f"the setup command {self.spec.run.setup!r} {why}; its log: {log}\n"
@@ -580,7 +633,7 @@ class Engine:
                     self.spec.run.command, cwd=lab_root, env=self.run_env(seed, idx), policy=policy,
                     timeout_s=self.spec.run.hard_timeout_s, log_path=log_path,
                     kill_grace_s=self.spec.run.kill_grace_s, on_start=lambda pid: self._started_run(exp_id, pid),
-                    cancel=watch.cancel,
+                    cancel=watch.cancel, run_id=self.new_run("run", idx),
                 )
             finally:
                 watch.close()
@@ -851,6 +904,7 @@ class Engine:
 
     def run(self) -> Session:
         """Run the session until a stop rule fires. Returns the final session row."""
+        lock = self._lock_session()  # before the try: a refused second harness must not close the session
         try:
             if self.resumed:
                 self.recover()
@@ -903,6 +957,7 @@ class Engine:
                 self._close("stopped", "harness error")
             raise
         finally:
+            os.close(lock)
             if self.researcher is not None:
                 with contextlib.suppress(Exception):  # closing must not mask the real outcome
                     self.researcher.close()

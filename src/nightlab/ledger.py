@@ -129,6 +129,22 @@ candidates = sa.Table(
 )
 
 
+runs = sa.Table(
+    "runs",
+    metadata,
+    sa.Column("run_id", sa.String(200), primary_key=True),
+    sa.Column("session_id", sa.Integer, sa.ForeignKey("sessions.id"), nullable=False),
+    sa.Column("experiment_idx", sa.Integer, nullable=True),
+    sa.Column("kind", sa.String(32), nullable=False),  # setup, run, evaluate, holdout, <sample label>
+    sa.Column("started_at", sa.Double, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=True),
+    sa.Column("pid_start", sa.Double, nullable=True),
+    sa.Index("ix_runs_session", "session_id"),
+)
+"""Every process tree nightlab started, written *before* the spawn: its ``NIGHTLAB_RUN_ID`` tag is
+how ``--resume`` finds what a killed harness left running (``sandbox.kill_tagged``)."""
+
+
 def _migrate_1(conn: Connection) -> None:
     """v1: sessions, experiments, candidates and their indexes.
 
@@ -138,7 +154,12 @@ def _migrate_1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[sessions, experiments, candidates], checkfirst=False)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_1]
+def _migrate_2(conn: Connection) -> None:
+    """v2: the ``runs`` table (run ids for crash recovery)."""
+    metadata.create_all(conn, tables=[runs], checkfirst=True)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_1, _migrate_2]
 """Migration ``i`` (0-based) brings the schema from version ``i`` to ``i + 1``. Append only."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -653,6 +674,24 @@ class Ledger:
     def orphaned(self, session_id: int) -> list[Experiment]:
         """Experiments still marked running (after a crash of the harness, these are stale)."""
         return self.experiments(session_id, status=Status.RUNNING)
+
+    # -- runs (process trees, for crash recovery) -------------------------------------------
+
+    def record_run(self, session_id: int, run_id: str, kind: str, experiment_idx: int | None = None) -> None:
+        """Record a run id before its process starts (committed when this returns)."""
+        with self._write() as conn:
+            conn.execute(runs.insert().values(run_id=run_id, session_id=session_id, kind=kind,
+                                              experiment_idx=experiment_idx, started_at=time.time()))
+
+    def set_run_pid(self, run_id: str, pid: int, pid_start: int | None) -> None:
+        with self._write() as conn:
+            conn.execute(runs.update().where(runs.c.run_id == run_id).values(pid=pid, pid_start=pid_start))
+
+    def runs(self, session_id: int) -> list[dict[str, Any]]:
+        """The session's runs, oldest first: ``run_id, kind, experiment_idx, started_at, pid, pid_start``."""
+        q = sa.select(runs).where(runs.c.session_id == session_id).order_by(runs.c.started_at)
+        with self._read() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
 
     def usage_totals(self, session_id: int) -> Usage:
         """The summed usage of every candidate of the session."""

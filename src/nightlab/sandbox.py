@@ -31,6 +31,10 @@ Covered
   wrapper shell inside the sandbox; the command cannot raise it back once caps are dropped).
 - No harness file descriptors leak into the command (``close_fds``); stdin is ``/dev/null``.
 - ``resolve_mode`` fails closed: bwrap installed but unable to start is an error, not a fallback.
+- Orphans: with ``run_id`` every process of the run carries ``NIGHTLAB_RUN_ID``; ``kill_tagged``
+  finds them through ``/proc/<pid>/environ`` whatever their parentage (``setsid``, double fork, a
+  ``bwrap`` whose parent died before ``--die-with-parent`` took hold: killing it kills its PID
+  namespace), at run end and on resume.
 
 Not covered
 -----------
@@ -50,8 +54,9 @@ Not covered
 - Runs as the harness user (root here) with capabilities dropped, not as an unprivileged uid;
   a kernel exploit escapes. bwrap is not a security boundary against a determined attacker.
 - ``mode="none"``: none of the filesystem/network guarantees; only the process-tree kill,
-  the timeout, stdin/log redirection and ``RLIMIT_AS``. Descendants that both ``setsid`` and
-  outlive their parent before the timeout fires cannot be found by the ``/proc`` walk.
+  the timeout, stdin/log redirection, the run-id sweep and ``RLIMIT_AS``. A descendant that leaves
+  the tree *and* drops ``NIGHTLAB_RUN_ID`` (``env -i``, or overwriting its environ memory) survives.
+- Another user's processes (unreadable environ, EPERM) are neither found nor killed.
 - A bwrap setup failure at run time (after the probe passed) shows up as a crashed run whose log
   starts with ``bwrap:``; it is not turned into ``SandboxError`` (the command could fake it).
 """
@@ -81,6 +86,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("auto", "required", "none")
 _SH = "/bin/sh"
+RUN_ID_ENV = "NIGHTLAB_RUN_ID"  # tags every process of a run (inherited through fork and exec)
 # Device nodes bound into the sandbox when present, so GPU jobs still see their accelerator.
 _GPU_DEVICE_GLOBS = ("nvidia*", "nvidia-caps", "dri", "kfd")
 
@@ -380,13 +386,23 @@ def run(
     kill_grace_s: float = 3.0,
     on_start: Callable[[int], None] | None = None,
     cancel: threading.Event | None = None,
+    run_id: str | None = None,
 ) -> RunResult:
     """Run ``command`` under ``policy``; see the module docstring for the contract.
 
     ``on_start(pid)`` is called right after spawn (the pid of ``/bin/sh`` or of ``bwrap``; record
     it with ``proc_start_time`` for ``kill_orphan``). Returns ``exit_code=None`` with
     ``timed_out=True`` at the timeout, or with ``interrupted=True`` when ``cancel`` was set.
+
+    ``run_id`` tags every process of the run: it is added to the environment as
+    ``NIGHTLAB_RUN_ID`` (after any filtering of ``env``: nightlab's own variable always passes), and
+    when the command ends every process still carrying it is killed (:func:`kill_tagged`, one
+    ``/proc`` sweep, ~5 ms per 100 processes; skipped under bwrap, whose PID namespace is gone
+    already), so background children that left the process group go too. Record it (the ledger) *before*
+    calling: a harness killed mid-run is cleaned up on resume by that tag.
     """
+    if run_id:
+        env = {**env, RUN_ID_ENV: run_id}
     cwd = Path(cwd)
     argv = _argv(command, cwd, policy, env)
     log_path = Path(log_path)
@@ -415,10 +431,14 @@ def run(
     except BaseException:
         _kill_tree(proc.pid, {}, include_root=True)
         proc.wait()
+        if run_id:
+            kill_tagged({run_id})
         raise
     finally:
         out.close()
     code = proc.wait()
+    if run_id and policy.mode != "bwrap":  # (under bwrap, nothing outlives the PID namespace)
+        kill_tagged({run_id})  # stragglers that left the group (setsid, double fork) carry the tag
     wall = time.monotonic() - started
     if outcome != "exit":
         return RunResult(None, outcome == "timeout", wall, str(log_path), policy.mode, command,
@@ -465,4 +485,89 @@ def kill_orphan(pid: int, start_time: int | None) -> bool:
     return True
 
 
-__all__ = ["SandboxPolicy", "kill_orphan", "proc_start_time", "resolve_mode", "run", "tail"]
+def run_id_of(pid: int) -> str | None:
+    """The ``NIGHTLAB_RUN_ID`` in ``/proc/<pid>/environ`` (the environment it was exec'd with).
+
+    None when it has none, is gone, a zombie (empty environ), or not ours to read.
+    """
+    try:
+        data = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:  # gone, or EACCES/EPERM (another user's process without the rights)
+        return None
+    key = RUN_ID_ENV.encode() + b"="
+    for entry in data.split(b"\0"):
+        if entry.startswith(key):
+            return entry[len(key):].decode("utf-8", "replace")
+    return None
+
+
+def _protected_pids() -> set[int]:
+    """This process and its ancestors: never killed by a tag sweep (a nested harness)."""
+    out, pid = set(), os.getpid()
+    while pid > 1 and pid not in out:
+        out.add(pid)
+        f = _stat_fields(pid)
+        pid = int(f[1]) if f else 0
+    out.add(1)
+    return out
+
+
+def find_tagged(run_ids: Callable[[str], bool] | Iterable[str]) -> dict[int, int]:
+    """pid -> start time of every live process on the machine whose environment carries a
+    matching ``NIGHTLAB_RUN_ID`` (a set of ids, or a predicate), plus all their descendants
+    (which may have changed their environment). Zombies, this process and its ancestors are
+    left out. Processes we may not read (another user's, without root) are not found.
+    """
+    match = run_ids if callable(run_ids) else set(run_ids).__contains__
+    skip = _protected_pids()
+    found: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) in skip:
+            continue
+        pid = int(entry.name)
+        rid = run_id_of(pid)
+        if rid is None or not match(rid):
+            continue
+        f = _stat_fields(pid)
+        if f is not None and f[0] not in ("Z", "X"):
+            found[pid] = int(f[19])
+    if found:
+        for pid, start in _descendants(found).items():
+            if pid not in skip and _alive(pid):
+                found.setdefault(pid, start)
+    return found
+
+
+def kill_tagged(run_ids: Callable[[str], bool] | Iterable[str], *, settle_s: float = 5.0) -> dict[int, int]:
+    """SIGKILL every process :func:`find_tagged` finds, until a sweep finds none alive.
+
+    Each sweep SIGSTOPs what it found (no more forking while we kill), then SIGKILLs it (pid reuse
+    guarded by the start time); children forked meanwhile are caught by the next sweep. Killing a
+    ``bwrap`` kills its PID namespace (its init dies), whatever the processes inside did to their
+    environment. Races are handled: a process that exits between the scan and the signal is
+    skipped; one we may not signal (EPERM) is left and reported by the caller's next scan.
+    Returns pid -> start time of everything signalled; waits up to ``settle_s`` for them to go.
+    """
+    ids = run_ids if callable(run_ids) else set(run_ids)
+    if not callable(ids) and not ids:
+        return {}
+    killed: dict[int, int] = {}
+    deadline = time.monotonic() + settle_s
+    delay = 0.001
+    while True:
+        found = find_tagged(ids)
+        for pid, start in found.items():
+            with contextlib.suppress(PermissionError):
+                _signal(pid, start, signal.SIGSTOP)
+        for pid, start in found.items():
+            with contextlib.suppress(PermissionError):
+                _signal(pid, start, signal.SIGKILL)
+        killed.update(found)
+        if not found or time.monotonic() >= deadline:
+            return killed
+        time.sleep(delay)  # a SIGKILLed process needs a moment to become a zombie
+        delay = min(delay * 2, 0.05)
+
+
+__all__ = ["RUN_ID_ENV", "SandboxPolicy", "find_tagged", "kill_orphan", "kill_tagged", "proc_start_time",
+           "resolve_mode", "run", "tail"]

@@ -263,7 +263,7 @@ class Verifier:
                                hidden=[str(h) for h in pol.hidden])
             res = sandbox.run(spec.command, cwd=tree.lab, env=self._eval_env(seed, idx, tree), policy=pol,
                               timeout_s=spec.timeout_s, log_path=elog, kill_grace_s=self.e.spec.run.kill_grace_s,
-                              cancel=self.e.stop.cancel)
+                              cancel=self.e.stop.cancel, run_id=self.e.new_run("evaluate", idx))
             self.e.events.emit("sandbox.exit", experiment=idx, stage="evaluate", exit_code=res.exit_code,
                                timed_out=res.timed_out, wall_s=round(res.wall_s, 3))
             if not res.ok:
@@ -320,7 +320,8 @@ class Verifier:
                           mode=pol.mode, stage=label, seed=seed)
             res = sandbox.run(e.spec.run.command, cwd=lab_root, env=e.run_env(seed, idx), policy=pol,
                               timeout_s=e.spec.run.hard_timeout_s, log_path=log_path,
-                              kill_grace_s=e.spec.run.kill_grace_s, cancel=e.stop.cancel)
+                              kill_grace_s=e.spec.run.kill_grace_s, cancel=e.stop.cancel,
+                              run_id=e.new_run(label, idx))
             e.events.emit("sandbox.exit", experiment=idx, stage=label, exit_code=res.exit_code,
                           timed_out=res.timed_out, wall_s=round(res.wall_s, 3))
             if res.interrupted:
@@ -484,7 +485,8 @@ class Verifier:
                           mode=pol.mode, cwd=str(tree.lab))
             res = sandbox.run(h.command, cwd=tree.lab, env=self._eval_env(exp.seed, exp.idx, tree, holdout=True),
                               policy=pol, timeout_s=h.timeout_s, log_path=log,
-                              kill_grace_s=e.spec.run.kill_grace_s, cancel=e.stop.cancel)
+                              kill_grace_s=e.spec.run.kill_grace_s, cancel=e.stop.cancel,
+                              run_id=e.new_run("holdout", exp.idx))
             e.events.emit("sandbox.exit", experiment=exp.idx, stage="holdout", exit_code=res.exit_code,
                           timed_out=res.timed_out, wall_s=round(res.wall_s, 3))
             if not res.ok:

@@ -198,14 +198,59 @@ class Workspace:
             self._run(["worktree", "prune"], check=False)
 
     def remove_stale_worktrees(self, prefix: str) -> list[Path]:
+        """Remove the worktrees a killed harness left: folders under ``.nightlab/worktrees`` whose
+        name starts with ``prefix`` and their registrations in ``.git/worktrees``.
+
+        A kill inside ``git worktree add`` leaves the registration locked (a ``locked`` file saying
+        "initializing"), which ``git worktree prune`` skips forever: such locks are removed first,
+        but only on nightlab's own registrations (pointing into ``.nightlab/worktrees`` under
+        ``prefix``, or, when git died before writing ``gitdir``, named ``prefix…`` and locked by
+        git's "initializing" or an empty lock). Returns the folders removed.
+        """
         removed = []
-        if self.worktrees_dir.exists():
-            for p in sorted(self.worktrees_dir.iterdir()):
-                if p.name.startswith(prefix):
-                    shutil.rmtree(p, ignore_errors=True)
-                    removed.append(p)
-        self._run(["worktree", "prune"], check=False)
+        with self._worktree_lock:
+            for admin, target in self._own_registrations(prefix):
+                (admin / "locked").unlink(missing_ok=True)
+                if target is not None and target.exists() and target not in removed:
+                    shutil.rmtree(target, ignore_errors=True)
+                    removed.append(target)
+            if self.worktrees_dir.exists():
+                for p in sorted(self.worktrees_dir.iterdir()):
+                    if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink():
+                        shutil.rmtree(p, ignore_errors=True)
+                        if p not in removed:
+                            removed.append(p)
+            self._run(["worktree", "prune"], check=False)  # unlocked, without a folder or gitdir: gone
         return removed
+
+    def _own_registrations(self, prefix: str) -> list[tuple[Path, Path | None]]:
+        """``(admin dir, worktree folder or None)`` of nightlab's registrations named ``prefix…``."""
+        admin_root = self.git_dir / "worktrees"
+        if not admin_root.is_dir():
+            return []
+        mine = os.path.realpath(self.worktrees_dir)
+        out: list[tuple[Path, Path | None]] = []
+        for admin in sorted(admin_root.iterdir()):
+            if not admin.is_dir():
+                continue
+            try:
+                gitdir = (admin / "gitdir").read_text(encoding="utf-8", errors="surrogateescape").strip()
+            except OSError:
+                gitdir = ""
+            if gitdir:
+                target = Path(os.path.realpath(os.path.dirname(gitdir)))
+                if str(target.parent) == mine and target.name.startswith(prefix):
+                    out.append((admin, Path(self.worktrees_dir / target.name)))
+                continue
+            try:
+                locked = (admin / "locked").read_text(errors="replace").strip()
+            except OSError:
+                locked = ""
+            # git writes `locked` before `gitdir`: killed in between, it holds "initializing" (or
+            # nothing, killed inside that write); no user lock exists without a gitdir
+            if admin.name.startswith(prefix) and locked in ("", "initializing"):
+                out.append((admin, None))
+        return out
 
     def lab_in(self, worktree: Path) -> Path:
         return worktree / self.lab_rel if self.lab_rel else worktree
