@@ -25,8 +25,9 @@ def step(x: float) -> dict[str, Any]:
 
 
 def export(lab: Path, uri: str) -> str:
+    # cwd: MLflow puts artifacts under ./mlruns of the current folder by default
     res = subprocess.run(nightlab_cmd("export", "--lab", str(lab), "--mlflow", "--tracking-uri", uri),
-                         env=cli_env(), capture_output=True, text=True, timeout=120)
+                         env=cli_env(), capture_output=True, text=True, timeout=120, cwd=lab.parent)
     assert res.returncode == 0, res.stdout + res.stderr
     return res.stdout
 
@@ -70,5 +71,5 @@ def test_without_a_session_the_export_says_what_to_do(make_lab, tmp_path):
     lab = make_lab()
     res = subprocess.run(nightlab_cmd("export", "--lab", str(lab), "--mlflow", "--tracking-uri",
                                       f"sqlite:///{tmp_path / 'm.db'}"),
-                         env=cli_env(), capture_output=True, text=True, timeout=60)
+                         env=cli_env(), capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert res.returncode == 2 and "no nightlab session" in res.stderr and "Traceback" not in res.stderr
