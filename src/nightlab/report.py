@@ -34,7 +34,7 @@ def _require(module: str) -> Any:
 def pick_session(ledger: Ledger, tag: str | None) -> Session:
     s = ledger.get_session(tag) if tag else ledger.latest_session()
     if s is None:
-        raise UsageError(f"no session {tag!r} in {ledger!r}" if tag else f"no session in {ledger!r}",
+        raise UsageError(f"no session {tag!r} in {ledger.shown}" if tag else f"no session in {ledger.shown}",
                          "run one with `nightlab run`, or pass --tag / --db")
     return s
 

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from nightlab.cli.errors import NightlabClickError
 from nightlab.errors import NightlabError, UsageError
 from nightlab.export import FORMATS, export
 from nightlab.ledger import DB_ENV, Ledger
@@ -41,21 +42,13 @@ STATUS_STYLE = {
 }
 
 
-class _NightlabClickError(click.ClickException):
-    """A :class:`NightlabError` shown the click way: ``Error: message`` and the fix."""
-
-    def __init__(self, err: NightlabError) -> None:
-        super().__init__(str(err))
-        setattr(self, "exit_code", err.exit_code)  # noqa: B010 (click declares it a class variable)
-
-
 def _errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except NightlabError as e:
-            raise _NightlabClickError(e) from None
+            raise NightlabClickError(e) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -91,7 +84,7 @@ def _open(lab: Path, db: str | None, tag: str | None) -> tuple[Ledger, Session]:
         session = led.get_session(tag) if tag else led.latest_session()
         if session is None and tag:
             tags = ", ".join(s.tag for s in led.list_sessions()) or "none"
-            raise UsageError(f"no session '{tag}' in {led!r}", fix=f"sessions: {tags}")
+            raise UsageError(f"no session '{tag}' in {led.shown}", fix=f"sessions: {tags}")
         if session is None:
             raise none
     except BaseException:
