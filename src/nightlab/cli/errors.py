@@ -37,7 +37,7 @@ class NightlabClickError(click.ClickException):
     def __init__(self, err: NightlabError) -> None:
         super().__init__(err.message)
         self.fix = err.fix
-        self.exit_code = err.exit_code
+        setattr(self, "exit_code", err.exit_code)  # noqa: B010 (click declares it a class variable)
 
     def show(self, file: object = None) -> None:
         show_error(self.message, self.fix)
