@@ -194,8 +194,9 @@ class Engine:
                                    resources=dict(ex.resources), max_retries=ex.max_retries)
         self.allow_dirty = allow_dirty
         self.rebaseline = rebaseline
-        self.check_lab = check_lab  # False: attach to a session as stored (replay/verify), ignoring the lab's state
-        self.epoch = 0  # the idx of the session's latest (re-)baseline: history before it is not replayed
+        self.check_lab = check_lab  # False: resume a session as stored, without comparing it with the lab
+        self.epoch = 0  # the idx of the session's latest (re-)baseline: history before it is not replayed,
+        # the stop rules count from it
         self.session = self._open_session(tag, resume)
         self.resumed = resume
         self.protected_hashes = self.guard.hash_protected(self.session.base_commit)
@@ -225,9 +226,8 @@ class Engine:
                 what = f"session '{tag}'" if tag else "any session"
                 raise UsageError(f"cannot resume: no {what} in {self.ledger.shown}",
                                  "start one with `nightlab run` (without --resume)")
-            if not self.check_lab:
-                return session
-            return self._reconcile(session, self._lab_commit(session.tag))
+            self.epoch = self._epoch(self.ledger.session_json(session.id)[1])
+            return session  # reconciled with the lab by run() (see _reconcile)
         tag = tag or default_tag()
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", tag):
             raise UsageError(f"tag {tag!r} is not usable as a branch name",
@@ -248,6 +248,13 @@ class Engine:
         )
         self.ws.create_branch(branch, base)
         return self.ledger.update_session(session.id, incumbent_commit=base)
+
+    @staticmethod
+    def _epoch(extra: dict[str, Any]) -> int:
+        """The idx of the session's latest successful baseline, else of its latest re-baseline, else 0."""
+        rebases = [r for r in extra.get("rebaselines") or [] if isinstance(r, dict)]
+        moved_at = int(rebases[-1].get("at_idx") or 0) if rebases else 0
+        return int(extra.get("baseline_idx") or moved_at)
 
     def _researcher_name(self) -> str:
         return self._researcher_override.name if self._researcher_override else self.spec.researcher.kind
@@ -274,23 +281,19 @@ class Engine:
     def _reconcile(self, session: Session, commit: str) -> Session:
         """Resume ``session`` at the lab's ``commit`` and current spec: continue, re-baseline or refuse.
 
-        - the baseline never succeeded: the session moves to ``commit`` and the current spec
-          (metric name and direction follow), and its baseline runs again there;
+        - the baseline never succeeded and something material changed: the session moves to
+          ``commit`` and the current spec (metric name and direction follow); its baseline runs there;
         - ``--rebaseline``: the same, after keeps (earlier experiments stay in the ledger; the
           branch moves to ``commit``, old keeps stay under refs/nightlab/<tag>/<n>);
         - only harmless changes (stop rules, researcher, autonomy, ...): continue, with the new spec;
         - material changes (metric, commands, files, sandbox, the code at HEAD): refuse, exit 2.
         """
         spec_json, extra = self.ledger.session_json(session.id)
-        rebases = [r for r in extra.get("rebaselines") or [] if isinstance(r, dict)]
-        self.epoch = int(rebases[-1].get("at_idx", 0)) if rebases else 0
         changes = lab_state.compare(self.ws, spec_json=spec_json,
                                     spec_now=self.spec.model_dump(mode="json"), base=session.base_commit,
                                     incumbent=session.incumbent_commit, commit=commit)
         baseline_ok = session.baseline_metric is not None
-        if not baseline_ok or self.rebaseline:
-            if not changes.head_moved and not changes.spec and not self.rebaseline:
-                return session
+        if self.rebaseline or (not baseline_ok and changes.material):
             why = "--rebaseline" if self.rebaseline else "the baseline never succeeded"
             return self._rebase(session, commit, changes, why, extra)
         if changes.material:
@@ -328,6 +331,7 @@ class Engine:
         elif head != commit:
             self.ws.advance_branch(session.branch, commit, head)
         self.epoch = idx
+        self.events.emit("session.rebaseline", tag=session.tag, **record)
         return updated
 
     def recover(self) -> list[Experiment]:
@@ -792,7 +796,7 @@ class Engine:
         if self.stop_file.exists():
             self.stop_file.unlink(missing_ok=True)
             return "STOP file"
-        tried = [e for e in history if e.idx > 0]
+        tried = [e for e in history if e.idx > self.epoch]
         if st.max_experiments and len(tried) >= st.max_experiments:
             return f"max_experiments ({st.max_experiments}) reached"
         if st.max_cost_usd or st.max_tokens:
@@ -831,6 +835,9 @@ class Engine:
         """Run the session until a stop rule fires. Returns the final session row."""
         try:
             if self.resumed:
+                if self.check_lab:
+                    self.session = self._reconcile(self.session, self._lab_commit(self.session.tag))
+                    self.protected_hashes = self.guard.hash_protected(self.session.base_commit)
                 self.recover()
             self.reporter.session_started(self.session, self.spec, self.resumed)
             self.events.emit("session.resume" if self.resumed else "session.start", tag=self.session.tag,
@@ -859,6 +866,11 @@ class Engine:
                 self.reporter.experiment_finished(base, self.session)
                 if base.status is Status.INTERRUPTED:
                     return self._close("stopped", self.stop.cancel_reason or "interrupted")
+                if base.status is Status.KEEP and base.idx:  # after failed or moved baselines
+                    self.epoch = base.idx
+                    extra = self.ledger.session_json(self.session.id)[1]
+                    self.session = self.ledger.update_session(self.session.id,
+                                                              noise={**extra, "baseline_idx": base.idx})
                 if base.status is not Status.KEEP:
                     self._close("failed", f"the baseline failed ({base.status.value}: {base.reason})")
                     raise NightlabError(
@@ -928,7 +940,7 @@ class Engine:
                     reason = self.stop_reason(history)
                 if reason and not inflight:
                     break
-                tried = sum(1 for e in history if e.idx > 0)
+                tried = sum(1 for e in history if e.idx > self.epoch)
                 budget = (cap - tried - len(inflight) - (prepared is not None)) if cap else 1
                 if not reason and prepared is None and budget > 0 and (free or ex.pipeline):
                     t0 = time.monotonic()

@@ -32,7 +32,7 @@ def open_session_engine(lab: Path, tag: str | None, db: str | None, sandbox: str
                              "start one with `nightlab run` or `nightlab calibrate`")
         spec_json, _ = ledger.session_json(session.id)
     spec = Spec.model_validate_json(spec_json)
-    return Engine(lab, tag=session.tag, resume=True, db_url=db, spec=spec, sandbox_mode=sandbox, check_lab=False)
+    return Engine(lab, tag=session.tag, resume=True, db_url=db, spec=spec, sandbox_mode=sandbox)
 
 
 class _Echo(Reporter):
