@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from tests.conftest import GIT_ENV, SRC, commit_all, git
 
 TRAIN = """\

@@ -42,6 +42,7 @@ from nightlab.permissions import rule_of
 from nightlab.policy import make_policy
 from nightlab.researchers import Context, Researcher
 from nightlab.spec import PROGRAM_FILE, Spec, load_spec, matches
+from nightlab.text import first_line
 from nightlab.types import Candidate, Experiment, Measurement, RunResult, Session, Status, Usage
 from nightlab.verifier import Verifier
 from nightlab.workspace import ApplyError, Workspace
@@ -121,8 +122,7 @@ def default_tag() -> str:
 
 
 def _first_line(text: str, limit: int = 200) -> str:
-    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
-    return line[:limit]
+    return first_line(text, limit)  # clipped with an ellipsis, never mid-number without one
 
 
 class Engine:
@@ -314,8 +314,8 @@ class Engine:
                 extra: dict[str, Any]) -> Session:
         """Move the session to ``commit`` and the current spec; its baseline runs again there."""
         idx = self.ledger.next_idx(session.id)
-        record = {"at_idx": idx, "from": session.base_commit, "to": commit, "why": why, "time": time.time(),
-                  "changes": changes.material + changes.harmless}
+        record: dict[str, Any] = {"at_idx": idx, "from": session.base_commit, "to": commit, "why": why,
+                                  "time": time.time(), "changes": changes.material + changes.harmless}
         rebases = [*(extra.get("rebaselines") or []), record]
         self.reporter.message(f"{why}: session '{session.tag}' re-baselines at {commit[:10]} from #{idx} "
                               f"(was {session.base_commit[:10]}; changed: {changes.summary})")

@@ -1,11 +1,14 @@
 """Export a session's experiments: karpathy-compatible ``results.tsv``, CSV, JSONL.
 
-* ``tsv`` is exactly karpathy/autoresearch's ``results.tsv``: five tab-separated columns
+* ``tsv`` is karpathy/autoresearch's ``results.tsv``: five tab-separated columns
   ``commit  <metric_name>  memory_gb  status  description``; commit is the 7-char sha of
-  the attempted change (its parent when it has none), the metric has 6 decimals
-  (``0.000000`` when there is none), memory is GB with 1 decimal, status is ``keep``,
-  ``discard`` or ``crash`` (a timeout is a crash; nightlab's other statuses keep their
-  names). Running experiments have no result yet and are left out.
+  the attempted change (the baseline's is the commit it ran), the metric has 6 decimals,
+  memory is GB with 1 decimal, status is ``keep``, ``discard`` or ``crash`` (a timeout is a
+  crash, written ``0.000000`` and ``0.0`` as karpathy does). A row that never produced a
+  measurement for another reason (``invalid``, ``rejected``, ``interrupted``, a stale
+  rebase that conflicted) keeps its own status and has an *empty* metric and memory, and an
+  empty commit when it has none of its own — never ``0.000000`` (which would read as the best
+  result of the night) nor its parent's commit. Running experiments are left out.
 * ``csv``: one row per experiment with every scalar column, usage included, and the dicts
   (secondary, params, evidence) as JSON. The diff and the log tail are left to JSONL.
 * ``jsonl``: one JSON object per experiment with every field, usage and trust included.
@@ -87,10 +90,13 @@ def _tsv(session: Session, exps: list[Experiment], out: TextIO, memory_key: str)
     for e in exps:
         if e.status is Status.RUNNING:
             continue
-        commit = (e.commit or e.parent_commit)[:7]
-        metric = f"{e.metric:.6f}" if e.metric is not None else "0.000000"
+        crashed = e.status in (Status.CRASH, Status.TIMEOUT)
+        measured = e.metric is not None
+        # the baseline (no change of its own) ran its parent; a row that never ran has no commit of its own
+        commit = (e.commit or (e.parent_commit if measured or crashed else ""))[:7]
+        metric = f"{e.metric:.6f}" if e.metric is not None else "0.000000" if crashed else ""
         mem = e.secondary.get(memory_key)
-        memory = f"{float(mem) / 1024:.1f}" if isinstance(mem, int | float) else "0.0"
+        memory = f"{float(mem) / 1024:.1f}" if isinstance(mem, int | float) else "0.0" if measured or crashed else ""
         out.write(f"{commit}\t{metric}\t{memory}\t{tsv_status(e.status)}\t{_one_line(e.description)}\n")
         n += 1
     return n

@@ -26,6 +26,7 @@ from nightlab.cli.errors import NightlabClickError
 from nightlab.errors import NightlabError, UsageError
 from nightlab.export import FORMATS, export
 from nightlab.ledger import DB_ENV, Ledger
+from nightlab.text import clip
 from nightlab.types import Experiment, Session, Status
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -172,7 +173,7 @@ def status(lab: Path, db: str | None, tag: str | None) -> None:
         e = last[0]
         line = Text(f"#{e.idx} ")
         line.append_text(_status_text(e.status))
-        line.append(f"  {_fmt(e.metric)}  {e.description[:80]}")
+        line.append(f"  {_fmt(e.metric)}  {clip(e.description, 80)}")
         t.add_row("last", line)
     con.print(t)
 
@@ -210,7 +211,7 @@ def log(lab: Path, db: str | None, tag: str | None, status_: str | None, limit: 
             _delta(s, e, kept_metric),
             e.trust if e.metric is not None else "",
             f"{e.run_s:.1f}",
-            Text(e.description if len(e.description) <= 44 else e.description[:43] + "…"),
+            Text(clip(e.description, 44)),
         )
     _console().print(t)
 
@@ -269,7 +270,7 @@ def show(lab: Path, db: str | None, tag: str | None, n: int) -> None:
     t.add_row("rationale", Text(e.rationale or "—"))
     t.add_row("params", Text(json.dumps(e.params, sort_keys=True, default=str) if e.params else "—"))
     t.add_row("evidence", Text(json.dumps(e.evidence, sort_keys=True, default=str) if e.evidence else "—"))
-    if e.worktree:
+    if e.worktree and Path(e.worktree).is_dir():  # removed after the run: not shown as if it were there
         t.add_row("worktree", Text(e.worktree))
     con.print(t)
     if e.log_tail:
