@@ -19,4 +19,5 @@ def init(path: Path, from_autoresearch: bool, force: bool) -> None:
     written = init_lab(path, from_autoresearch=from_autoresearch, force=force)
     for p in written:
         click.echo(f"wrote {p}")
-    click.echo("next: review nightlab.toml (metric name, command, budget), then `nightlab run`")
+    click.echo("next: review nightlab.toml (metric name, command, budget) and program.md, commit them "
+               "(git add nightlab.toml program.md && git commit -m 'nightlab lab'), then `nightlab run`")
