@@ -1,7 +1,7 @@
 """The CLI answers at once: what each command imports (structure, not timing; figures in bench/startup.py).
 
 ``--version`` and ``--help`` import neither SQLAlchemy, pydantic, Optuna nor Rich; the read
-commands import SQLAlchemy (the ledger) but not pydantic, Optuna, numpy or the web stack.
+commands read the lab's SQLite ledger with sqlite3: no SQLAlchemy, pydantic, Optuna, numpy or web stack.
 """
 
 from __future__ import annotations
@@ -58,11 +58,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("args", [["status"], ["log"], ["show", "1"], ["diff", "1"], ["export"]])
-def test_read_commands_import_the_ledger_only(args: list[str], lab: Path) -> None:
+def test_read_commands_read_sqlite_without_sqlalchemy(args: list[str], lab: Path) -> None:
     mods, proc = imported(args, lab)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "sqlalchemy" in mods  # the ledger: measured and documented in the README (Performance)
-    assert not mods & (HEAVY - {"sqlalchemy", "rich"}), sorted(mods & HEAVY)
+    assert "sqlite3" in mods  # the lab's ledger, read by nightlab.ledger_read
+    assert not mods & (HEAVY - {"rich"}), sorted(mods & HEAVY)
 
 
 def test_lazy_registry_matches_the_commands() -> None:

@@ -20,11 +20,13 @@ import csv
 import dataclasses
 import json
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from nightlab.errors import UsageError
-from nightlab.ledger import Ledger
 from nightlab.types import Experiment, Session, Status
+
+if TYPE_CHECKING:  # the read commands export without importing SQLAlchemy
+    from nightlab.ledger_read import LedgerReads
 
 FORMATS = ("tsv", "csv", "jsonl")
 DEFAULT_MEMORY_KEY = "peak_vram_mb"  # what autoresearch's train.py prints, in MB
@@ -60,7 +62,7 @@ CSV_COLUMNS = (
 )
 
 
-def export(ledger: Ledger, session: Session, fmt: str, out: TextIO, *, memory_key: str = "") -> int:
+def export(ledger: LedgerReads, session: Session, fmt: str, out: TextIO, *, memory_key: str = "") -> int:
     """Write ``session``'s experiments to ``out`` in ``fmt``; return the number of rows written.
 
     ``memory_key`` names the secondary figure (in MB) for the TSV's ``memory_gb`` column;

@@ -25,7 +25,7 @@ from rich.text import Text
 from nightlab.cli.errors import NightlabClickError
 from nightlab.errors import NightlabError, UsageError
 from nightlab.export import FORMATS, export
-from nightlab.ledger import DB_ENV, Ledger
+from nightlab.ledger_read import LedgerReads, open_fast
 from nightlab.text import clip
 from nightlab.types import Experiment, Session, Status
 
@@ -71,16 +71,26 @@ def _common(fn: F) -> F:
     return fn
 
 
-def _open(lab: Path, db: str | None, tag: str | None) -> tuple[Ledger, Session]:
+DB_ENV = "NIGHTLAB_DB"  # as nightlab.ledger.DB_ENV (not imported: it imports SQLAlchemy)
+
+
+def _open(lab: Path, db: str | None, tag: str | None) -> tuple[LedgerReads, Session]:
     """The lab's ledger and the session ``tag`` (the latest when None). Caller closes the ledger.
 
+    The lab's own SQLite ledger is read with ``sqlite3`` (:mod:`nightlab.ledger_read`), anything
+    else (``--db``, ``$NIGHTLAB_DB``, a ledger that needs a migration) through SQLAlchemy.
     Raises UsageError when there is no ledger or no such session; never creates a ledger.
     """
     where = Path(lab) / ".nightlab"
     none = UsageError(f"no nightlab session in {where}", fix="run `nightlab run`")
-    if db is None and not os.environ.get(DB_ENV) and not (where / "ledger.db").is_file():
+    url = db or os.environ.get(DB_ENV)
+    if url is None and not (where / "ledger.db").is_file():
         raise none
-    led = Ledger.for_lab(Path(lab), db)
+    led: LedgerReads | None = open_fast(where / "ledger.db") if url is None else None
+    if led is None:
+        from nightlab.ledger import Ledger
+
+        led = Ledger.for_lab(Path(lab), db)
     try:
         session = led.get_session(tag) if tag else led.latest_session()
         if session is None and tag:
@@ -110,7 +120,7 @@ def _status_text(status: Status) -> Text:
     return Text(status.value, style=STATUS_STYLE.get(status, ""))
 
 
-def _baseline(led: Ledger, session: Session) -> float | None:
+def _baseline(led: LedgerReads, session: Session) -> float | None:
     if session.baseline_metric is not None:
         return session.baseline_metric
     base = led.get_experiment(session.id, 0)
@@ -225,7 +235,7 @@ def _delta(s: Session, e: Experiment, kept_metric: dict[str, float]) -> Text:
     return Text(f"{diff:+.6f}", style=style)
 
 
-def _get(led: Ledger, s: Session, n: int) -> Experiment:
+def _get(led: LedgerReads, s: Session, n: int) -> Experiment:
     e = led.get_experiment(s.id, n)
     if e is None:
         count = led.count_experiments(s.id)
