@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -115,6 +116,7 @@ def test_fixed_metric_name_rebaselines_from_the_new_head_and_never_again(lab: Pa
     # what the read commands show is the metric the session uses now
     status = nightlab(lab, "status")
     assert "loss (minimize)" in status.stdout and "val_loss" not in status.stdout
+    assert re.search(r"re-baselined\s+at #1 on " + fix[:10] + r" \(the baseline never succeeded\)", status.stdout)
     log = nightlab(lab, "log")
     assert "t: loss (minimize)" in log.stdout and "val_loss" not in log.stdout
     tsv = nightlab(lab, "export", "--format", "tsv")
@@ -154,16 +156,20 @@ def test_harmless_change_continues_and_says_what_changed(lab: Path) -> None:
     assert json.loads(str(session_row(lab)["spec_json"]))["stop"]["max_experiments"] == 5
 
 
-@pytest.mark.parametrize("change", ["command", "code"])
+@pytest.mark.parametrize("change", ["command", "code", "metric"])
 def test_material_change_after_keeps_is_refused_then_rebaselined(lab: Path, change: str) -> None:
     old_incumbent = _kept_session(lab)
     if change == "command":
         (lab / "nightlab.toml").write_text(SPEC.format(metric="loss").replace('"python train.py"',
                                                                               '"python -B train.py"'))
         expect = '[run] command: "python train.py" -> "python -B train.py"'
-    else:
+    elif change == "code":
         (lab / "train.py").write_text(TRAIN.replace("Y = 0.0", "Y = 1.0"))
         expect = "(changed: train.py)"
+    else:
+        (lab / "train.py").write_text(TRAIN + 'print(f"loss2: {2 * X:.6f}")\n')
+        (lab / "nightlab.toml").write_text(SPEC.format(metric="loss2"))
+        expect = '[metric] name: "loss" -> "loss2"'
     head = commit_all(lab, "changed after keeps")
     n_before = len(rows(lab))
 
@@ -185,6 +191,12 @@ def test_material_change_after_keeps_is_refused_then_rebaselined(lab: Path, chan
     assert git(lab, "merge-base", "--is-ancestor", head, "nightlab/k") == ""
     kept_refs = git(lab, "for-each-ref", "--format=%(objectname)", "refs/nightlab/k/").split()
     assert old_incumbent in kept_refs
+    tsv = nightlab(lab, "export", "--format", "tsv").stdout.splitlines()
+    if change == "metric":  # rows measured as "loss" are not written under a "loss2" column
+        assert tsv[0].split("\t")[1] == "loss2" and len(tsv) == 1 + len(exps) - n_before
+        assert "loss2 (minimize)" in nightlab(lab, "log").stdout
+    else:
+        assert len(tsv) == 1 + len(exps)
     # and the next resume continues from there without another baseline
     r = nightlab(lab, "run", "--resume", "--plain", "--max-experiments", "7")
     assert r.returncode == 0, r.stdout + r.stderr

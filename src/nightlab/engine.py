@@ -271,8 +271,8 @@ class Engine:
         if not self.allow_dirty:
             raise UsageError(
                 f"uncommitted changes in {shown}: runs use commits, so they would not be used as you see them",
-                "commit them (git add -A && git commit -m '...'), or pass --allow-dirty to snapshot the working "
-                "tree into the session's first commit (your index and HEAD stay as they are)")
+                "commit them (git add -A && git commit -m '...'), or `nightlab run --allow-dirty` to snapshot the "
+                "working tree into the session's first commit (your index and HEAD stay as they are)")
         commit = self.ws.snapshot(f"nightlab {tag}: snapshot of the working tree (--allow-dirty)\n\n"
                                   f"uncommitted: {', '.join(dirty)}")
         self.reporter.message(f"--allow-dirty: the working tree ({shown}) is snapshot {commit[:10]}")
@@ -315,7 +315,8 @@ class Engine:
         """Move the session to ``commit`` and the current spec; its baseline runs again there."""
         idx = self.ledger.next_idx(session.id)
         record: dict[str, Any] = {"at_idx": idx, "from": session.base_commit, "to": commit, "why": why,
-                                  "time": time.time(), "changes": changes.material + changes.harmless}
+                                  "time": time.time(), "changes": changes.material + changes.harmless,
+                                  "metric_from": session.metric_name, "metric_to": self.spec.metric.name}
         rebases = [*(extra.get("rebaselines") or []), record]
         self.reporter.message(f"{why}: session '{session.tag}' re-baselines at {commit[:10]} from #{idx} "
                               f"(was {session.base_commit[:10]}; changed: {changes.summary})")

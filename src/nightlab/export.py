@@ -8,7 +8,8 @@
   measurement for another reason (``invalid``, ``rejected``, ``interrupted``, a stale
   rebase that conflicted) keeps its own status and has an *empty* metric and memory, and an
   empty commit when it has none of its own — never ``0.000000`` (which would read as the best
-  result of the night) nor its parent's commit. Running experiments are left out.
+  result of the night) nor its parent's commit. Running experiments are left out, and so are
+  the rows before a re-baseline that changed the metric's name (they measured another metric).
 * ``csv``: one row per experiment with every scalar column, usage included, and the dicts
   (secondary, params, evidence) as JSON. The diff and the log tail are left to JSONL.
 * ``jsonl``: one JSON object per experiment with every field, usage and trust included.
@@ -75,7 +76,13 @@ def export(ledger: LedgerReads, session: Session, fmt: str, out: TextIO, *, memo
     }
     if fmt not in writers:
         raise UsageError(f"unknown export format {fmt!r}", fix=f"use one of: {', '.join(FORMATS)}")
-    return writers[fmt](session, ledger.experiments(session.id), out, memory_key or DEFAULT_MEMORY_KEY)
+    exps = ledger.experiments(session.id)
+    if fmt == "tsv":  # one metric column: rows measured under another metric name before a re-baseline stay out
+        moves = [r for r in ledger.session_json(session.id)[1].get("rebaselines") or [] if isinstance(r, dict)
+                 and r.get("metric_from", session.metric_name) != session.metric_name]
+        if moves:
+            exps = [e for e in exps if e.idx >= int(moves[-1].get("at_idx") or 0)]
+    return writers[fmt](session, exps, out, memory_key or DEFAULT_MEMORY_KEY)
 
 
 def tsv_status(status: Status) -> str:

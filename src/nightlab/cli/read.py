@@ -173,6 +173,11 @@ def status(lab: Path, db: str | None, tag: str | None) -> None:
     hold = extra.get("holdout") or {}
     if isinstance(hold, dict) and hold.get("baseline") is not None:
         t.add_row("holdout", f"baseline {_fmt(hold.get('baseline'))}  latest {_fmt(hold.get('latest'))}")
+    moves = [r for r in extra.get("rebaselines") or [] if isinstance(r, dict)]
+    if moves:
+        m = moves[-1]
+        t.add_row("re-baselined", Text(f"at #{m.get('at_idx')} on {str(m.get('to', ''))[:10]} ({m.get('why', '')})"
+                                       + (f", {len(moves)} times" if len(moves) > 1 else "")))
     for w in extra.get("warnings") or []:
         t.add_row("warning", Text(str(w), style="yellow"))
     ex = extra.get("executor") or {}
