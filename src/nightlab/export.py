@@ -86,6 +86,8 @@ def export(ledger: LedgerReads, session: Session, fmt: str, out: TextIO, *, memo
 
 
 def tsv_status(status: Status) -> str:
+    if status is Status.PRUNED:  # stopped early as worse than earlier runs: karpathy's "discard"
+        return "discard"
     return "crash" if status is Status.TIMEOUT else status.value
 
 

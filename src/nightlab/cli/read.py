@@ -41,6 +41,7 @@ STATUS_STYLE = {
     Status.INVALID: "magenta",
     Status.REJECTED: "magenta",
     Status.INTERRUPTED: "dim",
+    Status.PRUNED: "dark_orange",
 }
 
 
@@ -176,6 +177,7 @@ def status(lab: Path, db: str | None, tag: str | None, all_labs: bool = False, r
         last = led.experiments(s.id, order="desc", limit=1)
         baseline = _baseline(led, s)
         extra = led.session_json(s.id)[1]
+        pruned = led.experiments(s.id, status=Status.PRUNED)
     con = _console()
     t = Table.grid(padding=(0, 2))
     t.add_column(style="bold")
@@ -197,6 +199,11 @@ def status(lab: Path, db: str | None, tag: str | None, all_labs: bool = False, r
         f"tokens in {usage.tokens_in:,}  out {usage.tokens_out:,}  cached {usage.tokens_cached:,}  "
         f"${usage.cost_usd:.2f}  propose {usage.seconds:.1f}s",
     )
+    if pruned:
+        from nightlab import prune  # imports Optuna: only for sessions that pruned runs
+
+        n_pruned, saved = prune.savings(pruned)
+        t.add_row("pruning", f"{n_pruned} run(s) stopped early, about {saved:.1f}s of run time saved")
     noise = extra.get("sigma")
     if noise is not None:
         t.add_row("noise", f"sigma {float(noise):.6g} from {extra.get('k', '?')} baseline runs")
