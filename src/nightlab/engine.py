@@ -34,6 +34,7 @@ from typing import Any
 
 from nightlab import approvals, constraints, escape, keep, notify, prune, sandbox
 from nightlab import researchers as researchers_mod
+from nightlab import resume as lab_state
 from nightlab.audit import AuditLog, Signer, ledger_head, store_head
 from nightlab.context import SECRET_ENV
 from nightlab.errors import NightlabError, SandboxError, UsageError
@@ -44,6 +45,7 @@ from nightlab.permissions import rule_of
 from nightlab.policy import make_policy
 from nightlab.researchers import Context, Researcher
 from nightlab.spec import PROGRAM_FILE, Spec, load_spec, matches
+from nightlab.text import first_line
 from nightlab.types import Candidate, Experiment, Measurement, RunResult, Session, Status, Usage
 from nightlab.verifier import Verifier
 from nightlab.workspace import ApplyError, Workspace
@@ -133,8 +135,7 @@ def default_tag() -> str:
 
 
 def _first_line(text: str, limit: int = 200) -> str:
-    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
-    return line[:limit]
+    return first_line(text, limit)  # clipped with an ellipsis, never mid-number without one
 
 
 class Engine:
@@ -159,6 +160,9 @@ class Engine:
         autonomy: str | None = None,
         program: str | None = None,
         base_commit: str | None = None,
+        allow_dirty: bool = False,
+        rebaseline: bool = False,
+        check_lab: bool = True,
     ) -> None:
         self.lab_dir = Path(lab_dir).resolve()
         self.spec = spec or load_spec(self.lab_dir)
@@ -214,6 +218,11 @@ class Engine:
             ex = self.spec.executor
             self.ray = RayExecutor(address=ex.address or None, num_cpus=ex.num_cpus, num_gpus=ex.num_gpus,
                                    resources=dict(ex.resources), max_retries=ex.max_retries)
+        self.allow_dirty = allow_dirty
+        self.rebaseline = rebaseline
+        self.check_lab = check_lab  # False: resume a session as stored, without comparing it with the lab
+        self.epoch = 0  # the idx of the session's latest (re-)baseline: history before it is not replayed,
+        # the stop rules count from it
         self.session = self._open_session(tag, resume)
         self.resumed = resume
         self.protected_hashes = self.guard.hash_protected(self.session.base_commit)
@@ -233,13 +242,19 @@ class Engine:
     # ------------------------------------------------------------------ session
 
     def _open_session(self, tag: str | None, resume: bool) -> Session:
+        """A new session at the lab's HEAD, or the session to resume, reconciled with the lab as it is now
+        (README, "Resume after a fix")."""
+        if self.rebaseline and not resume:
+            raise UsageError("--rebaseline only applies to --resume",
+                             "a new session always starts with a baseline: drop --rebaseline")
         if resume:
             session = self.ledger.get_session(tag) if tag else self.ledger.latest_session()
             if session is None:
                 what = f"session '{tag}'" if tag else "any session"
-                raise UsageError(f"cannot resume: no {what} in {self.ledger.url}",
+                raise UsageError(f"cannot resume: no {what} in {self.ledger.shown}",
                                  "start one with `nightlab run` (without --resume)")
-            return session
+            self.epoch = self._epoch(self.ledger.session_json(session.id)[1])
+            return session  # reconciled with the lab by run() (see _reconcile)
         tag = tag or default_tag()
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", tag):
             raise UsageError(f"tag {tag!r} is not usable as a branch name",
@@ -251,12 +266,12 @@ class Engine:
         if self.ws.resolve(f"refs/heads/{branch}"):
             raise UsageError(f"the branch {branch} already exists but the ledger has no session '{tag}'",
                              f"pick a new --tag, or delete the branch: git branch -D {branch}")
-        base = self._base_commit or self.ws.head()
+        base = self._base_commit or self._lab_commit(tag)  # a given base (compare's arms) is a commit already
         session = self.ledger.create_session(
             tag=tag, branch=branch, base_commit=base, metric_name=self.spec.metric.name,
             direction=self.spec.metric.direction, sandbox=self.sandbox_mode, spec_hash=self.spec.digest(),
             spec_json=self.spec.model_dump_json(), lab_path=str(self.lab_dir), machine=machine_info(),
-            researcher=self._researcher_override.name if self._researcher_override else self.spec.researcher.kind,
+            researcher=self._researcher_name(),
         )
         self.ws.create_branch(branch, base)
         return self.ledger.update_session(session.id, incumbent_commit=base)
@@ -279,6 +294,92 @@ class Engine:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
+
+    @staticmethod
+    def _epoch(extra: dict[str, Any]) -> int:
+        """The idx of the session's latest successful baseline, else of its latest re-baseline, else 0."""
+        rebases = [r for r in extra.get("rebaselines") or [] if isinstance(r, dict)]
+        moved_at = int(rebases[-1].get("at_idx") or 0) if rebases else 0
+        return int(extra.get("baseline_idx") or moved_at)
+
+    def _researcher_name(self) -> str:
+        return self._researcher_override.name if self._researcher_override else self.spec.researcher.kind
+
+    def _lab_commit(self, tag: str) -> str:
+        """The commit a session starts from: HEAD, or with ``allow_dirty`` a snapshot of the working tree.
+
+        Uncommitted changes to editable, protected or spec files are refused otherwise: runs use
+        commits, so they would be ignored while an uncommitted nightlab.toml is read — half-used."""
+        dirty = lab_state.dirty_files(self.ws, self.guard)
+        if not dirty:
+            return self.ws.head()
+        shown = ", ".join(dirty[:10]) + (f" (+{len(dirty) - 10} more)" if len(dirty) > 10 else "")
+        if not self.allow_dirty:
+            raise UsageError(
+                f"uncommitted changes in {shown}: runs use commits, so they would not be used as you see them",
+                "commit them (git add -A && git commit -m '...'), or `nightlab run --allow-dirty` to snapshot the "
+                "working tree into the session's first commit (your index and HEAD stay as they are)")
+        commit = self.ws.snapshot(f"nightlab {tag}: snapshot of the working tree (--allow-dirty)\n\n"
+                                  f"uncommitted: {', '.join(dirty)}")
+        self.reporter.message(f"--allow-dirty: the working tree ({shown}) is snapshot {commit[:10]}")
+        return commit
+
+    def _reconcile(self, session: Session, commit: str) -> Session:
+        """Resume ``session`` at the lab's ``commit`` and current spec: continue, re-baseline or refuse.
+
+        - the baseline never succeeded and something material changed: the session moves to
+          ``commit`` and the current spec (metric name and direction follow); its baseline runs there;
+        - ``--rebaseline``: the same, after keeps (earlier experiments stay in the ledger; the
+          branch moves to ``commit``, old keeps stay under refs/nightlab/<tag>/<n>);
+        - only harmless changes (stop rules, researcher, autonomy, ...): continue, with the new spec;
+        - material changes (metric, commands, files, sandbox, the code at HEAD): refuse, exit 2.
+        """
+        spec_json, extra = self.ledger.session_json(session.id)
+        changes = lab_state.compare(self.ws, spec_json=spec_json,
+                                    spec_now=self.spec.model_dump(mode="json"), base=session.base_commit,
+                                    incumbent=session.incumbent_commit, commit=commit)
+        baseline_ok = session.baseline_metric is not None
+        if self.rebaseline or (not baseline_ok and changes.material):
+            why = "--rebaseline" if self.rebaseline else "the baseline never succeeded"
+            return self._rebase(session, commit, changes, why, extra)
+        if changes.material:
+            raise UsageError(
+                f"session '{session.tag}' changed since it started: " + "; ".join(changes.material)
+                + ". Its kept experiments were measured under the old setting, so it cannot simply continue",
+                f"start a new session from here: `nightlab run --tag {session.tag}-2`; or re-measure the baseline "
+                f"at {commit[:10]} and continue this one: `nightlab run --resume --tag {session.tag} --rebaseline`; "
+                f"or undo the change (git diff {session.base_commit[:10]} {commit[:10]})")
+        if changes.spec or changes.head_moved:
+            self.reporter.message(f"resuming '{session.tag}' with harmless changes: {changes.summary}")
+            session = self.ledger.update_session(session.id, spec_hash=self.spec.digest(),
+                                                 spec_json=self.spec.model_dump_json(),
+                                                 researcher=self._researcher_name())
+        return session
+
+    def _rebase(self, session: Session, commit: str, changes: lab_state.Changes, why: str,
+                extra: dict[str, Any]) -> Session:
+        """Move the session to ``commit`` and the current spec; its baseline runs again there."""
+        idx = self.ledger.next_idx(session.id)
+        record: dict[str, Any] = {"at_idx": idx, "from": session.base_commit, "to": commit, "why": why,
+                                  "time": time.time(), "changes": changes.material + changes.harmless,
+                                  "metric_from": session.metric_name, "metric_to": self.spec.metric.name}
+        rebases = [*(extra.get("rebaselines") or []), record]
+        self.reporter.message(f"{why}: session '{session.tag}' re-baselines at {commit[:10]} from #{idx} "
+                              f"(was {session.base_commit[:10]}; changed: {changes.summary})")
+        head = self.ws.resolve(f"refs/heads/{session.branch}")
+        updated = self.ledger.update_session(
+            session.id, base_commit=commit, incumbent_commit=commit, incumbent_metric=None, baseline_metric=None,
+            metric_name=self.spec.metric.name, direction=self.spec.metric.direction, sandbox=self.sandbox_mode,
+            spec_hash=self.spec.digest(), spec_json=self.spec.model_dump_json(), researcher=self._researcher_name(),
+            noise={"rebaselines": rebases},  # the noise floor and holdout figures were the old baseline's
+        )
+        if head is None:
+            self.ws.create_branch(session.branch, commit)
+        elif head != commit:
+            self.ws.advance_branch(session.branch, commit, head)
+        self.epoch = idx
+        self.events.emit("session.rebaseline", tag=session.tag, **record)
+        return updated
 
     def recover(self) -> list[Experiment]:
         """Clean up after a harness that died: orphans, stale worktrees, a lagging branch.
@@ -835,7 +936,7 @@ class Engine:
         if self.stop_file.exists():
             self.stop_file.unlink(missing_ok=True)
             return "STOP file"
-        tried = [e for e in history if e.idx > 0]
+        tried = [e for e in history if e.idx > self.epoch]
         if st.max_experiments and len(tried) >= st.max_experiments:
             return f"max_experiments ({st.max_experiments}) reached"
         if st.max_cost_usd or st.max_tokens:
@@ -907,6 +1008,9 @@ class Engine:
         lock = self._lock_session()  # before the try: a refused second harness must not close the session
         try:
             if self.resumed:
+                if self.check_lab:
+                    self.session = self._reconcile(self.session, self._lab_commit(self.session.tag))
+                    self.protected_hashes = self.guard.hash_protected(self.session.base_commit)
                 self.recover()
             self.reporter.session_started(self.session, self.spec, self.resumed)
             if msg := self.verifier.start_message():
@@ -922,11 +1026,12 @@ class Engine:
                 if self.spec.holdout.command:
                     self.reporter.message("WARNING: sandbox = none: holdout files are NOT hidden from runs")
             self.researcher = self._researcher_override or researchers_mod.create(self.spec, self.lab_dir)
-            history = self.ledger.experiments(self.session.id)
+            # the history since the latest (re-)baseline: what was measured under this base and spec
+            history = [e for e in self.ledger.experiments(self.session.id) if e.idx >= self.epoch]
             self.pruner.replay(history)
             for e in history:
                 self.researcher.observe(e)
-            if not any(e.idx == 0 and e.status is Status.KEEP for e in history):
+            if self.session.baseline_metric is None:  # no baseline has succeeded (since the latest rebase)
                 self.run_setup()
                 if self.stop.cancel.is_set():
                     return self._close("stopped", self.stop.cancel_reason or "interrupted")
@@ -937,11 +1042,16 @@ class Engine:
                 self.reporter.experiment_finished(base, self.session)
                 if base.status is Status.INTERRUPTED:
                     return self._close("stopped", self.stop.cancel_reason or "interrupted")
+                if base.status is Status.KEEP and base.idx:  # after failed or moved baselines
+                    self.epoch = base.idx
+                    extra = self.ledger.session_json(self.session.id)[1]
+                    self.session = self.ledger.update_session(self.session.id,
+                                                              noise={**extra, "baseline_idx": base.idx})
                 if base.status is not Status.KEEP:
                     self._close("failed", f"the baseline failed ({base.status.value}: {base.reason})")
                     raise NightlabError(
                         f"the unmodified baseline failed: {base.status.value}: {base.reason}\n{base.log_tail[-1500:]}",
-                        "make the run command work by hand first; see `nightlab show 0`, then --resume",
+                        f"make the run command work by hand first; see `nightlab show {base.idx}`, then --resume",
                     )
             elif self.spec.run.setup:
                 self.run_setup()
@@ -1015,7 +1125,7 @@ class Engine:
                     reason = self.stop_reason(history)
                 if reason and not inflight:
                     break
-                tried = sum(1 for e in history if e.idx > 0)
+                tried = sum(1 for e in history if e.idx > self.epoch)
                 budget = (cap - tried - len(inflight) - (prepared is not None)) if cap else 1
                 if not reason and prepared is None and budget > 0 and (free or ex.pipeline):
                     t0 = time.monotonic()

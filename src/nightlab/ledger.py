@@ -250,6 +250,11 @@ class Ledger:
     def __repr__(self) -> str:
         return f"Ledger({self._shown!r})"
 
+    @property
+    def shown(self) -> str:
+        """Where the ledger is, for messages: the SQLite file's path, or the URL without its password."""
+        return self._shown
+
     # -- plumbing -----------------------------------------------------------------------
 
     def _dbapi_error(self) -> type[Exception]:

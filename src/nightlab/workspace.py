@@ -317,3 +317,40 @@ class Workspace:
                   cwd=worktree)
         sha = self._run(["rev-parse", "HEAD"], cwd=worktree).strip()
         return sha, diff
+
+    # ------------------------------------------------------------------ the user's working tree
+
+    def uncommitted(self) -> list[str]:
+        """Repo-relative paths under the lab folder that differ from HEAD: staged, unstaged, or
+        untracked and not ignored (``git status``; nothing is written)."""
+        out = self._run(["status", "--porcelain=v1", "-z", "--untracked-files=all", "--no-renames", "--", "."])
+        return sorted({entry[3:] for entry in out.split("\0") if len(entry) > 3})
+
+    def changed_between(self, a: str, b: str) -> list[str]:
+        """Repo-relative paths that differ between commits ``a`` and ``b``."""
+        out = self._run(["diff", "--name-only", "-z", "--no-renames", a, b, "--"])
+        return sorted(p for p in out.split("\0") if p)
+
+    def snapshot(self, message: str) -> str:
+        """A commit of the working tree as ``git add -A`` would stage it, on top of HEAD.
+
+        Made with a private index (``GIT_INDEX_FILE``), ``write-tree`` and ``commit-tree``: the
+        user's index, HEAD and branches are not touched. Ignored files (and ``.nightlab/``) stay out.
+        """
+        import tempfile
+
+        head = self.head()
+        with tempfile.TemporaryDirectory(prefix="nightlab-index-") as tmp:
+            env = {**self._env, "GIT_INDEX_FILE": str(Path(tmp) / "index")}
+
+            def git(*args: str) -> str:
+                proc = subprocess.run(["git", *_GIT_CFG, *args], cwd=self.repo_root, env=env,
+                                      capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise GitError(f"git {' '.join(args[:2])} failed: {proc.stderr.strip()[:500]}")
+                return proc.stdout.strip()
+
+            git("read-tree", head)
+            git("add", "-A", "--", ".")
+            tree = git("write-tree")
+            return git("commit-tree", tree, "-p", head, "-m", message)

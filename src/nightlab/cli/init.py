@@ -28,4 +28,5 @@ def init(path: Path, from_autoresearch: bool, force: bool) -> None:
         click.echo(table(lab_space(load_spec(written[0]), written[0].parent)))
     except NightlabError as e:
         click.echo(f"  cannot read it yet: {e.message}\n  fix: {e.fix}")
-    click.echo("next: review nightlab.toml (metric name, command, budget), then `nightlab run`")
+    click.echo("next: review nightlab.toml (metric name, command, budget) and program.md, commit them "
+               "(git add nightlab.toml program.md && git commit -m 'nightlab lab'), then `nightlab run`")

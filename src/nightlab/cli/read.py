@@ -23,10 +23,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from nightlab import prune
+from nightlab.cli.errors import NightlabClickError
 from nightlab.errors import NightlabError, UsageError
 from nightlab.export import FORMATS, export
-from nightlab.ledger import DB_ENV, Ledger
+from nightlab.ledger_read import LedgerReads, open_fast
+from nightlab.text import clip
 from nightlab.types import Experiment, Session, Status
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -44,21 +45,13 @@ STATUS_STYLE = {
 }
 
 
-class _NightlabClickError(click.ClickException):
-    """A :class:`NightlabError` shown the click way: ``Error: message`` and the fix."""
-
-    def __init__(self, err: NightlabError) -> None:
-        super().__init__(str(err))
-        setattr(self, "exit_code", err.exit_code)  # noqa: B010 (click declares it a class variable)
-
-
 def _errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except NightlabError as e:
-            raise _NightlabClickError(e) from None
+            raise NightlabClickError(e) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -80,21 +73,31 @@ def _common(fn: F) -> F:
     return fn
 
 
-def _open(lab: Path, db: str | None, tag: str | None) -> tuple[Ledger, Session]:
+DB_ENV = "NIGHTLAB_DB"  # as nightlab.ledger.DB_ENV (not imported: it imports SQLAlchemy)
+
+
+def _open(lab: Path, db: str | None, tag: str | None) -> tuple[LedgerReads, Session]:
     """The lab's ledger and the session ``tag`` (the latest when None). Caller closes the ledger.
 
+    The lab's own SQLite ledger is read with ``sqlite3`` (:mod:`nightlab.ledger_read`), anything
+    else (``--db``, ``$NIGHTLAB_DB``, a ledger that needs a migration) through SQLAlchemy.
     Raises UsageError when there is no ledger or no such session; never creates a ledger.
     """
     where = Path(lab) / ".nightlab"
     none = UsageError(f"no nightlab session in {where}", fix="run `nightlab run`")
-    if db is None and not os.environ.get(DB_ENV) and not (where / "ledger.db").is_file():
+    url = db or os.environ.get(DB_ENV)
+    if url is None and not (where / "ledger.db").is_file():
         raise none
-    led = Ledger.for_lab(Path(lab), db)
+    led: LedgerReads | None = open_fast(where / "ledger.db") if url is None else None
+    if led is None:
+        from nightlab.ledger import Ledger
+
+        led = Ledger.for_lab(Path(lab), db)
     try:
         session = led.get_session(tag) if tag else led.latest_session()
         if session is None and tag:
             tags = ", ".join(s.tag for s in led.list_sessions()) or "none"
-            raise UsageError(f"no session '{tag}' in {led!r}", fix=f"sessions: {tags}")
+            raise UsageError(f"no session '{tag}' in {led.shown}", fix=f"sessions: {tags}")
         if session is None:
             raise none
     except BaseException:
@@ -134,7 +137,7 @@ def _status_text(status: Status) -> Text:
     return Text(status.value, style=STATUS_STYLE.get(status, ""))
 
 
-def _baseline(led: Ledger, session: Session) -> float | None:
+def _baseline(led: LedgerReads, session: Session) -> float | None:
     if session.baseline_metric is not None:
         return session.baseline_metric
     base = led.get_experiment(session.id, 0)
@@ -197,6 +200,8 @@ def status(lab: Path, db: str | None, tag: str | None, all_labs: bool = False, r
         f"${usage.cost_usd:.2f}  propose {usage.seconds:.1f}s",
     )
     if pruned:
+        from nightlab import prune  # imports Optuna: only for sessions that pruned runs
+
         n_pruned, saved = prune.savings(pruned)
         t.add_row("pruning", f"{n_pruned} run(s) stopped early, about {saved:.1f}s of run time saved")
     noise = extra.get("sigma")
@@ -205,6 +210,11 @@ def status(lab: Path, db: str | None, tag: str | None, all_labs: bool = False, r
     hold = extra.get("holdout") or {}
     if isinstance(hold, dict) and hold.get("baseline") is not None:
         t.add_row("holdout", f"baseline {_fmt(hold.get('baseline'))}  latest {_fmt(hold.get('latest'))}")
+    moves = [r for r in extra.get("rebaselines") or [] if isinstance(r, dict)]
+    if moves:
+        m = moves[-1]
+        t.add_row("re-baselined", Text(f"at #{m.get('at_idx')} on {str(m.get('to', ''))[:10]} ({m.get('why', '')})"
+                                       + (f", {len(moves)} times" if len(moves) > 1 else "")))
     for w in extra.get("warnings") or []:
         t.add_row("warning", Text(str(w), style="yellow"))
     ex = extra.get("executor") or {}
@@ -215,7 +225,7 @@ def status(lab: Path, db: str | None, tag: str | None, all_labs: bool = False, r
         e = last[0]
         line = Text(f"#{e.idx} ")
         line.append_text(_status_text(e.status))
-        line.append(f"  {_fmt(e.metric)}  {e.description[:80]}")
+        line.append(f"  {_fmt(e.metric)}  {clip(e.description, 80)}")
         t.add_row("last", line)
     con.print(t)
 
@@ -247,8 +257,7 @@ def log(lab: Path, db: str | None, tag: str | None, status_: str | None, limit: 
     t.add_column("description")
     warned = 0
     for e in rows:
-        desc = e.description if len(e.description) <= 44 else e.description[:43] + "…"
-        cell = Text(desc)
+        cell = Text(clip(e.description, 44))
         if _warnings(e):
             warned += 1
             cell = Text("⚠ ", style="bold yellow") + cell
@@ -277,7 +286,7 @@ def _delta(s: Session, e: Experiment, kept_metric: dict[str, float]) -> Text:
     return Text(_signed(diff), style=style)
 
 
-def _get(led: Ledger, s: Session, n: int) -> Experiment:
+def _get(led: LedgerReads, s: Session, n: int) -> Experiment:
     e = led.get_experiment(s.id, n)
     if e is None:
         count = led.count_experiments(s.id)
@@ -324,7 +333,7 @@ def show(lab: Path, db: str | None, tag: str | None, n: int) -> None:
     t.add_row("rationale", Text(e.rationale or "—"))
     t.add_row("params", Text(json.dumps(e.params, sort_keys=True, default=str) if e.params else "—"))
     t.add_row("evidence", Text(json.dumps(e.evidence, sort_keys=True, default=str) if e.evidence else "—"))
-    if e.worktree:
+    if e.worktree and Path(e.worktree).is_dir():  # removed after the run: not shown as if it were there
         t.add_row("worktree", Text(e.worktree))
     con.print(t)
     if e.log_tail:

@@ -26,6 +26,8 @@ from typing import Any
 from urllib.parse import urlencode
 
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -33,6 +35,7 @@ from pydantic import BaseModel, Field
 from pygments import highlight
 from pygments.formatters import HtmlFormatter
 from pygments.lexers import DiffLexer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nightlab import __version__, approvals, prune, queries
 from nightlab.constraints import RUN_S
@@ -134,6 +137,32 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     install_guard(app, access)
+
+    # ------------------------------------------------------------------ errors: pages get pages, /api gets JSON
+
+    def _is_page(request: Request) -> bool:
+        return not request.url.path.startswith(("/api/", "/static"))
+
+    def error_page(request: Request, code: int, message: str) -> Response:
+        title = {404: "not found", 422: "not found"}.get(code, "error")
+        return templates.TemplateResponse(request, "error.html", {"code": code, "title": title, "message": message},
+                                          status_code=code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if not _is_page(request):
+            return await http_exception_handler(request, exc)
+        message = str(exc.detail) if exc.status_code != 404 or exc.detail != "Not Found" else \
+            f"no page at {request.url.path}"
+        return error_page(request, exc.status_code, message)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> Response:
+        if not _is_page(request):
+            return await request_validation_exception_handler(request, exc)
+        # a page address with a malformed part (an experiment number that is not a number) is a page
+        # that does not exist
+        return error_page(request, 404, f"no page at {request.url.path}")
 
     # ------------------------------------------------------------------ helpers
 
