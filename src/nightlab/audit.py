@@ -26,9 +26,10 @@ Contracts:
   and head after every record of the kinds it is told to anchor (:func:`store_head`; the engine
   anchors every decision, approval and session event, so at most one experiment's records trail
   it). :func:`verify` checks all three.
-* **Secrets.** String values under secret-looking keys, values of secret-looking environment
-  variables, token-shaped strings and the values of any ``env`` mapping are replaced by
-  ``[redacted…]`` before a record is built.
+* **Secrets.** String values under secret-looking keys, the secret values of the environment
+  (:func:`nightlab.redaction.env_secrets`: secret-looking names, and variables runs do not get),
+  token-shaped strings and the values of any ``env`` mapping are replaced by ``[redacted…]``
+  before a record is built.
 * **Writers.** Appends take an exclusive ``flock`` on the file, so several processes may
   append to one log (each re-reads the head when the file grew under it).
 
@@ -59,6 +60,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from nightlab.errors import NightlabError
+from nightlab.redaction import env_secrets, redact
 
 VERSION = 1
 DOMAIN = b"nightlab-audit-v1\x00"
@@ -72,7 +74,6 @@ INSTALL_HINT = "pip install 'nightlab[audit]' (it adds the cryptography package)
 SECRET_KEY = re.compile(
     r"(^|[_\-.])(api_?key|token|secret|password|passwd|credentials?|private_?key|authorization|cookie)$", re.I
 )
-SECRET_ENV = re.compile(r"(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_KEY)", re.I)
 TOKEN_SHAPES = re.compile(
     r"(sk-[A-Za-z0-9_\-]{16,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}|AKIA[0-9A-Z]{16}"
     r"|xox[abpr]-[A-Za-z0-9\-]{10,}|(?i:bearer)\s+[A-Za-z0-9._\-]{16,})"
@@ -131,17 +132,14 @@ class Scrubber:
     """Replaces secrets in event data (see the module docstring). Built once per log."""
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
-        env = os.environ if environ is None else environ
-        pairs = [(v, k) for k, v in env.items() if SECRET_ENV.search(k) and len(v) >= 8]
-        self.values = sorted(pairs, key=lambda p: -len(p[0]))  # longest first
+        # the one rule of nightlab.redaction: secret-named values and values runs do not get
+        self.values = env_secrets(environ)  # (value, name), longest first
 
     def __call__(self, value: Any, key: str = "") -> Any:
         if isinstance(value, str):
             if key and SECRET_KEY.search(key) and value:
                 return "[redacted]"
-            for secret, name in self.values:
-                if secret in value:
-                    value = value.replace(secret, f"[redacted:{name}]")
+            value = redact(value, self.values, mark=lambda name: f"[redacted:{name}]")
             return TOKEN_SHAPES.sub("[redacted:token]", value)
         if isinstance(value, Mapping):
             if key.lower() in ("env", "environ", "environment"):

@@ -12,6 +12,7 @@ is fast-forwarded to the ledger's incumbent if the kill fell between the two wri
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import os
@@ -29,10 +30,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from nightlab import approvals, sandbox
+from nightlab import approvals, redaction, runenv, sandbox
 from nightlab import researchers as researchers_mod
 from nightlab.audit import AuditLog, Signer, store_head
-from nightlab.context import SECRET_ENV
 from nightlab.errors import NightlabError, SandboxError, UsageError
 from nightlab.events import EventSink, FanOut, Locked, NullSink
 from nightlab.guard import Guard, diff_paths
@@ -274,7 +274,9 @@ class Engine:
     # ------------------------------------------------------------------ environment
 
     def run_env(self, seed: int, idx: int) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not SECRET_ENV.search(k)}
+        """The environment of a run, evaluator, holdout check or setup: an allowlist (nightlab.runenv)
+        of nightlab's own, ``[run] pass_env``, ``[run] env``, then the ``NIGHTLAB_*`` run variables."""
+        env = runenv.filter_env(os.environ, self.spec.run.pass_env)
         if not env.get("VIRTUAL_ENV"):
             # make `python` in a run command mean the interpreter nightlab runs under
             env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
@@ -296,11 +298,32 @@ class Engine:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in mine)
         return env
 
+    @functools.cached_property
+    def secrets(self) -> list[tuple[str, str]]:
+        """What is redacted from every log tail and reason the ledger stores (nightlab.redaction):
+        secret-named values, values of the variables runs do not get, secret-named ``[run] env``."""
+        passed = runenv.filter_env(os.environ, self.spec.run.pass_env)
+        extra = [v for k, v in self.spec.run.env.items() if runenv.SECRET_NAME.search(k)]
+        return redaction.env_secrets(os.environ, passed=passed, extra=extra)
+
+    def readonly_data(self) -> list[Path]:
+        """``[sandbox] readonly``: host paths runs may read (``~`` expands; relative: from the lab)."""
+        out = []
+        for raw in self.spec.sandbox.readonly:
+            p = Path(os.path.expanduser(raw))
+            p = p if p.is_absolute() else self.lab_dir / p
+            if not p.exists():
+                raise UsageError(f"[sandbox] readonly: {raw} ({p}) does not exist",
+                                 "create it (run the lab's data preparation first), or remove it from "
+                                 "[sandbox] readonly in nightlab.toml")
+            out.append(p)
+        return out
+
     def sandbox_policy(self, worktree: Path) -> sandbox.SandboxPolicy:
         hidden = [self.ws.state_dir, self.ws.repo_root / ".git", self.ws.git_dir]
         hidden += [self.lab_dir / h for h in self.spec.sandbox.hide]
         hidden += self.verifier.hidden_paths(self.ws.lab_in(worktree))
-        readonly = [worktree / ".git"]
+        readonly = [worktree / ".git", *self.readonly_data()]
         if self.data_dir.exists():
             readonly.append(self.data_dir)
         return sandbox.SandboxPolicy(
@@ -350,7 +373,10 @@ class Engine:
                 m: Measurement | None = None, reason: str = "", **kw: Any) -> Experiment:
         now = time.time()
         run_s = run.wall_s if run else 0.0
-        log_tail = sandbox.tail(Path(run.log_path), 50) if run else ""
+        log_tail = redaction.redact(sandbox.tail(Path(run.log_path), 50), self.secrets) if run else ""
+        reason = redaction.redact(reason, self.secrets)
+        if "evidence" in kw:
+            kw["evidence"] = redaction.redact_data(kw["evidence"], self.secrets)
         exp = self.ledger.finish_experiment(
             exp_id, status=status, metric=m.metric if m else None, secondary=m.secondary if m else {},
             trust=m.trust if m else "inline", reason=reason, log_tail=log_tail, run_s=run_s,

@@ -62,6 +62,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -91,6 +92,10 @@ class SandboxPolicy:
     readonly: tuple[Path, ...] = ()  # bound read-only at the same path; wins over writable/hidden
     hidden: tuple[Path, ...] = ()  # an empty tmpfs over each; paths that do not exist are skipped
     memory_mb: int = 0  # RLIMIT_AS for the command when > 0
+    # bwrap: False (runs, evaluators, holdout checks): a minimal view -- system folders, chosen /etc
+    # entries, the toolchain and the paths above, nothing else of the host. True: the whole host
+    # file system read-only (the agent researcher, which needs its CLI and its config).
+    host_root: bool = False
 
 
 # --------------------------------------------------------------------------- mode resolution
@@ -150,46 +155,132 @@ def resolve_mode(requested: str) -> str:
 
 
 _PRIVATE_ROOTS = (Path("/tmp"), Path("/dev/shm"))
+# The host's system folders, bound read-only (a top-level symlink such as /bin -> usr/bin on a
+# merged-/usr system is recreated as the same symlink). /sys holds no sockets; CUDA, NCCL, hwloc
+# and OpenBLAS read the hardware layout there.
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/sys")
+# What of /etc a program needs: users and groups (not shadow), name service and the hosts file
+# (localhost), time zone, locale, the dynamic linker's cache and config (CUDA's ld.so.conf.d entry),
+# Debian's alternatives (targets of /usr/bin links), TLS roots, OS release, MIME and magic tables,
+# fonts (matplotlib), GPU vendor files, the system Python's config. Not /etc as a whole: it holds
+# secrets root can read (ssh host keys, shadow, docker and cloud configs).
+ETC_ENTRIES = (
+    "passwd", "group", "nsswitch.conf", "host.conf", "hosts", "resolv.conf", "gai.conf", "protocols",
+    "services", "networks", "localtime", "timezone", "locale.alias", "locale.conf", "ld.so.cache",
+    "ld.so.conf", "ld.so.conf.d", "alternatives", "ssl", "ca-certificates", "ca-certificates.conf", "pki",
+    "crypto-policies", "os-release", "lsb-release", "debian_version", "redhat-release", "system-release",
+    "mime.types", "magic", "magic.mime", "fonts", "matplotlibrc", "OpenCL", "vulkan", "glvnd",
+    "python3", "python3.*",
+)
 
 
-def toolchain_paths(env: dict[str, str]) -> list[Path]:
-    """Interpreter and PATH folders that live under ``/tmp`` or ``/dev/shm``.
+def _plain_entry(path: Path) -> bool:
+    """A file or folder (after symlinks): never a socket, FIFO or device bound in by accident."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    return stat.S_ISREG(mode) or stat.S_ISDIR(mode)
 
-    The sandbox replaces those with private tmpfs mounts; a virtualenv created there (a CI
-    checkout under /tmp, say) would vanish and ``python`` would not be found. These folders are
-    bound back read-only. A PATH entry ending in ``bin`` brings its parent (the venv root).
+
+def _under(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def _broad(path: Path, home: Path | None) -> bool:
+    """``/``, or ``$HOME`` or one of its ancestors: never bound whole as a toolchain folder."""
+    return path == Path("/") or (home is not None and _under(home, path))
+
+
+def toolchain_paths(env: dict[str, str], avoid: Iterable[Path] = ()) -> list[Path]:
+    """Folders of the interpreter and the commands on ``PATH`` that a run needs, outside /usr.
+
+    ``sys.prefix``, ``sys.base_prefix``, the folder of the real ``sys.executable``,
+    ``VIRTUAL_ENV``, and each ``PATH`` entry -- an entry ``X/bin`` brings ``X`` when ``X`` is a
+    virtualenv or conda prefix (``pyvenv.cfg`` / ``conda-meta``), else only itself. Folders already
+    under a system folder, missing ones, ``/``, ``$HOME`` or its ancestors, and ancestors of an
+    ``avoid`` path (the run's folder: the lab folder around it stays out) are left out (a ``PATH``
+    entry ``~`` does not expose the home folder). They are bound back read-only; under
+    ``/tmp`` or ``/dev/shm`` (a CI checkout) they come back over the private tmpfs.
     """
     cands = [Path(sys.prefix), Path(sys.base_prefix), Path(os.path.dirname(os.path.realpath(sys.executable)))]
+    if env.get("VIRTUAL_ENV"):
+        cands.append(Path(env["VIRTUAL_ENV"]))
     for entry in env.get("PATH", "").split(os.pathsep):
-        if entry:
+        if entry and os.path.isabs(entry):
             p = Path(entry)
-            cands.append(p.parent if p.name == "bin" else p)
+            prefix = p.parent
+            is_prefix = (prefix / "pyvenv.cfg").exists() or (prefix / "conda-meta").is_dir()
+            cands.append(prefix if p.name == "bin" and is_prefix else p)
+    home = Path(os.path.realpath(env["HOME"])) if env.get("HOME", "").startswith("/") else None
+    system = [Path(os.path.realpath(d)) for d in SYSTEM_DIRS]
+    away = [Path(os.path.realpath(a)) for a in avoid]
     out: list[Path] = []
     for c in cands:
         real = Path(os.path.realpath(c))
-        if real.is_dir() and any(root in real.parents for root in _PRIVATE_ROOTS) and real not in out:
-            out.append(real)
+        if (not real.is_dir() or real in out or _broad(real, home) or any(_under(a, real) for a in away)
+                or any(_under(real, d) for d in system if d.is_dir())):
+            continue
+        out.append(real)
     return out
 
 
-def _mounts(policy: SandboxPolicy, extra_readonly: list[Path] | None = None) -> list[str]:
-    """The hidden/writable/readonly mounts, deeper paths last; same path: readonly wins."""
+def _system_view() -> tuple[list[str], list[Path]]:
+    """bwrap arguments for the system folders and the chosen /etc entries, and the paths they show."""
+    args: list[str] = []
+    shown: list[Path] = []
+    for d in SYSTEM_DIRS:
+        p = Path(d)
+        if p.is_symlink():
+            target = os.readlink(p)
+            if _plain_entry(p):
+                args += ["--symlink", target, d]
+        elif p.is_dir():
+            args += ["--ro-bind", d, d]
+            shown.append(p)
+    for pattern in ETC_ENTRIES:
+        for p in sorted(Path("/etc").glob(pattern)):
+            if _plain_entry(p):
+                args += ["--ro-bind", str(p), str(p)]
+                shown.append(p)
+    args += ["--symlink", "../proc/self/mounts", "/etc/mtab"]
+    return args, shown
+
+
+def _mounts(policy: SandboxPolicy, extra_readonly: list[Path] | None = None,
+            shown: list[Path] | None = None, home: Path | None = None) -> list[str]:
+    """The hidden/writable/readonly mounts, deeper paths last; same path: readonly wins.
+
+    ``shown`` (the minimal view): the host paths visible anyway; a hidden path outside every
+    visible path is skipped (nothing to hide, and its name would appear). ``home``: an empty
+    tmpfs over it, so the run has a writable home that holds nothing of the host's.
+    """
     entries: list[tuple[int, int, str, list[str]]] = []
+    visible: list[Path] = list(shown or [])
     for path in extra_readonly or []:
         entries.append((len(path.parts), 2, str(path), ["--ro-bind", str(path), str(path)]))
-    for p in policy.hidden:
-        path = Path(os.path.realpath(p))
-        if path.is_dir():
-            entries.append((len(path.parts), 0, str(path), ["--tmpfs", str(path)]))
-        elif path.exists():  # a file: cover it with an empty read-only one
-            entries.append((len(path.parts), 0, str(path), ["--ro-bind", "/dev/null", str(path)]))
+        visible.append(path)
+    if home is not None:
+        entries.append((len(home.parts), 0, str(home), ["--tmpfs", str(home)]))
     for rank, flag, paths in ((1, "--bind", policy.writable), (2, "--ro-bind", policy.readonly)):
         for p in paths:
             path = Path(os.path.realpath(p))
             if not path.exists():
                 raise SandboxError(f"sandbox path does not exist: {p}",
                                    fix="create it before the run, or drop it from the policy")
+            if not _plain_entry(path):
+                raise SandboxError(f"sandbox path is not a file or folder: {p}",
+                                   fix="expose regular files and folders only (a socket is a way out)")
             entries.append((len(path.parts), rank, str(path), [flag, str(path), str(path)]))
+            visible.append(path)
+    for p in policy.hidden:
+        path = Path(os.path.realpath(p))
+        if shown is not None and not any(_under(path, v) for v in visible):
+            continue
+        if path.is_dir():
+            entries.append((len(path.parts), 0, str(path), ["--tmpfs", str(path)]))
+        elif path.exists():  # a file: cover it with an empty read-only one
+            entries.append((len(path.parts), 0, str(path), ["--ro-bind", "/dev/null", str(path)]))
     entries.sort(key=lambda e: (e[0], e[1], e[2]))
     return [a for e in entries for a in e[3]]
 
@@ -202,10 +293,28 @@ def _gpu_devices() -> list[str]:
     return args
 
 
+def _home(env: dict[str, str]) -> Path | None:
+    """The run's ``$HOME``, when it is a folder of its own (not /, a system or a private folder)."""
+    raw = env.get("HOME", "")
+    if not raw.startswith("/"):
+        return None
+    home = Path(os.path.normpath(raw))
+    if home == Path("/") or any(_under(home, Path(d)) or _under(Path(d), home)
+                                for d in (*SYSTEM_DIRS, *map(str, _PRIVATE_ROOTS), "/proc", "/dev", "/etc")):
+        return None
+    return home
+
+
 def _bwrap_args(policy: SandboxPolicy, cwd: Path, env: dict[str, str] | None = None) -> list[str]:
-    """bwrap flags (without the bwrap binary and the command)."""
+    """bwrap flags (without the bwrap binary and the command); see docs/sandbox.md."""
+    env = env or {}
+    if policy.host_root:
+        root, shown, home = ["--ro-bind", "/", "/"], None, None
+    else:
+        root, shown = _system_view()
+        home = _home(env)
     args = [
-        "--ro-bind", "/", "/",
+        *root,
         "--dev", "/dev",
         *_gpu_devices(),
         "--proc", "/proc",
@@ -216,7 +325,9 @@ def _bwrap_args(policy: SandboxPolicy, cwd: Path, env: dict[str, str] | None = N
     if not policy.network:
         args.append("--unshare-net")
     args += ["--die-with-parent", "--new-session", "--cap-drop", "ALL"]
-    args += _mounts(policy, toolchain_paths(env or {}))
+    args += _mounts(policy, toolchain_paths(env, avoid=[cwd, *policy.writable]), shown, home)
+    if not policy.host_root:
+        args += ["--remount-ro", "/"]
     args += ["--chdir", str(cwd)]
     return args
 

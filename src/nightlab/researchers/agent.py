@@ -186,8 +186,9 @@ class AgentResearcher:
     def policy(self, worktree: Path, prompt_file: Path) -> sandbox.SandboxPolicy:
         hidden = [self.ws.state_dir, *(self.lab_dir / h for h in self.spec.sandbox.hide)]
         writable = [worktree, *(p for p in self.extra_writable if p.exists())]
+        # host_root: the agent needs its CLI and its config, wherever they are installed
         return sandbox.SandboxPolicy(mode=self.mode, network=True, writable=tuple(writable),
-                                     readonly=(prompt_file,), hidden=tuple(hidden))
+                                     readonly=(prompt_file,), hidden=tuple(hidden), host_root=True)
 
     def change(self, worktree: Path, parent: str) -> tuple[str, list[str]]:
         """(diff relative to the lab folder, repo paths changed outside it), computed from outside."""
