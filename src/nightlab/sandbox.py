@@ -9,9 +9,12 @@ tree gets SIGTERM, then SIGKILL after ``kill_grace_s``. A failing command is dat
 never an exception; ``SandboxError`` is raised only when the command cannot be started at all.
 Exit codes follow the shell: a command killed by signal N reports ``128 + N`` in both modes.
 
-With ``mode="bwrap"`` the command runs under bubblewrap: read-only root, private ``/dev``, ``/proc``
-and ``/tmp``, new PID/IPC/UTS (and, unless ``network``, network) namespaces, a new terminal
-session, all capabilities dropped, bwrap dies with its parent. Mount order: more specific
+With ``mode="bwrap"`` the command runs under bubblewrap in a minimal read-only view of the host
+(``SYSTEM_DIRS``, the ``ETC_ENTRIES`` of /etc, the toolchain, an empty private ``$HOME``, and the
+policy's paths; nothing else: a read-only bind would still let ``connect()`` reach a host Unix
+socket), private ``/dev``, ``/proc`` and ``/tmp``, new PID/IPC/UTS (and, unless ``network``,
+network) namespaces, a new terminal session, all capabilities dropped, bwrap dies with its parent.
+``host_root=True`` (the agent researcher only) binds the whole host ``/`` read-only instead. Mount order: more specific
 (deeper) paths are mounted after shallower ones so they win; at the same path ``readonly`` wins
 over ``writable`` wins over ``hidden``. A data dir under a hidden folder can thus be re-exposed
 read-only, and a hidden dir inside a writable worktree stays hidden.
@@ -19,10 +22,13 @@ read-only, and a hidden dir inside a writable worktree stays hidden.
 Covered
 -------
 - No network (``--unshare-net``: only a private loopback; the host's 127.0.0.1 is unreachable).
-- Read-only root filesystem, submounts included; remounting read-write fails (caps dropped).
+- No host Unix socket and no host file outside the view (``/run``, ``/var``, ``/home``, ``/root``,
+  the lab folder around the worktree); ``$HOME`` is an empty tmpfs; a socket is never bound in.
+- Read-only view and root, submounts included; remounting read-write fails (caps dropped).
 - Only the ``writable`` paths (the experiment worktree) are writable on the host.
 - Private ``/tmp`` and ``/dev/shm`` (tmpfs, gone after the run).
-- ``hidden`` paths (the lab's ``.nightlab`` and ``.git``, holdout data) are empty inside.
+- ``hidden`` paths (the lab's ``.nightlab`` and ``.git``, holdout data) are empty (a hidden file
+  cannot be opened).
 - Timeouts kill the whole tree: process group + a ``/proc`` walk of descendants (catches children
   that called ``setsid``), and under bwrap the PID namespace with ``--die-with-parent``.
 - No keystroke injection into the harness terminal (``--new-session``, TIOCSTI).
@@ -43,9 +49,10 @@ Not covered
   pin devices with ``CUDA_VISIBLE_DEVICES``. (Not yet tested on a GPU machine.)
 - Grace under bwrap: when the command's top-level shell exits on SIGTERM, bwrap tears the PID
   namespace down at once, so children that ignore SIGTERM get no grace period there.
-- Confidentiality: the read-only root is still readable. Secrets in readable files (``~/.ssh``,
-  cloud credentials, other labs) are visible unless listed in ``hidden``; ``env`` is passed as
-  given, so the caller must strip API keys.
+- Sockets and secrets inside what is exposed (system folders, the chosen /etc entries, toolchain
+  and ``PATH`` folders, ``readonly`` data) are reachable; ``env`` is passed as given (the engine
+  builds it from an allowlist, ``nightlab.runenv``). With ``network=True`` abstract sockets and the
+  host's loopback are reachable.
 - Runs as the harness user (root here) with capabilities dropped, not as an unprivileged uid;
   a kernel exploit escapes. bwrap is not a security boundary against a determined attacker.
 - ``mode="none"``: none of the filesystem/network guarantees; only the process-tree kill,

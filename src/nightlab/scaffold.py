@@ -83,6 +83,7 @@ class Layout:
     secondary: list[str]
     memory: str = ""
     env: dict[str, str] | None = None
+    readonly: tuple[str, ...] = ()  # [sandbox] readonly: host data the runs read
 
 
 def _q(items: list[str]) -> str:
@@ -108,6 +109,7 @@ def detect_autoresearch(root: Path) -> Layout:
         setup="python prepare.py", metric="val_bpb", direction="minimize", budget=300, timeout=600,
         secondary=["peak_vram_mb", "training_seconds", "mfu_percent", "num_params_M"], memory="peak_vram_mb",
         env={"TRITON_CACHE_DIR": "/tmp/triton-cache"},
+        readonly=("~/.cache/autoresearch",),  # prepare.py's data and tokenizer, read by train.py
     )
 
 
@@ -148,6 +150,10 @@ def init_lab(root: Path, *, from_autoresearch: bool = False, force: bool = False
         memory_line=f'memory = "{layout.memory}"         # MB figure shown as memory_gb in results.tsv\n'
         if layout.memory else "",
     ))
+    if layout.readonly:  # [sandbox] is the template's last section
+        with spec_path.open("a") as f:
+            f.write(f"readonly = [{_q(list(layout.readonly))}]   # host data runs may read; "
+                    "the sandbox shows nothing else of $HOME\n")
     written = [spec_path]
     program = root / PROGRAM_FILE
     if not program.exists():
