@@ -180,3 +180,51 @@ def test_toolchain_paths_never_expose_home_or_the_lab(tmp_path: Path) -> None:
     assert venv in got and home / "bin" in got  # a venv prefix whole; a plain bin folder alone
     assert home not in got and tmp_path not in got and Path("/") not in got and Path("/usr/bin") not in got
     assert home / "lab" not in got  # an ancestor of the run's folder: the lab stays out
+
+
+# --------------------------------------------------------------------------- through the engine
+
+PROBE_MAIN = PROBE.replace("for path in sys.argv[1:]:", "for path in open('socks.txt').read().split():")
+
+
+@needs_bwrap
+def test_runs_evaluators_and_holdout_checks_reach_no_host_socket(make_lab) -> None:
+    """The engine's real policies: the run, the protected evaluator and the holdout check."""
+    from tests.conftest import SPEC
+
+    from nightlab.engine import Engine
+    from nightlab.researchers.scripted import ScriptedResearcher
+    from nightlab.types import Status
+
+    tag = f"nightlab-eng-{os.getpid()}"
+    spec = SPEC.replace('protected = ["evaluate.py"]', 'protected = ["evaluate.py", "holdout.py"]').replace(
+        "[metric]", '[evaluate]\ncommand = "python evaluate.py"\n\n[holdout]\ncommand = "python holdout.py"\n\n'
+        "[metric]")
+    score = "print('---')\nprint('score: 1.0')\n"
+    lab = make_lab(files={"target.py": PROBE_MAIN + score, "evaluate.py": PROBE_MAIN + score,
+                          "holdout.py": PROBE_MAIN + score, "socks.txt": ""}, spec=spec)
+    hostile = [Path("/run") / f"{tag}.sock", HOME / f".{tag}.sock", lab / "lab.sock",
+               lab / ".nightlab" / "lab-state.sock", Path("/var/tmp") / f"{tag}.sock"]
+    (lab / ".nightlab").mkdir(exist_ok=True)
+    listeners = [_listen(p) for p in hostile]
+    try:
+        # committed, so every worktree's socks.txt lists them
+        (lab / "socks.txt").write_text("\n".join(map(str, hostile)) + "\n")
+        from tests.conftest import commit_all
+
+        commit_all(lab, "sockets to try")
+        step = {"rationale": "same again", "files": {"target.py": PROBE_MAIN + score + "# again\n"}}
+        eng = Engine(lab, tag="s", researcher=ScriptedResearcher([step]), sandbox_mode="required",
+                     max_experiments=1)
+        session = eng.run()
+        base = eng.ledger.experiments(session.id)[0]
+        assert base.status is Status.KEEP and base.trust == "evaluator", base.reason
+        folder = lab / ".nightlab" / "artifacts" / str(base.id)
+        for name in ("run.log", "evaluate.log", "holdout.log"):
+            text = (folder / name).read_text()
+            assert "CONNECTED" not in text and text.count("refused") == len(hostile), (name, text)
+        eng.close()
+    finally:
+        for s, p in zip(listeners, hostile, strict=True):
+            s.close()
+            p.unlink(missing_ok=True)

@@ -204,7 +204,8 @@ def toolchain_paths(env: dict[str, str], avoid: Iterable[Path] = ()) -> list[Pat
 
     ``sys.prefix``, ``sys.base_prefix``, the folder of the real ``sys.executable``,
     ``VIRTUAL_ENV``, and each ``PATH`` entry -- an entry ``X/bin`` brings ``X`` when ``X`` is a
-    virtualenv or conda prefix (``pyvenv.cfg`` / ``conda-meta``), else only itself. Folders already
+    virtualenv or conda prefix (``pyvenv.cfg`` / ``conda-meta``), else only itself; an entry ``X/shims``
+    (pyenv, rbenv, asdf) brings ``X``, whose scripts and versions the shims run. Folders already
     under a system folder, missing ones, ``/``, ``$HOME`` or its ancestors, and ancestors of an
     ``avoid`` path (the run's folder: the lab folder around it stays out) are left out (a ``PATH``
     entry ``~`` does not expose the home folder). They are bound back read-only; under
@@ -218,7 +219,8 @@ def toolchain_paths(env: dict[str, str], avoid: Iterable[Path] = ()) -> list[Pat
             p = Path(entry)
             prefix = p.parent
             is_prefix = (prefix / "pyvenv.cfg").exists() or (prefix / "conda-meta").is_dir()
-            cands.append(prefix if p.name == "bin" and is_prefix else p)
+            # X/shims (pyenv, rbenv, asdf): the shims exec X's own scripts and versions
+            cands.append(prefix if (p.name == "bin" and is_prefix) or p.name == "shims" else p)
     home = Path(os.path.realpath(env["HOME"])) if env.get("HOME", "").startswith("/") else None
     system = [Path(os.path.realpath(d)) for d in SYSTEM_DIRS]
     away = [Path(os.path.realpath(a)) for a in avoid]
@@ -229,7 +231,7 @@ def toolchain_paths(env: dict[str, str], avoid: Iterable[Path] = ()) -> list[Pat
                 or any(_under(real, d) for d in system if d.is_dir())):
             continue
         out.append(real)
-    return out
+    return [p for p in out if not any(q != p and _under(p, q) for q in out)]  # nested ones add nothing
 
 
 def _system_view() -> tuple[list[str], list[Path]]:
@@ -267,7 +269,8 @@ def _mounts(policy: SandboxPolicy, extra_readonly: list[Path] | None = None,
     for path in extra_readonly or []:
         entries.append((len(path.parts), 2, str(path), ["--ro-bind", str(path), str(path)]))
         visible.append(path)
-    if home is not None:
+    exposed = [Path(os.path.realpath(p)) for p in (*policy.writable, *policy.readonly, *(extra_readonly or []))]
+    if home is not None and not any(_under(home, e) for e in exposed):  # never over part of an exposed path
         entries.append((len(home.parts), 0, str(home), ["--tmpfs", str(home)]))
     for rank, flag, paths in ((1, "--bind", policy.writable), (2, "--ro-bind", policy.readonly)):
         for p in paths:
@@ -306,10 +309,12 @@ def _home(env: dict[str, str]) -> Path | None:
     if not raw.startswith("/"):
         return None
     home = Path(os.path.normpath(raw))
-    if home == Path("/") or any(_under(home, Path(d)) or _under(Path(d), home)
-                                for d in (*SYSTEM_DIRS, *map(str, _PRIVATE_ROOTS), "/proc", "/dev", "/etc")):
+    special = [Path(d) for d in (*SYSTEM_DIRS, "/proc", "/dev", "/etc")]
+    if any(_under(Path(d), home) for d in (*special, *_PRIVATE_ROOTS)):
+        return None  # / or an ancestor of what the view needs
+    if any(_under(home, d) for d in special) and not _under(home, Path("/dev/shm")):
         return None
-    return home
+    return home  # under /tmp too: a tmpfs over the private /tmp's mount point
 
 
 def _bwrap_args(policy: SandboxPolicy, cwd: Path, env: dict[str, str] | None = None) -> list[str]:
