@@ -175,9 +175,13 @@ def test_toolchain_paths_never_expose_home_or_the_lab(tmp_path: Path) -> None:
     (venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
     (home / "bin").mkdir()
     (home / "lab").mkdir()
-    env = {"HOME": str(home), "PATH": f"{home}:{venv / 'bin'}:{home / 'bin'}:{home / 'lab'}:/usr/bin:/"}
+    (home / ".pyenv" / "shims").mkdir(parents=True)
+    (tmp_path / "cuda" / "lib64").mkdir(parents=True)
+    env = {"HOME": str(home), "PATH": f"{home}:{venv / 'bin'}:{home / 'bin'}:{home / 'lab'}:/usr/bin:/:"
+           f"{home / '.pyenv' / 'shims'}", "LD_LIBRARY_PATH": str(tmp_path / "cuda" / "lib64")}
     got = sandbox.toolchain_paths(env, avoid=[home / "lab" / ".nightlab" / "wt"])
     assert venv in got and home / "bin" in got  # a venv prefix whole; a plain bin folder alone
+    assert home / ".pyenv" in got and tmp_path / "cuda" / "lib64" in got  # shims bring their root
     assert home not in got and tmp_path not in got and Path("/") not in got and Path("/usr/bin") not in got
     assert home / "lab" not in got  # an ancestor of the run's folder: the lab stays out
 

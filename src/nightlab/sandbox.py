@@ -14,10 +14,10 @@ With ``mode="bwrap"`` the command runs under bubblewrap in a minimal read-only v
 policy's paths; nothing else: a read-only bind would still let ``connect()`` reach a host Unix
 socket), private ``/dev``, ``/proc`` and ``/tmp``, new PID/IPC/UTS (and, unless ``network``,
 network) namespaces, a new terminal session, all capabilities dropped, bwrap dies with its parent.
-``host_root=True`` (the agent researcher only) binds the whole host ``/`` read-only instead. Mount order: more specific
-(deeper) paths are mounted after shallower ones so they win; at the same path ``readonly`` wins
-over ``writable`` wins over ``hidden``. A data dir under a hidden folder can thus be re-exposed
-read-only, and a hidden dir inside a writable worktree stays hidden.
+``host_root=True`` (the agent researcher only) binds the whole host ``/`` read-only instead.
+Mount order: more specific (deeper) paths are mounted after shallower ones so they win; at the
+same path ``readonly`` wins over ``writable`` wins over ``hidden``. A data dir under a hidden
+folder can thus be re-exposed read-only, and a hidden dir inside a writable worktree stays hidden.
 
 Covered
 -------
@@ -65,8 +65,10 @@ Not covered
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import logging
 import os
+import re
 import shutil
 import signal
 import stat
@@ -181,6 +183,9 @@ ETC_ENTRIES = (
 )
 
 
+_ETC_RE = re.compile("|".join(fnmatch.translate(p) for p in ETC_ENTRIES))
+
+
 def _plain_entry(path: Path) -> bool:
     """A file or folder (after symlinks): never a socket, FIFO or device bound in by accident."""
     try:
@@ -191,7 +196,9 @@ def _plain_entry(path: Path) -> bool:
 
 
 def _under(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
+    """``path`` is ``root`` or inside it (both absolute and normalised)."""
+    p, r = str(path), str(root)
+    return p == r or p.startswith(r if r.endswith("/") else r + "/")
 
 
 def _broad(path: Path, home: Path | None) -> bool:
@@ -205,7 +212,8 @@ def toolchain_paths(env: dict[str, str], avoid: Iterable[Path] = ()) -> list[Pat
     ``sys.prefix``, ``sys.base_prefix``, the folder of the real ``sys.executable``,
     ``VIRTUAL_ENV``, and each ``PATH`` entry -- an entry ``X/bin`` brings ``X`` when ``X`` is a
     virtualenv or conda prefix (``pyvenv.cfg`` / ``conda-meta``), else only itself; an entry ``X/shims``
-    (pyenv, rbenv, asdf) brings ``X``, whose scripts and versions the shims run. Folders already
+    (pyenv, rbenv, asdf) brings ``X``, whose scripts and versions the shims run; each
+    ``LD_LIBRARY_PATH`` folder (CUDA images put driver libraries there). Folders already
     under a system folder, missing ones, ``/``, ``$HOME`` or its ancestors, and ancestors of an
     ``avoid`` path (the run's folder: the lab folder around it stays out) are left out (a ``PATH``
     entry ``~`` does not expose the home folder). They are bound back read-only; under
@@ -221,6 +229,7 @@ def toolchain_paths(env: dict[str, str], avoid: Iterable[Path] = ()) -> list[Pat
             is_prefix = (prefix / "pyvenv.cfg").exists() or (prefix / "conda-meta").is_dir()
             # X/shims (pyenv, rbenv, asdf): the shims exec X's own scripts and versions
             cands.append(prefix if (p.name == "bin" and is_prefix) or p.name == "shims" else p)
+    cands += [Path(e) for e in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if os.path.isabs(e)]
     home = Path(os.path.realpath(env["HOME"])) if env.get("HOME", "").startswith("/") else None
     system = [Path(os.path.realpath(d)) for d in SYSTEM_DIRS]
     away = [Path(os.path.realpath(a)) for a in avoid]
@@ -247,11 +256,15 @@ def _system_view() -> tuple[list[str], list[Path]]:
         elif p.is_dir():
             args += ["--ro-bind", d, d]
             shown.append(p)
-    for pattern in ETC_ENTRIES:
-        for p in sorted(Path("/etc").glob(pattern)):
-            if _plain_entry(p):
-                args += ["--ro-bind", str(p), str(p)]
-                shown.append(p)
+    try:
+        names = sorted(e.name for e in os.scandir("/etc"))
+    except OSError:
+        names = []
+    for name in filter(_ETC_RE.fullmatch, names):
+        p = Path("/etc", name)
+        if _plain_entry(p):
+            args += ["--ro-bind", str(p), str(p)]
+            shown.append(p)
     args += ["--symlink", "../proc/self/mounts", "/etc/mtab"]
     return args, shown
 
