@@ -126,11 +126,11 @@ def test_allowlist() -> None:
 def test_redaction_rule(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin", "DATABASE_URL": DATABASE_URL, "GH_PAT": GH_PAT, "PWD": str(tmp_path),
            "HISTSIZE": "100000", "DEBIAN_FRONTEND": "noninteractive", "MY_TOKEN": "abcdef",
-           "SHORT": "x1", "HOSTNAME": "box-7f3a9c", "LD_PATHS": f"{tmp_path}:/usr/lib"}
+           "SHORT": "x1", "BOX_ID": "box-7f3a9c", "LD_PATHS": f"{tmp_path}:/usr/lib", "HOSTNAME": "gpu-node-17"}
     found = dict(env_secrets(env))
-    assert found == {DATABASE_URL: "DATABASE_URL", GH_PAT: "GH_PAT", "abcdef": "MY_TOKEN", "box-7f3a9c": "HOSTNAME"}
+    assert found == {DATABASE_URL: "DATABASE_URL", GH_PAT: "GH_PAT", "abcdef": "MY_TOKEN", "box-7f3a9c": "BOX_ID"}
     # passed by pass_env: no longer a left-out value (a secret-looking name is redacted all the same)
-    assert dict(env_secrets(env, passed=["PATH", "HOSTNAME", "MY_TOKEN"])).keys() == {DATABASE_URL, GH_PAT, "abcdef"}
+    assert dict(env_secrets(env, passed=["PATH", "BOX_ID", "MY_TOKEN"])).keys() == {DATABASE_URL, GH_PAT, "abcdef"}
     text = f"cd {tmp_path} && step 100000 noninteractive {DATABASE_URL} on box-7f3a9c"
     assert redact(text, env_secrets(env)) == f"cd {tmp_path} && step 100000 noninteractive [REDACTED] on [REDACTED]"
     assert redact("x" + GH_PAT, env_secrets(env), mark=lambda n: f"<{n}>") == "x<GH_PAT>"

@@ -13,8 +13,9 @@ Secret values, each at least ``MIN_LEN`` (6) characters, longest first:
    allowlist, not in ``[run] pass_env``): ``DATABASE_URL``, ``NIGHTLAB_DB``, ... -- except values
    that cannot be credentials and that would otherwise corrupt what is stored: numbers
    (``HISTSIZE=100000`` would eat a step count), values made only of existing absolute paths
-   (``PWD``, ``SHELL``, ``OLDPWD``: they prefix every traceback), and single lowercase words
-   (``DEBIAN_FRONTEND=noninteractive``);
+   (``PWD``, ``SHELL``, ``OLDPWD``: they prefix every traceback), single lowercase words
+   (``DEBIAN_FRONTEND=noninteractive``), and the ``DESCRIPTIVE`` names (``HOSTNAME``,
+   ``LS_COLORS``, ...: the machine's name is recorded with the session anyway);
 3. ``extra`` values (an API key from a key file, secret-named ``[run] env`` values).
 
 Not covered: a secret shorter than 6 characters; a secret transformed before it is printed
@@ -33,6 +34,10 @@ MIN_LEN = 6
 REDACTED = "[REDACTED]"
 Secret = tuple[str, str]  # (value, name of the variable it came from; "secret" for extras)
 
+# Left-out variables whose values describe the machine or the terminal, not a credential: the
+# machine's name is recorded with every session anyway (a fail-safe rule: any other name counts).
+DESCRIPTIVE = frozenset({"HOSTNAME", "HOST", "SHLVL", "_", "LS_COLORS", "COLORTERM", "TERM_PROGRAM",
+                         "TERM_PROGRAM_VERSION", "DISPLAY", "COLUMNS", "LINES"})
 _NUMBER = re.compile(r"[-+]?[0-9][0-9._]*([eE][-+]?[0-9]+)?")
 _WORD = re.compile(r"[a-z]+")
 
@@ -58,7 +63,7 @@ def env_secrets(environ: Mapping[str, str] | None = None, *, passed: Collection[
     for name, value in env.items():
         if not value or len(value) < MIN_LEN:
             continue
-        if SECRET_NAME.search(name) or (name not in kept and not _harmless(value)):
+        if SECRET_NAME.search(name) or (name not in kept and name not in DESCRIPTIVE and not _harmless(value)):
             found.setdefault(value, name)
     for value in extra:
         if value and len(value) >= MIN_LEN:
