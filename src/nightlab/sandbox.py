@@ -262,7 +262,11 @@ def _system_view() -> tuple[list[str], list[Path]]:
         names = []
     for name in filter(_ETC_RE.fullmatch, names):
         p = Path("/etc", name)
-        if _plain_entry(p):
+        if not _plain_entry(p):
+            continue
+        if p.is_symlink() and any(_under(Path(os.path.realpath(p)), d) for d in shown):
+            args += ["--symlink", os.readlink(p), str(p)]  # into a bound system folder: no mount needed
+        else:
             args += ["--ro-bind", str(p), str(p)]
             shown.append(p)
     args += ["--symlink", "../proc/self/mounts", "/etc/mtab"]
