@@ -299,7 +299,7 @@ class Engine:
         return env
 
     @functools.cached_property
-    def secrets(self) -> list[tuple[str, str]]:
+    def redactions(self) -> list[tuple[str, str]]:
         """What is redacted from every log tail and reason the ledger stores (nightlab.redaction):
         secret-named values, values of the variables runs do not get, secret-named ``[run] env``."""
         passed = runenv.filter_env(os.environ, self.spec.run.pass_env)
@@ -323,9 +323,10 @@ class Engine:
         hidden = [self.ws.state_dir, self.ws.repo_root / ".git", self.ws.git_dir]
         hidden += [self.lab_dir / h for h in self.spec.sandbox.hide]
         hidden += self.verifier.hidden_paths(self.ws.lab_in(worktree))
-        readonly = [worktree / ".git", *self.readonly_data()]
+        readonly = [worktree / ".git"]
         if self.data_dir.exists():
             readonly.append(self.data_dir)
+        readonly += self.readonly_data()  # [sandbox] readonly
         return sandbox.SandboxPolicy(
             mode=self.sandbox_mode, network=self.spec.permissions.run_network, writable=(worktree,),
             readonly=tuple(readonly), hidden=tuple(dict.fromkeys(hidden)), memory_mb=self.spec.run.memory_mb,
@@ -373,10 +374,10 @@ class Engine:
                 m: Measurement | None = None, reason: str = "", **kw: Any) -> Experiment:
         now = time.time()
         run_s = run.wall_s if run else 0.0
-        log_tail = redaction.redact(sandbox.tail(Path(run.log_path), 50), self.secrets) if run else ""
-        reason = redaction.redact(reason, self.secrets)
+        log_tail = redaction.redact(sandbox.tail(Path(run.log_path), 50), self.redactions) if run else ""
+        reason = redaction.redact(reason, self.redactions)
         if "evidence" in kw:
-            kw["evidence"] = redaction.redact_data(kw["evidence"], self.secrets)
+            kw["evidence"] = redaction.redact_data(kw["evidence"], self.redactions)
         exp = self.ledger.finish_experiment(
             exp_id, status=status, metric=m.metric if m else None, secondary=m.secondary if m else {},
             trust=m.trust if m else "inline", reason=reason, log_tail=log_tail, run_s=run_s,
