@@ -10,7 +10,6 @@ import difflib
 import fnmatch
 import hashlib
 import json
-import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -48,7 +47,9 @@ class RunSpec(_Section):
     @field_validator("pass_env")
     @classmethod
     def _env_patterns(cls, v: list[str]) -> list[str]:
-        bad = [p for p in v if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*\*?", p)]
+        from nightlab.runenv import PATTERN
+
+        bad = [p for p in v if not PATTERN.fullmatch(p)]
         if bad:
             raise ValueError(f"not a variable name or PREFIX_* pattern: {', '.join(map(repr, bad))}")
         return v
@@ -145,11 +146,11 @@ class HoldoutSpec(_Section):
 
 
 class SandboxSpec(_Section):
+    readonly: list[str] = Field(default_factory=list, description="host files or folders runs may read "
+                                "(data outside the lab; ~ expands, relative paths are from the lab folder)")
     mode: Literal["auto", "required", "none"] = "auto"
     network: bool = False
     hide: list[str] = Field(default_factory=list, description="extra lab paths hidden from runs")
-    readonly: list[str] = Field(default_factory=list, description="host files or folders runs may read "
-                                "(data outside the lab; ~ expands, relative paths are from the lab folder)")
 
 
 class ExecutorSpec(_Section):
