@@ -26,10 +26,9 @@ Contracts:
   and head after every record of the kinds it is told to anchor (:func:`store_head`; the engine
   anchors every decision, approval and session event, so at most one experiment's records trail
   it). :func:`verify` checks all three.
-* **Secrets.** String values under secret-looking keys, the secret values of the environment
-  (:func:`nightlab.redaction.env_secrets`: secret-looking names, and variables runs do not get),
-  token-shaped strings and the values of any ``env`` mapping are replaced by ``[redacted…]``
-  before a record is built.
+* **Secrets.** String values under secret-looking keys, values of secret-looking environment
+  variables, token-shaped strings and the values of any ``env`` mapping are replaced by
+  ``[redacted…]`` before a record is built.
 * **Writers.** Appends take an exclusive ``flock`` on the file, so several processes may
   append to one log (each re-reads the head when the file grew under it).
 
@@ -129,7 +128,12 @@ def parse_time(text: str) -> float:
 
 
 class Scrubber:
-    """Replaces secrets in event data (see the module docstring). Built once per log."""
+    """Replaces secrets in event data (see the module docstring). Built once per log.
+
+    The environment's secret values are those of :func:`nightlab.redaction.env_secrets`, the rule
+    the ledger's log tails and the stored prompts use too: secret-looking names, and the variables
+    runs do not get (``DATABASE_URL``, ``NIGHTLAB_DB``, ...).
+    """
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         # the one rule of nightlab.redaction: secret-named values and values runs do not get

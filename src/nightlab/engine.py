@@ -12,7 +12,6 @@ is fast-forwarded to the ledger's incumbent if the kill fell between the two wri
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import math
 import os
@@ -33,6 +32,7 @@ from typing import Any
 from nightlab import approvals, redaction, runenv, sandbox
 from nightlab import researchers as researchers_mod
 from nightlab.audit import AuditLog, Signer, store_head
+from nightlab.context import SECRET_ENV
 from nightlab.errors import NightlabError, SandboxError, UsageError
 from nightlab.events import EventSink, FanOut, Locked, NullSink
 from nightlab.guard import Guard, diff_paths
@@ -298,13 +298,16 @@ class Engine:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in mine)
         return env
 
-    @functools.cached_property
+    @property
     def redactions(self) -> list[tuple[str, str]]:
         """What is redacted from every log tail and reason the ledger stores (nightlab.redaction):
-        secret-named values, values of the variables runs do not get, secret-named ``[run] env``."""
-        passed = runenv.filter_env(os.environ, self.spec.run.pass_env)
-        extra = [v for k, v in self.spec.run.env.items() if runenv.SECRET_NAME.search(k)]
-        return redaction.env_secrets(os.environ, passed=passed, extra=extra)
+        secret-named values, values of the variables runs do not get, secret-named ``[run] env``.
+        Computed once, from the environment nightlab started with."""
+        if "_redactions" not in self.__dict__:
+            passed = runenv.filter_env(os.environ, self.spec.run.pass_env)
+            extra = [v for k, v in self.spec.run.env.items() if SECRET_ENV.search(k)]
+            self.__dict__["_redactions"] = redaction.env_secrets(os.environ, passed=passed, extra=extra)
+        return list(self.__dict__["_redactions"])
 
     def readonly_data(self) -> list[Path]:
         """``[sandbox] readonly``: host paths runs may read (``~`` expands; relative: from the lab)."""
