@@ -309,6 +309,11 @@ class Engine:
             self.__dict__["_redactions"] = redaction.env_secrets(os.environ, passed=passed, extra=extra)
         return list(self.__dict__["_redactions"])
 
+    def _redacted(self, **fields: Any) -> dict[str, Any]:
+        """Ledger fields with :attr:`redactions` applied: ``reason``, ``log_tail``, ``evidence``."""
+        return {k: redaction.redact_data(v, self.redactions) if k in ("reason", "log_tail", "evidence") else v
+                for k, v in fields.items()}
+
     def readonly_data(self) -> list[Path]:
         """``[sandbox] readonly``: host paths runs may read (``~`` expands; relative: from the lab)."""
         out = []
@@ -377,15 +382,12 @@ class Engine:
                 m: Measurement | None = None, reason: str = "", **kw: Any) -> Experiment:
         now = time.time()
         run_s = run.wall_s if run else 0.0
-        log_tail = redaction.redact(sandbox.tail(Path(run.log_path), 50), self.redactions) if run else ""
-        reason = redaction.redact(reason, self.redactions)
-        if "evidence" in kw:
-            kw["evidence"] = redaction.redact_data(kw["evidence"], self.redactions)
+        log_tail = sandbox.tail(Path(run.log_path), 50) if run else ""
         exp = self.ledger.finish_experiment(
             exp_id, status=status, metric=m.metric if m else None, secondary=m.secondary if m else {},
-            trust=m.trust if m else "inline", reason=reason, log_tail=log_tail, run_s=run_s,
+            trust=m.trust if m else "inline", **self._redacted(reason=reason, log_tail=log_tail), run_s=run_s,
             overhead_s=max(0.0, (time.monotonic() - t0) - run_s),
-            exit_code=run.exit_code if run else None, finished_at=now, **kw,
+            exit_code=run.exit_code if run else None, finished_at=now, **self._redacted(**kw),
         )
         self.events.emit("decision", experiment=exp.idx, status=status.value, metric=exp.metric,
                          reason=reason, evidence=exp.evidence, commit=exp.commit)
