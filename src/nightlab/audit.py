@@ -58,6 +58,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from nightlab import escape
 from nightlab.errors import NightlabError
 from nightlab.redaction import env_secrets, redact
 
@@ -87,13 +88,16 @@ class AuditError(NightlabError):
 
 
 def _plain(value: Any) -> Any:
-    """JSON-able copy: non-finite floats as strings, tuples as lists, other objects as str."""
+    """JSON-able copy: non-finite floats as strings, tuples as lists, other objects as str; text
+    escaped as the ledger stores it (bytes that are not UTF-8 as ``\\xNN``; nightlab.escape)."""
     if isinstance(value, float):
         return value if math.isfinite(value) else repr(value)
-    if value is None or isinstance(value, bool | int | str):
+    if isinstance(value, str):
+        return escape.text(value)
+    if value is None or isinstance(value, bool | int):
         return value
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {escape.text(str(k)): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         items = [_plain(v) for v in value]
         return sorted(items, key=repr) if isinstance(value, set | frozenset) else items

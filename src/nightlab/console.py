@@ -44,7 +44,8 @@ def _improvement(session: Session) -> str:
     pct = improvement_pct(session.baseline_metric, session.incumbent_metric, session.direction)
     if pct is None:
         return ""
-    return f"{pct:+.2f}% vs baseline {fmt_metric(session.baseline_metric)}"
+    shown = f"{pct:+.2f}" if abs(pct) < 1e6 else f"{pct:+.3g}"
+    return f"{shown}% vs baseline {fmt_metric(session.baseline_metric)}"
 
 
 class PlainReporter(Reporter):

@@ -23,13 +23,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from nightlab import approvals, redaction, runenv, sandbox
+from nightlab import approvals, escape, notify, redaction, runenv, sandbox
 from nightlab import researchers as researchers_mod
 from nightlab.audit import AuditLog, Signer, store_head
 from nightlab.context import SECRET_ENV
@@ -100,6 +101,11 @@ ANCHOR_KINDS = frozenset({"decision", "session.start", "session.resume", "sessio
 REBASE = "rebase"  # the researcher name of a requeued stale winner
 
 
+def _raw(text: str) -> bytes:
+    """The bytes git gave (its output is decoded with surrogateescape: names and lines not UTF-8)."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
@@ -142,6 +148,8 @@ class Engine:
         events: EventSink | None = None,
         executor: dict[str, Any] | None = None,
         autonomy: str | None = None,
+        program: str | None = None,
+        base_commit: str | None = None,
     ) -> None:
         self.lab_dir = Path(lab_dir).resolve()
         self.spec = spec or load_spec(self.lab_dir)
@@ -158,6 +166,9 @@ class Engine:
         if self.spec.executor.kind == "ray" and (self.spec.evaluate.command or self.spec.holdout.command):
             raise UsageError("the ray executor does not run [evaluate] or [holdout] commands yet",
                              "use [executor] kind = \"local\" (with slots) for labs with a protected evaluator")
+        from nightlab.space import validate as validate_space
+
+        validate_space(self.spec, self.lab_dir)  # every # nightlab: comment and [researcher.space], up front
         self.ws = Workspace(self.lab_dir)
         self.ws.ensure_state_dir()
         self.ledger = Ledger.for_lab(self.lab_dir, db_url)
@@ -166,7 +177,8 @@ class Engine:
         if self.autonomy not in ("auto", "approve-keep", "review"):
             raise UsageError(f"unknown autonomy level {self.autonomy!r}", "use auto, approve-keep or review")
         self.audit = self._open_audit()
-        sinks = [s for s in (self.audit, events) if s is not None]
+        self.notifier = notify.for_spec(self.spec, self.lab_dir)
+        sinks = [s for s in (self.audit, events, self.notifier) if s is not None]
         self.events: EventSink = Locked(sinks[0] if len(sinks) == 1 else FanOut(*sinks)) if sinks else NullSink()
         self.guard = Guard(self.spec, self.ws)
         self.policy = make_policy(self.spec.accept)
@@ -177,10 +189,13 @@ class Engine:
         self.artifacts_dir = self.ws.state_dir / "artifacts"
         self.stop_file = self.ws.state_dir / "STOP"
         self._researcher_override = researcher
+        self._program = program  # a program.md text instead of the lab's file (an arm of `nightlab compare`)
+        self._base_commit = base_commit  # a new session starts here instead of HEAD
         self.researcher: Researcher | None = None
         self._tls = threading.local()  # which slot the current thread runs (GPU pinning)
         self._keep_lock = threading.Lock()  # one keep decision at a time, against the current incumbent
         self._requeue: list[Candidate] = []  # stale winners, rebased onto the new incumbent
+        self._crashes_checked = 0  # crashes of the current streak already cleared by a health check
         self.ray: Any = None
         if self.spec.executor.kind == "ray":
             from nightlab.executors.ray_executor import RayExecutor
@@ -224,7 +239,7 @@ class Engine:
         if self.ws.resolve(f"refs/heads/{branch}"):
             raise UsageError(f"the branch {branch} already exists but the ledger has no session '{tag}'",
                              f"pick a new --tag, or delete the branch: git branch -D {branch}")
-        base = self.ws.head()
+        base = self._base_commit or self.ws.head()
         session = self.ledger.create_session(
             tag=tag, branch=branch, base_commit=base, metric_name=self.spec.metric.name,
             direction=self.spec.metric.direction, sandbox=self.sandbox_mode, spec_hash=self.spec.digest(),
@@ -338,6 +353,7 @@ class Engine:
         return sandbox.SandboxPolicy(
             mode=self.sandbox_mode, network=self.spec.permissions.run_network, writable=(worktree,),
             readonly=tuple(readonly), hidden=tuple(dict.fromkeys(hidden)), memory_mb=self.spec.run.memory_mb,
+            max_log_bytes=self.spec.run.max_log_bytes,
         )
 
     def run_setup(self) -> None:
@@ -371,7 +387,8 @@ class Engine:
                 except UnicodeDecodeError:
                     continue
         program_path = self.lab_dir / PROGRAM_FILE
-        program = program_path.read_text(encoding="utf-8") if program_path.exists() else ""
+        program = self._program if self._program is not None else (
+            program_path.read_text(encoding="utf-8") if program_path.exists() else "")
         return Context(
             spec=self.spec, lab_dir=self.lab_dir, program=program, parent=parent, files=files,
             history=tuple(history), metric_name=self.spec.metric.name, direction=self.spec.metric.direction,
@@ -383,6 +400,8 @@ class Engine:
         now = time.time()
         run_s = run.wall_s if run else 0.0
         log_tail = sandbox.tail(Path(run.log_path), 50) if run else ""
+        if m is not None and m.warnings:  # duplicate keys, absurd values: kept with the measurement
+            kw["evidence"] = {**(kw.get("evidence") or {}), "warnings": list(m.warnings)}
         exp = self.ledger.finish_experiment(
             exp_id, status=status, metric=m.metric if m else None, secondary=m.secondary if m else {},
             trust=m.trust if m else "inline", **self._redacted(reason=reason, log_tail=log_tail), run_s=run_s,
@@ -399,7 +418,7 @@ class Engine:
         folder.mkdir(parents=True, exist_ok=True)
         for name, text in artifacts.items():
             safe = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name).name).lstrip(".") or "artifact"
-            (folder / safe).write_text(text, encoding="utf-8")
+            (folder / safe).write_text(escape.text(text), encoding="utf-8")  # a transcript may hold any bytes
 
     def _run_remote(self, idx: int, exp_id: int, candidate: Candidate | None, commit: str, canonical: str,
                     wt: Path, lab_root: Path, t0: float, seed: int, log_path: Path) -> Experiment:
@@ -415,6 +434,7 @@ class Engine:
             sandbox_mode=self.sandbox_mode, network=self.spec.sandbox.network, memory_mb=self.spec.run.memory_mb,
             metric=self.spec.metric.model_dump(mode="json"),
             data_dir=str(self.data_dir) if self.data_dir.exists() else None, hide=tuple(self.spec.sandbox.hide),
+            max_log_bytes=self.spec.run.max_log_bytes,
         )
         self.events.emit("sandbox.start", experiment=idx, command=self.spec.run.command, executor="ray",
                          mode=self.sandbox_mode, network=self.spec.sandbox.network,
@@ -424,7 +444,7 @@ class Engine:
             self.events.emit("sandbox.exit", experiment=idx, lost=True, reason=out.reason, attempts=out.attempts)
             return self._finish(exp_id, Status.LOST, t0, reason=f"lost after {out.attempts} attempt(s): {out.reason}",
                                 evidence={"executor": "ray", "node": out.node, "attempts": out.attempts})
-        res, m = out.run, out.measurement
+        res, m = out.run, self.verifier.sane(out.measurement)
         self.events.emit("sandbox.exit", experiment=idx, exit_code=res.exit_code, timed_out=res.timed_out,
                          interrupted=res.interrupted, wall_s=round(res.wall_s, 3), node=out.node,
                          attempts=out.attempts, log_sha256=_file_sha(Path(res.log_path)))
@@ -540,7 +560,7 @@ class Engine:
                 self.ledger.update_experiment(exp_id, commit=commit, diff=stored)
                 self.ws.keep_ref(self.session.tag, idx, commit)
                 self.events.emit("git.commit", experiment=idx, commit=commit, parent=parent,
-                                 diff_sha256=_sha(canonical), diff_bytes=len(canonical.encode()))
+                                 diff_sha256=_sha(canonical), diff_bytes=len(_raw(canonical)))
                 self.events.emit("guard", experiment=idx, stage="size", ok=problem is None,
                                  reason=problem or "")
                 if problem:
@@ -562,7 +582,7 @@ class Engine:
             log_path = self.artifacts_dir / str(exp_id) / "run.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
             if candidate is not None:
-                (log_path.parent / "candidate.diff").write_text(canonical)
+                (log_path.parent / "candidate.diff").write_bytes(_raw(canonical))
             policy = self.sandbox_policy(wt)
             self.events.emit("sandbox.start", experiment=idx, command=self.spec.run.command, cwd=str(lab_root),
                              mode=policy.mode, network=policy.network, hidden=[str(h) for h in policy.hidden],
@@ -670,10 +690,10 @@ class Engine:
     def _stored_diff(self, diff: str, problem: str | None) -> str:
         """The diff as the ledger keeps it: cut at ``max_diff_bytes`` when it broke that rule."""
         limit = self.spec.permissions.max_diff_bytes
-        if problem is None or not limit or len(diff.encode()) <= limit:
+        if problem is None or not limit or len(_raw(diff)) <= limit:
             return diff
-        cut = diff.encode()[:limit].decode("utf-8", "ignore")
-        return cut + f"\n[nightlab: diff cut at {limit} of {len(diff.encode())} bytes]\n"
+        cut = _raw(diff)[:limit].decode("utf-8", "ignore")
+        return cut + f"\n[nightlab: diff cut at {limit} of {len(_raw(diff))} bytes]\n"
 
     def _stop_requested(self) -> str:
         if self.stop.cancel.is_set():
@@ -757,9 +777,41 @@ class Engine:
                 if not e.status.is_failure():
                     break
                 row += 1
-            if row >= st.max_crashes_in_row:
-                return f"max_crashes_in_row: {row} crashes or timeouts in a row"
+            if row >= 4 * st.max_crashes_in_row:
+                return f"max_crashes_in_row: {row} crashes or timeouts in a row; the researcher finds nothing that runs"
+            if row - self._crashes_checked >= st.max_crashes_in_row:
+                if self.ray is not None or not self._incumbent_runs(row, tried[-1].idx):
+                    return f"max_crashes_in_row: {row} crashes or timeouts in a row" + (
+                        "" if self.ray is not None else ", and the incumbent fails too: the lab is broken")
+                self._crashes_checked = row  # the candidates crashed, not the lab: go on
+            elif row == 0:
+                self._crashes_checked = 0
         return ""
+
+    def _incumbent_runs(self, row: int, after: int) -> bool:
+        """Health check after a crash streak: re-run the incumbent once (not an experiment). True when it
+        still yields its metric: the crashes were the candidates' (the researcher has been told), not a
+        broken lab (data gone, GPU lost, disk full)."""
+        errors = Counter(_first_line(next((ln for ln in reversed(e.log_tail.splitlines()) if ln.strip()), "?"), 120)
+                         for e in self.ledger.experiments(self.session.id)[-row:])
+        self.reporter.message(f"{row} crashes in a row ({'; '.join(f'{n} x {t}' for t, n in errors.most_common(2))})"
+                              ": re-running the incumbent to tell a broken lab from bad candidates")
+        wt = self.ws.add_worktree(f"{self.session.tag}-health-{after}", self.session.incumbent_commit)
+        try:
+            lab_root = self.ws.lab_in(wt)
+            log_path = self.artifacts_dir / f"health-{self.session.tag}-{after}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            res = sandbox.run(self.spec.run.command, cwd=lab_root, env=self.run_env(self.spec.run.seed, -1),
+                              policy=self.sandbox_policy(wt), timeout_s=self.spec.run.hard_timeout_s,
+                              log_path=log_path, kill_grace_s=self.spec.run.kill_grace_s, cancel=self.stop.cancel)
+            m, tampered = self.verifier.measure(wt, lab_root, self.session.incumbent_commit, log_path,
+                                                self.spec.run.seed, -1, res.exit_code == 0, tag="-health")
+            ok = res.ok and not tampered and m.valid
+        finally:
+            self.ws.remove_worktree(wt)
+        self.events.emit("health.check", crashes_in_row=row, ok=ok, log=str(log_path))
+        self.reporter.message("the incumbent still runs: going on" if ok else "the incumbent fails too")
+        return ok
 
     # ------------------------------------------------------------------ the loop
 
@@ -915,6 +967,8 @@ class Engine:
         return self.session
 
     def close(self) -> None:
+        if self.notifier is not None:
+            self.notifier.close()  # waits (bounded) so that "session stopped" goes out before we exit
         if self.ray is not None:
             self.ray.shutdown()
         if self.audit is not None:
@@ -925,7 +979,8 @@ class Engine:
 def improvement_pct(baseline: float | None, best: float | None, direction: Any) -> float | None:
     if baseline is None or best is None or baseline == 0 or not math.isfinite(baseline):
         return None
-    return 100.0 * direction.improvement(best, baseline) / abs(baseline)
+    pct = 100.0 * direction.improvement(best, baseline) / abs(baseline)
+    return pct if math.isfinite(pct) else None  # 1e308 - (-1e308) overflows: no "+inf%"
 
 
 def install_signal_handlers(engine: Engine) -> Callable[[], None]:

@@ -18,7 +18,9 @@ are hashed at session start and verified in every worktree before every run.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import stat
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
@@ -124,6 +126,14 @@ class Guard:
             f = lab_root / path
             if f.is_symlink() or not f.is_file():
                 return violation("protected", f"{path}: protected file missing or replaced")
-            if hashlib.sha256(f.read_bytes()).hexdigest() != digest:
+            try:  # streamed, and only from a regular file: a FIFO swapped in cannot block, a huge file cannot fill RAM
+                fd = os.open(f, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                with os.fdopen(fd, "rb") as fh:
+                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                        return violation("protected", f"{path}: protected file missing or replaced")
+                    got = hashlib.file_digest(fh, "sha256").hexdigest()
+            except OSError:
+                return violation("protected", f"{path}: protected file missing or replaced")
+            if got != digest:
                 return violation("protected", f"{path}: protected file changed")
         return None

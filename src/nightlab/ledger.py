@@ -39,6 +39,7 @@ import sqlalchemy as sa
 from sqlalchemy import event, exc
 from sqlalchemy.engine import Connection, Engine, make_url
 
+from nightlab import escape
 from nightlab.errors import LedgerError
 from nightlab.types import Candidate, Direction, Experiment, Session, Status, Usage
 
@@ -156,8 +157,14 @@ def _finite(x: float | None) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _safe(values: dict[str, Any]) -> dict[str, Any]:
+    """Text a run controls (a log tail, a file name in a reason) made storable: bytes that are not
+    UTF-8 as ``\\xNN``, NUL as ``\\x00`` (nightlab.escape); :func:`_dumps` does the same in JSON."""
+    return {k: escape.text(v) if isinstance(v, str) else v for k, v in values.items()}
+
+
 def _dumps(d: Any) -> str:
-    return json.dumps(d if d is not None else {}, sort_keys=True, default=str)
+    return json.dumps(escape.deep(d if d is not None else {}), sort_keys=True, default=str)
 
 
 class Ledger:
@@ -350,7 +357,7 @@ class Ledger:
             with self._write() as conn:
                 taken = conn.execute(sa.select(sessions.c.id).where(sessions.c.tag == tag)).first()
                 if taken is None:
-                    sid = _inserted_id(conn.execute(sessions.insert().values(**values)))
+                    sid = _inserted_id(conn.execute(sessions.insert().values(**_safe(values))))
                     row = conn.execute(sa.select(sessions).where(sessions.c.id == sid)).one()
         except exc.IntegrityError:
             row = None
@@ -417,7 +424,7 @@ class Ledger:
                 values[key] = _finite(values[key])
         values["updated_at"] = time.time()
         with self._write() as conn:
-            n = conn.execute(sessions.update().where(sessions.c.id == session_id).values(**values)).rowcount
+            n = conn.execute(sessions.update().where(sessions.c.id == session_id).values(**_safe(values))).rowcount
             row = conn.execute(sa.select(sessions).where(sessions.c.id == session_id)).first()
         if n == 0 or row is None:
             raise LedgerError(f"no session with id {session_id} in {self._shown}")
@@ -481,7 +488,7 @@ class Ledger:
                 existing = conn.execute(sa.select(experiments.c.id).where(where)).scalar_one_or_none()
                 if existing is not None:
                     return int(existing)
-                exp_id = _inserted_id(conn.execute(experiments.insert().values(**exp_values)))
+                exp_id = _inserted_id(conn.execute(experiments.insert().values(**_safe(exp_values))))
                 if candidate is not None:
                     conn.execute(candidates.insert().values(**_candidate_values(exp_id, candidate)))
                 return exp_id
@@ -524,8 +531,9 @@ class Ledger:
             if found is None:
                 raise LedgerError(f"no experiment with id {exp_id} in {self._shown}")
             if values:
-                conn.execute(experiments.update().where(experiments.c.id == exp_id).values(**values))
+                conn.execute(experiments.update().where(experiments.c.id == exp_id).values(**_safe(values)))
             if diff is not None:
+                diff = escape.text(diff)
                 n = conn.execute(
                     candidates.update().where(candidates.c.experiment_id == exp_id).values(diff=diff)
                 ).rowcount
@@ -579,7 +587,7 @@ class Ledger:
             ).scalar_one_or_none()
             if session_id is None:
                 raise LedgerError(f"no experiment with id {exp_id} in {self._shown}")
-            conn.execute(experiments.update().where(experiments.c.id == exp_id).values(**values))
+            conn.execute(experiments.update().where(experiments.c.id == exp_id).values(**_safe(values)))
             if incumbent is not None:
                 inc_commit, inc_metric = incumbent
                 conn.execute(
@@ -670,7 +678,7 @@ class Ledger:
 
 def _candidate_values(exp_id: int, cand: Candidate) -> dict[str, Any]:
     u = cand.usage
-    return dict(
+    return _safe(dict(
         experiment_id=exp_id,
         researcher=cand.researcher,
         rationale=cand.rationale,
@@ -681,7 +689,7 @@ def _candidate_values(exp_id: int, cand: Candidate) -> dict[str, Any]:
         tokens_cached=int(u.tokens_cached),
         cost_usd=float(u.cost_usd),
         usage_s=float(u.seconds),
-    )
+    ))
 
 
 def _experiment_select() -> sa.Select[Any]:

@@ -95,6 +95,22 @@ def render_html(ledger: Ledger, session: Session, png_name: str = "progress.png"
     ))
 
 
+def render_compare_html(ledger: Ledger, name: str) -> str:
+    """A ``nightlab compare`` report as one self-contained HTML string (table, tests, verdict, chart)."""
+    jinja2 = _require("jinja2")
+    from nightlab import compare as cmp
+    from nightlab.web import charts, compare_view
+
+    report = cmp.load_report(ledger, name)
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(HERE / "templates")), autoescape=True)
+    env.filters["metric"] = lambda v: "—" if v is None else charts.fmt(float(v))
+    env.filters["clock"] = lambda x: time.strftime("%Y-%m-%d %H:%M", time.localtime(x)) if x else "—"
+    env.filters["pct"] = lambda v: "—" if v is None else f"{100 * v:.0f}%"
+    return str(env.get_template("report_compare.html").render(
+        standalone=True, css=(HERE / "static" / "style.css").read_text(encoding="utf-8"), generated=time.time(),
+        **compare_view.context(report)))
+
+
 def progress_png(ledger: Ledger, session: Session, path: Path) -> Path:
     """The progress chart as a PNG: discards grey, keeps green, the running best, the baseline."""
     matplotlib = _require("matplotlib")

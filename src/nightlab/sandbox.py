@@ -3,7 +3,8 @@
 Contract
 --------
 ``run()`` executes ``command`` through ``/bin/sh -c`` in ``cwd`` with exactly ``env``; stdout and
-stderr go, merged, to ``log_path`` (never to the terminal); stdin is ``/dev/null``. The command gets
+stderr go, merged, through a pipe to ``log_path`` (never to the terminal), capped at the policy's
+``max_log_bytes`` with its head and tail kept (:mod:`nightlab.logcap`); stdin is ``/dev/null``. The command gets
 its own session and process group. At ``timeout_s`` (or when ``cancel`` is set) the whole process
 tree gets SIGTERM, then SIGKILL after ``kill_grace_s``. A failing command is data (a ``RunResult``),
 never an exception; ``SandboxError`` is raised only when the command cannot be started at all.
@@ -44,7 +45,7 @@ Not covered
 - No cgroup CPU/memory limits: ``RLIMIT_AS`` is per process and counts virtual memory (CUDA and
   some allocators reserve large address ranges, so leave ``memory_mb`` at 0 for GPU jobs); files
   written to the private ``/tmp`` or ``/dev/shm`` count against RAM, not against the limit.
-- Disk: the worktree can be filled without bound.
+- Disk: the worktree can be filled without bound (the log cannot: ``max_log_bytes``).
 - No GPU isolation: NVIDIA/DRI/KFD device nodes present on the host are bound into the sandbox;
   pin devices with ``CUDA_VISIBLE_DEVICES``. (Not yet tested on a GPU machine.)
 - Grace under bwrap: when the command's top-level shell exits on SIGTERM, bwrap tears the PID
@@ -80,7 +81,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from nightlab import escape
 from nightlab.errors import SandboxError
+from nightlab.logcap import DEFAULT_MAX_BYTES as DEFAULT_MAX_LOG_BYTES
+from nightlab.logcap import CappedLog
 from nightlab.types import RunResult
 
 log = logging.getLogger(__name__)
@@ -101,6 +105,7 @@ class SandboxPolicy:
     readonly: tuple[Path, ...] = ()  # bound read-only at the same path; wins over writable/hidden
     hidden: tuple[Path, ...] = ()  # an empty tmpfs over each; paths that do not exist are skipped
     memory_mb: int = 0  # RLIMIT_AS for the command when > 0
+    max_log_bytes: int = DEFAULT_MAX_LOG_BYTES  # the log keeps its head and tail within this (nightlab.logcap)
     # bwrap: False (runs, evaluators, holdout checks): a minimal view -- system folders, chosen /etc
     # entries, the toolchain and the paths above, nothing else of the host. True: the whole host
     # file system read-only (the agent researcher, which needs its CLI and its config).
@@ -527,15 +532,17 @@ def run(
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    with open(log_path, "wb") as out:
-        try:
-            proc = subprocess.Popen(
-                argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, close_fds=True,
-            )
-        except OSError as e:
-            raise SandboxError(f"cannot start the command: {e}",
-                               fix="check that the working directory exists and /bin/sh is present") from e
+    out = CappedLog(log_path, policy.max_log_bytes)
+    try:
+        proc = subprocess.Popen(
+            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out.write_fd, stderr=subprocess.STDOUT,
+            start_new_session=True, close_fds=True,
+        )
+    except OSError as e:
+        out.close()
+        raise SandboxError(f"cannot start the command: {e}",
+                           fix="check that the working directory exists and /bin/sh is present") from e
+    out.start()
     try:
         if on_start is not None:
             on_start(proc.pid)
@@ -549,6 +556,8 @@ def run(
         _kill_tree(proc.pid, {}, include_root=True)
         proc.wait()
         raise
+    finally:
+        out.close()
     code = proc.wait()
     wall = time.monotonic() - started
     if outcome != "exit":
@@ -561,7 +570,7 @@ def run(
 
 
 def tail(log_path: Path, lines: int = 50, max_bytes: int = 16384) -> str:
-    """The last ``lines`` lines of a log (at most ``max_bytes`` read), decoded safely; "" if absent."""
+    """The last ``lines`` lines of a log (at most ``max_bytes`` read), escaped (nightlab.escape); "" if absent."""
     try:
         with open(log_path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -570,7 +579,7 @@ def tail(log_path: Path, lines: int = 50, max_bytes: int = 16384) -> str:
             data = f.read()
     except OSError:
         return ""
-    text = data.decode("utf-8", errors="replace").replace("\x00", "\N{REPLACEMENT CHARACTER}")
+    text = escape.text(data)  # bytes that are not UTF-8 as \xNN, NUL as \x00: storable anywhere
     if size > max_bytes and "\n" in text:  # drop the partial first line
         text = text.split("\n", 1)[1]
     return "\n".join(text.splitlines()[-lines:]) if lines > 0 else ""

@@ -43,6 +43,7 @@ class RunSpec(_Section):
     seed: int = 0
     memory_mb: int = Field(0, ge=0, description="address-space limit per run (0: none)")
     kill_grace_s: float = Field(3.0, ge=0, description="SIGTERM to SIGKILL grace at the timeout")
+    max_log_mb: float = Field(20.0, gt=0, description="stored log per run: its head and tail, the middle cut")
 
     @field_validator("pass_env")
     @classmethod
@@ -65,6 +66,10 @@ class RunSpec(_Section):
     def hard_timeout_s(self) -> float:
         return self.timeout_s if self.timeout_s is not None else self.budget_s * 2 + 60
 
+    @property
+    def max_log_bytes(self) -> int:
+        return max(4096, int(self.max_log_mb * 1024 * 1024))
+
 
 class MetricSpec(_Section):
     name: str
@@ -73,6 +78,9 @@ class MetricSpec(_Section):
     file: str = Field("", description="with source = 'json': the JSON file the run writes")
     secondary: list[str] = Field(default_factory=list, description="other figures to record")
     memory: str = Field("", description="secondary figure (MB) used for results.tsv's memory_gb")
+    max_abs: float = Field(1e15, ge=0, description="a metric of larger magnitude is absurd: refused (0: off)")
+    max_ratio: float = Field(1000.0, ge=0, description="a metric further from the baseline than this many "
+                             "times the baseline's magnitude is absurd: refused (0: off)")
 
     @model_validator(mode="after")
     def _json_needs_file(self) -> MetricSpec:
@@ -93,11 +101,62 @@ class StopSpec(_Section):
     max_tokens: int = Field(default=0, ge=0, description="researcher tokens in + out (0: no limit)")
 
 
+class SpaceEntry(_Section):
+    """One entry of ``[researcher.space]`` as a table (the string form is the ``# nightlab:`` grammar)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    range: tuple[float, float] | None = Field(None, description="[LOW, HIGH]")
+    log: bool = Field(False, description="log-uniform (needs LOW > 0)")
+    integer: bool = Field(False, alias="int", description="search whole numbers only")
+    choices: list[int | float | str] = Field(default_factory=list, description="one of these values")
+    fixed: bool = Field(False, description="never searched")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SpaceEntry:
+        if self.fixed and (self.range or self.choices or self.log):
+            raise ValueError("fixed = true takes no range, log or choices")
+        if self.range and self.choices:
+            raise ValueError("give range or choices, not both")
+        return self
+
+
 class ResearcherSpec(BaseModel):
-    """``kind`` picks the researcher; the other keys are that researcher's options."""
+    """``kind`` picks the researcher; the other keys are that researcher's options.
+
+    ``[researcher.space]`` (read by the ``search`` and ``local`` researchers) declares the search
+    space per constant name; see :mod:`nightlab.constants`.
+    """
 
     model_config = ConfigDict(extra="allow", frozen=True)
     kind: str = "search"
+    space: dict[str, str | SpaceEntry] = Field(
+        default_factory=dict, description="NAME = 'LOW..HIGH [log]' | 'choices A,B' | 'fixed' | a table")
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _space_entries(cls, v: Any) -> Any:
+        """One clear message per bad entry, naming it (the union would give two obscure ones)."""
+        if not isinstance(v, dict):
+            return v
+        forms = ("write NAME = 'LOW..HIGH', 'LOW..HIGH log', 'choices A,B', 'fixed', or a table "
+                 "{ range = [LOW, HIGH], log = true, int = true } / { choices = [...] } / { fixed = true }")
+        out: dict[str, Any] = {}
+        for key, entry in v.items():
+            if isinstance(entry, str | SpaceEntry):
+                out[key] = entry
+                continue
+            if not isinstance(entry, dict):
+                raise ValueError(f"[researcher.space] {key!r} = {entry!r}: {forms}")
+            try:
+                out[key] = SpaceEntry.model_validate(entry)
+            except ValidationError as e:
+                err = e.errors()[0]
+                what = (f"unknown key {err['loc'][0]!r} (known: range, log, int, choices, fixed)"
+                        if err["type"] == "extra_forbidden" else
+                        f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}".removeprefix(": ")
+                        .replace("Value error, ", ""))
+                raise ValueError(f"[researcher.space] {key!r}: {what}; {forms}") from None
+        return out
 
     @property
     def options(self) -> dict[str, Any]:
@@ -215,6 +274,8 @@ class AutonomySpec(_Section):
     poll_s: float = Field(default=1.0, gt=0, description="how often a waiting session polls the ledger")
     expire_h: float = Field(default=0.0, ge=0,
                             description="no answer after this counts as a rejection (0: never)")
+    agents_may_approve: bool = Field(default=False,
+                                     description="coding agents (nightlab mcp) may answer approvals")
 
 
 class AuditSpec(_Section):
@@ -228,6 +289,49 @@ class AuditSpec(_Section):
 
 class LabSpec(_Section):
     name: str = ""
+
+
+NotifyKind = Literal["keep", "new_best", "session_stopped", "approval_waiting", "crash_streak",
+                     "holdout_divergence", "pool_claim_accepted"]
+_DEFAULT_NOTIFY: tuple[NotifyKind, ...] = ("new_best", "session_stopped", "approval_waiting", "crash_streak",
+                                          "holdout_divergence", "pool_claim_accepted")
+
+
+class NotifySpec(_Section):
+    """Where to send a ping (see :mod:`nightlab.notify`); the user's ``~/.config/nightlab/config.toml``
+    ``[notify]`` applies when the spec names no target."""
+
+    webhooks: list[str] = Field(default_factory=list,
+                                description="Slack/Discord-compatible incoming webhook URLs (${ENV} allowed)")
+    ntfy: str = Field("", description="an ntfy topic URL, e.g. https://ntfy.sh/my-night")
+    command: str = Field("", description="a command run with the event as JSON on stdin (no shell)")
+    events: list[NotifyKind] = Field(
+        default_factory=lambda: list(_DEFAULT_NOTIFY),
+        description="which kinds to send (keep, new_best, session_stopped, approval_waiting, crash_streak, "
+                    "holdout_divergence, pool_claim_accepted)")
+    crash_streak: int = Field(3, ge=1, description="crashes or timeouts in a row that make a crash_streak")
+    retries: int = Field(3, ge=0, le=10)
+    backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles each time (at most 60 s)")
+    timeout_s: float = Field(10.0, gt=0)
+
+    @field_validator("webhooks")
+    @classmethod
+    def _http_urls(cls, v: list[str]) -> list[str]:
+        for url in v:
+            if not url.startswith(("http://", "https://", "${")):
+                raise ValueError("a webhook must be an http:// or https:// URL")
+        return v
+
+    @field_validator("ntfy")
+    @classmethod
+    def _ntfy_url(cls, v: str) -> str:
+        if v and not v.startswith(("http://", "https://", "${")):
+            raise ValueError("ntfy must be a topic URL, e.g. https://ntfy.sh/my-night")
+        return v
+
+    @property
+    def has_target(self) -> bool:
+        return bool(self.webhooks or self.ntfy or self.command)
 
 
 class Spec(_Section):
@@ -245,6 +349,7 @@ class Spec(_Section):
     permissions: PermissionsSpec = Field(default_factory=PermissionsSpec)
     autonomy: AutonomySpec = Field(default_factory=AutonomySpec)
     audit: AuditSpec = Field(default_factory=AuditSpec)
+    notify: NotifySpec = Field(default_factory=NotifySpec)
 
     @model_validator(mode="before")
     @classmethod

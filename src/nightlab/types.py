@@ -121,6 +121,7 @@ class Measurement:
     secondary: dict[str, float] = field(default_factory=dict)
     trust: str = "inline"  # "inline" (the run printed it) or "evaluator" (protected code computed it)
     error: str = ""  # why there is no metric
+    warnings: tuple[str, ...] = ()  # a duplicate key, an absurd value: stored in evidence["warnings"]
 
     @property
     def valid(self) -> bool:

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 from nightlab import sandbox
 from nightlab.errors import NightlabError, UsageError
 from nightlab.guard import Guard
-from nightlab.measure import measure, parse_summary, read_log
+from nightlab.measure import measure, parse_summary, read_log, sanity
 from nightlab.policy import IncumbentStats, noise_of
 from nightlab.spec import MetricSpec, match_files
 from nightlab.stats import diff_ci, mean_ci, welch
@@ -208,7 +208,7 @@ class Verifier:
         if problem:
             self.e.events.emit("guard", experiment=idx, stage="after-run", ok=False, reason=problem)
             return Measurement(None, error=f"protected: {problem}"), f"protected: {problem}"
-        inline = measure(self.e.spec.metric, log_path, lab_root)
+        inline = self.sane(measure(self.e.spec.metric, log_path, lab_root))
         if not self.evaluator_mode:
             return inline, ""
         if not run_ok:
@@ -233,12 +233,16 @@ class Verifier:
             why = "timed out" if res.timed_out else f"exited with {res.exit_code}"
             tail = " | ".join(sandbox.tail(elog, 3).splitlines())
             return Measurement(None, trust="evaluator", error=f"evaluator {why}: {tail}"[:500]), ""
-        m = measure(_eval_metric_spec(self.e.spec.metric), elog, lab_root, trust="evaluator")
+        m = self.sane(measure(_eval_metric_spec(self.e.spec.metric), elog, lab_root, trust="evaluator"))
         # secondary figures the evaluator did not give may come from the run's own block (labelled)
         secondary = dict(m.secondary)
         for k, v in inline.secondary.items():
             secondary.setdefault(k, v)
         return dataclasses.replace(m, secondary=secondary), ""
+
+    def sane(self, m: Measurement) -> Measurement:
+        """Refuse an absurd metric (``[metric] max_abs``/``max_ratio``; see nightlab.measure.sanity)."""
+        return sanity(m, self.e.spec.metric, self.e.session.baseline_metric)
 
     def evidence_extras(self, m: Measurement, log_path: Path) -> dict[str, Any]:
         """What to add to a decision's evidence about where the numbers came from."""
@@ -250,7 +254,7 @@ class Verifier:
                 block = {}
             name = self.e.spec.metric.name
             if name in block:
-                out["run_claimed"] = block[name]  # what the run printed: ignored for the metric
+                out["run_claimed"] = block[name][:200]  # what the run printed: ignored for the metric
             elog = log_path.with_name("evaluate.log")
             try:
                 evaluated = parse_summary(read_log(elog))

@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from nightlab import escape
 from nightlab.errors import GitError, UsageError
 
 _GIT_ENV = {
@@ -78,17 +79,19 @@ class Workspace:
 
     def _run(self, args: list[str], *, cwd: Path | None = None, input: str | None = None,
              check: bool = True) -> str:
+        # bytes in and out: a file name or a diff line that is not UTF-8 travels as surrogateescape
+        # (what os.fsdecode gives, so the path still names the file); storing it escapes it
         proc = subprocess.run(
             ["git", *_GIT_CFG, *args],
             cwd=cwd or self.lab_dir,
             env=self._env,
-            input=input,
+            input=None if input is None else input.encode("utf-8", "surrogateescape"),
             capture_output=True,
-            text=True,
         )
         if check and proc.returncode != 0:
-            raise GitError(f"git {' '.join(args[:3])} failed: {proc.stderr.strip()[:500]}")
-        return proc.stdout
+            err = proc.stderr.decode("utf-8", "backslashreplace").strip()
+            raise GitError(f"git {' '.join(args[:3])} failed: {err[:500]}")
+        return proc.stdout.decode("utf-8", "surrogateescape")
 
     def git(self, *args: str, cwd: Path | None = None) -> str:
         return self._run(list(args), cwd=cwd)
@@ -169,7 +172,8 @@ class Workspace:
             cwd=self.lab_dir, env=self._env, capture_output=True,
         )
         if proc.returncode != 0:
-            raise GitError(f"cannot read {lab_path} at {commit[:10]}: {proc.stderr.decode()[:200]}")
+            raise GitError(f"cannot read {lab_path} at {commit[:10]}: "
+                           f"{proc.stderr.decode('utf-8', 'backslashreplace')[:200]}")
         return proc.stdout
 
     def diff(self, a: str, b: str) -> str:
@@ -218,21 +222,29 @@ class Workspace:
                 raise ApplyError(f"{lab_path}: resolves outside the worktree")
             if target.is_symlink():
                 raise ApplyError(f"{lab_path}: is a symlink in the worktree")
+            try:
+                data = text.encode("utf-8", "surrogateescape")  # bytes a researcher read as surrogates
+            except UnicodeEncodeError as e:
+                raise ApplyError(f"{escape.text(lab_path)}: text not writable as UTF-8 ({e.reason})") from None
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text, encoding="utf-8")
+            target.write_bytes(data)
 
     def apply_diff(self, worktree: Path, diff: str) -> None:
         if not diff.endswith("\n"):
             diff += "\n"
+        try:
+            data = diff.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError as e:
+            raise ApplyError(f"the diff cannot be written as UTF-8 ({e.reason})") from None
         args = ["apply", "--whitespace=nowarn", "--recount"]
         if self.lab_rel:
             args.append(f"--directory={self.lab_rel}")
         proc = subprocess.run(
-            ["git", *_GIT_CFG, *args, "-"], cwd=worktree, env=self._env, input=diff,
-            capture_output=True, text=True,
+            ["git", *_GIT_CFG, *args, "-"], cwd=worktree, env=self._env,
+            input=data, capture_output=True,
         )
         if proc.returncode != 0:
-            raise ApplyError(proc.stderr.strip()[:2000] or "git apply failed")
+            raise ApplyError(proc.stderr.decode("utf-8", "backslashreplace").strip()[:2000] or "git apply failed")
 
     def stage(self, worktree: Path) -> list[Change]:
         """Stage everything in the worktree and report what changed against HEAD."""
@@ -256,6 +268,7 @@ class Workspace:
     def commit_staged(self, worktree: Path, message: str) -> tuple[str, str]:
         """Commit what :meth:`stage` staged; return (sha, canonical diff against the parent)."""
         diff = self._run(["diff", "--cached", "--no-color", "--no-ext-diff", "HEAD"], cwd=worktree)
-        self._run(["commit", "-q", "--no-verify", "--allow-empty-message", "-m", message], cwd=worktree)
+        self._run(["commit", "-q", "--no-verify", "--allow-empty-message", "-m", escape.text(message)],
+                  cwd=worktree)
         sha = self._run(["rev-parse", "HEAD"], cwd=worktree).strip()
         return sha, diff

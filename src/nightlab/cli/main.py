@@ -6,6 +6,7 @@ Harness errors (:class:`~nightlab.errors.NightlabError`) are printed as ``error:
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any
 
@@ -38,11 +39,13 @@ def main() -> None:
 
 
 def _register() -> None:
-    from nightlab.cli import audit, init, read, run, sweep, ui, verify
+    from nightlab.cli import audit, compare, init, labs, read, run, sweep, ui, verify
 
     for cmd in (init.init, run.run, run.demo, read.status, read.log, read.show, read.diff, read.export_cmd,
-                sweep.sweep, ui.ui, ui.report, *audit.COMMANDS, *verify.COMMANDS):
+                sweep.sweep, compare.compare, compare.evolve_program, ui.ui, ui.report, labs.labs, labs.mcp,
+                *audit.COMMANDS, *verify.COMMANDS):
         main.add_command(cmd)
+    main.add_command(importlib.import_module("nightlab.cli.space").space)  # nightlab space
 
 
 _register()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -105,7 +106,22 @@ def _console() -> Console:
 
 
 def _fmt(x: float | None, digits: int = 6) -> str:
-    return "—" if x is None else f"{x:.{digits}f}"
+    """Fixed-point for ordinary values; huge or non-finite ones compactly (never 300 digits)."""
+    if x is None:
+        return "—"
+    if not math.isfinite(x) or abs(x) >= 1e12:
+        return f"{x:.{digits}g}"
+    return f"{x:.{digits}f}"
+
+
+def _signed(x: float, digits: int = 6) -> str:
+    return f"{x:+.{digits}g}" if not math.isfinite(x) or abs(x) >= 1e12 else f"{x:+.{digits}f}"
+
+
+def _warnings(e: Experiment) -> list[str]:
+    """Warnings stored with the measurement (duplicate keys, an absurd metric refused)."""
+    ws = e.evidence.get("warnings") if isinstance(e.evidence, dict) else None
+    return [str(w) for w in ws] if isinstance(ws, list) else []
 
 
 def _short(sha: str | None) -> str:
@@ -127,14 +143,28 @@ def _improvement(session: Session, new: float | None, old: float | None) -> str:
     if new is None or old is None:
         return "—"
     gain = session.direction.improvement(new, old)
-    pct = f" ({100 * gain / abs(old):+.2f}%)" if old != 0 else ""
-    return f"{gain:+.6f}{pct}"
+    ratio = 100 * gain / abs(old) if old != 0 else math.nan
+    if not math.isfinite(ratio):
+        pct = ""
+    elif abs(ratio) >= 1e6:
+        pct = f" ({ratio:+.3g}%)"
+    else:
+        pct = f" ({ratio:+.2f}%)"
+    return f"{_signed(gain)}{pct}"
 
 
 @click.command()
 @_common
-def status(lab: Path, db: str | None, tag: str | None) -> None:
-    """Where a session stands: incumbent, improvement, counts, cost."""
+@click.option("--all", "all_labs", is_flag=True,
+              help="every lab you follow (`nightlab labs`) and every lab of the --db ledger, as one table")
+@click.option("--registry", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="with --all: the lab registry file (default: ~/.config/nightlab/labs.toml)")
+def status(lab: Path, db: str | None, tag: str | None, all_labs: bool = False, registry: Path | None = None) -> None:
+    """Where a session stands: incumbent, improvement, counts, cost (--all: every lab you follow)."""
+    if all_labs:
+        from nightlab.cli.labs import print_all
+
+        return print_all(registry, db)
     led, s = _open(lab, db, tag)
     with led:
         counts = led.count_by_status(s.id)
@@ -209,7 +239,13 @@ def log(lab: Path, db: str | None, tag: str | None, status_: str | None, limit: 
     t.add_column("trust", no_wrap=True)
     t.add_column("run s", justify="right", no_wrap=True)
     t.add_column("description")
+    warned = 0
     for e in rows:
+        desc = e.description if len(e.description) <= 44 else e.description[:43] + "…"
+        cell = Text(desc)
+        if _warnings(e):
+            warned += 1
+            cell = Text("⚠ ", style="bold yellow") + cell
         t.add_row(
             str(e.idx),
             _status_text(e.status),
@@ -217,9 +253,13 @@ def log(lab: Path, db: str | None, tag: str | None, status_: str | None, limit: 
             _delta(s, e, kept_metric),
             e.trust if e.metric is not None else "",
             f"{e.run_s:.1f}",
-            Text(e.description if len(e.description) <= 44 else e.description[:43] + "…"),
+            cell,
         )
-    _console().print(t)
+    con = _console()
+    con.print(t)
+    if warned:
+        con.print(Text(f"⚠ {warned} experiment(s) with measurement warnings (duplicate keys, absurd metrics): "
+                       "see `nightlab show N`", style="yellow"))
 
 
 def _delta(s: Session, e: Experiment, kept_metric: dict[str, float]) -> Text:
@@ -228,7 +268,7 @@ def _delta(s: Session, e: Experiment, kept_metric: dict[str, float]) -> Text:
         return Text("")
     diff = e.metric - parent
     style = "green" if s.direction.better(e.metric, parent) else "red" if diff else ""
-    return Text(f"{diff:+.6f}", style=style)
+    return Text(_signed(diff), style=style)
 
 
 def _get(led: Ledger, s: Session, n: int) -> Experiment:
@@ -260,6 +300,8 @@ def show(lab: Path, db: str | None, tag: str | None, n: int) -> None:
     trust = f"  (trust: {e.trust})" if e.metric is not None else ""
     t.add_row("metric", Text(f"{s.metric_name} = {_fmt(e.metric)}{trust}"))
     t.add_row("secondary", Text(", ".join(f"{k} = {v}" for k, v in sorted(e.secondary.items())) or "—"))
+    for w in _warnings(e):
+        t.add_row("warning", Text(w, style="yellow"))
     t.add_row("parent", e.parent_commit or "—")
     t.add_row("commit", e.commit or "—")
     t.add_row("seed", str(e.seed))
@@ -306,10 +348,23 @@ def diff(lab: Path, db: str | None, tag: str | None, n: int) -> None:
     help="write here (default: stdout)",
 )
 @click.option("--memory-key", default="", help="secondary figure in MB for the tsv memory_gb column")
+@click.option("--mlflow", "to_mlflow", is_flag=True,
+              help="log every experiment as an MLflow run instead (pip install 'nightlab[mlflow]'); idempotent")
+@click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKING_URI",
+              help="with --mlflow: the tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's default)")
 def export_cmd(
-    lab: Path, db: str | None, tag: str | None, fmt: str, output: Path | None, memory_key: str
+    lab: Path, db: str | None, tag: str | None, fmt: str, output: Path | None, memory_key: str,
+    to_mlflow: bool = False, tracking_uri: str | None = None,
 ) -> None:
-    """Export the session: karpathy-compatible results.tsv, CSV or JSONL."""
+    """Export the session: karpathy-compatible results.tsv, CSV or JSONL, or MLflow runs (--mlflow)."""
+    if to_mlflow:
+        from nightlab.api import Lab
+        from nightlab.mlflow_export import export_mlflow
+
+        r = export_mlflow(Lab(lab, db), tag, tracking_uri)
+        click.echo(f"MLflow experiment {r.experiment_id} at {r.tracking_uri}: {r.created} runs created, "
+                   f"{r.replaced} replaced, {r.unchanged} unchanged")
+        return
     led, s = _open(lab, db, tag)
     with led:
         if output is None:

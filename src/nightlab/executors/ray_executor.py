@@ -112,6 +112,7 @@ class RemoteJob:
     metric: dict[str, Any]  # MetricSpec.model_dump(); re-validated on the worker
     data_dir: str | None  # NIGHTLAB_DATA_DIR: bound read-only where it exists on the worker
     hide: tuple[str, ...] = ()  # paths relative to the lab folder hidden from the run ([sandbox] hide)
+    max_log_bytes: int = 20 * 1024 * 1024  # [run] max_log_mb: the log keeps its head and tail within this
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,7 @@ def run_job(job: RemoteJob, *, extra_env: dict[str, str] | None = None,
         hidden = (work.parent, *extra_hidden, *(lab_root / h for h in job.hide))
         policy = sandbox.SandboxPolicy(
             mode=mode, network=job.network, writable=(tree,), readonly=tuple(readonly),
-            hidden=tuple(dict.fromkeys(hidden)), memory_mb=job.memory_mb,
+            hidden=tuple(dict.fromkeys(hidden)), memory_mb=job.memory_mb, max_log_bytes=job.max_log_bytes,
         )
         log_path = work / "run.log"
         res = sandbox.run(job.command, cwd=lab_root, env=env, policy=policy, timeout_s=job.timeout_s,

@@ -50,6 +50,7 @@ is rejected), but it stays on disk.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shlex
@@ -115,44 +116,49 @@ def parse_usage(transcript: str) -> tuple[int, int, int, float | None, str]:
     cost: float | None = None
     final = ""
     for line in transcript.splitlines():
-        s = line.strip()
-        if s.startswith("{") and s.endswith("}"):
-            try:
-                obj = json.loads(s)
-            except json.JSONDecodeError:
+        try:  # the agent's output is untrusted: a line that does not parse gives no usage, never an error
+            s = line.strip()
+            if s.startswith("{") and s.endswith("}"):
+                try:
+                    obj = json.loads(s)
+                except (ValueError, RecursionError):
+                    continue
+                if not isinstance(obj, dict):
+                    continue
+                if obj.get("type") == "result" or "total_cost_usd" in obj:  # Claude Code
+                    u = obj.get("usage") or {}
+                    read = int(u.get("cache_read_input_tokens", 0) or 0)
+                    write = int(u.get("cache_creation_input_tokens", 0) or 0)
+                    t_in += int(u.get("input_tokens", 0) or 0) + read + write
+                    t_out += int(u.get("output_tokens", 0) or 0)
+                    t_cached += read
+                    if obj.get("total_cost_usd") is not None:
+                        cost = (cost or 0.0) + float(obj["total_cost_usd"])
+                    final = str(obj.get("result") or final)
+                elif obj.get("type") == "turn.completed":  # Codex
+                    u = obj.get("usage") or {}
+                    t_in += int(u.get("input_tokens", 0) or 0)
+                    t_cached += int(u.get("cached_input_tokens", 0) or 0)
+                    t_out += int(u.get("output_tokens", 0) or 0)
+                elif obj.get("type") == "item.completed":
+                    item = obj.get("item") or {}
+                    if item.get("type") in ("agent_message", "assistant_message") and item.get("text"):
+                        final = str(item["text"])
                 continue
-            if not isinstance(obj, dict):
-                continue
-            if obj.get("type") == "result" or "total_cost_usd" in obj:  # Claude Code
-                u = obj.get("usage") or {}
-                read = int(u.get("cache_read_input_tokens", 0) or 0)
-                write = int(u.get("cache_creation_input_tokens", 0) or 0)
-                t_in += int(u.get("input_tokens", 0) or 0) + read + write
-                t_out += int(u.get("output_tokens", 0) or 0)
-                t_cached += read
-                if obj.get("total_cost_usd") is not None:
-                    cost = (cost or 0.0) + float(obj["total_cost_usd"])
-                final = str(obj.get("result") or final)
-            elif obj.get("type") == "turn.completed":  # Codex
-                u = obj.get("usage") or {}
-                t_in += int(u.get("input_tokens", 0) or 0)
-                t_cached += int(u.get("cached_input_tokens", 0) or 0)
-                t_out += int(u.get("output_tokens", 0) or 0)
-            elif obj.get("type") == "item.completed":
-                item = obj.get("item") or {}
-                if item.get("type") in ("agent_message", "assistant_message") and item.get("text"):
-                    final = str(item["text"])
-            continue
-        m = re.search(r"Tokens: ([\d.]+)(k?) sent(?:, ([\d.]+)(k?) cache \w+)*, ([\d.]+)(k?) received\."
-                      r"(?: Cost: \$([\d.]+) message)?", s)
-        if m:  # aider
-            def num(v: str, k: str) -> int:
-                return int(float(v) * (1000 if k else 1))
+            m = re.search(r"Tokens: ([\d.]+)(k?) sent(?:, ([\d.]+)(k?) cache \w+)*, ([\d.]+)(k?) received\."
+                          r"(?: Cost: \$([\d.]+) message)?", s)
+            if m:  # aider
+                def num(v: str, k: str) -> int:
+                    return int(float(v) * (1000 if k else 1))
 
-            t_in += num(m.group(1), m.group(2))
-            t_out += num(m.group(5), m.group(6))
-            if m.group(7):
-                cost = (cost or 0.0) + float(m.group(7))
+                t_in += num(m.group(1), m.group(2))
+                t_out += num(m.group(5), m.group(6))
+                if m.group(7):
+                    cost = (cost or 0.0) + float(m.group(7))
+        except (ValueError, TypeError, AttributeError, OverflowError, RecursionError):
+            continue
+    if cost is not None and not math.isfinite(cost):
+        cost = None
     if not final:
         paras = [p.strip() for p in transcript.strip().split("\n\n") if p.strip()]
         final = paras[-1] if paras else ""

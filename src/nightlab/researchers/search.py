@@ -12,8 +12,11 @@ number of experiments. From ``nightlab.toml``::
     exclude = []             # never these
     n_startup_trials = 5     # TPE's random warm-up
 
-Constants and their ranges are found by :mod:`nightlab.constants` in the ``.py`` files of
-``ctx.files`` at the first ``propose``; the search space is then fixed for the whole life of
+Constants and their ranges are found by :mod:`nightlab.space` (the one finder every
+researcher shares: ``# nightlab:`` comments, ``[researcher.space]``, tuples, strings,
+expressions) in the ``.py`` files of ``ctx.files`` at the first ``propose``; an asked point
+that would break an ``assert`` of the code (:mod:`nightlab.asserts`) is told to the study as
+failed and never run; the search space is then fixed for the whole life of
 the researcher (Optuna needs consistent distributions). On resume the incumbent is usually
 no longer the baseline, so default (not explicit) ranges are widened to cover every value in
 the replayed history before the space is fixed. Parameter names are ``NAME`` when one
@@ -49,8 +52,9 @@ from optuna.distributions import (
 from optuna.trial import TrialState, create_trial
 from pydantic import BaseModel, ConfigDict
 
-from nightlab.constants import Constant, find_constants, format_value, rewrite
+from nightlab.constants import Constant, Value, format_value, rewrite, written_as
 from nightlab.errors import UsageError
+from nightlab.space import Space, search_space
 from nightlab.types import Candidate, Experiment, Status
 
 if TYPE_CHECKING:
@@ -79,10 +83,12 @@ def _distribution(c: Constant) -> BaseDistribution:
     return FloatDistribution(c.low, c.high, log=c.log)
 
 
-def _written(value: Any, c: Constant) -> int | float:
+def _written(value: Any, c: Constant) -> Value:
     """The value as it will read back from the file: rounded by format_value, kept inside the range."""
-    if c.choices or c.kind == "int":
-        return int(value) if c.kind == "int" else float(value)
+    if c.choices:
+        return value
+    if c.kind == "int":
+        return int(value)
     v = float(format_value(value, "float"))
     for digits in (6, 8, 10):
         if c.contains(v):
@@ -136,19 +142,20 @@ class SearchResearcher:
         self.pending: dict[int, optuna.trial.Trial] = {}  # experiment idx -> its asked trial
         self._backlog: list[Experiment] = []
         self._baseline_is_first = True  # the baseline's values are those first seen (nothing kept before)
-        self._first_values: dict[str, int | float] = {}
+        self._first_values: dict[str, Value] = {}
+        self.lab_space: Space | None = None
         _sampler(options)  # fail early on a sampler that cannot work
 
     # ------------------------------------------------------------------ space
 
-    def _scan(self, files: dict[str, str]) -> dict[str, Constant]:
-        """Param name -> constant, for the .py files of ``files`` (name scheme: see module doc)."""
-        per_file = {
-            path: find_constants(text, path) for path, text in sorted(files.items()) if path.endswith(".py")
-        }
-        per_file = {p: cs for p, cs in per_file.items() if cs}
-        qualified = len(per_file) > 1
-        return {(f"{c.file}:{c.name}" if qualified else c.name): c for cs in per_file.values() for c in cs}
+    def _scan(self, ctx: Context) -> dict[str, Constant]:
+        """Param name -> constant: the lab's search space (:func:`nightlab.space.search_space`)."""
+        self.lab_space = search_space(ctx.spec, ctx.files, ctx.lab_dir)
+        return dict(self.lab_space.params)
+
+    def violations(self, values: dict[str, Any]) -> list[str]:
+        """Asserts in the code that ``values`` would break (see :mod:`nightlab.asserts`)."""
+        return self.lab_space.violations(values) if self.lab_space is not None else []
 
     def _select(self, found: dict[str, Constant], files: dict[str, str]) -> dict[str, Constant]:
         if not found:
@@ -157,8 +164,9 @@ class SearchResearcher:
             ]
             raise UsageError(
                 f"the search researcher found no tunable constants in {', '.join(scanned)}",
-                "make the knobs module-level UPPER_CASE number assignments (e.g. LEARNING_RATE = 3e-4, "
-                "optionally with '# nightlab: 1e-5..1e-2 log'), or set [researcher] kind to another one",
+                "make the knobs module-level assignments (e.g. LEARNING_RATE = 3e-4, optionally with "
+                "'# nightlab: 1e-5..1e-2 log'), or declare ranges in [researcher.space]; `nightlab space` shows "
+                "what was found and why it is not searched; or set [researcher] kind to another one",
             )
 
         def named(key: str, c: Constant, names: list[str]) -> bool:
@@ -188,7 +196,7 @@ class SearchResearcher:
         return chosen
 
     def _start(self, ctx: Context) -> optuna.Study:
-        self.space = _widen(self._select(self._scan(ctx.files), ctx.files), (*ctx.history, *self._backlog))
+        self.space = _widen(self._select(self._scan(ctx), ctx.files), (*ctx.history, *self._backlog))
         self.distributions = {k: _distribution(c) for k, c in self.space.items()}
         self._first_values = {k: c.value for k, c in self.space.items()}
         if optuna.logging.get_verbosity() < optuna.logging.WARNING:
@@ -206,12 +214,21 @@ class SearchResearcher:
 
     def propose(self, ctx: Context) -> Candidate:
         study = self.study or self._start(ctx)
-        current = {k: c for k, c in self._scan(ctx.files).items() if k in self.space}
+        current = {k: c for k, c in self._scan(ctx).items() if k in self.space}
         incumbent = {k: c.value for k, c in current.items()}
-        values: dict[str, int | float] | None = None
-        for _ in range(self.max_asks):
+        values: dict[str, Value] | None = None
+        repeats = 0
+        for _ in range(self.max_asks * 10):
+            if repeats >= self.max_asks:
+                break
             trial = study.ask(self.distributions)
             asked = {k: _written(v, self.space[k]) for k, v in trial.params.items()}
+            broken = self.violations({**incumbent, **asked})
+            if broken:  # the code's own assert would fail: never run it, and tell the sampler
+                study.tell(trial, state=TrialState.FAIL)
+                log.info("search: skipped a candidate that breaks %s", broken[0])
+                continue
+            repeats += 1
             if any(asked[k] != incumbent.get(k) for k in asked):
                 self.pending[ctx.idx] = trial
                 values = asked
@@ -228,7 +245,7 @@ class SearchResearcher:
             )
         return self._candidate(ctx, current, values)
 
-    def _perturb(self, incumbent: dict[str, int | float], idx: int) -> dict[str, int | float]:
+    def _perturb(self, incumbent: dict[str, Value], idx: int) -> dict[str, Value]:
         rng = random.Random(f"{self.options.seed}:{idx}")
         values = dict(incumbent)
         keys = sorted(k for k in self.space if k in incumbent)
@@ -236,7 +253,7 @@ class SearchResearcher:
             key = rng.choice(keys)
             c = self.space[key]
             if c.choices:
-                new: int | float = rng.choice(c.choices)
+                new: Value = rng.choice(c.choices)
             elif c.kind == "int":
                 new = int(incumbent[key]) + rng.choice((-1, 1))
             else:
@@ -246,15 +263,15 @@ class SearchResearcher:
                     else rng.uniform(c.low, c.high),
                     c,
                 )
-            if new != incumbent[key] and c.contains(new):
+            if new != incumbent[key] and c.contains(new) and not self.violations({**values, key: new}):
                 values[key] = new
                 return values
         return values
 
     def _candidate(
-        self, ctx: Context, current: dict[str, Constant], values: dict[str, int | float]
+        self, ctx: Context, current: dict[str, Constant], values: dict[str, Value]
     ) -> Candidate:
-        changes: dict[str, dict[str, int | float]] = {}
+        changes: dict[str, dict[str, Value]] = {}
         notes: list[str] = []
         for key, value in values.items():
             c = current.get(key)
@@ -263,7 +280,7 @@ class SearchResearcher:
                 continue
             if value != c.value:
                 changes.setdefault(c.file, {})[c.name] = value
-                notes.append(f"{key} {c.text} -> {format_value(value, c.kind)}")
+                notes.append(f"{key} {c.text} -> {written_as(c.text, c.kind, value)}")
         files = {path: rewrite(ctx.files[path], vals) for path, vals in changes.items()}
         files = {path: text for path, text in files.items() if text != ctx.files[path]}
         return Candidate(

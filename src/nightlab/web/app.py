@@ -69,7 +69,8 @@ def improvement_pct(s: Session) -> float | None:
     b, m = s.baseline_metric, s.incumbent_metric
     if b is None or m is None or b == 0 or not math.isfinite(b):
         return None
-    return 100.0 * s.direction.improvement(m, b) / abs(b)
+    pct = 100.0 * s.direction.improvement(m, b) / abs(b)
+    return pct if math.isfinite(pct) else None  # an absurd metric (max_abs off) must not print "inf%"
 
 
 def ago(t: float | None) -> str:
@@ -102,10 +103,12 @@ def time_unit(span_s: float) -> tuple[str, float]:
 
 
 def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | None = None, *,
-               poll_ms: int = 2000) -> FastAPI:
+               poll_ms: int = 2000, root: str = "", home: str = "") -> FastAPI:
     """The dashboard for ``ledger`` (and the audit log of ``lab_dir``), with ``access`` rules.
 
-    Live pages poll the JSON API every ``poll_ms`` milliseconds."""
+    Live pages poll the JSON API every ``poll_ms`` milliseconds. ``root`` is the path the app is mounted
+    under (``/labs/<name>`` on the many-labs home page, :mod:`nightlab.web.home`); every link and fetch is
+    prefixed with it. ``home`` is the home page's URL, shown in the navigation when set."""
     access = access or Access.make("127.0.0.1", None)
     queries.ensure_indexes(ledger)
     app = FastAPI(title="nightlab", version=__version__, docs_url=None, redoc_url=None)
@@ -121,42 +124,14 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
     env.globals["token"] = access.token
     env.globals["version"] = __version__
     env.globals["poll_ms"] = int(poll_ms)
+    env.globals["root"] = root
+    env.globals["home"] = home
     redactor = Redactor.from_env()
     formatter = HtmlFormatter(cssclass="hl")
     pygments_css = formatter.get_style_defs(".hl")
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
-    # ------------------------------------------------------------------ access
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        host = host_name(request.headers.get("host", ""))
-        if not access.public and not is_loopback(host):
-            return PlainTextResponse(f"host {host!r} is not allowed: this dashboard answers on loopback only",
-                                     status_code=421)
-        given = (request.headers.get(TOKEN_HEADER) or _bearer(request) or request.cookies.get(TOKEN_COOKIE))
-        if access.public and not same_token(given, access.token):
-            q = request.query_params.get("token")
-            if same_token(q, access.token) and request.method == "GET":
-                rest = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
-                resp = RedirectResponse(request.url.path + (f"?{rest}" if rest else ""), status_code=303)
-                resp.set_cookie(TOKEN_COOKIE, access.token, httponly=True, samesite="strict")
-                return _secure(resp)
-            return _secure(_deny(request, 401, "a token is required: open the URL that `nightlab ui` printed "
-                                               "(…?token=…) or send the X-Nightlab-Token header"))
-        if request.method not in ("GET", "HEAD", "OPTIONS"):
-            if not same_token(request.headers.get(TOKEN_HEADER), access.token):
-                why = "acting needs the dashboard token in the X-Nightlab-Token header"
-                return _secure(_deny(request, 403, why))
-            origin = request.headers.get("origin")
-            if origin and origin != "null" and host_name(origin.split("://", 1)[-1]) != host:
-                return _secure(_deny(request, 403, f"cross-origin request refused (Origin {origin})"))
-            if origin == "null":
-                return _secure(_deny(request, 403, "cross-origin request refused (Origin null)"))
-            site = request.headers.get("sec-fetch-site")
-            if site and site not in ("same-origin", "none"):
-                return _secure(_deny(request, 403, f"cross-site request refused (Sec-Fetch-Site {site})"))
-        return _secure(await call_next(request))
+    install_guard(app, access)
 
     # ------------------------------------------------------------------ helpers
 
@@ -196,7 +171,7 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
 
     def chart_svg(s: Session, links: bool = True) -> str:
         data = queries.chart_data(ledger, s, CHART_POINTS)
-        href = (lambda i: f"/s/{s.tag}/e/{i}") if links else None
+        href = (lambda i: f"{root}/s/{s.tag}/e/{i}") if links else None
         return charts.progress_svg(data, href=href)
 
     def summary_ctx(s: Session) -> dict[str, Any]:
@@ -212,7 +187,7 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
 
         def url(**kw: Any) -> str:
             params = base + [(k, str(v)) for k, v in kw.items()]
-            return f"/s/{s.tag}?{urlencode(params)}#experiments"
+            return f"{root}/s/{s.tag}?{urlencode(params)}#experiments"
 
         def sort_url(col: str) -> str:
             order = "asc" if args["sort"] == col and args["order"] == "desc" else "desc"
@@ -232,6 +207,39 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
     def sessions_page(request: Request) -> HTMLResponse:
         return page(request, "sessions.html", summaries=queries.session_summaries(ledger),
                     improvement=improvement_pct, nav="sessions")
+
+    @app.get("/compare", response_class=HTMLResponse)
+    def comparisons_page(request: Request) -> HTMLResponse:
+        import json as _json
+
+        from nightlab import compare as cmp
+
+        rows = []
+        for c in cmp.list_comparisons(ledger):
+            cfg = _json.loads(c["config_json"])
+            rows.append(dict(name=c["name"], status=c["status"], created_at=c["created_at"], seeds=cfg["seeds"],
+                             arms=[a["name"] for a in cfg["arms"]], budget=f"{cfg['budget'][0]}={cfg['budget'][1]:g}"))
+        return page(request, "comparisons.html", rows=rows, nav="compare")
+
+    @app.get("/compare/{name}", response_class=HTMLResponse)
+    def compare_page(request: Request, name: str) -> HTMLResponse:
+        from nightlab import compare as cmp
+        from nightlab.web import compare_view
+
+        try:
+            report = cmp.load_report(ledger, name)
+        except UsageError as e:
+            raise HTTPException(404, e.message) from None
+        return page(request, "compare.html", nav="compare", **compare_view.context(report))
+
+    @app.get("/api/compare/{name}")
+    def api_compare(name: str) -> dict[str, Any]:
+        from nightlab import compare as cmp
+
+        try:
+            return dict(redactor.data(cmp.load_report(ledger, name).as_dict()))
+        except UsageError as e:
+            raise HTTPException(404, e.message) from None
 
     @app.get("/s/{tag}", response_class=HTMLResponse)
     def session_page(request: Request, tag: str, status: list[str] | None = Query(None),
@@ -412,13 +420,47 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
     return app
 
 
+def install_guard(app: FastAPI, access: Access) -> None:
+    """The access rules of :mod:`nightlab.web.security` as middleware (the lab dashboard and the home page)."""
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        host = host_name(request.headers.get("host", ""))
+        if not access.public and not is_loopback(host):
+            return PlainTextResponse(f"host {host!r} is not allowed: this dashboard answers on loopback only",
+                                     status_code=421)
+        given = (request.headers.get(TOKEN_HEADER) or _bearer(request) or request.cookies.get(TOKEN_COOKIE))
+        if access.public and not same_token(given, access.token):
+            q = request.query_params.get("token")
+            if same_token(q, access.token) and request.method == "GET":
+                rest = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
+                resp = RedirectResponse(request.url.path + (f"?{rest}" if rest else ""), status_code=303)
+                resp.set_cookie(TOKEN_COOKIE, access.token, httponly=True, samesite="strict")
+                return _secure(resp)
+            return _secure(_deny(request, 401, "a token is required: open the URL that `nightlab ui` printed "
+                                               "(…?token=…) or send the X-Nightlab-Token header"))
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            if not same_token(request.headers.get(TOKEN_HEADER), access.token):
+                why = "acting needs the dashboard token in the X-Nightlab-Token header"
+                return _secure(_deny(request, 403, why))
+            origin = request.headers.get("origin")
+            if origin and origin != "null" and host_name(origin.split("://", 1)[-1]) != host:
+                return _secure(_deny(request, 403, f"cross-origin request refused (Origin {origin})"))
+            if origin == "null":
+                return _secure(_deny(request, 403, "cross-origin request refused (Origin null)"))
+            site = request.headers.get("sec-fetch-site")
+            if site and site not in ("same-origin", "none"):
+                return _secure(_deny(request, 403, f"cross-site request refused (Sec-Fetch-Site {site})"))
+        return _secure(await call_next(request))
+
+
 def _bearer(request: Request) -> str | None:
     auth = request.headers.get("authorization", "")
     return auth[7:].strip() if auth.lower().startswith("bearer ") else None
 
 
 def _deny(request: Request, code: int, message: str) -> Response:
-    if request.url.path.startswith("/api/"):
+    if "/api/" in request.url.path:
         return JSONResponse({"detail": message}, status_code=code)
     return PlainTextResponse(message, status_code=code)
 
