@@ -52,7 +52,8 @@ class RunSpec(_Section):
 
         bad = [p for p in v if not PATTERN.fullmatch(p)]
         if bad:
-            raise ValueError(f"not a variable name or PREFIX_* pattern: {', '.join(map(repr, bad))}")
+            raise ValueError(f"not a variable name or PREFIX_* pattern: {', '.join(map(repr, bad))} "
+                             '(write names such as "HF_HOME", or prefixes such as "WANDB_*")')
         return v
 
     @field_validator("command")
