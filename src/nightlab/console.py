@@ -32,6 +32,7 @@ STATUS_STYLE = {
     Status.INVALID: "magenta",
     Status.REJECTED: "bold magenta",
     Status.INTERRUPTED: "cyan",
+    Status.PRUNED: "dark_orange",
     Status.RUNNING: "blue",
 }
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from nightlab import approvals, escape, notify, redaction, runenv, sandbox
+from nightlab import approvals, constraints, escape, keep, notify, prune, redaction, runenv, sandbox
 from nightlab import researchers as researchers_mod
 from nightlab.audit import AuditLog, Signer, store_head
 from nightlab.context import SECRET_ENV
@@ -98,7 +98,7 @@ ANCHOR_KINDS = frozenset({"decision", "session.start", "session.resume", "sessio
                           "approval.answer", "recover", "policy.violation", "checkpoint"})
 
 
-REBASE = "rebase"  # the researcher name of a requeued stale winner
+REBASE = "rebase"  # the researcher name of a requeued combination of a stale candidate's change
 
 
 def _raw(text: str) -> bytes:
@@ -132,6 +132,8 @@ def _first_line(text: str, limit: int = 200) -> str:
 
 class Engine:
     """One session of research on one lab. Not thread-safe: one engine per process."""
+
+    keep_semantics = "measured"  # "rebase": the old semantics, reachable only for bench/efficiency.py
 
     def __init__(
         self,
@@ -194,8 +196,10 @@ class Engine:
         self.researcher: Researcher | None = None
         self._tls = threading.local()  # which slot the current thread runs (GPU pinning)
         self._keep_lock = threading.Lock()  # one keep decision at a time, against the current incumbent
-        self._requeue: list[Candidate] = []  # stale winners, rebased onto the new incumbent
+        self._requeue: list[Candidate | keep.Requeued] = []  # combinations of stale changes (keep.py)
         self._crashes_checked = 0  # crashes of the current streak already cleared by a health check
+        self.pruner = prune.Pruner(self.spec.prune, self.spec.prune.figure or self.spec.metric.name,
+                                   self.spec.metric.direction)
         self.ray: Any = None
         if self.spec.executor.kind == "ray":
             from nightlab.executors.ray_executor import RayExecutor
@@ -393,6 +397,7 @@ class Engine:
             spec=self.spec, lab_dir=self.lab_dir, program=program, parent=parent, files=files,
             history=tuple(history), metric_name=self.spec.metric.name, direction=self.spec.metric.direction,
             incumbent_metric=self.session.incumbent_metric, baseline_metric=self.session.baseline_metric, idx=idx,
+            extra={"session": self.session.tag},
         )
 
     def _finish(self, exp_id: int, status: Status, t0: float, run: RunResult | None = None,
@@ -402,6 +407,14 @@ class Engine:
         log_tail = sandbox.tail(Path(run.log_path), 50) if run else ""
         if m is not None and m.warnings:  # duplicate keys, absurd values: kept with the measurement
             kw["evidence"] = {**(kw.get("evidence") or {}), "warnings": list(m.warnings)}
+        watch: prune.Watch | None = getattr(self._tls, "watch", None)
+        if watch is not None:  # the run's progress curve (and, pruned, what it saved) goes with its evidence
+            self._tls.watch = None
+            extra = watch.finish(status, m.metric if m else None, run_s)
+            if status is Status.PRUNED:
+                extra["saved_s"] = round(self.pruner.saved_s(run_s, self.spec.run.budget_s), 3)
+            if extra:
+                kw["evidence"] = {**(kw.get("evidence") or {}), **extra}
         exp = self.ledger.finish_experiment(
             exp_id, status=status, metric=m.metric if m else None, secondary=m.secondary if m else {},
             trust=m.trust if m else "inline", **self._redacted(reason=reason, log_tail=log_tail), run_s=run_s,
@@ -498,11 +511,12 @@ class Engine:
         """Materialise, run, measure and decide one experiment. ``candidate=None`` is the baseline.
 
         Thread-safe with respect to other experiments: several slots call it at once. Keep
-        decisions are serialised and made against the incumbent of *their* time; a winner whose
-        parent is no longer the incumbent is discarded as ``stale`` and requeued, rebased onto
-        the new incumbent, to be re-measured before it can be kept.
+        decisions are serialised and made against the incumbent of *their* time; a candidate whose
+        parent is no longer the incumbent (stale) is judged against the current incumbent, and if
+        it wins its measured tree is kept on top of it (keep.py; README, "Concurrency semantics").
         """
         self._tls.slot = slot
+        self._tls.watch = None
         t0 = time.monotonic()
         parent = candidate.parent if candidate else self.session.incumbent_commit
         seed = self.spec.run.seed
@@ -590,15 +604,25 @@ class Engine:
             if self.ray is not None:
                 return self._run_remote(idx, exp_id, candidate, commit, canonical, wt, lab_root, t0, seed,
                                         log_path)
-            res = sandbox.run(
-                self.spec.run.command, cwd=lab_root, env=self.run_env(seed, idx), policy=policy,
-                timeout_s=self.spec.run.hard_timeout_s, log_path=log_path, kill_grace_s=self.spec.run.kill_grace_s,
-                on_start=lambda pid: self._started_run(exp_id, pid),
-                cancel=self.stop.cancel,
-            )
+            watch = self.pruner.watch(log_path, self.stop.cancel, prunable=candidate is not None)
+            self._tls.watch = watch
+            try:
+                res = sandbox.run(
+                    self.spec.run.command, cwd=lab_root, env=self.run_env(seed, idx), policy=policy,
+                    timeout_s=self.spec.run.hard_timeout_s, log_path=log_path,
+                    kill_grace_s=self.spec.run.kill_grace_s, on_start=lambda pid: self._started_run(exp_id, pid),
+                    cancel=watch.cancel,
+                )
+            finally:
+                watch.close()
             self.events.emit("sandbox.exit", experiment=idx, exit_code=res.exit_code, timed_out=res.timed_out,
                              interrupted=res.interrupted, wall_s=round(res.wall_s, 3),
                              log_sha256=_file_sha(Path(res.log_path)))
+            if res.interrupted and watch.pruned_at is not None and not self.stop.cancel.is_set():
+                last = watch.curve[-1][1] if watch.curve else math.nan
+                return self._finish(exp_id, Status.PRUNED, t0, res, reason=(
+                    f"pruned at step {watch.pruned_at}: {self.pruner.metric}={last:.6g} judged hopeless by the "
+                    f"{self.spec.prune.pruner} pruner against earlier runs at that step"))
             if res.interrupted:
                 return self._finish(exp_id, Status.INTERRUPTED, t0, res,
                                     reason=f"interrupted: {self.stop.cancel_reason or 'stop requested'}")
@@ -634,29 +658,29 @@ class Engine:
         """Keep or discard a measured candidate. Called under ``_keep_lock``."""
         self.session = self.ledger.get_session(self.session.tag) or self.session
         assert m.metric is not None
-        if candidate.parent != self.session.incumbent_commit:
-            # measured on an older incumbent: if it beat that one (its parent), it is rebased onto the
-            # new incumbent and re-measured there before it can be kept
-            parent_metric = self._kept_metric(candidate.parent)
-            if parent_metric is None or not self.spec.metric.direction.better(m.metric, parent_metric):
-                return self._finish(exp_id, Status.DISCARD, t0, res, m, evidence={"stale": True, **extras},
-                                    reason=f"not better than its parent {candidate.parent[:10]} "
-                                           f"({m.metric:.6g} vs {parent_metric})")
-            self._requeue.append(Candidate(
-                parent=self.session.incumbent_commit, rationale=f"rebase of #{idx}: {candidate.rationale}",
-                diff=canonical, params=dict(candidate.params), researcher=REBASE))
-            return self._finish(exp_id, Status.DISCARD, t0, res, m,
-                                evidence={"stale": True, "candidate": m.metric, "parent_metric": parent_metric,
-                                          **extras},
-                                reason=f"stale: beat the incumbent, but its parent {candidate.parent[:10]} is no "
-                                       "longer the incumbent; requeued, rebased onto the new incumbent, "
-                                       "to be re-measured")
+        ms = self.spec.metric
+        limits = constraints.parse_all(ms.constraints, [ms.name, *ms.secondary])
+        broken = constraints.broken(limits, {**m.secondary, ms.name: m.metric, constraints.RUN_S: res.wall_s})
+        if broken:
+            return self._finish(exp_id, Status.DISCARD, t0, res, m, reason=broken,
+                                evidence={"constraint": broken[len("constraint: "):], **extras})
+        stale = candidate.parent != self.session.incumbent_commit
+        if stale and self.keep_semantics == "rebase":
+            return self._decide_rebase(idx, exp_id, candidate, canonical, t0, res, m, extras)
         verdict = self.policy.decide(m, self.verifier.incumbent_stats(), self.spec.metric.direction,
                                      self.verifier.remeasurer(commit, idx, exp_id))
         evidence = {**verdict.evidence, **extras}
+        if stale:  # measured on an older incumbent, judged against the current one (keep.py)
+            evidence.update(stale=True, measured_on=candidate.parent, measured_commit=commit)
         if not verdict.keep:
             status = Status.INTERRUPTED if self.stop.cancel.is_set() else Status.DISCARD
-            return self._finish(exp_id, status, t0, res, m, reason=verdict.reason, evidence=evidence)
+            reason = f"stale (measured on {candidate.parent[:10]}): {verdict.reason}" if stale else verdict.reason
+            if stale and status is Status.DISCARD:
+                parent_metric = self._kept_metric(candidate.parent)
+                if parent_metric is not None and self.spec.metric.direction.better(m.metric, parent_metric):
+                    reason += self._queue_combination(idx, candidate, commit, self.session.incumbent_commit,
+                                                      self.session.incumbent_commit)
+            return self._finish(exp_id, status, t0, res, m, reason=reason, evidence=evidence)
         if self.autonomy == "approve-keep":
             inc = self.session.incumbent_metric
             answer, why = self._await_human(idx, "keep", canonical, (
@@ -671,13 +695,54 @@ class Engine:
         # 6. keep: ledger first, then the branch (recover() repairs a kill in between)
         old = self.session.incumbent_commit
         estimate = float(verdict.evidence.get("estimate", m.metric))
-        exp = self._finish(exp_id, Status.KEEP, t0, res, m, reason=verdict.reason,
+        reason = verdict.reason
+        if stale:  # keep exactly the measured tree, on top of the incumbent: the branch fast-forwards
+            commit = keep.commit_tree(self.ws, keep.tree_of(self.ws, commit), old,
+                                      f"nightlab {self.session.tag} #{idx}: {_first_line(candidate.rationale)}\n\n"
+                                      f"measured on {candidate.parent}; kept as measured on top of {old}")
+            self.ws.keep_ref(self.session.tag, idx, commit)
+            reason += f" (measured on {candidate.parent[:10]}; the measured tree is kept on the incumbent)"
+            reason += self._queue_combination(idx, candidate, evidence["measured_commit"], old, commit)
+        exp = self._finish(exp_id, Status.KEEP, t0, res, m, reason=reason, commit=commit,
                            evidence=evidence, incumbent=(commit, estimate))
         self.ws.advance_branch(self.session.branch, commit, old)
         self.events.emit("git.advance", experiment=idx, branch=self.session.branch, old=old, new=commit)
         self.session = self.ledger.get_session(self.session.tag) or self.session
         self.verifier.after_keep(exp, wt, lab_root)
         return exp
+
+    def _queue_combination(self, idx: int, candidate: Candidate, measured: str, onto: str, after: str) -> str:
+        """Queue the stale candidate's change applied on ``onto`` (keep.py); says what happened."""
+        tree = keep.combination(self.ws, candidate.parent, measured, onto, candidate.params)
+        if tree is None:
+            return "; its change does not combine with the incumbent (conflict, or nothing new): nothing queued"
+        tip = keep.commit_tree(self.ws, tree, after, f"nightlab {self.session.tag}: combination with #{idx}")
+        self._requeue.append(keep.Requeued(idx, f"combination with #{idx}: {candidate.rationale}", tip,
+                                           dict(candidate.params)))
+        self.events.emit("requeue", experiment=idx, tip=tip)
+        return "; its change combined with the incumbent is queued as a new candidate"
+
+    def _decide_rebase(self, idx: int, exp_id: int, candidate: Candidate, canonical: str, t0: float,
+                       res: RunResult, m: Measurement, extras: dict[str, Any]) -> Experiment:
+        """The keep semantics before 0.2 (``keep_semantics = "rebase"``, kept for bench/efficiency.py):
+        a stale winner is discarded and its diff requeued onto the new incumbent, to be re-measured."""
+        assert m.metric is not None
+        # measured on an older incumbent: if it beat that one (its parent), it is rebased onto the
+        # new incumbent and re-measured there before it can be kept
+        parent_metric = self._kept_metric(candidate.parent)
+        if parent_metric is None or not self.spec.metric.direction.better(m.metric, parent_metric):
+            return self._finish(exp_id, Status.DISCARD, t0, res, m, evidence={"stale": True, **extras},
+                                reason=f"not better than its parent {candidate.parent[:10]} "
+                                       f"({m.metric:.6g} vs {parent_metric})")
+        self._requeue.append(Candidate(
+            parent=self.session.incumbent_commit, rationale=f"rebase of #{idx}: {candidate.rationale}",
+            diff=canonical, params=dict(candidate.params), researcher=REBASE))
+        return self._finish(exp_id, Status.DISCARD, t0, res, m,
+                            evidence={"stale": True, "candidate": m.metric, "parent_metric": parent_metric,
+                                      **extras},
+                            reason=f"stale: beat the incumbent, but its parent {candidate.parent[:10]} is no "
+                                   "longer the incumbent; requeued, rebased onto the new incumbent, "
+                                   "to be re-measured")
 
     # ------------------------------------------------------------------ permissions and autonomy
 
@@ -833,6 +898,7 @@ class Engine:
                     self.reporter.message("WARNING: sandbox = none: holdout files are NOT hidden from runs")
             self.researcher = self._researcher_override or researchers_mod.create(self.spec, self.lab_dir)
             history = self.ledger.experiments(self.session.id)
+            self.pruner.replay(history)
             for e in history:
                 self.researcher.observe(e)
             if not any(e.idx == 0 and e.status is Status.KEEP for e in history):
@@ -873,9 +939,17 @@ class Engine:
     def _propose(self, idx: int, history: list[Experiment]) -> Candidate | None:
         """The next candidate: a requeued stale winner first, else the researcher's (None: cancelled)."""
         assert self.researcher is not None
-        if self._requeue:
-            cand = self._requeue.pop(0)
-            return Candidate(**{**cand.__dict__, "parent": self.session.incumbent_commit})
+        while self._requeue:
+            item = self._requeue.pop(0)
+            inc = self.session.incumbent_commit
+            if isinstance(item, Candidate):  # keep_semantics = "rebase"
+                return Candidate(**{**item.__dict__, "parent": inc})
+            files = keep.replay(self.ws, item, inc)
+            if files is not None:
+                return Candidate(parent=inc, rationale=item.rationale, files=files, params=dict(item.params),
+                                 researcher=REBASE)
+            # conflicts with (or adds nothing to) the incumbent of now: dropped before it gets a row
+            self.events.emit("requeue.drop", experiment=item.source_idx, tip=item.tip)
         ctx = self._context(idx, history)
         t0 = time.monotonic()
         self.events.emit("researcher.request", experiment=idx, researcher=self.session.researcher,

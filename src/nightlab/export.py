@@ -74,6 +74,8 @@ def export(ledger: Ledger, session: Session, fmt: str, out: TextIO, *, memory_ke
 
 
 def tsv_status(status: Status) -> str:
+    if status is Status.PRUNED:  # stopped early as worse than earlier runs: karpathy's "discard"
+        return "discard"
     return "crash" if status is Status.TIMEOUT else status.value
 
 

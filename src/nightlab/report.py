@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nightlab import queries
+from nightlab import prune, queries
 from nightlab.errors import UsageError
 from nightlab.ledger import Ledger
 from nightlab.types import Session, Status
@@ -90,6 +90,8 @@ def render_html(ledger: Ledger, session: Session, png_name: str = "progress.png"
         s=session, chart=chart, spend_svg=spend, secs_svg=secs, t=t, kept=kept_view, rows=rows, red=red,
         total=page.total, truncated=page.total > len(rows), counts=queries.status_counts(ledger, session.id),
         improvement=improvement_pct(session), usage=t.usage(),
+        **dict(zip(("pruned", "saved_s"), prune.savings(ledger.experiments(session.id, status=Status.PRUNED)),
+                   strict=True)),
         css=(HERE / "static" / "style.css").read_text(encoding="utf-8"), generated=time.time(),
         spec=red.data(spec), machine=red.data(session.machine), png_name=png_name,
     ))

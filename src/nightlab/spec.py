@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from nightlab.errors import SpecError
 from nightlab.types import Direction
@@ -82,12 +82,22 @@ class MetricSpec(_Section):
     max_abs: float = Field(1e15, ge=0, description="a metric of larger magnitude is absurd: refused (0: off)")
     max_ratio: float = Field(1000.0, ge=0, description="a metric further from the baseline than this many "
                              "times the baseline's magnitude is absurd: refused (0: off)")
+    constraints: list[str] = Field(default_factory=list, description="limits a kept run must respect, "
+                                   "e.g. [\"peak_vram_mb <= 40000\"] (see nightlab.constraints)")
 
     @model_validator(mode="after")
     def _json_needs_file(self) -> MetricSpec:
         if self.source == "json" and not self.file:
             raise ValueError("source = 'json' needs file = '<path the run writes>'")
         return self
+
+    @field_validator("constraints")
+    @classmethod
+    def _constraints_parse(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        from nightlab.constraints import parse_all
+
+        parse_all(v, [info.data.get("name", ""), *info.data.get("secondary", [])])
+        return v
 
 
 class StopSpec(_Section):
@@ -288,6 +298,31 @@ class AuditSpec(_Section):
                                   description="records between checkpoints (and at session stop)")
 
 
+class PruneSpec(_Section):
+    """``[prune]``: stop hopeless runs early from their progress lines (see nightlab.prune). Off by default."""
+
+    pruner: Literal["none", "median", "successive_halving", "hyperband", "threshold"] = Field(
+        "none", description="median: worse than the median of earlier runs at the same step; successive_halving"
+        " / hyperband: Optuna's asynchronous SHA / Hyperband; threshold: outside [lower, upper]")
+    figure: str = Field("", description="the progress figure pruned on (default: [metric] name), e.g. "
+                        "'train_bpb' when the run's progress lines carry a training loss")
+    warmup_steps: int = Field(0, ge=0, description="never prune before this step (Optuna's n_warmup_steps)")
+    startup_runs: int = Field(3, ge=0, description="median: runs that must finish before any is pruned")
+    min_resource: int = Field(1, ge=1, description="successive_halving / hyperband: the first rung, in steps")
+    max_resource: int = Field(0, ge=0, description="hyperband: the last step of a full run (0: learnt)")
+    reduction_factor: int = Field(3, ge=2, description="successive_halving / hyperband: 1 in this many "
+                                  "runs goes on at each rung")
+    lower: float | None = Field(None, description="threshold: prune when the value falls below")
+    upper: float | None = Field(None, description="threshold: prune when the value rises above")
+    poll_s: float = Field(0.2, gt=0, le=10, description="how often the run's log is read for progress")
+
+    @model_validator(mode="after")
+    def _threshold_needs_a_bound(self) -> PruneSpec:
+        if self.pruner == "threshold" and self.lower is None and self.upper is None:
+            raise ValueError("pruner = 'threshold' needs lower = … and/or upper = …")
+        return self
+
+
 class LabSpec(_Section):
     name: str = ""
 
@@ -351,6 +386,7 @@ class Spec(_Section):
     autonomy: AutonomySpec = Field(default_factory=AutonomySpec)
     audit: AuditSpec = Field(default_factory=AuditSpec)
     notify: NotifySpec = Field(default_factory=NotifySpec)
+    prune: PruneSpec = Field(default_factory=PruneSpec)
 
     @model_validator(mode="before")
     @classmethod

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from nightlab import prune
 from nightlab.errors import NightlabError, UsageError
 from nightlab.export import FORMATS, export
 from nightlab.ledger import DB_ENV, Ledger
@@ -39,6 +40,7 @@ STATUS_STYLE = {
     Status.INVALID: "magenta",
     Status.REJECTED: "magenta",
     Status.INTERRUPTED: "dim",
+    Status.PRUNED: "dark_orange",
 }
 
 
@@ -172,6 +174,7 @@ def status(lab: Path, db: str | None, tag: str | None, all_labs: bool = False, r
         last = led.experiments(s.id, order="desc", limit=1)
         baseline = _baseline(led, s)
         extra = led.session_json(s.id)[1]
+        pruned = led.experiments(s.id, status=Status.PRUNED)
     con = _console()
     t = Table.grid(padding=(0, 2))
     t.add_column(style="bold")
@@ -193,6 +196,9 @@ def status(lab: Path, db: str | None, tag: str | None, all_labs: bool = False, r
         f"tokens in {usage.tokens_in:,}  out {usage.tokens_out:,}  cached {usage.tokens_cached:,}  "
         f"${usage.cost_usd:.2f}  propose {usage.seconds:.1f}s",
     )
+    if pruned:
+        n_pruned, saved = prune.savings(pruned)
+        t.add_row("pruning", f"{n_pruned} run(s) stopped early, about {saved:.1f}s of run time saved")
     noise = extra.get("sigma")
     if noise is not None:
         t.add_row("noise", f"sigma {float(noise):.6g} from {extra.get('k', '?')} baseline runs")

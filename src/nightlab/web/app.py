@@ -34,11 +34,13 @@ from pygments import highlight
 from pygments.formatters import HtmlFormatter
 from pygments.lexers import DiffLexer
 
-from nightlab import __version__, approvals, queries
+from nightlab import __version__, approvals, prune, queries
+from nightlab.constraints import RUN_S
 from nightlab.errors import UsageError
 from nightlab.ledger import Ledger
 from nightlab.types import Session, Status
 from nightlab.web import charts
+from nightlab.web import figures as figures_mod
 from nightlab.web.audit_view import audit_status
 from nightlab.web.security import (
     TOKEN_COOKIE,
@@ -177,8 +179,20 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
     def summary_ctx(s: Session) -> dict[str, Any]:
         counts = queries.status_counts(ledger, s.id)
         t = queries.timing(ledger, s.id)
+        n_pruned, saved = prune.savings(ledger.experiments(s.id, status=Status.PRUNED)) if counts.get("pruned") \
+            else (0, 0.0)
         return dict(s=s, counts=counts, total=sum(counts.values()), timing=t, improvement=improvement_pct(s),
-                    pending=len(approvals.pending(ledger, s.id)))
+                    pending=len(approvals.pending(ledger, s.id)), pruned=n_pruned, saved_s=saved)
+
+    def pareto_ctx(s: Session, spec: dict[str, Any], figure: str | None) -> dict[str, Any]:
+        figures = [str(f) for f in (spec.get("metric") or {}).get("secondary") or []] + [RUN_S]
+        x = figure if figure in figures else figures[0]
+        pts = [figures_mod.Point(e.idx, float(e.secondary[x]) if x != RUN_S else e.run_s, e.metric, e.status.value)
+               for st in (Status.KEEP, Status.DISCARD) for e in ledger.experiments(s.id, status=st)
+               if e.metric is not None and (x == RUN_S or isinstance(e.secondary.get(x), int | float))]
+        svg = figures_mod.pareto_svg(pts, x_label=x, y_label=s.metric_name, minimize=s.direction.value == "minimize",
+                                     href=lambda i: f"{root}/s/{s.tag}/e/{i}")
+        return dict(pareto=svg, pareto_figures=figures, pareto_x=x)
 
     def table_ctx(request: Request, s: Session, args: dict[str, Any], page: int) -> dict[str, Any]:
         pg = queries.experiments_page(ledger, s.id, **args, limit=PAGE_SIZE, offset=page * PAGE_SIZE)
@@ -244,14 +258,14 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
     @app.get("/s/{tag}", response_class=HTMLResponse)
     def session_page(request: Request, tag: str, status: list[str] | None = Query(None),
                      researcher: str | None = None, sort: str = "idx", order: str = "desc",
-                     page_: int = Query(0, alias="page", ge=0)) -> HTMLResponse:
+                     page_: int = Query(0, alias="page", ge=0), pareto: str | None = None) -> HTMLResponse:
         s = session_or_404(tag)
         args = table_args(status, researcher, sort, order)
         red, spec = redactor_for(s)
         rows = queries.experiments_page(ledger, s.id, limit=1, order="asc", statuses=[Status.RUNNING.value])
         since = rows.rows[0].idx - 1 if rows.rows else ledger.next_idx(s.id) - 1
         return page(request, "session.html", chart=chart_svg(s), since=since, spec=red.data(spec),
-                    machine=red.data(s.machine), nav="session", **summary_ctx(s),
+                    machine=red.data(s.machine), nav="session", **summary_ctx(s), **pareto_ctx(s, spec, pareto),
                     **table_ctx(request, s, args, page_))
 
     @app.get("/s/{tag}/fragment/{part}", response_class=HTMLResponse)
@@ -276,7 +290,12 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
             raise HTTPException(404, f"no experiment {idx} in session {tag!r}")
         red, _ = redactor_for(s)
         diff_html = highlight(red.text(e.diff), DiffLexer(), formatter) if e.diff else ""
-        return page(request, "experiment.html", s=s, e=e, red=red, diff_html=diff_html, nav="session",
+        base = ledger.get_experiment(s.id, 0) if idx else None
+        figure = (queries.spec_json(ledger, s.id).get("prune") or {}).get("figure") or s.metric_name
+        curve = figures_mod.curve_svg(e.evidence.get("curve") or [], str(figure),
+                                      reference=(base.evidence.get("curve") or []) if base else [],
+                                      pruned_at=e.evidence.get("pruned_at"))
+        return page(request, "experiment.html", s=s, e=e, red=red, diff_html=diff_html, nav="session", curve=curve,
                     secondary=red.data(e.secondary), evidence=red.data(e.evidence), params=red.data(e.params),
                     has_prev=idx > 0, has_next=ledger.get_experiment(s.id, idx + 1) is not None)
 
