@@ -62,6 +62,7 @@ import sqlalchemy as sa
 
 from nightlab import escape
 from nightlab.errors import NightlabError
+from nightlab.redaction import env_secrets, redact
 
 VERSION = 1
 DOMAIN = b"nightlab-audit-v1\x00"
@@ -75,7 +76,6 @@ INSTALL_HINT = "pip install 'nightlab[audit]' (it adds the cryptography package)
 SECRET_KEY = re.compile(
     r"(^|[_\-.])(api_?key|token|secret|password|passwd|credentials?|private_?key|authorization|cookie)$", re.I
 )
-SECRET_ENV = re.compile(r"(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_KEY)", re.I)
 TOKEN_SHAPES = re.compile(
     r"(sk-[A-Za-z0-9_\-]{16,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}|AKIA[0-9A-Z]{16}"
     r"|xox[abpr]-[A-Za-z0-9\-]{10,}|(?i:bearer)\s+[A-Za-z0-9._\-]{16,})"
@@ -134,20 +134,22 @@ def parse_time(text: str) -> float:
 
 
 class Scrubber:
-    """Replaces secrets in event data (see the module docstring). Built once per log."""
+    """Replaces secrets in event data (see the module docstring). Built once per log.
+
+    The environment's secret values are those of :func:`nightlab.redaction.env_secrets`, the rule
+    the ledger's log tails and the stored prompts use too: secret-looking names, and the variables
+    runs do not get (``DATABASE_URL``, ``NIGHTLAB_DB``, ...).
+    """
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
-        env = os.environ if environ is None else environ
-        pairs = [(v, k) for k, v in env.items() if SECRET_ENV.search(k) and len(v) >= 8]
-        self.values = sorted(pairs, key=lambda p: -len(p[0]))  # longest first
+        # the one rule of nightlab.redaction: secret-named values and values runs do not get
+        self.values = env_secrets(environ)  # (value, name), longest first
 
     def __call__(self, value: Any, key: str = "") -> Any:
         if isinstance(value, str):
             if key and SECRET_KEY.search(key) and value:
                 return "[redacted]"
-            for secret, name in self.values:
-                if secret in value:
-                    value = value.replace(secret, f"[redacted:{name}]")
+            value = redact(value, self.values, mark=lambda name: f"[redacted:{name}]")
             return TOKEN_SHAPES.sub("[redacted:token]", value)
         if isinstance(value, Mapping):
             if key.lower() in ("env", "environ", "environment"):

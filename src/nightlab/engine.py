@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from nightlab import approvals, constraints, escape, keep, notify, prune, sandbox
+from nightlab import approvals, constraints, escape, keep, notify, prune, redaction, runenv, sandbox
 from nightlab import researchers as researchers_mod
 from nightlab import resume as lab_state
 from nightlab.audit import AuditLog, Signer, ledger_head, store_head
@@ -447,7 +447,9 @@ class Engine:
         return run_id
 
     def run_env(self, seed: int, idx: int) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not SECRET_ENV.search(k)}
+        """The environment of a run, evaluator, holdout check or setup: an allowlist (nightlab.runenv)
+        of nightlab's own, ``[run] pass_env``, ``[run] env``, then the ``NIGHTLAB_*`` run variables."""
+        env = runenv.filter_env(os.environ, self.spec.run.pass_env)
         if not env.get("VIRTUAL_ENV"):
             # make `python` in a run command mean the interpreter nightlab runs under
             env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
@@ -469,12 +471,42 @@ class Engine:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in mine)
         return env
 
+    @property
+    def redactions(self) -> list[tuple[str, str]]:
+        """What is redacted from every log tail and reason the ledger stores (nightlab.redaction):
+        secret-named values, values of the variables runs do not get, secret-named ``[run] env``.
+        Computed once, from the environment nightlab started with."""
+        if "_redactions" not in self.__dict__:
+            passed = runenv.filter_env(os.environ, self.spec.run.pass_env)
+            extra = [v for k, v in self.spec.run.env.items() if SECRET_ENV.search(k)]
+            self.__dict__["_redactions"] = redaction.env_secrets(os.environ, passed=passed, extra=extra)
+        return list(self.__dict__["_redactions"])
+
+    def _redacted(self, **fields: Any) -> dict[str, Any]:
+        """Ledger fields with :attr:`redactions` applied: ``reason``, ``log_tail``, ``evidence``."""
+        return {k: redaction.redact_data(v, self.redactions) if k in ("reason", "log_tail", "evidence") else v
+                for k, v in fields.items()}
+
+    def readonly_data(self) -> list[Path]:
+        """``[sandbox] readonly``: host paths runs may read (``~`` expands; relative: from the lab)."""
+        out = []
+        for raw in self.spec.sandbox.readonly:
+            p = Path(os.path.expanduser(raw))
+            p = p if p.is_absolute() else self.lab_dir / p
+            if not p.exists():
+                raise UsageError(f"[sandbox] readonly: {raw} ({p}) does not exist",
+                                 "create it (run the lab's data preparation first), or remove it from "
+                                 "[sandbox] readonly in nightlab.toml")
+            out.append(p)
+        return out
+
     def sandbox_policy(self, worktree: Path) -> sandbox.SandboxPolicy:
         hidden = [self.ws.state_dir, self.ws.repo_root / ".git", self.ws.git_dir]
         hidden += self.verifier.hidden_paths(self.ws.lab_in(worktree))  # holdout files and [sandbox] hide
         readonly = [worktree / ".git"]
         if self.data_dir.exists():
             readonly.append(self.data_dir)
+        readonly += self.readonly_data()  # [sandbox] readonly
         return sandbox.SandboxPolicy(
             mode=self.sandbox_mode, network=self.spec.permissions.run_network, writable=(worktree,),
             readonly=tuple(readonly), hidden=tuple(dict.fromkeys(hidden)), memory_mb=self.spec.run.memory_mb,
@@ -539,9 +571,9 @@ class Engine:
                 kw["evidence"] = {**(kw.get("evidence") or {}), **extra}
         exp = self.ledger.finish_experiment(
             exp_id, status=status, metric=m.metric if m else None, secondary=m.secondary if m else {},
-            trust=m.trust if m else "inline", reason=reason, log_tail=log_tail, run_s=run_s,
+            trust=m.trust if m else "inline", **self._redacted(reason=reason, log_tail=log_tail), run_s=run_s,
             overhead_s=max(0.0, (time.monotonic() - t0) - run_s),
-            exit_code=run.exit_code if run else None, finished_at=now, **kw,
+            exit_code=run.exit_code if run else None, finished_at=now, **self._redacted(**kw),
         )
         self.events.emit("decision", experiment=exp.idx, status=status.value, metric=exp.metric,
                          reason=reason, evidence=exp.evidence, commit=exp.commit)

@@ -10,20 +10,26 @@ tree gets SIGTERM, then SIGKILL after ``kill_grace_s``. A failing command is dat
 never an exception; ``SandboxError`` is raised only when the command cannot be started at all.
 Exit codes follow the shell: a command killed by signal N reports ``128 + N`` in both modes.
 
-With ``mode="bwrap"`` the command runs under bubblewrap: read-only root, private ``/dev``, ``/proc``
-and ``/tmp``, new PID/IPC/UTS (and, unless ``network``, network) namespaces, a new terminal
-session, all capabilities dropped, bwrap dies with its parent. Mount order: more specific
-(deeper) paths are mounted after shallower ones so they win; at the same path ``readonly`` wins
-over ``writable`` wins over ``hidden``. A data dir under a hidden folder can thus be re-exposed
-read-only, and a hidden dir inside a writable worktree stays hidden.
+With ``mode="bwrap"`` the command runs under bubblewrap in a minimal read-only view of the host
+(``SYSTEM_DIRS``, the ``ETC_ENTRIES`` of /etc, the toolchain, an empty private ``$HOME``, and the
+policy's paths; nothing else: a read-only bind would still let ``connect()`` reach a host Unix
+socket), private ``/dev``, ``/proc`` and ``/tmp``, new PID/IPC/UTS (and, unless ``network``,
+network) namespaces, a new terminal session, all capabilities dropped, bwrap dies with its parent.
+``host_root=True`` (the agent researcher only) binds the whole host ``/`` read-only instead.
+Mount order: more specific (deeper) paths are mounted after shallower ones so they win; at the
+same path ``readonly`` wins over ``writable`` wins over ``hidden``. A data dir under a hidden
+folder can thus be re-exposed read-only, and a hidden dir inside a writable worktree stays hidden.
 
 Covered
 -------
 - No network (``--unshare-net``: only a private loopback; the host's 127.0.0.1 is unreachable).
-- Read-only root filesystem, submounts included; remounting read-write fails (caps dropped).
+- No host Unix socket and no host file outside the view (``/run``, ``/var``, ``/home``, ``/root``,
+  the lab folder around the worktree); ``$HOME`` is an empty tmpfs; a socket is never bound in.
+- Read-only view and root, submounts included; remounting read-write fails (caps dropped).
 - Only the ``writable`` paths (the experiment worktree) are writable on the host.
 - Private ``/tmp`` and ``/dev/shm`` (tmpfs, gone after the run).
-- ``hidden`` paths (the lab's ``.nightlab`` and ``.git``, holdout data) are empty inside.
+- ``hidden`` paths (the lab's ``.nightlab`` and ``.git``, holdout data) are empty (a hidden file
+  cannot be opened).
 - Timeouts kill the whole tree: process group + a ``/proc`` walk of descendants (catches children
   that called ``setsid``), and under bwrap the PID namespace with ``--die-with-parent``.
 - No keystroke injection into the harness terminal (``--new-session``, TIOCSTI).
@@ -48,9 +54,10 @@ Not covered
   pin devices with ``CUDA_VISIBLE_DEVICES``. (Not yet tested on a GPU machine.)
 - Grace under bwrap: when the command's top-level shell exits on SIGTERM, bwrap tears the PID
   namespace down at once, so children that ignore SIGTERM get no grace period there.
-- Confidentiality: the read-only root is still readable. Secrets in readable files (``~/.ssh``,
-  cloud credentials, other labs) are visible unless listed in ``hidden``; ``env`` is passed as
-  given, so the caller must strip API keys.
+- Sockets and secrets inside what is exposed (system folders, the chosen /etc entries, toolchain
+  and ``PATH`` folders, ``readonly`` data) are reachable; ``env`` is passed as given (the engine
+  builds it from an allowlist, ``nightlab.runenv``). With ``network=True`` abstract sockets and the
+  host's loopback are reachable.
 - Runs as the harness user (root here) with capabilities dropped, not as an unprivileged uid;
   a kernel exploit escapes. bwrap is not a security boundary against a determined attacker.
 - ``mode="none"``: none of the filesystem/network guarantees; only the process-tree kill,
@@ -64,10 +71,13 @@ Not covered
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import logging
 import os
+import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -102,6 +112,10 @@ class SandboxPolicy:
     hidden: tuple[Path, ...] = ()  # an empty tmpfs over each; paths that do not exist are skipped
     memory_mb: int = 0  # RLIMIT_AS for the command when > 0
     max_log_bytes: int = DEFAULT_MAX_LOG_BYTES  # the log keeps its head and tail within this (nightlab.logcap)
+    # bwrap: False (runs, evaluators, holdout checks): a minimal view -- system folders, chosen /etc
+    # entries, the toolchain and the paths above, nothing else of the host. True: the whole host
+    # file system read-only (the agent researcher, which needs its CLI and its config).
+    host_root: bool = False
 
 
 # --------------------------------------------------------------------------- mode resolution
@@ -161,46 +175,150 @@ def resolve_mode(requested: str) -> str:
 
 
 _PRIVATE_ROOTS = (Path("/tmp"), Path("/dev/shm"))
+# The host's system folders, bound read-only (a top-level symlink such as /bin -> usr/bin on a
+# merged-/usr system is recreated as the same symlink). /sys holds no sockets; CUDA, NCCL, hwloc
+# and OpenBLAS read the hardware layout there.
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/sys")
+# What of /etc a program needs: users and groups (not shadow), name service and the hosts file
+# (localhost), time zone, locale, the dynamic linker's cache and config (CUDA's ld.so.conf.d entry),
+# Debian's alternatives (targets of /usr/bin links), TLS roots, OS release, MIME and magic tables,
+# fonts (matplotlib), GPU vendor files, the system Python's config. Not /etc as a whole: it holds
+# secrets root can read (ssh host keys, shadow, docker and cloud configs).
+ETC_ENTRIES = (
+    "passwd", "group", "nsswitch.conf", "host.conf", "hosts", "resolv.conf", "gai.conf", "protocols",
+    "services", "networks", "localtime", "timezone", "locale.alias", "locale.conf", "ld.so.cache",
+    "ld.so.conf", "ld.so.conf.d", "alternatives", "ssl", "ca-certificates", "ca-certificates.conf", "pki",
+    "crypto-policies", "os-release", "lsb-release", "debian_version", "redhat-release", "system-release",
+    "mime.types", "magic", "magic.mime", "fonts", "matplotlibrc", "OpenCL", "vulkan", "glvnd",
+    "python3", "python3.*",
+)
 
 
-def toolchain_paths(env: dict[str, str]) -> list[Path]:
-    """Interpreter and PATH folders that live under ``/tmp`` or ``/dev/shm``.
+_ETC_RE = re.compile("|".join(fnmatch.translate(p) for p in ETC_ENTRIES))
 
-    The sandbox replaces those with private tmpfs mounts; a virtualenv created there (a CI
-    checkout under /tmp, say) would vanish and ``python`` would not be found. These folders are
-    bound back read-only. A PATH entry ending in ``bin`` brings its parent (the venv root).
+
+def _plain_entry(path: Path) -> bool:
+    """A file or folder (after symlinks): never a socket, FIFO or device bound in by accident."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    return stat.S_ISREG(mode) or stat.S_ISDIR(mode)
+
+
+def _under(path: Path, root: Path) -> bool:
+    """``path`` is ``root`` or inside it (both absolute and normalised)."""
+    p, r = str(path), str(root)
+    return p == r or p.startswith(r if r.endswith("/") else r + "/")
+
+
+def _broad(path: Path, home: Path | None) -> bool:
+    """``/``, or ``$HOME`` or one of its ancestors: never bound whole as a toolchain folder."""
+    return path == Path("/") or (home is not None and _under(home, path))
+
+
+def toolchain_paths(env: dict[str, str], avoid: Iterable[Path] = ()) -> list[Path]:
+    """Folders of the interpreter and the commands on ``PATH`` that a run needs, outside /usr.
+
+    ``sys.prefix``, ``sys.base_prefix``, the folder of the real ``sys.executable``,
+    ``VIRTUAL_ENV``, and each ``PATH`` entry -- an entry ``X/bin`` brings ``X`` when ``X`` is a
+    virtualenv or conda prefix (``pyvenv.cfg`` / ``conda-meta``), else only itself; an entry ``X/shims``
+    (pyenv, rbenv, asdf) brings ``X``, whose scripts and versions the shims run; each
+    ``LD_LIBRARY_PATH`` folder (CUDA images put driver libraries there). Folders already
+    under a system folder, missing ones, ``/``, ``$HOME`` or its ancestors, and ancestors of an
+    ``avoid`` path (the run's folder: the lab folder around it stays out) are left out (a ``PATH``
+    entry ``~`` does not expose the home folder). They are bound back read-only; under
+    ``/tmp`` or ``/dev/shm`` (a CI checkout) they come back over the private tmpfs.
     """
     cands = [Path(sys.prefix), Path(sys.base_prefix), Path(os.path.dirname(os.path.realpath(sys.executable)))]
+    if env.get("VIRTUAL_ENV"):
+        cands.append(Path(env["VIRTUAL_ENV"]))
     for entry in env.get("PATH", "").split(os.pathsep):
-        if entry:
+        if entry and os.path.isabs(entry):
             p = Path(entry)
-            cands.append(p.parent if p.name == "bin" else p)
+            prefix = p.parent
+            is_prefix = (prefix / "pyvenv.cfg").exists() or (prefix / "conda-meta").is_dir()
+            # X/shims (pyenv, rbenv, asdf): the shims exec X's own scripts and versions
+            cands.append(prefix if (p.name == "bin" and is_prefix) or p.name == "shims" else p)
+    cands += [Path(e) for e in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if os.path.isabs(e)]
+    home = Path(os.path.realpath(env["HOME"])) if env.get("HOME", "").startswith("/") else None
+    system = [Path(os.path.realpath(d)) for d in SYSTEM_DIRS]
+    away = [Path(os.path.realpath(a)) for a in avoid]
     out: list[Path] = []
     for c in cands:
         real = Path(os.path.realpath(c))
-        if real.is_dir() and any(root in real.parents for root in _PRIVATE_ROOTS) and real not in out:
-            out.append(real)
-    return out
+        if (not real.is_dir() or real in out or _broad(real, home) or any(_under(a, real) for a in away)
+                or any(_under(real, d) for d in system if d.is_dir())):
+            continue
+        out.append(real)
+    return [p for p in out if not any(q != p and _under(p, q) for q in out)]  # nested ones add nothing
 
 
-def _mounts(policy: SandboxPolicy, extra_readonly: list[Path] | None = None) -> list[str]:
-    """The hidden/writable/readonly mounts, deeper paths last; same path: readonly wins."""
+def _system_view() -> tuple[list[str], list[Path]]:
+    """bwrap arguments for the system folders and the chosen /etc entries, and the paths they show."""
+    args: list[str] = []
+    shown: list[Path] = []
+    for d in SYSTEM_DIRS:
+        p = Path(d)
+        if p.is_symlink():
+            target = os.readlink(p)
+            if _plain_entry(p):
+                args += ["--symlink", target, d]
+        elif p.is_dir():
+            args += ["--ro-bind", d, d]
+            shown.append(p)
+    try:
+        names = sorted(e.name for e in os.scandir("/etc"))
+    except OSError:
+        names = []
+    for name in filter(_ETC_RE.fullmatch, names):
+        p = Path("/etc", name)
+        if not _plain_entry(p):
+            continue
+        if p.is_symlink() and any(_under(Path(os.path.realpath(p)), d) for d in shown):
+            args += ["--symlink", os.readlink(p), str(p)]  # into a bound system folder: no mount needed
+        else:
+            args += ["--ro-bind", str(p), str(p)]
+            shown.append(p)
+    args += ["--symlink", "../proc/self/mounts", "/etc/mtab"]
+    return args, shown
+
+
+def _mounts(policy: SandboxPolicy, extra_readonly: list[Path] | None = None,
+            shown: list[Path] | None = None, home: Path | None = None) -> list[str]:
+    """The hidden/writable/readonly mounts, deeper paths last; same path: readonly wins.
+
+    ``shown`` (the minimal view): the host paths visible anyway; a hidden path outside every
+    visible path is skipped (nothing to hide, and its name would appear). ``home``: an empty
+    tmpfs over it, so the run has a writable home that holds nothing of the host's.
+    """
     entries: list[tuple[int, int, str, list[str]]] = []
+    visible: list[Path] = list(shown or [])
     for path in extra_readonly or []:
         entries.append((len(path.parts), 2, str(path), ["--ro-bind", str(path), str(path)]))
-    for p in policy.hidden:
-        path = Path(os.path.realpath(p))
-        if path.is_dir():
-            entries.append((len(path.parts), 0, str(path), ["--tmpfs", str(path)]))
-        elif path.exists():  # a file: cover it with an empty read-only one
-            entries.append((len(path.parts), 0, str(path), ["--ro-bind", "/dev/null", str(path)]))
+        visible.append(path)
+    exposed = [Path(os.path.realpath(p)) for p in (*policy.writable, *policy.readonly, *(extra_readonly or []))]
+    if home is not None and not any(_under(home, e) for e in exposed):  # never over part of an exposed path
+        entries.append((len(home.parts), 0, str(home), ["--tmpfs", str(home)]))
     for rank, flag, paths in ((1, "--bind", policy.writable), (2, "--ro-bind", policy.readonly)):
         for p in paths:
             path = Path(os.path.realpath(p))
             if not path.exists():
                 raise SandboxError(f"sandbox path does not exist: {p}",
                                    fix="create it before the run, or drop it from the policy")
+            if not _plain_entry(path):
+                raise SandboxError(f"sandbox path is not a file or folder: {p}",
+                                   fix="expose regular files and folders only (a socket is a way out)")
             entries.append((len(path.parts), rank, str(path), [flag, str(path), str(path)]))
+            visible.append(path)
+    for p in policy.hidden:
+        path = Path(os.path.realpath(p))
+        if shown is not None and not any(_under(path, v) for v in visible):
+            continue
+        if path.is_dir():
+            entries.append((len(path.parts), 0, str(path), ["--tmpfs", str(path)]))
+        elif path.exists():  # a file: cover it with an empty read-only one
+            entries.append((len(path.parts), 0, str(path), ["--ro-bind", "/dev/null", str(path)]))
     entries.sort(key=lambda e: (e[0], e[1], e[2]))
     return [a for e in entries for a in e[3]]
 
@@ -213,10 +331,30 @@ def _gpu_devices() -> list[str]:
     return args
 
 
+def _home(env: dict[str, str]) -> Path | None:
+    """The run's ``$HOME``, when it is a folder of its own (not /, a system or a private folder)."""
+    raw = env.get("HOME", "")
+    if not raw.startswith("/"):
+        return None
+    home = Path(os.path.normpath(raw))
+    special = [Path(d) for d in (*SYSTEM_DIRS, "/proc", "/dev", "/etc")]
+    if any(_under(Path(d), home) for d in (*special, *_PRIVATE_ROOTS)):
+        return None  # / or an ancestor of what the view needs
+    if any(_under(home, d) for d in special) and not _under(home, Path("/dev/shm")):
+        return None
+    return home  # under /tmp too: a tmpfs over the private /tmp's mount point
+
+
 def _bwrap_args(policy: SandboxPolicy, cwd: Path, env: dict[str, str] | None = None) -> list[str]:
-    """bwrap flags (without the bwrap binary and the command)."""
+    """bwrap flags (without the bwrap binary and the command); see docs/sandbox.md."""
+    env = env or {}
+    if policy.host_root:
+        root, shown, home = ["--ro-bind", "/", "/"], None, None
+    else:
+        root, shown = _system_view()
+        home = _home(env)
     args = [
-        "--ro-bind", "/", "/",
+        *root,
         "--dev", "/dev",
         *_gpu_devices(),
         "--proc", "/proc",
@@ -227,7 +365,9 @@ def _bwrap_args(policy: SandboxPolicy, cwd: Path, env: dict[str, str] | None = N
     if not policy.network:
         args.append("--unshare-net")
     args += ["--die-with-parent", "--new-session", "--cap-drop", "ALL"]
-    args += _mounts(policy, toolchain_paths(env or {}))
+    args += _mounts(policy, toolchain_paths(env, avoid=[cwd, *policy.writable]), shown, home)
+    if not policy.host_root:
+        args += ["--remount-ro", "/"]
     args += ["--chdir", str(cwd)]
     return args
 

@@ -50,7 +50,7 @@ seed = 0
 # exclude = ["NOISE"]           # never search these (or: NAME = "fixed" in [researcher.space] below)
 
 [sandbox]
-mode = "auto"                   # auto | required | none (bubblewrap: no network, read-only root)
+mode = "auto"                   # auto | required | none (bubblewrap: no network, minimal host view)
 """
 
 PROGRAM_TEMPLATE = """\
@@ -98,6 +98,7 @@ class Layout:
     memory: str = ""
     env: dict[str, str] | None = None
     space: dict[str, Any] | None = None  # curated [researcher.space] entries, kept where they fit
+    readonly: tuple[str, ...] = ()  # [sandbox] readonly: host data the runs read
 
 
 def _q(items: list[str]) -> str:
@@ -133,6 +134,7 @@ def detect_autoresearch(root: Path) -> Layout:
         setup=setup, metric="val_bpb", direction="minimize", budget=300, timeout=600,
         secondary=["peak_vram_mb", "training_seconds", "mfu_percent", "num_params_M"], memory="peak_vram_mb",
         env=env, space=AUTORESEARCH_SPACE,
+        readonly=("~/.cache/autoresearch",),  # prepare.py's data and tokenizer, read by train.py
     )
 
 
@@ -210,6 +212,10 @@ def init_lab(root: Path, *, from_autoresearch: bool = False, force: bool = False
         memory_line=f'memory = "{layout.memory}"         # MB figure shown as memory_gb in results.tsv\n'
         if layout.memory else "",
     ))
+    if layout.readonly:  # [sandbox] is the template's last section (before write_space's block)
+        with spec_path.open("a") as f:
+            f.write(f"readonly = [{_q(list(layout.readonly))}]   # host data runs may read; "
+                    "the sandbox shows nothing else of $HOME\n")
     write_space(spec_path, layout.space or {})
     written = [spec_path]
     program = root / PROGRAM_FILE

@@ -39,10 +39,23 @@ class RunSpec(_Section):
     budget_s: float = Field(300.0, gt=0, description="passed to the run as NIGHTLAB_BUDGET_S")
     timeout_s: float | None = Field(None, gt=0, description="hard kill; default budget_s * 2 + 60")
     env: dict[str, str] = Field(default_factory=dict)
+    pass_env: list[str] = Field(default_factory=list, description="variables of nightlab's environment a run "
+                                "also gets: names, or prefixes written PREFIX_* (see nightlab.runenv)")
     seed: int = 0
     memory_mb: int = Field(0, ge=0, description="address-space limit per run (0: none)")
     kill_grace_s: float = Field(3.0, ge=0, description="SIGTERM to SIGKILL grace at the timeout")
     max_log_mb: float = Field(20.0, gt=0, description="stored log per run: its head and tail, the middle cut")
+
+    @field_validator("pass_env")
+    @classmethod
+    def _env_patterns(cls, v: list[str]) -> list[str]:
+        from nightlab.runenv import PATTERN
+
+        bad = [p for p in v if not PATTERN.fullmatch(p)]
+        if bad:
+            raise ValueError(f"not a variable name or PREFIX_* pattern: {', '.join(map(repr, bad))} "
+                             '(write names such as "HF_HOME", or prefixes such as "WANDB_*")')
+        return v
 
     @field_validator("command")
     @classmethod
@@ -210,6 +223,8 @@ class HoldoutSpec(_Section):
 
 
 class SandboxSpec(_Section):
+    readonly: list[str] = Field(default_factory=list, description="host files or folders runs may read "
+                                "(data outside the lab; ~ expands, relative paths are from the lab folder)")
     mode: Literal["auto", "required", "none"] = "auto"
     network: bool = False
     hide: list[str] = Field(default_factory=list, description="extra lab paths (globs, or folders) hidden "

@@ -195,8 +195,9 @@ class AgentResearcher:
         roots = (self.lab_dir, self.ws.lab_in(worktree))
         hidden = [self.ws.state_dir, *(root / p for root in roots for p in globs.cover(root, pats))]
         writable = [worktree, *(p for p in self.extra_writable if p.exists())]
+        # host_root: the agent needs its CLI and its config, wherever they are installed
         return sandbox.SandboxPolicy(mode=self.mode, network=True, writable=tuple(writable),
-                                     readonly=(prompt_file,), hidden=tuple(hidden))
+                                     readonly=(prompt_file,), hidden=tuple(hidden), host_root=True)
 
     def change(self, worktree: Path, parent: str) -> tuple[str, list[str]]:
         """(diff relative to the lab folder, repo paths changed outside it), computed from outside."""
