@@ -102,12 +102,16 @@ def test_malformed_edit_is_shown_back_once_and_repaired(make_lab, protocol):
     eng.close()
 
 
-def test_an_edit_that_fails_twice_is_invalid_not_a_crash(make_lab):
+@pytest.mark.parametrize(("structured", "why"), [
+    ("off", "no usable edit: the answer has no SEARCH/REPLACE block"),
+    ("auto", "no usable edit: the answer is neither the JSON object asked for (the answer has no JSON object)")])
+def test_an_edit_that_fails_twice_is_invalid_not_a_crash(make_lab, structured, why):
     with FakeLLMServer("openai", [Turn(text="I would not change anything.")]) as srv:
-        lab = make_lab(spec=llm_spec(srv))
+        lab = make_lab(spec=llm_spec(srv, extra=f'structured = "{structured}"\n'))
         eng, exps = run(lab, n=2)
     assert [e.status for e in exps[1:]] == [Status.INVALID, Status.INVALID]
-    assert exps[1].reason.startswith("no usable edit: the answer has no SEARCH/REPLACE block")
+    assert exps[1].reason.startswith(why), exps[1].reason
+    assert exps[1].params["retried"] is True and "repaired" not in exps[1].params
     assert len(srv.requests) == 4 and exps[1].usage.tokens_in == 200
     assert eng.session.status == "finished"
     eng.close()
@@ -201,7 +205,10 @@ def test_think_samples_several_and_sends_the_one_the_model_ranks_best(make_lab):
         lab = make_lab(spec=llm_spec(srv, extra="think = 3\n"))
         eng, exps = run(lab)
     exp = exps[1]
-    assert exp.metric == pytest.approx(4.5) and exp.params == {"think": 3, "valid": 2, "picked": 2}
+    assert exp.metric == pytest.approx(4.5)
+    assert exp.params == {"think": 3, "valid": 2, "picked": 2, "structured": "json_schema"}
+    seeds = [r["body"].get("seed") for r in srv.requests[:3]]
+    assert None not in seeds and len(set(seeds)) == 3  # each sample its own seed
     rank_prompt = srv.requests[3]["body"]["messages"][-1]["content"]
     assert "Proposal 1" in rank_prompt and "Proposal 2" in rank_prompt and "Proposal 3" not in rank_prompt
     assert exp.usage.tokens_in == 400
