@@ -121,7 +121,7 @@ def test_structured_json_answers_parse_to_the_same_edits():
     p = edits_from_json(text, list(FILES))
     assert p.rationale == "smaller LR" and "\nLR = 0.05\n" in apply_edits(FILES, p)["train.py"]
     assert not edits_from_json("```json\n" + text + "\n```", list(FILES)).empty
-    with pytest.raises(EditError, match="not valid JSON.*cut off"):
+    with pytest.raises(EditError, match=r"not valid JSON.*cut off"):
         edits_from_json(text[:40], list(FILES))
     with pytest.raises(EditError, match="no \"edits\""):
         edits_from_json('{"rationale": "x", "edits": []}', list(FILES))

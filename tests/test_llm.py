@@ -77,7 +77,7 @@ def test_good_edit_is_applied_kept_and_accounted(make_lab, protocol):
     sent = json.dumps(body)
     assert "X = 3.0" in sent and "score" in sent and "# test" in sent  # files, metric, program.md
     # prompt and response stored as artifacts, without the key
-    folder = lab / ".nightlab" / "artifacts" / str(exp.id)
+    folder = lab / ".nightlab" / "artifacts" / "t" / str(exp.idx)
     prompt = (folder / "prompt.txt").read_text()
     assert "X = 3.0" in prompt and (folder / "response.txt").read_text().count("X = 1.0") == 1
     meta = json.loads((folder / "llm.json").read_text())

@@ -60,7 +60,7 @@ def test_a_tiny_local_model_yields_valid_candidates(make_lab):
     for e in exps:
         assert e.params and set(e.params) <= {"X", "Y"} and all(-5 <= v <= 5 for v in e.params.values())
         assert e.usage.tokens_in > 0 and e.usage.tokens_out > 0 and e.usage.cost_usd == 0
-        folder = lab / ".nightlab" / "artifacts" / str(e.id)
+        folder = lab / ".nightlab" / "artifacts" / "t" / str(e.idx)
         json.loads((folder / "response.txt").read_text().split("\n\n")[-1])
     eng.close()
 
@@ -112,7 +112,7 @@ max_retries = 1''')
         # the real server answered, usage was counted, prompt and answer were stored, no harness crash
         assert exp.status in (Status.KEEP, Status.DISCARD, Status.INVALID, Status.CRASH), exp.reason
         assert exp.usage.tokens_in > 100 and exp.usage.tokens_out > 0 and exp.usage.seconds > 0
-        folder = lab / ".nightlab" / "artifacts" / str(exp.id)
+        folder = lab / ".nightlab" / "artifacts" / "t" / str(exp.idx)
         meta = json.loads((folder / "llm.json").read_text())
         assert meta["calls"] and meta["calls"][0]["tokens_in"] > 100
         assert "target.py" in (folder / "prompt.txt").read_text()

@@ -324,9 +324,8 @@ def build_prompt(ctx: Context, options: ContextOptions | None = None, *,
     """The prompt for ``ctx``, trimmed to ``options.budget_tokens`` (see the module docstring)."""
     o = options or ContextOptions()
     secrets = list(secrets)
-    counter, by = o.count, "tokenizer"
-    if counter is None:
-        counter, by = estimate_tokens, "estimate"
+    counter: Callable[[str], int] = o.count or estimate_tokens
+    by = "tokenizer" if o.count is not None else "estimate"
 
     def count(text: str) -> int:
         nonlocal counter, by

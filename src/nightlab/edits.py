@@ -369,13 +369,13 @@ def edits_from_json(text: str, known_files: list[str] | None = None) -> ParsedEd
         raise EditError("the JSON answer has no \"edits\" list: give at least one {\"file\", \"old\", "
                         "\"new\"} edit")
     blocks: list[Block] = []
-    for k, e in enumerate(edits, 1):
-        if not isinstance(e, dict) or not all(isinstance(e.get(f), str) for f in ("file", "old", "new")):
+    for k, item in enumerate(edits, 1):
+        if not isinstance(item, dict) or not all(isinstance(item.get(f), str) for f in ("file", "old", "new")):
             raise EditError(f"edit {k} must be an object with string fields \"file\", \"old\" and \"new\"")
-        path = e["file"].strip()
+        path = item["file"].strip()
         if known_files and path not in known_files:
             path = _filename(path, known_files) or path
-        blocks.append(Block(path, e["old"], e["new"]))
+        blocks.append(Block(path, item["old"], item["new"]))
     rationale = str(data.get("rationale") or "").strip()
     return ParsedEdits(rationale=rationale[:4000], blocks=tuple(blocks))
 

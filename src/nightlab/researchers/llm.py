@@ -59,8 +59,8 @@ reaches the prompt, the artifacts, the ledger or the spec: only its variable's n
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import os
 import random
 import re
@@ -176,10 +176,8 @@ class _Flight:
     def abandon(self) -> None:
         self.abandoned = True
         if self.closer is not None:
-            try:
+            with contextlib.suppress(Exception):  # closing a stream from another thread: best effort
                 self.closer()
-            except Exception:  # closing a stream from another thread is best effort
-                pass
 
 
 # --------------------------------------------------------------------------- providers
@@ -396,6 +394,7 @@ class LLMResearcher:
     def __init__(self, options: Options, spec: Spec, lab_dir: Path, *, chat: _Chat | None = None) -> None:
         options = options.resolved()
         self.o = options
+        self.prefetch = options.prefetch
         self.spec = spec
         self.lab_dir = lab_dir
         key_env = DEFAULT_KEY_ENV[options.provider] if options.api_key_env is None else options.api_key_env
@@ -412,7 +411,7 @@ class LLMResearcher:
         if options.provider == "anthropic":
             self.form = ""
         self._lock = threading.Lock()
-        self._counter: Callable[[str], int] | None | bool = False  # False: not probed yet
+        self._counter: Callable[[str], int] | bool | None = False  # False: not probed yet
         self._rng = random.Random()
 
     # -- helpers
@@ -422,7 +421,7 @@ class LLMResearcher:
         with self._lock:
             if self._counter is False:
                 self._counter = token_counter(self.o)
-            return self._counter or None
+            return self._counter if callable(self._counter) else None
 
     def _ctx_options(self, structured: bool) -> ContextOptions:
         return ContextOptions(budget_tokens=self.o.context_tokens, history_detail=self.o.history_detail,
