@@ -347,6 +347,18 @@ def test_a_server_refusing_response_format_falls_back_to_text_and_remembers(make
     eng.close()
 
 
+def test_llama_cpp_pythons_json_object_form_is_found_and_remembered(make_lab):
+    with FakeLLMServer("openai", [Turn(text=SCHEMA_ANSWER)], structured="json_object") as srv:
+        lab = make_lab(spec=llm_spec(srv))
+        eng, exps = run(lab, n=2)
+    # json_schema refused with llama-cpp-python's 500 (the SDK retried it), then json_object for good
+    assert {r["response_format"]["type"] for r in srv.refused} == {"json_schema"}
+    assert {r["body"]["response_format"]["type"] for r in srv.requests} == {"json_object"}
+    assert srv.requests[0]["body"]["response_format"]["schema"]["required"] == ["rationale", "edits"]
+    assert exps[1].status is Status.KEEP and exps[2].params["structured"] == "json_object"
+    eng.close()
+
+
 def test_structured_on_with_a_refusing_server_stops_with_the_fix(make_lab):
     with FakeLLMServer("openai", [Turn(text=GOOD)], structured=False) as srv:
         lab = make_lab(spec=llm_spec(srv, extra='structured = "on"\n'))

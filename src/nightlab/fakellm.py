@@ -9,7 +9,9 @@ with the real ``openai`` and ``anthropic`` clients; useful for trying a lab with
 Shapes a test can script (the ones local model servers show):
 
 - ``structured=False``: a request with ``response_format`` is refused with HTTP 400 (as servers
-  without JSON-schema support answer), without consuming a turn;
+  without JSON-schema support answer), without consuming a turn; ``structured="json_object"``:
+  only llama-cpp-python's ``{"type": "json_object", "schema": ...}`` is taken, ``json_schema`` gets
+  the HTTP 500 validation error that server answers;
 - ``stream: true`` (OpenAI protocol): the text is sent as server-sent events, a few characters per
   chunk (``Turn.chunk_delay_s`` apart), usage in the last chunk when ``stream_options.include_usage``;
   a client that closes the stream early is counted in ``.disconnects`` (llama.cpp stops there);
@@ -49,7 +51,7 @@ class Turn:
 
 class FakeLLMServer:
     def __init__(self, protocol: Literal["openai", "anthropic"], script: list[Turn], *,
-                 structured: bool = True, tokenize: bool = False) -> None:
+                 structured: bool | Literal["json_object"] = True, tokenize: bool = False) -> None:
         self.protocol = protocol
         self.script = list(script)
         self.structured = structured
@@ -137,12 +139,19 @@ class FakeLLMServer:
                 if route != expected:
                     self._send(404, {"error": {"message": f"no route {self.path}"}}, {})
                     return
-                if not fake.structured and "response_format" in body:
+                form = (body.get("response_format") or {}).get("type") if "response_format" in body else None
+                if form is not None and (fake.structured is False or
+                                         (fake.structured == "json_object" and form != "json_object")):
                     with fake._lock:
                         fake.refused.append(body)
-                    self._send(400, {"error": {"message": "Unrecognized request argument supplied: "
-                                                          "response_format", "type": "invalid_request_error",
-                                               "code": 400}}, {})
+                    if fake.structured is False:
+                        self._send(400, {"error": {"message": "Unrecognized request argument supplied: "
+                                                              "response_format", "type": "invalid_request_error",
+                                                   "code": 400}}, {})
+                    else:
+                        self._send(500, {"error": {"message": "1 validation error: ('body', 'response_format', "
+                                                              "'type'): Input should be 'text' or 'json_object'",
+                                                   "type": "internal_server_error"}}, {})
                     return
                 turn = fake._next(body, {k.lower(): v for k, v in self.headers.items()})
                 if turn.delay_s:

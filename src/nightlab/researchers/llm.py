@@ -345,6 +345,14 @@ class _Chat:
         return Reply(text, int(u.input_tokens) + read + write, int(u.output_tokens), read, 0.0)
 
 
+def _refused_format(e: _Transient) -> bool:
+    """Did the server refuse the response_format? 400/422 (not a context overflow), or a 5xx naming it
+    (llama-cpp-python answers 500 to ``json_schema``: "Input should be 'text' or 'json_object'")."""
+    if e.status in (400, 422):
+        return not re.search(r"context|n_ctx|too long|exceed", str(e), re.I)
+    return bool(e.status and e.status >= 500 and re.search(r"response_format|json_object", str(e)))
+
+
 def _openai_usage(u: Any, extra: dict[str, Any] | None) -> tuple[int, int, int]:
     """(prompt, completion, cached) tokens: OpenAI's usage, llama.cpp's ``timings.cache_n`` as a fallback."""
     t_in = int(getattr(u, "prompt_tokens", 0) or 0) if u is not None else 0
@@ -517,8 +525,7 @@ class LLMResearcher:
                     reply = self._call(system, messages, log, what, ctx.should_stop, seed=seed,
                                        response_format=self._response_format(f, ctx), prompt_tokens=prompt_tokens)
                 except _Transient as e:
-                    refused = e.status in (400, 422) and not re.search(r"context|n_ctx|too long|exceed",
-                                                                       str(e), re.I)
+                    refused = _refused_format(e)
                     if not refused or form:
                         raise
                     if k < len(tries) - 1:
