@@ -10,7 +10,8 @@ through ``response_format``; ``text``: SEARCH/REPLACE blocks) and with and witho
 (``repair``), run a session of N proposals through the real ``llm`` researcher and the real engine
 (sandboxed runs, the labs' own evaluators). Reported per configuration:
 
-- applicable: share of proposals whose edit applied (the experiment ran: not ``invalid``/``rejected``);
+- applicable: share of proposals whose edit applied (the experiment ran: not ``invalid``/``rejected``),
+  and at the first answer (what it would be without the retry; ``--retry off`` measures it directly);
 - keep rate, and the best metric after N against the baseline;
 - seconds and tokens (in + out) per proposal, and the share of proposals that needed the retry.
 
@@ -127,6 +128,8 @@ def one(lab_name: str, port: int, structured: str, repair: bool, n: int, args: a
     return {
         "lab": lab_name, "mode": structured, "retry": repair, "n": len(tried),
         "applicable": len(applied) / len(tried) if tried else 0.0,
+        # without the retry: applied at the first answer (a repaired proposal would have been invalid)
+        "applicable_first": sum(1 for e in applied if not e.params.get("repaired")) / len(tried) if tried else 0.0,
         "keeps": sum(1 for e in tried if e.status is Status.KEEP),
         "baseline": session.baseline_metric, "best": best, "kept_metrics": metrics,
         "retried": sum(1 for e in tried if e.params.get("retried")) / len(tried) if tried else 0.0,
@@ -144,7 +147,7 @@ def main() -> None:
     ap.add_argument("--labs", nargs="+", default=["quickfit", "circle_packing"])
     ap.add_argument("--gguf", nargs="*", default=[], help="more GGUF model files")
     ap.add_argument("--modes", nargs="+", default=["structured", "text"], choices=["structured", "text"])
-    ap.add_argument("--retry", nargs="+", default=["on", "off"], choices=["on", "off"])
+    ap.add_argument("--retry", nargs="+", default=["on"], choices=["on", "off"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-ctx", type=int, default=8192)
     ap.add_argument("--max-tokens", type=int, default=512)
@@ -175,12 +178,13 @@ def main() -> None:
                                            "cpus": os.cpu_count(), "args": vars(args), "rows": rows}, indent=2))
     print(f"\n{args.n} proposals per row; {os.cpu_count()} CPUs, load average {load:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after; llama.cpp server, {args.threads} threads, n_ctx {args.n_ctx}\n")
-    print("| model | lab | answer | retry | applicable | keeps | baseline -> best | s / proposal "
+    print("| model | lab | answer | retry | applicable (first answer) | keeps | baseline -> best | s / proposal "
           "| tokens in / out per proposal | retried |")
     print("| --- | --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['model']} | {r['lab']} | {r['mode']} | {'on' if r['retry'] else 'off'} | "
-              f"{100 * float(r['applicable']):.0f}% | {r['keeps']}/{r['n']} | "  # type: ignore[arg-type]
+              f"{100 * float(r['applicable']):.0f}% ({100 * float(r['applicable_first']):.0f}%) | "  # type: ignore[arg-type]
+              f"{r['keeps']}/{r['n']} | "
               f"{r['baseline']:.4g} -> {r['best']:.4g} | {r['s_per_proposal']:.0f} | "
               f"{r['tokens_in']:.0f} / {r['tokens_out']:.0f} | {100 * float(r['retried']):.0f}% |")  # type: ignore[arg-type]
 

@@ -325,7 +325,10 @@ def test_a_schema_shaped_answer_is_asked_for_and_applied(make_lab):
     body = srv.requests[0]["body"]
     rf = body["response_format"]
     assert rf["type"] == "json_schema" and rf["json_schema"]["schema"]["required"] == ["rationale", "edits"]
-    assert rf["json_schema"]["schema"]["properties"]["edits"]["items"]["properties"]["file"]["enum"] == ["target.py"]
+    item = rf["json_schema"]["schema"]["properties"]["edits"]["items"]["properties"]
+    assert item["file"]["enum"] == ["target.py"]
+    # a loopback server: "old" can only be a line that occurs once in the file (grammar-constrained)
+    assert "X = 3.0" in item["old"]["enum"] and "" not in item["old"]["enum"]
     assert '"edits"' in body["messages"][0]["content"]  # the system message describes the JSON object
     assert exps[1].status is Status.KEEP and exps[1].rationale == "Move X to its optimum."
     assert exps[1].params["structured"] == "json_schema"

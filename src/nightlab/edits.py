@@ -318,18 +318,42 @@ def apply_block(text: str, block: Block) -> str:
                     f"{block.path} are:\n{closest_lines(text, search_text)}")
 
 
-def edits_schema(files: list[str]) -> dict[str, Any]:
-    """The JSON schema of a structured answer; ``file`` is one of ``files`` when any are given."""
+def unique_lines(files: dict[str, str], limit: int = 600) -> list[str] | None:
+    """The lines that occur exactly once in their file (blank ones left out), in file order; None
+    when there are more than ``limit`` (a schema ``enum`` that large gets slow to compile)."""
+    out: dict[str, None] = {}
+    for path in sorted(files):
+        lines = files[path].replace("\r\n", "\n").split("\n")
+        counts: dict[str, int] = {}
+        for ln in lines:
+            counts[ln] = counts.get(ln, 0) + 1
+        for ln in lines:
+            if ln.strip() and counts[ln] == 1 and len(ln) <= 500:
+                out[ln] = None
+    return list(out) if len(out) <= limit else None
+
+
+def edits_schema(files: list[str], old_lines: list[str] | None = None) -> dict[str, Any]:
+    """The JSON schema of a structured answer; ``file`` is one of ``files`` when any are given.
+
+    With ``old_lines`` (see :func:`unique_lines`), ``old`` must be one of them: under a server's
+    grammar-constrained decoding (llama.cpp, vLLM) even a tiny model can then only name a line
+    that exists, exactly once -- every edit applies (one line replaced by ``new``, which may be
+    several lines).
+    """
     file: dict[str, Any] = {"type": "string"}
     if files:
         file["enum"] = sorted(files)
+    old: dict[str, Any] = {"type": "string"}
+    if old_lines:
+        old["enum"] = list(old_lines)
     return {
         "type": "object",
         "properties": {
             "rationale": {"type": "string"},
             "edits": {"type": "array", "minItems": 1, "maxItems": 8, "items": {
                 "type": "object",
-                "properties": {"file": file, "old": {"type": "string"}, "new": {"type": "string"}},
+                "properties": {"file": file, "old": old, "new": {"type": "string"}},
                 "required": ["file", "old", "new"], "additionalProperties": False,
             }},
         },

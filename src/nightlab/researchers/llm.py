@@ -30,6 +30,9 @@ server), then llama-cpp-python's ``json_object`` + ``schema`` form; a server tha
 (HTTP 400/422) gets SEARCH/REPLACE text from then on, and the researcher remembers that for the
 session. ``"on"`` insists (a refusal stops the session with the fix), ``"off"`` never asks. An
 answer is parsed as JSON first and as text blocks second, whatever was asked. Anthropic: text.
+``old_lines`` (``auto``: on for a loopback server) makes the schema's ``old`` an ``enum`` of the
+lines that occur once in their file: a grammar-constrained server can then only name an existing
+line, so even a tiny model's edit applies (each edit replaces one line; ``new`` may be several).
 
 **Local servers.** A ``base_url`` on loopback (``localhost``, ``127.x``, ``::1``) changes the
 defaults of the keys left out: ``max_tokens`` 1024 (not 4096), ``max_retries`` 1 (not 5),
@@ -75,7 +78,15 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field
 
 from nightlab.context import ContextOptions, Prompt, build_prompt, redact, secret_values
-from nightlab.edits import EditError, ParsedEdits, apply_edits, edits_from_json, edits_schema, parse_edits
+from nightlab.edits import (
+    EditError,
+    ParsedEdits,
+    apply_edits,
+    edits_from_json,
+    edits_schema,
+    parse_edits,
+    unique_lines,
+)
 from nightlab.errors import NightlabError, SpecError, UsageError
 from nightlab.guard import IMPLICITLY_PROTECTED
 from nightlab.pricing import Price, cost_usd
@@ -121,6 +132,8 @@ class Options(BaseModel):
     rank: bool = Field(True, description="with think > 1: the model picks among the valid proposals")
     repair: bool = Field(True, description="show a failed edit's exact error back to the model once")
     structured: Literal["auto", "on", "off"] = Field("auto", description="ask for JSON edits (response_format)")
+    old_lines: Literal["auto", "on", "off"] = Field(
+        "auto", description="structured: 'old' must be one unique line of the file (auto: on loopback)")
     stream: Literal["auto", "on", "off"] = Field("auto", description="stream (openai: cancellable calls)")
     tokenizer: Literal["auto", "server", "tiktoken", "estimate"] = "auto"
     prefetch: int = Field(0, ge=0, le=16, description="proposals prepared ahead, concurrently")
@@ -471,7 +484,10 @@ class LLMResearcher:
         return rationale or "(no rationale given)", files
 
     def _response_format(self, form: str, ctx: Context) -> dict[str, Any]:
-        schema = edits_schema(list(ctx.files))
+        lines = None
+        if self.o.old_lines == "on" or (self.o.old_lines == "auto" and is_local(self.o.base_url)):
+            lines = unique_lines(ctx.files)
+        schema = edits_schema(list(ctx.files), lines)
         if form == "json_schema":
             return {"type": "json_schema", "json_schema": {"name": "edits", "schema": schema, "strict": True}}
         return {"type": "json_object", "schema": schema}
