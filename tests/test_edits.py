@@ -133,5 +133,5 @@ def test_unique_lines_are_the_old_texts_a_grammar_may_choose():
     from nightlab.edits import unique_lines
 
     lines = unique_lines({"a.py": "x = 1\nx = 1\n\ny = 2\ns = \"q\"\n", "b.py": "z = 3\r\n"})
-    assert lines == ["y = 2", "z = 3"]  # quotes left out: llama-cpp-python's grammar mis-escapes them  # duplicates and blanks left out, CRLF stripped
+    assert lines == ["y = 2", "z = 3"]  # quotes left out: llama-cpp-python's grammar mis-escapes them
     assert unique_lines({"a.py": "".join(f"v{i} = {i}\n" for i in range(700))}) is None
