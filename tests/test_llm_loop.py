@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -10,7 +12,7 @@ import pytest
 from tests.conftest import SPEC, TARGET_PY
 from tests.test_llm import KEY, llm_spec
 
-from nightlab.engine import Engine
+from nightlab.engine import Engine, install_signal_handlers
 from nightlab.fakellm import FakeLLMServer, Turn
 from nightlab.researchers import Context
 from nightlab.types import Candidate, Status
@@ -75,26 +77,35 @@ def slow_stream(n: int = 400) -> Turn:
     return Turn(text="word " * n, chunk_delay_s=0.05, tokens_in=500, tokens_out=n)
 
 
-def test_stop_file_abandons_the_proposal_closes_the_stream_and_records_its_usage(make_lab, monkeypatch):
+@pytest.mark.parametrize("trigger", ["STOP file", "SIGTERM", "SIGINT"])
+def test_a_stop_abandons_the_proposal_closes_the_stream_and_records_its_usage(make_lab, monkeypatch, trigger):
     monkeypatch.setenv("NIGHTLAB_TEST_KEY", KEY)
     with FakeLLMServer("openai", [slow_stream()]) as srv:
         lab = make_lab(spec=llm_spec(srv, extra='structured = "off"\n'))
         eng = Engine(lab, tag="s", sandbox_mode="none", max_experiments=3)
         stop_file = Path(eng.stop_file)
+        restore = install_signal_handlers(eng)
 
-        def touch() -> None:
+        def fire() -> None:
             while not srv.requests:
                 time.sleep(0.05)
-            time.sleep(1.0)
-            stop_file.write_text("")
+            time.sleep(1.0)  # the answer is streaming now
+            if trigger == "STOP file":
+                stop_file.write_text("")
+            else:
+                os.kill(os.getpid(), getattr(signal, trigger))
 
-        threading.Thread(target=touch, daemon=True).start()
-        session = eng.run()
+        threading.Thread(target=fire, daemon=True).start()
+        try:
+            session = eng.run()
+        finally:
+            restore()
         deadline = time.monotonic() + 10
         while not srv.disconnects and time.monotonic() < deadline:
             time.sleep(0.1)
         assert srv.disconnects >= 1  # the server saw the stream closed (llama.cpp stops generating there)
-        assert session.status == "stopped" and session.stop_reason == "STOP file"
+        why = {"STOP file": "STOP file", "SIGTERM": "stopped by SIGTERM", "SIGINT": "interrupted (SIGINT)"}
+        assert session.status == "stopped" and session.stop_reason == why[trigger]
         assert [e.idx for e in eng.ledger.experiments(session.id)] == [0]  # nothing was run for it
         spent = eng.ledger.spend_totals(session.id)
         assert spent.tokens_in > 0  # the prompt, as counted before the call
