@@ -121,6 +121,8 @@ def test_structured_json_answers_parse_to_the_same_edits():
     p = edits_from_json(text, list(FILES))
     assert p.rationale == "smaller LR" and "\nLR = 0.05\n" in apply_edits(FILES, p)["train.py"]
     assert not edits_from_json("```json\n" + text + "\n```", list(FILES)).empty
+    raw_newline = '{"rationale": "r", "edits": [{"file": "train.py", "old": "LR = 0.1", "new": "LR = 0.2\n\tX = 1"}]}'
+    assert edits_from_json(raw_newline).blocks[0].replace == "LR = 0.2\n\tX = 1"  # control characters tolerated
     with pytest.raises(EditError, match=r"not valid JSON.*cut off"):
         edits_from_json(text[:40], list(FILES))
     with pytest.raises(EditError, match="no \"edits\""):

@@ -383,7 +383,7 @@ def edits_from_json(text: str, known_files: list[str] | None = None) -> ParsedEd
     elif not raw.startswith("{"):
         raw = raw[raw.index("{"):]
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, strict=False)  # raw newlines and tabs inside strings: small models write them
     except json.JSONDecodeError as e:
         cut = " (the answer was cut off: raise max_tokens, or ask for a smaller change)" \
             if e.pos >= len(raw.rstrip()) - 1 else ""
