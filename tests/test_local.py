@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -119,7 +120,9 @@ max_retries = 1''')
         assert meta["calls"] and meta["calls"][0]["tokens_in"] > 100
         assert meta["prompt_counted_by"] == "tokenizer"  # llama-cpp-python's /extras/tokenize
         answer = (folder / "response.txt").read_text().split(") ===\n", 1)[1].split("\n\n=== ")[0]
-        assert answer.lstrip().startswith('{"'), answer  # the grammar: the JSON object asked for
+        assert re.match(r'\s*\{\s*"rationale"', answer), answer  # the grammar: the JSON object asked for
+        old = re.search(r'"old"\s*:\s*"((?:[^"\\]|\\.)*)"', answer)
+        assert old and json.loads(f'"{old.group(1)}"') in TARGET_PY.splitlines(), answer  # old_lines: a real line
         assert "target.py" in (folder / "prompt.txt").read_text()
         eng.close()
     finally:
