@@ -129,3 +129,18 @@ max_retries = 1''')
         server.terminate()
         server.wait(timeout=20)
         log.close()
+
+
+@pytest.mark.slow
+@needs_model
+def test_the_models_own_log_lines_stay_out_of_plain_output(make_lab):
+    from tests._cli import nl
+    from tests.conftest import cli_env
+
+    lab = make_lab(files={"target.py": RANGED}, spec=local_spec())
+    res = subprocess.run(nl("run", "--lab", str(lab), "--plain", "--max-experiments", "1", "--sandbox", "none",
+                            "--tag", "q"), env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout + res.stderr
+    assert "[1] " in out, out  # the session ran its experiment
+    assert "llama_" not in out and "ggml" not in out and "swa cache" not in out.lower(), out
