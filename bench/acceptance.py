@@ -115,8 +115,8 @@ def main() -> None:
     policies: list[tuple[str, AcceptancePolicy]] = [
         ("greedy", Greedy()),
         ("threshold (z = 2)", Threshold(z=2.0)),
-        ("repeat (defaults: greedy screen, r = 3, Welch, alpha = 0.05)", Repeat(screen=Greedy(), r=3)),
-        ("repeat (threshold screen z = 1, r = 5, Welch, alpha = 0.02)",
+        ("repeat (greedy screen, r = 3, Welch, alpha = 0.05)", Repeat(screen=Greedy(), r=3)),
+        ("repeat, [accept] defaults (threshold screen z = 1, r = 5, Welch, alpha = 0.02)",
          Repeat(screen=Threshold(z=1.0), r=5, alpha=0.02)),
         ("repeat (threshold screen z = 1, r = 5, bootstrap, alpha = 0.02)",
          Repeat(screen=Threshold(z=1.0), r=5, alpha=0.02, test="bootstrap")),

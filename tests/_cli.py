@@ -13,7 +13,7 @@ import sys
 import click
 try:
     from nightlab.cli.main import main
-    if "approve" not in main.commands:
+    if main.get_command(click.Context(main), "approve") is None:  # commands load lazily
         raise ImportError("approve not registered")
 except ImportError:
     from nightlab.cli.audit import COMMANDS

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from nightlab.constants import find_constants, format_value, rewrite
+from nightlab.constants import evaluate, find_constants, format_value, rewrite
 from nightlab.errors import SpecError
 
 TRAIN = '''"""A karpathy-style train.py: the knobs live at the top."""
@@ -49,8 +49,8 @@ class Config:
 def test_finds_module_level_number_literals_only() -> None:
     assert [c.name for c in find_constants(TRAIN, "train.py")] == [
         "DEPTH", "ASPECT_RATIO", "HEAD_DIM", "MATRIX_LR", "EMBEDDING_LR", "WEIGHT_DECAY", "WARMUP_RATIO",
-        "DEVICE_BATCH_SIZE",
-    ]  # fmt: skip
+        "ADAM_BETAS[0]", "ADAM_BETAS[1]", "TOTAL_BATCH_SIZE", "DEVICE_BATCH_SIZE", "lowercase_knob",
+    ]  # fmt: skip  (VOCAB defines the data, SEED/SCALAR_LR are fixed, RUN_NAME is a string without choices)
     consts = {c.name: c for c in find_constants(TRAIN, "train.py")}
     assert (consts["DEPTH"].value, consts["DEPTH"].kind) == (8, "int")
     assert (consts["MATRIX_LR"].value, consts["MATRIX_LR"].kind) == (0.04, "float")
@@ -63,7 +63,7 @@ def test_positions_point_at_the_literal() -> None:
     lines = TRAIN.splitlines()
     for c in find_constants(TRAIN):
         assert lines[c.line - 1][c.col : c.end_col] == c.text
-        assert ast.literal_eval(c.text) == c.value
+        assert evaluate(ast.parse(c.text, mode="eval").body) == c.value
 
 
 def test_default_ranges_follow_the_documented_rule() -> None:
@@ -196,3 +196,19 @@ def test_format_value(value: float, kind: str, text: str) -> None:
 def test_format_value_refuses_non_finite() -> None:
     with pytest.raises(ValueError):
         format_value(float("nan"), "float")
+
+
+def test_names_the_script_changes_as_it_runs_are_variables_not_constants() -> None:
+    from nightlab.constants import scan
+
+    src = (
+        "step = 0\nsmooth = 0.0\nbest = 1e9\ngas = 40\nlr = 6e-4\nB = 32\nB *= 2\nddp = False\n"
+        "if ddp:\n    gas //= 8\n    lr = 1e-3\n"
+        "def f():\n    global G\n    G = 2\nG = 1\n"
+        "for i in range(3):\n    pass\ni = 5\n"
+        "while True:\n    step += 1\n    smooth = 0.9 * smooth\n    if step > 3:\n        best = 1.0\n        break\n"
+    )
+    reasons = {e.name: e.reason for e in scan(src)}
+    variable = "a variable: the script changes it as it runs"
+    assert {n for n, r in reasons.items() if r == variable} == {"step", "smooth", "best", "B", "G", "i"}
+    assert reasons["gas"] == reasons["lr"] == ""  # changed only under an `if`: still knobs

@@ -170,10 +170,30 @@ def test_stop_rules_patience_and_crashes_in_row(make_lab):
     session = eng.run()
     assert session.stop_reason.startswith("patience") and len(statuses(eng)) == 3
     eng.close()
+    # crashes of candidates while the incumbent still runs (a health check re-runs it after each
+    # streak of 2) go on until 4x the limit: the researcher is told, the lab is not broken
     lab2 = make_lab(spec=SPEC.replace("max_experiments = 3", "max_experiments = 50\nmax_crashes_in_row = 2"))
     eng = engine(lab2, [{"rationale": "crash", "files": {"target.py": "raise SystemExit(1)\n"}}], tag="c")
     session = eng.run()
-    assert session.stop_reason.startswith("max_crashes_in_row") and statuses(eng) == ["keep", "crash", "crash"]
+    assert "finds nothing that runs" in session.stop_reason and statuses(eng) == ["keep"] + ["crash"] * 8
+    assert len(list(eng.artifacts_dir.glob("health-c-*.log"))) == 3  # after crashes 2, 4 and 6
+    eng.close()
+
+
+def test_a_broken_lab_stops_after_the_crash_streak(make_lab, tmp_path):
+    """The baseline removes the data every run needs: candidates crash, and so does the incumbent's
+    health check, so the session stops at max_crashes_in_row saying the lab is broken."""
+    flag = tmp_path / "data-present"
+    flag.write_text("1")
+    broken = TARGET_PY.replace("import os, sys", f"import os, sys, pathlib\nF = pathlib.Path({str(flag)!r})\n"
+                               "if not F.exists(): raise SystemExit('data gone')\nF.unlink()")
+    assert broken != TARGET_PY
+    lab = make_lab(files={"target.py": broken},
+                   spec=SPEC.replace("max_experiments = 3", "max_experiments = 50\nmax_crashes_in_row = 2"))
+    eng = engine(lab, [{"rationale": "fine", "files": {"target.py": broken.replace("X = 3.0", "X = 2.0")}}])
+    session = eng.run()
+    assert statuses(eng) == ["keep", "crash", "crash"]
+    assert "the lab is broken" in session.stop_reason, session.stop_reason
     eng.close()
 
 

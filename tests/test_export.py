@@ -124,7 +124,7 @@ def test_tsv_is_karpathys_results_tsv(filled: tuple[Ledger, Session]) -> None:
         "c3d4e5f\t1.005000\t43.0\tdiscard\tswitch to GeLU activation\n"
         "b2c3d4e\t0.000000\t0.0\tcrash\tdouble the width (OOM)\n"
         "d4e5f60\t0.000000\t0.0\tcrash\thuge batch\n"
-        "b2c3d4e\t0.000000\t0.0\tinvalid\tedit did not apply\n"
+        "\t\t\tinvalid\tedit did not apply\n"  # never ran: no metric, no one else's commit
     )
     assert n == 6
     for line in out.getvalue().splitlines():

@@ -85,3 +85,10 @@ def test_init_refuses_to_overwrite_and_needs_git(tmp_path):
     (plain / "train.py").write_text("X = 1\n")
     proc = run_cli("init", str(plain))
     assert proc.returncode == 2 and "git init" in proc.stderr
+
+
+def test_from_autoresearch_declares_its_data_cache_read_only(tmp_path):
+    """autoresearch's prepare.py writes ~/.cache/autoresearch; the sandbox shows runs only what is declared."""
+    repo = make_repo(tmp_path, {"train.py": AR_TRAIN, "prepare.py": AR_PREPARE, "program.md": AR_PROGRAM})
+    assert run_cli("init", str(repo), "--from-autoresearch").returncode == 0
+    assert load_spec(repo).sandbox.readonly == ["~/.cache/autoresearch"]

@@ -149,13 +149,13 @@ def test_schema_newer_than_code_is_refused(db: Path) -> None:
 
 def test_failing_migration_rolls_back_its_ddl(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     Ledger(url_of(db)).close()
+    current = len(ledger_mod.MIGRATIONS)
 
     def broken(conn: sa.Connection) -> None:
         conn.exec_driver_sql("CREATE TABLE half_done (x INTEGER)")
         conn.exec_driver_sql("ALTER TABLE sessions ADD COLUMN extra TEXT")
         raise RuntimeError("migration bug")
 
-    before = len(ledger_mod.MIGRATIONS)
     monkeypatch.setattr(ledger_mod, "MIGRATIONS", [*ledger_mod.MIGRATIONS, broken])
     monkeypatch.setattr(ledger_mod, "SCHEMA_VERSION", len(ledger_mod.MIGRATIONS))
     with pytest.raises(RuntimeError, match="migration bug"):
@@ -165,7 +165,7 @@ def test_failing_migration_rolls_back_its_ddl(db: Path, monkeypatch: pytest.Monk
         cols = {r[1] for r in raw.execute("PRAGMA table_info(sessions)")}
         version = raw.execute("SELECT version FROM schema_version").fetchone()[0]
     raw.close()
-    assert "half_done" not in tables and "extra" not in cols and version == before
+    assert "half_done" not in tables and "extra" not in cols and version == current
 
 
 def test_garbage_file_is_a_ledger_error_naming_the_path(tmp_path: Path) -> None:

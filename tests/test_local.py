@@ -33,16 +33,18 @@ RANGED = (TARGET_PY.replace("X = 3.0", "X = 3.0  # nightlab: -5..5")
 def test_constants_are_found_set_and_schema_constrained():
     files = {"target.py": RANGED + "STEPS = 10\nlower = 2.0\n", "notes.md": "A = 1\n"}
     consts = find_constants(files)
-    assert [(c.name, c.lo, c.hi, c.integer) for c in consts] == [("X", -5.0, 5.0, False),
-                                                                  ("Y", -5.0, 5.0, False)]
+    # the finder every researcher shares: annotated ranges, default ranges for the others
+    assert [(c.name, c.lo, c.hi, c.integer) for c in consts][:2] == [("X", -5.0, 5.0, False),
+                                                                      ("Y", -5.0, 5.0, False)]
+    assert [c.name for c in consts] == ["X", "Y", "STEPS", "lower"]
     assert consts[0].clamp(9.0) == 5.0
-    plain = find_constants({"t.py": "STEPS = 10\nlower = 2.0\nLR = 1e-3\n"})
-    assert [(c.name, c.integer) for c in plain] == [("STEPS", True), ("LR", False)]
+    plain = find_constants({"t.py": "STEPS = 10\nlower = 2.0\nLR = 1e-3\nSEED = 3\n"})
+    assert [(c.name, c.integer) for c in plain] == [("STEPS", True), ("lower", False), ("LR", False)]
     assert plain[0].clamp(7.6) == 8
     text = set_constant(files["target.py"], "X", 1.25)
     assert "X = 1.25  # nightlab: -5..5\n" in text and "Y = 0.0  # nightlab: -5..5" in text
     s = schema(consts, 2)
-    assert s["properties"]["changes"]["items"]["properties"]["name"]["enum"] == ["X", "Y"]
+    assert s["properties"]["changes"]["items"]["properties"]["name"]["enum"] == ["STEPS", "X", "Y", "lower"]
 
 
 def local_spec() -> str:

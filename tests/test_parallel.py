@@ -1,4 +1,4 @@
-"""Many experiments at once: local slots, pipelined proposals, stale keeps rebased and re-measured."""
+"""Many experiments at once: local slots, pipelined proposals, stale candidates kept as measured."""
 
 from __future__ import annotations
 
@@ -88,37 +88,123 @@ def test_slots_run_in_parallel(make_lab):
     assert len(git(lab, "worktree", "list").strip().splitlines()) == 1
 
 
-def test_a_stale_winner_is_rebased_and_remeasured(make_lab):
-    lab = make_lab(files={"target.py": spread(3.0, 0.0)},
-                   spec=SPEC.replace("pipeline = false", "slots = 2\npipeline = false"))
-    plan = Plan({1: spread(1.0, 0.0),    # fast: X to its optimum (8.5 -> 4.5)
-                 2: spread(3.0, 2.0)},   # slow, measured on the baseline: Y to its optimum (-> 4.5)
-                default=spread(9.0, 0.0))  # after: a slow regression (#2 ends first)
+def _tree(lab, rev):
+    return git(lab, "rev-parse", f"{rev}^{{tree}}").strip()
+
+
+def _two_slots(extra: str = "") -> str:
+    return SPEC.replace("pipeline = false", "slots = 2\npipeline = false") + extra
+
+
+def test_a_stale_winner_is_kept_as_measured_and_its_combination_queued(make_lab):
+    # slow -> fast: X=1,Y=0 (#2, measured on the baseline) sleeps 2 s; everything else is quick
+    sleepy = SPREAD.replace('"X=3.0,Y=2.0": 2.0', '"X=1.0,Y=0.0": 2.0')
+    lab = make_lab(files={"target.py": sleepy}, spec=_two_slots())
+
+    def at(x, y):
+        return sleepy.replace("X = 3.0", f"X = {x}").replace("Y = 0.0", f"Y = {y}")
+
+    plan = Plan({1: at(3.0, 1.0),   # fast: Y 0 -> 1, 8.5 -> 5.5: kept first
+                 2: at(1.0, 0.0)},  # slow, on the baseline: X 3 -> 1, 4.5: beats the new incumbent 5.5
+                default=at(9.0, 0.0))  # afterwards: a slow regression
     session, exps = run(lab, plan, max_experiments=4)
     by = {e.idx: e for e in exps}
-    assert by[1].status is Status.KEEP and by[1].metric == pytest.approx(4.5)
-    # #2 beat its parent (the baseline) but the incumbent moved on: discarded as stale, requeued
-    assert by[2].status is Status.DISCARD and by[2].reason.startswith("stale:") and by[2].evidence["stale"]
-    assert by[3].status is Status.DISCARD
-    # #4 is #2's change rebased onto #1: re-measured, and kept on its own merit
-    assert by[4].researcher == REBASE and by[4].rationale.startswith("rebase of #2")
-    assert by[4].parent_commit == by[1].commit
-    assert by[4].status is Status.KEEP and by[4].metric == pytest.approx(0.5), (by[4].reason, by[4].diff)
-    assert session.incumbent_commit == by[4].commit
+    assert by[1].status is Status.KEEP and by[1].metric == pytest.approx(5.5)
+    assert by[2].parent_commit == by[0].commit  # measured on the baseline ...
+    assert by[2].status is Status.KEEP and by[2].metric == pytest.approx(4.5), by[2].reason  # ... kept anyway
+    assert by[2].evidence["stale"] and by[2].evidence["incumbent"] == pytest.approx(5.5)
+    # exactly the measured tree, as a commit on top of the incumbent it beat: the branch fast-forwards
+    assert _tree(lab, by[2].commit) == _tree(lab, by[2].evidence["measured_commit"])
+    assert git(lab, "rev-parse", f"{by[2].commit}^").strip() == by[1].commit
+    # the combination (X=1 from #2 on top of Y=1 from #1) ran as its own candidate and won
+    combo = [e for e in exps if e.researcher == REBASE]
+    assert len(combo) == 1 and combo[0].rationale.startswith("combination with #2")
+    assert combo[0].status is Status.KEEP and combo[0].metric == pytest.approx(1.5)
+    assert session.incumbent_commit == combo[0].commit
     text = git(lab, "show", "nightlab/p:target.py")
-    assert "X = 1.0" in text and "Y = 2.0" in text
+    assert "X = 1.0" in text and "Y = 1.0" in text
+    assert git(lab, "merge-base", "--is-ancestor", by[1].commit, "nightlab/p") == ""
 
 
-def test_a_stale_winner_that_conflicts_is_discarded(make_lab):
-    lab = make_lab(spec=SPEC.replace("pipeline = false", "slots = 2\npipeline = false"))
-    plan = Plan({1: slow_target(1.0, 0.0, 0.1), 2: slow_target(1.2, 0.0, 2.0)},  # both change X's line
+def test_a_conflicting_stale_winner_is_still_kept_and_no_row_is_made_for_the_conflict(make_lab):
+    lab = make_lab(spec=_two_slots())
+    plan = Plan({1: slow_target(1.2, 0.0, 0.1), 2: slow_target(1.0, 0.0, 2.0)},  # both change X's line
                 default=slow_target(9.0, 0.0, 3.5))
     session, exps = run(lab, plan, max_experiments=4)
     by = {e.idx: e for e in exps}
-    assert by[1].status is Status.KEEP and by[2].reason.startswith("stale:")
-    assert by[4].researcher == REBASE
-    assert by[4].status is Status.DISCARD and "conflicts with the new incumbent" in by[4].reason
+    assert by[1].status is Status.KEEP and by[1].metric == pytest.approx(4.54)
+    # #2 conflicts with #1 as a patch, but what was measured (4.5) beats the incumbent (4.54): kept
+    assert by[2].status is Status.KEEP and by[2].metric == pytest.approx(4.5), by[2].reason
+    assert "nothing queued" in by[2].reason
+    assert _tree(lab, "nightlab/p") != _tree(lab, by[1].commit)
+    assert "X = 1.0" in git(lab, "show", f"{by[2].commit}:target.py")
+    # every row ran: nothing was recorded for the conflicting rebase
+    assert all(e.status.was_run() for e in exps), [(e.idx, e.status, e.reason) for e in exps]
+    assert not [e for e in exps if e.researcher == REBASE]
+    assert session.incumbent_commit in (by[2].commit, by[3].commit, by[4].commit)
+
+
+def test_a_stale_loser_that_beat_its_parent_queues_its_combination(make_lab):
+    lab = make_lab(files={"target.py": spread(3.0, 0.0)}, spec=_two_slots())
+    plan = Plan({1: spread(1.0, 0.0),    # fast: 8.5 -> 4.5
+                 2: spread(3.0, 2.0)},   # slow, on the baseline: 4.5, not better than the incumbent 4.5
+                default=spread(9.0, 0.0))
+    session, exps = run(lab, plan, max_experiments=4)
+    by = {e.idx: e for e in exps}
+    assert by[2].status is Status.DISCARD and by[2].reason.startswith("stale") and by[2].evidence["stale"]
+    assert "queued" in by[2].reason
+    combo = [e for e in exps if e.researcher == REBASE]
+    assert len(combo) == 1 and combo[0].parent_commit == by[1].commit
+    assert combo[0].status is Status.KEEP and combo[0].metric == pytest.approx(0.5)
+    assert session.incumbent_commit == combo[0].commit
+
+
+def test_the_old_rebase_semantics_stay_reachable_for_the_benchmark(make_lab, monkeypatch):
+    monkeypatch.setattr(Engine, "keep_semantics", "rebase")
+    lab = make_lab(spec=_two_slots())
+    plan = Plan({1: slow_target(1.2, 0.0, 0.1), 2: slow_target(1.0, 0.0, 2.0)},
+                default=slow_target(9.0, 0.0, 3.5))
+    session, exps = run(lab, plan, max_experiments=4)
+    by = {e.idx: e for e in exps}
+    assert by[2].status is Status.DISCARD and by[2].reason.startswith("stale:")
+    assert by[4].researcher == REBASE and "conflicts with the new incumbent" in by[4].reason
     assert session.incumbent_commit == by[1].commit
+
+
+NOISY = """\
+import os, time
+X = 3.0
+# -
+# -
+# -
+Y = 0.0
+time.sleep({"X=1.0,Y=0.0": 2.5}.get(f"X={X},Y={Y}", 0.05))
+noise = (int(os.environ["NIGHTLAB_SEED"]) * 7919 % 13) / 1300
+print("---")
+print(f"score: {(X - 1) ** 2 + (Y - 2) ** 2 + 0.5 + noise:.6f}")
+"""
+
+
+def test_repeat_judges_a_stale_candidate_against_the_current_incumbent(make_lab):
+    # repeat: the screen compares the stale measurement with the *current* incumbent; if it passes, the
+    # re-runs are of the measured tree and are tested against the current incumbent's samples
+    spec = _two_slots('\n[accept]\npolicy = "repeat"\nscreen = "greedy"\nrepeats = 3\ncalibrate = 3\n')
+
+    def at(x, y):
+        return NOISY.replace("X = 3.0", f"X = {x}").replace("Y = 0.0", f"Y = {y}")
+
+    lab = make_lab(files={"target.py": at(3.0, 0.0)}, spec=spec)
+    plan = Plan({1: at(3.0, 1.0),    # fast: ~5.5, kept after 3 re-runs
+                 2: at(1.0, 0.0)},   # slow, on the baseline: ~4.5 beats ~5.5
+                default=at(9.0, 0.0))
+    session, exps = run(lab, plan, max_experiments=2)
+    by = {e.idx: e for e in exps}
+    assert by[1].status is Status.KEEP
+    assert by[2].status is Status.KEEP, by[2].reason
+    ev = by[2].evidence
+    assert ev["stale"] and len(ev["remeasured"]) == 3 and ev["incumbent"] == pytest.approx(by[1].metric, abs=0.02)
+    assert ev["incumbent_samples"] and all(abs(v - 5.5) < 0.02 for v in ev["incumbent_samples"])
+    assert session.incumbent_commit == by[2].commit
 
 
 def test_pipelining_proposes_while_the_slot_runs(make_lab):

@@ -67,6 +67,6 @@ def test_ray_with_an_evaluator_is_refused(make_lab):
     from nightlab.errors import UsageError
 
     lab = make_lab(spec=SPEC.replace("pipeline = false", 'kind = "ray"')
-                   + '\n[evaluate]\ncommand = "python evaluate.py"\n')
+                   + '\n[evaluate]\ncommand = "python evaluate.py"\noutputs = []\n')
     with pytest.raises(UsageError, match="ray executor"):
         Engine(lab, tag="x", researcher=ScriptedResearcher([]), sandbox_mode="none")

@@ -304,9 +304,12 @@ def test_network(mode: str, wt: Path) -> None:
 def test_readonly_root_and_no_remount(wt: Path, host_dir: Path) -> None:
     target = host_dir / "victim.txt"
     target.write_text("original")
-    assert _run(f"cat {target}", wt).exit_code == 0 and _log(wt) == "original"  # visible inside
-    assert _run(f"echo evil > {target}", wt).exit_code != 0
-    assert _run(f"touch {host_dir}/new", wt).exit_code != 0
+    assert _run(f"cat {target}", wt).exit_code != 0  # the minimal view: not exposed, not there
+    ro = {"readonly": (host_dir,)}
+    assert _run(f"cat {target}", wt, **ro).exit_code == 0 and _log(wt) == "original"  # exposed read-only
+    assert _run(f"echo evil > {target}", wt, **ro).exit_code != 0
+    assert _run(f"touch {host_dir}/new", wt, **ro).exit_code != 0
+    assert _run("touch /new-at-root", wt).exit_code != 0  # the sandbox's own root is read-only too
     remount = _run(f"mount -o remount,rw / ; mount -o remount,rw,bind {host_dir} ; "
                    f"echo evil > {target} && exit 0; exit 9", wt, readonly=(host_dir,))
     assert remount.exit_code == 9
@@ -343,9 +346,9 @@ def test_hidden_and_readonly_rebinds(host_dir: Path) -> None:
         return r.exit_code
 
     hide = {"hidden": (lab / ".nightlab", lab / "holdout.csv", wt / "holdout", lab / "absent"),
-            "readonly": (data, wt / ".git")}
-    # control: without hiding, everything is readable
-    assert go(f"cat {lab}/.nightlab/secret.txt {lab}/holdout.csv holdout/y.txt") == 0
+            "readonly": (lab, data, wt / ".git")}
+    # control: the lab exposed read-only without hiding, everything is readable
+    assert go(f"cat {lab}/.nightlab/secret.txt {lab}/holdout.csv holdout/y.txt", readonly=(lab,)) == 0
     assert go(f"cat {lab}/.nightlab/secret.txt", **hide) != 0
     assert go(f"ls -A {lab}/.nightlab | grep -v -x -e worktrees -e data && exit 1 || exit 0", **hide) == 0
     assert go(f"test -s {lab}/holdout.csv", **hide) != 0  # a hidden file reads as empty

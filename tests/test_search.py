@@ -266,7 +266,7 @@ def test_no_constants_is_a_usage_error_with_a_fix() -> None:
     with pytest.raises(UsageError) as info:
         r.propose(context({"train.py": "def f():\n    LR = 1\n", "README.md": "X = 1\n"}, 1))
     assert "train.py" in info.value.message
-    assert "UPPER_CASE" in info.value.fix and "kind" in info.value.fix
+    assert "[researcher.space]" in info.value.fix and "nightlab space" in info.value.fix and "kind" in info.value.fix
 
 
 def test_unknown_param_names_are_a_usage_error() -> None:

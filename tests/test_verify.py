@@ -37,7 +37,7 @@ print("---")
 print(f"score: {(p['x'] - 1) ** 2 + (p['y'] - 2) ** 2 + 0.5:.6f}")
 '''
 EVAL_SPEC = SPEC.replace('command = "python target.py"', 'command = "python target.py"').replace(
-    "[metric]", '[evaluate]\ncommand = "python evaluate.py"\n\n[metric]').replace(
+    "[metric]", '[evaluate]\ncommand = "python evaluate.py"\noutputs = ["params.json"]\n\n[metric]').replace(
     'secondary = ["seed"]', 'secondary = ["note"]')
 
 # metric = 1.0 + gaussian noise seeded by NIGHTLAB_SEED (+ a constant that has no real effect)
@@ -99,15 +99,17 @@ def test_edits_to_the_evaluator_are_rejected_before_and_during_the_run(make_lab)
         {"rationale": "edit the evaluator", "files": {"evaluate.py": "print('---')\nprint('score: 0')\n"}},
         {"rationale": "overwrite it at run time", "files": {"target.py": overwrite}},
         {"rationale": "shadow its imports", "files": {"target.py": shadow}},
-    ], max_experiments=3, mode="none")  # no sandbox at all: the hash checks alone must catch it
+    ], max_experiments=3, mode="none")  # no sandbox at all: the hash check and the clean tree must do it
     session = eng.run()
     exps = eng.ledger.experiments(session.id)[1:]
-    assert [e.status for e in exps] == [Status.REJECTED] * 3
+    assert [e.status for e in exps] == [Status.REJECTED, Status.REJECTED, Status.KEEP]
     assert exps[0].reason == "policy: protected (evaluate.py is a protected file)"
-    assert all(e.reason.startswith("protected:") for e in exps[1:])
-    assert "evaluate.py: protected file changed" in exps[1].reason
-    assert "json.py" in exps[2].reason and exps[1].metric is None and exps[2].metric is None
-    assert session.incumbent_metric == pytest.approx(8.5)
+    assert exps[1].reason.startswith("protected:") and "evaluate.py: protected file changed" in exps[1].reason
+    assert exps[1].metric is None
+    # the planted json.py never reaches the evaluator's clean tree: the true score (x=1, y=0), not the
+    # forged one (x=1, y=2 gives 0.5)
+    assert exps[2].metric == pytest.approx(4.5) and exps[2].trust == "evaluator"
+    assert session.incumbent_metric == pytest.approx(4.5)
     eng.close()
 
 
@@ -126,9 +128,9 @@ def test_the_evaluator_cannot_write_to_the_worktree(make_lab):
 # --------------------------------------------------------------------------- holdout
 
 
-HOLDOUT_SPEC = SPEC.replace('editable = ["target.py"]', 'editable = ["target.py", "secret/*.txt"]').replace(
+HOLDOUT_SPEC = SPEC.replace(
     "[run]", "[run]\nsetup = \"python setup.py\"").replace(
-    "[metric]", '[holdout]\ncommand = "python holdout.py"\nmetric = "holdout_score"\n'
+    "[metric]", '[evaluate]\noutputs = []\n\n[holdout]\ncommand = "python holdout.py"\nmetric = "holdout_score"\n'
     'files = ["secret/*.txt"]\n'
     'max_divergence = 0.1\nstop_on_divergence = true\n\n[metric]')
 SETUP_PY = '''\
@@ -175,7 +177,7 @@ def test_holdout_files_are_invisible_to_runs_and_the_researcher(make_lab):
     session = eng.run()
     exps = eng.ledger.experiments(session.id)
     assert hold.read_text() == "8.5"  # setup wrote it outside the runs' sight
-    # the read of the holdout data fails inside the sandbox; the hidden lab file reads empty
+    # the read of the holdout data fails inside the sandbox; the hidden lab file cannot be opened (EACCES)
     assert exps[1].status is Status.CRASH and exps[1].exit_code == 1
     tail = exps[1].log_tail
     assert f"cannot read {hold}: FileNotFoundError" in tail and tail.rstrip().endswith(f"{str(hold)!r}")

@@ -71,6 +71,8 @@ def main() -> None:
                 v *= MOMENTUM
                 v -= lr * g
                 p += v
+        vloss = float(np.mean((np.tanh(xv @ w1 + b1) @ w2 + b2 - yv) ** 2))
+        print(f"nightlab: step={epoch + 1} val_loss={vloss:.6f}", flush=True)  # progress (early stopping)
         if time.perf_counter() - t0 > budget_s:
             break
     train_seconds = time.perf_counter() - t0

@@ -8,6 +8,10 @@ the sum itself. Prints the summary block: ``val_bpb``, ``floor_bpb`` (when the s
 synthetic), ``eval_seconds``. Exits 1 with the reason when the checkpoint is missing or the
 model fails a check.
 
+Under nightlab it runs in a clean tree (the committed files and ``ckpt.pt`` only, see the lab's
+``[evaluate] outputs``) with ``PYTHONSAFEPATH=1``: ``prepare`` comes from ``$NIGHTLAB_TRUSTED_DIR``
+(on ``PYTHONPATH``) and ``train`` from the working directory, appended to ``sys.path`` last.
+
 What this does not cover: the model's forward pass is still train.py's code, and importing
 train.py runs its module-level code inside this process, where a hostile train.py could tamper
 with the scoring (patching torch, say). The checks here catch an honest mistake and the plain
@@ -28,6 +32,11 @@ from prepare import check_causal, evaluate_bpb, load_split, read_meta
 
 
 def load_model(path: Path, device: str) -> tuple[Any, dict[str, Any]]:
+    # nightlab runs this in a clean tree with PYTHONSAFEPATH=1: the working directory (the committed
+    # train.py and the run's ckpt.pt) is not on sys.path. Append it, after the standard library and
+    # site-packages, so train.py can be imported but no file of the lab can shadow a module.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     import train  # the editable file: only its build_model is used
 
     ckpt = torch.load(path, map_location=device, weights_only=True)

@@ -144,6 +144,7 @@ def main() -> None:
     )
 
     steps, tokens = 0, 0
+    ema, reported = None, 0  # smoothed training loss; progress lines every 5% of the budget
     model.train()
     t0 = time.perf_counter()
     elapsed = 0.0
@@ -166,6 +167,11 @@ def main() -> None:
         if not math.isfinite(loss.item()):
             raise SystemExit(f"loss is {loss.item()} at step {steps}")
         elapsed = time.perf_counter() - t0
+        ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
+        pct = min(100, int(100 * elapsed / budget_s))
+        if pct >= reported + 5:  # nightlab's progress line: pruned on by [prune] figure = "train_bpb"
+            reported = pct - pct % 5
+            print(f"nightlab: step={reported} train_bpb={ema / math.log(2):.4f}", flush=True)
     training_seconds = elapsed
 
     model.eval()

@@ -24,8 +24,10 @@ Contracts:
   and head hash before it, signed with ed25519 when signing is on; the latest checkpoint is
   also written beside the log (``audit.anchor.json``), and the ledger stores the record count
   and head after every record of the kinds it is told to anchor (:func:`store_head`; the engine
-  anchors every decision, approval and session event, so at most one experiment's records trail
-  it). :func:`verify` checks all three.
+  anchors every decision, approval and session event and the start of every proposal, experiment
+  and run). :func:`verify` checks all three and reports how many records follow the last anchor
+  (:attr:`VerifyResult.unanchored`): those alone can be cut without a trace. :meth:`AuditLog.check_anchor`
+  refuses to append to a log shorter than its ledger anchor (a resume after a cut tail).
 * **Secrets.** String values under secret-looking keys, values of secret-looking environment
   variables, token-shaped strings and the values of any ``env`` mapping are replaced by
   ``[redacted…]`` before a record is built.
@@ -58,7 +60,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from nightlab import escape
 from nightlab.errors import NightlabError
+from nightlab.redaction import env_secrets, redact
 
 VERSION = 1
 DOMAIN = b"nightlab-audit-v1\x00"
@@ -72,7 +76,6 @@ INSTALL_HINT = "pip install 'nightlab[audit]' (it adds the cryptography package)
 SECRET_KEY = re.compile(
     r"(^|[_\-.])(api_?key|token|secret|password|passwd|credentials?|private_?key|authorization|cookie)$", re.I
 )
-SECRET_ENV = re.compile(r"(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_KEY)", re.I)
 TOKEN_SHAPES = re.compile(
     r"(sk-[A-Za-z0-9_\-]{16,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}|AKIA[0-9A-Z]{16}"
     r"|xox[abpr]-[A-Za-z0-9\-]{10,}|(?i:bearer)\s+[A-Za-z0-9._\-]{16,})"
@@ -87,13 +90,16 @@ class AuditError(NightlabError):
 
 
 def _plain(value: Any) -> Any:
-    """JSON-able copy: non-finite floats as strings, tuples as lists, other objects as str."""
+    """JSON-able copy: non-finite floats as strings, tuples as lists, other objects as str; text
+    escaped as the ledger stores it (bytes that are not UTF-8 as ``\\xNN``; nightlab.escape)."""
     if isinstance(value, float):
         return value if math.isfinite(value) else repr(value)
-    if value is None or isinstance(value, bool | int | str):
+    if isinstance(value, str):
+        return escape.text(value)
+    if value is None or isinstance(value, bool | int):
         return value
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {escape.text(str(k)): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         items = [_plain(v) for v in value]
         return sorted(items, key=repr) if isinstance(value, set | frozenset) else items
@@ -128,20 +134,22 @@ def parse_time(text: str) -> float:
 
 
 class Scrubber:
-    """Replaces secrets in event data (see the module docstring). Built once per log."""
+    """Replaces secrets in event data (see the module docstring). Built once per log.
+
+    The environment's secret values are those of :func:`nightlab.redaction.env_secrets`, the rule
+    the ledger's log tails and the stored prompts use too: secret-looking names, and the variables
+    runs do not get (``DATABASE_URL``, ``NIGHTLAB_DB``, ...).
+    """
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
-        env = os.environ if environ is None else environ
-        pairs = [(v, k) for k, v in env.items() if SECRET_ENV.search(k) and len(v) >= 8]
-        self.values = sorted(pairs, key=lambda p: -len(p[0]))  # longest first
+        # the one rule of nightlab.redaction: secret-named values and values runs do not get
+        self.values = env_secrets(environ)  # (value, name), longest first
 
     def __call__(self, value: Any, key: str = "") -> Any:
         if isinstance(value, str):
             if key and SECRET_KEY.search(key) and value:
                 return "[redacted]"
-            for secret, name in self.values:
-                if secret in value:
-                    value = value.replace(secret, f"[redacted:{name}]")
+            value = redact(value, self.values, mark=lambda name: f"[redacted:{name}]")
             return TOKEN_SHAPES.sub("[redacted:token]", value)
         if isinstance(value, Mapping):
             if key.lower() in ("env", "environ", "environment"):
@@ -318,8 +326,9 @@ def _fsync_dir(path: Path) -> None:
 class AuditLog:
     """The writer. Implements :class:`~nightlab.events.EventSink`. See the module docstring.
 
-    ``anchor(log_id, count, head)`` is called after every record (the engine stores it in
-    the ledger); ``signer`` signs checkpoints. Not thread-safe within a process (the engine
+    ``anchor(log_id, count, head)`` is called after every record of ``anchor_kinds`` (the engine
+    stores it in the ledger); ``anchored(log_id)`` returns what was stored, checked on open
+    (:meth:`check_anchor`); ``signer`` signs checkpoints. Not thread-safe within a process (the engine
     emits from one thread); safe across processes.
     """
 
@@ -332,6 +341,7 @@ class AuditLog:
         anchor: Callable[[str, int, str], None] | None = None,
         anchor_kinds: frozenset[str] | None = None,
         environ: Mapping[str, str] | None = None,
+        anchored: Callable[[str], tuple[int, str] | None] | None = None,
     ) -> None:
         self.path = Path(path)
         self.checkpoint_every = checkpoint_every
@@ -352,9 +362,17 @@ class AuditLog:
         except OSError as e:
             raise AuditError(f"cannot open the audit log {self.path}: {e.strerror}",
                              "check the lab folder's permissions and free space") from None
-        recovered: dict[str, Any] | None = None
+        try:
+            self._open(anchored)
+        except AuditError:
+            self.close()
+            raise
+
+    def _open(self, anchored: Callable[[str], tuple[int, str] | None] | None) -> None:
         with self._locked():
             recovered = self._load()
+            if anchored is not None and self.log_id:  # before any append re-anchors the log
+                self.check_anchor(anchored(self.log_id))
             if self.count == 0:
                 self._append_locked("audit.init", None, {
                     "nonce": secrets.token_hex(16), "version": VERSION, "host": socket.gethostname(),
@@ -492,6 +510,22 @@ class AuditLog:
         _fsync_dir(self.path.parent)
         return rec
 
+    def check_anchor(self, held: tuple[int, str] | None) -> None:
+        """Refuse a log that lost records an anchor vouched for: ``held`` is ``(count, head)`` as the
+        ledger stored it (:func:`ledger_head`). Raises :class:`AuditError`; cheap (reads one line
+        at most when the log grew past the anchor, else compares the head)."""
+        if held is None:
+            return
+        n, head = held
+        if self.count < n:
+            raise AuditError(f"the audit log {self.path} holds {self.count} records but the ledger anchored "
+                             f"{n}: records {self.count + 1}..{n} were cut",
+                             "run `nightlab audit verify`; restore the log from a copy, or move it aside to "
+                             "start a new one (the cut stays visible in the ledger)")
+        if self.count == n and self.head != head:
+            raise AuditError(f"the audit log {self.path}: record {n} differs from the one the ledger anchored",
+                             "run `nightlab audit verify`; restore the log from a copy, or move it aside")
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
@@ -513,6 +547,12 @@ class VerifyResult:
     log_id: str = ""
     signed_checkpoints: int = 0  # checkpoint signatures that verified (0 without a public key)
     anchored: str = ""  # what the tail was checked against
+    last_anchor: int = 0  # the highest record count an anchor (ledger, anchor file) vouches for
+
+    @property
+    def unanchored(self) -> int:
+        """Records after the last anchor: a cut among them cannot be detected (docs/security.md)."""
+        return max(0, self.count - self.last_anchor)
 
 
 def read_anchor(log_path: Path | str) -> dict[str, Any] | None:
@@ -603,7 +643,8 @@ def verify(
     if torn:
         return bad(count + 1, "the last line is incomplete "
                               "(a torn write; the writer cuts it on its next open)")
-    anchored = []
+    anchored: list[str] = []
+    last = 0
     for source, n, head in (("the ledger", expected_count, expected_head),
                             ("the anchor file", (anchor or {}).get("count"), (anchor or {}).get("head"))):
         if source == "the anchor file" and anchor is not None:
@@ -628,7 +669,8 @@ def verify(
             return VerifyResult(False, count, n, f"record {n}: its hash differs from the one {source} "
                                                  "recorded (the log was rewritten)", prev, log_id, signed)
         anchored.append(f"{source} ({n})")
-    return VerifyResult(True, count, None, "", prev, log_id, signed, ", ".join(anchored))
+        last = max(last, n)
+    return VerifyResult(True, count, None, "", prev, log_id, signed, ", ".join(anchored), last)
 
 
 def verify_lab(
@@ -657,6 +699,14 @@ def verify_lab(
     if first is not None and first.get("seq") == 1:
         log_id = str(first.get("hash", ""))
     held = ledger_head(ledger, log_id) if log_id else None
+    if not log_id:  # empty, or its first record gone: the ledger may still know what it held
+        _ensure_table(ledger)
+        with ledger.transaction() as conn:
+            row = conn.execute(sa.select(audit_heads.c.count, audit_heads.c.log_id)
+                               .order_by(audit_heads.c.updated_at.desc())).first()
+        if row is not None and first is None:
+            return VerifyResult(False, 0, 1, f"truncated: the ledger records {int(row[0])} records of log "
+                                f"{str(row[1])[:16]}, the log is empty"), "; ".join(note)
     if held is None:
         note.append("the ledger holds no record count for this log")
     anchor = read_anchor(path)

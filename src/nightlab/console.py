@@ -22,6 +22,7 @@ from rich.text import Text
 
 from nightlab.engine import Reporter, improvement_pct
 from nightlab.spec import Spec
+from nightlab.text import clip, one_line
 from nightlab.types import Experiment, Session, Status
 
 STATUS_STYLE = {
@@ -32,6 +33,7 @@ STATUS_STYLE = {
     Status.INVALID: "magenta",
     Status.REJECTED: "bold magenta",
     Status.INTERRUPTED: "cyan",
+    Status.PRUNED: "dark_orange",
     Status.RUNNING: "blue",
 }
 
@@ -44,7 +46,8 @@ def _improvement(session: Session) -> str:
     pct = improvement_pct(session.baseline_metric, session.incumbent_metric, session.direction)
     if pct is None:
         return ""
-    return f"{pct:+.2f}% vs baseline {fmt_metric(session.baseline_metric)}"
+    shown = f"{pct:+.2f}" if abs(pct) < 1e6 else f"{pct:+.3g}"
+    return f"{shown}% vs baseline {fmt_metric(session.baseline_metric)}"
 
 
 class PlainReporter(Reporter):
@@ -52,7 +55,9 @@ class PlainReporter(Reporter):
         self.out = out or sys.stdout
 
     def _p(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
+        """One record; a message of several lines keeps them, each continuation indented under it."""
+        lines = text.rstrip("\n").splitlines() or [""]
+        print("\n".join([lines[0], *(f"    {ln}" for ln in lines[1:])]), file=self.out, flush=True)
 
     def session_started(self, session: Session, spec: Spec, resumed: bool) -> None:
         verb = "resuming" if resumed else "starting"
@@ -64,10 +69,10 @@ class PlainReporter(Reporter):
         self._p(f"nightlab: {text}")
 
     def experiment_started(self, idx: int, description: str, budget_s: float) -> None:
-        self._p(f"[{idx}] running: {description} (budget {budget_s:g}s)")
+        self._p(f"[{idx}] running: {clip(one_line(description), 200)} (budget {budget_s:g}s)")
 
     def experiment_finished(self, exp: Experiment, session: Session) -> None:
-        extra = f" {exp.reason}" if exp.reason and exp.status is not Status.KEEP else ""
+        extra = f" {clip(one_line(exp.reason), 300)}" if exp.reason and exp.status is not Status.KEEP else ""
         self._p(f"[{exp.idx}] {exp.status.value}: {session.metric_name}={fmt_metric(exp.metric)} "
                 f"run {exp.run_s:.1f}s |{extra} best {fmt_metric(session.incumbent_metric)} {_improvement(session)}")
 
@@ -106,14 +111,15 @@ class LiveReporter(Reporter):
             bar = ProgressBar(total=budget, completed=min(elapsed, budget), width=40)
             row = Table.grid(padding=(0, 1))
             row.add_row(Text(f"[{idx}]", style="bold blue"), bar, Text(f"{elapsed:5.1f}s / {budget:g}s"),
-                        Text(desc[:70], style="italic"))
+                        Text(clip(desc, 70), style="italic"))
             parts.append(row)
         table = Table(box=None, show_header=True, header_style="dim", pad_edge=False)
         for col in ("#", "status", "metric", "run s", "description"):
             table.add_column(col)
         for e in self.recent:
             table.add_row(str(e.idx), Text(e.status.value, style=STATUS_STYLE.get(e.status, "")),
-                          fmt_metric(e.metric), f"{e.run_s:.1f}", (e.description or e.reason)[:60])
+                          fmt_metric(e.metric), f"{e.run_s:.1f}",
+                          clip(one_line(e.description or e.reason), 60))
         parts.append(table)
         return Panel(Group(*parts), title="nightlab", border_style="blue")  # type: ignore[arg-type]
 

@@ -42,29 +42,31 @@ order, each only as far as needed, and each is named in :attr:`Prompt.trimmed`:
 The system message and the spec summary are never trimmed. A prompt still over budget after
 step 5 is sent anyway, with ``"over budget"`` in :attr:`Prompt.trimmed`.
 
-**Secrets.** :func:`redact` replaces every secret value (the API key, and the value of every
-environment variable whose name looks secret, see ``SECRET_ENV``) with ``[REDACTED]``; the
-prompt is redacted before it is sent or stored.
+**Secrets.** :func:`redact` replaces every secret value with ``[REDACTED]``: the API key, the
+value of every environment variable whose name looks secret, and of every variable a run does
+not get (the one rule of :mod:`nightlab.redaction`); the prompt is redacted before it is sent
+or stored.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from nightlab.redaction import REDACTED as REDACTED  # re-exported
+from nightlab.redaction import env_secrets
+from nightlab.redaction import redact as redact  # re-exported
+from nightlab.runenv import SECRET_NAME
 from nightlab.types import Direction, Experiment, Status
 
 if TYPE_CHECKING:
     from nightlab.researchers import Context
 
 CHARS_PER_TOKEN = 4
-SECRET_ENV = re.compile(r"(API_?KEY|(^|_)KEY($|_)|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_KEY)", re.I)
-REDACTED = "[REDACTED]"
+SECRET_ENV = SECRET_NAME  # the old name, kept for importers
 
 EDIT_FORMAT = """\
 Answer in two parts:
@@ -120,17 +122,9 @@ def estimate_tokens(text: str) -> int:
 
 
 def secret_values(env: Mapping[str, str] | None = None, extra: Iterable[str] = ()) -> list[str]:
-    """Values to redact: ``extra`` plus env values whose names look secret (8+ chars each)."""
-    env = os.environ if env is None else env
-    vals = [v for k, v in env.items() if SECRET_ENV.search(k)] + list(extra)
-    return sorted({v for v in vals if v and len(v) >= 8}, key=len, reverse=True)
-
-
-def redact(text: str, secrets: Iterable[str]) -> str:
-    for s in secrets:
-        if s:
-            text = text.replace(s, REDACTED)
-    return text
+    """Values to redact, longest first: ``extra`` plus the secrets of ``env`` (default ``os.environ``)
+    by :func:`nightlab.redaction.env_secrets`."""
+    return [v for v, _ in env_secrets(env, extra=extra)]
 
 
 @dataclass(frozen=True)

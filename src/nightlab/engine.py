@@ -12,27 +12,30 @@ is fast-forwarded to the ledger's incumbent if the kill fell between the two wri
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import math
 import os
 import platform
 import re
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from nightlab import approvals, sandbox
+from nightlab import approvals, constraints, escape, keep, notify, prune, redaction, runenv, sandbox
 from nightlab import researchers as researchers_mod
-from nightlab.audit import AuditLog, Signer, store_head
+from nightlab import resume as lab_state
+from nightlab.audit import AuditLog, Signer, ledger_head, store_head
 from nightlab.context import SECRET_ENV
 from nightlab.errors import NightlabError, SandboxError, UsageError
 from nightlab.events import EventSink, FanOut, Locked, NullSink
@@ -42,6 +45,7 @@ from nightlab.permissions import rule_of
 from nightlab.policy import make_policy
 from nightlab.researchers import Context, Researcher
 from nightlab.spec import PROGRAM_FILE, Spec, load_spec, matches
+from nightlab.text import first_line
 from nightlab.types import Candidate, Experiment, Measurement, RunResult, Session, Status
 from nightlab.verifier import Verifier
 from nightlab.workspace import ApplyError, Workspace
@@ -93,12 +97,22 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-# Audit records after which the ledger stores the log's count and head (each costs a ledger write).
+# Audit records after which the ledger stores the log's count and head (each costs a ledger write):
+# the decisions and session events, and the start of every wait that can last (a proposal, an
+# experiment, a run, setup), so a harness killed mid-wait leaves no unanchored tail; one killed in
+# between leaves the few records of a window of milliseconds (docs/security.md).
 ANCHOR_KINDS = frozenset({"decision", "session.start", "session.resume", "session.stop", "approval.request",
-                          "approval.answer", "recover", "policy.violation", "checkpoint"})
+                          "approval.answer", "recover", "policy.violation", "checkpoint",
+                          "researcher.request", "candidate", "git.commit", "sandbox.start", "sandbox.exit",
+                          "setup.run"})
 
 
-REBASE = "rebase"  # the researcher name of a requeued stale winner
+REBASE = "rebase"  # the researcher name of a requeued combination of a stale candidate's change
+
+
+def _raw(text: str) -> bytes:
+    """The bytes git gave (its output is decoded with surrogateescape: names and lines not UTF-8)."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 def _sha(text: str) -> str:
@@ -121,12 +135,13 @@ def default_tag() -> str:
 
 
 def _first_line(text: str, limit: int = 200) -> str:
-    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
-    return line[:limit]
+    return first_line(text, limit)  # clipped with an ellipsis, never mid-number without one
 
 
 class Engine:
     """One session of research on one lab. Not thread-safe: one engine per process."""
+
+    keep_semantics = "measured"  # "rebase": the old semantics, reachable only for bench/efficiency.py
 
     def __init__(
         self,
@@ -143,6 +158,11 @@ class Engine:
         events: EventSink | None = None,
         executor: dict[str, Any] | None = None,
         autonomy: str | None = None,
+        program: str | None = None,
+        base_commit: str | None = None,
+        allow_dirty: bool = False,
+        rebaseline: bool = False,
+        check_lab: bool = True,
     ) -> None:
         self.lab_dir = Path(lab_dir).resolve()
         self.spec = spec or load_spec(self.lab_dir)
@@ -159,6 +179,9 @@ class Engine:
         if self.spec.executor.kind == "ray" and (self.spec.evaluate.command or self.spec.holdout.command):
             raise UsageError("the ray executor does not run [evaluate] or [holdout] commands yet",
                              "use [executor] kind = \"local\" (with slots) for labs with a protected evaluator")
+        from nightlab.space import validate as validate_space
+
+        validate_space(self.spec, self.lab_dir)  # every # nightlab: comment and [researcher.space], up front
         self.ws = Workspace(self.lab_dir)
         self.ws.ensure_state_dir()
         self.ledger = Ledger.for_lab(self.lab_dir, db_url)
@@ -167,7 +190,8 @@ class Engine:
         if self.autonomy not in ("auto", "approve-keep", "review"):
             raise UsageError(f"unknown autonomy level {self.autonomy!r}", "use auto, approve-keep or review")
         self.audit = self._open_audit()
-        sinks = [s for s in (self.audit, events) if s is not None]
+        self.notifier = notify.for_spec(self.spec, self.lab_dir)
+        sinks = [s for s in (self.audit, events, self.notifier) if s is not None]
         self.events: EventSink = Locked(sinks[0] if len(sinks) == 1 else FanOut(*sinks)) if sinks else NullSink()
         self.guard = Guard(self.spec, self.ws)
         self.policy = make_policy(self.spec.accept)
@@ -178,10 +202,15 @@ class Engine:
         self.artifacts_dir = self.ws.state_dir / "artifacts"
         self.stop_file = self.ws.state_dir / "STOP"
         self._researcher_override = researcher
+        self._program = program  # a program.md text instead of the lab's file (an arm of `nightlab compare`)
+        self._base_commit = base_commit  # a new session starts here instead of HEAD
         self.researcher: Researcher | None = None
         self._tls = threading.local()  # which slot the current thread runs (GPU pinning)
         self._keep_lock = threading.Lock()  # one keep decision at a time, against the current incumbent
-        self._requeue: list[Candidate] = []  # stale winners, rebased onto the new incumbent
+        self._requeue: list[Candidate | keep.Requeued] = []  # combinations of stale changes (keep.py)
+        self._crashes_checked = 0  # crashes of the current streak already cleared by a health check
+        self.pruner = prune.Pruner(self.spec.prune, self.spec.prune.figure or self.spec.metric.name,
+                                   self.spec.metric.direction)
         self._closing = False  # the loop is closing: proposals in progress should give up
         self.ray: Any = None
         if self.spec.executor.kind == "ray":
@@ -190,6 +219,11 @@ class Engine:
             ex = self.spec.executor
             self.ray = RayExecutor(address=ex.address or None, num_cpus=ex.num_cpus, num_gpus=ex.num_gpus,
                                    resources=dict(ex.resources), max_retries=ex.max_retries)
+        self.allow_dirty = allow_dirty
+        self.rebaseline = rebaseline
+        self.check_lab = check_lab  # False: resume a session as stored, without comparing it with the lab
+        self.epoch = 0  # the idx of the session's latest (re-)baseline: history before it is not replayed,
+        # the stop rules count from it
         self.session = self._open_session(tag, resume)
         self.resumed = resume
         self.protected_hashes = self.guard.hash_protected(self.session.base_commit)
@@ -201,20 +235,27 @@ class Engine:
             return None
         signer = Signer.load_or_create(self.ws.state_dir / "keys") if self.spec.audit.sign else None
         ledger = self.ledger
+        # anchored: no session continues a log that lost records the ledger counted
         return AuditLog(self.ws.state_dir / "audit.jsonl", checkpoint_every=self.spec.audit.checkpoint_every,
                         signer=signer, anchor=lambda log_id, n, head: store_head(ledger, log_id, n, head),
-                        anchor_kinds=ANCHOR_KINDS)
+                        anchor_kinds=ANCHOR_KINDS, anchored=lambda log_id: ledger_head(ledger, log_id))
 
     # ------------------------------------------------------------------ session
 
     def _open_session(self, tag: str | None, resume: bool) -> Session:
+        """A new session at the lab's HEAD, or the session to resume, reconciled with the lab as it is now
+        (README, "Resume after a fix")."""
+        if self.rebaseline and not resume:
+            raise UsageError("--rebaseline only applies to --resume",
+                             "a new session always starts with a baseline: drop --rebaseline")
         if resume:
             session = self.ledger.get_session(tag) if tag else self.ledger.latest_session()
             if session is None:
                 what = f"session '{tag}'" if tag else "any session"
-                raise UsageError(f"cannot resume: no {what} in {self.ledger.url}",
+                raise UsageError(f"cannot resume: no {what} in {self.ledger.shown}",
                                  "start one with `nightlab run` (without --resume)")
-            return session
+            self.epoch = self._epoch(self.ledger.session_json(session.id)[1])
+            return session  # reconciled with the lab by run() (see _reconcile)
         tag = tag or default_tag()
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", tag):
             raise UsageError(f"tag {tag!r} is not usable as a branch name",
@@ -226,29 +267,152 @@ class Engine:
         if self.ws.resolve(f"refs/heads/{branch}"):
             raise UsageError(f"the branch {branch} already exists but the ledger has no session '{tag}'",
                              f"pick a new --tag, or delete the branch: git branch -D {branch}")
-        base = self.ws.head()
+        base = self._base_commit or self._lab_commit(tag)  # a given base (compare's arms) is a commit already
         session = self.ledger.create_session(
             tag=tag, branch=branch, base_commit=base, metric_name=self.spec.metric.name,
             direction=self.spec.metric.direction, sandbox=self.sandbox_mode, spec_hash=self.spec.digest(),
             spec_json=self.spec.model_dump_json(), lab_path=str(self.lab_dir), machine=machine_info(),
-            researcher=self._researcher_override.name if self._researcher_override else self.spec.researcher.kind,
+            researcher=self._researcher_name(),
         )
         self.ws.create_branch(branch, base)
         return self.ledger.update_session(session.id, incumbent_commit=base)
 
+    def _lock_session(self) -> int:
+        """Hold an exclusive ``flock`` on ``.nightlab/session-<tag>.lock`` while the session runs, so a
+        second harness on it (a ``--resume`` while it still runs) is refused before :meth:`recover`
+        kills its runs. The kernel drops the lock when the holder dies, SIGKILL included; the fd is
+        close-on-exec, so runs and git children never inherit it."""
+        path = self.ws.state_dir / f"session-{self.session.tag}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise UsageError(f"session '{self.session.tag}' is running in another nightlab process"
+                             + (f" (pid {holder})" if holder else ""),
+                             f"let it finish, or stop it first (Ctrl-C there, or touch {self.stop_file})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+    @staticmethod
+    def _epoch(extra: dict[str, Any]) -> int:
+        """The idx of the session's latest successful baseline, else of its latest re-baseline, else 0."""
+        rebases = [r for r in extra.get("rebaselines") or [] if isinstance(r, dict)]
+        moved_at = int(rebases[-1].get("at_idx") or 0) if rebases else 0
+        return int(extra.get("baseline_idx") or moved_at)
+
+    def _researcher_name(self) -> str:
+        return self._researcher_override.name if self._researcher_override else self.spec.researcher.kind
+
+    def _lab_commit(self, tag: str) -> str:
+        """The commit a session starts from: HEAD, or with ``allow_dirty`` a snapshot of the working tree.
+
+        Uncommitted changes to editable, protected or spec files are refused otherwise: runs use
+        commits, so they would be ignored while an uncommitted nightlab.toml is read — half-used."""
+        dirty = lab_state.dirty_files(self.ws, self.guard)
+        if not dirty:
+            return self.ws.head()
+        shown = ", ".join(dirty[:10]) + (f" (+{len(dirty) - 10} more)" if len(dirty) > 10 else "")
+        if not self.allow_dirty:
+            raise UsageError(
+                f"uncommitted changes in {shown}: runs use commits, so they would not be used as you see them",
+                "commit them (git add -A && git commit -m '...'), or `nightlab run --allow-dirty` to snapshot the "
+                "working tree into the session's first commit (your index and HEAD stay as they are)")
+        commit = self.ws.snapshot(f"nightlab {tag}: snapshot of the working tree (--allow-dirty)\n\n"
+                                  f"uncommitted: {', '.join(dirty)}")
+        self.reporter.message(f"--allow-dirty: the working tree ({shown}) is snapshot {commit[:10]}")
+        return commit
+
+    def _reconcile(self, session: Session, commit: str) -> Session:
+        """Resume ``session`` at the lab's ``commit`` and current spec: continue, re-baseline or refuse.
+
+        - the baseline never succeeded and something material changed: the session moves to
+          ``commit`` and the current spec (metric name and direction follow); its baseline runs there;
+        - ``--rebaseline``: the same, after keeps (earlier experiments stay in the ledger; the
+          branch moves to ``commit``, old keeps stay under refs/nightlab/<tag>/<n>);
+        - only harmless changes (stop rules, researcher, autonomy, ...): continue, with the new spec;
+        - material changes (metric, commands, files, sandbox, the code at HEAD): refuse, exit 2.
+        """
+        spec_json, extra = self.ledger.session_json(session.id)
+        changes = lab_state.compare(self.ws, spec_json=spec_json,
+                                    spec_now=self.spec.model_dump(mode="json"), base=session.base_commit,
+                                    incumbent=session.incumbent_commit, commit=commit)
+        baseline_ok = session.baseline_metric is not None
+        if self.rebaseline or (not baseline_ok and changes.material):
+            why = "--rebaseline" if self.rebaseline else "the baseline never succeeded"
+            return self._rebase(session, commit, changes, why, extra)
+        if changes.material:
+            raise UsageError(
+                f"session '{session.tag}' changed since it started: " + "; ".join(changes.material)
+                + ". Its kept experiments were measured under the old setting, so it cannot simply continue",
+                f"start a new session from here: `nightlab run --tag {session.tag}-2`; or re-measure the baseline "
+                f"at {commit[:10]} and continue this one: `nightlab run --resume --tag {session.tag} --rebaseline`; "
+                f"or undo the change (git diff {session.base_commit[:10]} {commit[:10]})")
+        if changes.spec or changes.head_moved:
+            self.reporter.message(f"resuming '{session.tag}' with harmless changes: {changes.summary}")
+            session = self.ledger.update_session(session.id, spec_hash=self.spec.digest(),
+                                                 spec_json=self.spec.model_dump_json(),
+                                                 researcher=self._researcher_name())
+        return session
+
+    def _rebase(self, session: Session, commit: str, changes: lab_state.Changes, why: str,
+                extra: dict[str, Any]) -> Session:
+        """Move the session to ``commit`` and the current spec; its baseline runs again there."""
+        idx = self.ledger.next_idx(session.id)
+        record: dict[str, Any] = {"at_idx": idx, "from": session.base_commit, "to": commit, "why": why,
+                                  "time": time.time(), "changes": changes.material + changes.harmless,
+                                  "metric_from": session.metric_name, "metric_to": self.spec.metric.name}
+        rebases = [*(extra.get("rebaselines") or []), record]
+        self.reporter.message(f"{why}: session '{session.tag}' re-baselines at {commit[:10]} from #{idx} "
+                              f"(was {session.base_commit[:10]}; changed: {changes.summary})")
+        head = self.ws.resolve(f"refs/heads/{session.branch}")
+        updated = self.ledger.update_session(
+            session.id, base_commit=commit, incumbent_commit=commit, incumbent_metric=None, baseline_metric=None,
+            metric_name=self.spec.metric.name, direction=self.spec.metric.direction, sandbox=self.sandbox_mode,
+            spec_hash=self.spec.digest(), spec_json=self.spec.model_dump_json(), researcher=self._researcher_name(),
+            noise={"rebaselines": rebases},  # the noise floor and holdout figures were the old baseline's
+        )
+        if head is None:
+            self.ws.create_branch(session.branch, commit)
+        elif head != commit:
+            self.ws.advance_branch(session.branch, commit, head)
+        self.epoch = idx
+        self.events.emit("session.rebaseline", tag=session.tag, **record)
+        return updated
+
     def recover(self) -> list[Experiment]:
-        """Clean up after a harness that died: orphans, stale worktrees, a lagging branch."""
+        """Clean up after a harness that died: orphans, stale worktrees, a lagging branch.
+
+        Processes first: every process on this machine tagged with one of the session's run ids
+        (``NIGHTLAB_RUN_ID``, recorded in the ledger before each spawn) is killed with its
+        descendants, whatever became of its parent (``setsid``, double forks, a ``bwrap`` whose
+        harness died before ``--die-with-parent`` took hold), then each orphaned experiment's
+        recorded pid (if it still is the process that started then). Only then are worktrees removed.
+        """
         recovered = []
+        run_ids = {r["run_id"] for r in self.ledger.runs(self.session.id)}
+        tagged = sandbox.kill_tagged(run_ids) if run_ids else {}
         for exp in self.ledger.orphaned(self.session.id):
             killed = False
             if exp.pid:
                 killed = sandbox.kill_orphan(exp.pid, exp.pid_start)
+            killed = killed or (exp.pid in tagged)
             self.events.emit("recover", experiment=exp.idx, pid=exp.pid, killed=killed)
             recovered.append(self.ledger.finish_experiment(
                 exp.id, status=Status.INTERRUPTED,
                 reason="orphaned: the harness stopped without finishing it" + (" (run killed)" if killed else ""),
                 finished_at=time.time(),
             ))
+        survivors = sandbox.find_tagged(run_ids) if run_ids else {}
+        if tagged or survivors:
+            self.events.emit("recover", processes_killed=sorted(tagged), survivors=sorted(survivors))
+            self.reporter.message(f"killed {len(tagged)} process(es) left by runs of the stopped harness")
+        if survivors:
+            pids = " ".join(str(p) for p in sorted(survivors))
+            raise NightlabError(f"processes of this session's earlier runs could not be killed: {pids}",
+                                f"kill them (kill -9 {pids}; as their owner or root), then --resume again")
         stale = approvals.cancel_stale(self.ledger, self.session.id, "the session stopped while it waited")
         if stale:
             self.events.emit("recover", approvals_cancelled=stale)
@@ -275,8 +439,18 @@ class Engine:
 
     # ------------------------------------------------------------------ environment
 
+    def new_run(self, kind: str, idx: int | None = None) -> str:
+        """A fresh run id for ``sandbox.run(run_id=...)``, committed to the ledger *before* the spawn,
+        so that :meth:`recover` finds the run's processes by their ``NIGHTLAB_RUN_ID`` tag."""
+        exp = None if idx is None or idx < 0 else idx
+        run_id = f"{self.session.tag[:64]}.{'' if exp is None else exp}.{kind[:32]}.{secrets.token_hex(8)}"
+        self.ledger.record_run(self.session.id, run_id, kind[:32], exp)
+        return run_id
+
     def run_env(self, seed: int, idx: int) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not SECRET_ENV.search(k)}
+        """The environment of a run, evaluator, holdout check or setup: an allowlist (nightlab.runenv)
+        of nightlab's own, ``[run] pass_env``, ``[run] env``, then the ``NIGHTLAB_*`` run variables."""
+        env = runenv.filter_env(os.environ, self.spec.run.pass_env)
         if not env.get("VIRTUAL_ENV"):
             # make `python` in a run command mean the interpreter nightlab runs under
             env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
@@ -298,16 +472,46 @@ class Engine:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in mine)
         return env
 
+    @property
+    def redactions(self) -> list[tuple[str, str]]:
+        """What is redacted from every log tail and reason the ledger stores (nightlab.redaction):
+        secret-named values, values of the variables runs do not get, secret-named ``[run] env``.
+        Computed once, from the environment nightlab started with."""
+        if "_redactions" not in self.__dict__:
+            passed = runenv.filter_env(os.environ, self.spec.run.pass_env)
+            extra = [v for k, v in self.spec.run.env.items() if SECRET_ENV.search(k)]
+            self.__dict__["_redactions"] = redaction.env_secrets(os.environ, passed=passed, extra=extra)
+        return list(self.__dict__["_redactions"])
+
+    def _redacted(self, **fields: Any) -> dict[str, Any]:
+        """Ledger fields with :attr:`redactions` applied: ``reason``, ``log_tail``, ``evidence``."""
+        return {k: redaction.redact_data(v, self.redactions) if k in ("reason", "log_tail", "evidence") else v
+                for k, v in fields.items()}
+
+    def readonly_data(self) -> list[Path]:
+        """``[sandbox] readonly``: host paths runs may read (``~`` expands; relative: from the lab)."""
+        out = []
+        for raw in self.spec.sandbox.readonly:
+            p = Path(os.path.expanduser(raw))
+            p = p if p.is_absolute() else self.lab_dir / p
+            if not p.exists():
+                raise UsageError(f"[sandbox] readonly: {raw} ({p}) does not exist",
+                                 "create it (run the lab's data preparation first), or remove it from "
+                                 "[sandbox] readonly in nightlab.toml")
+            out.append(p)
+        return out
+
     def sandbox_policy(self, worktree: Path) -> sandbox.SandboxPolicy:
         hidden = [self.ws.state_dir, self.ws.repo_root / ".git", self.ws.git_dir]
-        hidden += [self.lab_dir / h for h in self.spec.sandbox.hide]
-        hidden += self.verifier.hidden_paths(self.ws.lab_in(worktree))
+        hidden += self.verifier.hidden_paths(self.ws.lab_in(worktree))  # holdout files and [sandbox] hide
         readonly = [worktree / ".git"]
         if self.data_dir.exists():
             readonly.append(self.data_dir)
+        readonly += self.readonly_data()  # [sandbox] readonly
         return sandbox.SandboxPolicy(
             mode=self.sandbox_mode, network=self.spec.permissions.run_network, writable=(worktree,),
             readonly=tuple(readonly), hidden=tuple(dict.fromkeys(hidden)), memory_mb=self.spec.run.memory_mb,
+            max_log_bytes=self.spec.run.max_log_bytes,
         )
 
     def run_setup(self) -> None:
@@ -322,7 +526,7 @@ class Engine:
         policy = sandbox.SandboxPolicy(mode="none")
         res = sandbox.run(self.spec.run.setup, cwd=self.lab_dir, env=env, policy=policy,
                           timeout_s=max(3600.0, self.spec.run.hard_timeout_s), log_path=log,
-                          cancel=self.stop.cancel)
+                          cancel=self.stop.cancel, run_id=self.new_run("setup"))
         if not res.ok:
             why = "timed out" if res.timed_out else f"exited with {res.exit_code}"
             raise NightlabError(f"the setup command {self.spec.run.setup!r} {why}; its log: {log}\n"
@@ -335,17 +539,20 @@ class Engine:
         files: dict[str, str] = {}
         all_files = self.ws.ls_files(parent)
         for p in all_files:
-            if matches(p, self.spec.files.editable) and not matches(p, self.guard.protected):
+            if (matches(p, self.spec.files.editable) and not matches(p, self.guard.protected)
+                    and not matches(p, self.spec.sandbox.hide)):
                 try:
                     files[p] = self.ws.read_file(parent, p).decode("utf-8")
                 except UnicodeDecodeError:
                     continue
         program_path = self.lab_dir / PROGRAM_FILE
-        program = program_path.read_text(encoding="utf-8") if program_path.exists() else ""
+        program = self._program if self._program is not None else (
+            program_path.read_text(encoding="utf-8") if program_path.exists() else "")
         return Context(
             spec=self.spec, lab_dir=self.lab_dir, program=program, parent=parent, files=files,
             history=tuple(history), metric_name=self.spec.metric.name, direction=self.spec.metric.direction,
             incumbent_metric=self.session.incumbent_metric, baseline_metric=self.session.baseline_metric, idx=idx,
+            extra={"session": self.session.tag},
         )
 
     def _finish(self, exp_id: int, status: Status, t0: float, run: RunResult | None = None,
@@ -353,11 +560,21 @@ class Engine:
         now = time.time()
         run_s = run.wall_s if run else 0.0
         log_tail = sandbox.tail(Path(run.log_path), 50) if run else ""
+        if m is not None and m.warnings:  # duplicate keys, absurd values: kept with the measurement
+            kw["evidence"] = {**(kw.get("evidence") or {}), "warnings": list(m.warnings)}
+        watch: prune.Watch | None = getattr(self._tls, "watch", None)
+        if watch is not None:  # the run's progress curve (and, pruned, what it saved) goes with its evidence
+            self._tls.watch = None
+            extra = watch.finish(status, m.metric if m else None, run_s)
+            if status is Status.PRUNED:
+                extra["saved_s"] = round(self.pruner.saved_s(run_s, self.spec.run.budget_s), 3)
+            if extra:
+                kw["evidence"] = {**(kw.get("evidence") or {}), **extra}
         exp = self.ledger.finish_experiment(
             exp_id, status=status, metric=m.metric if m else None, secondary=m.secondary if m else {},
-            trust=m.trust if m else "inline", reason=reason, log_tail=log_tail, run_s=run_s,
+            trust=m.trust if m else "inline", **self._redacted(reason=reason, log_tail=log_tail), run_s=run_s,
             overhead_s=max(0.0, (time.monotonic() - t0) - run_s),
-            exit_code=run.exit_code if run else None, finished_at=now, **kw,
+            exit_code=run.exit_code if run else None, finished_at=now, **self._redacted(**kw),
         )
         self.events.emit("decision", experiment=exp.idx, status=status.value, metric=exp.metric,
                          reason=reason, evidence=exp.evidence, commit=exp.commit)
@@ -373,7 +590,7 @@ class Engine:
         folder.mkdir(parents=True, exist_ok=True)
         for name, text in artifacts.items():
             safe = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name).name).lstrip(".") or "artifact"
-            (folder / safe).write_text(text, encoding="utf-8")
+            (folder / safe).write_text(escape.text(text), encoding="utf-8")  # a transcript may hold any bytes
 
     def _run_remote(self, idx: int, exp_id: int, candidate: Candidate | None, commit: str, canonical: str,
                     wt: Path, lab_root: Path, t0: float, seed: int, log_path: Path) -> Experiment:
@@ -388,7 +605,9 @@ class Engine:
             kill_grace_s=self.spec.run.kill_grace_s,
             sandbox_mode=self.sandbox_mode, network=self.spec.sandbox.network, memory_mb=self.spec.run.memory_mb,
             metric=self.spec.metric.model_dump(mode="json"),
-            data_dir=str(self.data_dir) if self.data_dir.exists() else None, hide=tuple(self.spec.sandbox.hide),
+            data_dir=str(self.data_dir) if self.data_dir.exists() else None,
+            hide=(*self.spec.sandbox.hide, *self.spec.holdout.files),
+            max_log_bytes=self.spec.run.max_log_bytes,
         )
         self.events.emit("sandbox.start", experiment=idx, command=self.spec.run.command, executor="ray",
                          mode=self.sandbox_mode, network=self.spec.sandbox.network,
@@ -398,7 +617,7 @@ class Engine:
             self.events.emit("sandbox.exit", experiment=idx, lost=True, reason=out.reason, attempts=out.attempts)
             return self._finish(exp_id, Status.LOST, t0, reason=f"lost after {out.attempts} attempt(s): {out.reason}",
                                 evidence={"executor": "ray", "node": out.node, "attempts": out.attempts})
-        res, m = out.run, out.measurement
+        res, m = out.run, self.verifier.sane(out.measurement)
         self.events.emit("sandbox.exit", experiment=idx, exit_code=res.exit_code, timed_out=res.timed_out,
                          interrupted=res.interrupted, wall_s=round(res.wall_s, 3), node=out.node,
                          attempts=out.attempts, log_sha256=_file_sha(Path(res.log_path)))
@@ -452,11 +671,12 @@ class Engine:
         """Materialise, run, measure and decide one experiment. ``candidate=None`` is the baseline.
 
         Thread-safe with respect to other experiments: several slots call it at once. Keep
-        decisions are serialised and made against the incumbent of *their* time; a winner whose
-        parent is no longer the incumbent is discarded as ``stale`` and requeued, rebased onto
-        the new incumbent, to be re-measured before it can be kept.
+        decisions are serialised and made against the incumbent of *their* time; a candidate whose
+        parent is no longer the incumbent (stale) is judged against the current incumbent, and if
+        it wins its measured tree is kept on top of it (keep.py; README, "Concurrency semantics").
         """
         self._tls.slot = slot
+        self._tls.watch = None
         t0 = time.monotonic()
         parent = candidate.parent if candidate else self.session.incumbent_commit
         seed = self.spec.run.seed
@@ -514,7 +734,7 @@ class Engine:
                 self.ledger.update_experiment(exp_id, commit=commit, diff=stored)
                 self.ws.keep_ref(self.session.tag, idx, commit)
                 self.events.emit("git.commit", experiment=idx, commit=commit, parent=parent,
-                                 diff_sha256=_sha(canonical), diff_bytes=len(canonical.encode()))
+                                 diff_sha256=_sha(canonical), diff_bytes=len(_raw(canonical)))
                 self.events.emit("guard", experiment=idx, stage="size", ok=problem is None,
                                  reason=problem or "")
                 if problem:
@@ -536,7 +756,7 @@ class Engine:
             log_path = self.exp_dir(idx) / "run.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
             if candidate is not None:
-                (log_path.parent / "candidate.diff").write_text(canonical)
+                (log_path.parent / "candidate.diff").write_bytes(_raw(canonical))
             policy = self.sandbox_policy(wt)
             self.events.emit("sandbox.start", experiment=idx, command=self.spec.run.command, cwd=str(lab_root),
                              mode=policy.mode, network=policy.network, hidden=[str(h) for h in policy.hidden],
@@ -544,15 +764,25 @@ class Engine:
             if self.ray is not None:
                 return self._run_remote(idx, exp_id, candidate, commit, canonical, wt, lab_root, t0, seed,
                                         log_path)
-            res = sandbox.run(
-                self.spec.run.command, cwd=lab_root, env=self.run_env(seed, idx), policy=policy,
-                timeout_s=self.spec.run.hard_timeout_s, log_path=log_path, kill_grace_s=self.spec.run.kill_grace_s,
-                on_start=lambda pid: self._started_run(exp_id, pid),
-                cancel=self.stop.cancel,
-            )
+            watch = self.pruner.watch(log_path, self.stop.cancel, prunable=candidate is not None)
+            self._tls.watch = watch
+            try:
+                res = sandbox.run(
+                    self.spec.run.command, cwd=lab_root, env=self.run_env(seed, idx), policy=policy,
+                    timeout_s=self.spec.run.hard_timeout_s, log_path=log_path,
+                    kill_grace_s=self.spec.run.kill_grace_s, on_start=lambda pid: self._started_run(exp_id, pid),
+                    cancel=watch.cancel, run_id=self.new_run("run", idx),
+                )
+            finally:
+                watch.close()
             self.events.emit("sandbox.exit", experiment=idx, exit_code=res.exit_code, timed_out=res.timed_out,
                              interrupted=res.interrupted, wall_s=round(res.wall_s, 3),
                              log_sha256=_file_sha(Path(res.log_path)))
+            if res.interrupted and watch.pruned_at is not None and not self.stop.cancel.is_set():
+                last = watch.curve[-1][1] if watch.curve else math.nan
+                return self._finish(exp_id, Status.PRUNED, t0, res, reason=(
+                    f"pruned at step {watch.pruned_at}: {self.pruner.metric}={last:.6g} judged hopeless by the "
+                    f"{self.spec.prune.pruner} pruner against earlier runs at that step"))
             if res.interrupted:
                 return self._finish(exp_id, Status.INTERRUPTED, t0, res,
                                     reason=f"interrupted: {self.stop.cancel_reason or 'stop requested'}")
@@ -588,29 +818,29 @@ class Engine:
         """Keep or discard a measured candidate. Called under ``_keep_lock``."""
         self.session = self.ledger.get_session(self.session.tag) or self.session
         assert m.metric is not None
-        if candidate.parent != self.session.incumbent_commit:
-            # measured on an older incumbent: if it beat that one (its parent), it is rebased onto the
-            # new incumbent and re-measured there before it can be kept
-            parent_metric = self._kept_metric(candidate.parent)
-            if parent_metric is None or not self.spec.metric.direction.better(m.metric, parent_metric):
-                return self._finish(exp_id, Status.DISCARD, t0, res, m, evidence={"stale": True, **extras},
-                                    reason=f"not better than its parent {candidate.parent[:10]} "
-                                           f"({m.metric:.6g} vs {parent_metric})")
-            self._requeue.append(Candidate(
-                parent=self.session.incumbent_commit, rationale=f"rebase of #{idx}: {candidate.rationale}",
-                diff=canonical, params=dict(candidate.params), researcher=REBASE))
-            return self._finish(exp_id, Status.DISCARD, t0, res, m,
-                                evidence={"stale": True, "candidate": m.metric, "parent_metric": parent_metric,
-                                          **extras},
-                                reason=f"stale: beat the incumbent, but its parent {candidate.parent[:10]} is no "
-                                       "longer the incumbent; requeued, rebased onto the new incumbent, "
-                                       "to be re-measured")
+        ms = self.spec.metric
+        limits = constraints.parse_all(ms.constraints, [ms.name, *ms.secondary])
+        broken = constraints.broken(limits, {**m.secondary, ms.name: m.metric, constraints.RUN_S: res.wall_s})
+        if broken:
+            return self._finish(exp_id, Status.DISCARD, t0, res, m, reason=broken,
+                                evidence={"constraint": broken[len("constraint: "):], **extras})
+        stale = candidate.parent != self.session.incumbent_commit
+        if stale and self.keep_semantics == "rebase":
+            return self._decide_rebase(idx, exp_id, candidate, canonical, t0, res, m, extras)
         verdict = self.policy.decide(m, self.verifier.incumbent_stats(), self.spec.metric.direction,
                                      self.verifier.remeasurer(commit, idx, exp_id))
         evidence = {**verdict.evidence, **extras}
+        if stale:  # measured on an older incumbent, judged against the current one (keep.py)
+            evidence.update(stale=True, measured_on=candidate.parent, measured_commit=commit)
         if not verdict.keep:
             status = Status.INTERRUPTED if self.stop.cancel.is_set() else Status.DISCARD
-            return self._finish(exp_id, status, t0, res, m, reason=verdict.reason, evidence=evidence)
+            reason = f"stale (measured on {candidate.parent[:10]}): {verdict.reason}" if stale else verdict.reason
+            if stale and status is Status.DISCARD:
+                parent_metric = self._kept_metric(candidate.parent)
+                if parent_metric is not None and self.spec.metric.direction.better(m.metric, parent_metric):
+                    reason += self._queue_combination(idx, candidate, commit, self.session.incumbent_commit,
+                                                      self.session.incumbent_commit)
+            return self._finish(exp_id, status, t0, res, m, reason=reason, evidence=evidence)
         if self.autonomy == "approve-keep":
             inc = self.session.incumbent_metric
             answer, why = self._await_human(idx, "keep", canonical, (
@@ -625,13 +855,54 @@ class Engine:
         # 6. keep: ledger first, then the branch (recover() repairs a kill in between)
         old = self.session.incumbent_commit
         estimate = float(verdict.evidence.get("estimate", m.metric))
-        exp = self._finish(exp_id, Status.KEEP, t0, res, m, reason=verdict.reason,
+        reason = verdict.reason
+        if stale:  # keep exactly the measured tree, on top of the incumbent: the branch fast-forwards
+            commit = keep.commit_tree(self.ws, keep.tree_of(self.ws, commit), old,
+                                      f"nightlab {self.session.tag} #{idx}: {_first_line(candidate.rationale)}\n\n"
+                                      f"measured on {candidate.parent}; kept as measured on top of {old}")
+            self.ws.keep_ref(self.session.tag, idx, commit)
+            reason += f" (measured on {candidate.parent[:10]}; the measured tree is kept on the incumbent)"
+            reason += self._queue_combination(idx, candidate, evidence["measured_commit"], old, commit)
+        exp = self._finish(exp_id, Status.KEEP, t0, res, m, reason=reason, commit=commit,
                            evidence=evidence, incumbent=(commit, estimate))
         self.ws.advance_branch(self.session.branch, commit, old)
         self.events.emit("git.advance", experiment=idx, branch=self.session.branch, old=old, new=commit)
         self.session = self.ledger.get_session(self.session.tag) or self.session
         self.verifier.after_keep(exp, wt, lab_root)
         return exp
+
+    def _queue_combination(self, idx: int, candidate: Candidate, measured: str, onto: str, after: str) -> str:
+        """Queue the stale candidate's change applied on ``onto`` (keep.py); says what happened."""
+        tree = keep.combination(self.ws, candidate.parent, measured, onto, candidate.params)
+        if tree is None:
+            return "; its change does not combine with the incumbent (conflict, or nothing new): nothing queued"
+        tip = keep.commit_tree(self.ws, tree, after, f"nightlab {self.session.tag}: combination with #{idx}")
+        self._requeue.append(keep.Requeued(idx, f"combination with #{idx}: {candidate.rationale}", tip,
+                                           dict(candidate.params)))
+        self.events.emit("requeue", experiment=idx, tip=tip)
+        return "; its change combined with the incumbent is queued as a new candidate"
+
+    def _decide_rebase(self, idx: int, exp_id: int, candidate: Candidate, canonical: str, t0: float,
+                       res: RunResult, m: Measurement, extras: dict[str, Any]) -> Experiment:
+        """The keep semantics before 0.2 (``keep_semantics = "rebase"``, kept for bench/efficiency.py):
+        a stale winner is discarded and its diff requeued onto the new incumbent, to be re-measured."""
+        assert m.metric is not None
+        # measured on an older incumbent: if it beat that one (its parent), it is rebased onto the
+        # new incumbent and re-measured there before it can be kept
+        parent_metric = self._kept_metric(candidate.parent)
+        if parent_metric is None or not self.spec.metric.direction.better(m.metric, parent_metric):
+            return self._finish(exp_id, Status.DISCARD, t0, res, m, evidence={"stale": True, **extras},
+                                reason=f"not better than its parent {candidate.parent[:10]} "
+                                       f"({m.metric:.6g} vs {parent_metric})")
+        self._requeue.append(Candidate(
+            parent=self.session.incumbent_commit, rationale=f"rebase of #{idx}: {candidate.rationale}",
+            diff=canonical, params=dict(candidate.params), researcher=REBASE))
+        return self._finish(exp_id, Status.DISCARD, t0, res, m,
+                            evidence={"stale": True, "candidate": m.metric, "parent_metric": parent_metric,
+                                      **extras},
+                            reason=f"stale: beat the incumbent, but its parent {candidate.parent[:10]} is no "
+                                   "longer the incumbent; requeued, rebased onto the new incumbent, "
+                                   "to be re-measured")
 
     # ------------------------------------------------------------------ permissions and autonomy
 
@@ -644,10 +915,10 @@ class Engine:
     def _stored_diff(self, diff: str, problem: str | None) -> str:
         """The diff as the ledger keeps it: cut at ``max_diff_bytes`` when it broke that rule."""
         limit = self.spec.permissions.max_diff_bytes
-        if problem is None or not limit or len(diff.encode()) <= limit:
+        if problem is None or not limit or len(_raw(diff)) <= limit:
             return diff
-        cut = diff.encode()[:limit].decode("utf-8", "ignore")
-        return cut + f"\n[nightlab: diff cut at {limit} of {len(diff.encode())} bytes]\n"
+        cut = _raw(diff)[:limit].decode("utf-8", "ignore")
+        return cut + f"\n[nightlab: diff cut at {limit} of {len(_raw(diff))} bytes]\n"
 
     def _stop_requested(self) -> str:
         if self.stop.cancel.is_set():
@@ -702,7 +973,7 @@ class Engine:
         if self.stop_file.exists():
             self.stop_file.unlink(missing_ok=True)
             return "STOP file"
-        tried = [e for e in history if e.idx > 0]
+        tried = [e for e in history if e.idx > self.epoch]
         if st.max_experiments and len(tried) >= st.max_experiments:
             return f"max_experiments ({st.max_experiments}) reached"
         if st.max_cost_usd or st.max_tokens:
@@ -731,18 +1002,56 @@ class Engine:
                 if not e.status.is_failure():
                     break
                 row += 1
-            if row >= st.max_crashes_in_row:
-                return f"max_crashes_in_row: {row} crashes or timeouts in a row"
+            if row >= 4 * st.max_crashes_in_row:
+                return f"max_crashes_in_row: {row} crashes or timeouts in a row; the researcher finds nothing that runs"
+            if row - self._crashes_checked >= st.max_crashes_in_row:
+                if self.ray is not None or not self._incumbent_runs(row, tried[-1].idx):
+                    return f"max_crashes_in_row: {row} crashes or timeouts in a row" + (
+                        "" if self.ray is not None else ", and the incumbent fails too: the lab is broken")
+                self._crashes_checked = row  # the candidates crashed, not the lab: go on
+            elif row == 0:
+                self._crashes_checked = 0
         return ""
+
+    def _incumbent_runs(self, row: int, after: int) -> bool:
+        """Health check after a crash streak: re-run the incumbent once (not an experiment). True when it
+        still yields its metric: the crashes were the candidates' (the researcher has been told), not a
+        broken lab (data gone, GPU lost, disk full)."""
+        errors = Counter(_first_line(next((ln for ln in reversed(e.log_tail.splitlines()) if ln.strip()), "?"), 120)
+                         for e in self.ledger.experiments(self.session.id)[-row:])
+        self.reporter.message(f"{row} crashes in a row ({'; '.join(f'{n} x {t}' for t, n in errors.most_common(2))})"
+                              ": re-running the incumbent to tell a broken lab from bad candidates")
+        wt = self.ws.add_worktree(f"{self.session.tag}-health-{after}", self.session.incumbent_commit)
+        try:
+            lab_root = self.ws.lab_in(wt)
+            log_path = self.artifacts_dir / f"health-{self.session.tag}-{after}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            res = sandbox.run(self.spec.run.command, cwd=lab_root, env=self.run_env(self.spec.run.seed, -1),
+                              policy=self.sandbox_policy(wt), timeout_s=self.spec.run.hard_timeout_s,
+                              log_path=log_path, kill_grace_s=self.spec.run.kill_grace_s, cancel=self.stop.cancel)
+            m, tampered = self.verifier.measure(wt, lab_root, self.session.incumbent_commit, log_path,
+                                                self.spec.run.seed, -1, res.exit_code == 0, tag="-health")
+            ok = res.ok and not tampered and m.valid
+        finally:
+            self.ws.remove_worktree(wt)
+        self.events.emit("health.check", crashes_in_row=row, ok=ok, log=str(log_path))
+        self.reporter.message("the incumbent still runs: going on" if ok else "the incumbent fails too")
+        return ok
 
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> Session:
         """Run the session until a stop rule fires. Returns the final session row."""
+        lock = self._lock_session()  # before the try: a refused second harness must not close the session
         try:
             if self.resumed:
+                if self.check_lab:
+                    self.session = self._reconcile(self.session, self._lab_commit(self.session.tag))
+                    self.protected_hashes = self.guard.hash_protected(self.session.base_commit)
                 self.recover()
             self.reporter.session_started(self.session, self.spec, self.resumed)
+            if msg := self.verifier.start_message():
+                self.reporter.message(msg)
             self.events.emit("session.resume" if self.resumed else "session.start", tag=self.session.tag,
                              branch=self.session.branch, base_commit=self.session.base_commit,
                              spec_sha256=self.session.spec_hash, sandbox=self.sandbox_mode,
@@ -754,10 +1063,12 @@ class Engine:
                 if self.spec.holdout.command:
                     self.reporter.message("WARNING: sandbox = none: holdout files are NOT hidden from runs")
             self.researcher = self._researcher_override or researchers_mod.create(self.spec, self.lab_dir)
-            history = self.ledger.experiments(self.session.id)
+            # the history since the latest (re-)baseline: what was measured under this base and spec
+            history = [e for e in self.ledger.experiments(self.session.id) if e.idx >= self.epoch]
+            self.pruner.replay(history)
             for e in history:
                 self.researcher.observe(e)
-            if not any(e.idx == 0 and e.status is Status.KEEP for e in history):
+            if self.session.baseline_metric is None:  # no baseline has succeeded (since the latest rebase)
                 self.run_setup()
                 if self.stop.cancel.is_set():
                     return self._close("stopped", self.stop.cancel_reason or "interrupted")
@@ -768,11 +1079,16 @@ class Engine:
                 self.reporter.experiment_finished(base, self.session)
                 if base.status is Status.INTERRUPTED:
                     return self._close("stopped", self.stop.cancel_reason or "interrupted")
+                if base.status is Status.KEEP and base.idx:  # after failed or moved baselines
+                    self.epoch = base.idx
+                    extra = self.ledger.session_json(self.session.id)[1]
+                    self.session = self.ledger.update_session(self.session.id,
+                                                              noise={**extra, "baseline_idx": base.idx})
                 if base.status is not Status.KEEP:
                     self._close("failed", f"the baseline failed ({base.status.value}: {base.reason})")
                     raise NightlabError(
                         f"the unmodified baseline failed: {base.status.value}: {base.reason}\n{base.log_tail[-1500:]}",
-                        "make the run command work by hand first; see `nightlab show 0`, then --resume",
+                        f"make the run command work by hand first; see `nightlab show {base.idx}`, then --resume",
                     )
             elif self.spec.run.setup:
                 self.run_setup()
@@ -788,6 +1104,7 @@ class Engine:
                 self._close("stopped", "harness error")
             raise
         finally:
+            os.close(lock)
             if self.researcher is not None:
                 with contextlib.suppress(Exception):  # closing must not mask the real outcome
                     self.researcher.close()
@@ -800,10 +1117,20 @@ class Engine:
         usage goes to the ledger's ``spend`` table.
         """
         assert self.researcher is not None
-        if self._requeue:
-            with contextlib.suppress(IndexError):  # another proposer thread may have taken it
-                cand = self._requeue.pop(0)
-                return Candidate(**{**cand.__dict__, "parent": self.session.incumbent_commit})
+        while self._requeue:
+            try:
+                item = self._requeue.pop(0)
+            except IndexError:  # another proposer thread (prefetch) took it
+                break
+            inc = self.session.incumbent_commit
+            if isinstance(item, Candidate):  # keep_semantics = "rebase"
+                return Candidate(**{**item.__dict__, "parent": inc})
+            files = keep.replay(self.ws, item, inc)
+            if files is not None:
+                return Candidate(parent=inc, rationale=item.rationale, files=files, params=dict(item.params),
+                                 researcher=REBASE)
+            # conflicts with (or adds nothing to) the incumbent of now: dropped before it gets a row
+            self.events.emit("requeue.drop", experiment=item.source_idx, tip=item.tip)
         ctx = replace(self._context(idx, history),
                       should_stop=lambda: self._closing or bool(self._stop_requested()))
         t0 = time.monotonic()
@@ -899,7 +1226,7 @@ class Engine:
                     reason = self.stop_reason(history)
                 if reason and not inflight:
                     break
-                tried = sum(1 for e in history if e.idx > 0)
+                tried = sum(1 for e in history if e.idx > self.epoch)
                 budget = (cap - tried - len(inflight) - (prepared is not None) - len(queue)) if cap else 1
                 if ppool is not None:
                     if not reason and budget > 0 and len(queue) < prefetch:
@@ -978,6 +1305,8 @@ class Engine:
         return self.session
 
     def close(self) -> None:
+        if self.notifier is not None:
+            self.notifier.close()  # waits (bounded) so that "session stopped" goes out before we exit
         if self.ray is not None:
             self.ray.shutdown()
         if self.audit is not None:
@@ -988,7 +1317,8 @@ class Engine:
 def improvement_pct(baseline: float | None, best: float | None, direction: Any) -> float | None:
     if baseline is None or best is None or baseline == 0 or not math.isfinite(baseline):
         return None
-    return 100.0 * direction.improvement(best, baseline) / abs(baseline)
+    pct = 100.0 * direction.improvement(best, baseline) / abs(baseline)
+    return pct if math.isfinite(pct) else None  # 1e308 - (-1e308) overflows: no "+inf%"
 
 
 def install_signal_handlers(engine: Engine) -> Callable[[], None]:

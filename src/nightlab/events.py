@@ -8,6 +8,7 @@ must not raise for ordinary input, and must be fast: it runs on the loop's threa
 Kinds emitted: ``session.start``, ``session.resume``, ``session.stop``, ``setup.run``,
 ``researcher.request``, ``researcher.response``, ``candidate``, ``guard``, ``sandbox.start``,
 ``sandbox.exit``, ``measurement``, ``decision``, ``git.commit``, ``git.advance``, ``recover``,
+``requeue`` and ``requeue.drop`` (a stale candidate's combination queued / dropped unrun),
 ``policy.violation`` (rule, detail), ``approval.request`` and ``approval.answer`` (``[autonomy]``).
 The audit log adds its own ``audit.init``, ``checkpoint`` and ``recover`` records.
 """

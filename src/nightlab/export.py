@@ -1,11 +1,15 @@
 """Export a session's experiments: karpathy-compatible ``results.tsv``, CSV, JSONL.
 
-* ``tsv`` is exactly karpathy/autoresearch's ``results.tsv``: five tab-separated columns
+* ``tsv`` is karpathy/autoresearch's ``results.tsv``: five tab-separated columns
   ``commit  <metric_name>  memory_gb  status  description``; commit is the 7-char sha of
-  the attempted change (its parent when it has none), the metric has 6 decimals
-  (``0.000000`` when there is none), memory is GB with 1 decimal, status is ``keep``,
-  ``discard`` or ``crash`` (a timeout is a crash; nightlab's other statuses keep their
-  names). Running experiments have no result yet and are left out.
+  the attempted change (the baseline's is the commit it ran), the metric has 6 decimals,
+  memory is GB with 1 decimal, status is ``keep``, ``discard`` or ``crash`` (a timeout is a
+  crash, written ``0.000000`` and ``0.0`` as karpathy does). A row that never produced a
+  measurement for another reason (``invalid``, ``rejected``, ``interrupted``, a stale
+  rebase that conflicted) keeps its own status and has an *empty* metric and memory, and an
+  empty commit when it has none of its own — never ``0.000000`` (which would read as the best
+  result of the night) nor its parent's commit. Running experiments are left out, and so are
+  the rows before a re-baseline that changed the metric's name (they measured another metric).
 * ``csv``: one row per experiment with every scalar column, usage included, and the dicts
   (secondary, params, evidence) as JSON. The diff and the log tail are left to JSONL.
 * ``jsonl``: one JSON object per experiment with every field, usage and trust included.
@@ -17,11 +21,13 @@ import csv
 import dataclasses
 import json
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from nightlab.errors import UsageError
-from nightlab.ledger import Ledger
 from nightlab.types import Experiment, Session, Status
+
+if TYPE_CHECKING:  # the read commands export without importing SQLAlchemy
+    from nightlab.ledger_read import LedgerReads
 
 FORMATS = ("tsv", "csv", "jsonl")
 DEFAULT_MEMORY_KEY = "peak_vram_mb"  # what autoresearch's train.py prints, in MB
@@ -57,7 +63,7 @@ CSV_COLUMNS = (
 )
 
 
-def export(ledger: Ledger, session: Session, fmt: str, out: TextIO, *, memory_key: str = "") -> int:
+def export(ledger: LedgerReads, session: Session, fmt: str, out: TextIO, *, memory_key: str = "") -> int:
     """Write ``session``'s experiments to ``out`` in ``fmt``; return the number of rows written.
 
     ``memory_key`` names the secondary figure (in MB) for the TSV's ``memory_gb`` column;
@@ -70,10 +76,18 @@ def export(ledger: Ledger, session: Session, fmt: str, out: TextIO, *, memory_ke
     }
     if fmt not in writers:
         raise UsageError(f"unknown export format {fmt!r}", fix=f"use one of: {', '.join(FORMATS)}")
-    return writers[fmt](session, ledger.experiments(session.id), out, memory_key or DEFAULT_MEMORY_KEY)
+    exps = ledger.experiments(session.id)
+    if fmt == "tsv":  # one metric column: rows measured under another metric name before a re-baseline stay out
+        moves = [r for r in ledger.session_json(session.id)[1].get("rebaselines") or [] if isinstance(r, dict)
+                 and r.get("metric_from", session.metric_name) != session.metric_name]
+        if moves:
+            exps = [e for e in exps if e.idx >= int(moves[-1].get("at_idx") or 0)]
+    return writers[fmt](session, exps, out, memory_key or DEFAULT_MEMORY_KEY)
 
 
 def tsv_status(status: Status) -> str:
+    if status is Status.PRUNED:  # stopped early as worse than earlier runs: karpathy's "discard"
+        return "discard"
     return "crash" if status is Status.TIMEOUT else status.value
 
 
@@ -87,10 +101,13 @@ def _tsv(session: Session, exps: list[Experiment], out: TextIO, memory_key: str)
     for e in exps:
         if e.status is Status.RUNNING:
             continue
-        commit = (e.commit or e.parent_commit)[:7]
-        metric = f"{e.metric:.6f}" if e.metric is not None else "0.000000"
+        crashed = e.status in (Status.CRASH, Status.TIMEOUT)
+        measured = e.metric is not None
+        # the baseline (no change of its own) ran its parent; a row that never ran has no commit of its own
+        commit = (e.commit or (e.parent_commit if measured or crashed else ""))[:7]
+        metric = f"{e.metric:.6f}" if e.metric is not None else "0.000000" if crashed else ""
         mem = e.secondary.get(memory_key)
-        memory = f"{float(mem) / 1024:.1f}" if isinstance(mem, int | float) else "0.0"
+        memory = f"{float(mem) / 1024:.1f}" if isinstance(mem, int | float) else "0.0" if measured or crashed else ""
         out.write(f"{commit}\t{metric}\t{memory}\t{tsv_status(e.status)}\t{_one_line(e.description)}\n")
         n += 1
     return n

@@ -11,22 +11,30 @@ passes); the engine records a problem as ``rejected`` with reason ``policy: <rul
 - :meth:`Guard.check_size` on the canonical diff git computed: ``[permissions]
   max_diff_bytes`` and ``max_new_files``.
 
-Protected files (the spec's ``protected`` globs plus ``nightlab.toml`` and ``program.md``)
-are hashed at session start and verified in every worktree before every run.
+Protected files (the spec's ``protected`` globs plus ``nightlab.toml`` and ``program.md``, the
+``[evaluate]``/``[holdout]`` ``files``, and every lab file their commands name, e.g. ``evaluate.py``
+in ``python evaluate.py``) are hashed at session start and verified in every worktree before every
+run and every evaluation.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import stat
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 from nightlab.permissions import diff_violation, violation
-from nightlab.spec import PROGRAM_FILE, SPEC_FILE, Spec, matches
+from nightlab.spec import PROGRAM_FILE, SPEC_FILE, Spec, evaluator_files, matches
 from nightlab.workspace import Change, Workspace
 
 IMPLICITLY_PROTECTED = [SPEC_FILE, PROGRAM_FILE]
+# sha256 -> size of every protected file hashed in this process: a digest fixes the content, so
+# the size is known too, and a file of another size is "changed" without reading it (a run can
+# leave a 1 TB sparse file where the evaluator was)
+_SIZES: dict[str, int] = {}
 _DIFF_PATH = re.compile(r"^(?:---|\+\+\+) (?:\"?[ab]/)?(.+?)\"?\t?$")
 _GIT_HEADER = re.compile(r"^diff --git \"?a/(.+?)\"? \"?b/(.+?)\"?$")
 
@@ -70,9 +78,10 @@ def path_problem(path: str) -> str | None:
 class Guard:
     def __init__(self, spec: Spec, workspace: Workspace) -> None:
         self.editable = list(spec.files.editable)
-        # evaluator and holdout files are protected too: nobody edits them, they are hash-checked
-        self.protected = list(dict.fromkeys([*spec.files.protected, *IMPLICITLY_PROTECTED,
-                                             *spec.evaluate.files, *spec.holdout.files]))
+        # evaluator and holdout files (listed, or named by their commands) are protected too:
+        # nobody edits them, they are hash-checked
+        self.auto_protected = [f for f, _ in evaluator_files(spec, workspace.lab_dir)]
+        self.protected = list(dict.fromkeys([*spec.files.protected, *IMPLICITLY_PROTECTED, *self.auto_protected]))
         self.permissions = spec.permissions
         self.ws = workspace
 
@@ -115,15 +124,50 @@ class Guard:
 
     def hash_protected(self, commit: str) -> dict[str, str]:
         """sha256 of every protected file in ``commit`` (lab-relative path -> hex)."""
-        return {p: hashlib.sha256(self.ws.read_file(commit, p)).hexdigest() for p in self.protected_files(commit)}
+        out: dict[str, str] = {}
+        for p in self.protected_files(commit):
+            data = self.ws.read_file(commit, p)
+            out[p] = hashlib.sha256(data).hexdigest()
+            _SIZES[out[p]] = len(data)
+        return out
 
     @staticmethod
     def verify_protected(lab_root: Path, hashes: dict[str, str]) -> str | None:
-        """Check the files on disk under ``lab_root`` against the session's hashes."""
+        """Check the files on disk under ``lab_root`` against the session's hashes.
+
+        Never follows a symlink (in the file or a folder above it), never blocks on a FIFO, never
+        reads a file whose size differs from the hashed one.
+        """
         for path, digest in hashes.items():
-            f = lab_root / path
-            if f.is_symlink() or not f.is_file():
+            if _replaced(lab_root, path):
                 return violation("protected", f"{path}: protected file missing or replaced")
-            if hashlib.sha256(f.read_bytes()).hexdigest() != digest:
+            try:
+                fd = os.open(lab_root / path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                return violation("protected", f"{path}: protected file missing or replaced")
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    return violation("protected", f"{path}: protected file missing or replaced")
+                size = _SIZES.get(digest)
+                if size is not None and st.st_size != size:
+                    return violation("protected", f"{path}: protected file changed")
+                h = hashlib.sha256()
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            if h.hexdigest() != digest:
                 return violation("protected", f"{path}: protected file changed")
         return None
+
+
+def _replaced(lab_root: Path, path: str) -> bool:
+    """True when a folder on the way to ``path`` is not a real folder (a symlink, say)."""
+    cur = lab_root
+    for part in PurePosixPath(path).parts[:-1]:
+        cur = cur / part
+        try:
+            if not stat.S_ISDIR(os.lstat(cur).st_mode):
+                return True
+        except OSError:
+            return True
+    return False

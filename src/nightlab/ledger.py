@@ -39,6 +39,7 @@ import sqlalchemy as sa
 from sqlalchemy import event, exc
 from sqlalchemy.engine import Connection, Engine, make_url
 
+from nightlab import escape
 from nightlab.errors import LedgerError
 from nightlab.types import Candidate, Direction, Experiment, Session, Status, Usage
 
@@ -128,6 +129,22 @@ candidates = sa.Table(
 )
 
 
+runs = sa.Table(
+    "runs",
+    metadata,
+    sa.Column("run_id", sa.String(200), primary_key=True),
+    sa.Column("session_id", sa.Integer, sa.ForeignKey("sessions.id"), nullable=False),
+    sa.Column("experiment_idx", sa.Integer, nullable=True),
+    sa.Column("kind", sa.String(32), nullable=False),  # setup, run, evaluate, holdout, <sample label>
+    sa.Column("started_at", sa.Double, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=True),
+    sa.Column("pid_start", sa.Double, nullable=True),
+    sa.Index("ix_runs_session", "session_id"),
+)
+"""Every process tree nightlab started, written *before* the spawn: its ``NIGHTLAB_RUN_ID`` tag is
+how ``--resume`` finds what a killed harness left running (``sandbox.kill_tagged``)."""
+
+
 def _migrate_1(conn: Connection) -> None:
     """v1: sessions, experiments, candidates and their indexes.
 
@@ -157,11 +174,16 @@ spend = sa.Table(
 
 
 def _migrate_2(conn: Connection) -> None:
-    """v2: ``spend``, the usage of proposals that never became an experiment (dropped at a stop)."""
+    """v2: the ``runs`` table (run ids for crash recovery)."""
+    metadata.create_all(conn, tables=[runs], checkfirst=True)
+
+
+def _migrate_3(conn: Connection) -> None:
+    """v3: ``spend``, the usage of proposals that never became an experiment (dropped at a stop)."""
     metadata.create_all(conn, tables=[spend], checkfirst=False)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_1, _migrate_2]
+MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_1, _migrate_2, _migrate_3]
 """Migration ``i`` (0-based) brings the schema from version ``i`` to ``i + 1``. Append only."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -180,8 +202,14 @@ def _finite(x: float | None) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _safe(values: dict[str, Any]) -> dict[str, Any]:
+    """Text a run controls (a log tail, a file name in a reason) made storable: bytes that are not
+    UTF-8 as ``\\xNN``, NUL as ``\\x00`` (nightlab.escape); :func:`_dumps` does the same in JSON."""
+    return {k: escape.text(v) if isinstance(v, str) else v for k, v in values.items()}
+
+
 def _dumps(d: Any) -> str:
-    return json.dumps(d if d is not None else {}, sort_keys=True, default=str)
+    return json.dumps(escape.deep(d if d is not None else {}), sort_keys=True, default=str)
 
 
 class Ledger:
@@ -245,6 +273,11 @@ class Ledger:
 
     def __repr__(self) -> str:
         return f"Ledger({self._shown!r})"
+
+    @property
+    def shown(self) -> str:
+        """Where the ledger is, for messages: the SQLite file's path, or the URL without its password."""
+        return self._shown
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -374,7 +407,7 @@ class Ledger:
             with self._write() as conn:
                 taken = conn.execute(sa.select(sessions.c.id).where(sessions.c.tag == tag)).first()
                 if taken is None:
-                    sid = _inserted_id(conn.execute(sessions.insert().values(**values)))
+                    sid = _inserted_id(conn.execute(sessions.insert().values(**_safe(values))))
                     row = conn.execute(sa.select(sessions).where(sessions.c.id == sid)).one()
         except exc.IntegrityError:
             row = None
@@ -441,7 +474,7 @@ class Ledger:
                 values[key] = _finite(values[key])
         values["updated_at"] = time.time()
         with self._write() as conn:
-            n = conn.execute(sessions.update().where(sessions.c.id == session_id).values(**values)).rowcount
+            n = conn.execute(sessions.update().where(sessions.c.id == session_id).values(**_safe(values))).rowcount
             row = conn.execute(sa.select(sessions).where(sessions.c.id == session_id)).first()
         if n == 0 or row is None:
             raise LedgerError(f"no session with id {session_id} in {self._shown}")
@@ -505,7 +538,7 @@ class Ledger:
                 existing = conn.execute(sa.select(experiments.c.id).where(where)).scalar_one_or_none()
                 if existing is not None:
                     return int(existing)
-                exp_id = _inserted_id(conn.execute(experiments.insert().values(**exp_values)))
+                exp_id = _inserted_id(conn.execute(experiments.insert().values(**_safe(exp_values))))
                 if candidate is not None:
                     conn.execute(candidates.insert().values(**_candidate_values(exp_id, candidate)))
                 return exp_id
@@ -548,8 +581,9 @@ class Ledger:
             if found is None:
                 raise LedgerError(f"no experiment with id {exp_id} in {self._shown}")
             if values:
-                conn.execute(experiments.update().where(experiments.c.id == exp_id).values(**values))
+                conn.execute(experiments.update().where(experiments.c.id == exp_id).values(**_safe(values)))
             if diff is not None:
+                diff = escape.text(diff)
                 n = conn.execute(
                     candidates.update().where(candidates.c.experiment_id == exp_id).values(diff=diff)
                 ).rowcount
@@ -603,7 +637,7 @@ class Ledger:
             ).scalar_one_or_none()
             if session_id is None:
                 raise LedgerError(f"no experiment with id {exp_id} in {self._shown}")
-            conn.execute(experiments.update().where(experiments.c.id == exp_id).values(**values))
+            conn.execute(experiments.update().where(experiments.c.id == exp_id).values(**_safe(values)))
             if incumbent is not None:
                 inc_commit, inc_metric = incumbent
                 conn.execute(
@@ -690,6 +724,23 @@ class Ledger:
         with self._read() as conn:
             t_in, t_out, t_cached, cost, secs = conn.execute(q).one()
         return Usage(int(t_in), int(t_out), int(t_cached), float(cost), float(secs))
+    # -- runs (process trees, for crash recovery) -------------------------------------------
+
+    def record_run(self, session_id: int, run_id: str, kind: str, experiment_idx: int | None = None) -> None:
+        """Record a run id before its process starts (committed when this returns)."""
+        with self._write() as conn:
+            conn.execute(runs.insert().values(run_id=run_id, session_id=session_id, kind=kind,
+                                              experiment_idx=experiment_idx, started_at=time.time()))
+
+    def set_run_pid(self, run_id: str, pid: int, pid_start: int | None) -> None:
+        with self._write() as conn:
+            conn.execute(runs.update().where(runs.c.run_id == run_id).values(pid=pid, pid_start=pid_start))
+
+    def runs(self, session_id: int) -> list[dict[str, Any]]:
+        """The session's runs, oldest first: ``run_id, kind, experiment_idx, started_at, pid, pid_start``."""
+        q = sa.select(runs).where(runs.c.session_id == session_id).order_by(runs.c.started_at)
+        with self._read() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
 
     def usage_totals(self, session_id: int) -> Usage:
         """The summed usage of every candidate of the session, dropped proposals included."""
@@ -715,7 +766,7 @@ class Ledger:
 
 def _candidate_values(exp_id: int, cand: Candidate) -> dict[str, Any]:
     u = cand.usage
-    return dict(
+    return _safe(dict(
         experiment_id=exp_id,
         researcher=cand.researcher,
         rationale=cand.rationale,
@@ -726,7 +777,7 @@ def _candidate_values(exp_id: int, cand: Candidate) -> dict[str, Any]:
         tokens_cached=int(u.tokens_cached),
         cost_usd=float(u.cost_usd),
         usage_s=float(u.seconds),
-    )
+    ))
 
 
 def _experiment_select() -> sa.Select[Any]:

@@ -9,10 +9,11 @@ dashboard. Needs the ``ui`` extra (jinja2, matplotlib): ``pip install 'nightlab[
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from nightlab import queries
+from nightlab import prune, queries
 from nightlab.errors import UsageError
 from nightlab.ledger import Ledger
 from nightlab.types import Session, Status
@@ -34,7 +35,7 @@ def _require(module: str) -> Any:
 def pick_session(ledger: Ledger, tag: str | None) -> Session:
     s = ledger.get_session(tag) if tag else ledger.latest_session()
     if s is None:
-        raise UsageError(f"no session {tag!r} in {ledger!r}" if tag else f"no session in {ledger!r}",
+        raise UsageError(f"no session {tag!r} in {ledger.shown}" if tag else f"no session in {ledger.shown}",
                          "run one with `nightlab run`, or pass --tag / --db")
     return s
 
@@ -90,9 +91,40 @@ def render_html(ledger: Ledger, session: Session, png_name: str = "progress.png"
         s=session, chart=chart, spend_svg=spend, secs_svg=secs, t=t, kept=kept_view, rows=rows, red=red,
         total=page.total, truncated=page.total > len(rows), counts=queries.status_counts(ledger, session.id),
         improvement=improvement_pct(session), usage=t.usage(),
+        **dict(zip(("pruned", "saved_s"), prune.savings(ledger.experiments(session.id, status=Status.PRUNED)),
+                   strict=True)),
         css=(HERE / "static" / "style.css").read_text(encoding="utf-8"), generated=time.time(),
         spec=red.data(spec), machine=red.data(session.machine), png_name=png_name,
     ))
+
+
+def render_compare_html(ledger: Ledger, name: str) -> str:
+    """A ``nightlab compare`` report as one self-contained HTML string (table, tests, verdict, chart)."""
+    jinja2 = _require("jinja2")
+    from nightlab import compare as cmp
+    from nightlab.web import charts, compare_view
+
+    report = cmp.load_report(ledger, name)
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(HERE / "templates")), autoescape=True)
+    env.filters["metric"] = lambda v: "—" if v is None else charts.fmt(float(v))
+    env.filters["clock"] = lambda x: time.strftime("%Y-%m-%d %H:%M", time.localtime(x)) if x else "—"
+    env.filters["pct"] = lambda v: "—" if v is None else f"{100 * v:.0f}%"
+    return str(env.get_template("report_compare.html").render(
+        standalone=True, css=(HERE / "static" / "style.css").read_text(encoding="utf-8"), generated=time.time(),
+        **compare_view.context(report)))
+
+
+CRASHED = (Status.CRASH.value, Status.TIMEOUT.value)
+CRASH_LABEL = "crash / timeout"
+
+
+def no_metric_marks(points: Sequence[queries.Point]) -> dict[str, list[queries.Point]]:
+    """The chart's marks under the plot, by legend label: every crash or timeout (what the summary
+    counts as crashed), and the other experiments without a metric, labelled with their statuses."""
+    crashed = [p for p in points if p.status in CRASHED]
+    rest = [p for p in points if p.metric is None and p.status not in CRASHED]
+    label = "no metric: " + ", ".join(sorted({p.status for p in rest})) if rest else "no metric"
+    return {CRASH_LABEL: crashed, label: rest}
 
 
 def progress_png(ledger: Ledger, session: Session, path: Path) -> Path:
@@ -105,9 +137,11 @@ def progress_png(ledger: Ledger, session: Session, path: Path) -> Path:
     data = queries.chart_data(ledger, session, 20000)
     fig, ax = plt.subplots(figsize=(11, 4.6), dpi=120)
     try:
-        others = [p for p in data.points if p.metric is not None and p.status != Status.KEEP.value]
+        marks = no_metric_marks(data.points)
+        crashed = marks[CRASH_LABEL]
+        others = [p for p in data.points if p.metric is not None and p.status != Status.KEEP.value
+                  and p.status not in CRASHED]
         keeps = [p for p in data.points if p.metric is not None and p.status == Status.KEEP.value]
-        failed = [p for p in data.points if p.metric is None]
         ax.scatter([p.idx for p in others], [float(p.metric or 0.0) for p in others], s=12, facecolors="none",
                    edgecolors="#a0a0a0", linewidths=0.8, label="discarded", zorder=2)
         ax.scatter([p.idx for p in keeps], [float(p.metric or 0.0) for p in keeps], s=30, color="#1a9850",
@@ -123,10 +157,14 @@ def progress_png(ledger: Ledger, session: Session, path: Path) -> Path:
         if hold:
             ax.scatter([p.idx for p in hold], [float(p.holdout or 0.0) for p in hold], marker="D", s=28,
                        facecolors="none", edgecolors="#e6a100", label="holdout", zorder=5)
-        if failed:
-            y0 = ax.get_ylim()[0]
-            ax.scatter([p.idx for p in failed], [y0] * len(failed), marker="x", s=14, color="#d73027",
-                       label="crash / no metric", zorder=2, clip_on=False)
+        y0 = ax.get_ylim()[0]
+        if crashed:
+            ax.scatter([p.idx for p in crashed], [y0] * len(crashed), marker="x", s=14, color="#d73027",
+                       label=CRASH_LABEL, zorder=2, clip_on=False)
+        for label, pts in marks.items():
+            if label != CRASH_LABEL and pts:
+                ax.scatter([p.idx for p in pts], [y0] * len(pts), marker="x", s=14, color="#8e44ad",
+                           label=label, zorder=2, clip_on=False)
         n_keep = sum(1 for p in data.points if p.status == Status.KEEP.value)
         ax.set_title(f"nightlab {session.tag}: {data.total} experiments, {n_keep} kept"
                      + (f" (showing {len(data.points)})" if data.downsampled else ""))

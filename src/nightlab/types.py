@@ -25,6 +25,7 @@ class Status(enum.StrEnum):
     REJECTED = "rejected"  # refused by the guard or a policy before running
     INTERRUPTED = "interrupted"  # the harness stopped (Ctrl-C, or died and was resumed)
     LOST = "lost"  # a remote executor could not run it to a result (workers died, retries exhausted)
+    PRUNED = "pruned"  # stopped early: its progress curve was judged hopeless by the [prune] pruner
 
     def is_finished(self) -> bool:
         return self is not Status.RUNNING
@@ -36,6 +37,14 @@ class Status(enum.StrEnum):
     def is_failure(self) -> bool:
         """Counts toward ``max_crashes_in_row``."""
         return self in (Status.CRASH, Status.TIMEOUT, Status.LOST)
+
+    def was_stopped_early(self) -> bool:
+        """True when the harness ended the run on purpose before its end (a pruned run: it ran, partly)."""
+        return self is Status.PRUNED
+
+    def consumed_compute(self) -> bool:
+        """True when the run command used the slot (to its end or until it was stopped)."""
+        return self.was_run() or self is Status.PRUNED
 
 
 class Direction(enum.StrEnum):
@@ -121,6 +130,7 @@ class Measurement:
     secondary: dict[str, float] = field(default_factory=dict)
     trust: str = "inline"  # "inline" (the run printed it) or "evaluator" (protected code computed it)
     error: str = ""  # why there is no metric
+    warnings: tuple[str, ...] = ()  # a duplicate key, an absurd value: stored in evidence["warnings"]
 
     @property
     def valid(self) -> bool:

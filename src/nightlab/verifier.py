@@ -3,16 +3,20 @@
 It works for an :class:`~nightlab.engine.Engine` and owns:
 
 - **measurement** of a finished run: in *evaluator mode* (``[evaluate] command``) the protected
-  evaluator runs after the run, in the same worktree, in its own sandbox where nothing is
-  writable but a private ``/tmp`` (the run's outputs are its inputs); its summary block gives
-  the metric (``trust: evaluator``) and a metric line the run printed changes nothing (it is
-  kept as ``evidence.run_claimed``). Without an evaluator the run's own block counts
-  (``trust: inline``).
-- **tamper checks**: before every evaluation the protected and evaluator files in the worktree
-  are checked against the session's hashes, and files the run created that Python could import
-  in the evaluator's place (``*.py``, ``*.pth``, ``*.so``, ``*.pyc`` outside ``__pycache__``)
-  are refused; evaluators run with ``PYTHONPYCACHEPREFIX`` in their private ``/tmp``, so a
-  forged ``__pycache__`` is never read. Any of these: ``rejected: protected: ...``.
+  evaluator runs after the run in a **clean tree** (:mod:`nightlab.evaltree`): a fresh folder with
+  the lab's non-editable files from the session's trusted commit and the candidate's committed
+  editable files (both from git objects) plus only the run's declared ``[evaluate] outputs``,
+  copied as regular files under a size cap. The run's worktree is hidden from it; its cwd is the
+  clean tree; ``PYTHONSAFEPATH=1`` keeps the cwd off ``sys.path``, ``PYTHONPATH`` is the trusted
+  files only, bytecode is never written or read from the tree. Nothing the run wrote can be
+  imported or executed by it. Its summary block gives the metric (``trust: evaluator``); a metric
+  line the run printed changes nothing (kept as ``evidence.run_claimed``). Without an evaluator
+  the run's own block counts (``trust: inline``). A rejected output (symlink, folder, FIFO,
+  device, hard link, over the cap) makes the experiment a ``crash`` with the reason.
+- **tamper checks**: before every evaluation the protected files in the worktree (evaluator and
+  holdout files included, and every lab file the two commands name) are checked against the
+  session's hashes; a run that changed one is ``rejected: protected: ...`` (its evaluator would not
+  have seen the change anyway).
 - **re-measurement** (``remeasure(r)`` for :class:`~nightlab.policy.Repeat`), **calibration**
   (the noise floor), **holdout** checks after keeps, **replay** and **verify**.
 
@@ -21,38 +25,40 @@ Seeds: the first run of every experiment uses ``[run] seed``. Re-run ``j`` of ex
 ``seed + 1 .. seed + k``); ``nightlab verify`` uses ``seed + 1000 * idx + 500 + j``.
 
 Holdout: files matching ``[holdout] files`` and the folder ``.nightlab/holdout`` (where setup
-writes holdout data, ``$NIGHTLAB_HOLDOUT_DIR``) are hidden from runs and evaluators (bwrap
-mounts an empty file or folder over them) and never enter the researcher's context. Only the
-holdout command sees them, in a sandbox with no network where nothing is writable but ``/tmp``,
-so code it imports from the kept commit cannot copy holdout data anywhere that outlives it.
-Not covered: with ``sandbox = "none"`` nothing is hidden (the engine warns).
+writes holdout data, ``$NIGHTLAB_HOLDOUT_DIR``) are hidden from runs and evaluators — the lab
+folder's copy and the worktree's copy (bwrap mounts an empty file or folder over them) — are left
+out of the evaluator's clean tree, and never enter the researcher's context. Only the holdout
+command sees them, in its own clean tree (same rules as the evaluator's), in a sandbox with no
+network where nothing is writable but ``/tmp``.
+Not covered: with ``sandbox = "none"`` nothing is hidden (the engine warns); the clean tree still
+keeps the run's files out of the evaluator's imports.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nightlab import sandbox
+from nightlab import evaltree, globs, sandbox
 from nightlab.errors import NightlabError, UsageError
 from nightlab.guard import Guard
-from nightlab.measure import measure, parse_summary, read_log
+from nightlab.measure import measure, parse_summary, read_log, sanity
 from nightlab.policy import IncumbentStats, noise_of
-from nightlab.spec import MetricSpec, match_files
+from nightlab.spec import MetricSpec
 from nightlab.stats import diff_ci, mean_ci, welch
 from nightlab.types import Direction, Experiment, Measurement, RunResult, Status
 
 if TYPE_CHECKING:
     from nightlab.engine import Engine
 
-IMPORTABLE = (".py", ".pyc", ".pth", ".so", ".pyd")
 VERIFY_OFFSET = 500
+# environment variables that could make the evaluator's interpreter load code from elsewhere
+_PY_ENV_DROP = ("PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "PYTHONEXECUTABLE", "PYTHONINSPECT")
 
 
 def repeat_seed(base: int, idx: int, j: int) -> int:
@@ -143,13 +149,27 @@ class Verifier:
         return self.e.ws.state_dir / "holdout"
 
     def hidden_paths(self, lab_root: Path | None) -> list[Path]:
-        """Holdout files in the lab and in ``lab_root`` (a worktree's lab folder), and the holdout dir."""
-        pats = list(self.e.spec.holdout.files)
+        """``[holdout] files`` and ``[sandbox] hide`` in the lab folder and in ``lab_root`` (a worktree's
+        lab folder), and the holdout dir: what runs and evaluators must not see."""
+        pats = [*self.e.spec.holdout.files, *self.e.spec.sandbox.hide]
         out = [self.holdout_dir]
         for root in (self.e.lab_dir, lab_root):
             if root is not None and pats:
-                out += [root / p for p in match_files(root, pats)]
+                out += [root / p for p in globs.cover(root, pats)]
         return out
+
+    def start_message(self) -> str:
+        """What ``nightlab run`` says at start about the evaluator: auto-protected files, clean tree."""
+        e = self.e
+        if not (self.evaluator_mode or e.spec.holdout.command):
+            return ""
+        auto = [f for f in e.guard.auto_protected if not globs.match(f, e.spec.files.protected)]
+        outs = ", ".join(e.spec.evaluate.outputs or []) or "none"
+        msg = (f"evaluator/holdout run in a clean tree (committed files + declared outputs: {outs}; "
+               f"cap {e.spec.evaluate.max_output_mb:g} MB)")
+        if auto:
+            msg += f"; protected automatically (named by [evaluate]/[holdout]): {', '.join(auto)}"
+        return msg
 
     def setup_env(self, env: dict[str, str]) -> dict[str, str]:
         """The setup command's env: with a holdout, ``NIGHTLAB_HOLDOUT_DIR`` (created)."""
@@ -158,43 +178,55 @@ class Verifier:
             env = {**env, "NIGHTLAB_HOLDOUT_DIR": str(self.holdout_dir)}
         return env
 
-    def _eval_policy(self, wt: Path, *, holdout: bool = False) -> sandbox.SandboxPolicy:
-        """The run's policy with nothing writable: the worktree bound read-only, /tmp private."""
+    def _eval_policy(self, wt: Path, tree: evaltree.CleanTree, *, holdout: bool = False) -> sandbox.SandboxPolicy:
+        """Nothing writable but a private /tmp; the clean tree read-only; the run's worktree hidden."""
         base = self.e.sandbox_policy(wt)
-        readonly = [*base.readonly, wt]
-        hidden = list(base.hidden)
+        readonly = [p for p in base.readonly if not _under(p, wt)] + [tree.root]
+        hidden = [h for h in base.hidden if not _under(h, wt)] + [wt]
         if holdout:  # the holdout command alone sees the holdout data
-            hidden = [h for h in hidden if h != self.holdout_dir and not _under(h, wt)]
+            hidden = [h for h in hidden if h != self.holdout_dir]
             if self.holdout_dir.exists():
                 readonly.append(self.holdout_dir)
         return dataclasses.replace(base, writable=(), readonly=tuple(dict.fromkeys(readonly)),
                                    hidden=tuple(dict.fromkeys(hidden)), network=False)
 
-    def _eval_env(self, seed: int, idx: int, *, holdout: bool = False) -> dict[str, str]:
-        env = self.e.run_env(seed, idx)
-        env["PYTHONPYCACHEPREFIX"] = "/tmp/nightlab-pycache"
-        env["PYTHONDONTWRITEBYTECODE"] = "1"
+    def _eval_env(self, seed: int, idx: int, tree: evaltree.CleanTree, *, holdout: bool = False) -> dict[str, str]:
+        env = {k: v for k, v in self.e.run_env(seed, idx).items() if k not in _PY_ENV_DROP}
+        env.update({
+            "PYTHONSAFEPATH": "1",  # the cwd / script folder is not put on sys.path
+            "PYTHONPATH": str(tree.trusted),  # the lab's trusted files, then the stdlib and site-packages
+            "PYTHONNOUSERSITE": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONPYCACHEPREFIX": "/tmp/nightlab-pycache",  # never a __pycache__ from the tree
+            "NIGHTLAB_TRUSTED_DIR": str(tree.trusted),
+        })
         if holdout:
             env["NIGHTLAB_HOLDOUT_DIR"] = str(self.holdout_dir)
         return env
 
+    def clean_tree(self, commit: str, wt: Path | None, *, holdout: bool = False) -> evaltree.CleanTree:
+        """The clean tree for ``commit`` with the outputs of the run in ``wt``; raises OutputRejected."""
+        e = self.e
+        # holdout files only in the holdout command's tree; [sandbox] hide files in neither, unless they
+        # are also [evaluate] files (hidden from runs, read by the evaluator)
+        exclude = [] if holdout else list(e.spec.holdout.files)
+        keep = [*e.spec.evaluate.files, *e.spec.holdout.files] if holdout else list(e.spec.evaluate.files)
+        return evaltree.build(
+            e.ws, trusted_commit=e.session.base_commit, commit=commit,
+            editable=list(e.spec.files.editable), protected=e.guard.protected, exclude=exclude,
+            hide=e.spec.sandbox.hide,
+            run_root=e.ws.lab_in(wt) if wt is not None else None, outputs=e.spec.evaluate.outputs or [],
+            max_bytes=int(e.spec.evaluate.max_output_mb * 2**20), parent=e.ws.state_dir / "eval", keep=keep)
+
     # ------------------------------------------------------------------ tamper checks
 
     def tamper(self, wt: Path, lab_root: Path, commit: str) -> str | None:
-        """Why the worktree may not be evaluated (protected file changed, importable file planted)."""
-        problem = Guard.verify_protected(lab_root, self.e.protected_hashes)
-        if problem or not self.evaluator_mode:
-            return problem
-        tracked = set(self.e.ws.ls_files(commit))
-        for dirpath, dirnames, filenames in os.walk(lab_root):
-            dirnames[:] = [d for d in dirnames if d not in (".git", ".nightlab", "__pycache__")]
-            for name in filenames:
-                if not name.endswith(IMPORTABLE):
-                    continue
-                rel = (Path(dirpath) / name).relative_to(lab_root).as_posix()
-                if rel not in tracked:
-                    return f"{rel}: the run created an importable file that could shadow the evaluator's code"
-        return None
+        """Why the worktree may not be evaluated: a protected (evaluator, holdout) file changed by the run.
+
+        The evaluator would not see the change (it runs in a clean tree from git objects), but a run
+        that tries is rejected rather than scored.
+        """
+        return Guard.verify_protected(lab_root, self.e.protected_hashes)
 
     # ------------------------------------------------------------------ measurement
 
@@ -208,7 +240,7 @@ class Verifier:
         if problem:
             self.e.events.emit("guard", experiment=idx, stage="after-run", ok=False, reason=problem)
             return Measurement(None, error=f"protected: {problem}"), f"protected: {problem}"
-        inline = measure(self.e.spec.metric, log_path, lab_root)
+        inline = self.sane(measure(self.e.spec.metric, log_path, lab_root))
         if not self.evaluator_mode:
             return inline, ""
         if not run_ok:
@@ -216,29 +248,40 @@ class Verifier:
                                        error="the run failed; not evaluated"), ""
         elog = log_path.with_name(f"evaluate{tag}.log")
         spec = self.e.spec.evaluate
-        pol = self._eval_policy(wt)
-        self.e.events.emit("sandbox.start", experiment=idx, command=spec.command, cwd=str(lab_root),
-                           mode=pol.mode, network=False, stage="evaluate",
-                           hidden=[str(h) for h in pol.hidden])
-        res = sandbox.run(spec.command, cwd=lab_root, env=self._eval_env(seed, idx), policy=pol,
-                          timeout_s=spec.timeout_s, log_path=elog, kill_grace_s=self.e.spec.run.kill_grace_s,
-                          cancel=self.e.stop.cancel)
-        self.e.events.emit("sandbox.exit", experiment=idx, stage="evaluate", exit_code=res.exit_code,
-                           timed_out=res.timed_out, wall_s=round(res.wall_s, 3))
-        # the tree must still be intact after the evaluator (it runs the editable code's imports too)
-        problem = Guard.verify_protected(lab_root, self.e.protected_hashes)
-        if problem:
-            return Measurement(None, error=f"protected: {problem}"), f"protected: {problem}"
-        if not res.ok:
-            why = "timed out" if res.timed_out else f"exited with {res.exit_code}"
-            tail = " | ".join(sandbox.tail(elog, 3).splitlines())
-            return Measurement(None, trust="evaluator", error=f"evaluator {why}: {tail}"[:500]), ""
-        m = measure(_eval_metric_spec(self.e.spec.metric), elog, lab_root, trust="evaluator")
+        try:
+            tree = self.clean_tree(commit, wt)
+        except evaltree.OutputRejected as rejected:
+            self.e.events.emit("evaluate.outputs", experiment=idx, ok=False, reason=str(rejected))
+            return Measurement(None, trust="evaluator", error=f"output rejected: {rejected}"), ""
+        try:
+            self.e.events.emit("evaluate.outputs", experiment=idx, ok=True,
+                               outputs=[evaltree.shown(o) for o in tree.outputs[:100]], files=len(tree.outputs),
+                               bytes=tree.output_bytes)
+            pol = self._eval_policy(wt, tree)
+            self.e.events.emit("sandbox.start", experiment=idx, command=spec.command, cwd=str(tree.lab),
+                               mode=pol.mode, network=False, stage="evaluate",
+                               hidden=[str(h) for h in pol.hidden])
+            res = sandbox.run(spec.command, cwd=tree.lab, env=self._eval_env(seed, idx, tree), policy=pol,
+                              timeout_s=spec.timeout_s, log_path=elog, kill_grace_s=self.e.spec.run.kill_grace_s,
+                              cancel=self.e.stop.cancel, run_id=self.e.new_run("evaluate", idx))
+            self.e.events.emit("sandbox.exit", experiment=idx, stage="evaluate", exit_code=res.exit_code,
+                               timed_out=res.timed_out, wall_s=round(res.wall_s, 3))
+            if not res.ok:
+                why = "timed out" if res.timed_out else f"exited with {res.exit_code}"
+                tail = " | ".join(sandbox.tail(elog, 3).splitlines())
+                return Measurement(None, trust="evaluator", error=f"evaluator {why}: {tail}"[:500]), ""
+            m = self.sane(measure(_eval_metric_spec(self.e.spec.metric), elog, tree.lab, trust="evaluator"))
+        finally:
+            evaltree.remove(tree.root)
         # secondary figures the evaluator did not give may come from the run's own block (labelled)
         secondary = dict(m.secondary)
         for k, v in inline.secondary.items():
             secondary.setdefault(k, v)
         return dataclasses.replace(m, secondary=secondary), ""
+
+    def sane(self, m: Measurement) -> Measurement:
+        """Refuse an absurd metric (``[metric] max_abs``/``max_ratio``; see nightlab.measure.sanity)."""
+        return sanity(m, self.e.spec.metric, self.e.session.baseline_metric)
 
     def evidence_extras(self, m: Measurement, log_path: Path) -> dict[str, Any]:
         """What to add to a decision's evidence about where the numbers came from."""
@@ -250,7 +293,7 @@ class Verifier:
                 block = {}
             name = self.e.spec.metric.name
             if name in block:
-                out["run_claimed"] = block[name]  # what the run printed: ignored for the metric
+                out["run_claimed"] = block[name][:200]  # what the run printed: ignored for the metric
             elog = log_path.with_name("evaluate.log")
             try:
                 evaluated = parse_summary(read_log(elog))
@@ -277,7 +320,8 @@ class Verifier:
                           mode=pol.mode, stage=label, seed=seed)
             res = sandbox.run(e.spec.run.command, cwd=lab_root, env=e.run_env(seed, idx), policy=pol,
                               timeout_s=e.spec.run.hard_timeout_s, log_path=log_path,
-                              kill_grace_s=e.spec.run.kill_grace_s, cancel=e.stop.cancel)
+                              kill_grace_s=e.spec.run.kill_grace_s, cancel=e.stop.cancel,
+                              run_id=e.new_run(label, idx))
             e.events.emit("sandbox.exit", experiment=idx, stage=label, exit_code=res.exit_code,
                           timed_out=res.timed_out, wall_s=round(res.wall_s, 3))
             if res.interrupted:
@@ -395,22 +439,7 @@ class Verifier:
         else:
             log = e.exp_dir(exp.idx) / "holdout.log"
             log.parent.mkdir(parents=True, exist_ok=True)
-            pol = self._eval_policy(wt, holdout=True)
-            e.events.emit("sandbox.start", experiment=exp.idx, command=h.command, stage="holdout",
-                          mode=pol.mode)
-            res = sandbox.run(h.command, cwd=lab_root, env=self._eval_env(exp.seed, exp.idx, holdout=True),
-                              policy=pol, timeout_s=h.timeout_s, log_path=log,
-                              kill_grace_s=e.spec.run.kill_grace_s, cancel=e.stop.cancel)
-            e.events.emit("sandbox.exit", experiment=exp.idx, stage="holdout", exit_code=res.exit_code,
-                          timed_out=res.timed_out, wall_s=round(res.wall_s, 3))
-            if res.ok:
-                name = h.metric or e.spec.metric.name
-                m = measure(MetricSpec.model_validate({"name": name}), log, lab_root,
-                            trust="verifier")
-                value, error = m.metric, m.error
-            else:
-                why = "timed out" if res.timed_out else f"exited with {res.exit_code}"
-                error = f"holdout command {why}: " + " | ".join(sandbox.tail(log, 3).splitlines())
+            value, error = self._holdout_score(exp, wt, log)
         rec: dict[str, Any] = {"metric": value, "name": h.metric or e.spec.metric.name, "error": error[:500]}
         noise = self.noise()
         hold = dict(noise.get("holdout", {}))
@@ -440,6 +469,34 @@ class Verifier:
         if value is not None:
             secondary["holdout"] = value
         e.ledger.update_experiment(exp.id, secondary=secondary, evidence={**exp.evidence, "holdout": rec})
+
+    def _holdout_score(self, exp: Experiment, wt: Path, log: Path) -> tuple[float | None, str]:
+        """Run the holdout command in a clean tree of the kept commit (holdout files included)."""
+        e = self.e
+        h = e.spec.holdout
+        assert exp.commit is not None
+        try:
+            tree = self.clean_tree(exp.commit, wt, holdout=True)
+        except evaltree.OutputRejected as rejected:
+            return None, f"output rejected: {rejected}"
+        try:
+            pol = self._eval_policy(wt, tree, holdout=True)
+            e.events.emit("sandbox.start", experiment=exp.idx, command=h.command, stage="holdout",
+                          mode=pol.mode, cwd=str(tree.lab))
+            res = sandbox.run(h.command, cwd=tree.lab, env=self._eval_env(exp.seed, exp.idx, tree, holdout=True),
+                              policy=pol, timeout_s=h.timeout_s, log_path=log,
+                              kill_grace_s=e.spec.run.kill_grace_s, cancel=e.stop.cancel,
+                              run_id=e.new_run("holdout", exp.idx))
+            e.events.emit("sandbox.exit", experiment=exp.idx, stage="holdout", exit_code=res.exit_code,
+                          timed_out=res.timed_out, wall_s=round(res.wall_s, 3))
+            if not res.ok:
+                why = "timed out" if res.timed_out else f"exited with {res.exit_code}"
+                return None, f"holdout command {why}: " + " | ".join(sandbox.tail(log, 3).splitlines())
+            name = h.metric or e.spec.metric.name
+            m = measure(MetricSpec.model_validate({"name": name}), log, tree.lab, trust="verifier")
+            return m.metric, m.error
+        finally:
+            evaltree.remove(tree.root)
 
     # ------------------------------------------------------------------ replay and verify
 

@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from nightlab import escape
 from nightlab.errors import GitError, UsageError
 
 _GIT_ENV = {
@@ -78,17 +79,19 @@ class Workspace:
 
     def _run(self, args: list[str], *, cwd: Path | None = None, input: str | None = None,
              check: bool = True) -> str:
+        # bytes in and out: a file name or a diff line that is not UTF-8 travels as surrogateescape
+        # (what os.fsdecode gives, so the path still names the file); storing it escapes it
         proc = subprocess.run(
             ["git", *_GIT_CFG, *args],
             cwd=cwd or self.lab_dir,
             env=self._env,
-            input=input,
+            input=None if input is None else input.encode("utf-8", "surrogateescape"),
             capture_output=True,
-            text=True,
         )
         if check and proc.returncode != 0:
-            raise GitError(f"git {' '.join(args[:3])} failed: {proc.stderr.strip()[:500]}")
-        return proc.stdout
+            err = proc.stderr.decode("utf-8", "backslashreplace").strip()
+            raise GitError(f"git {' '.join(args[:3])} failed: {err[:500]}")
+        return proc.stdout.decode("utf-8", "surrogateescape")
 
     def git(self, *args: str, cwd: Path | None = None) -> str:
         return self._run(list(args), cwd=cwd)
@@ -169,7 +172,8 @@ class Workspace:
             cwd=self.lab_dir, env=self._env, capture_output=True,
         )
         if proc.returncode != 0:
-            raise GitError(f"cannot read {lab_path} at {commit[:10]}: {proc.stderr.decode()[:200]}")
+            raise GitError(f"cannot read {lab_path} at {commit[:10]}: "
+                           f"{proc.stderr.decode('utf-8', 'backslashreplace')[:200]}")
         return proc.stdout
 
     def diff(self, a: str, b: str) -> str:
@@ -194,14 +198,59 @@ class Workspace:
             self._run(["worktree", "prune"], check=False)
 
     def remove_stale_worktrees(self, prefix: str) -> list[Path]:
+        """Remove the worktrees a killed harness left: folders under ``.nightlab/worktrees`` whose
+        name starts with ``prefix`` and their registrations in ``.git/worktrees``.
+
+        A kill inside ``git worktree add`` leaves the registration locked (a ``locked`` file saying
+        "initializing"), which ``git worktree prune`` skips forever: such locks are removed first,
+        but only on nightlab's own registrations (pointing into ``.nightlab/worktrees`` under
+        ``prefix``, or, when git died before writing ``gitdir``, named ``prefix…`` and locked by
+        git's "initializing" or an empty lock). Returns the folders removed.
+        """
         removed = []
-        if self.worktrees_dir.exists():
-            for p in sorted(self.worktrees_dir.iterdir()):
-                if p.name.startswith(prefix):
-                    shutil.rmtree(p, ignore_errors=True)
-                    removed.append(p)
-        self._run(["worktree", "prune"], check=False)
+        with self._worktree_lock:
+            for admin, target in self._own_registrations(prefix):
+                (admin / "locked").unlink(missing_ok=True)
+                if target is not None and target.exists() and target not in removed:
+                    shutil.rmtree(target, ignore_errors=True)
+                    removed.append(target)
+            if self.worktrees_dir.exists():
+                for p in sorted(self.worktrees_dir.iterdir()):
+                    if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink():
+                        shutil.rmtree(p, ignore_errors=True)
+                        if p not in removed:
+                            removed.append(p)
+            self._run(["worktree", "prune"], check=False)  # unlocked, without a folder or gitdir: gone
         return removed
+
+    def _own_registrations(self, prefix: str) -> list[tuple[Path, Path | None]]:
+        """``(admin dir, worktree folder or None)`` of nightlab's registrations named ``prefix…``."""
+        admin_root = self.git_dir / "worktrees"
+        if not admin_root.is_dir():
+            return []
+        mine = os.path.realpath(self.worktrees_dir)
+        out: list[tuple[Path, Path | None]] = []
+        for admin in sorted(admin_root.iterdir()):
+            if not admin.is_dir():
+                continue
+            try:
+                gitdir = (admin / "gitdir").read_text(encoding="utf-8", errors="surrogateescape").strip()
+            except OSError:
+                gitdir = ""
+            if gitdir:
+                target = Path(os.path.realpath(os.path.dirname(gitdir)))
+                if str(target.parent) == mine and target.name.startswith(prefix):
+                    out.append((admin, Path(self.worktrees_dir / target.name)))
+                continue
+            try:
+                locked = (admin / "locked").read_text(errors="replace").strip()
+            except OSError:
+                locked = ""
+            # git writes `locked` before `gitdir`: killed in between, it holds "initializing" (or
+            # nothing, killed inside that write); no user lock exists without a gitdir
+            if admin.name.startswith(prefix) and locked in ("", "initializing"):
+                out.append((admin, None))
+        return out
 
     def lab_in(self, worktree: Path) -> Path:
         return worktree / self.lab_rel if self.lab_rel else worktree
@@ -218,21 +267,29 @@ class Workspace:
                 raise ApplyError(f"{lab_path}: resolves outside the worktree")
             if target.is_symlink():
                 raise ApplyError(f"{lab_path}: is a symlink in the worktree")
+            try:
+                data = text.encode("utf-8", "surrogateescape")  # bytes a researcher read as surrogates
+            except UnicodeEncodeError as e:
+                raise ApplyError(f"{escape.text(lab_path)}: text not writable as UTF-8 ({e.reason})") from None
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text, encoding="utf-8")
+            target.write_bytes(data)
 
     def apply_diff(self, worktree: Path, diff: str) -> None:
         if not diff.endswith("\n"):
             diff += "\n"
+        try:
+            data = diff.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError as e:
+            raise ApplyError(f"the diff cannot be written as UTF-8 ({e.reason})") from None
         args = ["apply", "--whitespace=nowarn", "--recount"]
         if self.lab_rel:
             args.append(f"--directory={self.lab_rel}")
         proc = subprocess.run(
-            ["git", *_GIT_CFG, *args, "-"], cwd=worktree, env=self._env, input=diff,
-            capture_output=True, text=True,
+            ["git", *_GIT_CFG, *args, "-"], cwd=worktree, env=self._env,
+            input=data, capture_output=True,
         )
         if proc.returncode != 0:
-            raise ApplyError(proc.stderr.strip()[:2000] or "git apply failed")
+            raise ApplyError(proc.stderr.decode("utf-8", "backslashreplace").strip()[:2000] or "git apply failed")
 
     def stage(self, worktree: Path) -> list[Change]:
         """Stage everything in the worktree and report what changed against HEAD."""
@@ -256,6 +313,44 @@ class Workspace:
     def commit_staged(self, worktree: Path, message: str) -> tuple[str, str]:
         """Commit what :meth:`stage` staged; return (sha, canonical diff against the parent)."""
         diff = self._run(["diff", "--cached", "--no-color", "--no-ext-diff", "HEAD"], cwd=worktree)
-        self._run(["commit", "-q", "--no-verify", "--allow-empty-message", "-m", message], cwd=worktree)
+        self._run(["commit", "-q", "--no-verify", "--allow-empty-message", "-m", escape.text(message)],
+                  cwd=worktree)
         sha = self._run(["rev-parse", "HEAD"], cwd=worktree).strip()
         return sha, diff
+
+    # ------------------------------------------------------------------ the user's working tree
+
+    def uncommitted(self) -> list[str]:
+        """Repo-relative paths under the lab folder that differ from HEAD: staged, unstaged, or
+        untracked and not ignored (``git status``; nothing is written)."""
+        out = self._run(["status", "--porcelain=v1", "-z", "--untracked-files=all", "--no-renames", "--", "."])
+        return sorted({entry[3:] for entry in out.split("\0") if len(entry) > 3})
+
+    def changed_between(self, a: str, b: str) -> list[str]:
+        """Repo-relative paths that differ between commits ``a`` and ``b``."""
+        out = self._run(["diff", "--name-only", "-z", "--no-renames", a, b, "--"])
+        return sorted(p for p in out.split("\0") if p)
+
+    def snapshot(self, message: str) -> str:
+        """A commit of the working tree as ``git add -A`` would stage it, on top of HEAD.
+
+        Made with a private index (``GIT_INDEX_FILE``), ``write-tree`` and ``commit-tree``: the
+        user's index, HEAD and branches are not touched. Ignored files (and ``.nightlab/``) stay out.
+        """
+        import tempfile
+
+        head = self.head()
+        with tempfile.TemporaryDirectory(prefix="nightlab-index-") as tmp:
+            env = {**self._env, "GIT_INDEX_FILE": str(Path(tmp) / "index")}
+
+            def git(*args: str) -> str:
+                proc = subprocess.run(["git", *_GIT_CFG, *args], cwd=self.repo_root, env=env,
+                                      capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise GitError(f"git {' '.join(args[:2])} failed: {proc.stderr.strip()[:500]}")
+                return proc.stdout.strip()
+
+            git("read-tree", head)
+            git("add", "-A", "--", ".")
+            tree = git("write-tree")
+            return git("commit-tree", tree, "-p", head, "-m", message)

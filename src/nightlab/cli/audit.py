@@ -58,7 +58,10 @@ def audit() -> None:
 def verify_cmd(lab: Path, db: str | None, public_key: Path | None) -> None:
     """Check the hash chain, checkpoint signatures and the tail; name the first broken record.
 
-    Exit status 0 when intact, 1 when broken.
+    The tail is checked against the ledger's anchor (record count and head hash, stored at every
+    decision and at the start of every proposal, experiment and run) and the checkpoint file; the
+    records after the last anchor are counted: cutting those cannot be detected. Exit status 0 when
+    intact, 1 when broken (a record altered, deleted or reordered, or records an anchor counted missing).
     """
     state = _state_dir(lab)
     path = state / LOG_FILE
@@ -67,7 +70,14 @@ def verify_cmd(lab: Path, db: str | None, public_key: Path | None) -> None:
     with _open_ledger(lab, db) as ledger:
         result, note = verify_lab(state, ledger, public_key_path=public_key)
     if result.ok:
-        click.echo(f"{path}: OK, {result.count} records, head {result.head[:16]}")
+        if result.last_anchor:
+            tail = (f"{result.unanchored} record{'s' if result.unanchored != 1 else ''} after it "
+                    f"{'are' if result.unanchored != 1 else 'is'} unanchored") if result.unanchored \
+                else "nothing after it"
+            where = f"last anchor at record {result.last_anchor} ({tail})"
+        else:
+            where = f"no anchor: a cut of its last records could not be detected ({result.count} unanchored)"
+        click.echo(f"{path}: OK: {result.count} records, chain intact, {where}, head {result.head[:16]}")
         if result.signed_checkpoints:
             click.echo(f"  {result.signed_checkpoints} signed checkpoint(s) verified")
         if result.anchored:

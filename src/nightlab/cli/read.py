@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -22,9 +23,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from nightlab.cli.errors import NightlabClickError
 from nightlab.errors import NightlabError, UsageError
 from nightlab.export import FORMATS, export
-from nightlab.ledger import DB_ENV, Ledger
+from nightlab.ledger_read import LedgerReads, open_fast
+from nightlab.text import clip
 from nightlab.types import Experiment, Session, Status
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -38,15 +41,8 @@ STATUS_STYLE = {
     Status.INVALID: "magenta",
     Status.REJECTED: "magenta",
     Status.INTERRUPTED: "dim",
+    Status.PRUNED: "dark_orange",
 }
-
-
-class _NightlabClickError(click.ClickException):
-    """A :class:`NightlabError` shown the click way: ``Error: message`` and the fix."""
-
-    def __init__(self, err: NightlabError) -> None:
-        super().__init__(str(err))
-        setattr(self, "exit_code", err.exit_code)  # noqa: B010 (click declares it a class variable)
 
 
 def _errors(fn: F) -> F:
@@ -55,7 +51,7 @@ def _errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except NightlabError as e:
-            raise _NightlabClickError(e) from None
+            raise NightlabClickError(e) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -77,21 +73,31 @@ def _common(fn: F) -> F:
     return fn
 
 
-def _open(lab: Path, db: str | None, tag: str | None) -> tuple[Ledger, Session]:
+DB_ENV = "NIGHTLAB_DB"  # as nightlab.ledger.DB_ENV (not imported: it imports SQLAlchemy)
+
+
+def _open(lab: Path, db: str | None, tag: str | None) -> tuple[LedgerReads, Session]:
     """The lab's ledger and the session ``tag`` (the latest when None). Caller closes the ledger.
 
+    The lab's own SQLite ledger is read with ``sqlite3`` (:mod:`nightlab.ledger_read`), anything
+    else (``--db``, ``$NIGHTLAB_DB``, a ledger that needs a migration) through SQLAlchemy.
     Raises UsageError when there is no ledger or no such session; never creates a ledger.
     """
     where = Path(lab) / ".nightlab"
     none = UsageError(f"no nightlab session in {where}", fix="run `nightlab run`")
-    if db is None and not os.environ.get(DB_ENV) and not (where / "ledger.db").is_file():
+    url = db or os.environ.get(DB_ENV)
+    if url is None and not (where / "ledger.db").is_file():
         raise none
-    led = Ledger.for_lab(Path(lab), db)
+    led: LedgerReads | None = open_fast(where / "ledger.db") if url is None else None
+    if led is None:
+        from nightlab.ledger import Ledger
+
+        led = Ledger.for_lab(Path(lab), db)
     try:
         session = led.get_session(tag) if tag else led.latest_session()
         if session is None and tag:
             tags = ", ".join(s.tag for s in led.list_sessions()) or "none"
-            raise UsageError(f"no session '{tag}' in {led!r}", fix=f"sessions: {tags}")
+            raise UsageError(f"no session '{tag}' in {led.shown}", fix=f"sessions: {tags}")
         if session is None:
             raise none
     except BaseException:
@@ -105,7 +111,22 @@ def _console() -> Console:
 
 
 def _fmt(x: float | None, digits: int = 6) -> str:
-    return "—" if x is None else f"{x:.{digits}f}"
+    """Fixed-point for ordinary values; huge or non-finite ones compactly (never 300 digits)."""
+    if x is None:
+        return "—"
+    if not math.isfinite(x) or abs(x) >= 1e12:
+        return f"{x:.{digits}g}"
+    return f"{x:.{digits}f}"
+
+
+def _signed(x: float, digits: int = 6) -> str:
+    return f"{x:+.{digits}g}" if not math.isfinite(x) or abs(x) >= 1e12 else f"{x:+.{digits}f}"
+
+
+def _warnings(e: Experiment) -> list[str]:
+    """Warnings stored with the measurement (duplicate keys, an absurd metric refused)."""
+    ws = e.evidence.get("warnings") if isinstance(e.evidence, dict) else None
+    return [str(w) for w in ws] if isinstance(ws, list) else []
 
 
 def _short(sha: str | None) -> str:
@@ -116,7 +137,7 @@ def _status_text(status: Status) -> Text:
     return Text(status.value, style=STATUS_STYLE.get(status, ""))
 
 
-def _baseline(led: Ledger, session: Session) -> float | None:
+def _baseline(led: LedgerReads, session: Session) -> float | None:
     if session.baseline_metric is not None:
         return session.baseline_metric
     base = led.get_experiment(session.id, 0)
@@ -127,11 +148,17 @@ def _improvement(session: Session, new: float | None, old: float | None) -> str:
     if new is None or old is None:
         return "—"
     gain = session.direction.improvement(new, old)
-    pct = f" ({100 * gain / abs(old):+.2f}%)" if old != 0 else ""
-    return f"{gain:+.6f}{pct}"
+    ratio = 100 * gain / abs(old) if old != 0 else math.nan
+    if not math.isfinite(ratio):
+        pct = ""
+    elif abs(ratio) >= 1e6:
+        pct = f" ({ratio:+.3g}%)"
+    else:
+        pct = f" ({ratio:+.2f}%)"
+    return f"{_signed(gain)}{pct}"
 
 
-def _latency(led: Ledger, session_id: int) -> dict[str, float]:
+def _latency(led: LedgerReads, session_id: int) -> dict[str, float]:
     """Mean proposal and run seconds of the session's experiments (the baseline has no proposal)."""
     exps = [e for e in led.experiments(session_id) if e.idx > 0 and e.status is not Status.RUNNING]
     return {"n": len(exps), "propose_s": sum(e.propose_s for e in exps), "run_s": sum(e.run_s for e in exps)}
@@ -139,8 +166,16 @@ def _latency(led: Ledger, session_id: int) -> dict[str, float]:
 
 @click.command()
 @_common
-def status(lab: Path, db: str | None, tag: str | None) -> None:
-    """Where a session stands: incumbent, improvement, counts, cost."""
+@click.option("--all", "all_labs", is_flag=True,
+              help="every lab you follow (`nightlab labs`) and every lab of the --db ledger, as one table")
+@click.option("--registry", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="with --all: the lab registry file (default: ~/.config/nightlab/labs.toml)")
+def status(lab: Path, db: str | None, tag: str | None, all_labs: bool = False, registry: Path | None = None) -> None:
+    """Where a session stands: incumbent, improvement, counts, cost (--all: every lab you follow)."""
+    if all_labs:
+        from nightlab.cli.labs import print_all
+
+        return print_all(registry, db)
     led, s = _open(lab, db, tag)
     with led:
         counts = led.count_by_status(s.id)
@@ -149,6 +184,7 @@ def status(lab: Path, db: str | None, tag: str | None) -> None:
         lat = _latency(led, s.id)
         baseline = _baseline(led, s)
         extra = led.session_json(s.id)[1]
+        pruned = led.experiments(s.id, status=Status.PRUNED)
     con = _console()
     t = Table.grid(padding=(0, 2))
     t.add_column(style="bold")
@@ -174,12 +210,22 @@ def status(lab: Path, db: str | None, tag: str | None) -> None:
     if lat["n"]:
         t.add_row("latency", f"propose {lat['propose_s'] / lat['n']:.1f}s  run {lat['run_s'] / lat['n']:.1f}s  "
                              f"per experiment (mean of {lat['n']})")
+    if pruned:
+        from nightlab import prune  # imports Optuna: only for sessions that pruned runs
+
+        n_pruned, saved = prune.savings(pruned)
+        t.add_row("pruning", f"{n_pruned} run(s) stopped early, about {saved:.1f}s of run time saved")
     noise = extra.get("sigma")
     if noise is not None:
         t.add_row("noise", f"sigma {float(noise):.6g} from {extra.get('k', '?')} baseline runs")
     hold = extra.get("holdout") or {}
     if isinstance(hold, dict) and hold.get("baseline") is not None:
         t.add_row("holdout", f"baseline {_fmt(hold.get('baseline'))}  latest {_fmt(hold.get('latest'))}")
+    moves = [r for r in extra.get("rebaselines") or [] if isinstance(r, dict)]
+    if moves:
+        m = moves[-1]
+        t.add_row("re-baselined", Text(f"at #{m.get('at_idx')} on {str(m.get('to', ''))[:10]} ({m.get('why', '')})"
+                                       + (f", {len(moves)} times" if len(moves) > 1 else "")))
     for w in extra.get("warnings") or []:
         t.add_row("warning", Text(str(w), style="yellow"))
     ex = extra.get("executor") or {}
@@ -190,7 +236,7 @@ def status(lab: Path, db: str | None, tag: str | None) -> None:
         e = last[0]
         line = Text(f"#{e.idx} ")
         line.append_text(_status_text(e.status))
-        line.append(f"  {_fmt(e.metric)}  {e.description[:80]}")
+        line.append(f"  {_fmt(e.metric)}  {clip(e.description, 80)}")
         t.add_row("last", line)
     con.print(t)
 
@@ -220,7 +266,12 @@ def log(lab: Path, db: str | None, tag: str | None, status_: str | None, limit: 
     t.add_column("trust", no_wrap=True)
     t.add_column("run s", justify="right", no_wrap=True)
     t.add_column("description")
+    warned = 0
     for e in rows:
+        cell = Text(clip(e.description, 44))
+        if _warnings(e):
+            warned += 1
+            cell = Text("⚠ ", style="bold yellow") + cell
         t.add_row(
             str(e.idx),
             _status_text(e.status),
@@ -228,9 +279,13 @@ def log(lab: Path, db: str | None, tag: str | None, status_: str | None, limit: 
             _delta(s, e, kept_metric),
             e.trust if e.metric is not None else "",
             f"{e.run_s:.1f}",
-            Text(e.description if len(e.description) <= 44 else e.description[:43] + "…"),
+            cell,
         )
-    _console().print(t)
+    con = _console()
+    con.print(t)
+    if warned:
+        con.print(Text(f"⚠ {warned} experiment(s) with measurement warnings (duplicate keys, absurd metrics): "
+                       "see `nightlab show N`", style="yellow"))
 
 
 def _delta(s: Session, e: Experiment, kept_metric: dict[str, float]) -> Text:
@@ -239,10 +294,10 @@ def _delta(s: Session, e: Experiment, kept_metric: dict[str, float]) -> Text:
         return Text("")
     diff = e.metric - parent
     style = "green" if s.direction.better(e.metric, parent) else "red" if diff else ""
-    return Text(f"{diff:+.6f}", style=style)
+    return Text(_signed(diff), style=style)
 
 
-def _get(led: Ledger, s: Session, n: int) -> Experiment:
+def _get(led: LedgerReads, s: Session, n: int) -> Experiment:
     e = led.get_experiment(s.id, n)
     if e is None:
         count = led.count_experiments(s.id)
@@ -271,6 +326,8 @@ def show(lab: Path, db: str | None, tag: str | None, n: int) -> None:
     trust = f"  (trust: {e.trust})" if e.metric is not None else ""
     t.add_row("metric", Text(f"{s.metric_name} = {_fmt(e.metric)}{trust}"))
     t.add_row("secondary", Text(", ".join(f"{k} = {v}" for k, v in sorted(e.secondary.items())) or "—"))
+    for w in _warnings(e):
+        t.add_row("warning", Text(w, style="yellow"))
     t.add_row("parent", e.parent_commit or "—")
     t.add_row("commit", e.commit or "—")
     t.add_row("seed", str(e.seed))
@@ -287,7 +344,7 @@ def show(lab: Path, db: str | None, tag: str | None, n: int) -> None:
     t.add_row("rationale", Text(e.rationale or "—"))
     t.add_row("params", Text(json.dumps(e.params, sort_keys=True, default=str) if e.params else "—"))
     t.add_row("evidence", Text(json.dumps(e.evidence, sort_keys=True, default=str) if e.evidence else "—"))
-    if e.worktree:
+    if e.worktree and Path(e.worktree).is_dir():  # removed after the run: not shown as if it were there
         t.add_row("worktree", Text(e.worktree))
     con.print(t)
     if e.log_tail:
@@ -317,10 +374,23 @@ def diff(lab: Path, db: str | None, tag: str | None, n: int) -> None:
     help="write here (default: stdout)",
 )
 @click.option("--memory-key", default="", help="secondary figure in MB for the tsv memory_gb column")
+@click.option("--mlflow", "to_mlflow", is_flag=True,
+              help="log every experiment as an MLflow run instead (pip install 'nightlab[mlflow]'); idempotent")
+@click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKING_URI",
+              help="with --mlflow: the tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's default)")
 def export_cmd(
-    lab: Path, db: str | None, tag: str | None, fmt: str, output: Path | None, memory_key: str
+    lab: Path, db: str | None, tag: str | None, fmt: str, output: Path | None, memory_key: str,
+    to_mlflow: bool = False, tracking_uri: str | None = None,
 ) -> None:
-    """Export the session: karpathy-compatible results.tsv, CSV or JSONL."""
+    """Export the session: karpathy-compatible results.tsv, CSV or JSONL, or MLflow runs (--mlflow)."""
+    if to_mlflow:
+        from nightlab.api import Lab
+        from nightlab.mlflow_export import export_mlflow
+
+        r = export_mlflow(Lab(lab, db), tag, tracking_uri)
+        click.echo(f"MLflow experiment {r.experiment_id} at {r.tracking_uri}: {r.created} runs created, "
+                   f"{r.replaced} replaced, {r.unchanged} unchanged")
+        return
     led, s = _open(lab, db, tag)
     with led:
         if output is None:

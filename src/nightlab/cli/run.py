@@ -41,6 +41,11 @@ def _summary(session: Session, lab: Path) -> None:
 @lab_option
 @click.option("--tag", default=None, help="Session name; the branch is nightlab/<tag>. Default: today, e.g. nov23.")
 @click.option("--resume", is_flag=True, help="Continue a session (default: the latest) from its incumbent.")
+@click.option("--rebaseline", is_flag=True,
+              help="With --resume: re-measure the baseline at the lab's HEAD and continue the session from there "
+                   "(after a change to the metric, the commands or the code).")
+@click.option("--allow-dirty", is_flag=True,
+              help="Snapshot uncommitted changes into the session's first commit instead of refusing them.")
 @db_option
 @click.option("--max-experiments", type=click.IntRange(min=0), default=None,
               help="Override [stop] max_experiments.")
@@ -55,7 +60,8 @@ def _summary(session: Session, lab: Path) -> None:
 @click.option("--address", default=None, help="Ray cluster address (auto, ray://host:port); implies --executor ray.")
 @click.option("--plain", is_flag=True, help="Plain log lines instead of the live view.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the final summary.")
-def run(lab: Path, tag: str | None, resume: bool, db: str | None, max_experiments: int | None,
+def run(lab: Path, tag: str | None, resume: bool, rebaseline: bool, allow_dirty: bool, db: str | None,
+        max_experiments: int | None,
         sandbox: str | None, autonomy: str | None, slots: int | None, executor_kind: str | None,
         address: str | None, plain: bool, quiet: bool) -> None:
     """Run (or resume) a research session until a stop rule fires.
@@ -73,7 +79,7 @@ def run(lab: Path, tag: str | None, resume: bool, db: str | None, max_experiment
         executor["kind"] = executor_kind
     engine = Engine(lab, tag=tag, resume=resume, db_url=db, reporter=make_reporter(quiet, plain or None),
                     max_experiments=max_experiments, sandbox_mode=sandbox, autonomy=autonomy,
-                    executor=executor or None)
+                    executor=executor or None, allow_dirty=allow_dirty, rebaseline=rebaseline)
     session = _run_engine(engine)
     _summary(session, lab)
     if session.stop_reason.startswith("interrupted"):

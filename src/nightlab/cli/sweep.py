@@ -21,8 +21,9 @@ import click
 
 from nightlab import researchers
 from nightlab.console import fmt_metric, make_reporter
-from nightlab.engine import Engine, default_tag, install_signal_handlers
+from nightlab.engine import Engine, default_tag
 from nightlab.errors import UsageError
+from nightlab.ledger import Ledger
 from nightlab.spec import SPEC_FILE, ResearcherSpec, load_spec
 from nightlab.types import Direction, Experiment, Usage
 
@@ -69,32 +70,32 @@ def curve(exps: list[Experiment], direction: Direction) -> tuple[tuple[int, floa
 
 def run_sweep(lab: Path, knob: str, values: list[Any], experiments: int, base: str, *,
               db: str | None = None, sandbox: str | None = None, quiet: bool = True) -> list[SweepRow]:
+    """One session per setting: a :mod:`nightlab.compare` comparison with one seed (tags ``<base>-<knob><v>``)."""
+    from nightlab import compare as cmp
+
     spec = load_spec(lab)
     for v in values:  # every setting must validate before the first session starts
         rspec = ResearcherSpec.model_validate({**spec.researcher.model_dump(), knob: v})
         researchers.validate_options(lab / SPEC_FILE, rspec)
+    arms = [cmp.Arm(re.sub(r"[^A-Za-z0-9_-]", "_", f"{knob}{v}")[:32], "", ((f"researcher.{knob}", v),))
+            for v in values]
+    plan = cmp.Plan(base, arms, 1, cmp.Budget("experiments", experiments), chunk=experiments, seedless_tags=True)
+
+    def engine(*args: Any, **kw: Any) -> Engine:
+        return Engine(*args, reporter=make_reporter(quiet, True), **kw)
+
+    cmp.run_compare(lab, plan, db=db, sandbox=sandbox, engine_factory=engine)
     rows = []
-    for v in values:
-        tag = f"{base}-{knob}{v}".replace(" ", "")
-        tag = re.sub(r"[^A-Za-z0-9._-]", "_", tag)
-        spec = load_spec(lab)
-        researcher = researchers.create(spec, lab.resolve(), overrides={knob: v})
-        engine = Engine(lab, tag=tag, db_url=db, reporter=make_reporter(quiet, True), researcher=researcher,
-                        max_experiments=experiments, sandbox_mode=sandbox)
-        restore = install_signal_handlers(engine)
-        try:
-            session = engine.run()
-            exps = engine.ledger.experiments(session.id)
-            usage = engine.ledger.usage_totals(session.id)
-        finally:
-            restore()
-            engine.close()
-        tried = [e for e in exps if e.idx > 0]
-        rows.append(SweepRow(f"{knob}={v}", tag, session.incumbent_metric, len(tried),
-                             sum(1 for e in tried if e.status.value == "keep"), usage,
-                             curve(exps, session.direction)))
-        if session.stop_reason.startswith("interrupted"):
-            break
+    with Ledger.for_lab(lab.resolve(), db) as ledger:
+        for v, arm in zip(values, arms, strict=True):
+            session = ledger.get_session(cmp.session_tag(base, arm.name, 0, True))
+            if session is None:
+                break
+            exps = ledger.experiments(session.id)
+            tried = [e for e in exps if e.idx > 0]
+            rows.append(SweepRow(f"{knob}={v}", session.tag, session.incumbent_metric, len(tried),
+                                 sum(1 for e in tried if e.status.value == "keep"), ledger.usage_totals(session.id),
+                                 curve(exps, session.direction)))
     return rows
 
 

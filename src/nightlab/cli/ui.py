@@ -44,12 +44,23 @@ def _ledger(lab: Path, db: str | None) -> Ledger:
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True)
 @click.option("--token", default=None, envvar="NIGHTLAB_UI_TOKEN",
               help="Access token (required off loopback; approving always needs it). Default: random.")
-def ui(lab: Path, db: str | None, host: str, port: int, token: str | None) -> None:
+@click.option("--home", is_flag=True,
+              help="The home page of every lab you follow (`nightlab labs`) and of the --db ledger, with one "
+                   "approval inbox; each lab's dashboard under /labs/<name>/. Default when --lab has no ledger "
+                   "and the registry has labs.")
+@click.option("--registry", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --home: the lab registry (default: ~/.config/nightlab/labs.toml).")
+def ui(lab: Path, db: str | None, host: str, port: int, token: str | None, home: bool = False,
+       registry: Path | None = None) -> None:
     """Serve the dashboard: sessions, live progress, experiments, costs, audit, approvals.
 
     Works offline: every asset is served by nightlab. Bound to 127.0.0.1 unless --host
     says otherwise; then every request needs the token (open the printed URL once).
     """
+    if not home and db is None and not (lab / ".nightlab" / "ledger.db").exists():
+        from nightlab.labs import Registry
+
+        home = bool(Registry(registry).labs)
     from nightlab.web.security import Access
 
     try:
@@ -62,15 +73,22 @@ def ui(lab: Path, db: str | None, host: str, port: int, token: str | None) -> No
 
     from nightlab.web.app import create_app
 
-    ledger = _ledger(lab, db)
-    app = create_app(ledger, lab.resolve(), access)
+    if home:
+        from nightlab.labs import Registry
+        from nightlab.web.home import create_home_app
+
+        app = create_home_app(access=access, registry=Registry(registry), db_urls=[db] if db else [])
+    else:
+        ledger = _ledger(lab, db)
+        app = create_app(ledger, lab.resolve(), access)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/" + (f"?token={access.token}" if access.public else "")
     click.echo(f"nightlab dashboard on {url}  (Ctrl-C to stop)")
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
-        ledger.close()
+        for led in (app.state.ledgers.values() if home else [ledger]):
+            led.close()
 
 
 @click.command()
@@ -80,12 +98,21 @@ def ui(lab: Path, db: str | None, host: str, port: int, token: str | None) -> No
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False, path_type=Path),
               default="report.html", show_default=True,
               help="HTML file to write; progress.png is written beside it.")
-def report(lab: Path, db: str | None, tag: str | None, output: Path) -> None:
+@click.option("--compare", "comparison", default=None, metavar="NAME",
+              help="Report the comparison NAME (`nightlab compare`) instead of a session.")
+def report(lab: Path, db: str | None, tag: str | None, output: Path, comparison: str | None = None) -> None:
     """Write one self-contained HTML report (charts inline) and progress.png, from the ledger alone."""
     _need("jinja2", "matplotlib")
-    from nightlab.report import write_report
+    from nightlab.report import render_compare_html, write_report
 
     ledger = _ledger(lab, db)
+    if comparison:
+        try:
+            output.write_text(render_compare_html(ledger, comparison), encoding="utf-8")
+        finally:
+            ledger.close()
+        click.echo(f"wrote {output}")
+        return
     try:
         html, png = write_report(ledger, output, tag)
     finally:

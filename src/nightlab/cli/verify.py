@@ -28,7 +28,7 @@ def open_session_engine(lab: Path, tag: str | None, db: str | None, sandbox: str
         session = ledger.get_session(tag) if tag else ledger.latest_session()
         if session is None:
             what = f"session '{tag}'" if tag else "any session"
-            raise UsageError(f"no {what} in {ledger.url}",
+            raise UsageError(f"no {what} in {ledger.shown}",
                              "start one with `nightlab run` or `nightlab calibrate`")
         spec_json, _ = ledger.session_json(session.id)
     spec = Spec.model_validate_json(spec_json)

@@ -86,7 +86,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nightlab import sandbox
+from nightlab import globs, sandbox
 from nightlab.errors import UsageError
 from nightlab.measure import measure
 from nightlab.spec import MetricSpec
@@ -111,7 +111,8 @@ class RemoteJob:
     memory_mb: int
     metric: dict[str, Any]  # MetricSpec.model_dump(); re-validated on the worker
     data_dir: str | None  # NIGHTLAB_DATA_DIR: bound read-only where it exists on the worker
-    hide: tuple[str, ...] = ()  # paths relative to the lab folder hidden from the run ([sandbox] hide)
+    hide: tuple[str, ...] = ()  # globs of lab paths hidden from the run ([sandbox] hide, [holdout] files)
+    max_log_bytes: int = 20 * 1024 * 1024  # [run] max_log_mb: the log keeps its head and tail within this
 
 
 @dataclass(frozen=True)
@@ -195,10 +196,10 @@ def run_job(job: RemoteJob, *, extra_env: dict[str, str] | None = None,
                 readonly.append(Path(job.data_dir))
         # Hide the temp root (other jobs' trees, our own log) and Ray's state (its auth token);
         # the tree itself is re-exposed writable because deeper mounts win.
-        hidden = (work.parent, *extra_hidden, *(lab_root / h for h in job.hide))
+        hidden = (work.parent, *extra_hidden, *(lab_root / h for h in globs.cover(lab_root, job.hide)))
         policy = sandbox.SandboxPolicy(
             mode=mode, network=job.network, writable=(tree,), readonly=tuple(readonly),
-            hidden=tuple(dict.fromkeys(hidden)), memory_mb=job.memory_mb,
+            hidden=tuple(dict.fromkeys(hidden)), memory_mb=job.memory_mb, max_log_bytes=job.max_log_bytes,
         )
         log_path = work / "run.log"
         res = sandbox.run(job.command, cwd=lab_root, env=env, policy=policy, timeout_s=job.timeout_s,

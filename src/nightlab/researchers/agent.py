@@ -28,9 +28,10 @@ or nothing).
 **Permissions.** Under bubblewrap (``sandbox = "auto"`` where installed, or ``"required"``)
 the agent gets: the network (it must reach its model API); write access to its worktree and
 to its own config paths in ``$HOME`` that exist (below) and ``writable`` extras; the rest of
-the file system read-only, the lab's ``.nightlab/`` (ledger, artifacts, other worktrees) and
-``[sandbox] hide`` paths hidden; the environment of nightlab, API keys included (the agent
-needs its key; the transcript is redacted). The presets add their own tool permissions:
+the file system read-only, the lab's ``.nightlab/`` (ledger, artifacts, other worktrees),
+``[sandbox] hide`` and ``[holdout] files`` hidden (the lab's and the worktree's copies); the
+environment of nightlab, API keys included (the agent needs its key; the transcript is
+redacted). The presets add their own tool permissions:
 
 - ``claude``: ``claude -p … --output-format json --permission-mode acceptEdits --allowedTools
   Read,Edit,Write,Glob,Grep``: reads and edits files, no shell, no web; writes ``~/.claude``,
@@ -50,6 +51,7 @@ is rejected), but it stays on disk.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shlex
@@ -61,7 +63,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from nightlab import sandbox
+from nightlab import globs, sandbox
 from nightlab.context import ContextOptions, build_prompt, redact, secret_values
 from nightlab.pricing import Price, cost_usd
 from nightlab.types import Candidate, Experiment, Usage
@@ -115,44 +117,49 @@ def parse_usage(transcript: str) -> tuple[int, int, int, float | None, str]:
     cost: float | None = None
     final = ""
     for line in transcript.splitlines():
-        s = line.strip()
-        if s.startswith("{") and s.endswith("}"):
-            try:
-                obj = json.loads(s)
-            except json.JSONDecodeError:
+        try:  # the agent's output is untrusted: a line that does not parse gives no usage, never an error
+            s = line.strip()
+            if s.startswith("{") and s.endswith("}"):
+                try:
+                    obj = json.loads(s)
+                except (ValueError, RecursionError):
+                    continue
+                if not isinstance(obj, dict):
+                    continue
+                if obj.get("type") == "result" or "total_cost_usd" in obj:  # Claude Code
+                    u = obj.get("usage") or {}
+                    read = int(u.get("cache_read_input_tokens", 0) or 0)
+                    write = int(u.get("cache_creation_input_tokens", 0) or 0)
+                    t_in += int(u.get("input_tokens", 0) or 0) + read + write
+                    t_out += int(u.get("output_tokens", 0) or 0)
+                    t_cached += read
+                    if obj.get("total_cost_usd") is not None:
+                        cost = (cost or 0.0) + float(obj["total_cost_usd"])
+                    final = str(obj.get("result") or final)
+                elif obj.get("type") == "turn.completed":  # Codex
+                    u = obj.get("usage") or {}
+                    t_in += int(u.get("input_tokens", 0) or 0)
+                    t_cached += int(u.get("cached_input_tokens", 0) or 0)
+                    t_out += int(u.get("output_tokens", 0) or 0)
+                elif obj.get("type") == "item.completed":
+                    item = obj.get("item") or {}
+                    if item.get("type") in ("agent_message", "assistant_message") and item.get("text"):
+                        final = str(item["text"])
                 continue
-            if not isinstance(obj, dict):
-                continue
-            if obj.get("type") == "result" or "total_cost_usd" in obj:  # Claude Code
-                u = obj.get("usage") or {}
-                read = int(u.get("cache_read_input_tokens", 0) or 0)
-                write = int(u.get("cache_creation_input_tokens", 0) or 0)
-                t_in += int(u.get("input_tokens", 0) or 0) + read + write
-                t_out += int(u.get("output_tokens", 0) or 0)
-                t_cached += read
-                if obj.get("total_cost_usd") is not None:
-                    cost = (cost or 0.0) + float(obj["total_cost_usd"])
-                final = str(obj.get("result") or final)
-            elif obj.get("type") == "turn.completed":  # Codex
-                u = obj.get("usage") or {}
-                t_in += int(u.get("input_tokens", 0) or 0)
-                t_cached += int(u.get("cached_input_tokens", 0) or 0)
-                t_out += int(u.get("output_tokens", 0) or 0)
-            elif obj.get("type") == "item.completed":
-                item = obj.get("item") or {}
-                if item.get("type") in ("agent_message", "assistant_message") and item.get("text"):
-                    final = str(item["text"])
-            continue
-        m = re.search(r"Tokens: ([\d.]+)(k?) sent(?:, ([\d.]+)(k?) cache \w+)*, ([\d.]+)(k?) received\."
-                      r"(?: Cost: \$([\d.]+) message)?", s)
-        if m:  # aider
-            def num(v: str, k: str) -> int:
-                return int(float(v) * (1000 if k else 1))
+            m = re.search(r"Tokens: ([\d.]+)(k?) sent(?:, ([\d.]+)(k?) cache \w+)*, ([\d.]+)(k?) received\."
+                          r"(?: Cost: \$([\d.]+) message)?", s)
+            if m:  # aider
+                def num(v: str, k: str) -> int:
+                    return int(float(v) * (1000 if k else 1))
 
-            t_in += num(m.group(1), m.group(2))
-            t_out += num(m.group(5), m.group(6))
-            if m.group(7):
-                cost = (cost or 0.0) + float(m.group(7))
+                t_in += num(m.group(1), m.group(2))
+                t_out += num(m.group(5), m.group(6))
+                if m.group(7):
+                    cost = (cost or 0.0) + float(m.group(7))
+        except (ValueError, TypeError, AttributeError, OverflowError, RecursionError):
+            continue
+    if cost is not None and not math.isfinite(cost):
+        cost = None
     if not final:
         paras = [p.strip() for p in transcript.strip().split("\n\n") if p.strip()]
         final = paras[-1] if paras else ""
@@ -184,10 +191,13 @@ class AgentResearcher:
                                     files=" ".join(shlex.quote(f) for f in files), model_arg=model_arg)
 
     def policy(self, worktree: Path, prompt_file: Path) -> sandbox.SandboxPolicy:
-        hidden = [self.ws.state_dir, *(self.lab_dir / h for h in self.spec.sandbox.hide)]
+        pats = [*self.spec.sandbox.hide, *self.spec.holdout.files]  # both copies: the lab's and the worktree's
+        roots = (self.lab_dir, self.ws.lab_in(worktree))
+        hidden = [self.ws.state_dir, *(root / p for root in roots for p in globs.cover(root, pats))]
         writable = [worktree, *(p for p in self.extra_writable if p.exists())]
+        # host_root: the agent needs its CLI and its config, wherever they are installed
         return sandbox.SandboxPolicy(mode=self.mode, network=True, writable=tuple(writable),
-                                     readonly=(prompt_file,), hidden=tuple(hidden))
+                                     readonly=(prompt_file,), hidden=tuple(hidden), host_root=True)
 
     def change(self, worktree: Path, parent: str) -> tuple[str, list[str]]:
         """(diff relative to the lab folder, repo paths changed outside it), computed from outside."""

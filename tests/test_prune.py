@@ -1,0 +1,200 @@
+"""Early stopping: progress lines read live, hopeless runs pruned against earlier runs at the same step,
+curves stored and drawn, the time saved shown by `status`, the dashboard and the report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from tests.conftest import SPEC
+
+from nightlab.cli.read import status as status_cmd
+from nightlab.engine import Engine
+from nightlab.errors import SpecError
+from nightlab.ledger import Ledger
+from nightlab.prune import Pruner, parse_progress, thin
+from nightlab.researchers import Context
+from nightlab.spec import PruneSpec, load_spec
+from nightlab.types import Candidate, Direction, Status
+
+# ten steps of 0.15 s; the curve falls towards the final score, so it ranks runs from the first step
+CURVED = """\
+import time
+X = 3.0
+final = (X - 1) ** 2 + 0.5
+for step in range(1, 11):
+    time.sleep(0.15)
+    print(f"nightlab: step={step} score={final * (1 + 1 / step):.6f} lr=0.1", flush=True)
+print("---")
+print(f"score: {final:.6f}")
+"""
+
+PRUNE_SPEC = SPEC.replace("[executor]", '[prune]\npruner = "median"\nstartup_runs = 1\nwarmup_steps = 2\n\n[executor]')
+
+
+def at(x: float) -> str:
+    return CURVED.replace("X = 3.0", f"X = {x}")
+
+
+class Steps:
+    name = "steps"
+
+    def __init__(self, xs: list[float]) -> None:
+        self.xs = xs
+
+    def propose(self, ctx: Context) -> Candidate:
+        x = self.xs[(ctx.idx - 1) % len(self.xs)]
+        return Candidate(parent=ctx.parent, rationale=f"X = {x}", files={"target.py": at(x)})
+
+    def observe(self, e: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_progress_lines_are_a_small_contract():
+    assert parse_progress("nightlab: step=120 val_bpb=1.23") == (120, {"val_bpb": 1.23})
+    assert parse_progress("nightlab:  step=3 loss=nan acc=0.5 ") == (3, {"loss": pytest.approx(float("nan"),
+                                                                                              nan_ok=True),
+                                                                          "acc": 0.5})
+    for not_progress in ["step=3 loss=1", "nightlab: step=x loss=1", "nightlab: step=3", "nightlab: loss=1 step=3",
+                         "nightlab: step=-1 loss=1", "nightlab: step=3 loss=abc", "---"]:
+        assert parse_progress(not_progress) is None, not_progress
+    curve = [[i, float(i)] for i in range(5000)]
+    thinned = thin(curve, 100)
+    assert len(thinned) == 100 and thinned[0] == [0, 0.0] and thinned[-1] == [4999, 4999.0]
+
+
+def test_a_threshold_pruner_needs_a_bound(make_lab):
+    lab = make_lab(spec=SPEC.replace("[executor]", '[prune]\npruner = "threshold"\n\n[executor]'))
+    with pytest.raises(SpecError, match="lower"):
+        load_spec(lab)
+    with pytest.raises(SpecError, match=r"\[prune\] pruner"):
+        load_spec(make_lab(spec=SPEC.replace("[executor]", '[prune]\npruner = "asha"\n\n[executor]')))
+
+
+def test_a_hopeless_run_is_pruned_and_a_good_one_is_not(make_lab):
+    lab = make_lab(files={"target.py": CURVED}, spec=PRUNE_SPEC)
+    eng = Engine(lab, tag="pr", researcher=Steps([1.0, 9.0]), sandbox_mode="none", max_experiments=2)
+    session = eng.run()
+    by = {e.idx: e for e in eng.ledger.experiments(session.id)}
+    eng.close()
+    # the baseline and the good run went to their end, with their whole curve stored
+    assert by[0].status is Status.KEEP and [p[0] for p in by[0].evidence["curve"]] == list(range(1, 11))
+    assert by[1].status is Status.KEEP and len(by[1].evidence["curve"]) == 10
+    # the hopeless one (X = 9: 64.5 vs 4.5) was stopped after the warm-up, not at its end
+    bad = by[2]
+    assert bad.status is Status.PRUNED, (bad.status, bad.reason)
+    assert bad.evidence["pruned_at"] == 2 and bad.reason.startswith("pruned at step 2: score=")
+    assert [p[0] for p in bad.evidence["curve"]] == [1, 2]
+    log = (lab / ".nightlab" / "artifacts" / "pr" / str(bad.idx) / "run.log").read_text()
+    assert "step=2 " in log and "step=10 " not in log and "---" not in log  # really killed
+    assert bad.metric is None and bad.evidence["saved_s"] > 0
+    assert session.incumbent_commit == by[1].commit
+
+
+def test_pruning_is_off_by_default_and_every_curve_is_still_stored(make_lab):
+    lab = make_lab(files={"target.py": CURVED}, spec=SPEC)
+    eng = Engine(lab, tag="off", researcher=Steps([9.0]), sandbox_mode="none", max_experiments=1)
+    session = eng.run()
+    exps = eng.ledger.experiments(session.id)
+    eng.close()
+    assert [e.status for e in exps] == [Status.KEEP, Status.DISCARD]
+    assert all(len(e.evidence["curve"]) == 10 for e in exps)
+
+
+def test_resume_judges_new_runs_against_the_stored_curves(make_lab):
+    spec = PRUNE_SPEC.replace("startup_runs = 1", "startup_runs = 2")
+    lab = make_lab(files={"target.py": CURVED}, spec=spec)
+    eng = Engine(lab, tag="rs", researcher=Steps([1.0]), sandbox_mode="none", max_experiments=1)
+    eng.run()
+    eng.close()
+    # a fresh process: the pruner knows the two finished runs only from the ledger
+    eng = Engine(lab, tag="rs", resume=True, researcher=Steps([9.0]), sandbox_mode="none", max_experiments=2)
+    session = eng.run()
+    by = {e.idx: e for e in eng.ledger.experiments(session.id)}
+    eng.close()
+    assert by[2].status is Status.PRUNED and by[2].evidence["pruned_at"] == 2
+    # status, report and dashboard show the time saved
+    r = CliRunner(env={"COLUMNS": "200"}).invoke(status_cmd, ["--lab", str(lab), "--tag", "rs"],
+                                                 catch_exceptions=False)
+    assert r.exit_code == 0 and "1 run(s) stopped early" in r.output and "pruned 1" in r.output, r.output
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from nightlab.report import render_html
+    from nightlab.web.app import create_app
+    from nightlab.web.security import Access
+
+    with Ledger.for_lab(lab) as led:
+        s = led.get_session("rs")
+        assert s is not None
+        html = render_html(led, s)
+        assert 'id="pruning"' in html and "saved" in html
+        client = TestClient(create_app(led, lab, Access.make("127.0.0.1", "tok")), base_url="http://127.0.0.1")
+        page = client.get("/s/rs").text
+        assert 'id="pruning"' in page and "1 run stopped early" in page
+        exp = client.get("/s/rs/e/2").text
+        assert 'class="nl-curve"' in exp and 'class="pruned-at"' in exp and "pruned at step 2" in exp
+        kept = client.get("/s/rs/e/1").text
+        assert 'class="nl-curve"' in kept and "polyline" in kept and "pruned-at" not in kept
+
+
+def test_the_watch_reads_a_log_written_by_someone_else(tmp_path: Path):
+    """Decoupled from the sandbox: the watch tails whatever file the run's log is, even rewritten."""
+    import threading
+
+    pruner = Pruner(PruneSpec(pruner="threshold", upper=10.0, poll_s=0.02), "loss", Direction.MINIMIZE)
+    log = tmp_path / "run.log"
+    stop = threading.Event()
+    w = pruner.watch(log, stop, prunable=True)
+    with open(log, "w") as f:
+        f.write("noise\nnightlab: step=1 loss=5\nnightlab: step=1 loss=6\nnightlab: step=2 lo")
+        f.flush()
+        time.sleep(0.2)
+        f.write("ss=20\n")
+    for _ in range(100):
+        if w.cancel.is_set():
+            break
+        time.sleep(0.02)
+    w.close()
+    assert w.cancel.is_set() and w.pruned_at == 2 and w.curve == [[1, 5.0], [2, 20.0]]
+    ev = w.finish(Status.PRUNED, None, 1.0)
+    assert ev == {"curve": [[1, 5.0], [2, 20.0]], "pruned_at": 2}
+    # the session's stop reaches the run through the same event
+    w2 = pruner.watch(tmp_path / "other.log", stop, prunable=False)
+    stop.set()
+    for _ in range(100):
+        if w2.cancel.is_set():
+            break
+        time.sleep(0.02)
+    w2.close()
+    assert w2.cancel.is_set() and w2.pruned_at is None
+
+
+def test_the_example_labs_print_progress_lines(tmp_path: Path):
+    import shutil
+    import subprocess
+    import sys
+
+    from nightlab.measure import parse_summary
+
+    root = Path(__file__).resolve().parent.parent / "examples"
+    lab = tmp_path / "quickfit"
+    shutil.copytree(root / "quickfit", lab)
+    env = {"PATH": "/usr/bin:/bin", "NIGHTLAB_DATA_DIR": str(tmp_path / "data"), "NIGHTLAB_BUDGET_S": "5",
+           "NIGHTLAB_SEED": "0"}
+    subprocess.run([sys.executable, "prepare.py"], cwd=lab, env=env, check=True, capture_output=True)
+    out = subprocess.run([sys.executable, "fit.py"], cwd=lab, env=env, check=True, capture_output=True,
+                         text=True).stdout
+    points = [p for line in out.splitlines() if (p := parse_progress(line))]
+    assert [s for s, _ in points] == list(range(1, 31))  # one per epoch (EPOCHS = 30)
+    assert points[-1][1]["val_loss"] == pytest.approx(float(parse_summary(out)["val_loss"]), abs=1e-6)
+    assert load_spec(root / "quickfit").prune.pruner in ("none", "median")
+    # tinygpt prints its smoothed training loss every 5% of the budget, pruned on as [prune] figure
+    text = (root / "tinygpt" / "train.py").read_text()
+    assert 'print(f"nightlab: step={reported} train_bpb=' in text
+    assert load_spec(root / "tinygpt").prune.figure in ("", "train_bpb")
