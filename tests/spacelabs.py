@@ -16,6 +16,11 @@ TIME_BUDGET = 300
 
 def evaluate_bpb(loss):
     return loss
+
+
+if __name__ == "__main__":  # like the real prepare.py: the data lands in ~/.cache/autoresearch
+    import os
+    os.makedirs(os.path.expanduser("~/.cache/autoresearch"), exist_ok=True)
 '''
 
 AR_TRAIN = '''\

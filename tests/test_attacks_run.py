@@ -182,7 +182,7 @@ def test_absurd_metric_kept_when_the_bound_is_off_prints_sanely(make_lab):
 
 # -- file names and output that are not UTF-8 (item 8) ----------------------------------------------
 
-EVAL_SPEC = SPEC.replace("[stop]", '[evaluate]\ncommand = "python evaluate.py"\n\n[stop]')
+EVAL_SPEC = SPEC.replace("[stop]", '[evaluate]\ncommand = "python evaluate.py"\noutputs = []\n\n[stop]')
 EVALUATE_PY = "print('---')\nprint('score: 2.0')\n"
 NASTY_RUN = """
 import os, sys

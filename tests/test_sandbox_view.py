@@ -202,8 +202,8 @@ def test_runs_evaluators_and_holdout_checks_reach_no_host_socket(make_lab) -> No
 
     tag = f"nightlab-eng-{os.getpid()}"
     spec = SPEC.replace('protected = ["evaluate.py"]', 'protected = ["evaluate.py", "holdout.py"]').replace(
-        "[metric]", '[evaluate]\ncommand = "python evaluate.py"\n\n[holdout]\ncommand = "python holdout.py"\n\n'
-        "[metric]")
+        "[metric]", '[evaluate]\ncommand = "python evaluate.py"\noutputs = []\n\n'
+        '[holdout]\ncommand = "python holdout.py"\n\n[metric]')
     score = "print('---')\nprint('score: 1.0')\n"
     lab = make_lab(files={"target.py": PROBE_MAIN + score, "evaluate.py": PROBE_MAIN + score,
                           "holdout.py": PROBE_MAIN + score, "socks.txt": ""}, spec=spec)

@@ -216,7 +216,8 @@ def test_a_bad_space_stops_the_session_before_the_baseline(tmp_path: Path) -> No
 # --------------------------------------------------------------------------- whole sessions
 
 
-def test_a_search_session_on_the_autoresearch_layout_never_breaks_the_assert(tmp_path: Path) -> None:
+def test_a_search_session_on_the_autoresearch_layout_never_breaks_the_assert(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # setup creates ~/.cache/autoresearch, runs read it
     root = repo(tmp_path, {"train.py": AR_TRAIN, "prepare.py": AR_PREPARE, "program.md": AR_PROGRAM})
     assert run_cli("init", str(root), "--from-autoresearch").returncode == 0
     text = (root / "nightlab.toml").read_text().replace("budget_s = 300", "budget_s = 5")

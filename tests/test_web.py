@@ -120,7 +120,8 @@ def test_experiment_page_shows_diff_rationale_log_measurement_usage(client: Test
     assert 'class="hl"' in html and '<span class="gi">+X = 1.0</span>' in html  # pygments-highlighted diff
     assert "The score is quadratic in X." in html
     assert "score: 4.500000" in html  # the log tail
-    assert "training with key ••••••" in html  # the secret the run printed, masked
+    # the secret the run printed: redacted when stored ([REDACTED]) and masked when shown (••••••)
+    assert "training with key [REDACTED]" in html or "training with key ••••••" in html
     assert "&#34;policy&#34;: &#34;greedy&#34;" in html or '"policy": "greedy"' in html
     assert "tokens" not in html or "in ·" in html
     crash = client.get("/s/t/e/3").text
