@@ -59,7 +59,7 @@ def test_an_agent_edit_is_taken_from_git_and_kept_on_its_metric(make_lab, tmp_pa
     assert "+X = 1.0" in exp.diff
     assert (exp.usage.tokens_in, exp.usage.tokens_out, exp.usage.tokens_cached) == (1000, 120, 100)
     assert exp.usage.cost_usd == pytest.approx(0.0125) and exp.usage.seconds > 0
-    folder = lab / ".nightlab" / "artifacts" / str(exp.id)
+    folder = lab / ".nightlab" / "artifacts" / "t" / str(exp.idx)
     transcript = (folder / "transcript.txt").read_text()
     assert "working... key=[REDACTED]" in transcript and "sk-agent-secret" not in transcript
     assert "Research program" in (folder / "prompt.txt").read_text()
@@ -105,7 +105,7 @@ def test_the_agent_cannot_write_outside_its_worktree_under_bwrap(make_lab, tmp_p
     try:
         exps = eng.ledger.experiments(eng.run().id)
         assert not escape.exists() and exps[1].status is Status.KEEP
-        transcript = (lab / ".nightlab" / "artifacts" / str(exps[1].id) / "transcript.txt").read_text()
+        transcript = (lab / ".nightlab" / "artifacts" / "t" / "1" / "transcript.txt").read_text()
         assert "refused: [Errno 30] Read-only file system" in transcript
     finally:
         escape.unlink(missing_ok=True)

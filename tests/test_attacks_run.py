@@ -262,7 +262,7 @@ def test_a_flooding_run_keeps_head_tail_and_summary(make_lab):
     exp = eng.ledger.experiments(session.id)[1]
     eng.close()
     assert exp.status is Status.KEEP and exp.metric == 0.5  # the summary block survived the cut
-    log = lab / ".nightlab" / "artifacts" / str(exp.id) / "run.log"
+    log = lab / ".nightlab" / "artifacts" / "flood" / str(exp.idx) / "run.log"
     data = log.read_bytes()
     assert len(data) <= 0.25 * 1024 * 1024 + 300  # ~20 MB written, the cap kept
     assert data.startswith(b"line 000000 ")

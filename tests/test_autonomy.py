@@ -105,7 +105,7 @@ def test_review_runs_nothing_until_approved_from_a_second_process(make_lab):
         assert proc.poll() is None
         exps = rows(lab, "select idx, status, pid, exit_code, id from experiments order by idx")
         assert [e[:4] for e in exps] == [(0, "keep", exps[0][2], 0), (1, "running", None, None)]
-        assert not (lab / ".nightlab" / "artifacts" / str(exps[1][4]) / "run.log").exists()
+        assert not list((lab / ".nightlab" / "artifacts").glob("*/1/run.log"))
         assert "sandbox.start" not in [r["kind"] for r in audit(lab) if r["experiment"] == 1]
         res = subprocess.run(nl("approve", "1", "--lab", str(lab), "--why", "looks fine"), env=cli_env(),
                              capture_output=True, text=True, timeout=30)
@@ -148,7 +148,7 @@ def test_review_reject_from_the_cli_means_it_never_runs(make_lab):
     session = bg.join()
     exp = eng.ledger.experiments(session.id)[1]
     assert exp.status is Status.REJECTED and exp.reason == "human: touches too much"
-    assert exp.exit_code is None and not (lab / ".nightlab" / "artifacts" / str(exp.id) / "run.log").exists()
+    assert exp.exit_code is None and not list((lab / ".nightlab" / "artifacts").glob(f"*/{exp.idx}/run.log"))
     assert session.status == "finished"
     assert git(lab, "rev-parse", "nightlab/rj").strip() == session.base_commit
     eng.close()

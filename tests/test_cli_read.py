@@ -75,6 +75,7 @@ def test_status_shows_the_numbers(lab: Path) -> None:
     assert "+0.050000 (+5.00%)" in out  # improvement
     assert "4  (keep 2  discard 1  crash 1)" in out
     assert "tokens in 6,000" in out and "$3.00" in out and "propose 18.0s" in out
+    assert "cached 60 (1% of input)" in out and "latency" in out and "propose 6.0s  run" in out
     assert "#3 crash" in out and "deeper net OOMs" in out
     older = invoke(status, "--lab", str(lab), "--tag", "older")
     assert older.exit_code == 0 and "older" in older.output and "finished" in older.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 from tests.conftest import SPEC, TARGET_PY
@@ -12,6 +13,7 @@ from nightlab.context import (
     ContextOptions,
     build_prompt,
     count_tokens,
+    estimate_tokens,
     history_section,
     redact,
     secret_values,
@@ -58,9 +60,15 @@ def test_everything_is_there_when_the_budget_allows():
     p = build_prompt(ctx(), ContextOptions(budget_tokens=100_000))
     assert p.trimmed == ()
     assert "SEARCH" in p.system and "Be bold." in p.user and "X = 3.0" in p.user
-    assert "score, lower is better; baseline 8.5" in p.user and "protected, never edit: evaluate.py" in p.user
+    assert "score, lower is better" in p.user and "protected, never edit: evaluate.py" in p.user
+    assert "score: baseline 8.5, best so far" in p.user and "this is experiment #31" in p.user
+    # stable -> changing, so that a prefix cache covers program.md, the lab and the files
+    heads = ["# Research program", "# The lab", "# Current editable files", "# History", "# Last failure",
+             "# Now", "# Your task"]
+    at = [p.user.index(h) for h in heads]
+    assert at == sorted(at) and "experiment #31" not in p.user[:at[3]] and "7.9" not in p.user[:at[3]]
     assert "#30 " in p.user and "Last 40 lines of its log" in p.user and "log line 49" in p.user
-    assert p.tokens == count_tokens(p.system + p.user)
+    assert p.tokens == estimate_tokens(p.system + p.user) > count_tokens(p.system + p.user)
 
 
 def test_trimming_follows_the_stated_order_and_fits_the_budget():
@@ -115,3 +123,33 @@ def test_secrets_are_redacted_from_the_prompt():
 def test_agent_prompt_leaves_out_files_and_the_edit_format():
     p = build_prompt(ctx(), ContextOptions(include_files=False, agent=True))
     assert p.system == "" and "X = 3.0" not in p.user and "do not commit" in p.user
+
+
+def test_the_last_invalid_answer_is_shown_with_its_error_and_failed_search():
+    h = list(history(4))  # #2 crash, #4 invalid (more recent)
+    h[4] = replace(h[4], reason="no usable edit: block 1: target.py: the SEARCH text was not found",
+                   rationale="my own idea", params={"failed_search": "X = 7.0"})
+    c = replace(ctx(4), history=tuple(h))
+    p = build_prompt(c, ContextOptions(budget_tokens=100_000))
+    fail = p.user.split("# Last failure")[1].split("# Now")[0]
+    assert "#2 ended crash" in fail and "log line 49" in fail  # the crash and its log stay
+    assert "#4 was invalid" in fail and "SEARCH text was not found" in fail and "X = 7.0" in fail
+    assert "my own idea" in p.user  # its rationale is in the history, not replaced by the error
+    # a crash after the invalid one supersedes it
+    h.append(exp(5, Status.CRASH, None, "boom", reason="exit code 1"))
+    fail = build_prompt(replace(c, history=tuple(h))).user.split("# Last failure")[1]
+    assert "#5 ended crash" in fail and "was invalid" not in fail.split("# Now")[0]
+
+
+def test_trimming_uses_the_tokenizer_when_given():
+    calls: list[int] = []
+
+    def count(text: str) -> int:
+        calls.append(len(text))
+        return len(text) // 2  # a tokenizer that counts twice the estimate
+
+    c = ctx()
+    est = build_prompt(c, ContextOptions(budget_tokens=6000))
+    real = build_prompt(c, ContextOptions(budget_tokens=6000, count=count))
+    assert real.counted_by == "tokenizer" and est.counted_by == "estimate" and calls
+    assert real.tokens <= 6000 and len(real.trimmed) > len(est.trimmed)

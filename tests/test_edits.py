@@ -83,3 +83,57 @@ def test_empty_search_creates_a_new_file():
     out = one("utils.py\n<<<<<<< SEARCH\n=======\ndef g():\n    return 1\n>>>>>>> REPLACE")
     assert out == {"utils.py": "def g():\n    return 1\n"}
     assert apply_block("a\n", Block("x", "", "b")) == "a\nb\n"
+
+
+def test_line_endings_blank_lines_and_inner_whitespace_do_not_matter_when_the_match_is_unique():
+    crlf = {"w.py": "a = 1\r\nif a:\r\n    b = 2\r\n"}
+    out = one("w.py\n<<<<<<< SEARCH\nif a:\n    b = 2\n=======\nif a:\n    b = 3\n>>>>>>> REPLACE", crlf)
+    assert out["w.py"] == "a = 1\r\nif a:\r\n    b = 3\r\n"  # CRLF kept
+    src = {"m.py": "def f(x):\n    y = x\n\n    return y\n"}
+    # a blank line dropped and the indentation lost: still one place, re-indented
+    out = one("m.py\n<<<<<<< SEARCH\ny = x\nreturn y\n=======\ny = x * 2\nreturn y\n>>>>>>> REPLACE", src)
+    assert out["m.py"] == "def f(x):\n    y = x * 2\n    return y\n"
+    out = one("m.py\n<<<<<<< SEARCH\n    y=x\n=======\n    y = -x\n>>>>>>> REPLACE", src)
+    assert out["m.py"] == "def f(x):\n    y = -x\n\n    return y\n"
+
+
+def test_an_absent_search_is_answered_with_the_closest_numbered_lines():
+    files = {"t.py": "import os\n\nLR = 0.01\nBATCH = 32\nEPOCHS = 10\n\nprint(LR)\n"}
+    with pytest.raises(EditError) as e:
+        one("t.py\n<<<<<<< SEARCH\nLR = 0.001\nBATCH = 64\n=======\nLR = 0.1\n>>>>>>> REPLACE", files)
+    msg = str(e.value)
+    assert "not found" in msg and "closest lines" in msg
+    assert "3| LR = 0.01" in msg and "4| BATCH = 32" in msg and "print(LR)" not in msg
+
+
+def test_an_ambiguous_whitespace_match_names_every_place():
+    files = {"t.py": "def a():\n    x = 1\n\ndef b():\n        x = 1\n"}
+    with pytest.raises(EditError) as e:
+        one("t.py\n<<<<<<< SEARCH\nx = 1\n=======\nx = 2\n>>>>>>> REPLACE", files)
+    assert "matches 2 places" in str(e.value) and "lines 2, 5" in str(e.value)
+    assert "2|     x = 1" in str(e.value)
+
+
+def test_structured_json_answers_parse_to_the_same_edits():
+    from nightlab.edits import edits_from_json, edits_schema
+
+    text = '{"rationale": "smaller LR", "edits": [{"file": "train.py", "old": "LR = 0.1", "new": "LR = 0.05"}]}'
+    p = edits_from_json(text, list(FILES))
+    assert p.rationale == "smaller LR" and "\nLR = 0.05\n" in apply_edits(FILES, p)["train.py"]
+    assert not edits_from_json("```json\n" + text + "\n```", list(FILES)).empty
+    raw_newline = '{"rationale": "r", "edits": [{"file": "train.py", "old": "LR = 0.1", "new": "LR = 0.2\n\tX = 1"}]}'
+    assert edits_from_json(raw_newline).blocks[0].replace == "LR = 0.2\n\tX = 1"  # control characters tolerated
+    with pytest.raises(EditError, match=r"not valid JSON.*cut off"):
+        edits_from_json(text[:40], list(FILES))
+    with pytest.raises(EditError, match="no \"edits\""):
+        edits_from_json('{"rationale": "x", "edits": []}', list(FILES))
+    assert edits_schema(["b.py", "a.py"])["properties"]["edits"]["items"]["properties"]["file"]["enum"] == \
+        ["a.py", "b.py"]
+
+
+def test_unique_lines_are_the_old_texts_a_grammar_may_choose():
+    from nightlab.edits import unique_lines
+
+    lines = unique_lines({"a.py": "x = 1\nx = 1\n\ny = 2\ns = \"q\"\n", "b.py": "z = 3\r\n"})
+    assert lines == ["y = 2", "z = 3"]  # quotes left out: llama-cpp-python's grammar mis-escapes them
+    assert unique_lines({"a.py": "".join(f"v{i} = {i}\n" for i in range(700))}) is None

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from tests.conftest import SPEC
+from tests.conftest import SPEC, TARGET_PY
 
 from nightlab.engine import Engine
 from nightlab.errors import NightlabError
@@ -77,7 +77,7 @@ def test_good_edit_is_applied_kept_and_accounted(make_lab, protocol):
     sent = json.dumps(body)
     assert "X = 3.0" in sent and "score" in sent and "# test" in sent  # files, metric, program.md
     # prompt and response stored as artifacts, without the key
-    folder = lab / ".nightlab" / "artifacts" / str(exp.id)
+    folder = lab / ".nightlab" / "artifacts" / "t" / str(exp.idx)
     prompt = (folder / "prompt.txt").read_text()
     assert "X = 3.0" in prompt and (folder / "response.txt").read_text().count("X = 1.0") == 1
     meta = json.loads((folder / "llm.json").read_text())
@@ -102,12 +102,16 @@ def test_malformed_edit_is_shown_back_once_and_repaired(make_lab, protocol):
     eng.close()
 
 
-def test_an_edit_that_fails_twice_is_invalid_not_a_crash(make_lab):
+@pytest.mark.parametrize(("structured", "why"), [
+    ("off", "no usable edit: the answer has no SEARCH/REPLACE block"),
+    ("auto", "no usable edit: the answer is neither the JSON object asked for (the answer has no JSON object)")])
+def test_an_edit_that_fails_twice_is_invalid_not_a_crash(make_lab, structured, why):
     with FakeLLMServer("openai", [Turn(text="I would not change anything.")]) as srv:
-        lab = make_lab(spec=llm_spec(srv))
+        lab = make_lab(spec=llm_spec(srv, extra=f'structured = "{structured}"\n'))
         eng, exps = run(lab, n=2)
     assert [e.status for e in exps[1:]] == [Status.INVALID, Status.INVALID]
-    assert exps[1].reason.startswith("no usable edit: the answer has no SEARCH/REPLACE block")
+    assert exps[1].reason.startswith(why), exps[1].reason
+    assert exps[1].params["retried"] is True and "repaired" not in exps[1].params
     assert len(srv.requests) == 4 and exps[1].usage.tokens_in == 200
     assert eng.session.status == "finished"
     eng.close()
@@ -201,7 +205,10 @@ def test_think_samples_several_and_sends_the_one_the_model_ranks_best(make_lab):
         lab = make_lab(spec=llm_spec(srv, extra="think = 3\n"))
         eng, exps = run(lab)
     exp = exps[1]
-    assert exp.metric == pytest.approx(4.5) and exp.params == {"think": 3, "valid": 2, "picked": 2}
+    assert exp.metric == pytest.approx(4.5)
+    assert exp.params == {"think": 3, "valid": 2, "picked": 2, "structured": "json_schema"}
+    seeds = [r["body"].get("seed") for r in srv.requests[:3]]
+    assert None not in seeds and len(set(seeds)) == 3  # each sample its own seed
     rank_prompt = srv.requests[3]["body"]["messages"][-1]["content"]
     assert "Proposal 1" in rank_prompt and "Proposal 2" in rank_prompt and "Proposal 3" not in rank_prompt
     assert exp.usage.tokens_in == 400
@@ -264,3 +271,124 @@ def test_sweep_rejects_a_bad_knob_before_running(make_lab):
             CliRunner().invoke(sweep, ["--lab", str(lab), "--knob", "think=1,0", "--experiments", "1"],
                                catch_exceptions=False)
     assert not srv.requests
+
+
+# --------------------------------------------------------------------------- failure shapes of small models
+
+NEAR_MISS = ("Move X.\n\ntarget.py\n<<<<<<< SEARCH\n   X = 3.0   \r\n=======\n   X = 1.0\n>>>>>>> REPLACE\n")
+DUP = TARGET_PY.replace("Y = 0.0\n", "if True:\n    Z = 1\nY = 0.0\nif True:\n    Z = 1\n")
+SCHEMA_ANSWER = json.dumps({"rationale": "Move X to its optimum.",
+                            "edits": [{"file": "target.py", "old": "X = 3.0", "new": "X = 1.0"}]})
+
+
+def test_a_near_miss_in_whitespace_applies_without_a_retry(make_lab):
+    with FakeLLMServer("openai", [Turn(text=NEAR_MISS)]) as srv:
+        lab = make_lab(spec=llm_spec(srv, extra='structured = "off"\n'))
+        eng, exps = run(lab)
+    assert exps[1].status is Status.KEEP and exps[1].metric == pytest.approx(4.5)
+    assert len(srv.requests) == 1 and "retried" not in exps[1].params
+    assert "X = 1.0\n" in exps[1].diff and "   X = 1.0" not in exps[1].diff  # re-indented to the file's
+    eng.close()
+
+
+def test_an_ambiguous_match_is_shown_back_with_its_places_then_repaired(make_lab):
+    amb = "Set Z.\n\ntarget.py\n<<<<<<< SEARCH\n    Z = 1\n=======\n    Z = 2\n>>>>>>> REPLACE\n"
+    with FakeLLMServer("openai", [Turn(text=amb), Turn(text=GOOD)]) as srv:
+        lab = make_lab(files={"target.py": DUP}, spec=llm_spec(srv, extra='structured = "off"\n'))
+        eng, exps = run(lab)
+    fix = srv.requests[1]["body"]["messages"][-1]["content"]
+    assert "occurs 2 times (at lines 4, 7)" in fix and "4|     Z = 1" in fix and "7|     Z = 1" in fix
+    assert exps[1].status is Status.KEEP and exps[1].params["retried"] is True
+    assert exps[1].usage.tokens_in == 200  # the retry counted
+    eng.close()
+
+
+def test_an_absent_search_is_shown_back_with_the_closest_lines(make_lab):
+    with FakeLLMServer("openai", [Turn(text=BAD)]) as srv:
+        lab = make_lab(spec=llm_spec(srv, extra='structured = "off"\n'))
+        eng, exps = run(lab, n=2)
+    fix = srv.requests[1]["body"]["messages"][-1]["content"]
+    assert "SEARCH text was not found" in fix and "closest lines of target.py" in fix and "2| X = 3.0" in fix
+    e1 = exps[1]
+    # the model's own rationale is kept; the error is the reason; its failed SEARCH is shown next time
+    assert e1.status is Status.INVALID and e1.rationale == "Try this." and "not found" in e1.reason
+    assert e1.params["failed_search"] == "X = 7.0"
+    nxt = srv.requests[2]["body"]["messages"][-1]["content"]
+    assert "#1 was invalid" in nxt.split("# Last failure")[1] and "X = 7.0" in nxt.split("# Last failure")[1]
+    eng.close()
+
+
+def test_a_schema_shaped_answer_is_asked_for_and_applied(make_lab):
+    with FakeLLMServer("openai", [Turn(text=SCHEMA_ANSWER)]) as srv:
+        lab = make_lab(spec=llm_spec(srv))
+        eng, exps = run(lab)
+    body = srv.requests[0]["body"]
+    rf = body["response_format"]
+    assert rf["type"] == "json_schema" and rf["json_schema"]["schema"]["required"] == ["rationale", "edits"]
+    item = rf["json_schema"]["schema"]["properties"]["edits"]["items"]["properties"]
+    assert item["file"]["enum"] == ["target.py"]
+    # a loopback server: "old" can only be a line that occurs once in the file (grammar-constrained)
+    assert "X = 3.0" in item["old"]["enum"] and "" not in item["old"]["enum"]
+    assert '"edits"' in body["messages"][0]["content"]  # the system message describes the JSON object
+    assert exps[1].status is Status.KEEP and exps[1].rationale == "Move X to its optimum."
+    assert exps[1].params["structured"] == "json_schema"
+    eng.close()
+
+
+def test_a_server_refusing_response_format_falls_back_to_text_and_remembers(make_lab):
+    with FakeLLMServer("openai", [Turn(text=GOOD), Turn(text=GOOD.replace("X = 1.0", "X = 1.5")
+                                                            .replace("X = 3.0", "X = 1.0"))],
+                       structured=False) as srv:
+        lab = make_lab(spec=llm_spec(srv))
+        eng, exps = run(lab, n=2)
+    # both forms tried once (OpenAI's json_schema, llama-cpp-python's json_object), then text for good
+    assert [r["response_format"]["type"] for r in srv.refused] == ["json_schema", "json_object"]
+    assert all("response_format" not in r["body"] for r in srv.requests)
+    assert "<<<<<<< SEARCH" in srv.requests[-1]["body"]["messages"][0]["content"]  # text format asked
+    assert [e.status for e in exps[1:]] == [Status.KEEP, Status.DISCARD]
+    assert exps[2].params["structured"] == ""
+    eng.close()
+
+
+def test_llama_cpp_pythons_json_object_form_is_found_and_remembered(make_lab):
+    with FakeLLMServer("openai", [Turn(text=SCHEMA_ANSWER)], structured="json_object") as srv:
+        lab = make_lab(spec=llm_spec(srv))
+        eng, exps = run(lab, n=2)
+    # json_schema refused with llama-cpp-python's 500 (the SDK retried it), then json_object for good
+    assert {r["response_format"]["type"] for r in srv.refused} == {"json_schema"}
+    assert {r["body"]["response_format"]["type"] for r in srv.requests} == {"json_object"}
+    assert srv.requests[0]["body"]["response_format"]["schema"]["required"] == ["rationale", "edits"]
+    assert exps[1].status is Status.KEEP and exps[2].params["structured"] == "json_object"
+    eng.close()
+
+
+def test_structured_on_with_a_refusing_server_stops_with_the_fix(make_lab):
+    with FakeLLMServer("openai", [Turn(text=GOOD)], structured=False) as srv:
+        lab = make_lab(spec=llm_spec(srv, extra='structured = "on"\n'))
+        eng = Engine(lab, tag="t", sandbox_mode="none", max_experiments=1)
+        with pytest.raises(NightlabError, match="refused a JSON-schema response_format") as ei:
+            eng.run()
+    assert 'structured = "auto"' in ei.value.fix and not srv.requests
+    eng.close()
+
+
+def test_the_servers_tokenizer_and_cache_counts_are_used(make_lab):
+    turn = Turn(text=GOOD, tokens_in=900, timings={"cache_n": 600, "prompt_n": 300, "predicted_n": 20})
+    with FakeLLMServer("openai", [turn], tokenize=True) as srv:
+        lab = make_lab(spec=llm_spec(srv))
+        eng, exps = run(lab)
+    assert srv.tokenized  # the prompt was counted by the server's /tokenize
+    meta = json.loads((lab / ".nightlab" / "artifacts" / "t" / "1" / "llm.json").read_text())
+    assert meta["prompt_counted_by"] == "tokenizer" and meta["cached_share"] == pytest.approx(600 / 900, abs=1e-4)
+    assert exps[1].usage.tokens_cached == 600  # llama.cpp's timings.cache_n
+    eng.close()
+
+
+def test_local_servers_get_local_defaults():
+    from nightlab.researchers.llm import Options
+
+    local = Options(model="m", base_url="http://127.0.0.1:8080/v1").resolved()
+    hosted = Options(model="m").resolved()
+    assert (local.max_tokens, local.max_retries, local.timeout_s) == (1024, 1, 600.0)
+    assert (hosted.max_tokens, hosted.max_retries, hosted.timeout_s) == (4096, 5, 300.0)
+    assert Options(model="m", base_url="http://localhost:1/v1", max_tokens=77).resolved().max_tokens == 77

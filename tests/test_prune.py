@@ -90,7 +90,7 @@ def test_a_hopeless_run_is_pruned_and_a_good_one_is_not(make_lab):
     assert bad.status is Status.PRUNED, (bad.status, bad.reason)
     assert bad.evidence["pruned_at"] == 2 and bad.reason.startswith("pruned at step 2: score=")
     assert [p[0] for p in bad.evidence["curve"]] == [1, 2]
-    log = (lab / ".nightlab" / "artifacts" / str(bad.id) / "run.log").read_text()
+    log = (lab / ".nightlab" / "artifacts" / "pr" / str(bad.idx) / "run.log").read_text()
     assert "step=2 " in log and "step=10 " not in log and "---" not in log  # really killed
     assert bad.metric is None and bad.evidence["saved_s"] > 0
     assert session.incumbent_commit == by[1].commit

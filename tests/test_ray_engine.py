@@ -56,7 +56,7 @@ def test_a_session_runs_through_ray(make_lab, cluster, mode):
     assert "X = 1.0" in git(lab, "show", "nightlab/ray:target.py")
     assert any(e.status is Status.REJECTED for e in exps)  # the guard runs on the head, before Ray
     # the log came home
-    assert "training..." in (lab / ".nightlab" / "artifacts" / str(by[1].id) / "run.log").read_text()
+    assert "training..." in (lab / ".nightlab" / "artifacts" / "ray" / "1" / "run.log").read_text()
     # exactly one row per experiment, even though Ray runs tasks at least once
     with sqlite3.connect(lab / ".nightlab" / "ledger.db") as con:
         dup = con.execute("select idx, count(*) from experiments group by session_id, idx having count(*) > 1")

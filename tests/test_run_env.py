@@ -81,7 +81,7 @@ def test_left_out_variables_never_reach_the_run_nor_what_is_stored(make_lab, mon
     exps = eng.ledger.experiments(session.id)
     assert [e.status for e in exps] == [Status.KEEP, Status.KEEP], [(e.status, e.reason) for e in exps]
     for e in exps:
-        run_log = (lab / ".nightlab" / "artifacts" / str(e.id) / "run.log").read_text()
+        run_log = (lab / ".nightlab" / "artifacts" / "t" / str(e.idx) / "run.log").read_text()
         got = dict(line[4:].split("=", 1) for line in run_log.splitlines() if line.startswith("ENV "))
         # 1. none reached the run: not in its environment, not in what it printed or wrote
         for s in secrets[:3] + secrets[4:]:
@@ -99,7 +99,7 @@ def test_left_out_variables_never_reach_the_run_nor_what_is_stored(make_lab, mon
         for s in secrets:
             assert s not in e.log_tail and s not in e.reason, s
     # 3. the stored prompt (and the request sent) hold none of them; program.md had four
-    folder = lab / ".nightlab" / "artifacts" / str(exps[1].id)
+    folder = lab / ".nightlab" / "artifacts" / "t" / str(exps[1].idx)
     stored = "".join((folder / n).read_text() for n in ("prompt.txt", "response.txt", "llm.json"))
     sent = json.dumps(srv.requests[0]["body"])
     assert "connection strings:" in stored and "connection strings:" in sent

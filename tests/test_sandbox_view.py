@@ -223,7 +223,7 @@ def test_runs_evaluators_and_holdout_checks_reach_no_host_socket(make_lab) -> No
         session = eng.run()
         base = eng.ledger.experiments(session.id)[0]
         assert base.status is Status.KEEP and base.trust == "evaluator", base.reason
-        folder = lab / ".nightlab" / "artifacts" / str(base.id)
+        folder = lab / ".nightlab" / "artifacts" / "s" / str(base.idx)
         for name in ("run.log", "evaluate.log", "holdout.log"):
             text = (folder / name).read_text()
             assert "CONNECTED" not in text and text.count("refused") == len(hostile), (name, text)

@@ -3,15 +3,25 @@
 :func:`build_prompt` assembles, from a :class:`~nightlab.researchers.Context`:
 
 1. ``program.md`` (the human's research program);
-2. a summary of the spec: what may be edited, what is protected, the metric and its direction,
-   baseline and incumbent, the run command and its budget, what is forbidden;
+2. a summary of the spec that does not change during a session: what may be edited, what is
+   protected, the metric and its direction, the run command and its budget, what is forbidden;
 3. the incumbent's editable files (omitted for agents, which read them themselves);
 4. the experiment history, compressed by a stated policy (below);
-5. the last failure's log tail;
-6. the task and, for models, the edit format (the system message).
+5. the last failure: the last crash or timeout with its log tail, and, when more recent, the
+   last ``invalid`` answer (the model's own format mistake: the exact error and its failed
+   SEARCH text);
+6. what changes every time: baseline and incumbent metric, the experiment number;
+7. the task; for models, the edit format is the system message (SEARCH/REPLACE text, or the
+   JSON object with ``structured``).
 
-**Token counting.** ``count_tokens`` is the approximation ``ceil(chars / 4)`` (close to BPE
-tokenizers on English and code; no tokenizer is downloaded). The provider's own counts are
+**Stable first.** The order runs from what never changes to what changes every experiment, so
+that a server's prefix cache (llama.cpp) and providers' cached-token prices cover everything up
+to the files; the cached share is reported in each call's ``llm.json`` and in ``nightlab status``.
+
+**Token counting.** With ``ContextOptions.count`` (the provider's tokenizer: llama.cpp's
+``/tokenize``, tiktoken), trimming uses real counts. Without it, ``estimate_tokens``:
+``ceil(chars / 4)`` plus a 20% margin (chars/4 undercounted a real BPE tokenizer by 14% on a
+lab's prompt). ``count_tokens`` is the bare ``ceil(chars / 4)``. The provider's own counts are
 what usage and cost use.
 
 **History policy.** The last ``history_detail`` experiments are shown in full (status,
@@ -42,15 +52,15 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from nightlab.redaction import REDACTED as REDACTED  # re-exported
 from nightlab.redaction import env_secrets
 from nightlab.redaction import redact as redact  # re-exported
 from nightlab.runenv import SECRET_NAME
-from nightlab.types import Direction, Experiment
+from nightlab.types import Direction, Experiment, Status
 
 if TYPE_CHECKING:
     from nightlab.researchers import Context
@@ -76,9 +86,21 @@ lines to make it unique. Keep blocks small. To create a new file, leave SEARCH e
 file you may instead give the whole new file: its path on one line, then the full text in a fenced
 code block. Edit only the editable files. Make one focused change per answer."""
 
+EDIT_FORMAT_JSON = """\
+Answer with one JSON object and nothing else:
+{"rationale": "one to five sentences: what you change and why you expect it to improve the metric",
+ "edits": [{"file": "path/to/file.py", "old": "lines copied exactly from the current file",
+            "new": "the new lines"}]}
+
+Rules: "old" must match the current file exactly, line for line, including indentation, and match it
+only once: include enough lines to make it unique. Keep edits small. To create a new file, leave "old"
+empty. Edit only the editable files. Make one focused change per answer."""
+
 SYSTEM_LLM = ("You are a careful research engineer running experiments to improve a program's metric. "
               "Each answer you give is one experiment: it is applied, run under a fixed time budget, "
               "measured by code you cannot change, and kept only if the metric improves.\n\n" + EDIT_FORMAT)
+SYSTEM_LLM_JSON = SYSTEM_LLM.replace(EDIT_FORMAT, EDIT_FORMAT_JSON)
+MARGIN = 1.2  # the estimate's safety margin over chars/4
 
 TASK_LLM = ("Propose the next experiment: one change you expect to improve the metric. Learn from the "
             "history: do not repeat what was discarded or crashed unless you fix the reason.")
@@ -92,6 +114,11 @@ TASK_AGENT = ("Make the next experiment: edit the editable files in the current 
 def count_tokens(text: str) -> int:
     """The stated approximation: ceil(characters / 4)."""
     return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+def estimate_tokens(text: str) -> int:
+    """ceil(characters / 4) with the safety margin, for trimming without a tokenizer."""
+    return math.ceil(len(text) * MARGIN / CHARS_PER_TOKEN)
 
 
 def secret_values(env: Mapping[str, str] | None = None, extra: Iterable[str] = ()) -> list[str]:
@@ -110,14 +137,17 @@ class ContextOptions:
     file_chars: int = 0  # 0: whole
     include_files: bool = True
     agent: bool = False
+    structured: bool = False  # the system message asks for the JSON object instead of SEARCH/REPLACE
+    count: Callable[[str], int] | None = field(default=None, compare=False)  # the provider's tokenizer
 
 
 @dataclass(frozen=True)
 class Prompt:
     system: str
     user: str
-    tokens: int  # count_tokens(system + user)
+    tokens: int  # tokens of system + user: the tokenizer's count, else estimate_tokens
     trimmed: tuple[str, ...] = ()  # trimming steps applied, in order
+    counted_by: str = "estimate"  # "tokenizer" or "estimate"
 
     def text(self) -> str:
         """The whole prompt as stored in the artifacts."""
@@ -131,22 +161,32 @@ def fmt_metric(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.6g}"
 
 
-def spec_summary(ctx: Context) -> str:
+def spec_static(ctx: Context) -> str:
+    """The part of the spec summary that stays the same for the whole session."""
     spec = ctx.spec
     better = "lower is better" if ctx.direction is Direction.MINIMIZE else "higher is better"
-    tried = [e for e in ctx.history if e.idx > 0]
     lines = [
         f"- editable files (globs): {', '.join(spec.files.editable)}",
         f"- protected, never edit: {', '.join([*spec.files.protected, 'nightlab.toml', 'program.md'])}",
-        f"- metric: {ctx.metric_name}, {better}; baseline {fmt_metric(ctx.baseline_metric)}, "
-        f"best so far (the incumbent, which you are editing) {fmt_metric(ctx.incumbent_metric)}",
+        f"- metric: {ctx.metric_name}, {better}",
         f"- each experiment runs `{spec.run.command}` with a time budget of {spec.run.budget_s:g} s "
         f"(killed at {spec.run.hard_timeout_s:g} s); network {'on' if spec.sandbox.network else 'off'}",
         "- forbidden: editing protected files or anything outside the editable files, changing how the "
         "metric is computed or reported, reading held-out data, using more time than the budget",
-        f"- this is experiment #{ctx.idx}; {len(tried)} experiments were tried before it",
     ]
     return "\n".join(lines)
+
+
+def spec_now(ctx: Context) -> str:
+    """The part that changes: baseline, incumbent, the experiment number."""
+    tried = [e for e in ctx.history if e.idx > 0]
+    return (f"- {ctx.metric_name}: baseline {fmt_metric(ctx.baseline_metric)}, best so far (the incumbent, "
+            f"which you are editing) {fmt_metric(ctx.incumbent_metric)}\n"
+            f"- this is experiment #{ctx.idx}; {len(tried)} experiments were tried before it")
+
+
+def spec_summary(ctx: Context) -> str:
+    return spec_static(ctx) + "\n" + spec_now(ctx)
 
 
 def _first_line(text: str, limit: int) -> str:
@@ -183,15 +223,26 @@ def history_section(history: Iterable[Experiment], detail: int, max_lines: int, 
 
 
 def failure_section(history: Iterable[Experiment], lines: int) -> str:
-    last = None
+    """The last crash or timeout with its log tail; and the last invalid answer when it is more recent."""
+    last = invalid = None
     for e in history:
         if e.status.is_failure():
-            last = e
-    if last is None or lines <= 0:
-        return ""
-    tail = "\n".join((last.log_tail or "").splitlines()[-lines:])
-    head = f"Experiment #{last.idx} ended {last.status.value}: {last.reason[:300]}"
-    return head + (f"\nLast {lines} lines of its log:\n```\n{tail}\n```" if tail.strip() else "")
+            last, invalid = e, None
+        elif e.status is Status.INVALID and e.idx > 0:
+            invalid = e
+    out = []
+    if last is not None and lines > 0:
+        tail = "\n".join((last.log_tail or "").splitlines()[-lines:])
+        head = f"Experiment #{last.idx} ended {last.status.value}: {last.reason[:300]}"
+        out.append(head + (f"\nLast {lines} lines of its log:\n```\n{tail}\n```" if tail.strip() else ""))
+    if invalid is not None:
+        text = (f"Experiment #{invalid.idx} was invalid (its answer could not be applied): "
+                f"{invalid.reason[:1200]}")
+        failed = str(invalid.params.get("failed_search") or "")
+        if failed:
+            text += f"\nThe SEARCH text that did not match:\n```\n{failed[:1200]}\n```"
+        out.append(text)
+    return "\n\n".join(out)
 
 
 def _cut(text: str, limit: int) -> str:
@@ -213,21 +264,22 @@ def files_section(files: Mapping[str, str], limit: int) -> str:
 
 
 def _assemble(ctx: Context, o: ContextOptions) -> tuple[str, str]:
+    """Sections from stable to changing (see "Stable first" above)."""
     parts = []
     program = _cut(ctx.program.strip(), o.program_chars)
     if program:
         parts.append(f"# Research program (program.md)\n\n{program}")
-    parts.append(f"# The lab\n\n{spec_summary(ctx)}")
+    parts.append(f"# The lab\n\n{spec_static(ctx)}")
     if o.include_files:
-        parts.append(f"# Current editable files (the incumbent, commit {ctx.parent[:10]})\n\n"
-                     + files_section(ctx.files, o.file_chars))
+        parts.append("# Current editable files (the incumbent)\n\n" + files_section(ctx.files, o.file_chars))
     hist = history_section(ctx.history, o.history_detail, o.history_lines, ctx.metric_name, ctx.direction)
     parts.append("# History of experiments (oldest first)\n\n" + hist)
     fail = failure_section(ctx.history, o.log_tail_lines)
     if fail:
         parts.append(f"# Last failure\n\n{fail}")
+    parts.append(f"# Now\n\n{spec_now(ctx)}\n- the incumbent is commit {ctx.parent[:10]}")
     parts.append("# Your task\n\n" + (TASK_AGENT if o.agent else TASK_LLM))
-    system = "" if o.agent else SYSTEM_LLM
+    system = "" if o.agent else (SYSTEM_LLM_JSON if o.structured else SYSTEM_LLM)
     return system, "\n\n".join(parts) + "\n"
 
 
@@ -266,15 +318,26 @@ def build_prompt(ctx: Context, options: ContextOptions | None = None, *,
     """The prompt for ``ctx``, trimmed to ``options.budget_tokens`` (see the module docstring)."""
     o = options or ContextOptions()
     secrets = list(secrets)
+    counter: Callable[[str], int] = o.count or estimate_tokens
+    by = "tokenizer" if o.count is not None else "estimate"
+
+    def count(text: str) -> int:
+        nonlocal counter, by
+        try:
+            return counter(text)
+        except Exception:  # the tokenizer went away (server restarted): estimate from here on
+            counter, by = estimate_tokens, "estimate"
+            return counter(text)
+
     system, user = _assemble(ctx, o)
     trimmed: list[str] = []
-    if count_tokens(system + user) > o.budget_tokens:
+    if count(system + user) > o.budget_tokens:
         for name, step in _steps(o, ctx.files):
             system, user = _assemble(ctx, step)
             trimmed.append(name)
-            if count_tokens(system + user) <= o.budget_tokens:
+            if count(system + user) <= o.budget_tokens:
                 break
         else:
             trimmed.append("over budget")
     system, user = redact(system, secrets), redact(user, secrets)
-    return Prompt(system=system, user=user, tokens=count_tokens(system + user), trimmed=tuple(trimmed))
+    return Prompt(system=system, user=user, tokens=count(system + user), trimmed=tuple(trimmed), counted_by=by)

@@ -27,15 +27,29 @@ Tolerated drift (each seen in the wild):
   ``=======`` is not allowed (it would be ambiguous with code);
 - whitespace-only mismatches, by this fuzzy rule: when the SEARCH text is not found exactly,
   lines are compared with trailing whitespace removed; failing that, with leading whitespace
-  removed too, and then the REPLACE lines are re-indented by the difference in indentation
-  between the first SEARCH line and the line it matched. A match must be unique.
+  removed too (the REPLACE lines are then re-indented by the difference in indentation between
+  the first SEARCH line and the line it matched); then with blank lines ignored; then with all
+  whitespace inside lines ignored. Line endings never matter (CRLF files stay CRLF). A match
+  must be unique at the first rule that finds one: several matches are an error that lists them.
 - an empty SEARCH creates the file when it does not exist, and appends to it when it does.
+
+A SEARCH text that is not found is answered with the closest lines of the file (difflib),
+numbered, so the model can copy them on its retry.
+
+**Structured edits.** Where the server accepts a JSON schema, the model answers
+``{"rationale": str, "edits": [{"file": str, "old": str, "new": str}]}`` (:data:`EDITS_SCHEMA`);
+:func:`edits_from_json` turns that into the same :class:`ParsedEdits` (``old`` is the SEARCH
+text, so the same matching rules apply).
 """
 
 from __future__ import annotations
 
+import difflib
+import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class EditError(Exception):
@@ -183,73 +197,215 @@ def parse_edits(text: str, known_files: list[str] | None = None) -> ParsedEdits:
 # --------------------------------------------------------------------------- applying
 
 
-def _find(text: str, search: str) -> tuple[int, int, int] | None:
-    """(start, end, count) of ``search`` in ``text`` as whole lines (exact match), or None."""
+def _find(text: str, search: str) -> list[tuple[int, int]]:
+    """Spans of ``search`` in ``text`` as whole lines (exact match)."""
     body = search[:-1] if search.endswith("\n") else search
-    hits = [m.span() for m in re.finditer(r"(?m)^" + re.escape(body) + r"(?=\n|\Z)", text)]
-    if not hits:
-        return None
-    return hits[0][0], hits[0][1], len(hits)
+    return [m.span() for m in re.finditer(r"(?m)^" + re.escape(body) + r"(?=\n|\Z)", text)]
 
 
-def _fuzzy(lines: list[str], search: list[str], strip_lead: bool) -> list[int]:
-    """Start indices where ``search`` matches ``lines`` under the whitespace rule."""
+# the whitespace rules, tried in order: (name, line key, blank lines ignored, re-indent)
+_LEVELS: tuple[tuple[str, Callable[[str], str], bool, bool], ...] = (
+    ("trailing whitespace", str.rstrip, False, False),
+    ("indentation", str.strip, False, True),
+    ("indentation and blank lines", str.strip, True, True),
+    ("all whitespace", lambda s: "".join(s.split()), True, True),
+)
 
-    def norm(s: str) -> str:
-        return s.strip() if strip_lead else s.rstrip()
 
-    target = [norm(s) for s in search]
+def _fuzzy(lines: list[str], search: list[str], key: Callable[[str], str],
+           skip_blank: bool) -> list[tuple[int, int]]:
+    """(first, end) line ranges of ``lines`` that match ``search`` under one whitespace rule."""
+    target = [key(s) for s in search]
+    if skip_blank:
+        target = [t for t in target if t]
     while target and not target[-1]:
         target.pop()
     while target and not target[0]:
         target.pop(0)
     if not target:
         return []
-    normed = [norm(s) for s in lines]
+    keyed = [(i, key(s)) for i, s in enumerate(lines)]
+    if skip_blank:
+        keyed = [(i, k) for i, k in keyed if k]
+    ks = [k for _, k in keyed]
     m = len(target)
-    return [i for i in range(len(lines) - m + 1) if normed[i:i + m] == target]
+    return [(keyed[j][0], keyed[j + m - 1][0] + 1) for j in range(len(ks) - m + 1) if ks[j:j + m] == target]
 
 
 def _indent(s: str) -> str:
     return s[: len(s) - len(s.lstrip())]
 
 
-def apply_block(text: str, block: Block) -> str:
-    """Apply one block to a file's text; raise :class:`EditError` when it does not apply."""
-    if not block.search.strip():
-        if not text:
-            return block.replace + ("\n" if not block.replace.endswith("\n") else "")
-        return text + ("" if text.endswith("\n") else "\n") + block.replace + "\n"
-    found = _find(text, block.search)
-    if found:
-        start, end, count = found
-        if count > 1:
-            raise EditError(f"{block.path}: the SEARCH text occurs {count} times; "
-                            "include more surrounding lines so that it matches exactly once")
-        return text[:start] + block.replace + text[end:]
+def closest_lines(text: str, search: str, context: int = 2, limit: int = 30) -> str:
+    """The lines of ``text`` most like ``search`` (difflib), numbered, to show back to the model."""
     lines = text.split("\n")
-    search_lines = block.search.split("\n")
-    for strip_lead in (False, True):
-        hits = _fuzzy(lines, search_lines, strip_lead)
-        if len(hits) > 1:
-            raise EditError(f"{block.path}: the SEARCH text matches {len(hits)} places "
-                            "(ignoring whitespace); "
-                            "include more surrounding lines")
-        if len(hits) == 1:
-            core = list(search_lines)
-            while core and not core[-1].strip():
-                core.pop()
-            while core and not core[0].strip():
-                core.pop(0)
-            at = hits[0]
-            new_lines = block.replace.split("\n")
-            if strip_lead:
-                have, want = _indent(core[0]), _indent(lines[at])
-                new_lines = [_reindent(s, have, want) for s in new_lines]
-            return "\n".join(lines[:at] + new_lines + lines[at + len(core):])
-    raise EditError(f"{block.path}: the SEARCH text was not found. A SEARCH section must copy the "
-                    "current lines of the file exactly (first line: "
-                    f"{block.search.strip().splitlines()[0][:120]!r})")
+    want = [s.strip() for s in search.strip("\n").split("\n")]
+    m = max(1, len(want))
+    if not any(s.strip() for s in lines):
+        return "(the file is empty)"
+    best, at = -1.0, 0
+    joined = "\n".join(want)
+    for i in range(max(1, len(lines) - m + 1)):
+        window = "\n".join(s.strip() for s in lines[i:i + m])
+        sm = difflib.SequenceMatcher(None, window, joined, autojunk=False)
+        if sm.real_quick_ratio() <= best or sm.quick_ratio() <= best:
+            continue
+        r = sm.ratio()
+        if r > best:
+            best, at = r, i
+    lo, hi = max(0, at - context), min(len(lines), at + m + context)
+    shown = lines[lo:hi][:limit]
+    width = len(str(hi))
+    return "\n".join(f"{str(lo + k + 1).rjust(width)}| {s}" for k, s in enumerate(shown))
+
+
+def _numbered_hits(text: str, starts: list[int], n: int) -> str:
+    lines = text.split("\n")
+    out = []
+    for first in starts[:3]:
+        seg = lines[first:first + max(1, n)]
+        out.append("\n".join(f"{first + k + 1}| {s}" for k, s in enumerate(seg[:6])))
+    return "\n---\n".join(out)
+
+
+def apply_block(text: str, block: Block) -> str:
+    """Apply one block to a file's text; raise :class:`EditError` when it does not apply.
+
+    Line endings do not matter: a CRLF file is matched as LF and written back as CRLF.
+    """
+    if "\r\n" in text:
+        out = apply_block(text.replace("\r\n", "\n"),
+                          Block(block.path, block.search.replace("\r\n", "\n"),
+                                block.replace.replace("\r\n", "\n")))
+        return out.replace("\n", "\r\n")
+    search_text = block.search.replace("\r\n", "\n")
+    replace_text = block.replace.replace("\r\n", "\n")
+    if not search_text.strip():
+        if not text:
+            return replace_text + ("\n" if not replace_text.endswith("\n") else "")
+        return text + ("" if text.endswith("\n") else "\n") + replace_text + "\n"
+    hits = _find(text, search_text)
+    if len(hits) > 1:
+        starts = [text.count("\n", 0, a) for a, _ in hits]
+        raise EditError(f"{block.path}: the SEARCH text occurs {len(hits)} times (at lines "
+                        f"{', '.join(str(s + 1) for s in starts[:6])}); include more surrounding lines "
+                        "so that it matches exactly once. The places it matches:\n"
+                        + _numbered_hits(text, starts, search_text.count("\n") + 1))
+    if hits:
+        start, end = hits[0]
+        return text[:start] + replace_text + text[end:]
+    lines = text.split("\n")
+    search_lines = search_text.split("\n")
+    for name, key, skip_blank, reindent in _LEVELS:
+        spans = _fuzzy(lines, search_lines, key, skip_blank)
+        if len(spans) > 1:
+            raise EditError(f"{block.path}: the SEARCH text matches {len(spans)} places when {name} is "
+                            f"ignored (at lines {', '.join(str(a + 1) for a, _ in spans[:6])}); include more "
+                            "surrounding lines so that it matches exactly once. The places it matches:\n"
+                            + _numbered_hits(text, [a for a, _ in spans], spans[0][1] - spans[0][0]))
+        if len(spans) == 1:
+            first, end = spans[0]
+            new_lines = replace_text.split("\n")
+            if reindent:
+                core = [s for s in search_lines if s.strip()]
+                have, want = _indent(core[0]), _indent(lines[first])
+                if have != want:
+                    new_lines = [_reindent(s, have, want) for s in new_lines]
+            return "\n".join(lines[:first] + new_lines + lines[end:])
+    first_line = search_text.strip().splitlines()[0][:120]
+    raise EditError(f"{block.path}: the SEARCH text was not found (first line: {first_line!r}). A SEARCH "
+                    "section must copy current lines of the file exactly. The closest lines of "
+                    f"{block.path} are:\n{closest_lines(text, search_text)}")
+
+
+def unique_lines(files: dict[str, str], limit: int = 600) -> list[str] | None:
+    """The lines that occur exactly once in their file (blank ones left out), in file order; None
+    when there are more than ``limit`` (a schema ``enum`` that large gets slow to compile).
+
+    Lines with a double quote or a backslash are left out too: llama-cpp-python's schema-to-grammar
+    converter (0.3.x) mis-escapes them in an ``enum``, and its server then crashes.
+    """
+    out: dict[str, None] = {}
+    for path in sorted(files):
+        lines = files[path].replace("\r\n", "\n").split("\n")
+        counts: dict[str, int] = {}
+        for ln in lines:
+            counts[ln] = counts.get(ln, 0) + 1
+        for ln in lines:
+            if ln.strip() and counts[ln] == 1 and len(ln) <= 500 and '"' not in ln and "\\" not in ln:
+                out[ln] = None
+    return list(out) if len(out) <= limit else None
+
+
+def edits_schema(files: list[str], old_lines: list[str] | None = None) -> dict[str, Any]:
+    """The JSON schema of a structured answer; ``file`` is one of ``files`` when any are given.
+
+    With ``old_lines`` (see :func:`unique_lines`), ``old`` must be one of them: under a server's
+    grammar-constrained decoding (llama.cpp, vLLM) even a tiny model can then only name a line
+    that exists, exactly once -- every edit applies (one line replaced by ``new``, which may be
+    several lines).
+    """
+    file: dict[str, Any] = {"type": "string"}
+    if files:
+        file["enum"] = sorted(files)
+    old: dict[str, Any] = {"type": "string"}
+    if old_lines:
+        old["enum"] = list(old_lines)
+    return {
+        "type": "object",
+        "properties": {
+            "rationale": {"type": "string"},
+            "edits": {"type": "array", "minItems": 1, "maxItems": 8, "items": {
+                "type": "object",
+                "properties": {"file": file, "old": old, "new": {"type": "string"}},
+                "required": ["file", "old", "new"], "additionalProperties": False,
+            }},
+        },
+        "required": ["rationale", "edits"], "additionalProperties": False,
+    }
+
+
+EDITS_SCHEMA = edits_schema([])
+
+
+def edits_from_json(text: str, known_files: list[str] | None = None) -> ParsedEdits:
+    """A structured answer (see :data:`EDITS_SCHEMA`) as :class:`ParsedEdits`.
+
+    Tolerates a Markdown fence around the JSON and prose before it. Raises :class:`EditError`
+    with the reason when the text is not such an object.
+    """
+    raw = text.strip()
+    m = re.search(r"```(?:json)?\s*(\{.*\})\s*```", raw, re.S)
+    if m:
+        raw = m.group(1)
+    elif "{" not in raw:
+        raise EditError("the answer has no JSON object")
+    elif not raw.startswith("{"):
+        raw = raw[raw.index("{"):]
+    try:
+        data = json.loads(raw, strict=False)  # raw newlines and tabs inside strings: small models write them
+    except json.JSONDecodeError as e:
+        cut = " (the answer was cut off: raise max_tokens, or ask for a smaller change)" \
+            if e.pos >= len(raw.rstrip()) - 1 else ""
+        raise EditError(f"the answer is not valid JSON: {e.msg} at character {e.pos}{cut}") from None
+    except (ValueError, RecursionError) as e:
+        raise EditError(f"the answer is not valid JSON: {str(e)[:120]}") from None
+    if not isinstance(data, dict):
+        raise EditError("the answer is not a JSON object with \"rationale\" and \"edits\"")
+    edits = data.get("edits")
+    if not isinstance(edits, list) or not edits:
+        raise EditError("the JSON answer has no \"edits\" list: give at least one {\"file\", \"old\", "
+                        "\"new\"} edit")
+    blocks: list[Block] = []
+    for k, item in enumerate(edits, 1):
+        if not isinstance(item, dict) or not all(isinstance(item.get(f), str) for f in ("file", "old", "new")):
+            raise EditError(f"edit {k} must be an object with string fields \"file\", \"old\" and \"new\"")
+        path = item["file"].strip()
+        if known_files and path not in known_files:
+            path = _filename(path, known_files) or path
+        blocks.append(Block(path, item["old"], item["new"]))
+    rationale = str(data.get("rationale") or "").strip()
+    return ParsedEdits(rationale=rationale[:4000], blocks=tuple(blocks))
 
 
 def _reindent(line: str, have: str, want: str) -> str:

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
@@ -46,7 +46,7 @@ from nightlab.policy import make_policy
 from nightlab.researchers import Context, Researcher
 from nightlab.spec import PROGRAM_FILE, Spec, load_spec, matches
 from nightlab.text import first_line
-from nightlab.types import Candidate, Experiment, Measurement, RunResult, Session, Status, Usage
+from nightlab.types import Candidate, Experiment, Measurement, RunResult, Session, Status
 from nightlab.verifier import Verifier
 from nightlab.workspace import ApplyError, Workspace
 
@@ -211,6 +211,7 @@ class Engine:
         self._crashes_checked = 0  # crashes of the current streak already cleared by a health check
         self.pruner = prune.Pruner(self.spec.prune, self.spec.prune.figure or self.spec.metric.name,
                                    self.spec.metric.direction)
+        self._closing = False  # the loop is closing: proposals in progress should give up
         self.ray: Any = None
         if self.spec.executor.kind == "ray":
             from nightlab.executors.ray_executor import RayExecutor
@@ -579,9 +580,13 @@ class Engine:
                          reason=reason, evidence=exp.evidence, commit=exp.commit)
         return exp
 
-    def _write_artifacts(self, exp_id: int, artifacts: dict[str, str]) -> None:
-        """A candidate's artifacts (prompt, response, transcript) under artifacts/<exp_id>/."""
-        folder = self.artifacts_dir / str(exp_id)
+    def exp_dir(self, idx: int) -> Path:
+        """Where experiment ``idx`` of this session keeps its files: ``artifacts/<tag>/<idx>/``."""
+        return self.artifacts_dir / self.session.tag / str(idx)
+
+    def _write_artifacts(self, idx: int, artifacts: dict[str, str]) -> None:
+        """A candidate's artifacts (prompt, response, transcript) under artifacts/<tag>/<idx>/."""
+        folder = self.exp_dir(idx)
         folder.mkdir(parents=True, exist_ok=True)
         for name, text in artifacts.items():
             safe = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name).name).lstrip(".") or "artifact"
@@ -683,7 +688,7 @@ class Engine:
             description=desc, propose_s=propose_s, worktree=str(wt_path),
         )
         if candidate is not None and candidate.artifacts:
-            self._write_artifacts(exp_id, candidate.artifacts)
+            self._write_artifacts(idx, candidate.artifacts)
         self.reporter.experiment_started(idx, desc, self.spec.run.budget_s)
         if candidate is not None:
             self.events.emit("candidate", experiment=idx, parent=parent, researcher=candidate.researcher,
@@ -748,7 +753,7 @@ class Engine:
                 if answer != "approved":
                     return self._finish(exp_id, Status.INTERRUPTED, t0, reason=f"interrupted: {why}")
             # 4. run
-            log_path = self.artifacts_dir / str(exp_id) / "run.log"
+            log_path = self.exp_dir(idx) / "run.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
             if candidate is not None:
                 (log_path.parent / "candidate.diff").write_bytes(_raw(canonical))
@@ -972,7 +977,7 @@ class Engine:
         if st.max_experiments and len(tried) >= st.max_experiments:
             return f"max_experiments ({st.max_experiments}) reached"
         if st.max_cost_usd or st.max_tokens:
-            used = sum((e.usage for e in history), Usage())
+            used = sum((e.usage for e in history), self.ledger.spend_totals(self.session.id))
             if st.max_cost_usd and used.cost_usd >= st.max_cost_usd:
                 return f"max_cost_usd ({st.max_cost_usd:g}) reached: ${used.cost_usd:.4f} spent"
             if st.max_tokens and used.tokens_in + used.tokens_out >= st.max_tokens:
@@ -1105,10 +1110,18 @@ class Engine:
                     self.researcher.close()
 
     def _propose(self, idx: int, history: list[Experiment]) -> Candidate | None:
-        """The next candidate: a requeued stale winner first, else the researcher's (None: cancelled)."""
+        """The next candidate: a requeued stale winner first, else the researcher's (None: dropped at a stop).
+
+        The researcher sees ``Context.should_stop`` (Ctrl-C, SIGTERM, the STOP file, the loop closing)
+        and may abandon the proposal; a proposal made or abandoned at a stop is not run, and its
+        usage goes to the ledger's ``spend`` table.
+        """
         assert self.researcher is not None
         while self._requeue:
-            item = self._requeue.pop(0)
+            try:
+                item = self._requeue.pop(0)
+            except IndexError:  # another proposer thread (prefetch) took it
+                break
             inc = self.session.incumbent_commit
             if isinstance(item, Candidate):  # keep_semantics = "rebase"
                 return Candidate(**{**item.__dict__, "parent": inc})
@@ -1118,7 +1131,8 @@ class Engine:
                                  researcher=REBASE)
             # conflicts with (or adds nothing to) the incumbent of now: dropped before it gets a row
             self.events.emit("requeue.drop", experiment=item.source_idx, tip=item.tip)
-        ctx = self._context(idx, history)
+        ctx = replace(self._context(idx, history),
+                      should_stop=lambda: self._closing or bool(self._stop_requested()))
         t0 = time.monotonic()
         self.events.emit("researcher.request", experiment=idx, researcher=self.session.researcher,
                          parent=ctx.parent)
@@ -1133,15 +1147,40 @@ class Engine:
         self.events.emit("researcher.response", experiment=idx, seconds=round(propose_s, 3),
                          rationale_sha256=_sha(cand.rationale), tokens_in=cand.usage.tokens_in,
                          tokens_out=cand.usage.tokens_out, cost_usd=cand.usage.cost_usd)
-        if self.stop.cancel.is_set():
-            return None  # proposed but never run: not recorded
-        return Candidate(**{**cand.__dict__, "parent": ctx.parent, "usage": replace(cand.usage, seconds=propose_s)
+        cand = Candidate(**{**cand.__dict__, "parent": ctx.parent, "usage": replace(cand.usage, seconds=propose_s)
                             if not cand.usage.seconds else cand.usage})
+        stop = "the loop closed" if self._closing else self._stop_requested()
+        if stop:
+            self._drop(idx, cand, stop)
+            return None  # proposed but never run: its usage is in the ledger's spend table
+        return cand
+
+    def _drop(self, idx: int, cand: Candidate, why: str) -> None:
+        """Record the usage of a proposal that will not run (whatever became of it, its tokens were spent)."""
+        u = cand.usage
+        self.events.emit("researcher.dropped", experiment=idx, why=why, tokens_in=u.tokens_in,
+                         tokens_out=u.tokens_out, cost_usd=u.cost_usd)
+        if u.tokens_in or u.tokens_out or u.cost_usd or u.seconds:
+            self.ledger.record_spend(self.session.id, idx, cand.researcher or self.session.researcher, u,
+                                     f"dropped at a stop: {why}")
+
+    def _prefetch(self) -> int:
+        """``[researcher] prefetch``: proposals made ahead, concurrently (researchers that allow it only)."""
+        n = getattr(self.researcher, "prefetch", 0)
+        return int(n) if isinstance(n, int) and n > 0 and getattr(self.researcher, "concurrent", False) else 0
 
     def _loop(self, history: list[Experiment]) -> Session:
-        """Keep ``[executor] slots`` experiments running; with ``pipeline``, the next proposal is made
-        while they run, so no slot waits for the researcher. Stops when a stop rule fires, after
-        the experiments in flight finish (a cancel makes them stop at once, ``interrupted``)."""
+        """Keep ``[executor] slots`` experiments running, and the next proposal ready.
+
+        With ``pipeline``, the next proposal is made while experiments run, so no slot waits for
+        the researcher -- as long as proposing is quicker than running (measured: moving averages
+        of both). When proposing takes longer, the proposal waits for the result in flight instead,
+        so that it sees the current history (it would leave the slot idle either way).
+        With ``[researcher] prefetch = N`` (researchers that allow concurrent proposals), up to N
+        proposals are made at once, ahead of the runs, each on the history of its start.
+        Stops when a stop rule fires, after the experiments in flight finish (a cancel makes them
+        stop at once, ``interrupted``); proposals made for nothing are dropped, their usage recorded.
+        """
         ex = self.spec.executor
         cap = self.spec.stop.max_experiments
         free = list(range(ex.slots))
@@ -1151,6 +1190,36 @@ class Engine:
         invalid_row, reason, busy_s = 0, "", 0.0
         t_loop = time.monotonic()
         pool = ThreadPoolExecutor(max_workers=ex.slots, thread_name_prefix="nightlab-slot")
+        prefetch = self._prefetch()
+        ppool = ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="nightlab-propose") if prefetch else None
+        queue: deque[tuple[int, Future[tuple[Candidate | None, float]]]] = deque()
+        est: dict[str, float] = {}  # moving averages: "propose", "run" seconds
+        ahead_shown: bool | None = None
+
+        def learn(what: str, seconds: float) -> None:
+            est[what] = seconds if what not in est else 0.7 * est[what] + 0.3 * seconds
+
+        def ahead_ok() -> bool:
+            nonlocal ahead_shown
+            if not ex.pipeline:
+                return False
+            ok = "propose" not in est or "run" not in est or est["propose"] <= est["run"]
+            if ahead_shown is not None and ok != ahead_shown:
+                how = "proposing ahead" if ok else "waiting for the result in flight before proposing"
+                self.events.emit("scheduler", pipeline_ahead=ok, propose_s=round(est.get("propose", 0), 3),
+                                 run_s=round(est.get("run", 0), 3))
+                self.reporter.message(f"{how}: proposing takes {est.get('propose', 0):.1f}s, "
+                                      f"running {est.get('run', 0):.1f}s")
+            ahead_shown = ok
+            return ok
+
+        def timed(idx: int, hist: list[Experiment]) -> tuple[Candidate | None, float]:
+            t0 = time.monotonic()
+            return self._propose(idx, hist), time.monotonic() - t0
+
+        for e in history:
+            if e.idx > 0 and e.run_s > 0:  # candidates' runs (the baseline may be unlike them)
+                learn("run", e.run_s)
         try:
             while True:
                 if not reason:
@@ -1158,12 +1227,24 @@ class Engine:
                 if reason and not inflight:
                     break
                 tried = sum(1 for e in history if e.idx > self.epoch)
-                budget = (cap - tried - len(inflight) - (prepared is not None)) if cap else 1
-                if not reason and prepared is None and budget > 0 and (free or ex.pipeline):
-                    t0 = time.monotonic()
-                    cand = self._propose(next_idx, history)
+                budget = (cap - tried - len(inflight) - (prepared is not None) - len(queue)) if cap else 1
+                if ppool is not None:
+                    if not reason and budget > 0 and len(queue) < prefetch:
+                        queue.append((next_idx, ppool.submit(timed, next_idx, list(history))))
+                        next_idx += 1
+                        continue
+                    if not reason and prepared is None and queue and queue[0][1].done():
+                        idx, pfut = queue.popleft()
+                        cand, secs = pfut.result()
+                        learn("propose", secs)
+                        if cand is not None:
+                            prepared = (idx, cand, secs)
+                        continue
+                elif not reason and prepared is None and budget > 0 and (free or ahead_ok()):
+                    cand, secs = timed(next_idx, history)
+                    learn("propose", secs)
                     if cand is not None:
-                        prepared = (next_idx, cand, time.monotonic() - t0)
+                        prepared = (next_idx, cand, secs)
                         next_idx += 1
                     continue
                 if not reason and prepared is not None and free:
@@ -1171,14 +1252,17 @@ class Engine:
                     inflight[pool.submit(self.run_experiment, *prepared, slot=slot)] = slot
                     prepared = None
                     continue
-                if not inflight:  # nothing to run and nothing running: the stop rules decide next
+                if not inflight and not queue:  # nothing to run and nothing running: the stop rules decide
                     reason = reason or self.stop_reason(history) or "nothing left to run"
                     continue
-                done, _ = wait(inflight, timeout=0.5, return_when=FIRST_COMPLETED)
-                for fut in done:
+                waiting: list[Future[Any]] = [*inflight, *(f for _, f in queue)]
+                done, _ = wait(waiting, timeout=0.5, return_when=FIRST_COMPLETED)
+                for fut in [f for f in inflight if f in done]:  # finished proposals are taken above
                     free.append(inflight.pop(fut))
                     exp = fut.result()
                     busy_s += exp.run_s
+                    if exp.idx > 0 and exp.run_s > 0:
+                        learn("run", exp.run_s)
                     history.append(exp)
                     self.researcher.observe(exp)  # type: ignore[union-attr]
                     self.reporter.experiment_finished(exp, self.session)
@@ -1190,11 +1274,23 @@ class Engine:
             self.stop.interrupt(self.stop.cancel_reason or "harness error")
             raise
         finally:
+            self._closing = True  # proposals still in progress give up (their usage is recorded)
             pool.shutdown(wait=True)
+            if ppool is not None:
+                ppool.shutdown(wait=True)
+            left = [(i, f.result()[0]) for i, f in queue if f.done() and f.exception() is None]
+            if prepared is not None:
+                left.append((prepared[0], prepared[1]))
+            for i, c in left:
+                if c is not None:
+                    self._drop(i, c, reason or "stopped")
+            self._closing = False
             wall = time.monotonic() - t_loop
             if wall > 0 and busy_s > 0:
                 stats = {"slots": ex.slots, "pipeline": ex.pipeline, "wall_s": round(wall, 3),
                          "busy_s": round(busy_s, 3), "duty_cycle": round(busy_s / (ex.slots * wall), 4)}
+                if est:
+                    stats.update({f"{k}_s_avg": round(v, 3) for k, v in est.items()})
                 self.verifier._save_noise(executor=stats)
                 self.reporter.message(f"duty cycle {100 * stats['duty_cycle']:.1f}% over {ex.slots} slot(s)")
         status = "stopped" if self.stop.cancel.is_set() or self.stop.graceful or reason == "STOP file" \

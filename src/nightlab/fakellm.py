@@ -6,6 +6,20 @@ from a script: each request takes the next :class:`Turn`; the last one repeats. 
 recorded (``.requests``: parsed JSON bodies plus headers) for assertions. Used by the test suite
 with the real ``openai`` and ``anthropic`` clients; useful for trying a lab without a model::
 
+Shapes a test can script (the ones local model servers show):
+
+- ``structured=False``: a request with ``response_format`` is refused with HTTP 400 (as servers
+  without JSON-schema support answer), without consuming a turn; ``structured="json_object"``:
+  only llama-cpp-python's ``{"type": "json_object", "schema": ...}`` is taken, ``json_schema`` gets
+  the HTTP 500 validation error that server answers;
+- ``stream: true`` (OpenAI protocol): the text is sent as server-sent events, a few characters per
+  chunk (``Turn.chunk_delay_s`` apart), usage in the last chunk when ``stream_options.include_usage``;
+  a client that closes the stream early is counted in ``.disconnects`` (llama.cpp stops there);
+- ``Turn.delay_s``: the answer starts that late (timeouts, interruption);
+- ``tokenize=True``: llama.cpp's ``POST /tokenize`` and llama-cpp-python's ``POST /extras/tokenize``,
+  one token per 3 characters (so a test can tell it from the chars/4 estimate);
+- ``Turn.timings``: a llama.cpp ``timings`` object (``cache_n``: prompt tokens from its cache).
+
     with FakeLLMServer("openai", [Turn(text="...")]) as srv:
         ...  # base_url = srv.base_url
 """
@@ -13,7 +27,9 @@ with the real ``openai`` and ``anthropic`` clients; useful for trying a lab with
 from __future__ import annotations
 
 import json
+import math
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
@@ -28,13 +44,22 @@ class Turn:
     tokens_cached: int = 0
     headers: dict[str, str] = field(default_factory=dict)  # e.g. {"retry-after-ms": "10"}
     error: str = "scripted error"
+    delay_s: float = 0.0  # wait this long before answering
+    chunk_delay_s: float = 0.0  # streaming: wait this long between chunks
+    timings: dict[str, Any] | None = None  # llama.cpp's extra "timings" object
 
 
 class FakeLLMServer:
-    def __init__(self, protocol: Literal["openai", "anthropic"], script: list[Turn]) -> None:
+    def __init__(self, protocol: Literal["openai", "anthropic"], script: list[Turn], *,
+                 structured: bool | Literal["json_object"] = True, tokenize: bool = False) -> None:
         self.protocol = protocol
         self.script = list(script)
+        self.structured = structured
+        self.tokenize = tokenize
         self.requests: list[dict[str, Any]] = []
+        self.refused: list[dict[str, Any]] = []  # requests refused for their response_format
+        self.tokenized: list[str] = []
+        self.disconnects = 0
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -70,7 +95,8 @@ class FakeLLMServer:
             return {"type": "error", "error": {"type": "scripted_error", "message": turn.error}}
         model = body.get("model", "fake")
         if self.protocol == "openai":
-            return {
+            extra = {"timings": turn.timings} if turn.timings is not None else {}
+            return {**extra,
                 "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": model,
                 "choices": [{"index": 0, "finish_reason": "stop",
                              "message": {"role": "assistant", "content": turn.text}}],
@@ -102,12 +128,71 @@ class FakeLLMServer:
                     body = json.loads(raw)
                 except json.JSONDecodeError:
                     body = {}
+                route = self.path.split("?")[0]
+                if fake.tokenize and route in ("/tokenize", "/extras/tokenize"):
+                    text = str(body.get("content", body.get("input", "")))
+                    with fake._lock:
+                        fake.tokenized.append(text)
+                    self._send(200, {"tokens": list(range(math.ceil(len(text) / 3)))}, {})
+                    return
                 expected = "/v1/chat/completions" if fake.protocol == "openai" else "/v1/messages"
-                if self.path.split("?")[0] != expected:
+                if route != expected:
                     self._send(404, {"error": {"message": f"no route {self.path}"}}, {})
                     return
+                form = (body.get("response_format") or {}).get("type") if "response_format" in body else None
+                if form is not None and (fake.structured is False or
+                                         (fake.structured == "json_object" and form != "json_object")):
+                    with fake._lock:
+                        fake.refused.append(body)
+                    if fake.structured is False:
+                        self._send(400, {"error": {"message": "Unrecognized request argument supplied: "
+                                                              "response_format", "type": "invalid_request_error",
+                                                   "code": 400}}, {})
+                    else:
+                        self._send(500, {"error": {"message": "1 validation error: ('body', 'response_format', "
+                                                              "'type'): Input should be 'text' or 'json_object'",
+                                                   "type": "internal_server_error"}}, {})
+                    return
                 turn = fake._next(body, {k.lower(): v for k, v in self.headers.items()})
+                if turn.delay_s:
+                    time.sleep(turn.delay_s)
+                if turn.status == 200 and body.get("stream") and fake.protocol == "openai":
+                    self._stream(turn, body)
+                    return
                 self._send(turn.status, fake._payload(turn, body), turn.headers)
+
+            def _stream(self, turn: Turn, body: dict[str, Any]) -> None:
+                self.close_connection = True
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("connection", "close")
+                self.end_headers()
+                full = fake._payload(turn, body)
+                base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0,
+                        "model": full["model"]}
+                pieces = [turn.text[i:i + 4] for i in range(0, len(turn.text), 4)] or [""]
+                try:
+                    for k, piece in enumerate(pieces):
+                        delta: dict[str, Any] = {"content": piece}
+                        if k == 0:
+                            delta["role"] = "assistant"
+                        chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+                        self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                        self.wfile.flush()
+                        if turn.chunk_delay_s:
+                            time.sleep(turn.chunk_delay_s)
+                    end = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+                    if "timings" in full:
+                        end["timings"] = full["timings"]
+                    self.wfile.write(f"data: {json.dumps(end)}\n\n".encode())
+                    if (body.get("stream_options") or {}).get("include_usage"):
+                        usage = {**base, "choices": [], "usage": full["usage"]}
+                        self.wfile.write(f"data: {json.dumps(usage)}\n\n".encode())
+                    self.wfile.write(b"data: [DONE]\n\n")
+                    self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    with fake._lock:
+                        fake.disconnects += 1
 
             def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str]) -> None:
                 data = json.dumps(payload).encode()

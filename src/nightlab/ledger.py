@@ -154,12 +154,36 @@ def _migrate_1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[sessions, experiments, candidates], checkfirst=False)
 
 
+spend = sa.Table(
+    "spend",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("session_id", sa.Integer, sa.ForeignKey("sessions.id"), nullable=False),
+    sa.Column("idx", sa.Integer, nullable=False),  # the experiment number the proposal was meant for
+    sa.Column("researcher", sa.Text, nullable=False),
+    sa.Column("why", sa.Text, nullable=False),
+    sa.Column("tokens_in", sa.Integer, nullable=False),
+    sa.Column("tokens_out", sa.Integer, nullable=False),
+    sa.Column("tokens_cached", sa.Integer, nullable=False),
+    sa.Column("cost_usd", sa.Double, nullable=False),
+    sa.Column("usage_s", sa.Double, nullable=False),
+    sa.Column("at", sa.Double, nullable=False),
+    sa.Index("ix_spend_session", "session_id"),
+    sqlite_autoincrement=True,
+)
+
+
 def _migrate_2(conn: Connection) -> None:
     """v2: the ``runs`` table (run ids for crash recovery)."""
     metadata.create_all(conn, tables=[runs], checkfirst=True)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_1, _migrate_2]
+def _migrate_3(conn: Connection) -> None:
+    """v3: ``spend``, the usage of proposals that never became an experiment (dropped at a stop)."""
+    metadata.create_all(conn, tables=[spend], checkfirst=False)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_1, _migrate_2, _migrate_3]
 """Migration ``i`` (0-based) brings the schema from version ``i`` to ``i + 1``. Append only."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -680,6 +704,26 @@ class Ledger:
         """Experiments still marked running (after a crash of the harness, these are stale)."""
         return self.experiments(session_id, status=Status.RUNNING)
 
+    def record_spend(self, session_id: int, idx: int, researcher: str, usage: Usage, why: str) -> None:
+        """The usage of a proposal that did not become an experiment (dropped at a stop)."""
+        with self._write() as conn:
+            conn.execute(spend.insert().values(
+                session_id=session_id, idx=idx, researcher=researcher, why=why[:500],
+                tokens_in=int(usage.tokens_in), tokens_out=int(usage.tokens_out),
+                tokens_cached=int(usage.tokens_cached), cost_usd=float(usage.cost_usd),
+                usage_s=float(usage.seconds), at=time.time()))
+
+    def spend_totals(self, session_id: int) -> Usage:
+        """The summed usage of the session's dropped proposals (see :meth:`record_spend`)."""
+        c = spend.c
+        q = sa.select(
+            sa.func.coalesce(sa.func.sum(c.tokens_in), 0), sa.func.coalesce(sa.func.sum(c.tokens_out), 0),
+            sa.func.coalesce(sa.func.sum(c.tokens_cached), 0), sa.func.coalesce(sa.func.sum(c.cost_usd), 0.0),
+            sa.func.coalesce(sa.func.sum(c.usage_s), 0.0),
+        ).where(c.session_id == session_id)
+        with self._read() as conn:
+            t_in, t_out, t_cached, cost, secs = conn.execute(q).one()
+        return Usage(int(t_in), int(t_out), int(t_cached), float(cost), float(secs))
     # -- runs (process trees, for crash recovery) -------------------------------------------
 
     def record_run(self, session_id: int, run_id: str, kind: str, experiment_idx: int | None = None) -> None:
@@ -699,7 +743,7 @@ class Ledger:
             return [dict(r._mapping) for r in conn.execute(q)]
 
     def usage_totals(self, session_id: int) -> Usage:
-        """The summed usage of every candidate of the session."""
+        """The summed usage of every candidate of the session, dropped proposals included."""
         c = candidates.c
         q = (
             sa.select(
@@ -714,7 +758,7 @@ class Ledger:
         )
         with self._read() as conn:
             t_in, t_out, t_cached, cost, secs = conn.execute(q).one()
-        return Usage(int(t_in), int(t_out), int(t_cached), float(cost), float(secs))
+        return Usage(int(t_in), int(t_out), int(t_cached), float(cost), float(secs)) + self.spend_totals(session_id)
 
 
 # -- rows <-> dataclasses ---------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from nightlab.errors import LedgerError
 from nightlab.types import Direction, Experiment, Session, Status, Usage
 
-SCHEMA_VERSION = 2  # the ledger schema this reader knows; tests check it is the ledger's current one
+SCHEMA_VERSION = 3  # the ledger schema this reader knows; tests check it is the ledger's current one
 
 _EXPERIMENT = (
     "SELECT e.*, c.researcher AS c_researcher, c.rationale, c.diff, c.params_json, c.tokens_in, c.tokens_out, "
@@ -130,7 +130,12 @@ class SqliteReader:
             "SELECT coalesce(sum(c.tokens_in), 0), coalesce(sum(c.tokens_out), 0), coalesce(sum(c.tokens_cached), 0), "
             "coalesce(sum(c.cost_usd), 0.0), coalesce(sum(c.usage_s), 0.0) FROM candidates c "
             "JOIN experiments e ON e.id = c.experiment_id WHERE e.session_id = ?", (session_id,)).fetchone()
-        return Usage(int(row[0]), int(row[1]), int(row[2]), float(row[3]), float(row[4]))
+        dropped = self._con.execute(  # proposals dropped at a stop (Ledger.record_spend)
+            "SELECT coalesce(sum(tokens_in), 0), coalesce(sum(tokens_out), 0), coalesce(sum(tokens_cached), 0), "
+            "coalesce(sum(cost_usd), 0.0), coalesce(sum(usage_s), 0.0) FROM spend WHERE session_id = ?",
+            (session_id,)).fetchone()
+        return (Usage(int(row[0]), int(row[1]), int(row[2]), float(row[3]), float(row[4]))
+                + Usage(int(dropped[0]), int(dropped[1]), int(dropped[2]), float(dropped[3]), float(dropped[4])))
 
 
 def open_fast(path: Path) -> SqliteReader | None:

@@ -90,7 +90,7 @@ class Candidate:
     ``params`` holds structured choices (the search researcher's constant values) so a
     resumed researcher can learn from history. ``artifacts`` (file name -> text: the prompt,
     the response, an agent's transcript) are written by the engine to
-    ``.nightlab/artifacts/<experiment id>/``. ``error`` says why a candidate carries no edit
+    ``.nightlab/artifacts/<session tag>/<experiment number>/``. ``error`` says why a candidate carries no edit
     (it becomes the ``invalid`` experiment's reason).
     """
 

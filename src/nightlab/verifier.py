@@ -346,7 +346,7 @@ class Verifier:
             out: list[Measurement] = []
             for j in range(1, r + 1):
                 seed = repeat_seed(self.e.spec.run.seed, idx, j)
-                s = self.sample(commit, idx, seed, f"repeat-{j}", self.e.artifacts_dir / str(exp_id))
+                s = self.sample(commit, idx, seed, f"repeat-{j}", self.e.exp_dir(idx))
                 self.e.events.emit("repeat", experiment=idx, j=j, seed=seed, metric=s.measurement.metric,
                                    status=s.status.value, error=s.measurement.error)
                 out.append(s.measurement)
@@ -379,13 +379,13 @@ class Verifier:
         seeds: list[int] = []
         for j in range(1, k + 1):
             seed = repeat_seed(e.spec.run.seed, 0, j)
-            s = self.sample(commit, 0, seed, f"calibrate-{j}", e.artifacts_dir / "calibrate")
+            s = self.sample(commit, 0, seed, f"calibrate-{j}", e.artifacts_dir / e.session.tag / "calibrate")
             if s.status is Status.INTERRUPTED:
                 raise NightlabError("calibration interrupted", "run `nightlab calibrate` again")
             if not s.measurement.valid:
                 why = s.measurement.error or s.status.value
                 raise NightlabError(f"calibration run {j} (seed {seed}) failed: {why}",
-                                    "make the baseline run reliably; logs: .nightlab/artifacts/calibrate")
+                                    "make the baseline run reliably; logs: .nightlab/artifacts/<tag>/calibrate")
             samples.append(float(s.measurement.metric))  # type: ignore[arg-type]
             seeds.append(seed)
         rec = {**noise_of(samples), "seeds": seeds, "commit": commit, "metric": e.spec.metric.name,
@@ -437,7 +437,7 @@ class Verifier:
         if problem:
             error = f"protected: {problem}"
         else:
-            log = e.artifacts_dir / str(exp.id) / "holdout.log"
+            log = e.exp_dir(exp.idx) / "holdout.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             value, error = self._holdout_score(exp, wt, log)
         rec: dict[str, Any] = {"metric": value, "name": h.metric or e.spec.metric.name, "error": error[:500]}
@@ -510,7 +510,7 @@ class Verifier:
         if commit is None or not e.ws.resolve(commit):
             raise UsageError(f"experiment {idx} has no commit to replay ({exp.status.value})",
                              "only experiments that were committed and run can be replayed")
-        s = self.sample(commit, idx, exp.seed, f"replay-{int(time.time())}", e.artifacts_dir / str(exp.id))
+        s = self.sample(commit, idx, exp.seed, f"replay-{int(time.time())}", e.exp_dir(exp.idx))
         sigma = self.noise().get("sigma")
         r = ReplayResult(idx, commit, exp.seed, exp.metric, s.measurement.metric, sigma, s.status,
                          s.rejected or s.measurement.error)
@@ -543,7 +543,8 @@ class Verifier:
             vals: list[float] = []
             for j in range(1, repeats + 1):
                 seed = repeat_seed(e.spec.run.seed, x.idx, VERIFY_OFFSET + j)
-                s = self.sample(commit, x.idx, seed, f"verify-{j}", e.artifacts_dir / "verify" / str(x.idx))
+                s = self.sample(commit, x.idx, seed, f"verify-{j}",
+                                e.artifacts_dir / e.session.tag / "verify" / str(x.idx))
                 if s.status is Status.INTERRUPTED:
                     raise NightlabError("verify interrupted", "run `nightlab verify` again")
                 if s.measurement.valid:

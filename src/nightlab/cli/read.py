@@ -158,6 +158,12 @@ def _improvement(session: Session, new: float | None, old: float | None) -> str:
     return f"{_signed(gain)}{pct}"
 
 
+def _latency(led: LedgerReads, session_id: int) -> dict[str, float]:
+    """Mean proposal and run seconds of the session's experiments (the baseline has no proposal)."""
+    exps = [e for e in led.experiments(session_id) if e.idx > 0 and e.status is not Status.RUNNING]
+    return {"n": len(exps), "propose_s": sum(e.propose_s for e in exps), "run_s": sum(e.run_s for e in exps)}
+
+
 @click.command()
 @_common
 @click.option("--all", "all_labs", is_flag=True,
@@ -175,6 +181,7 @@ def status(lab: Path, db: str | None, tag: str | None, all_labs: bool = False, r
         counts = led.count_by_status(s.id)
         usage = led.usage_totals(s.id)
         last = led.experiments(s.id, order="desc", limit=1)
+        lat = _latency(led, s.id)
         baseline = _baseline(led, s)
         extra = led.session_json(s.id)[1]
         pruned = led.experiments(s.id, status=Status.PRUNED)
@@ -194,11 +201,15 @@ def status(lab: Path, db: str | None, tag: str | None, all_labs: bool = False, r
     total = sum(counts.values())
     by_status = "  ".join(f"{st.value} {counts[st]}" for st in Status if st in counts)
     t.add_row("experiments", f"{total}" + (f"  ({by_status})" if by_status else ""))
+    cached = f" ({100 * usage.tokens_cached / usage.tokens_in:.0f}% of input)" if usage.tokens_in else ""
     t.add_row(
         "usage",
-        f"tokens in {usage.tokens_in:,}  out {usage.tokens_out:,}  cached {usage.tokens_cached:,}  "
+        f"tokens in {usage.tokens_in:,}  out {usage.tokens_out:,}  cached {usage.tokens_cached:,}{cached}  "
         f"${usage.cost_usd:.2f}  propose {usage.seconds:.1f}s",
     )
+    if lat["n"]:
+        t.add_row("latency", f"propose {lat['propose_s'] / lat['n']:.1f}s  run {lat['run_s'] / lat['n']:.1f}s  "
+                             f"per experiment (mean of {lat['n']})")
     if pruned:
         from nightlab import prune  # imports Optuna: only for sessions that pruned runs
 

