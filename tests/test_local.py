@@ -52,6 +52,7 @@ def local_spec() -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.local
 @needs_model
 def test_a_tiny_local_model_yields_valid_candidates(make_lab):
     lab = make_lab(files={"target.py": RANGED}, spec=local_spec())
@@ -75,6 +76,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.local
 @needs_model
 @pytest.mark.skipif(not HAVE_SERVER,
                     reason="needs llama-cpp-python's server extra: pip install 'llama-cpp-python[server]'")
@@ -134,6 +136,7 @@ max_retries = 1''')
 
 
 @pytest.mark.slow
+@pytest.mark.local
 @needs_model
 def test_the_models_own_log_lines_stay_out_of_plain_output(make_lab):
     from tests._cli import nl
