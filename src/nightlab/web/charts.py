@@ -196,26 +196,35 @@ def line_svg(
     pw, ph = width - ml - mr, height - mt - mb
     out = [_open("nl-line", width, height), _frame(ml, mt, pw, ph)]
     if xs:
-        x_lo, x_hi = min(xs), max(xs)
-        y_lo, y_hi = min(0.0, min(ys)), max(ys)
-        x_hi = x_hi if x_hi > x_lo else x_lo + 1
-        y_hi = y_hi if y_hi > y_lo else y_lo + 1
-
-        def sx(v: float) -> float:
-            return ml + pw * (v - x_lo) / (x_hi - x_lo)
-
-        def sy(v: float) -> float:
-            return mt + ph * (1 - (v - y_lo) / (y_hi - y_lo))
-
-        for t in nice_ticks(y_lo, y_hi, 4):
-            out.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#ececec"/>'
-                       + _text(ml - 5, sy(t) + 4, fmt(t), "end"))
-        for t in nice_ticks(x_lo, x_hi, 5):
-            out.append(_text(sx(t), mt + ph + 15, fmt(t), "middle"))
+        sx, sy = grid(out, (ml, mt, pw, ph), (min(xs), max(xs)), (min(0.0, min(ys)), max(ys)))
         pts = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(xs, ys, strict=True))
         out.append(f'<polyline points="{pts}" fill="none" stroke="{colour}" stroke-width="2"/>')
     out.append(_axis_labels(ml, mt, pw, ph, height, x_label, y_label))
     return "".join(out)
+
+
+def grid(out: list[str], box: tuple[float, float, float, float], xr: tuple[float, float],
+         yr: tuple[float, float]) -> tuple[Callable[[float], float], Callable[[float], float]]:
+    """Horizontal grid lines with y labels and x labels for the data ranges ``xr``, ``yr`` inside ``box``
+    (left, top, width, height), appended to ``out``; returns the data-to-pixel functions ``sx``, ``sy``."""
+    ml, mt, pw, ph = box
+    x_lo, x_hi = xr
+    y_lo, y_hi = yr
+    x_hi = x_hi if x_hi > x_lo else x_lo + 1
+    y_hi = y_hi if y_hi > y_lo else y_lo + 1
+
+    def sx(v: float) -> float:
+        return ml + pw * (v - x_lo) / (x_hi - x_lo)
+
+    def sy(v: float) -> float:
+        return mt + ph * (1 - (v - y_lo) / (y_hi - y_lo))
+
+    for t in nice_ticks(y_lo, y_hi, 4):
+        out.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#ececec"/>'
+                   + _text(ml - 5, sy(t) + 4, fmt(t), "end"))
+    for t in nice_ticks(x_lo, x_hi, 5):
+        out.append(_text(sx(t), mt + ph + 15, fmt(t), "middle"))
+    return sx, sy
 
 
 def stacked_svg(

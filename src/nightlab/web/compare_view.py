@@ -5,7 +5,7 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
-from nightlab.web.charts import _axis_labels, _frame, _open, _text, fmt, nice_ticks
+from nightlab.web.charts import _axis_labels, _frame, _open, grid
 
 ARM_COLOURS = ["#2b83ba", "#d7191c", "#1a9641", "#fdae61", "#7b3294", "#008837", "#a6611a", "#5e3c99"]
 
@@ -18,21 +18,8 @@ def steps_svg(series: dict[str, list[list[tuple[float, float]]]], *, x_label: st
     out = [_open("nl-compare", width, height), _frame(ml, mt, pw, ph)]
     pts = [p for curves in series.values() for c in curves for p in c]
     if pts:
-        x_lo, x_hi = 0.0, max(p[0] for p in pts) or 1.0
-        y_lo, y_hi = min(p[1] for p in pts), max(p[1] for p in pts)
-        y_hi = y_hi if y_hi > y_lo else y_lo + 1
-
-        def sx(v: float) -> float:
-            return ml + pw * (v - x_lo) / (x_hi - x_lo)
-
-        def sy(v: float) -> float:
-            return mt + ph * (1 - (v - y_lo) / (y_hi - y_lo))
-
-        for t in nice_ticks(y_lo, y_hi, 4):
-            out.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#ececec"/>'
-                       + _text(ml - 5, sy(t) + 4, fmt(t), "end"))
-        for t in nice_ticks(x_lo, x_hi, 5):
-            out.append(_text(sx(t), mt + ph + 15, fmt(t), "middle"))
+        x_hi = max(p[0] for p in pts) or 1.0
+        sx, sy = grid(out, (ml, mt, pw, ph), (0.0, x_hi), (min(p[1] for p in pts), max(p[1] for p in pts)))
         for i, (arm, curves) in enumerate(series.items()):
             colour = ARM_COLOURS[i % len(ARM_COLOURS)]
             for c in curves:
