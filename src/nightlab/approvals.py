@@ -51,11 +51,7 @@ approvals = sa.Table(
 
 def ensure_table(ledger: Ledger) -> None:
     """Create the table in the ledger's database when missing (idempotent, safe across processes)."""
-    if getattr(ledger, "_approvals_ready", False):
-        return
-    with ledger.transaction(write=True) as conn:
-        _meta.create_all(conn, checkfirst=True)
-    ledger._approvals_ready = True  # type: ignore[attr-defined]
+    ledger.ensure_tables(_meta)
 
 
 def _row(r: Any) -> dict[str, Any]:

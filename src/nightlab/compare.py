@@ -67,11 +67,8 @@ members = sa.Table(
 
 
 def ensure_tables(ledger: Ledger) -> None:
-    if getattr(ledger, "_compare_ready", False):
-        return
-    with ledger.transaction(write=True) as conn:
-        _meta.create_all(conn, checkfirst=True)
-    ledger._compare_ready = True  # type: ignore[attr-defined]
+    """The comparison tables (and evolve's lineage, registered on the same metadata) in the ledger."""
+    ledger.ensure_tables(_meta)
 
 
 # ---------------------------------------------------------------------------- arms and budgets

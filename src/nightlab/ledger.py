@@ -358,6 +358,16 @@ class Ledger:
                     version += 1
                     conn.execute(schema_version.update().values(version=version))
 
+    def ensure_tables(self, meta: sa.MetaData) -> None:
+        """Create the tables of a module's own ``meta`` (approvals, comparisons) when missing: once per
+        ledger object, idempotent and safe across processes (``checkfirst``)."""
+        ready: set[int] = self.__dict__.setdefault("_tables_ready", set())
+        if id(meta) in ready:
+            return
+        with self.transaction(write=True) as conn:
+            meta.create_all(conn, checkfirst=True)
+        ready.add(id(meta))
+
     def schema_version(self) -> int:
         with self._read() as conn:
             return int(conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar_one())

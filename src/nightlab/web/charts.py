@@ -208,10 +208,8 @@ def grid(out: list[str], box: tuple[float, float, float, float], xr: tuple[float
     """Horizontal grid lines with y labels and x labels for the data ranges ``xr``, ``yr`` inside ``box``
     (left, top, width, height), appended to ``out``; returns the data-to-pixel functions ``sx``, ``sy``."""
     ml, mt, pw, ph = box
-    x_lo, x_hi = xr
-    y_lo, y_hi = yr
-    x_hi = x_hi if x_hi > x_lo else x_lo + 1
-    y_hi = y_hi if y_hi > y_lo else y_lo + 1
+    x_lo, x_hi = xr if xr[1] > xr[0] else (xr[0] - 0.5, xr[0] + 0.5)  # one value: centred
+    y_lo, y_hi = yr if yr[1] > yr[0] else (yr[0] - 0.5, yr[0] + 0.5)
 
     def sx(v: float) -> float:
         return ml + pw * (v - x_lo) / (x_hi - x_lo)

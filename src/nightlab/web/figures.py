@@ -15,17 +15,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from html import escape
 
-from nightlab.web.charts import BASELINE, STATUS_COLOURS, _axis_labels, _frame, _open, _text, fmt, nice_ticks
+from nightlab.web.charts import BASELINE, STATUS_COLOURS, _axis_labels, _frame, _open, _text, fmt, grid
 
 CURVE = "#2b83ba"
 PRUNED = "#d73027"
 FRONT = "#1a9850"
-
-
-def _scale(lo: float, hi: float, a: float, b: float) -> Callable[[float], float]:
-    if not hi > lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    return lambda v: a + (b - a) * (v - lo) / (hi - lo)
 
 
 def _finite(points: Sequence[Sequence[float]]) -> list[tuple[float, float]]:
@@ -50,12 +44,7 @@ def curve_svg(curve: Sequence[Sequence[float]], metric: str, *, reference: Seque
     both = mine + ref
     if both:
         xs, ys = [p[0] for p in both], [p[1] for p in both]
-        sx, sy = _scale(min(xs), max(xs), ml, ml + pw), _scale(min(ys), max(ys), mt + ph, mt)
-        for t in nice_ticks(min(ys), max(ys), 4):
-            out.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#ececec"/>'
-                       + _text(ml - 5, sy(t) + 4, fmt(t), "end"))
-        for t in nice_ticks(min(xs), max(xs), 5):
-            out.append(_text(sx(t), mt + ph + 15, fmt(t), "middle"))
+        sx, sy = grid(out, (ml, mt, pw, ph), (min(xs), max(xs)), (min(ys), max(ys)))
         for pts, colour, w in ((ref, BASELINE, 1.2), (mine, CURVE, 2.0)):
             if pts:
                 line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
@@ -107,12 +96,7 @@ def pareto_svg(points: Sequence[Point], *, x_label: str, y_label: str, minimize:
     out = [_open("nl-pareto", width, height), _frame(ml, mt, pw, ph)]
     if pts:
         xs, ys = [p.x for p in pts], [p.y for p in pts]
-        sx, sy = _scale(min(xs), max(xs), ml, ml + pw), _scale(min(ys), max(ys), mt + ph, mt)
-        for t in nice_ticks(min(ys), max(ys), 4):
-            out.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#ececec"/>'
-                       + _text(ml - 5, sy(t) + 4, fmt(t), "end"))
-        for t in nice_ticks(min(xs), max(xs), 5):
-            out.append(_text(sx(t), mt + ph + 15, fmt(t), "middle"))
+        sx, sy = grid(out, (ml, mt, pw, ph), (min(xs), max(xs)), (min(ys), max(ys)))
         fr = front(pts, minimize)
         if len(fr) > 1:
             steps = []
