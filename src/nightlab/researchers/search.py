@@ -353,8 +353,10 @@ class SearchResearcher:
             trial = study.ask(self.distributions)
             asked = {k: _written(v, self.space[k]) for k, v in trial.params.items()}
             broken = self.violations({**incumbent, **asked})
-            if broken:  # the code's own assert would fail: never run it, and tell the sampler
-                self._tell_crash(trial)
+            if broken:  # the code's own assert would fail: never run it, and tell the sampler (as
+                # FAIL: told as infeasible, these many never-run asks would end TPE's warm-up early
+                # and fill its model of the good region with infeasible points)
+                study.tell(trial, state=TrialState.FAIL)
                 log.info("search: skipped a candidate that breaks %s", broken[0])
                 continue
             repeats += 1
