@@ -131,3 +131,20 @@ def test_a_re_asked_crashed_setting_is_told_as_a_crash_not_run() -> None:
     infeasible = [t for t in r.study.get_trials(deepcopy=False) if t.constraints]
     assert len(infeasible) >= sum(e.status is Status.CRASH for e in history)
     assert all(t.user_attrs.get(CRASH) for t in infeasible)
+
+
+def test_worst_mode_tells_the_worst_value_and_fails_before_any_measurement() -> None:
+    r = create(Options(seed=0, crashes="worst"), spec(), Path("."))
+    files = {"train.py": LAB}
+    c = r.propose(context(files, 1))
+    r.observe(experiment(1, Status.CRASH, None, c.params))  # nothing measured yet: nothing to tell but FAIL
+    r.observe(experiment(0, Status.KEEP, 2.0))  # the baseline, measured after it
+    for idx, metric in ((2, 3.5), (3, None), (4, 1.0), (5, None)):
+        c = r.propose(context(files, idx))
+        r.observe(experiment(idx, Status.DISCARD if metric else Status.TIMEOUT, metric, c.params))
+    assert r.study is not None
+    told = {t.user_attrs.get("nightlab_experiment"): t for t in r.study.get_trials(deepcopy=False)}
+    assert told[1].state is TrialState.FAIL and told[1].user_attrs[CRASH]
+    for idx in (3, 5):  # the worst measured so far (3.5, a minimised loss), no constraint
+        assert told[idx].state is TrialState.COMPLETE and told[idx].value == 3.5 and not told[idx].constraints
+    assert r.crashed and len(r.crashed) == 3

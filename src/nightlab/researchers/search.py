@@ -12,6 +12,7 @@ number of experiments. From ``nightlab.toml``::
     exclude = []             # never these
     n_startup_trials = 5     # TPE's random warm-up
     storage = ""             # optional Optuna RDB URL (study "nightlab-<tag>"), e.g. for Optuna Dashboard
+    crashes = "infeasible"   # how a crash/timeout is told: "infeasible" | "worst" | "fail" (see below)
 
 Constants and their ranges are found by :mod:`nightlab.space` (the one finder every
 researcher shares: ``# nightlab:`` comments, ``[researcher.space]``, tuples, strings,
@@ -26,11 +27,21 @@ file has constants and ``file:NAME`` when several do; they are stored in ``Candi
 
 ``observe`` feeds the study: the baseline (idx 0) as a trial with the incumbent's values
 (only while no experiment has been kept, since the baseline's values are then the
-incumbent's), an experiment with a pending trial by ``tell`` (value for keep/discard, FAIL
-for everything else), an experiment without one (replayed history after a restart) by
+incumbent's), an experiment with a pending trial by ``tell`` (value for keep/discard, a crash
+as below, PRUNED for pruned, FAIL for everything else), an experiment without one (replayed history after a restart) by
 ``add_trial`` from its params, when they cover the whole search space and lie inside it.
 Observations that arrive before the first ``propose`` are held until the space is known.
 ``observe`` never raises.
+
+Crashes. A ``crash`` or ``timeout`` (the run's own failure, not the harness's) is a region to
+avoid, and TPE ignores FAIL trials when it models, so it would keep sampling there (a batch size
+that runs out of memory). With ``crashes = "infeasible"`` (default) it is told as a COMPLETE trial
+valued at the worst metric so far whose stored constraint (system attribute ``constraints`` =
+``[1.0]``, read by Optuna 4 and 5) is violated: TPE puts infeasible trials with the bad ones.
+``"worst"`` tells only the worst value (also what ``infeasible`` does for CMA-ES, which reads no
+constraints); ``"fail"`` is Optuna's default. Every crash trial carries the user attribute
+``nightlab_crash``; replayed and persistent-study crashes are told the same way, and a tried
+setting that crashed, asked again, is told as a crash again. Measured in ``bench/crashes.py``.
 
 Memory. Every trial carries the user attribute ``nightlab_experiment`` (the experiment index).
 A setting that was tried already (by any experiment of the session, replayed or not) is never
