@@ -122,6 +122,21 @@ def _written(value: Any, c: Constant) -> Value:
     return v if c.contains(v) else float(value)
 
 
+_OPTUNA_READS_CONSTRAINTS = int(optuna.__version__.split(".")[0]) >= 5
+CONSTRAINTS = "constraints"  # the system attribute both Optuna 4 and 5 read a trial's constraints from
+CRASH = "nightlab_crash"  # user attribute of the trials that stand for a crashed experiment
+
+
+def _stored_constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
+    return list(trial.system_attrs.get(CONSTRAINTS, [0.0]))
+
+
+def _crashed(status: Status) -> bool:
+    """The run itself failed (exit code, no metric, timeout): its setting is a region to avoid.
+    Harness-side failures (invalid edit, rejected, interrupted, lost) say nothing about it."""
+    return status in (Status.CRASH, Status.TIMEOUT)
+
+
 def _sampler(options: Options, offset: int = 0) -> optuna.samplers.BaseSampler:
     seed = None if options.seed is None else options.seed + offset
     if options.sampler == "random":
@@ -142,21 +157,6 @@ def _sampler(options: Options, offset: int = 0) -> optuna.samplers.BaseSampler:
         return optuna.samplers.TPESampler(
             seed=seed, n_startup_trials=options.n_startup_trials, constant_liar=True, **extra
         )
-
-
-_OPTUNA_READS_CONSTRAINTS = int(optuna.__version__.split(".")[0]) >= 5
-CONSTRAINTS = "constraints"  # the system attribute both Optuna 4 and 5 read a trial's constraints from
-CRASH = "nightlab_crash"  # user attribute of the trials that stand for a crashed experiment
-
-
-def _stored_constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
-    return list(trial.system_attrs.get(CONSTRAINTS, [0.0]))
-
-
-def _crashed(status: Status) -> bool:
-    """The run itself failed (exit code, no metric, timeout): its setting is a region to avoid.
-    Harness-side failures (invalid edit, rejected, interrupted, lost) say nothing about it."""
-    return status in (Status.CRASH, Status.TIMEOUT)
 
 
 def _widen(space: dict[str, Constant], history: tuple[Experiment, ...]) -> dict[str, Constant]:
