@@ -199,19 +199,22 @@ def test_resume_replays_history_into_a_fresh_study() -> None:
     c = again.propose(context(incumbent_files, 14, tuple(history), best))
     assert again.study is not None
     trials = again.study.get_trials(deepcopy=False)
-    done = [t for t in trials if t.state is TrialState.COMPLETE]
-    failed = [t for t in trials if t.state is TrialState.FAIL]
+    done = [t for t in trials if t.state is TrialState.COMPLETE and not t.constraints]
+    crashed = [t for t in trials if t.state is TrialState.COMPLETE and t.constraints]
     # the incumbent moved, so the baseline's values are unknown and its default ranges moved:
     # they are widened to fit every replayed value
     assert kept
     expected = history[1:11]
     assert [t.params for t in done] == [e.params for e in expected]
     assert [t.value for t in done] == [e.metric for e in expected]
-    assert [t.params for t in failed] == [history[3].params]  # the crash; out-of-range/foreign skipped
+    # the crash, as an infeasible trial (TPE learns from it); out-of-range/foreign skipped
+    assert [t.params for t in crashed] == [history[3].params]
+    assert crashed[0].constraints == {"0": 1.0} and crashed[0].value == max(e.metric or 0 for e in expected)
+    assert not [t for t in trials if t.state is TrialState.FAIL]
     assert c.params and trials[-1].state is TrialState.RUNNING
 
 
-def test_baseline_becomes_a_trial_and_failures_are_told_as_fail() -> None:
+def test_baseline_becomes_a_trial_crashes_are_infeasible_and_other_failures_fail() -> None:
     r = create(Options(seed=0), spec(), Path("."))
     files = {"train.py": TRAIN}
     r.observe(experiment(0, Status.KEEP, 3.0))
@@ -229,7 +232,11 @@ def test_baseline_becomes_a_trial_and_failures_are_told_as_fail() -> None:
     assert r.study is not None and not r.pending
     trials = r.study.get_trials(deepcopy=False)
     assert trials[0].params == {"LEARNING_RATE": 1e-3, "DEPTH": 4, "DROPOUT": 0.3} and trials[0].value == 3.0
-    assert [t.state for t in trials[1:]] == [TrialState.FAIL] * 5 + [TrialState.COMPLETE]
+    # crash and timeout: completed with the worst value so far (the baseline's) and a violated
+    # constraint, so TPE counts them among the bad trials; the harness-side failures are FAIL
+    assert [t.state for t in trials[1:]] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL] * 3 + [TrialState.COMPLETE]
+    assert [t.constraints for t in trials[1:]] == [{"0": 1.0}] * 2 + [{}] * 4
+    assert [t.value for t in trials[1:3]] == [3.0, 3.0] and trials[-1].value == 2.0
 
 
 def test_observe_never_raises_on_odd_experiments() -> None:

@@ -12,6 +12,7 @@ number of experiments. From ``nightlab.toml``::
     exclude = []             # never these
     n_startup_trials = 5     # TPE's random warm-up
     storage = ""             # optional Optuna RDB URL (study "nightlab-<tag>"), e.g. for Optuna Dashboard
+    crashes = "infeasible"   # how a crash/timeout is told: "infeasible" | "worst" | "fail" (see below)
 
 Constants and their ranges are found by :mod:`nightlab.space` (the one finder every
 researcher shares: ``# nightlab:`` comments, ``[researcher.space]``, tuples, strings,
@@ -26,11 +27,21 @@ file has constants and ``file:NAME`` when several do; they are stored in ``Candi
 
 ``observe`` feeds the study: the baseline (idx 0) as a trial with the incumbent's values
 (only while no experiment has been kept, since the baseline's values are then the
-incumbent's), an experiment with a pending trial by ``tell`` (value for keep/discard, FAIL
-for everything else), an experiment without one (replayed history after a restart) by
+incumbent's), an experiment with a pending trial by ``tell`` (value for keep/discard, a crash
+as below, PRUNED for pruned, FAIL for everything else), an experiment without one (replayed history after a restart) by
 ``add_trial`` from its params, when they cover the whole search space and lie inside it.
 Observations that arrive before the first ``propose`` are held until the space is known.
 ``observe`` never raises.
+
+Crashes. A ``crash`` or ``timeout`` (the run's own failure, not the harness's) is a region to
+avoid, and TPE ignores FAIL trials when it models, so it would keep sampling there (a batch size
+that runs out of memory). With ``crashes = "infeasible"`` (default) it is told as a COMPLETE trial
+valued at the worst metric so far whose stored constraint (system attribute ``constraints`` =
+``[1.0]``, read by Optuna 4 and 5) is violated: TPE puts infeasible trials with the bad ones.
+``"worst"`` tells only the worst value (also what ``infeasible`` does for CMA-ES, which reads no
+constraints); ``"fail"`` is Optuna's default. Every crash trial carries the user attribute
+``nightlab_crash``; replayed and persistent-study crashes are told the same way, and a tried
+setting that crashed, asked again, is told as a crash again. Measured in ``bench/crashes.py``.
 
 Memory. Every trial carries the user attribute ``nightlab_experiment`` (the experiment index).
 A setting that was tried already (by any experiment of the session, replayed or not) is never
@@ -86,6 +97,7 @@ class Options(BaseModel):
     exclude: list[str] = []
     n_startup_trials: int = 5
     storage: str = ""
+    crashes: Literal["infeasible", "worst", "fail"] = "infeasible"
 
 
 def _distribution(c: Constant) -> BaseDistribution:
@@ -110,6 +122,21 @@ def _written(value: Any, c: Constant) -> Value:
     return v if c.contains(v) else float(value)
 
 
+_OPTUNA_READS_CONSTRAINTS = int(optuna.__version__.split(".")[0]) >= 5
+CONSTRAINTS = "constraints"  # the system attribute both Optuna 4 and 5 read a trial's constraints from
+CRASH = "nightlab_crash"  # user attribute of the trials that stand for a crashed experiment
+
+
+def _stored_constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
+    return list(trial.system_attrs.get(CONSTRAINTS, [0.0]))
+
+
+def _crashed(status: Status) -> bool:
+    """The run itself failed (exit code, no metric, timeout): its setting is a region to avoid.
+    Harness-side failures (invalid edit, rejected, interrupted, lost) say nothing about it."""
+    return status in (Status.CRASH, Status.TIMEOUT)
+
+
 def _sampler(options: Options, offset: int = 0) -> optuna.samplers.BaseSampler:
     seed = None if options.seed is None else options.seed + offset
     if options.sampler == "random":
@@ -125,7 +152,11 @@ def _sampler(options: Options, offset: int = 0) -> optuna.samplers.BaseSampler:
         )
     with warnings.catch_warnings():  # constant_liar is flagged experimental by Optuna
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=options.n_startup_trials, constant_liar=True)
+        # Optuna 5 reads the stored constraints itself; Optuna 4 only with a constraints_func
+        extra: dict[str, Any] = {} if _OPTUNA_READS_CONSTRAINTS else {"constraints_func": _stored_constraints}
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=options.n_startup_trials, constant_liar=True, **extra
+        )
 
 
 def _widen(space: dict[str, Constant], history: tuple[Experiment, ...]) -> dict[str, Constant]:
@@ -161,6 +192,7 @@ class SearchResearcher:
         self._first_values: dict[str, Value] = {}
         self.lab_space: Space | None = None
         self.tried: dict[tuple[tuple[str, Any], ...], float | None] = {}  # setting -> its value (None: failed)
+        self.crashed: set[tuple[tuple[str, Any], ...]] = set()  # settings whose run crashed
         self._in_study: set[int] = set()  # experiment indices that already have a trial
         _sampler(options)  # fail early on a sampler that cannot work
 
@@ -250,7 +282,9 @@ class SearchResearcher:
                 study.tell(t.number, state=TrialState.FAIL)
             elif isinstance(idx, int):
                 self._in_study.add(idx)
-                self._remember(t.params, t.value if t.state is TrialState.COMPLETE else None)
+                crash = bool(t.user_attrs.get(CRASH))
+                written = {k: _written(v, self.space[k]) for k, v in t.params.items() if k in self.space}
+                self._remember(written, t.value if t.state is TrialState.COMPLETE and not crash else None, crash)
         return study
 
     @staticmethod
@@ -262,10 +296,56 @@ class SearchResearcher:
 
         return tuple(sorted((k, freeze(v)) for k, v in params.items()))
 
-    def _remember(self, params: dict[str, Any], value: float | None) -> None:
+    def _remember(self, params: dict[str, Any], value: float | None, crash: bool = False) -> None:
         key = self._key(params)
         if key not in self.tried or value is not None:
             self.tried[key] = value
+        if crash and value is None:
+            self.crashed.add(key)
+
+    # ------------------------------------------------------------------ crashes
+
+    def _crash_outcome(self) -> tuple[TrialState, float | None, dict[str, Any]]:
+        """How a crash is told to the study: (state, value, system attrs), by ``crashes``.
+
+        ``infeasible`` (TPE): a completed trial that violates the constraint ``crash``; TPE puts
+        infeasible trials with the bad ones, so it learns to avoid the region (a FAIL trial is
+        invisible to its model). Its value is the worst measured so far, for readers of the study
+        that ignore constraints. ``worst`` (and ``infeasible`` with a sampler that reads no
+        constraints): a completed trial with the worst value measured so far. ``fail``: a failed
+        trial (Optuna's default; TPE then never learns from it). Before any measured value,
+        ``worst`` has nothing to tell and falls back to ``fail``."""
+        mode = self.options.crashes
+        if mode == "fail":
+            return TrialState.FAIL, None, {}
+        worst = self._worst()
+        if mode == "infeasible" and self.options.sampler == "tpe":
+            if worst is None:
+                assert self.study is not None
+                worst = math.inf if self.study.direction is optuna.study.StudyDirection.MINIMIZE else -math.inf
+            return TrialState.COMPLETE, worst, {CONSTRAINTS: [1.0]}
+        if worst is None:
+            return TrialState.FAIL, None, {}
+        return TrialState.COMPLETE, worst, {}
+
+    def _worst(self) -> float | None:
+        assert self.study is not None
+        values = [t.value for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                  if not t.user_attrs.get(CRASH) and t.value is not None and math.isfinite(t.value)]
+        if not values:
+            return None
+        return max(values) if self.study.direction is optuna.study.StudyDirection.MINIMIZE else min(values)
+
+    def _tell_crash(self, trial: optuna.trial.Trial) -> None:
+        assert self.study is not None
+        state, value, attrs = self._crash_outcome()
+        trial.set_user_attr(CRASH, True)
+        for k, v in attrs.items():  # Trial.set_constraint is Optuna 5 only; this form both read
+            self.study._storage.set_trial_system_attr(trial._trial_id, k, v)
+        if state is TrialState.COMPLETE:
+            self.study.tell(trial, value)
+        else:
+            self.study.tell(trial, state=state)
 
     # ------------------------------------------------------------------ propose
 
@@ -284,7 +364,9 @@ class SearchResearcher:
             trial = study.ask(self.distributions)
             asked = {k: _written(v, self.space[k]) for k, v in trial.params.items()}
             broken = self.violations({**incumbent, **asked})
-            if broken:  # the code's own assert would fail: never run it, and tell the sampler
+            if broken:  # the code's own assert would fail: never run it, and tell the sampler (as
+                # FAIL: told as infeasible, these many never-run asks would end TPE's warm-up early
+                # and fill its model of the good region with infeasible points)
                 study.tell(trial, state=TrialState.FAIL)
                 log.info("search: skipped a candidate that breaks %s", broken[0])
                 continue
@@ -301,7 +383,9 @@ class SearchResearcher:
             # the incumbent or a setting tried before: its outcome is known (or in flight), so the
             # sampler learns it at no cost and is asked again
             value = self.tried.get(key) if key in self.tried else ctx.incumbent_metric if not known else None
-            if value is not None and math.isfinite(value):
+            if key in self.crashed:
+                self._tell_crash(trial)
+            elif value is not None and math.isfinite(value):
                 study.tell(trial, value)
             else:
                 study.tell(trial, state=TrialState.FAIL)
@@ -379,12 +463,16 @@ class SearchResearcher:
         value = e.metric if e.metric is not None and math.isfinite(e.metric) else None
         ok = e.status in (Status.KEEP, Status.DISCARD) and value is not None
         trial = self.pending.pop(e.idx, None)
+        crash = _crashed(e.status)
         if e.params:
-            self._remember({k: e.params[k] for k in self.distributions if k in e.params}, value if ok else None)
+            self._remember({k: e.params[k] for k in self.distributions if k in e.params}, value if ok else None,
+                           crash)
         if trial is not None:
             self._in_study.add(e.idx)
             if ok:
                 self.study.tell(trial, value)
+            elif crash:
+                self._tell_crash(trial)
             else:  # a pruned run counts as pruned (TPE ranks it below the completed ones)
                 self.study.tell(trial, state=TrialState.PRUNED if e.status is Status.PRUNED else TrialState.FAIL)
         elif e.idx in self._in_study:
@@ -400,16 +488,24 @@ class SearchResearcher:
             ):
                 log.info("search: experiment %s's params do not fit the search space; skipped", e.idx)
             else:
-                self._add(params, value if ok else None, e.idx)
+                self._add(params, value if ok else None, e.idx, crash=crash)
 
-    def _add(self, params: dict[str, Any], value: float | None, idx: int) -> None:
+    def _add(self, params: dict[str, Any], value: float | None, idx: int, crash: bool = False) -> None:
+        """A replayed experiment as a finished trial, told the way ``observe`` tells a live one."""
         assert self.study is not None
+        state = TrialState.COMPLETE if value is not None else TrialState.FAIL
+        user_attrs: dict[str, Any] = {"nightlab_experiment": idx}
+        system_attrs: dict[str, Any] = {}
+        if crash and value is None:
+            state, value, system_attrs = self._crash_outcome()
+            user_attrs[CRASH] = True
         trial = create_trial(
             params=params,
             distributions=self.distributions,
             value=value,
-            state=TrialState.COMPLETE if value is not None else TrialState.FAIL,
-            user_attrs={"nightlab_experiment": idx},
+            state=state,
+            user_attrs=user_attrs,
+            system_attrs=system_attrs,
         )
         self.study.add_trial(trial)
         self._in_study.add(idx)
