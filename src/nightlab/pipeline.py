@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,41 @@ class Pipeline(Runtime):
         decisions are serialised and made against the incumbent of *their* time; a candidate whose
         parent is no longer the incumbent (stale) is judged against the current incumbent, and if
         it wins its measured tree is kept on top of it (keep.py; README, "Concurrency semantics").
+
+        Each stage's cost (seconds) goes to the experiment's evidence under ``timing``: propose,
+        guard, worktree (add, materialise, commit), run, measure, decide (the keep lock's wait
+        included), record (ledger rows and audit records), cleanup (the worktree's removal).
         """
+        self._tls.timing = {"propose": propose_s}
+        self._tls.decide_t0 = None
+        exp = self._experiment(idx, candidate, propose_s, slot)
+        timing = {k: round(v, 4) for k, v in self._tls.timing.items()}
+        self._tls.timing = None
+        # after cleanup: the whole cost is known. A keep's row may have gained the holdout check since
+        # (verifier.after_keep), which the experiment handed back (to the researcher) must not carry
+        stored = self.ledger.get_experiment(self.session.id, exp.idx) if exp.status is Status.KEEP else None
+        self.ledger.update_experiment(exp.id, evidence={**(stored or exp).evidence, "timing": timing})
+        return replace(exp, evidence={**exp.evidence, "timing": timing})
+
+    @contextlib.contextmanager
+    def _stage(self, name: str) -> Iterator[None]:
+        """Add the time spent in the block to stage ``name`` of the experiment this thread runs."""
+        t = time.monotonic()
+        try:
+            yield
+        finally:
+            self._spent(name, t)
+
+    def _spent(self, name: str, since: float) -> float:
+        """Add the time since ``since`` to stage ``name`` of this thread's experiment; returns now."""
+        now = time.monotonic()
+        timing: dict[str, float] | None = getattr(self._tls, "timing", None)
+        if timing is not None:
+            timing[name] = timing.get(name, 0.0) + now - since
+        return now
+
+    def _experiment(self, idx: int, candidate: Candidate | None, propose_s: float, slot: int) -> Experiment:
+        """:meth:`run_experiment` without the timing's write."""
         self._tls.slot = slot
         self._tls.watch = None
         t0 = time.monotonic()
@@ -132,67 +167,82 @@ class Pipeline(Runtime):
         desc = _first_line(candidate.rationale) if candidate else "baseline"
         name = f"{self.session.tag}-{idx}"
         wt_path = self.ws.worktrees_dir / name
-        exp_id = self.ledger.start_experiment(
-            self.session.id, idx=idx, parent_commit=parent, seed=seed, candidate=candidate,
-            description=desc, propose_s=propose_s, worktree=str(wt_path),
-        )
-        if candidate is not None and candidate.artifacts:
-            self._write_artifacts(idx, candidate.artifacts)
-        self.reporter.experiment_started(idx, desc, self.spec.run.budget_s)
-        if candidate is not None:
-            self.events.emit("candidate", experiment=idx, parent=parent, researcher=candidate.researcher,
-                             rationale=candidate.rationale, files=sorted(candidate.files or {}),
-                             diff_sha256=_sha(candidate.diff or ""), params=candidate.params)
+        with self._stage("record"):  # the experiment's row, its artifacts, the candidate's audit record
+            exp_id = self.ledger.start_experiment(
+                self.session.id, idx=idx, parent_commit=parent, seed=seed, candidate=candidate,
+                description=desc, propose_s=propose_s, worktree=str(wt_path),
+            )
+            if candidate is not None and candidate.artifacts:
+                self._write_artifacts(idx, candidate.artifacts)
+            self.reporter.experiment_started(idx, desc, self.spec.run.budget_s)
+            if candidate is not None:
+                self.events.emit("candidate", experiment=idx, parent=parent, researcher=candidate.researcher,
+                                 rationale=candidate.rationale, files=sorted(candidate.files or {}),
+                                 diff_sha256=_sha(candidate.diff or ""), params=candidate.params)
         # 1. guard the claimed paths before anything touches disk
         if candidate is not None:
             claimed = list(candidate.files or {}) + (diff_paths(candidate.diff) if candidate.diff else [])
             if not claimed:
                 return self._finish(exp_id, Status.INVALID, t0,
                                     reason=candidate.error or "the candidate changes nothing")
+            tg = time.monotonic()
             problem = self.guard.check_paths(claimed)
             self.events.emit("guard", experiment=idx, stage="paths", ok=problem is None, reason=problem or "")
+            self._spent("guard", tg)
             if problem:
                 return self._violation(exp_id, idx, t0, problem)
+        tw = time.monotonic()
         wt = self.ws.add_worktree(name, parent)
+        self._spent("worktree", tw)
         try:
             commit, canonical = parent, ""
             if candidate is not None:
                 # 2. materialise and check what git says actually changed
+                tw = time.monotonic()
                 try:
                     if candidate.files:
                         self.ws.write_files(wt, candidate.files)
                     if candidate.diff:
                         self.ws.apply_diff(wt, candidate.diff)
                 except ApplyError as e:
+                    self._spent("worktree", tw)
                     if candidate.researcher == REBASE:
                         return self._finish(exp_id, Status.DISCARD, t0,
                                             reason=f"stale: conflicts with the new incumbent: {e}")
                     return self._finish(exp_id, Status.INVALID, t0, reason=f"edit did not apply: {e}")
                 changes = self.ws.stage(wt)
+                tg = self._spent("worktree", tw)
                 problem = self.guard.check_changes(changes)
                 self.events.emit("guard", experiment=idx, stage="changes", ok=problem is None, reason=problem or "",
                                  changed=[c.path for c in changes])
+                tw = self._spent("guard", tg)
                 if problem:
                     return self._violation(exp_id, idx, t0, problem)
                 if not changes:
                     return self._finish(exp_id, Status.INVALID, t0, reason="the candidate changes nothing")
                 msg = f"nightlab {self.session.tag} #{idx}: {desc}\n\n{candidate.rationale}".strip()
                 commit, canonical = self.ws.commit_staged(wt, msg)
+                tg = self._spent("worktree", tw)
                 problem = self.guard.check_size(changes, canonical)
+                tw = self._spent("guard", tg)
                 stored = self._stored_diff(canonical, problem)
                 self.ledger.update_experiment(exp_id, commit=commit, diff=stored)
                 self.ws.keep_ref(self.session.tag, idx, commit)
                 self.events.emit("git.commit", experiment=idx, commit=commit, parent=parent,
                                  diff_sha256=_sha(canonical), diff_bytes=len(_raw(canonical)))
+                tg = self._spent("worktree", tw)
                 self.events.emit("guard", experiment=idx, stage="size", ok=problem is None,
                                  reason=problem or "")
+                self._spent("guard", tg)
                 if problem:
                     return self._violation(exp_id, idx, t0, problem)
             lab_root = self.ws.lab_in(wt)
             # 3. protected files must be exactly what the session started with
+            tg = time.monotonic()
             problem = Guard.verify_protected(lab_root, self.protected_hashes)
             self.events.emit("guard", experiment=idx, stage="protected", ok=problem is None, reason=problem or "",
                              files=len(self.protected_hashes))
+            self._spent("guard", tg)
             if problem:
                 return self._violation(exp_id, idx, t0, problem)
             if candidate is not None and self.autonomy == "review":
@@ -202,6 +252,7 @@ class Pipeline(Runtime):
                 if answer != "approved":
                     return self._finish(exp_id, Status.INTERRUPTED, t0, reason=f"interrupted: {why}")
             # 4. run
+            tr = time.monotonic()
             log_path = self.exp_dir(idx) / "run.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
             if candidate is not None:
@@ -227,6 +278,7 @@ class Pipeline(Runtime):
             self.events.emit("sandbox.exit", experiment=idx, exit_code=res.exit_code, timed_out=res.timed_out,
                              interrupted=res.interrupted, wall_s=round(res.wall_s, 3),
                              log_sha256=_file_sha(Path(res.log_path)))
+            self._spent("run", tr)
             if res.interrupted and watch.pruned_at is not None and not self.stop.cancel.is_set():
                 last = watch.curve[-1][1] if watch.curve else math.nan
                 return self._finish(exp_id, Status.PRUNED, t0, res, reason=(
@@ -239,9 +291,11 @@ class Pipeline(Runtime):
             if res.timed_out:
                 return self._finish(exp_id, Status.TIMEOUT, t0, res,
                                     reason=f"killed at the {self.spec.run.hard_timeout_s:g}s timeout")
+            tm = time.monotonic()
             m, tampered = self.verifier.measure(wt, lab_root, commit, log_path, seed, idx, res.exit_code == 0)
             self.events.emit("measurement", experiment=idx, metric=m.metric, secondary=m.secondary,
                              trust=m.trust, error=m.error)
+            self._spent("measure", tm)
             if tampered:
                 return self._finish(exp_id, Status.REJECTED, t0, res, m, reason=tampered)
             if res.exit_code != 0:
@@ -250,17 +304,20 @@ class Pipeline(Runtime):
                 return self._finish(exp_id, Status.CRASH, t0, res, m, reason=m.error)
             assert m.metric is not None
             extras = self.verifier.evidence_extras(m, log_path)
+            self._tls.decide_t0 = time.monotonic()
             if candidate is None:
                 exp = self._finish(exp_id, Status.KEEP, t0, res, m, reason="baseline", commit=commit,
                                    incumbent=(commit, m.metric), evidence={"policy": "baseline", **extras})
                 self.session = self.ledger.update_session(self.session.id, baseline_metric=m.metric)
-                self.verifier.after_keep(exp, wt, lab_root)
+                with self._stage("measure"):  # the checks after a keep (holdout)
+                    self.verifier.after_keep(exp, wt, lab_root)
                 return exp
             with self._keep_lock:
                 return self._decide(idx, exp_id, candidate, commit, canonical, wt, lab_root, t0, res, m, extras)
         finally:
-            self.ws.remove_worktree(wt)
-            self.session = self.ledger.get_session(self.session.tag) or self.session
+            with self._stage("cleanup"):
+                self.ws.remove_worktree(wt)
+                self.session = self.ledger.get_session(self.session.tag) or self.session
 
     def _run_remote(self, idx: int, exp_id: int, candidate: Candidate | None, commit: str, canonical: str,
                     wt: Path, lab_root: Path, t0: float, seed: int, log_path: Path) -> Experiment:
@@ -282,7 +339,8 @@ class Pipeline(Runtime):
         self.events.emit("sandbox.start", experiment=idx, command=self.spec.run.command, executor="ray",
                          mode=self.sandbox_mode, network=self.spec.sandbox.network,
                          timeout_s=self.spec.run.hard_timeout_s, archive_sha256=hashlib.sha256(archive).hexdigest())
-        out = self.ray.run(job, log_path=log_path, cancel=self.stop.cancel)
+        with self._stage("run"):
+            out = self.ray.run(job, log_path=log_path, cancel=self.stop.cancel)
         if isinstance(out, Lost):
             self.events.emit("sandbox.exit", experiment=idx, lost=True, reason=out.reason, attempts=out.attempts)
             return self._finish(exp_id, Status.LOST, t0, reason=f"lost after {out.attempts} attempt(s): {out.reason}",
@@ -305,6 +363,7 @@ class Pipeline(Runtime):
         if not m.valid:
             return self._finish(exp_id, Status.CRASH, t0, res, m, reason=m.error, evidence=where)
         assert m.metric is not None
+        self._tls.decide_t0 = time.monotonic()
         if candidate is None:
             exp = self._finish(exp_id, Status.KEEP, t0, res, m, reason="baseline", commit=commit,
                                incumbent=(commit, m.metric), evidence={"policy": "baseline", **where})
@@ -367,10 +426,12 @@ class Pipeline(Runtime):
             reason += self._queue_combination(idx, candidate, evidence["measured_commit"], old, commit)
         exp = self._finish(exp_id, Status.KEEP, t0, res, m, reason=reason, commit=commit,
                            evidence=evidence, incumbent=(commit, estimate))
-        self.ws.advance_branch(self.session.branch, commit, old)
-        self.events.emit("git.advance", experiment=idx, branch=self.session.branch, old=old, new=commit)
-        self.session = self.ledger.get_session(self.session.tag) or self.session
-        self.verifier.after_keep(exp, wt, lab_root)
+        with self._stage("record"):
+            self.ws.advance_branch(self.session.branch, commit, old)
+            self.events.emit("git.advance", experiment=idx, branch=self.session.branch, old=old, new=commit)
+            self.session = self.ledger.get_session(self.session.tag) or self.session
+        with self._stage("measure"):  # the checks after a keep (holdout)
+            self.verifier.after_keep(exp, wt, lab_root)
         return exp
 
     def _queue_combination(self, idx: int, candidate: Candidate, measured: str, onto: str, after: str) -> str:
@@ -430,6 +491,11 @@ class Pipeline(Runtime):
                 extra["saved_s"] = round(self.pruner.saved_s(run_s, self.spec.run.budget_s), 3)
             if extra:
                 kw["evidence"] = {**(kw.get("evidence") or {}), **extra}
+        decide_t0 = getattr(self._tls, "decide_t0", None)
+        if decide_t0 is not None:
+            self._tls.decide_t0 = None
+            self._spent("decide", decide_t0)
+        t_rec = time.monotonic()
         exp = self.ledger.finish_experiment(
             exp_id, status=status, metric=m.metric if m else None, secondary=m.secondary if m else {},
             trust=m.trust if m else "inline", **self._redacted(reason=reason, log_tail=log_tail), run_s=run_s,
@@ -438,6 +504,7 @@ class Pipeline(Runtime):
         )
         self.events.emit("decision", experiment=exp.idx, status=status.value, metric=exp.metric,
                          reason=reason, evidence=exp.evidence, commit=exp.commit)
+        self._spent("record", t_rec)
         return exp
 
     def _violation(self, exp_id: int, idx: int, t0: float, problem: str) -> Experiment:
