@@ -16,7 +16,7 @@ from tests.conftest import SPEC, TARGET_PY, cli_env, git, nightlab_cmd
 
 from nightlab.engine import Engine
 from nightlab.researchers.scripted import ScriptedResearcher
-from nightlab.types import Status
+from nightlab.types import STAGES, Status
 
 HAVE_BWRAP = shutil.which("bwrap") is not None
 MODES = ["none", pytest.param("required", marks=pytest.mark.skipif(not HAVE_BWRAP, reason="bwrap not installed"))]
@@ -63,6 +63,32 @@ def test_keeps_an_improvement_and_discards_a_regression(make_lab, mode):
     assert session.status == "finished" and "max_experiments" in session.stop_reason
     assert exps[1].run_s > 0 and exps[1].overhead_s >= 0
     eng.close()
+
+
+def test_each_stage_is_timed_and_show_prints_it(make_lab):
+    """Every experiment's evidence says where its time went; `nightlab show N` prints it as one line."""
+    lab = make_lab()
+    eng = engine(lab, [{"rationale": "move X to its optimum", "files": {"target.py": target(1.0)}},
+                       {"rationale": "edit the evaluator", "files": {"evaluate.py": "print('gamed')\n"}}],
+                 max_experiments=2)
+    session = eng.run()
+    base, kept, rejected = eng.ledger.experiments(session.id)
+    eng.close()
+    stages = [*STAGES]
+    assert stages == ["propose", "guard", "worktree", "run", "measure", "decide", "record", "cleanup"]
+    for e in (base, kept):
+        timing = e.evidence["timing"]
+        assert set(timing) <= set(stages) and set(stages) - {"guard"} <= set(timing)
+        assert all(isinstance(v, float) and v >= 0 for v in timing.values())
+        assert timing["run"] >= round(e.run_s, 4) - 1e-4  # the stage encloses the run's own wall clock
+    assert "guard" in kept.evidence["timing"] and kept.evidence["timing"]["propose"] == round(kept.propose_s, 4)
+    # rejected by the guard before any worktree: no run, no cleanup
+    assert set(rejected.evidence["timing"]) == {"propose", "record", "guard"}
+    out = subprocess.run(nightlab_cmd("show", "--lab", str(lab), "--tag", "t", "1"),
+                         env={**cli_env(), "COLUMNS": "250"}, capture_output=True, text=True, check=True).stdout
+    line = next(ln for ln in out.splitlines() if ln.startswith("stages"))
+    assert [w for w in line.split() if w in stages] == stages, line  # in the pipeline's order
+    assert '"timing"' not in out  # not repeated in the evidence line
 
 
 def test_rejects_protected_and_escaping_edits(make_lab, tmp_path):

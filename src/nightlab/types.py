@@ -12,6 +12,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+# the stages of one experiment, in order: each one's seconds go to its evidence under "timing" (pipeline.py)
+STAGES = ("propose", "guard", "worktree", "run", "measure", "decide", "record", "cleanup")
+
 
 class Status(enum.StrEnum):
     """The one status an experiment has. Stored as its string value in the ledger."""

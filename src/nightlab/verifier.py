@@ -1,6 +1,6 @@
 """The verifier: everything that makes a kept change a verified one (issue 4).
 
-It works for an :class:`~nightlab.engine.Engine` and owns:
+It works for an :class:`~nightlab.engine.Engine` (seen through the narrow :class:`Host` protocol) and owns:
 
 - **measurement** of a finished run: in *evaluator mode* (``[evaluate] command``) the protected
   evaluator runs after the run in a **clean tree** (:mod:`nightlab.evaltree`): a fresh folder with
@@ -38,23 +38,57 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from nightlab import evaltree, globs, sandbox
 from nightlab.errors import NightlabError, UsageError
+from nightlab.events import EventSink
 from nightlab.guard import Guard
+from nightlab.ledger import Ledger
 from nightlab.measure import measure, parse_summary, read_log, sanity
 from nightlab.policy import IncumbentStats, noise_of
-from nightlab.spec import MetricSpec
+from nightlab.spec import MetricSpec, Spec
 from nightlab.stats import diff_ci, mean_ci, welch
-from nightlab.types import Direction, Experiment, Measurement, RunResult, Status
+from nightlab.types import Direction, Experiment, Measurement, RunResult, Session, Status
+from nightlab.workspace import Workspace
 
-if TYPE_CHECKING:
-    from nightlab.engine import Engine
+
+class _Stop(Protocol):
+    cancel: threading.Event
+    graceful: str
+
+
+class _Reporter(Protocol):
+    def message(self, text: str) -> None: ...
+
+
+class Host(Protocol):
+    """What the verifier uses of the engine it works for (a narrow interface: no import of the engine)."""
+
+    lab_dir: Path
+    spec: Spec
+    ws: Workspace
+    ledger: Ledger
+    events: EventSink
+    artifacts_dir: Path
+    guard: Guard
+    policy: Any
+    session: Session
+    protected_hashes: dict[str, str]
+
+    @property
+    def stop(self) -> _Stop: ...
+    @property
+    def reporter(self) -> _Reporter: ...
+    def exp_dir(self, idx: int) -> Path: ...
+    def new_run(self, kind: str, idx: int | None = None) -> str: ...
+    def run_env(self, seed: int, idx: int) -> dict[str, str]: ...
+    def sandbox_policy(self, worktree: Path) -> sandbox.SandboxPolicy: ...
 
 VERIFY_OFFSET = 500
 # environment variables that could make the evaluator's interpreter load code from elsewhere
@@ -135,7 +169,7 @@ class VerifyReport:
 class Verifier:
     """See the module docstring. One per engine; uses the engine's spec, workspace, ledger and events."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Host) -> None:
         self.e = engine
 
     # ------------------------------------------------------------------ configuration

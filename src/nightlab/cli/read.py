@@ -28,7 +28,7 @@ from nightlab.errors import NightlabError, UsageError
 from nightlab.export import FORMATS, export
 from nightlab.ledger_read import LedgerReads, open_fast
 from nightlab.text import clip
-from nightlab.types import Experiment, Session, Status
+from nightlab.types import STAGES, Experiment, Session, Status
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -333,6 +333,10 @@ def show(lab: Path, db: str | None, tag: str | None, n: int) -> None:
     t.add_row("seed", str(e.seed))
     t.add_row("exit code", "—" if e.exit_code is None else str(e.exit_code))
     t.add_row("timings", f"propose {e.propose_s:.1f}s  run {e.run_s:.1f}s  overhead {e.overhead_s:.1f}s")
+    stages = e.evidence.get("timing")
+    if isinstance(stages, dict) and stages:  # where the experiment's time went, stage by stage
+        order = sorted(stages, key=lambda k: STAGES.index(k) if k in STAGES else len(STAGES))
+        t.add_row("stages", "  ".join(f"{k} {stages[k]:.3f}s" for k in order if isinstance(stages[k], (int, float))))
     u = e.usage
     t.add_row(
         "usage",
@@ -343,7 +347,8 @@ def show(lab: Path, db: str | None, tag: str | None, n: int) -> None:
     t.add_row("description", Text(e.description))
     t.add_row("rationale", Text(e.rationale or "—"))
     t.add_row("params", Text(json.dumps(e.params, sort_keys=True, default=str) if e.params else "—"))
-    t.add_row("evidence", Text(json.dumps(e.evidence, sort_keys=True, default=str) if e.evidence else "—"))
+    shown = {k: v for k, v in e.evidence.items() if k != "timing"}  # timing: the stages row above
+    t.add_row("evidence", Text(json.dumps(shown, sort_keys=True, default=str) if shown else "—"))
     if e.worktree and Path(e.worktree).is_dir():  # removed after the run: not shown as if it were there
         t.add_row("worktree", Text(e.worktree))
     con.print(t)

@@ -1,0 +1,546 @@
+"""One experiment, top to bottom (DESIGN.md, "The flow").
+
+    propose -> guard -> materialise -> run -> measure -> decide -> keep/discard -> record
+
+:meth:`Pipeline.run_experiment` is thread-safe with respect to other experiments (slots); keep
+decisions are serialised under ``_keep_lock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from nightlab import constraints, escape, keep, prune, sandbox
+from nightlab.errors import NightlabError
+from nightlab.guard import Guard, diff_paths
+from nightlab.permissions import rule_of
+from nightlab.researchers import Context
+from nightlab.runtime import Runtime, _file_sha, _first_line, _raw, _sha
+from nightlab.spec import PROGRAM_FILE, matches
+from nightlab.types import Candidate, Experiment, Measurement, RunResult, Status
+from nightlab.workspace import ApplyError
+
+REBASE = "rebase"  # the researcher name of a requeued combination of a stale candidate's change
+
+
+class Pipeline(Runtime):
+    """One experiment: the researcher's proposal, then :meth:`run_experiment`."""
+
+    # ------------------------------------------------------------------ propose
+
+    def _propose(self, idx: int, history: list[Experiment]) -> Candidate | None:
+        """The next candidate: a requeued stale winner first, else the researcher's (None: dropped at a stop).
+
+        The researcher sees ``Context.should_stop`` (Ctrl-C, SIGTERM, the STOP file, the loop closing)
+        and may abandon the proposal; a proposal made or abandoned at a stop is not run, and its
+        usage goes to the ledger's ``spend`` table.
+        """
+        assert self.researcher is not None
+        while self._requeue:
+            try:
+                item = self._requeue.pop(0)
+            except IndexError:  # another proposer thread (prefetch) took it
+                break
+            inc = self.session.incumbent_commit
+            if isinstance(item, Candidate):  # keep_semantics = "rebase"
+                return Candidate(**{**item.__dict__, "parent": inc})
+            files = keep.replay(self.ws, item, inc)
+            if files is not None:
+                return Candidate(parent=inc, rationale=item.rationale, files=files, params=dict(item.params),
+                                 researcher=REBASE)
+            # conflicts with (or adds nothing to) the incumbent of now: dropped before it gets a row
+            self.events.emit("requeue.drop", experiment=item.source_idx, tip=item.tip)
+        ctx = replace(self._context(idx, history),
+                      should_stop=lambda: self._closing or bool(self._stop_requested()))
+        t0 = time.monotonic()
+        self.events.emit("researcher.request", experiment=idx, researcher=self.session.researcher,
+                         parent=ctx.parent)
+        try:
+            cand = self.researcher.propose(ctx)
+        except NightlabError:
+            raise
+        except Exception as e:  # a researcher bug is an invalid candidate, not a dead night
+            cand = Candidate(parent=ctx.parent, rationale=f"researcher error: {type(e).__name__}: {e}",
+                             researcher=getattr(self.researcher, "name", "?"))
+        propose_s = time.monotonic() - t0
+        self.events.emit("researcher.response", experiment=idx, seconds=round(propose_s, 3),
+                         rationale_sha256=_sha(cand.rationale), tokens_in=cand.usage.tokens_in,
+                         tokens_out=cand.usage.tokens_out, cost_usd=cand.usage.cost_usd)
+        cand = Candidate(**{**cand.__dict__, "parent": ctx.parent, "usage": replace(cand.usage, seconds=propose_s)
+                            if not cand.usage.seconds else cand.usage})
+        stop = "the loop closed" if self._closing else self._stop_requested()
+        if stop:
+            self._drop(idx, cand, stop)
+            return None  # proposed but never run: its usage is in the ledger's spend table
+        return cand
+
+    def _drop(self, idx: int, cand: Candidate, why: str) -> None:
+        """Record the usage of a proposal that will not run (whatever became of it, its tokens were spent)."""
+        u = cand.usage
+        self.events.emit("researcher.dropped", experiment=idx, why=why, tokens_in=u.tokens_in,
+                         tokens_out=u.tokens_out, cost_usd=u.cost_usd)
+        if u.tokens_in or u.tokens_out or u.cost_usd or u.seconds:
+            self.ledger.record_spend(self.session.id, idx, cand.researcher or self.session.researcher, u,
+                                     f"dropped at a stop: {why}")
+
+    def _context(self, idx: int, history: list[Experiment]) -> Context:
+        parent = self.session.incumbent_commit
+        files: dict[str, str] = {}
+        all_files = self.ws.ls_files(parent)
+        for p in all_files:
+            if (matches(p, self.spec.files.editable) and not matches(p, self.guard.protected)
+                    and not matches(p, self.spec.sandbox.hide)):
+                try:
+                    files[p] = self.ws.read_file(parent, p).decode("utf-8")
+                except UnicodeDecodeError:
+                    continue
+        program_path = self.lab_dir / PROGRAM_FILE
+        program = self._program if self._program is not None else (
+            program_path.read_text(encoding="utf-8") if program_path.exists() else "")
+        return Context(
+            spec=self.spec, lab_dir=self.lab_dir, program=program, parent=parent, files=files,
+            history=tuple(history), metric_name=self.spec.metric.name, direction=self.spec.metric.direction,
+            incumbent_metric=self.session.incumbent_metric, baseline_metric=self.session.baseline_metric, idx=idx,
+            extra={"session": self.session.tag},
+        )
+
+    # ------------------------------------------------------------------ guard, materialise, run, measure
+
+    def run_experiment(self, idx: int, candidate: Candidate | None, propose_s: float = 0.0,
+                       slot: int = 0) -> Experiment:
+        """Materialise, run, measure and decide one experiment. ``candidate=None`` is the baseline.
+
+        Thread-safe with respect to other experiments: several slots call it at once. Keep
+        decisions are serialised and made against the incumbent of *their* time; a candidate whose
+        parent is no longer the incumbent (stale) is judged against the current incumbent, and if
+        it wins its measured tree is kept on top of it (keep.py; README, "Concurrency semantics").
+
+        Each stage's cost (seconds) goes to the experiment's evidence under ``timing``: propose,
+        guard, worktree (add, materialise, commit), run, measure, decide (the keep lock's wait
+        included), record (ledger rows and audit records), cleanup (the worktree's removal).
+        """
+        self._tls.timing = {"propose": propose_s}
+        self._tls.decide_t0 = None
+        exp = self._experiment(idx, candidate, propose_s, slot)
+        timing = {k: round(v, 4) for k, v in self._tls.timing.items()}
+        self._tls.timing = None
+        # after cleanup: the whole cost is known. A keep's row may have gained the holdout check since
+        # (verifier.after_keep), which the experiment handed back (to the researcher) must not carry
+        stored = self.ledger.get_experiment(self.session.id, exp.idx) if exp.status is Status.KEEP else None
+        self.ledger.update_experiment(exp.id, evidence={**(stored or exp).evidence, "timing": timing})
+        return replace(exp, evidence={**exp.evidence, "timing": timing})
+
+    @contextlib.contextmanager
+    def _stage(self, name: str) -> Iterator[None]:
+        """Add the time spent in the block to stage ``name`` of the experiment this thread runs."""
+        t = time.monotonic()
+        try:
+            yield
+        finally:
+            self._spent(name, t)
+
+    def _spent(self, name: str, since: float) -> float:
+        """Add the time since ``since`` to stage ``name`` of this thread's experiment; returns now."""
+        now = time.monotonic()
+        timing: dict[str, float] | None = getattr(self._tls, "timing", None)
+        if timing is not None:
+            timing[name] = timing.get(name, 0.0) + now - since
+        return now
+
+    def _experiment(self, idx: int, candidate: Candidate | None, propose_s: float, slot: int) -> Experiment:
+        """:meth:`run_experiment` without the timing's write."""
+        self._tls.slot = slot
+        self._tls.watch = None
+        t0 = time.monotonic()
+        parent = candidate.parent if candidate else self.session.incumbent_commit
+        seed = self.spec.run.seed
+        desc = _first_line(candidate.rationale) if candidate else "baseline"
+        name = f"{self.session.tag}-{idx}"
+        wt_path = self.ws.worktrees_dir / name
+        with self._stage("record"):  # the experiment's row, its artifacts, the candidate's audit record
+            exp_id = self.ledger.start_experiment(
+                self.session.id, idx=idx, parent_commit=parent, seed=seed, candidate=candidate,
+                description=desc, propose_s=propose_s, worktree=str(wt_path),
+            )
+            if candidate is not None and candidate.artifacts:
+                self._write_artifacts(idx, candidate.artifacts)
+            self.reporter.experiment_started(idx, desc, self.spec.run.budget_s)
+            if candidate is not None:
+                self.events.emit("candidate", experiment=idx, parent=parent, researcher=candidate.researcher,
+                                 rationale=candidate.rationale, files=sorted(candidate.files or {}),
+                                 diff_sha256=_sha(candidate.diff or ""), params=candidate.params)
+        # 1. guard the claimed paths before anything touches disk
+        if candidate is not None:
+            claimed = list(candidate.files or {}) + (diff_paths(candidate.diff) if candidate.diff else [])
+            if not claimed:
+                return self._finish(exp_id, Status.INVALID, t0,
+                                    reason=candidate.error or "the candidate changes nothing")
+            tg = time.monotonic()
+            problem = self.guard.check_paths(claimed)
+            self.events.emit("guard", experiment=idx, stage="paths", ok=problem is None, reason=problem or "")
+            self._spent("guard", tg)
+            if problem:
+                return self._violation(exp_id, idx, t0, problem)
+        tw = time.monotonic()
+        wt = self.ws.add_worktree(name, parent)
+        self._spent("worktree", tw)
+        try:
+            commit, canonical = parent, ""
+            if candidate is not None:
+                # 2. materialise and check what git says actually changed
+                tw = time.monotonic()
+                try:
+                    if candidate.files:
+                        self.ws.write_files(wt, candidate.files)
+                    if candidate.diff:
+                        self.ws.apply_diff(wt, candidate.diff)
+                except ApplyError as e:
+                    self._spent("worktree", tw)
+                    if candidate.researcher == REBASE:
+                        return self._finish(exp_id, Status.DISCARD, t0,
+                                            reason=f"stale: conflicts with the new incumbent: {e}")
+                    return self._finish(exp_id, Status.INVALID, t0, reason=f"edit did not apply: {e}")
+                changes = self.ws.stage(wt)
+                tg = self._spent("worktree", tw)
+                problem = self.guard.check_changes(changes)
+                self.events.emit("guard", experiment=idx, stage="changes", ok=problem is None, reason=problem or "",
+                                 changed=[c.path for c in changes])
+                tw = self._spent("guard", tg)
+                if problem:
+                    return self._violation(exp_id, idx, t0, problem)
+                if not changes:
+                    return self._finish(exp_id, Status.INVALID, t0, reason="the candidate changes nothing")
+                msg = f"nightlab {self.session.tag} #{idx}: {desc}\n\n{candidate.rationale}".strip()
+                commit, canonical = self.ws.commit_staged(wt, msg)
+                tg = self._spent("worktree", tw)
+                problem = self.guard.check_size(changes, canonical)
+                tw = self._spent("guard", tg)
+                stored = self._stored_diff(canonical, problem)
+                self.ledger.update_experiment(exp_id, commit=commit, diff=stored)
+                self.ws.keep_ref(self.session.tag, idx, commit)
+                self.events.emit("git.commit", experiment=idx, commit=commit, parent=parent,
+                                 diff_sha256=_sha(canonical), diff_bytes=len(_raw(canonical)))
+                tg = self._spent("worktree", tw)
+                self.events.emit("guard", experiment=idx, stage="size", ok=problem is None,
+                                 reason=problem or "")
+                self._spent("guard", tg)
+                if problem:
+                    return self._violation(exp_id, idx, t0, problem)
+            lab_root = self.ws.lab_in(wt)
+            # 3. protected files must be exactly what the session started with
+            tg = time.monotonic()
+            problem = Guard.verify_protected(lab_root, self.protected_hashes)
+            self.events.emit("guard", experiment=idx, stage="protected", ok=problem is None, reason=problem or "",
+                             files=len(self.protected_hashes))
+            self._spent("guard", tg)
+            if problem:
+                return self._violation(exp_id, idx, t0, problem)
+            if candidate is not None and self.autonomy == "review":
+                answer, why = self._await_human(idx, "run", canonical, candidate.rationale)
+                if answer == "rejected":
+                    return self._finish(exp_id, Status.REJECTED, t0, reason=f"human: {why or 'rejected'}")
+                if answer != "approved":
+                    return self._finish(exp_id, Status.INTERRUPTED, t0, reason=f"interrupted: {why}")
+            # 4. run
+            tr = time.monotonic()
+            log_path = self.exp_dir(idx) / "run.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            if candidate is not None:
+                (log_path.parent / "candidate.diff").write_bytes(_raw(canonical))
+            policy = self.sandbox_policy(wt)
+            self.events.emit("sandbox.start", experiment=idx, command=self.spec.run.command, cwd=str(lab_root),
+                             mode=policy.mode, network=policy.network, hidden=[str(h) for h in policy.hidden],
+                             timeout_s=self.spec.run.hard_timeout_s, memory_mb=policy.memory_mb)
+            if self.ray is not None:
+                return self._run_remote(idx, exp_id, candidate, commit, canonical, wt, lab_root, t0, seed,
+                                        log_path)
+            watch = self.pruner.watch(log_path, self.stop.cancel, prunable=candidate is not None)
+            self._tls.watch = watch
+            try:
+                res = sandbox.run(
+                    self.spec.run.command, cwd=lab_root, env=self.run_env(seed, idx), policy=policy,
+                    timeout_s=self.spec.run.hard_timeout_s, log_path=log_path,
+                    kill_grace_s=self.spec.run.kill_grace_s, on_start=lambda pid: self._started_run(exp_id, pid),
+                    cancel=watch.cancel, run_id=self.new_run("run", idx),
+                )
+            finally:
+                watch.close()
+            self.events.emit("sandbox.exit", experiment=idx, exit_code=res.exit_code, timed_out=res.timed_out,
+                             interrupted=res.interrupted, wall_s=round(res.wall_s, 3),
+                             log_sha256=_file_sha(Path(res.log_path)))
+            self._spent("run", tr)
+            if res.interrupted and watch.pruned_at is not None and not self.stop.cancel.is_set():
+                last = watch.curve[-1][1] if watch.curve else math.nan
+                return self._finish(exp_id, Status.PRUNED, t0, res, reason=(
+                    f"pruned at step {watch.pruned_at}: {self.pruner.metric}={last:.6g} judged hopeless by the "
+                    f"{self.spec.prune.pruner} pruner against earlier runs at that step"))
+            if res.interrupted:
+                return self._finish(exp_id, Status.INTERRUPTED, t0, res,
+                                    reason=f"interrupted: {self.stop.cancel_reason or 'stop requested'}")
+            # 5. measure and decide
+            if res.timed_out:
+                return self._finish(exp_id, Status.TIMEOUT, t0, res,
+                                    reason=f"killed at the {self.spec.run.hard_timeout_s:g}s timeout")
+            tm = time.monotonic()
+            m, tampered = self.verifier.measure(wt, lab_root, commit, log_path, seed, idx, res.exit_code == 0)
+            self.events.emit("measurement", experiment=idx, metric=m.metric, secondary=m.secondary,
+                             trust=m.trust, error=m.error)
+            self._spent("measure", tm)
+            if tampered:
+                return self._finish(exp_id, Status.REJECTED, t0, res, m, reason=tampered)
+            if res.exit_code != 0:
+                return self._finish(exp_id, Status.CRASH, t0, res, m, reason=f"exit code {res.exit_code}")
+            if not m.valid:
+                return self._finish(exp_id, Status.CRASH, t0, res, m, reason=m.error)
+            assert m.metric is not None
+            extras = self.verifier.evidence_extras(m, log_path)
+            self._tls.decide_t0 = time.monotonic()
+            if candidate is None:
+                exp = self._finish(exp_id, Status.KEEP, t0, res, m, reason="baseline", commit=commit,
+                                   incumbent=(commit, m.metric), evidence={"policy": "baseline", **extras})
+                self.session = self.ledger.update_session(self.session.id, baseline_metric=m.metric)
+                with self._stage("measure"):  # the checks after a keep (holdout)
+                    self.verifier.after_keep(exp, wt, lab_root)
+                return exp
+            with self._keep_lock:
+                return self._decide(idx, exp_id, candidate, commit, canonical, wt, lab_root, t0, res, m, extras)
+        finally:
+            with self._stage("cleanup"):
+                self.ws.remove_worktree(wt)
+                self.session = self.ledger.get_session(self.session.tag) or self.session
+
+    def _run_remote(self, idx: int, exp_id: int, candidate: Candidate | None, commit: str, canonical: str,
+                    wt: Path, lab_root: Path, t0: float, seed: int, log_path: Path) -> Experiment:
+        """Run the committed experiment as a Ray task; the tree travels as a ``git archive`` tar."""
+        from nightlab.executors.ray_executor import Lost, RemoteJob
+
+        archive = subprocess.run(["git", "archive", "--format=tar", commit], cwd=self.lab_dir,
+                                 capture_output=True, check=True).stdout
+        job = RemoteJob(
+            key=f"{self.session.tag}/{idx}", archive=archive, lab_rel=self.ws.lab_rel,
+            command=self.spec.run.command, env=self.run_env(seed, idx), timeout_s=self.spec.run.hard_timeout_s,
+            kill_grace_s=self.spec.run.kill_grace_s,
+            sandbox_mode=self.sandbox_mode, network=self.spec.sandbox.network, memory_mb=self.spec.run.memory_mb,
+            metric=self.spec.metric.model_dump(mode="json"),
+            data_dir=str(self.data_dir) if self.data_dir.exists() else None,
+            hide=(*self.spec.sandbox.hide, *self.spec.holdout.files),
+            max_log_bytes=self.spec.run.max_log_bytes,
+        )
+        self.events.emit("sandbox.start", experiment=idx, command=self.spec.run.command, executor="ray",
+                         mode=self.sandbox_mode, network=self.spec.sandbox.network,
+                         timeout_s=self.spec.run.hard_timeout_s, archive_sha256=hashlib.sha256(archive).hexdigest())
+        with self._stage("run"):
+            out = self.ray.run(job, log_path=log_path, cancel=self.stop.cancel)
+        if isinstance(out, Lost):
+            self.events.emit("sandbox.exit", experiment=idx, lost=True, reason=out.reason, attempts=out.attempts)
+            return self._finish(exp_id, Status.LOST, t0, reason=f"lost after {out.attempts} attempt(s): {out.reason}",
+                                evidence={"executor": "ray", "node": out.node, "attempts": out.attempts})
+        res, m = out.run, self.verifier.sane(out.measurement)
+        self.events.emit("sandbox.exit", experiment=idx, exit_code=res.exit_code, timed_out=res.timed_out,
+                         interrupted=res.interrupted, wall_s=round(res.wall_s, 3), node=out.node,
+                         attempts=out.attempts, log_sha256=_file_sha(Path(res.log_path)))
+        where = {"executor": "ray", "node": out.node, "attempts": out.attempts}
+        if res.interrupted:
+            return self._finish(exp_id, Status.INTERRUPTED, t0, res,
+                                reason=f"interrupted: {self.stop.cancel_reason or 'stop requested'}")
+        if res.timed_out:
+            return self._finish(exp_id, Status.TIMEOUT, t0, res, evidence=where,
+                                reason=f"killed at the {self.spec.run.hard_timeout_s:g}s timeout")
+        self.events.emit("measurement", experiment=idx, metric=m.metric, secondary=m.secondary, trust=m.trust,
+                         error=m.error)
+        if res.exit_code != 0:
+            return self._finish(exp_id, Status.CRASH, t0, res, m, reason=f"exit code {res.exit_code}", evidence=where)
+        if not m.valid:
+            return self._finish(exp_id, Status.CRASH, t0, res, m, reason=m.error, evidence=where)
+        assert m.metric is not None
+        self._tls.decide_t0 = time.monotonic()
+        if candidate is None:
+            exp = self._finish(exp_id, Status.KEEP, t0, res, m, reason="baseline", commit=commit,
+                               incumbent=(commit, m.metric), evidence={"policy": "baseline", **where})
+            self.session = self.ledger.update_session(self.session.id, baseline_metric=m.metric)
+            return exp
+        with self._keep_lock:
+            return self._decide(idx, exp_id, candidate, commit, canonical, wt, lab_root, t0, res, m, where)
+
+    # ------------------------------------------------------------------ decide
+
+    def _decide(self, idx: int, exp_id: int, candidate: Candidate, commit: str, canonical: str, wt: Path,
+                lab_root: Path, t0: float, res: RunResult, m: Measurement, extras: dict[str, Any]) -> Experiment:
+        """Keep or discard a measured candidate. Called under ``_keep_lock``."""
+        self.session = self.ledger.get_session(self.session.tag) or self.session
+        assert m.metric is not None
+        ms = self.spec.metric
+        limits = constraints.parse_all(ms.constraints, [ms.name, *ms.secondary])
+        broken = constraints.broken(limits, {**m.secondary, ms.name: m.metric, constraints.RUN_S: res.wall_s})
+        if broken:
+            return self._finish(exp_id, Status.DISCARD, t0, res, m, reason=broken,
+                                evidence={"constraint": broken[len("constraint: "):], **extras})
+        stale = candidate.parent != self.session.incumbent_commit
+        if stale and self.keep_semantics == "rebase":
+            return self._decide_rebase(idx, exp_id, candidate, canonical, t0, res, m, extras)
+        verdict = self.policy.decide(m, self.verifier.incumbent_stats(), self.spec.metric.direction,
+                                     self.verifier.remeasurer(commit, idx, exp_id))
+        evidence = {**verdict.evidence, **extras}
+        if stale:  # measured on an older incumbent, judged against the current one (keep.py)
+            evidence.update(stale=True, measured_on=candidate.parent, measured_commit=commit)
+        if not verdict.keep:
+            status = Status.INTERRUPTED if self.stop.cancel.is_set() else Status.DISCARD
+            reason = f"stale (measured on {candidate.parent[:10]}): {verdict.reason}" if stale else verdict.reason
+            if stale and status is Status.DISCARD:
+                parent_metric = self._kept_metric(candidate.parent)
+                if parent_metric is not None and self.spec.metric.direction.better(m.metric, parent_metric):
+                    reason += self._queue_combination(idx, candidate, commit, self.session.incumbent_commit,
+                                                      self.session.incumbent_commit)
+            return self._finish(exp_id, status, t0, res, m, reason=reason, evidence=evidence)
+        if self.autonomy == "approve-keep":
+            inc = self.session.incumbent_metric
+            answer, why = self._await_human(idx, "keep", canonical, (
+                f"{candidate.rationale}\n\n{self.spec.metric.name} = {m.metric:.6g} (incumbent "
+                f"{'—' if inc is None else f'{inc:.6g}'}): {verdict.reason}"))
+            if answer == "rejected":
+                return self._finish(exp_id, Status.DISCARD, t0, res, m, evidence=evidence,
+                                    reason=f"human rejected the keep: {why or 'no reason given'}")
+            if answer != "approved":
+                return self._finish(exp_id, Status.INTERRUPTED, t0, res, m, evidence=evidence,
+                                    reason=f"interrupted: {why}")
+        # 6. keep: ledger first, then the branch (recover() repairs a kill in between)
+        old = self.session.incumbent_commit
+        estimate = float(verdict.evidence.get("estimate", m.metric))
+        reason = verdict.reason
+        if stale:  # keep exactly the measured tree, on top of the incumbent: the branch fast-forwards
+            commit = keep.commit_tree(self.ws, keep.tree_of(self.ws, commit), old,
+                                      f"nightlab {self.session.tag} #{idx}: {_first_line(candidate.rationale)}\n\n"
+                                      f"measured on {candidate.parent}; kept as measured on top of {old}")
+            self.ws.keep_ref(self.session.tag, idx, commit)
+            reason += f" (measured on {candidate.parent[:10]}; the measured tree is kept on the incumbent)"
+            reason += self._queue_combination(idx, candidate, evidence["measured_commit"], old, commit)
+        exp = self._finish(exp_id, Status.KEEP, t0, res, m, reason=reason, commit=commit,
+                           evidence=evidence, incumbent=(commit, estimate))
+        with self._stage("record"):
+            self.ws.advance_branch(self.session.branch, commit, old)
+            self.events.emit("git.advance", experiment=idx, branch=self.session.branch, old=old, new=commit)
+            self.session = self.ledger.get_session(self.session.tag) or self.session
+        with self._stage("measure"):  # the checks after a keep (holdout)
+            self.verifier.after_keep(exp, wt, lab_root)
+        return exp
+
+    def _queue_combination(self, idx: int, candidate: Candidate, measured: str, onto: str, after: str) -> str:
+        """Queue the stale candidate's change applied on ``onto`` (keep.py); says what happened."""
+        tree = keep.combination(self.ws, candidate.parent, measured, onto, candidate.params)
+        if tree is None:
+            return "; its change does not combine with the incumbent (conflict, or nothing new): nothing queued"
+        tip = keep.commit_tree(self.ws, tree, after, f"nightlab {self.session.tag}: combination with #{idx}")
+        self._requeue.append(keep.Requeued(idx, f"combination with #{idx}: {candidate.rationale}", tip,
+                                           dict(candidate.params)))
+        self.events.emit("requeue", experiment=idx, tip=tip)
+        return "; its change combined with the incumbent is queued as a new candidate"
+
+    def _decide_rebase(self, idx: int, exp_id: int, candidate: Candidate, canonical: str, t0: float,
+                       res: RunResult, m: Measurement, extras: dict[str, Any]) -> Experiment:
+        """The keep semantics before 0.2 (``keep_semantics = "rebase"``, kept for bench/efficiency.py):
+        a stale winner is discarded and its diff requeued onto the new incumbent, to be re-measured."""
+        assert m.metric is not None
+        # measured on an older incumbent: if it beat that one (its parent), it is rebased onto the
+        # new incumbent and re-measured there before it can be kept
+        parent_metric = self._kept_metric(candidate.parent)
+        if parent_metric is None or not self.spec.metric.direction.better(m.metric, parent_metric):
+            return self._finish(exp_id, Status.DISCARD, t0, res, m, evidence={"stale": True, **extras},
+                                reason=f"not better than its parent {candidate.parent[:10]} "
+                                       f"({m.metric:.6g} vs {parent_metric})")
+        self._requeue.append(Candidate(
+            parent=self.session.incumbent_commit, rationale=f"rebase of #{idx}: {candidate.rationale}",
+            diff=canonical, params=dict(candidate.params), researcher=REBASE))
+        return self._finish(exp_id, Status.DISCARD, t0, res, m,
+                            evidence={"stale": True, "candidate": m.metric, "parent_metric": parent_metric,
+                                      **extras},
+                            reason=f"stale: beat the incumbent, but its parent {candidate.parent[:10]} is no "
+                                   "longer the incumbent; requeued, rebased onto the new incumbent, "
+                                   "to be re-measured")
+
+    def _kept_metric(self, commit: str) -> float | None:
+        """The metric the ledger holds for a kept commit (its estimate, when a policy made one)."""
+        for e in self.ledger.experiments(self.session.id, status=Status.KEEP):
+            if e.commit == commit:
+                return float(e.evidence.get("estimate", e.metric)) if e.metric is not None else None
+        return None
+
+    # ------------------------------------------------------------------ record
+
+    def _finish(self, exp_id: int, status: Status, t0: float, run: RunResult | None = None,
+                m: Measurement | None = None, reason: str = "", **kw: Any) -> Experiment:
+        now = time.time()
+        run_s = run.wall_s if run else 0.0
+        log_tail = sandbox.tail(Path(run.log_path), 50) if run else ""
+        if m is not None and m.warnings:  # duplicate keys, absurd values: kept with the measurement
+            kw["evidence"] = {**(kw.get("evidence") or {}), "warnings": list(m.warnings)}
+        watch: prune.Watch | None = getattr(self._tls, "watch", None)
+        if watch is not None:  # the run's progress curve (and, pruned, what it saved) goes with its evidence
+            self._tls.watch = None
+            extra = watch.finish(status, m.metric if m else None, run_s)
+            if status is Status.PRUNED:
+                extra["saved_s"] = round(self.pruner.saved_s(run_s, self.spec.run.budget_s), 3)
+            if extra:
+                kw["evidence"] = {**(kw.get("evidence") or {}), **extra}
+        decide_t0 = getattr(self._tls, "decide_t0", None)
+        if decide_t0 is not None:
+            self._tls.decide_t0 = None
+            self._spent("decide", decide_t0)
+        t_rec = time.monotonic()
+        exp = self.ledger.finish_experiment(
+            exp_id, status=status, metric=m.metric if m else None, secondary=m.secondary if m else {},
+            trust=m.trust if m else "inline", **self._redacted(reason=reason, log_tail=log_tail), run_s=run_s,
+            overhead_s=max(0.0, (time.monotonic() - t0) - run_s),
+            exit_code=run.exit_code if run else None, finished_at=now, **self._redacted(**kw),
+        )
+        self.events.emit("decision", experiment=exp.idx, status=status.value, metric=exp.metric,
+                         reason=reason, evidence=exp.evidence, commit=exp.commit)
+        self._spent("record", t_rec)
+        return exp
+
+    def _violation(self, exp_id: int, idx: int, t0: float, problem: str) -> Experiment:
+        """Reject a candidate that broke a rule: ``rejected`` with reason ``policy: <rule> (<detail>)``."""
+        reason = f"policy: {problem}"
+        self.events.emit("policy.violation", experiment=idx, rule=rule_of(reason), detail=problem)
+        return self._finish(exp_id, Status.REJECTED, t0, reason=reason)
+
+    def _stored_diff(self, diff: str, problem: str | None) -> str:
+        """The diff as the ledger keeps it: cut at ``max_diff_bytes`` when it broke that rule."""
+        limit = self.spec.permissions.max_diff_bytes
+        if problem is None or not limit or len(_raw(diff)) <= limit:
+            return diff
+        cut = _raw(diff)[:limit].decode("utf-8", "ignore")
+        return cut + f"\n[nightlab: diff cut at {limit} of {len(_raw(diff))} bytes]\n"
+
+    def _write_artifacts(self, idx: int, artifacts: dict[str, str]) -> None:
+        """A candidate's artifacts (prompt, response, transcript) under artifacts/<tag>/<idx>/."""
+        folder = self.exp_dir(idx)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in artifacts.items():
+            safe = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name).name).lstrip(".") or "artifact"
+            (folder / safe).write_text(escape.text(text), encoding="utf-8")  # a transcript may hold any bytes
+
+    def _pin(self, pid: int) -> None:
+        """CPU affinity for a slot's run (``[executor] cpus_per_slot``); children inherit it."""
+        n = self.spec.executor.cpus_per_slot
+        if not n or not hasattr(os, "sched_setaffinity"):
+            return
+        cpus = sorted(os.sched_getaffinity(0))
+        slot = getattr(self._tls, "slot", 0)
+        mine = {cpus[(slot * n + i) % len(cpus)] for i in range(n)}
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(pid, mine)
+
+    def _started_run(self, exp_id: int, pid: int) -> None:
+        """The run's process exists: pin it to its slot's CPUs, record it for crash recovery."""
+        self._pin(pid)
+        self.ledger.update_experiment(exp_id, pid=pid, pid_start=sandbox.proc_start_time(pid))

@@ -1,0 +1,149 @@
+"""The scheduler: ``[executor] slots`` experiments at once, the next proposal made while they run
+(pipelining, ``[researcher] prefetch``), requeued combinations of stale winners first."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any
+
+from nightlab.session import SessionLifecycle
+from nightlab.types import Candidate, Experiment, Session, Status
+
+
+class Scheduler(SessionLifecycle):
+    """Slots, pipelining, prefetch: :meth:`_loop` keeps the slots busy until a stop rule fires."""
+
+    def _prefetch(self) -> int:
+        """``[researcher] prefetch``: proposals made ahead, concurrently (researchers that allow it only)."""
+        n = getattr(self.researcher, "prefetch", 0)
+        return int(n) if isinstance(n, int) and n > 0 and getattr(self.researcher, "concurrent", False) else 0
+
+    def _loop(self, history: list[Experiment]) -> Session:
+        """Keep ``[executor] slots`` experiments running, and the next proposal ready.
+
+        With ``pipeline``, the next proposal is made while experiments run, so no slot waits for
+        the researcher -- as long as proposing is quicker than running (measured: moving averages
+        of both). When proposing takes longer, the proposal waits for the result in flight instead,
+        so that it sees the current history (it would leave the slot idle either way).
+        With ``[researcher] prefetch = N`` (researchers that allow concurrent proposals), up to N
+        proposals are made at once, ahead of the runs, each on the history of its start.
+        Stops when a stop rule fires, after the experiments in flight finish (a cancel makes them
+        stop at once, ``interrupted``); proposals made for nothing are dropped, their usage recorded.
+        """
+        ex = self.spec.executor
+        cap = self.spec.stop.max_experiments
+        free = list(range(ex.slots))
+        inflight: dict[Future[Experiment], int] = {}
+        prepared: tuple[int, Candidate, float] | None = None
+        next_idx = self.ledger.next_idx(self.session.id)
+        invalid_row, reason, busy_s = 0, "", 0.0
+        t_loop = time.monotonic()
+        pool = ThreadPoolExecutor(max_workers=ex.slots, thread_name_prefix="nightlab-slot")
+        prefetch = self._prefetch()
+        ppool = ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="nightlab-propose") if prefetch else None
+        queue: deque[tuple[int, Future[tuple[Candidate | None, float]]]] = deque()
+        est: dict[str, float] = {}  # moving averages: "propose", "run" seconds
+        ahead_shown: bool | None = None
+
+        def learn(what: str, seconds: float) -> None:
+            est[what] = seconds if what not in est else 0.7 * est[what] + 0.3 * seconds
+
+        def ahead_ok() -> bool:
+            nonlocal ahead_shown
+            if not ex.pipeline:
+                return False
+            ok = "propose" not in est or "run" not in est or est["propose"] <= est["run"]
+            if ahead_shown is not None and ok != ahead_shown:
+                how = "proposing ahead" if ok else "waiting for the result in flight before proposing"
+                self.events.emit("scheduler", pipeline_ahead=ok, propose_s=round(est.get("propose", 0), 3),
+                                 run_s=round(est.get("run", 0), 3))
+                self.reporter.message(f"{how}: proposing takes {est.get('propose', 0):.1f}s, "
+                                      f"running {est.get('run', 0):.1f}s")
+            ahead_shown = ok
+            return ok
+
+        def timed(idx: int, hist: list[Experiment]) -> tuple[Candidate | None, float]:
+            t0 = time.monotonic()
+            return self._propose(idx, hist), time.monotonic() - t0
+
+        for e in history:
+            if e.idx > 0 and e.run_s > 0:  # candidates' runs (the baseline may be unlike them)
+                learn("run", e.run_s)
+        try:
+            while True:
+                if not reason:
+                    reason = self.stop_reason(history)
+                if reason and not inflight:
+                    break
+                tried = sum(1 for e in history if e.idx > self.epoch)
+                budget = (cap - tried - len(inflight) - (prepared is not None) - len(queue)) if cap else 1
+                if ppool is not None:
+                    if not reason and budget > 0 and len(queue) < prefetch:
+                        queue.append((next_idx, ppool.submit(timed, next_idx, list(history))))
+                        next_idx += 1
+                        continue
+                    if not reason and prepared is None and queue and queue[0][1].done():
+                        idx, pfut = queue.popleft()
+                        cand, secs = pfut.result()
+                        learn("propose", secs)
+                        if cand is not None:
+                            prepared = (idx, cand, secs)
+                        continue
+                elif not reason and prepared is None and budget > 0 and (free or ahead_ok()):
+                    cand, secs = timed(next_idx, history)
+                    learn("propose", secs)
+                    if cand is not None:
+                        prepared = (next_idx, cand, secs)
+                        next_idx += 1
+                    continue
+                if not reason and prepared is not None and free:
+                    slot = free.pop(0)
+                    inflight[pool.submit(self.run_experiment, *prepared, slot=slot)] = slot
+                    prepared = None
+                    continue
+                if not inflight and not queue:  # nothing to run and nothing running: the stop rules decide
+                    reason = reason or self.stop_reason(history) or "nothing left to run"
+                    continue
+                waiting: list[Future[Any]] = [*inflight, *(f for _, f in queue)]
+                done, _ = wait(waiting, timeout=0.5, return_when=FIRST_COMPLETED)
+                for fut in [f for f in inflight if f in done]:  # finished proposals are taken above
+                    free.append(inflight.pop(fut))
+                    exp = fut.result()
+                    busy_s += exp.run_s
+                    if exp.idx > 0 and exp.run_s > 0:
+                        learn("run", exp.run_s)
+                    history.append(exp)
+                    self.researcher.observe(exp)  # type: ignore[union-attr]
+                    self.reporter.experiment_finished(exp, self.session)
+                    invalid_row = invalid_row + 1 if exp.status in (Status.INVALID, Status.REJECTED) else 0
+                    if invalid_row >= 20 and not reason:
+                        reason = f"{invalid_row} invalid or rejected candidates in a row"
+                free.sort()
+        except BaseException:
+            self.stop.interrupt(self.stop.cancel_reason or "harness error")
+            raise
+        finally:
+            self._closing = True  # proposals still in progress give up (their usage is recorded)
+            pool.shutdown(wait=True)
+            if ppool is not None:
+                ppool.shutdown(wait=True)
+            left = [(i, f.result()[0]) for i, f in queue if f.done() and f.exception() is None]
+            if prepared is not None:
+                left.append((prepared[0], prepared[1]))
+            for i, c in left:
+                if c is not None:
+                    self._drop(i, c, reason or "stopped")
+            self._closing = False
+            wall = time.monotonic() - t_loop
+            if wall > 0 and busy_s > 0:
+                stats = {"slots": ex.slots, "pipeline": ex.pipeline, "wall_s": round(wall, 3),
+                         "busy_s": round(busy_s, 3), "duty_cycle": round(busy_s / (ex.slots * wall), 4)}
+                if est:
+                    stats.update({f"{k}_s_avg": round(v, 3) for k, v in est.items()})
+                self.verifier._save_noise(executor=stats)
+                self.reporter.message(f"duty cycle {100 * stats['duty_cycle']:.1f}% over {ex.slots} slot(s)")
+        status = "stopped" if self.stop.cancel.is_set() or self.stop.graceful or reason == "STOP file" \
+            else "finished"
+        return self._close(status, reason)
