@@ -33,7 +33,7 @@ def test_the_api_runs_reads_and_stops_a_lab(make_lab):
     assert [e.idx for e in lab.experiments(status="discard")] == [2]
     commit, metric = lab.incumbent()
     assert metric == pytest.approx(4.5) and commit == git(lab_dir, "rev-parse", "nightlab/api").strip()
-    assert "+X = 2.0" in lab.diff(1) and lab.candidate(1)["rationale"] == "move X to 2.0"
+    assert "+X = 2.0" in lab.diff(1) and lab.experiment(1).rationale == "move X to 2.0"
     st = lab.status()
     assert st["experiments"] == {"keep": 3, "discard": 1} and st["improvement_pct"] == pytest.approx(47.0588, 1e-3)
     assert lab.audit()["ok"] is True

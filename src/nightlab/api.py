@@ -7,7 +7,7 @@
     handle = lab.start(tag="nov27")           # in the background (a `nightlab run` process), like `&`
     lab.stop()                                # stop after the experiment in flight (.nightlab/STOP)
     for e in lab.experiments():               # every experiment of the latest session, in order
-        print(e.idx, e.status.value, e.metric, e.description)
+        print(e.idx, e.status.value, e.metric, e.description)   # also e.diff, e.rationale, e.params, e.usage
     commit, metric = lab.incumbent()          # the best verified commit and its metric
     print(lab.diff(3))                        # experiment 3's diff
     lab.approve(4, why="looks right")         # answer a pending approval ([autonomy])
@@ -143,35 +143,7 @@ class Lab:
 
     def diff(self, n: int, tag: str | None = None) -> str:
         """Experiment ``n``'s diff, as recorded (every attempt's diff is kept)."""
-        from nightlab.ledger import candidates, experiments
-
-        e = self.experiment(n, tag)
-        import sqlalchemy as sa
-
-        with self.ledger() as led, led.transaction() as conn:
-            q = (sa.select(candidates.c.diff).select_from(candidates.join(
-                experiments, experiments.c.id == candidates.c.experiment_id))
-                .where(experiments.c.id == e.id))
-            return str(conn.execute(q).scalar() or "")
-
-    def candidate(self, n: int, tag: str | None = None) -> dict[str, Any]:
-        """Experiment ``n``'s candidate: researcher, rationale, diff, params and usage."""
-        import json
-
-        import sqlalchemy as sa
-
-        from nightlab.ledger import candidates
-
-        e = self.experiment(n, tag)
-        with self.ledger() as led, led.transaction() as conn:
-            r = conn.execute(sa.select(candidates).where(candidates.c.experiment_id == e.id)).mappings().first()
-        if r is None:
-            return {}
-        out = dict(r)
-        out["params"] = json.loads(out.pop("params_json") or "{}")
-        out.pop("id", None)
-        out.pop("experiment_id", None)
-        return out
+        return self.experiment(n, tag).diff
 
     def incumbent(self, tag: str | None = None) -> tuple[str, float | None]:
         """The best verified commit of the session and its metric."""

@@ -110,16 +110,16 @@ class Tools:
                  "reason": self.red.text(e.reason[:200])} for e in exps[-max(1, min(limit, 500)):]]
 
     def experiment(self, n: int, lab: str = "", tag: str = "") -> dict[str, Any]:
-        the = self.lab(lab)
-        e = the.experiment(n, tag or None)
-        cand = the.candidate(n, tag or None)
+        e = self.lab(lab).experiment(n, tag or None)  # the row carries its candidate
         return {
             "n": e.idx, "status": e.status.value, "reason": self.red.text(e.reason), "metric": e.metric,
             "trust": e.trust, "secondary": e.secondary, "commit": e.commit, "parent": e.parent_commit,
             "seed": e.seed, "run_s": e.run_s, "exit_code": e.exit_code, "evidence": self.red.data(e.evidence),
-            "researcher": cand.get("researcher", ""), "rationale": self.red.text(_cap(cand.get("rationale", ""), 2000)),
-            "diff": self.red.text(_cap(cand.get("diff", ""))), "log_tail": self.red.text(_cap(e.log_tail, 3000)),
-            "usage": {k: cand.get(k) for k in ("tokens_in", "tokens_out", "tokens_cached", "cost_usd", "usage_s")},
+            "researcher": e.researcher, "rationale": self.red.text(_cap(e.rationale, 2000)),
+            "diff": self.red.text(_cap(e.diff)), "log_tail": self.red.text(_cap(e.log_tail, 3000)),
+            "usage": {"tokens_in": e.usage.tokens_in, "tokens_out": e.usage.tokens_out,
+                      "tokens_cached": e.usage.tokens_cached, "cost_usd": e.usage.cost_usd,
+                      "usage_s": e.usage.seconds},
         }
 
     def audit_state(self, lab: str = "") -> dict[str, Any]:

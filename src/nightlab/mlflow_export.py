@@ -77,12 +77,11 @@ def export_mlflow(lab: Any, tag: str | None = None, tracking_uri: str | None = N
             replaced += 1
         else:
             created += 1
-        cand = lab.candidate(e.idx, session.tag)
         parent = by_commit.get(e.parent_commit)
         tags = {
             "nightlab.key": key, "nightlab.session": session.tag, "nightlab.n": str(e.idx),
             "nightlab.status": e.status.value, "nightlab.trust": e.trust, "nightlab.commit": e.commit or "",
-            "nightlab.reason": e.reason[:5000], "mlflow.note.content": cand.get("rationale", "")[:5000],
+            "nightlab.reason": e.reason[:5000], "mlflow.note.content": e.rationale[:5000],
         }
         if parent is not None and parent.idx != e.idx:
             tags["nightlab.parent_n"] = str(parent.idx)
@@ -93,17 +92,16 @@ def export_mlflow(lab: Any, tag: str | None = None, tracking_uri: str | None = N
         rid = run.info.run_id
         run_ids[e.idx] = rid
         params = {f"param.{k}": json.dumps(v) if not isinstance(v, str) else v
-                  for k, v in (cand.get("params") or {}).items()}
-        if not params and cand.get("rationale"):
-            params["rationale"] = cand["rationale"][:500]
-        params.update({"researcher": cand.get("researcher", ""), "seed": str(e.seed),
+                  for k, v in e.params.items()}
+        if not params and e.rationale:
+            params["rationale"] = e.rationale[:500]
+        params.update({"researcher": e.researcher, "seed": str(e.seed),
                        "parent_commit": e.parent_commit})
         for k, v in params.items():
             client.log_param(rid, k[:250], str(v)[:6000])
         ts = int((e.finished_at or e.started_at) * 1000)
         metrics = {"run_s": e.run_s, "propose_s": e.propose_s, "overhead_s": e.overhead_s,
-                   "tokens_in": cand.get("tokens_in") or 0, "tokens_out": cand.get("tokens_out") or 0,
-                   "cost_usd": cand.get("cost_usd") or 0.0}
+                   "tokens_in": e.usage.tokens_in, "tokens_out": e.usage.tokens_out, "cost_usd": e.usage.cost_usd}
         if e.metric is not None:
             metrics[session.metric_name] = e.metric
         for k, v in (e.secondary or {}).items():
@@ -111,7 +109,7 @@ def export_mlflow(lab: Any, tag: str | None = None, tracking_uri: str | None = N
                 metrics[k] = float(v)
         for k, v in metrics.items():
             client.log_metric(rid, k, float(v), timestamp=ts, step=0)
-        client.log_text(rid, cand.get("diff", ""), "diff.patch")
+        client.log_text(rid, e.diff, "diff.patch")
         client.log_text(rid, e.log_tail or "", "log_tail.txt")
         done = {"keep": "FINISHED", "discard": "FINISHED", "running": "RUNNING"}.get(e.status.value, "FAILED")
         if done != "RUNNING":
