@@ -11,7 +11,6 @@ The engine is split by concern, each part a class the next one extends:
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +29,7 @@ from nightlab.runtime import Reporter, StopState
 from nightlab.scheduler import Scheduler
 from nightlab.session import ANCHOR_KINDS, default_tag, machine_info
 from nightlab.spec import Spec, load_spec
-from nightlab.types import Candidate
+from nightlab.types import Candidate, Direction
 from nightlab.verifier import Verifier
 from nightlab.workspace import Workspace
 
@@ -128,10 +127,7 @@ class Engine(Scheduler):
 
 
 def improvement_pct(baseline: float | None, best: float | None, direction: Any) -> float | None:
-    if baseline is None or best is None or baseline == 0 or not math.isfinite(baseline):
-        return None
-    pct = 100.0 * direction.improvement(best, baseline) / abs(baseline)
-    return pct if math.isfinite(pct) else None  # 1e308 - (-1e308) overflows: no "+inf%"
+    return Direction(direction).improvement_pct(best, baseline)
 
 
 def install_signal_handlers(engine: Engine) -> Callable[[], None]:

@@ -160,13 +160,6 @@ class LabState:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def _improvement(baseline: float | None, best: float | None, direction: str) -> float | None:
-    if baseline is None or best is None or baseline == 0:
-        return None
-    gain = (baseline - best) if direction == "minimize" else (best - baseline)
-    return 100.0 * gain / abs(baseline)
-
-
 def lab_state(entry: LabEntry, *, now: float | None = None, tag: str | None = None,
               points: int = 40) -> LabState:
     """The state of one lab's latest session (or ``tag``). Never raises for a missing or broken lab."""
@@ -219,7 +212,7 @@ def lab_state(entry: LabEntry, *, now: float | None = None, tag: str | None = No
     return LabState(
         entry.name, entry.path, entry.db, state, detail, tag=s.tag, metric_name=s.metric_name,
         direction=s.direction.value, incumbent=s.incumbent_metric, baseline=baseline,
-        improvement_pct=_improvement(baseline, s.incumbent_metric, s.direction.value), experiments=len(exps),
+        improvement_pct=s.direction.improvement_pct(s.incumbent_metric, baseline), experiments=len(exps),
         experiments_24h=sum(1 for e in exps if e.started_at >= now - DAY_S), cost_24h=cost_24h,
         best_so_far=best, pending=pend, updated_at=last_activity,
     )

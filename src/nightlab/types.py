@@ -62,6 +62,13 @@ class Direction(enum.StrEnum):
         """Positive when ``new`` improves on ``old``, in metric units."""
         return old - new if self is Direction.MINIMIZE else new - old
 
+    def improvement_pct(self, best: float | None, baseline: float | None) -> float | None:
+        """``best``'s improvement on ``baseline`` in percent of |baseline|; None when it has no finite value."""
+        if baseline is None or best is None or baseline == 0 or not math.isfinite(baseline):
+            return None
+        pct = 100.0 * self.improvement(best, baseline) / abs(baseline)
+        return pct if math.isfinite(pct) else None  # 1e308 - (-1e308) overflows: no "+inf%"
+
 
 @dataclass(frozen=True)
 class Usage:

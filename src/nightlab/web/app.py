@@ -71,11 +71,7 @@ class AnswerIn(BaseModel):
 
 
 def improvement_pct(s: Session) -> float | None:
-    b, m = s.baseline_metric, s.incumbent_metric
-    if b is None or m is None or b == 0 or not math.isfinite(b):
-        return None
-    pct = 100.0 * s.direction.improvement(m, b) / abs(b)
-    return pct if math.isfinite(pct) else None  # an absurd metric (max_abs off) must not print "inf%"
+    return s.direction.improvement_pct(s.incumbent_metric, s.baseline_metric)
 
 
 def ago(t: float | None) -> str:
