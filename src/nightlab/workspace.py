@@ -237,7 +237,7 @@ class Workspace:
                 gitdir = (admin / "gitdir").read_text(encoding="utf-8", errors="surrogateescape").strip()
             except OSError:
                 gitdir = ""
-            if gitdir:
+            if gitdir and os.path.exists(gitdir):
                 target = Path(os.path.realpath(os.path.dirname(gitdir)))
                 if str(target.parent) == mine and target.name.startswith(prefix):
                     out.append((admin, Path(self.worktrees_dir / target.name)))
@@ -247,7 +247,8 @@ class Workspace:
             except OSError:
                 locked = ""
             # git writes `locked` before `gitdir`: killed in between, it holds "initializing" (or
-            # nothing, killed inside that write); no user lock exists without a gitdir
+            # nothing, killed inside that write), and `gitdir` is missing, empty or cut short (it names
+            # no file); a user's locked worktree has a complete gitdir
             if admin.name.startswith(prefix) and locked in ("", "initializing"):
                 out.append((admin, None))
         return out
