@@ -261,7 +261,10 @@ def test_resume_unlocks_and_prunes_a_worktree_git_left_locked(make_lab):
     git(lab, "worktree", "prune")
     assert locked.exists()  # git alone keeps it forever (listed as locked once gitdir was written)
     if (locked.parent / "gitdir").exists():
-        assert "w-7" in git(lab, "worktree", "list", "--porcelain")
+        # listed as locked — or, when the kill cut git's own writes short, a registration git cannot even
+        # list (`git worktree list` exits 128): stuck either way until nightlab cleans it up below
+        listed = subprocess.run(["git", "worktree", "list", "--porcelain"], cwd=lab, capture_output=True, text=True)
+        assert "w-7" in listed.stdout or listed.returncode == 128, listed.stdout + listed.stderr
     # a user's own locked worktree, outside .nightlab, must survive the cleanup
     git(lab, "worktree", "add", "--detach", "--lock", str(lab.parent / "w-mine"), "HEAD")
     res = _resume(lab, "none", "--max-experiments", "1")
@@ -284,8 +287,13 @@ def test_locked_registration_without_gitdir_is_ours_only_when_named_and_initiali
                        ("other-1", "initializing\n")):
         (admin_root / name).mkdir(parents=True)
         (admin_root / name / "locked").write_text(text)
+    # killed inside the write of `gitdir`: a path cut short, naming no file
+    (admin_root / "s-6").mkdir()
+    (admin_root / "s-6" / "locked").write_text("initializing\n")
+    (admin_root / "s-6" / "gitdir").write_text(str(ws.worktrees_dir)[:-4])
     ws.remove_stale_worktrees("s-")
     assert not (admin_root / "s-3").exists() and not (admin_root / "s-5").exists()
+    assert not (admin_root / "s-6").exists()
     assert (admin_root / "s-4" / "locked").exists() and (admin_root / "other-1" / "locked").exists()
 
 
