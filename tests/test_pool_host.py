@@ -1,0 +1,88 @@
+"""The research pool, host side (issue 14): trust rules, store, snapshot bundle, HTTP intake, verification."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from nightlab.pool import trust
+from nightlab.spec import PoolSpec
+from nightlab.types import Direction
+
+POLICY = PoolSpec()
+
+
+# --------------------------------------------------------------------------- trust
+
+
+def test_pool_defaults_follow_the_contract() -> None:
+    p = PoolSpec()
+    assert (p.name, p.max_strikes, p.max_diff_kb, p.max_log_kb, p.max_samples, p.max_pending) == \
+        ("main", 3, 64, 16, 64, 20)
+    assert (p.spot_check_min, p.trust_after, p.compute_ratio, p.tolerance_sd) == (0.1, 5, 4.0, 3.0)
+
+
+def test_new_workers_are_always_checked_then_sampled_adaptively() -> None:
+    r = trust.Record()
+    for _ in range(POLICY.trust_after):
+        assert trust.check_probability(r, POLICY) == 1.0
+        r = trust.after_result(r, True, POLICY)
+    assert r.valid_streak == 5
+    assert trust.check_probability(r, POLICY) == 1.0  # trust_after / streak = 1
+    r = trust.Record(valid_streak=10)
+    assert trust.check_probability(r, POLICY) == 0.5
+    assert trust.check_probability(trust.Record(valid_streak=1000), POLICY) == POLICY.spot_check_min
+    # one invalid result resets trust and adds a strike
+    bad = trust.after_result(trust.Record(valid_streak=1000), False, POLICY)
+    assert bad == trust.Record(valid_streak=0, strikes=1, quarantined=False)
+    assert trust.check_probability(bad, POLICY) == 1.0
+
+
+def test_quarantine_at_max_strikes() -> None:
+    r = trust.Record()
+    for k in range(POLICY.max_strikes):
+        assert not r.quarantined
+        r = trust.after_result(r, False, POLICY)
+        assert r.strikes == k + 1
+    assert r.quarantined
+    assert trust.after_result(r, True, POLICY).quarantined  # a valid result does not lift it
+
+
+def test_must_verify_claims_that_beat_the_best() -> None:
+    assert trust.must_verify(1.0, None, Direction.MINIMIZE)
+    assert trust.must_verify(0.9, 1.0, Direction.MINIMIZE)
+    assert not trust.must_verify(1.0, 1.0, Direction.MINIMIZE)
+    assert not trust.must_verify(1.1, 1.0, Direction.MINIMIZE)
+    assert trust.must_verify(1.1, 1.0, Direction.MAXIMIZE)
+    assert trust.must_verify(float("nan"), 1.0, Direction.MAXIMIZE)
+
+
+def test_contradicted_beyond_the_noise_floor_only() -> None:
+    d = Direction.MINIMIZE
+    assert trust.contradicted(1.0, None, d, 0.1, POLICY)  # the re-run crashed
+    assert not trust.contradicted(1.0, 1.0, d, None, POLICY)
+    assert not trust.contradicted(1.2, 1.0, d, None, POLICY)  # claimed worse than measured: modest, fine
+    assert trust.contradicted(0.9, 1.0, d, None, POLICY)  # no noise measured: exact
+    assert not trust.contradicted(0.9, 1.0, d, 0.05, POLICY)  # within 3 sd
+    assert trust.contradicted(0.8, 1.0, d, 0.05, POLICY)  # beyond 3 sd
+    assert trust.contradicted(1.3, 1.0, Direction.MAXIMIZE, 0.05, POLICY)
+    assert not trust.contradicted(1.0 - 1e-12, 1.0, d, None, POLICY)  # float round-off across machines
+
+
+def test_compute_inflated() -> None:
+    assert not trust.compute_inflated(40.0, 10, 2.0, POLICY)  # 4 s per experiment vs 2 s
+    assert trust.compute_inflated(100.0, 10, 2.0, POLICY)  # 10 s per experiment vs 2 s: > 4x
+    assert not trust.compute_inflated(3.0, 1, 0.05, POLICY)  # tiny runs count as MIN_RUN_S
+    assert trust.compute_inflated(1e6, 1, 0.05, POLICY)
+    assert trust.compute_inflated(float("inf"), 1, 0.05, POLICY)
+    assert trust.compute_inflated(-1.0, 1, 0.05, POLICY)
+
+
+def test_spot_check_rate_of_a_trusted_worker_is_near_its_probability() -> None:
+    rng = random.Random(7)
+    r = trust.Record(valid_streak=50)
+    p = trust.check_probability(r, POLICY)
+    hits = sum(rng.random() < p for _ in range(4000))
+    assert p == pytest.approx(0.1)
+    assert 300 < hits < 500
