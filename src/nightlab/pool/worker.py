@@ -1,0 +1,699 @@
+"""The pool worker: fetch the lab at the pool's head, search it locally, submit a claim per keep.
+
+    join("https://pool.example.org", token, dir=Path("pool-work"), researcher="search", seed=3,
+         experiments=10, rounds=None)          # `nightlab pool join URL --token T ...`
+
+Each round: ``GET /api/pool/info``; when the head moved (or on the first round), ``GET /api/pool/bundle``
+and clone it into ``<dir>/lab-<head12>`` (the host's snapshot of its head: no holdout, no ``.nightlab/``);
+run an ordinary nightlab session there (``python -m nightlab.pool.worker session ...``: the lab's spec with
+the worker's researcher, seed and sandbox) and read its ledger while it runs (read-only). Every new keep
+becomes a :class:`Claim`: ``parent`` = the pool head, ``diff`` = the kept commit against the snapshot
+(cumulative, lab-relative), the claimed metric and samples, the run's log tail, the seed, the hardware, and
+the run seconds and count of the experiments since the previous claim. Claims go into a local queue
+(``<dir>/claims.db``, SQLite) before they are sent, so a host that restarts loses none: connection errors,
+5xx and 429 are retried with capped, jittered exponential backoff (honouring ``Retry-After``), a claim is
+``submitted`` only on 200/202, and ``refused`` (with the host's reason) on any other 4xx. The claim id is
+``sha256(worker|parent|diff)[:32]``, so a resend is answered with the stored status, never credited twice.
+A head that moves during a round stops the session after its experiment in flight (``.nightlab/STOP``);
+the next round starts from the new head. After each round the worker prints its leaderboard row.
+
+Nothing here is trusted by the host: it re-runs what it must (docs/pool.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from nightlab.errors import NightlabError, UsageError
+
+POOL_TAG = "pool"  # the worker's local session tag in each lab copy
+BUNDLE_BRANCH = "pool"  # the bundle's one branch (refs/heads/pool)
+HEAD_HEADER = "X-Nightlab-Pool-Head"
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 30.0
+WATCH_S = 0.5  # how often the running session's ledger is read
+INFO_EVERY_S = 5.0  # how often the pool head is checked during a round
+
+
+class Unavailable(Exception):
+    """The host cannot answer now (connection error, timeout, 5xx, 429): try again later."""
+
+    def __init__(self, why: str, retry_after: float | None = None) -> None:
+        super().__init__(why)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim, as ``POST /api/pool/claims`` takes it (see POOL-CONTRACT / docs/pool.md)."""
+
+    claim_id: str
+    parent: str
+    diff: str
+    metric: float
+    samples: tuple[float, ...]
+    log_tail: str
+    seed: int
+    hardware: str
+    compute_s: float
+    experiments: int
+    researcher: str
+
+    def payload(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["samples"] = list(self.samples)
+        return d
+
+
+def claim_id(worker: str, parent: str, diff: str) -> str:
+    """The client-chosen claim id: the same worker, parent and diff always give the same id."""
+    return hashlib.sha256(f"{worker}|{parent}|{diff}".encode()).hexdigest()[:32]
+
+
+def _retry_after(r: httpx.Response) -> float | None:
+    try:
+        return max(0.0, float(r.headers["Retry-After"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def _reason(r: httpx.Response) -> str:
+    try:
+        body = r.json()
+    except ValueError:
+        return r.text[:300] or r.reason_phrase
+    if isinstance(body, dict):
+        for key in ("reason", "detail", "error"):
+            if key in body:
+                v = body[key]
+                return v if isinstance(v, str) else json.dumps(v)[:300]
+    return json.dumps(body)[:300]
+
+
+class PoolClient:
+    """The worker's side of ``/api/pool`` (one httpx client, bearer token)."""
+
+    def __init__(self, url: str, token: str, *, timeout_s: float = 30.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"},
+                                  timeout=timeout_s, transport=transport, follow_redirects=False)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        """The response, or :class:`Unavailable` when the host could not answer (or asked to wait)."""
+        try:
+            r = self._http.request(method, f"/api/pool{path}", **kw)
+        except httpx.TransportError as e:
+            raise Unavailable(f"{type(e).__name__}: {e}") from None
+        if r.status_code == 429 or r.status_code >= 500:
+            raise Unavailable(f"HTTP {r.status_code}: {_reason(r)}", _retry_after(r))
+        return r
+
+    def get_json(self, path: str) -> dict[str, Any]:
+        r = self.request("GET", path)
+        self._check(r)
+        body = r.json()
+        if not isinstance(body, dict):
+            raise NightlabError(f"the pool at {self.url} answered {path} with {type(body).__name__}, not an object")
+        return body
+
+    def _check(self, r: httpx.Response) -> None:
+        if r.status_code in (401, 403):
+            raise UsageError(f"the pool at {self.url} refused the token (HTTP {r.status_code}: {_reason(r)})",
+                             "ask the pool operator for a new invite (`nightlab pool invite NAME` on the host)")
+        if r.status_code != 200:
+            raise NightlabError(f"the pool at {self.url} answered {r.request.url.path} with HTTP {r.status_code}: "
+                                f"{_reason(r)}", "check that the URL is the pool's (`nightlab pool serve`)")
+
+    def info(self) -> dict[str, Any]:
+        return self.get_json("/info")
+
+    def me(self) -> dict[str, Any]:
+        return self.get_json("/me")
+
+    def claim_status(self, cid: str) -> dict[str, Any]:
+        return self.get_json(f"/claims/{cid}")
+
+    def bundle(self, dest: Path) -> str:
+        """Write the head's bundle to ``dest``; returns the pool head it snapshots."""
+        try:
+            with self._http.stream("GET", "/api/pool/bundle") as r:
+                if r.status_code == 429 or r.status_code >= 500:
+                    r.read()
+                    raise Unavailable(f"HTTP {r.status_code}: {_reason(r)}", _retry_after(r))
+                if r.status_code != 200:
+                    r.read()
+                    self._check(r)
+                head = r.headers.get(HEAD_HEADER, "")
+                with open(dest, "wb") as f:
+                    for chunk in r.iter_bytes():
+                        f.write(chunk)
+        except httpx.TransportError as e:
+            raise Unavailable(f"{type(e).__name__}: {e}") from None
+        if not re.fullmatch(r"[0-9a-f]{40}([0-9a-f]{24})?", head):
+            raise NightlabError(f"the pool's bundle came without a valid {HEAD_HEADER} header ({head!r})")
+        return head
+
+    def submit(self, payload: dict[str, Any]) -> httpx.Response:
+        """POST one claim; :class:`Unavailable` for what is worth retrying, else the response as it came."""
+        return self.request("POST", "/claims", json=payload)
+
+
+# ---------------------------------------------------------------------------------------------- the queue
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS claims (
+    claim_id TEXT PRIMARY KEY, payload TEXT NOT NULL, state TEXT NOT NULL DEFAULT 'pending',
+    status TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '', attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL DEFAULT 0, created_at REAL NOT NULL, sent_at REAL);
+CREATE TABLE IF NOT EXISTS progress (
+    lab TEXT PRIMARY KEY, last_idx INTEGER NOT NULL, compute_s REAL NOT NULL, experiments INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Queued:
+    claim_id: str
+    payload: dict[str, Any]
+    attempts: int
+
+
+class ClaimQueue:
+    """Claims waiting to be sent, and what became of the sent ones (``<dir>/claims.db``).
+
+    ``state``: ``pending`` (not yet answered 200/202), ``submitted`` (the host stored it; ``status`` is
+    what it said), ``refused`` (a 4xx other than 429; ``reason`` says why). Each write is one transaction
+    (WAL, synchronous=FULL): a worker killed at any point resends at most a claim the host already holds,
+    which the host answers idempotently.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._con = sqlite3.connect(path, timeout=30.0, isolation_level=None)
+        self._con.execute("PRAGMA journal_mode=WAL")
+        self._con.execute("PRAGMA synchronous=FULL")
+        self._con.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._con.close()
+
+    def add(self, claim: Claim) -> bool:
+        """Queue ``claim``; False when a claim with its id is already queued (or was sent)."""
+        cur = self._con.execute("INSERT OR IGNORE INTO claims (claim_id, payload, created_at) VALUES (?, ?, ?)",
+                                (claim.claim_id, json.dumps(claim.payload()), time.time()))
+        return cur.rowcount == 1
+
+    def due(self, now: float | None = None) -> list[Queued]:
+        now = time.time() if now is None else now
+        rows = self._con.execute("SELECT claim_id, payload, attempts FROM claims WHERE state = 'pending' "
+                                 "AND next_at <= ? ORDER BY created_at", (now,)).fetchall()
+        return [Queued(r[0], json.loads(r[1]), r[2]) for r in rows]
+
+    def next_due_at(self) -> float | None:
+        row = self._con.execute("SELECT min(next_at) FROM claims WHERE state = 'pending'").fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def defer(self, cid: str, next_at: float, why: str) -> None:
+        self._con.execute("UPDATE claims SET attempts = attempts + 1, next_at = ?, reason = ? WHERE claim_id = ?",
+                          (next_at, why, cid))
+
+    def settle(self, cid: str, state: str, status: str, reason: str) -> None:
+        self._con.execute("UPDATE claims SET state = ?, status = ?, reason = ?, sent_at = ? WHERE claim_id = ?",
+                          (state, status, reason, time.time(), cid))
+
+    def counts(self) -> dict[str, int]:
+        return dict(self._con.execute("SELECT state, count(*) FROM claims GROUP BY state").fetchall())
+
+    def rows(self) -> list[dict[str, Any]]:
+        cur = self._con.execute("SELECT claim_id, state, status, reason, attempts FROM claims ORDER BY created_at")
+        return [dict(zip(("claim_id", "state", "status", "reason", "attempts"), r, strict=True)) for r in cur]
+
+    def progress(self, lab: str) -> tuple[int, float, int]:
+        """(last experiment idx read, run seconds and experiments since the last claim) of a lab copy."""
+        row = self._con.execute("SELECT last_idx, compute_s, experiments FROM progress WHERE lab = ?",
+                                (lab,)).fetchone()
+        return (-1, 0.0, 0) if row is None else (int(row[0]), float(row[1]), int(row[2]))
+
+    def record(self, lab: str, last_idx: int, compute_s: float, experiments: int, claim: Claim | None) -> None:
+        """Advance a lab copy's progress and queue ``claim`` in one transaction."""
+        with self._transaction():
+            if claim is not None:
+                self.add(claim)
+            self._con.execute("INSERT INTO progress (lab, last_idx, compute_s, experiments) VALUES (?, ?, ?, ?) "
+                              "ON CONFLICT(lab) DO UPDATE SET last_idx = excluded.last_idx, "
+                              "compute_s = excluded.compute_s, experiments = excluded.experiments",
+                              (lab, last_idx, compute_s, experiments))
+
+    def _transaction(self) -> Any:
+        con = self._con
+
+        class _Tx:
+            def __enter__(self) -> None:
+                con.execute("BEGIN IMMEDIATE")
+
+            def __exit__(self, exc_type: object, *_: object) -> None:
+                con.execute("ROLLBACK" if exc_type else "COMMIT")
+
+        return _Tx()
+
+
+def backoff_s(attempts: int, retry_after: float | None, rng: random.Random) -> float:
+    """Seconds before the next try: ``Retry-After`` when the host gave one, else capped exponential
+    backoff with full jitter (half to all of ``min(cap, base * 2**attempts)``)."""
+    if retry_after is not None:
+        return min(retry_after, BACKOFF_CAP_S * 4)
+    return min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(attempts, 16)) * rng.uniform(0.5, 1.0)
+
+
+def drain(client: PoolClient, queue: ClaimQueue, say: Callable[[str], None], rng: random.Random) -> bool:
+    """Send every due claim once. Returns False when the host was unreachable (the rest wait)."""
+    for q in queue.due():
+        try:
+            r = client.submit(q.payload)
+        except Unavailable as e:
+            queue.defer(q.claim_id, time.time() + backoff_s(q.attempts, e.retry_after, rng), str(e))
+            if e.retry_after is None or "429" not in str(e):
+                return False  # the host is down or failing: the other claims wait too
+            continue
+        if r.status_code in (200, 202):
+            try:
+                body = r.json()
+            except ValueError:
+                body = {}
+            status, reason = str(body.get("status", "")), str(body.get("reason", ""))
+            queue.settle(q.claim_id, "submitted", status, reason)
+            say(f"claim {q.claim_id[:12]} submitted: {status or 'stored'}" + (f" ({reason})" if reason else ""))
+            continue
+        reason = _reason(r)
+        queue.settle(q.claim_id, "refused", str(r.status_code), reason)
+        say(f"claim {q.claim_id[:12]} refused by the pool (HTTP {r.status_code}): {reason}")
+        if r.status_code in (401, 403):
+            raise UsageError(f"the pool at {client.url} refused the token (HTTP {r.status_code}: {reason})",
+                             "ask the pool operator for a new invite (`nightlab pool invite NAME` on the host)")
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- the lab copy
+
+
+def _git(cwd: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "nightlab-pool", "GIT_AUTHOR_EMAIL": "pool@nightlab.invalid",
+           "GIT_COMMITTER_NAME": "nightlab-pool", "GIT_COMMITTER_EMAIL": "pool@nightlab.invalid",
+           "GIT_TERMINAL_PROMPT": "0"}
+    p = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise NightlabError(f"git {' '.join(args[:3])} failed in {cwd}: {p.stderr.strip()[:500]}")
+    return p.stdout
+
+
+@dataclass(frozen=True)
+class LabCopy:
+    """A local clone of the pool's snapshot of ``head``."""
+
+    repo: Path
+    lab: Path  # the folder with nightlab.toml (the repo, or a folder in it)
+    head: str  # the pool commit it snapshots (claims name it as parent)
+    snapshot: str  # the bundle's commit (claims diff against it)
+
+    @property
+    def rel(self) -> str:
+        r = self.lab.relative_to(self.repo).as_posix()
+        return "" if r == "." else r
+
+
+def fetch_lab(client: PoolClient, root: Path, head: str) -> LabCopy:
+    """The lab copy for ``head`` under ``root``: reused when present, else cloned from the pool's bundle."""
+    repo = root / f"lab-{head[:12]}"
+    if not (repo / ".git").is_dir():
+        tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=root))
+        try:
+            bundle = tmp / "head.bundle"
+            got = client.bundle(bundle)
+            if got != head:  # the head moved between info and bundle: take the bundle's
+                head, repo = got, root / f"lab-{got[:12]}"
+            if not (repo / ".git").is_dir():
+                _git(tmp, "bundle", "verify", str(bundle))
+                _git(tmp, "clone", "-q", "-b", BUNDLE_BRANCH, str(bundle), str(tmp / "repo"))
+                _git(tmp / "repo", "remote", "remove", "origin")
+                if repo.exists():
+                    shutil.rmtree(repo)
+                (tmp / "repo").rename(repo)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    snapshot = _git(repo, "rev-parse", f"refs/heads/{BUNDLE_BRANCH}^{{commit}}").strip()
+    specs = sorted(repo.rglob("nightlab.toml"), key=lambda p: len(p.parts))
+    specs = [p for p in specs if ".nightlab" not in p.parts and ".git" not in p.parts]
+    if not specs:
+        raise NightlabError(f"the pool's bundle for {head[:12]} holds no nightlab.toml",
+                            "ask the pool operator: the pool's lab must have one")
+    return LabCopy(repo, specs[0].parent, head, snapshot)
+
+
+def lab_diff(copy: LabCopy, commit: str) -> str:
+    """The kept commit's tree against the snapshot, lab-relative, as ``git diff`` prints it."""
+    args = ["diff", "--no-color", "--no-ext-diff", "--full-index", "--binary"]
+    if copy.rel:
+        args.append(f"--relative={copy.rel}")
+    return _git(copy.repo, *args, copy.snapshot, commit)
+
+
+# ---------------------------------------------------------------------------------------------- hardware
+
+
+def hardware() -> str:
+    """platform; CPU model and count; GPU (nvidia-smi, or torch.cuda where a driver is present)."""
+    parts = [platform.platform()]
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    parts.append(f"{cpu + ', ' if cpu else ''}{os.cpu_count()} CPUs")
+    gpus: list[str] = []
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=5).stdout
+            gpus = [ln.split(" (UUID")[0].strip() for ln in out.splitlines() if ln.strip()]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    if not gpus and Path("/proc/driver/nvidia").exists():  # a driver but no nvidia-smi: ask torch, if installed
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is not None:
+            try:
+                import torch
+
+                if torch.cuda.is_available():
+                    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            except Exception:  # a broken torch install only loses the GPU name
+                pass
+    parts.append("GPU: " + (", ".join(gpus) if gpus else "none"))
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- one round
+
+
+@dataclass
+class Round:
+    """What one round did (for the rank line and for tests)."""
+
+    head: str
+    experiments: int = 0
+    keeps: int = 0
+    claims: list[str] = field(default_factory=list)
+    stopped_for_head: bool = False
+
+
+def _session_argv(copy: LabCopy, max_experiments: int, resume: bool, researcher: str | None, seed: int,
+                  sandbox: str | None) -> list[str]:
+    argv = [sys.executable, "-m", "nightlab.pool.worker", "session", str(copy.lab), str(max_experiments),
+            "1" if resume else "0", researcher or "-", str(seed), sandbox or "-"]
+    return argv
+
+
+def _read_experiments(lab: Path) -> tuple[list[Any], str]:
+    """The local session's experiments (read-only) and its researcher kind; ([], '') before it exists."""
+    from nightlab.ledger_read import open_fast
+
+    reader = open_fast(lab / ".nightlab" / "ledger.db")
+    if reader is None:
+        return [], ""
+    with reader:
+        s = reader.get_session(POOL_TAG)
+        if s is None:
+            return [], ""
+        return reader.experiments(s.id), s.researcher
+
+
+class Watcher:
+    """Turns the local session's finished experiments into queued claims, in order, once each."""
+
+    def __init__(self, copy: LabCopy, queue: ClaimQueue, *, worker: str, seed: int, hw: str,
+                 limits: dict[str, Any], say: Callable[[str], None]) -> None:
+        self.copy, self.queue, self.worker, self.seed, self.hw = copy, queue, worker, seed, hw
+        self.limits, self.say = limits, say
+        self.key = str(copy.repo)
+
+    def scan(self, rnd: Round) -> None:
+        from nightlab.types import Status
+
+        experiments, researcher = _read_experiments(self.copy.lab)
+        last, compute_s, count = self.queue.progress(self.key)
+        log_cap = int(self.limits.get("max_log_kb", 16)) * 1024
+        max_samples = int(self.limits.get("max_samples", 64))
+        for e in experiments:
+            if e.idx <= last:
+                continue
+            if not e.status.is_finished():
+                break  # in order: wait for it
+            compute_s += max(0.0, float(e.run_s or 0.0))
+            count += 1
+            rnd.experiments += 1
+            claim = None
+            if e.idx > 0 and e.status is Status.KEEP and e.commit and e.metric is not None:
+                rnd.keeps += 1
+                diff = lab_diff(self.copy, e.commit)
+                if diff.strip():
+                    samples = e.evidence.get("samples") if isinstance(e.evidence, dict) else None
+                    if not isinstance(samples, list) or not samples:
+                        samples = [e.metric]
+                    tail = e.log_tail.encode()[-log_cap:].decode(errors="ignore") if log_cap > 0 else ""
+                    claim = Claim(
+                        claim_id=claim_id(self.worker, self.copy.head, diff), parent=self.copy.head, diff=diff,
+                        metric=float(e.metric), samples=tuple(float(x) for x in samples[:max_samples]),
+                        log_tail=tail, seed=self.seed, hardware=self.hw, compute_s=round(compute_s, 3),
+                        experiments=count, researcher=researcher or e.researcher or "unknown")
+            self.queue.record(self.key, e.idx, 0.0 if claim else compute_s, 0 if claim else count, claim)
+            if claim is not None:
+                compute_s, count = 0.0, 0
+                rnd.claims.append(claim.claim_id)
+                self.say(f"experiment {e.idx}: keep {e.metric:.6g} -> claim {claim.claim_id[:12]} queued "
+                         f"({claim.experiments} experiments, {claim.compute_s:.1f}s)")
+            last = e.idx
+
+
+# ---------------------------------------------------------------------------------------------- join
+
+
+def _rank_line(me: dict[str, Any]) -> str:
+    return (f"rank {me.get('rank', '?')}  {me.get('worker', '?')}: verified gain "
+            f"{float(me.get('verified_gain_pct') or 0.0):+.2f}%, accepted {me.get('accepted', 0)}, "
+            f"rejected {me.get('rejected', 0)}, pending {me.get('pending', 0)}, "
+            f"compute {float(me.get('compute_s') or 0.0):.0f}s, strikes {me.get('strikes', 0)}, "
+            f"trust {me.get('trust', '?')}" + ("  QUARANTINED" if me.get("quarantined") else ""))
+
+
+def _rounds(rounds: int | str | None) -> Iterator[int]:
+    if rounds is None or rounds == "forever" or rounds == 0:
+        n = 0
+        while True:
+            n += 1
+            yield n
+    try:
+        total = int(rounds)
+    except ValueError:
+        raise UsageError(f"--rounds {rounds!r} is not a number", "give a count, or 'forever'") from None
+    if total < 0:
+        raise UsageError(f"--rounds {total} is negative", "give a count, or 'forever'")
+    yield from range(1, total + 1)
+
+
+def join(url: str, token: str, *, dir: Path | str | None = None, researcher: str | None = None, seed: int = 0,
+         experiments: int = 10, rounds: int | str | None = 1, sandbox: str | None = None,
+         drain_timeout_s: float = 600.0, say: Callable[[str], None] | None = None,
+         **options: Any) -> list[Round]:
+    """Join the pool at ``url`` with ``token``; run ``rounds`` rounds (None/'forever': until stopped) of
+    ``experiments`` experiments each; returns what each round did. Claims still unsent after the last
+    round are retried for up to ``drain_timeout_s`` seconds, then left in ``<dir>/claims.db`` for the
+    next ``join`` with the same ``dir``."""
+    say = say or (lambda m: print(m, flush=True))
+    unknown = {k: v for k, v in options.items() if v is not None}
+    if unknown:
+        raise UsageError(f"unknown pool join option(s): {', '.join(sorted(unknown))}",
+                         "see `nightlab pool join --help`")
+    if not token:
+        raise UsageError("no pool token given", "pass --token T (from `nightlab pool invite NAME` on the host)")
+    if experiments < 1:
+        raise UsageError(f"--experiments {experiments} must be at least 1", "give the experiments per round")
+    if not re.match(r"^https?://", url):
+        raise UsageError(f"{url!r} is not an http(s) URL", "give the pool's URL, e.g. http://127.0.0.1:8765")
+    root = Path(dir or "nightlab-pool").expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"{seed}:{os.getpid()}:{time.time_ns()}")
+    client = PoolClient(url, token)
+    queue = ClaimQueue(root / "claims.db")
+    try:
+        try:
+            info = client.info()
+        except Unavailable as e:
+            raise UsageError(f"cannot reach the pool at {url} ({e})",
+                             "check the URL and that `nightlab pool serve` runs there") from None
+        worker = str(info.get("worker") or "")
+        say(f"joined pool {info.get('pool')!r} at {url} as {worker}: {info.get('metric', {}).get('name')} "
+            f"({info.get('metric', {}).get('direction')}), head {str(info.get('head'))[:12]}")
+        hw = hardware()
+        drain(client, queue, say, rng)  # claims a previous run left
+        done: list[Round] = []
+        copy: LabCopy | None = None
+        for n in _rounds(rounds):
+            if n > 1:
+                info = _wait_for(client, queue, say, rng, client.info)
+            head = str(info["head"])
+            if copy is None or copy.head != head:
+                copy = _wait_for(client, queue, say, rng, functools.partial(fetch_lab, client, root, head))
+                say(f"round {n}: lab at pool head {copy.head[:12]} in {copy.repo}")
+            rnd = _run_round(client, queue, copy, n, worker=worker, researcher=researcher, seed=seed,
+                             experiments=experiments, sandbox=sandbox, hw=hw, limits=dict(info.get("limits") or {}),
+                             say=say, rng=rng)
+            done.append(rnd)
+            try:
+                say(_rank_line(client.me()))
+            except Unavailable as e:
+                say(f"rank: the pool is unreachable now ({e}); claims stay queued")
+        _final_drain(client, queue, say, rng, drain_timeout_s)
+        return done
+    finally:
+        queue.close()
+        client.close()
+
+
+def _wait_for(client: PoolClient, queue: ClaimQueue, say: Callable[[str], None], rng: random.Random,
+              call: Callable[[], Any]) -> Any:
+    """``call()``, retried with backoff while the host is unavailable (queued claims are tried meanwhile)."""
+    attempts = 0
+    while True:
+        try:
+            return call()
+        except Unavailable as e:
+            delay = backoff_s(attempts, e.retry_after, rng)
+            if attempts == 0 or attempts % 10 == 0:
+                say(f"the pool is unavailable ({e}); retrying in {delay:.1f}s")
+            attempts += 1
+            time.sleep(delay)
+            drain(client, queue, say, rng)
+
+
+def _final_drain(client: PoolClient, queue: ClaimQueue, say: Callable[[str], None], rng: random.Random,
+                 timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        drain(client, queue, say, rng)
+        nxt = queue.next_due_at()
+        if nxt is None:
+            return
+        if time.monotonic() >= deadline:
+            left = queue.counts().get("pending", 0)
+            say(f"{left} claim(s) not yet accepted by the pool stay queued in {queue.path}; "
+                "`nightlab pool join` with the same --dir sends them")
+            return
+        time.sleep(min(max(0.05, nxt - time.time()), max(0.05, deadline - time.monotonic()), BACKOFF_CAP_S))
+
+
+def _run_round(client: PoolClient, queue: ClaimQueue, copy: LabCopy, n: int, *, worker: str,
+               researcher: str | None, seed: int, experiments: int, sandbox: str | None, hw: str,
+               limits: dict[str, Any], say: Callable[[str], None], rng: random.Random) -> Round:
+    rnd = Round(copy.head)
+    existing, _ = _read_experiments(copy.lab)
+    tried = sum(1 for e in existing if e.idx > 0)
+    argv = _session_argv(copy, tried + experiments, bool(existing), researcher, seed, sandbox)
+    log = copy.repo.parent / f"session-{copy.head[:12]}.log"
+    watcher = Watcher(copy, queue, worker=worker, seed=seed, hw=hw, limits=limits, say=say)
+    with open(log, "ab") as out, open(os.devnull, "rb") as devnull:
+        proc = subprocess.Popen(argv, cwd=copy.lab, stdin=devnull, stdout=out, stderr=subprocess.STDOUT)
+    next_info = time.monotonic() + INFO_EVERY_S
+    try:
+        while proc.poll() is None:
+            time.sleep(WATCH_S)
+            watcher.scan(rnd)
+            drain(client, queue, say, rng)
+            if not rnd.stopped_for_head and time.monotonic() >= next_info:
+                next_info = time.monotonic() + INFO_EVERY_S
+                try:
+                    head = str(client.info().get("head"))
+                except (Unavailable, NightlabError):
+                    head = copy.head
+                if head != copy.head:
+                    rnd.stopped_for_head = True
+                    (copy.lab / ".nightlab").mkdir(exist_ok=True)
+                    (copy.lab / ".nightlab" / "STOP").write_text(f"the pool head moved to {head}\n")
+                    say(f"round {n}: the pool head moved to {head[:12]}; stopping after the experiment in flight")
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    watcher.scan(rnd)
+    drain(client, queue, say, rng)
+    if proc.returncode not in (0, 130):
+        tail = log.read_text(errors="replace")[-2000:]
+        raise NightlabError(f"the local session in {copy.lab} failed (exit {proc.returncode}); its log: {log}\n"
+                            f"{tail}", "fix the local setup (sandbox, Python packages the lab needs) and rejoin")
+    say(f"round {n}: {rnd.experiments} experiments, {rnd.keeps} keeps, {len(rnd.claims)} claims")
+    return rnd
+
+
+# ---------------------------------------------------------------------------------------------- the session process
+
+
+def _session_main(argv: list[str]) -> int:
+    """``python -m nightlab.pool.worker session LAB MAX RESUME RESEARCHER SEED SANDBOX`` (what a round runs):
+    an ordinary session, tag ``pool``, with the lab's spec but the worker's researcher and seed."""
+    from nightlab.console import make_reporter
+    from nightlab.engine import Engine, install_signal_handlers
+    from nightlab.spec import ResearcherSpec, load_spec
+
+    lab, max_exp, resume, kind, seed, sandbox = argv
+    spec = load_spec(Path(lab))
+    options = spec.researcher.model_dump()
+    if kind != "-" and kind != spec.researcher.kind:
+        options = {"kind": kind, "space": options.get("space", {})}
+    options["seed"] = int(seed)
+    spec = spec.model_copy(update={"researcher": ResearcherSpec.model_validate(options)})
+    engine = Engine(lab, tag=POOL_TAG, resume=resume == "1", spec=spec, max_experiments=int(max_exp),
+                    sandbox_mode=None if sandbox == "-" else sandbox, reporter=make_reporter(False, True))
+    restore = install_signal_handlers(engine)
+    try:
+        s = engine.run()
+    finally:
+        restore()
+        engine.close()
+    print(f"session {s.tag}: {s.status} ({s.stop_reason}); best {s.incumbent_metric}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 8 and sys.argv[1] == "session":
+        try:
+            sys.exit(_session_main(sys.argv[2:]))
+        except NightlabError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(err.exit_code)
+    print("usage: python -m nightlab.pool.worker session LAB MAX RESUME RESEARCHER SEED SANDBOX", file=sys.stderr)
+    sys.exit(2)
