@@ -86,3 +86,69 @@ def test_spot_check_rate_of_a_trusted_worker_is_near_its_probability() -> None:
     hits = sum(rng.random() < p for _ in range(4000))
     assert p == pytest.approx(0.1)
     assert 300 < hits < 500
+
+
+# --------------------------------------------------------------------------- store (SQLite and PostgreSQL)
+
+
+def _store_conformance(url: str) -> None:
+    import sqlalchemy as sa
+
+    from nightlab.errors import UsageError
+    from nightlab.ledger import Ledger
+    from nightlab.pool import store
+
+    with Ledger(url) as led:
+        version = led.schema_version()
+        token = store.invite(led, "main", "alice")
+        assert token.startswith("nlp_") and len(token) > 40
+        with pytest.raises(UsageError, match="already invited"):
+            store.invite(led, "main", "alice")
+        with pytest.raises(UsageError, match="bad worker name"):
+            store.invite(led, "main", "../x")
+        # stored hashed: the token itself is nowhere in the table
+        with led.transaction() as conn:
+            rows = [tuple(map(str, r)) for r in conn.execute(sa.select(store.workers)).all()]
+        assert rows and not any(token in cell for row in rows for cell in row)
+        assert any(store.hash_token(token) in row for row in rows)
+        w = store.authenticate(led, "main", token)
+        assert w is not None and w.name == "alice" and not w.revoked
+        assert store.authenticate(led, "main", token + "x") is None
+        assert store.authenticate(led, "other-pool", token) is None
+        common: dict = dict(pool="main", worker="alice", parent="a" * 40, metric=1.5, samples=[1.5, 1.6],
+                            log_tail="ok", seed=3, hardware="cpu", compute_s=10.0, experiments=2, researcher="search")
+        c, new = store.add_claim(led, claim_id="1" * 32, diff="diff --git a/x b/x\n+1\n", status="queued",
+                                 must_verify=True, **common)
+        assert new and c.status == "queued" and c.samples == (1.5, 1.6) and c.must_verify
+        again, new = store.add_claim(led, claim_id="1" * 32, diff="other", status="credited", **common)
+        assert not new and again == c  # idempotent: the stored claim, unchanged
+        assert store.pending_count(led, "main", "alice") == 1
+        # the same change written with other positions and index lines is the same normalised diff
+        assert store.first_with_diff(led, "main", "diff --git a/x b/x\nindex 1..2\n@@ -3 +3 @@\n+1\r\n") == c
+        upd = store.update_claim(led, "main", "alice", "1" * 32, status="accepted", measured=1.4, experiment=3,
+                                 commit="b" * 40, verify_s=0.5, gain_pct=2.0)
+        assert (upd.status, upd.measured, upd.experiment, upd.commit) == ("accepted", 1.4, 3, "b" * 40)
+        assert upd.decided_at is not None and store.pending_count(led, "main", "alice") == 0
+        assert upd.public()["claimed"] == 1.5
+        assert [x.claim_id for x in store.list_claims(led, "main", statuses=["accepted"])] == ["1" * 32]
+        rec = store.strike(led, "main", "alice", PoolSpec(max_strikes=1))
+        assert rec.quarantined and store.get_worker(led, "main", "alice").record == rec  # type: ignore[union-attr]
+        store.revoke(led, "main", "alice")
+        w = store.authenticate(led, "main", token)
+        assert w is not None and w.revoked  # known but revoked: the API answers 403
+        with pytest.raises(UsageError, match="no worker"):
+            store.revoke(led, "main", "bob")
+        token2 = store.invite(led, "main", "alice")  # re-invited: a new token, the record kept
+        assert store.authenticate(led, "main", token) is None
+        w2 = store.authenticate(led, "main", token2)
+        assert w2 is not None and not w2.revoked and w2.record.quarantined
+        assert led.schema_version() == version  # the pool's tables do not bump the ledger's schema
+
+
+def test_store_sqlite(tmp_path) -> None:
+    _store_conformance(f"sqlite:///{tmp_path / 'ledger.db'}")
+
+
+@pytest.mark.postgres
+def test_store_postgres(pg_url: str) -> None:
+    _store_conformance(pg_url)
