@@ -152,3 +152,74 @@ def test_store_sqlite(tmp_path) -> None:
 @pytest.mark.postgres
 def test_store_postgres(pg_url: str) -> None:
     _store_conformance(pg_url)
+
+
+# --------------------------------------------------------------------------- snapshot bundle
+
+SECRET = "HOLDOUT-7f3a9c-LABELS"  # bytes that must never leave the host
+HOLDOUT_PY = f'print("---")\nprint("holdout_score: 1.0")  # {SECRET}-in-the-command\n'
+
+
+def _holdout_lab(make_lab):
+    from conftest import SPEC, commit_all
+
+    spec = SPEC.replace("[metric]", '[evaluate]\noutputs = []\n\n[holdout]\ncommand = "python holdout.py"\n'
+                        'metric = "holdout_score"\nfiles = ["secret/*.txt"]\n\n[notify]\n'
+                        'webhooks = ["https://hooks.example.invalid/T0/SECRETHOOK"]\n\n[metric]')
+    spec = spec.replace('protected = ["evaluate.py"]', 'protected = ["evaluate.py", "holdout.py"]')
+    spec = spec.replace("[executor]", '[sandbox]\nhide = ["private"]\n\n[executor]')
+    lab = make_lab(files={"holdout.py": HOLDOUT_PY, "secret/labels.txt": SECRET + "\n",
+                          "private/notes.txt": SECRET + "-private\n", "data.txt": "public data\n"}, spec=spec)
+    # an older holdout file, deleted since: it lives in history only
+    (lab / "secret" / "old.txt").write_text(SECRET + "-old\n")
+    commit_all(lab, "old holdout")
+    (lab / "secret" / "old.txt").unlink()
+    commit_all(lab, "drop it")
+    return lab
+
+
+def test_bundle_has_no_holdout_bytes(make_lab, tmp_path) -> None:
+    import subprocess
+    import tomllib
+
+    from conftest import git
+    from nightlab.pool import snapshot
+    from nightlab.spec import load_spec
+    from nightlab.workspace import Workspace
+
+    lab = _holdout_lab(make_lab)
+    ws = Workspace(lab)
+    head = ws.head()
+    spec = load_spec(lab)
+    refs_before = git(lab, "for-each-ref")
+    snap = snapshot.build(ws, spec, head, tmp_path / "bundles")
+    assert sorted(snap.excluded) == ["holdout.py", "private/notes.txt", "secret/labels.txt"]
+    assert git(lab, "for-each-ref") == refs_before  # the lab's repository gains no ref
+    heads = git(lab, "bundle", "list-heads", str(snap.bundle)).split()
+    assert heads == [snap.commit, "HEAD", snap.commit, "refs/heads/pool"]
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(snap.bundle), str(clone))
+    assert git(clone, "rev-parse", "HEAD").strip() == snap.commit
+    assert head in git(clone, "log", "-1", "--format=%B")
+    assert git(clone, "rev-list", "--count", "HEAD").strip() == "1"  # no history
+    blob = subprocess.run(["git", "cat-file", "--batch-all-objects", "--batch"], cwd=clone, capture_output=True,
+                          check=True).stdout
+    assert SECRET.encode() not in blob and b"SECRETHOOK" not in blob
+    assert b"public data" in blob  # the search passes on what it should
+    files = sorted(git(clone, "ls-files").split())
+    assert files == ["data.txt", "evaluate.py", "nightlab.toml", "program.md", "target.py"]
+    data = tomllib.loads((clone / "nightlab.toml").read_text())
+    assert "holdout" not in data and "notify" not in data and data["metric"]["name"] == "score"
+    load_spec(clone)  # the worker's lab is a valid lab
+    # deterministic: the same head gives the same snapshot commit
+    again = snapshot.build(ws, spec, head, tmp_path / "again")
+    assert again.commit == snap.commit
+
+
+def test_sanitised_spec_refuses_an_inline_holdout() -> None:
+    from nightlab.errors import UsageError
+    from nightlab.pool.snapshot import sanitised_spec
+
+    assert "holdout" not in sanitised_spec('[run]\ncommand = "x"\n[holdout]\ncommand = "h"\n[holdout.x]\na = 1\n')
+    with pytest.raises(UsageError, match="holdout"):
+        sanitised_spec('holdout = { command = "python h.py" }\n[run]\ncommand = "x"\n')
