@@ -86,3 +86,140 @@ def test_spot_check_rate_of_a_trusted_worker_is_near_its_probability() -> None:
     hits = sum(rng.random() < p for _ in range(4000))
     assert p == pytest.approx(0.1)
     assert 300 < hits < 500
+
+
+# --------------------------------------------------------------------------- store (SQLite and PostgreSQL)
+
+
+def _store_conformance(url: str) -> None:
+    import sqlalchemy as sa
+
+    from nightlab.errors import UsageError
+    from nightlab.ledger import Ledger
+    from nightlab.pool import store
+
+    with Ledger(url) as led:
+        version = led.schema_version()
+        token = store.invite(led, "main", "alice")
+        assert token.startswith("nlp_") and len(token) > 40
+        with pytest.raises(UsageError, match="already invited"):
+            store.invite(led, "main", "alice")
+        with pytest.raises(UsageError, match="bad worker name"):
+            store.invite(led, "main", "../x")
+        # stored hashed: the token itself is nowhere in the table
+        with led.transaction() as conn:
+            rows = [tuple(map(str, r)) for r in conn.execute(sa.select(store.workers)).all()]
+        assert rows and not any(token in cell for row in rows for cell in row)
+        assert any(store.hash_token(token) in row for row in rows)
+        w = store.authenticate(led, "main", token)
+        assert w is not None and w.name == "alice" and not w.revoked
+        assert store.authenticate(led, "main", token + "x") is None
+        assert store.authenticate(led, "other-pool", token) is None
+        common: dict = dict(pool="main", worker="alice", parent="a" * 40, metric=1.5, samples=[1.5, 1.6],
+                            log_tail="ok", seed=3, hardware="cpu", compute_s=10.0, experiments=2, researcher="search")
+        c, new = store.add_claim(led, claim_id="1" * 32, diff="diff --git a/x b/x\n+1\n", status="queued",
+                                 must_verify=True, **common)
+        assert new and c.status == "queued" and c.samples == (1.5, 1.6) and c.must_verify
+        again, new = store.add_claim(led, claim_id="1" * 32, diff="other", status="credited", **common)
+        assert not new and again == c  # idempotent: the stored claim, unchanged
+        assert store.pending_count(led, "main", "alice") == 1
+        # the same change written with other positions and index lines is the same normalised diff
+        assert store.first_with_diff(led, "main", "diff --git a/x b/x\nindex 1..2\n@@ -3 +3 @@\n+1\r\n") == c
+        upd = store.update_claim(led, "main", "alice", "1" * 32, status="accepted", measured=1.4, experiment=3,
+                                 commit="b" * 40, verify_s=0.5, gain_pct=2.0)
+        assert (upd.status, upd.measured, upd.experiment, upd.commit) == ("accepted", 1.4, 3, "b" * 40)
+        assert upd.decided_at is not None and store.pending_count(led, "main", "alice") == 0
+        assert upd.public()["claimed"] == 1.5
+        assert [x.claim_id for x in store.list_claims(led, "main", statuses=["accepted"])] == ["1" * 32]
+        rec = store.strike(led, "main", "alice", PoolSpec(max_strikes=1))
+        assert rec.quarantined and store.get_worker(led, "main", "alice").record == rec  # type: ignore[union-attr]
+        store.revoke(led, "main", "alice")
+        w = store.authenticate(led, "main", token)
+        assert w is not None and w.revoked  # known but revoked: the API answers 403
+        with pytest.raises(UsageError, match="no worker"):
+            store.revoke(led, "main", "bob")
+        token2 = store.invite(led, "main", "alice")  # re-invited: a new token, the record kept
+        assert store.authenticate(led, "main", token) is None
+        w2 = store.authenticate(led, "main", token2)
+        assert w2 is not None and not w2.revoked and w2.record.quarantined
+        assert led.schema_version() == version  # the pool's tables do not bump the ledger's schema
+
+
+def test_store_sqlite(tmp_path) -> None:
+    _store_conformance(f"sqlite:///{tmp_path / 'ledger.db'}")
+
+
+@pytest.mark.postgres
+def test_store_postgres(pg_url: str) -> None:
+    _store_conformance(pg_url)
+
+
+# --------------------------------------------------------------------------- snapshot bundle
+
+SECRET = "HOLDOUT-7f3a9c-LABELS"  # bytes that must never leave the host
+HOLDOUT_PY = f'print("---")\nprint("holdout_score: 1.0")  # {SECRET}-in-the-command\n'
+
+
+def _holdout_lab(make_lab):
+    from conftest import SPEC, commit_all
+
+    spec = SPEC.replace("[metric]", '[evaluate]\noutputs = []\n\n[holdout]\ncommand = "python holdout.py"\n'
+                        'metric = "holdout_score"\nfiles = ["secret/*.txt"]\n\n[notify]\n'
+                        'webhooks = ["https://hooks.example.invalid/T0/SECRETHOOK"]\n\n[metric]')
+    spec = spec.replace('protected = ["evaluate.py"]', 'protected = ["evaluate.py", "holdout.py"]')
+    spec = spec.replace("[executor]", '[sandbox]\nhide = ["private"]\n\n[executor]')
+    lab = make_lab(files={"holdout.py": HOLDOUT_PY, "secret/labels.txt": SECRET + "\n",
+                          "private/notes.txt": SECRET + "-private\n", "data.txt": "public data\n"}, spec=spec)
+    # an older holdout file, deleted since: it lives in history only
+    (lab / "secret" / "old.txt").write_text(SECRET + "-old\n")
+    commit_all(lab, "old holdout")
+    (lab / "secret" / "old.txt").unlink()
+    commit_all(lab, "drop it")
+    return lab
+
+
+def test_bundle_has_no_holdout_bytes(make_lab, tmp_path) -> None:
+    import subprocess
+    import tomllib
+
+    from conftest import git
+    from nightlab.pool import snapshot
+    from nightlab.spec import load_spec
+    from nightlab.workspace import Workspace
+
+    lab = _holdout_lab(make_lab)
+    ws = Workspace(lab)
+    head = ws.head()
+    spec = load_spec(lab)
+    refs_before = git(lab, "for-each-ref")
+    snap = snapshot.build(ws, spec, head, tmp_path / "bundles")
+    assert sorted(snap.excluded) == ["holdout.py", "private/notes.txt", "secret/labels.txt"]
+    assert git(lab, "for-each-ref") == refs_before  # the lab's repository gains no ref
+    heads = git(lab, "bundle", "list-heads", str(snap.bundle)).split()
+    assert heads == [snap.commit, "HEAD", snap.commit, "refs/heads/pool"]
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(snap.bundle), str(clone))
+    assert git(clone, "rev-parse", "HEAD").strip() == snap.commit
+    assert head in git(clone, "log", "-1", "--format=%B")
+    assert git(clone, "rev-list", "--count", "HEAD").strip() == "1"  # no history
+    blob = subprocess.run(["git", "cat-file", "--batch-all-objects", "--batch"], cwd=clone, capture_output=True,
+                          check=True).stdout
+    assert SECRET.encode() not in blob and b"SECRETHOOK" not in blob
+    assert b"public data" in blob  # the search passes on what it should
+    files = sorted(git(clone, "ls-files").split())
+    assert files == ["data.txt", "evaluate.py", "nightlab.toml", "program.md", "target.py"]
+    data = tomllib.loads((clone / "nightlab.toml").read_text())
+    assert "holdout" not in data and "notify" not in data and data["metric"]["name"] == "score"
+    load_spec(clone)  # the worker's lab is a valid lab
+    # deterministic: the same head gives the same snapshot commit
+    again = snapshot.build(ws, spec, head, tmp_path / "again")
+    assert again.commit == snap.commit
+
+
+def test_sanitised_spec_refuses_an_inline_holdout() -> None:
+    from nightlab.errors import UsageError
+    from nightlab.pool.snapshot import sanitised_spec
+
+    assert "holdout" not in sanitised_spec('[run]\ncommand = "x"\n[holdout]\ncommand = "h"\n[holdout.x]\na = 1\n')
+    with pytest.raises(UsageError, match="holdout"):
+        sanitised_spec('holdout = { command = "python h.py" }\n[run]\ncommand = "x"\n')
