@@ -85,10 +85,18 @@ def post(diff, metric, compute_s=2.0, experiments=2, parent=head):
     except Unavailable as e:
         code, body = (429 if "429" in str(e) else 503), str(e)
     print(json.dumps({"claim_id": cid, "code": code, "body": body}), flush=True)
+    return cid
+
+def decided(*cids):  # the host verifies asynchronously: wait for its verdicts (strikes come with them)
+    import time
+    for _ in range(600):
+        if all(client.claim_status(c)["status"] not in ("queued", "verifying") for c in cids):
+            return
+        time.sleep(0.2)
+    raise SystemExit("the host did not decide " + ", ".join(cids))
 
 if kind == "inflate":  # real improvements, lied about: claimed val_loss 1e-6
-    post(consts(**extra["better"]), 1e-6)
-    post(consts(**{**extra["better"], "HIDDEN": "40"}), 1e-6)
+    decided(post(consts(**extra["better"]), 1e-6), post(consts(**{**extra["better"], "HIDDEN": "40"}), 1e-6))
     post(consts(**{**extra["better"], "HIDDEN": "44"}), 1e-6)  # quarantined by now: 403
 elif kind == "copy":  # another worker's claim, as its own
     post(extra["diff"], extra["metric"], parent=extra["parent"])
@@ -99,8 +107,8 @@ elif kind == "flood":
     for i in range(12):
         post(consts(LEARNING_RATE=f"{0.0001 + i * 1e-5:.6f}"), 5.0, compute_s=0.5, experiments=1)
 elif kind == "compute":  # no claim of a new best, a million seconds for it
-    for lr in ("0.0002", "0.0003", "0.0004"):
-        post(consts(LEARNING_RATE=lr), 5.0, compute_s=1e6, experiments=1)
+    decided(*[post(consts(LEARNING_RATE=lr), 5.0, compute_s=1e6, experiments=1) for lr in ("0.0002", "0.0003")])
+    post(consts(LEARNING_RATE="0.0004"), 5.0, compute_s=1e6, experiments=1)
 '''
 
 
@@ -256,10 +264,13 @@ def test_pool_end_to_end_honest_workers_win_cheaters_do_not(tmp_path: Path, proc
         out.close()
         procs.append(p)
         workers[name] = (p, d)
-    wait_until(lambda: all(any(d.glob("lab-*/.nightlab/ledger.db")) for _, d in workers.values()), 90,
-               "the honest workers' sessions to start")
+    def started() -> bool:
+        for name, (p, _d) in workers.items():
+            assert p.poll() is None, (tmp_path / f"{name}.log").read_text()[-3000:]
+        return all(any(d.glob("lab-*/.nightlab/ledger.db")) for _, d in workers.values())
+
+    wait_until(started, 90, "the honest workers' sessions to start")
     host.kill()
-    t_down = time.time()
     wait_until(lambda: any(r["attempts"] >= 1 and r["state"] == "pending"  # type: ignore[operator]
                            for _, d in workers.values() for r in queue_rows(d)), 90,
                "a claim made while the host is down")
@@ -306,9 +317,19 @@ def test_pool_end_to_end_honest_workers_win_cheaters_do_not(tmp_path: Path, proc
                               env=cli_env(), capture_output=True, text=True, timeout=60)
         assert show.returncode == 0, show.stderr
         assert str(c["worker"]) in show.stdout and str(c["claim_id"]) in show.stdout, show.stdout
-    # the workers followed the head: a second round on an advanced head fetched it
-    assert any(len(list(d.glob("lab-*"))) >= 2 for _, d in workers.values()) or \
-        all(str(c["parent"]) == base_head for cs in honest_claims.values() for c in cs)
+    # alice comes back with the same dir: her old claims are not sent again, and she follows the new head
+    again = subprocess.run([*join_cmd(), host.url, "--token", tokens["alice"], "--dir", str(workers["alice"][1]),
+                            "--researcher", "search", "--seed", "11", "--experiments", "1"], env=env,
+                           capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (workers["alice"][1] / f"lab-{after_honest[:12]}").is_dir(), again.stdout
+    assert f"lab at pool head {after_honest[:12]}" in again.stdout
+    wait_until(lambda: pending() == 0, 120, "the host to verify alice's new claims", poll_s=0.5)
+    honest_claims["alice"] = [{**host.get(tokens["alice"], f"/claims/{r['claim_id']}").json(),
+                               "payload": json.loads(str(r["payload"]))} for r in queue_rows(workers["alice"][1])]
+    assert int(host.get(tokens["alice"], "/leaderboard").json()["totals"]["claims"]) == \
+        sum(len(v) for v in honest_claims.values())
+    accepted = [c for cs in honest_claims.values() for c in cs if c["status"] == "accepted"]
 
     # --- the cheaters
     script = tmp_path / "cheat.py"
@@ -363,6 +384,5 @@ def test_pool_end_to_end_honest_workers_win_cheaters_do_not(tmp_path: Path, proc
         assert rows[name]["accepted"] == 0 and float(rows[name]["verified_gain_pct"]) == 0.0, rows[name]
     assert max(rows[n]["rank"] for n in HONEST) < min(rows[n]["rank"] for n in CHEATERS), board
     assert sum(rows[n]["accepted"] for n in HONEST) == len(accepted)
-    assert 0.0 < float(board["totals"]["verification_fraction"])
+    assert float(board["totals"]["verification_fraction"]) > 0.0
     host.stop()
-    assert time.time() > t_down

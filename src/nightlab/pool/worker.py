@@ -353,7 +353,6 @@ def fetch_lab(client: PoolClient, root: Path, head: str) -> LabCopy:
             if got != head:  # the head moved between info and bundle: take the bundle's
                 head, repo = got, root / f"lab-{got[:12]}"
             if not (repo / ".git").is_dir():
-                _git(tmp, "bundle", "verify", str(bundle))
                 _git(tmp, "clone", "-q", "-b", BUNDLE_BRANCH, str(bundle), str(tmp / "repo"))
                 _git(tmp / "repo", "remote", "remove", "origin")
                 if repo.exists():
@@ -523,14 +522,16 @@ def _rounds(rounds: int | str | None) -> Iterator[int]:
     yield from range(1, total + 1)
 
 
-def join(url: str, token: str, *, dir: Path | str | None = None, researcher: str | None = None, seed: int = 0,
-         experiments: int = 10, rounds: int | str | None = 1, sandbox: str | None = None,
-         drain_timeout_s: float = 600.0, say: Callable[[str], None] | None = None,
-         **options: Any) -> list[Round]:
-    """Join the pool at ``url`` with ``token``; run ``rounds`` rounds (None/'forever': until stopped) of
-    ``experiments`` experiments each; returns what each round did. Claims still unsent after the last
-    round are retried for up to ``drain_timeout_s`` seconds, then left in ``<dir>/claims.db`` for the
-    next ``join`` with the same ``dir``."""
+def join(url: str, token: str, *, dir: Path | str | None = None, directory: Path | str | None = None,
+         researcher: str | None = None, seed: int | None = None, experiments: int = 10,
+         rounds: int | str | None = 1, sandbox: str | None = None, drain_timeout_s: float = 600.0,
+         say: Callable[[str], None] | None = None, **options: Any) -> list[Round]:
+    """Join the pool at ``url`` with ``token`` (``nightlab pool join``); run ``rounds`` rounds (None or
+    'forever': until stopped) of ``experiments`` experiments each in ``dir`` (alias ``directory``; default
+    ``./nightlab-pool-<host>``) with the worker's ``researcher`` kind (default: the lab's), ``seed`` (default:
+    one derived from the worker's name, so that workers do not search the same points) and ``sandbox`` mode.
+    Returns what each round did. Claims still unsent after the last round are retried for up to
+    ``drain_timeout_s`` seconds, then left in ``<dir>/claims.db`` for the next ``join`` with the same dir."""
     say = say or (lambda m: print(m, flush=True))
     unknown = {k: v for k, v in options.items() if v is not None}
     if unknown:
@@ -540,11 +541,15 @@ def join(url: str, token: str, *, dir: Path | str | None = None, researcher: str
         raise UsageError("no pool token given", "pass --token T (from `nightlab pool invite NAME` on the host)")
     if experiments < 1:
         raise UsageError(f"--experiments {experiments} must be at least 1", "give the experiments per round")
-    if not re.match(r"^https?://", url):
-        raise UsageError(f"{url!r} is not an http(s) URL", "give the pool's URL, e.g. http://127.0.0.1:8765")
-    root = Path(dir or "nightlab-pool").expanduser().resolve()
+    m = re.match(r"^https?://([^/:?#]+)", url)
+    if not m:
+        raise UsageError(f"{url!r} is not an http(s) URL", "give the pool's URL, e.g. http://127.0.0.1:8766")
+    dir = dir if dir is not None else directory
+    if dir is None:
+        dir = Path.cwd() / ("nightlab-pool-" + re.sub(r"[^A-Za-z0-9._-]", "_", m.group(1)))
+    root = Path(dir).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(f"{seed}:{os.getpid()}:{time.time_ns()}")
+    rng = random.Random(f"{os.getpid()}:{time.time_ns()}")
     client = PoolClient(url, token)
     queue = ClaimQueue(root / "claims.db")
     try:
@@ -554,6 +559,8 @@ def join(url: str, token: str, *, dir: Path | str | None = None, researcher: str
             raise UsageError(f"cannot reach the pool at {url} ({e})",
                              "check the URL and that `nightlab pool serve` runs there") from None
         worker = str(info.get("worker") or "")
+        if seed is None:
+            seed = int(hashlib.sha256(worker.encode()).hexdigest()[:7], 16)
         say(f"joined pool {info.get('pool')!r} at {url} as {worker}: {info.get('metric', {}).get('name')} "
             f"({info.get('metric', {}).get('direction')}), head {str(info.get('head'))[:12]}")
         hw = hardware()
@@ -695,5 +702,6 @@ if __name__ == "__main__":
         except NightlabError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(err.exit_code)
-    print("usage: python -m nightlab.pool.worker session LAB MAX RESUME RESEARCHER SEED SANDBOX", file=sys.stderr)
+    print("usage: python -m nightlab.pool.worker session LAB MAX RESUME RESEARCHER SEED SANDBOX "
+          "(use `nightlab pool join`)", file=sys.stderr)
     sys.exit(2)
