@@ -223,3 +223,142 @@ def test_sanitised_spec_refuses_an_inline_holdout() -> None:
     assert "holdout" not in sanitised_spec('[run]\ncommand = "x"\n[holdout]\ncommand = "h"\n[holdout.x]\na = 1\n')
     with pytest.raises(UsageError, match="holdout"):
         sanitised_spec('holdout = { command = "python h.py" }\n[run]\ncommand = "x"\n')
+
+
+# --------------------------------------------------------------------------- intake over HTTP and verification
+
+POOL_SPEC_EXTRA = "\n[pool]\nmax_strikes = 2\nmax_pending = 3\n"
+
+
+def xy_diff(x0: str, y0: str, x1: str, y1: str) -> str:
+    """A git diff of target.py (conftest's TARGET_PY) changing X and Y."""
+    return ("diff --git a/target.py b/target.py\n--- a/target.py\n+++ b/target.py\n@@ -1,4 +1,4 @@\n"
+            f" import os, sys\n-X = {x0}\n-Y = {y0}\n+X = {x1}\n+Y = {y1}\n"
+            " score = (X - 1) ** 2 + (Y - 2) ** 2 + 0.5\n")
+
+
+def score(x: float, y: float) -> float:
+    return (x - 1) ** 2 + (y - 2) ** 2 + 0.5
+
+
+def claim_body(parent: str, diff: str, metric: float, cid: str | None = None, **kw) -> dict:
+    import hashlib
+
+    cid = cid or hashlib.sha256(f"{parent}|{diff}|{metric}|{kw}".encode()).hexdigest()[:32]
+    return {"claim_id": cid, "parent": parent, "diff": diff, "metric": metric, "samples": [metric],
+            "log_tail": "score: ...", "seed": 1, "hardware": "test cpu", "compute_s": kw.pop("compute_s", 1.0),
+            "experiments": kw.pop("experiments", 1), "researcher": "search", **kw}
+
+
+@pytest.fixture
+def pool_lab(make_lab):
+    from conftest import SPEC
+
+    return make_lab(spec=SPEC + POOL_SPEC_EXTRA)
+
+
+def _client(host):
+    from starlette.testclient import TestClient
+
+    from nightlab.web.app import create_app
+
+    return TestClient(create_app(host.ledger, host.lab_dir, pool=host), base_url="http://127.0.0.1")
+
+
+def _auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_intake_rules_one_by_one(pool_lab) -> None:
+    import json
+
+    from nightlab.pool import store
+    from nightlab.pool.serve import open_pool
+
+    engine, host, _ = open_pool(pool_lab, sandbox_mode="none")  # opens the session: the pool branch exists
+    try:
+        led = host.ledger
+        head = host.head()
+        assert head is not None and host.branch == "nightlab/pool-main"
+        alice, bob, eve = (store.invite(led, "main", n) for n in ("alice", "bob", "eve"))
+        c = _client(host)
+        win = xy_diff("3.0", "0.0", "1.0", "0.0")
+        # 401: no token, an unknown token
+        assert c.get("/api/pool/info").status_code == 401
+        assert c.post("/api/pool/claims", json=claim_body(head, win, 4.5), headers=_auth("nlp_nope")).status_code == 401
+        info = c.get("/api/pool/info", headers=_auth(alice)).json()
+        assert info["head"] == head and info["worker"] == "alice" and info["metric"] == \
+            {"name": "score", "direction": "minimize"} and info["limits"]["max_pending"] == 3
+        # 422: malformed bodies
+        for bad in ({**claim_body(head, win, 4.5), "claim_id": "xyz"}, {**claim_body(head, win, 4.5), "extra": 1},
+                    {k: v for k, v in claim_body(head, win, 4.5).items() if k != "metric"},
+                    {**claim_body(head, win, 4.5), "compute_s": -1}):
+            r = c.post("/api/pool/claims", json=bad, headers=_auth(alice))
+            assert r.status_code == 422, (bad, r.text)
+        r = c.post("/api/pool/claims", content=json.dumps(claim_body(head, win, 4.5)).replace("4.5", "NaN"),
+                   headers=_auth(alice))
+        assert r.status_code == 422
+        assert c.post("/api/pool/claims", content=b"{not json", headers=_auth(alice)).status_code == 422
+        # 422: a parent outside the pool branch's history, a diff that does not apply
+        r = c.post("/api/pool/claims", json=claim_body("f" * 40, win, 4.5), headers=_auth(alice))
+        assert r.status_code == 422 and "not a commit of the pool branch" in r.json()["detail"]
+        r = c.post("/api/pool/claims", json=claim_body(head, xy_diff("9.0", "9.0", "1.0", "0.0"), 4.5),
+                   headers=_auth(alice))
+        assert r.status_code == 422 and "does not apply" in r.json()["detail"]
+        # 413: over the size caps (the body, the diff, the samples)
+        assert c.post("/api/pool/claims", content=b"x" * 200_000, headers=_auth(alice)).status_code == 413
+        big = claim_body(head, win + "+" + "y" * 70_000 + "\n", 4.5)
+        assert c.post("/api/pool/claims", json=big, headers=_auth(alice)).status_code == 413
+        many = {**claim_body(head, win, 4.5), "samples": [4.5] * 65}
+        assert c.post("/api/pool/claims", json=many, headers=_auth(alice)).status_code == 413
+        assert store.list_claims(led, "main") == []  # nothing refused was stored
+        # 202 queued: it claims a new best (there is none yet); the same claim_id again: 200, the same claim
+        body = claim_body(head, win, 4.5)
+        r = c.post("/api/pool/claims", json=body, headers=_auth(alice))
+        assert r.status_code == 202 and r.json()["status"] == "queued", r.text
+        r2 = c.post("/api/pool/claims", json={**body, "metric": 0.1}, headers=_auth(alice))
+        assert r2.status_code == 200 and r2.json() == r.json()
+        assert len(store.list_claims(led, "main")) == 1 and store.pending_count(led, "main", "alice") == 1
+        got = c.get(f"/api/pool/claims/{body['claim_id']}", headers=_auth(alice)).json()
+        assert got["claimed"] == 4.5 and got["status"] == "queued" and got["worker"] == "alice"
+        assert c.get(f"/api/pool/claims/{body['claim_id']}", headers=_auth(bob)).status_code == 404  # not bob's
+        # duplicate: the same change (with an index line, CRLF endings) by bob is credited to alice only
+        dup = win.replace("--- a/", "index 1234567..89abcde 100644\n--- a/")
+        r = c.post("/api/pool/claims", json=claim_body(head, dup, 4.4), headers=_auth(bob))
+        assert r.status_code == 202 and r.json()["status"] == "duplicate", r.text
+        # rejected + a strike: a protected file (and the spec), then quarantine at max_strikes = 2 -> 403
+        prot = "diff --git a/evaluate.py b/evaluate.py\n--- a/evaluate.py\n+++ b/evaluate.py\n@@ -1 +1 @@\n" \
+               "-print('protected')\n+print('mine')\n"
+        r = c.post("/api/pool/claims", json=claim_body(head, prot, 0.1), headers=_auth(eve))
+        assert r.status_code == 202 and r.json()["status"] == "rejected" and "protected" in r.json()["reason"]
+        assert store.get_worker(led, "main", "eve").record.strikes == 1  # type: ignore[union-attr]
+        spec_diff = "diff --git a/nightlab.toml b/nightlab.toml\n--- a/nightlab.toml\n+++ b/nightlab.toml\n" \
+                    "@@ -1 +1 @@\n-[files]\n+[files]\n"
+        r = c.post("/api/pool/claims", json=claim_body(head, spec_diff, 0.1), headers=_auth(eve))
+        assert r.json()["status"] == "rejected"
+        assert store.get_worker(led, "main", "eve").record.quarantined  # type: ignore[union-attr]
+        r = c.post("/api/pool/claims", json=claim_body(head, win, 0.2), headers=_auth(eve))
+        assert r.status_code == 403 and "quarantined" in r.json()["detail"]
+        assert c.get("/api/pool/bundle", headers=_auth(eve)).status_code == 403
+        assert c.get("/api/pool/me", headers=_auth(eve)).json()["quarantined"] is True  # it may still read
+        # 429: max_pending = 3 claims of one worker waiting
+        for k, x in enumerate(("1.5", "2.0", "2.5")):
+            r = c.post("/api/pool/claims", json=claim_body(head, xy_diff("3.0", "0.0", x, "0.0"), 1.0 + k),
+                       headers=_auth(bob))
+            assert r.status_code == 202 and r.json()["status"] == "queued", r.text  # new workers: always checked
+        r = c.post("/api/pool/claims", json=claim_body(head, xy_diff("3.0", "0.0", "0.5", "0.0"), 1.0),
+                   headers=_auth(bob))
+        assert r.status_code == 429 and r.headers["retry-after"] == "30"
+        # revoked: 403 everywhere
+        store.revoke(led, "main", "bob")
+        assert c.get("/api/pool/info", headers=_auth(bob)).status_code == 403
+        # the bundle: the snapshot of the head, named in a header
+        r = c.get("/api/pool/bundle", headers=_auth(alice))
+        assert r.status_code == 200 and r.headers["x-nightlab-pool-head"] == head
+        assert r.content.startswith(b"# v2 git bundle") or r.content.startswith(b"# v3 git bundle")
+        # the dashboard's own rules still hold elsewhere; the pool page shows the board
+        page = c.get("/pool")
+        assert page.status_code == 200 and "alice" in page.text and "Verification cost" in page.text
+    finally:
+        engine.close()
+        host.ledger.close()
