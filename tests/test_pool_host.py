@@ -362,3 +362,125 @@ def test_intake_rules_one_by_one(pool_lab) -> None:
     finally:
         engine.close()
         host.ledger.close()
+
+
+def _wait_decided(led, worker: str, cid: str, timeout: float = 90.0):
+    import time
+
+    from nightlab.pool import store
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        c = store.get_claim(led, "main", worker, cid)
+        if c is not None and c.status not in store.OPEN:
+            return c
+        time.sleep(0.05)
+    raise AssertionError(f"claim {cid} of {worker} was not decided in {timeout}s")
+
+
+@pytest.mark.slow
+def test_verification_session_accepts_contradicts_and_quarantines(pool_lab) -> None:
+    import json
+    import random
+    import subprocess
+    import threading
+
+    from conftest import cli_env, git, nightlab_cmd
+    from nightlab.audit import read_records
+    from nightlab.pool import store
+    from nightlab.pool.serve import open_pool
+
+    engine, host, _ = open_pool(pool_lab, poll_s=0.05)
+    host.rng = random.Random(0)
+    led = host.ledger
+    base = host.head()
+    assert base is not None
+    tokens = {n: store.invite(led, "main", n) for n in ("alice", "bob", "carol", "dave")}
+    c = _client(host)
+    outcome: dict = {}
+    t = threading.Thread(target=lambda: outcome.setdefault("session", engine.run()), daemon=True)
+    t.start()
+    try:
+        def post(who: str, body: dict) -> dict:
+            r = c.post("/api/pool/claims", json=body, headers=_auth(tokens[who]))
+            assert r.status_code == 202, r.text
+            return r.json()
+
+        # a winning claim, sent while the baseline may still run: it waits, then is accepted
+        a = claim_body(base, xy_diff("3.0", "0.0", "1.5", "0.0"), score(1.5, 0.0), compute_s=2.0)
+        assert post("alice", a)["status"] == "queued"
+        ca = _wait_decided(led, "alice", a["claim_id"])
+        assert ca.status == "accepted", ca.reason
+        assert ca.measured == pytest.approx(score(1.5, 0.0))
+        assert ca.commit == host.head() != base, (git(pool_lab, "log", "--format=%H %s", host.branch),
+                                                 [(e.idx, e.status, e.commit, e.reason) for e in led.experiments(
+                                                     led.get_session("pool-main").id)])
+        assert ca.gain_pct == pytest.approx(100 * (score(3, 0) - score(1.5, 0)) / score(3, 0), rel=1e-4)
+        assert "X = 1.5" in git(pool_lab, "show", f"{host.head()}:target.py")
+        # an inflated metric: the re-run contradicts it -> a strike, the branch does not move
+        head1 = host.head()
+        b = claim_body(head1, xy_diff("1.5", "0.0", "1.5", "-3.0"), 0.01)
+        assert post("bob", b)["status"] == "queued"
+        cb = _wait_decided(led, "bob", b["claim_id"])
+        assert cb.status == "contradicted" and cb.strike and "metric contradicted" in cb.reason
+        assert cb.measured == pytest.approx(score(1.5, -3.0)) and host.head() == head1
+        assert store.get_worker(led, "main", "bob").record.strikes == 1  # type: ignore[union-attr]
+        # a stale winning claim (on the base, not the head): kept as its measured tree on top of the head
+        s3 = claim_body(base, xy_diff("3.0", "0.0", "3.0", "2.0"), score(3.0, 2.0))
+        assert post("carol", s3)["status"] == "queued"
+        cc = _wait_decided(led, "carol", s3["claim_id"])
+        assert cc.status == "accepted", cc.reason
+        assert git(pool_lab, "rev-parse", f"{cc.commit}^").strip() == head1  # the branch fast-forwarded
+        kept = git(pool_lab, "show", f"{cc.commit}:target.py")
+        assert "X = 3.0" in kept and "Y = 2.0" in kept  # exactly the measured tree
+        # honest compute, not a new best, new worker: always spot-checked -> checked
+        d1 = claim_body(head1, xy_diff("1.5", "0.0", "1.5", "-1.0"), score(1.5, -1.0), compute_s=1.5)
+        assert post("dave", d1)["status"] == "queued"
+        assert _wait_decided(led, "dave", d1["claim_id"]).status == "checked"
+        # huge compute claimed for no work: caught by the check -> contradicted (compute inflated)
+        d2 = claim_body(head1, xy_diff("1.5", "0.0", "1.5", "-2.0"), score(1.5, -2.0), compute_s=1e6)
+        assert post("dave", d2)["status"] == "queued"
+        cd = _wait_decided(led, "dave", d2["claim_id"])
+        assert cd.status == "contradicted" and "compute inflated" in cd.reason
+        # bob's second strike quarantines him (max_strikes = 2): 403 from then on
+        b2 = claim_body(head1, xy_diff("1.5", "0.0", "1.5", "5.0"), 0.02)
+        post("bob", b2)
+        assert _wait_decided(led, "bob", b2["claim_id"]).status == "contradicted"
+        assert store.get_worker(led, "main", "bob").record.quarantined  # type: ignore[union-attr]
+        r = c.post("/api/pool/claims", json=claim_body(head1, xy_diff("1.5", "0.0", "1.0", "2.0"), 0.5),
+                   headers=_auth(tokens["bob"]))
+        assert r.status_code == 403
+        # the leaderboard: alice and carol gained, the cheaters did not
+        lb = c.get("/api/pool/leaderboard", headers=_auth(tokens["alice"])).json()
+        rows = {w["worker"]: w for w in lb["workers"]}
+        assert rows["alice"]["verified_gain_pct"] > 0 and rows["carol"]["verified_gain_pct"] > 0
+        assert rows["bob"]["verified_gain_pct"] == 0 and rows["bob"]["quarantined"] and rows["bob"]["strikes"] == 2
+        assert rows["dave"]["rejected"] == 1 and rows["dave"]["verified_compute_fraction"] == 1.0
+        assert lb["totals"]["verification_s"] > 0 and lb["totals"]["accepted"] == 2
+        me = c.get("/api/pool/me", headers=_auth(tokens["carol"])).json()
+        assert me["worker"] == "carol" and me["accepted"] == 1
+    finally:
+        engine.stop.graceful = "test done"
+        host.wake.set()
+        t.join(timeout=60)
+        engine.close()
+    assert not t.is_alive() and outcome["session"].status == "stopped"
+    # provenance on the experiment and in `nightlab show`
+    exp = led.get_experiment(outcome["session"].id, ca.experiment)
+    assert exp is not None and exp.evidence["pool"]["worker"] == "alice"
+    assert exp.evidence["pool"]["claim_id"] == a["claim_id"] and exp.evidence["pool"]["claimed"] == a["metric"]
+    assert exp.evidence["pool"]["verification"]["status"] == "accepted"
+    out = subprocess.run(nightlab_cmd("show", str(ca.experiment), "--lab", str(pool_lab), "--tag", "pool-main"),
+                         env=cli_env(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "pool" in out.stdout and a["claim_id"] in out.stdout and "alice" in out.stdout
+    lb_cli = subprocess.run(nightlab_cmd("pool", "leaderboard", "--json", "--lab", str(pool_lab)), env=cli_env(),
+                            capture_output=True, text=True)
+    assert lb_cli.returncode == 0 and json.loads(lb_cli.stdout)["workers"][0]["worker"] in ("alice", "carol")
+    # the audit log holds every claim, check, verification and decision
+    kinds = [r.get("kind") for r in read_records(pool_lab / ".nightlab" / "audit.jsonl")]
+    for k in ("pool.claim", "pool.check", "pool.verify", "pool.verified", "pool.decision", "pool.strike",
+              "pool.accept"):
+        assert k in kinds, k
+    assert kinds.count("pool.claim") == 6 and kinds.count("pool.accept") == 2
+    led.close()
