@@ -484,3 +484,77 @@ def test_verification_session_accepts_contradicts_and_quarantines(pool_lab) -> N
         assert k in kinds, k
     assert kinds.count("pool.claim") == 6 and kinds.count("pool.accept") == 2
     led.close()
+
+
+# --------------------------------------------------------------------------- the CLI, with a real server process
+
+
+def test_serve_refuses_a_public_host_without_a_proxy(pool_lab) -> None:
+    import subprocess
+
+    from conftest import cli_env, nightlab_cmd
+
+    r = subprocess.run(nightlab_cmd("pool", "serve", "--lab", str(pool_lab), "--host", "0.0.0.0"), env=cli_env(),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "without TLS" in r.stderr and "--behind-proxy" in r.stderr and "docs/pool.md" in r.stderr
+    assert not (pool_lab / ".nightlab" / "ledger.db").exists()  # refused before anything started
+
+
+@pytest.mark.slow
+def test_pool_serve_process_verifies_a_claim_over_http(pool_lab) -> None:
+    import os
+    import re
+    import signal
+    import subprocess
+    import time
+
+    import httpx
+
+    from conftest import cli_env, nightlab_cmd
+
+    inv = subprocess.run(nightlab_cmd("pool", "invite", "alice", "--lab", str(pool_lab)), env=cli_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert inv.returncode == 0, inv.stderr
+    token = re.search(r"^(nlp_\S+)$", inv.stdout, re.M).group(1)  # type: ignore[union-attr]
+    again = subprocess.run(nightlab_cmd("pool", "invite", "alice", "--lab", str(pool_lab)), env=cli_env(),
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "already invited" in again.stderr and "Traceback" not in again.stderr
+    assert token.encode() not in (pool_lab / ".nightlab" / "ledger.db").read_bytes()  # stored hashed
+    proc = subprocess.Popen(nightlab_cmd("pool", "serve", "--lab", str(pool_lab), "--port", "0", "-q"),
+                            env={**cli_env(), "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        url = re.search(r"on (http://127\.0\.0\.1:\d+)/api/pool", line).group(1)  # type: ignore[union-attr]
+        h = {"Authorization": f"Bearer {token}"}
+        info = httpx.get(f"{url}/api/pool/info", headers=h, timeout=10).json()
+        body = claim_body(info["head"], xy_diff("3.0", "0.0", "1.0", "0.0"), score(1.0, 0.0))
+        r = httpx.post(f"{url}/api/pool/claims", json=body, headers=h, timeout=10)
+        assert r.status_code == 202 and r.json()["status"] == "queued"
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 90:
+            got = httpx.get(f"{url}/api/pool/claims/{body['claim_id']}", headers=h, timeout=10).json()
+            if got["status"] not in ("queued", "verifying"):
+                break
+            time.sleep(0.1)
+        assert got["status"] == "accepted" and got["measured"] == pytest.approx(score(1.0, 0.0)), got
+        bundle = httpx.get(f"{url}/api/pool/bundle", headers=h, timeout=30)
+        assert bundle.headers["x-nightlab-pool-head"] == got["commit"]  # the pool head moved to the claim
+        # the token is revoked from another process: 403 at once
+        rv = subprocess.run(nightlab_cmd("pool", "revoke", "alice", "--lab", str(pool_lab)), env=cli_env(),
+                            capture_output=True, text=True, timeout=60)
+        assert rv.returncode == 0, rv.stderr
+        assert httpx.get(f"{url}/api/pool/info", headers=h, timeout=10).status_code == 403
+        os.kill(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-2000:]
+    assert "pool session pool-main: stopped" in out
+    lb = subprocess.run(nightlab_cmd("pool", "leaderboard", "--lab", str(pool_lab)), env=cli_env(),
+                        capture_output=True, text=True, timeout=60)
+    assert lb.returncode == 0 and "alice" in lb.stdout and "verification:" in lb.stdout
