@@ -211,6 +211,12 @@ def test_bundle_has_no_holdout_bytes(make_lab, tmp_path) -> None:
     data = tomllib.loads((clone / "nightlab.toml").read_text())
     assert "holdout" not in data and "notify" not in data and data["metric"]["name"] == "score"
     load_spec(clone)  # the worker's lab is a valid lab
+    # a claim that touches a holdout file (or the hidden holdout command) is refused by the guard: a strike
+    from nightlab.guard import Guard
+
+    guard = Guard(spec, ws)
+    for path in ("secret/labels.txt", "holdout.py"):
+        assert (guard.check_paths([path]) or "").startswith("protected"), path
     # deterministic: the same head gives the same snapshot commit
     again = snapshot.build(ws, spec, head, tmp_path / "again")
     assert again.commit == snap.commit
@@ -356,6 +362,36 @@ def test_intake_rules_one_by_one(pool_lab) -> None:
         r = c.get("/api/pool/bundle", headers=_auth(alice))
         assert r.status_code == 200 and r.headers["x-nightlab-pool-head"] == head
         assert r.content.startswith(b"# v2 git bundle") or r.content.startswith(b"# v3 git bundle")
+        # not a new best: a trusted worker's claim is credited unless sampled; a new worker's is always checked
+        import random
+
+        from nightlab.pool.trust import Record
+
+        led.update_session(engine.session.id, incumbent_metric=8.5, baseline_metric=8.5)
+        store.set_record(led, "main", "alice", Record(valid_streak=1000))
+        host.rng = random.Random(1)  # its first draws: 0.134, 0.847, 0.764 (all above the 0.1 spot-check rate)
+        for k, x in enumerate(("4.0", "5.0")):
+            r = c.post("/api/pool/claims", json=claim_body(head, xy_diff("3.0", "0.0", x, "0.0"), 9.0 + k),
+                       headers=_auth(alice))
+            assert r.status_code == 202 and r.json()["status"] == "credited", r.text
+        carol = store.invite(led, "main", "carol")
+        r = c.post("/api/pool/claims", json=claim_body(head, xy_diff("3.0", "0.0", "6.0", "0.0"), 25.5),
+                   headers=_auth(carol))
+        assert r.json()["status"] == "queued" and "spot check (probability 1.00)" in r.json()["reason"]
+        # the pool API answers workers on any Host (behind a proxy); the dashboard stays loopback-only, and a
+        # worker token opens nothing of it
+        from starlette.testclient import TestClient
+
+        from nightlab.web.app import create_app
+        from nightlab.web.security import Access
+
+        remote = TestClient(create_app(led, host.lab_dir, pool=host), base_url="http://pool.example.org")
+        assert remote.get("/api/pool/info", headers=_auth(alice)).status_code == 200
+        assert remote.get("/pool", headers=_auth(alice)).status_code == 421
+        public = TestClient(create_app(led, host.lab_dir, Access.make("0.0.0.0", "dash-secret"), pool=host),
+                            base_url="http://pool.example.org")
+        assert public.get("/api/sessions", headers=_auth(alice)).status_code == 401
+        assert public.get("/api/pool/me", headers=_auth(alice)).json()["credited"] == 2
         # the dashboard's own rules still hold elsewhere; the pool page shows the board
         page = c.get("/pool")
         assert page.status_code == 200 and "alice" in page.text and "Verification cost" in page.text
