@@ -67,6 +67,10 @@ def test_contradicted_beyond_the_noise_floor_only() -> None:
     assert not trust.contradicted(0.9, 1.0, d, 0.05, POLICY)  # within 3 sd
     assert trust.contradicted(0.8, 1.0, d, 0.05, POLICY)  # beyond 3 sd
     assert trust.contradicted(1.3, 1.0, Direction.MAXIMIZE, 0.05, POLICY)
+    # the best of many noisy runs is optimistic in good faith (winner's curse): the tolerance grows with n
+    assert trust.contradicted(0.8, 1.0, d, 0.05, POLICY, experiments=1)
+    assert not trust.contradicted(0.8, 1.0, d, 0.05, POLICY, experiments=100)
+    assert trust.contradicted(0.5, 1.0, d, 0.05, POLICY, experiments=10**12)  # capped: at most ~5.3 sd more
     assert not trust.contradicted(1.0 - 1e-12, 1.0, d, None, POLICY)  # float round-off across machines
 
 
@@ -453,13 +457,17 @@ def test_verification_session_accepts_contradicts_and_quarantines(pool_lab) -> N
                                                      led.get_session("pool-main").id)])
         assert ca.gain_pct == pytest.approx(100 * (score(3, 0) - score(1.5, 0)) / score(3, 0), rel=1e-4)
         assert "X = 1.5" in git(pool_lab, "show", f"{host.head()}:target.py")
-        # an inflated metric: the re-run contradicts it -> a strike, the branch does not move
+        # an inflated metric on a change that really is better: the re-run contradicts the claim -> a strike,
+        # and the lie is never kept: the branch does not move
         head1 = host.head()
-        b = claim_body(head1, xy_diff("1.5", "0.0", "1.5", "-3.0"), 0.01)
+        b = claim_body(head1, xy_diff("1.5", "0.0", "1.5", "1.0"), 0.01)
         assert post("bob", b)["status"] == "queued"
         cb = _wait_decided(led, "bob", b["claim_id"])
         assert cb.status == "contradicted" and cb.strike and "metric contradicted" in cb.reason
-        assert cb.measured == pytest.approx(score(1.5, -3.0)) and host.head() == head1
+        assert score(1.5, 1.0) < score(1.5, 0.0)  # the change itself is better
+        assert cb.measured == pytest.approx(score(1.5, 1.0)) and host.head() == head1
+        refused = led.get_experiment(engine.session.id, cb.experiment)
+        assert refused.status.value == "discard" and "a lie is never kept" in refused.reason  # type: ignore[union-attr]
         assert store.get_worker(led, "main", "bob").record.strikes == 1  # type: ignore[union-attr]
         # a stale winning claim (on the base, not the head): kept as its measured tree on top of the head
         s3 = claim_body(base, xy_diff("3.0", "0.0", "3.0", "2.0"), score(3.0, 2.0))
