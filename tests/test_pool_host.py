@@ -67,6 +67,10 @@ def test_contradicted_beyond_the_noise_floor_only() -> None:
     assert not trust.contradicted(0.9, 1.0, d, 0.05, POLICY)  # within 3 sd
     assert trust.contradicted(0.8, 1.0, d, 0.05, POLICY)  # beyond 3 sd
     assert trust.contradicted(1.3, 1.0, Direction.MAXIMIZE, 0.05, POLICY)
+    # the best of many noisy runs is optimistic in good faith (winner's curse): the tolerance grows with n
+    assert trust.contradicted(0.8, 1.0, d, 0.05, POLICY, experiments=1)
+    assert not trust.contradicted(0.8, 1.0, d, 0.05, POLICY, experiments=100)
+    assert trust.contradicted(0.5, 1.0, d, 0.05, POLICY, experiments=10**12)  # capped: at most ~5.3 sd more
     assert not trust.contradicted(1.0 - 1e-12, 1.0, d, None, POLICY)  # float round-off across machines
 
 
@@ -211,6 +215,12 @@ def test_bundle_has_no_holdout_bytes(make_lab, tmp_path) -> None:
     data = tomllib.loads((clone / "nightlab.toml").read_text())
     assert "holdout" not in data and "notify" not in data and data["metric"]["name"] == "score"
     load_spec(clone)  # the worker's lab is a valid lab
+    # a claim that touches a holdout file (or the hidden holdout command) is refused by the guard: a strike
+    from nightlab.guard import Guard
+
+    guard = Guard(spec, ws)
+    for path in ("secret/labels.txt", "holdout.py"):
+        assert (guard.check_paths([path]) or "").startswith("protected"), path
     # deterministic: the same head gives the same snapshot commit
     again = snapshot.build(ws, spec, head, tmp_path / "again")
     assert again.commit == snap.commit
@@ -223,3 +233,372 @@ def test_sanitised_spec_refuses_an_inline_holdout() -> None:
     assert "holdout" not in sanitised_spec('[run]\ncommand = "x"\n[holdout]\ncommand = "h"\n[holdout.x]\na = 1\n')
     with pytest.raises(UsageError, match="holdout"):
         sanitised_spec('holdout = { command = "python h.py" }\n[run]\ncommand = "x"\n')
+
+
+# --------------------------------------------------------------------------- intake over HTTP and verification
+
+POOL_SPEC_EXTRA = "\n[pool]\nmax_strikes = 2\nmax_pending = 3\n"
+
+
+def xy_diff(x0: str, y0: str, x1: str, y1: str) -> str:
+    """A git diff of target.py (conftest's TARGET_PY) changing X and Y."""
+    return ("diff --git a/target.py b/target.py\n--- a/target.py\n+++ b/target.py\n@@ -1,4 +1,4 @@\n"
+            f" import os, sys\n-X = {x0}\n-Y = {y0}\n+X = {x1}\n+Y = {y1}\n"
+            " score = (X - 1) ** 2 + (Y - 2) ** 2 + 0.5\n")
+
+
+def score(x: float, y: float) -> float:
+    return (x - 1) ** 2 + (y - 2) ** 2 + 0.5
+
+
+def claim_body(parent: str, diff: str, metric: float, cid: str | None = None, **kw) -> dict:
+    import hashlib
+
+    cid = cid or hashlib.sha256(f"{parent}|{diff}|{metric}|{kw}".encode()).hexdigest()[:32]
+    return {"claim_id": cid, "parent": parent, "diff": diff, "metric": metric, "samples": [metric],
+            "log_tail": "score: ...", "seed": 1, "hardware": "test cpu", "compute_s": kw.pop("compute_s", 1.0),
+            "experiments": kw.pop("experiments", 1), "researcher": "search", **kw}
+
+
+@pytest.fixture
+def pool_lab(make_lab):
+    from conftest import SPEC
+
+    return make_lab(spec=SPEC + POOL_SPEC_EXTRA)
+
+
+def _client(host):
+    from starlette.testclient import TestClient
+
+    from nightlab.web.app import create_app
+
+    return TestClient(create_app(host.ledger, host.lab_dir, pool=host), base_url="http://127.0.0.1")
+
+
+def _auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_intake_rules_one_by_one(pool_lab) -> None:
+    import json
+
+    from nightlab.pool import store
+    from nightlab.pool.serve import open_pool
+
+    engine, host, _ = open_pool(pool_lab, sandbox_mode="none")  # opens the session: the pool branch exists
+    try:
+        led = host.ledger
+        head = host.head()
+        assert head is not None and host.branch == "nightlab/pool-main"
+        alice, bob, eve = (store.invite(led, "main", n) for n in ("alice", "bob", "eve"))
+        c = _client(host)
+        win = xy_diff("3.0", "0.0", "1.0", "0.0")
+        # 401: no token, an unknown token
+        assert c.get("/api/pool/info").status_code == 401
+        assert c.post("/api/pool/claims", json=claim_body(head, win, 4.5), headers=_auth("nlp_nope")).status_code == 401
+        info = c.get("/api/pool/info", headers=_auth(alice)).json()
+        assert info["head"] == head and info["worker"] == "alice" and info["metric"] == \
+            {"name": "score", "direction": "minimize"} and info["limits"]["max_pending"] == 3
+        # 422: malformed bodies
+        for bad in ({**claim_body(head, win, 4.5), "claim_id": "xyz"}, {**claim_body(head, win, 4.5), "extra": 1},
+                    {k: v for k, v in claim_body(head, win, 4.5).items() if k != "metric"},
+                    {**claim_body(head, win, 4.5), "compute_s": -1}):
+            r = c.post("/api/pool/claims", json=bad, headers=_auth(alice))
+            assert r.status_code == 422, (bad, r.text)
+        r = c.post("/api/pool/claims", content=json.dumps(claim_body(head, win, 4.5)).replace("4.5", "NaN"),
+                   headers=_auth(alice))
+        assert r.status_code == 422
+        assert c.post("/api/pool/claims", content=b"{not json", headers=_auth(alice)).status_code == 422
+        # 422: a parent outside the pool branch's history, a diff that does not apply
+        r = c.post("/api/pool/claims", json=claim_body("f" * 40, win, 4.5), headers=_auth(alice))
+        assert r.status_code == 422 and "not a commit of the pool branch" in r.json()["detail"]
+        r = c.post("/api/pool/claims", json=claim_body(head, xy_diff("9.0", "9.0", "1.0", "0.0"), 4.5),
+                   headers=_auth(alice))
+        assert r.status_code == 422 and "does not apply" in r.json()["detail"]
+        # 413: over the size caps (the body, the diff, the samples)
+        assert c.post("/api/pool/claims", content=b"x" * 200_000, headers=_auth(alice)).status_code == 413
+        big = claim_body(head, win + "+" + "y" * 70_000 + "\n", 4.5)
+        assert c.post("/api/pool/claims", json=big, headers=_auth(alice)).status_code == 413
+        many = {**claim_body(head, win, 4.5), "samples": [4.5] * 65}
+        assert c.post("/api/pool/claims", json=many, headers=_auth(alice)).status_code == 413
+        assert store.list_claims(led, "main") == []  # nothing refused was stored
+        # 202 queued: it claims a new best (there is none yet); the same claim_id again: 200, the same claim
+        body = claim_body(head, win, 4.5)
+        r = c.post("/api/pool/claims", json=body, headers=_auth(alice))
+        assert r.status_code == 202 and r.json()["status"] == "queued", r.text
+        r2 = c.post("/api/pool/claims", json={**body, "metric": 0.1}, headers=_auth(alice))
+        assert r2.status_code == 200 and r2.json() == r.json()
+        assert len(store.list_claims(led, "main")) == 1 and store.pending_count(led, "main", "alice") == 1
+        got = c.get(f"/api/pool/claims/{body['claim_id']}", headers=_auth(alice)).json()
+        assert got["claimed"] == 4.5 and got["status"] == "queued" and got["worker"] == "alice"
+        assert c.get(f"/api/pool/claims/{body['claim_id']}", headers=_auth(bob)).status_code == 404  # not bob's
+        # duplicate: the same change (with an index line, CRLF endings) by bob is credited to alice only
+        dup = win.replace("--- a/", "index 1234567..89abcde 100644\n--- a/")
+        r = c.post("/api/pool/claims", json=claim_body(head, dup, 4.4), headers=_auth(bob))
+        assert r.status_code == 202 and r.json()["status"] == "duplicate", r.text
+        # rejected + a strike: a protected file (and the spec), then quarantine at max_strikes = 2 -> 403
+        prot = "diff --git a/evaluate.py b/evaluate.py\n--- a/evaluate.py\n+++ b/evaluate.py\n@@ -1 +1 @@\n" \
+               "-print('protected')\n+print('mine')\n"
+        r = c.post("/api/pool/claims", json=claim_body(head, prot, 0.1), headers=_auth(eve))
+        assert r.status_code == 202 and r.json()["status"] == "rejected" and "protected" in r.json()["reason"]
+        assert store.get_worker(led, "main", "eve").record.strikes == 1  # type: ignore[union-attr]
+        spec_diff = "diff --git a/nightlab.toml b/nightlab.toml\n--- a/nightlab.toml\n+++ b/nightlab.toml\n" \
+                    "@@ -1 +1 @@\n-[files]\n+[files]\n"
+        r = c.post("/api/pool/claims", json=claim_body(head, spec_diff, 0.1), headers=_auth(eve))
+        assert r.json()["status"] == "rejected"
+        assert store.get_worker(led, "main", "eve").record.quarantined  # type: ignore[union-attr]
+        r = c.post("/api/pool/claims", json=claim_body(head, win, 0.2), headers=_auth(eve))
+        assert r.status_code == 403 and "quarantined" in r.json()["detail"]
+        assert c.get("/api/pool/bundle", headers=_auth(eve)).status_code == 403
+        assert c.get("/api/pool/me", headers=_auth(eve)).json()["quarantined"] is True  # it may still read
+        # 429: max_pending = 3 claims of one worker waiting
+        for k, x in enumerate(("1.5", "2.0", "2.5")):
+            r = c.post("/api/pool/claims", json=claim_body(head, xy_diff("3.0", "0.0", x, "0.0"), 1.0 + k),
+                       headers=_auth(bob))
+            assert r.status_code == 202 and r.json()["status"] == "queued", r.text  # new workers: always checked
+        r = c.post("/api/pool/claims", json=claim_body(head, xy_diff("3.0", "0.0", "0.5", "0.0"), 1.0),
+                   headers=_auth(bob))
+        assert r.status_code == 429 and r.headers["retry-after"] == "30"
+        # revoked: 403 everywhere
+        store.revoke(led, "main", "bob")
+        assert c.get("/api/pool/info", headers=_auth(bob)).status_code == 403
+        # the bundle: the snapshot of the head, named in a header
+        r = c.get("/api/pool/bundle", headers=_auth(alice))
+        assert r.status_code == 200 and r.headers["x-nightlab-pool-head"] == head
+        assert r.content.startswith(b"# v2 git bundle") or r.content.startswith(b"# v3 git bundle")
+        # not a new best: a trusted worker's claim is credited unless sampled; a new worker's is always checked
+        import random
+
+        from nightlab.pool.trust import Record
+
+        led.update_session(engine.session.id, incumbent_metric=8.5, baseline_metric=8.5)
+        store.set_record(led, "main", "alice", Record(valid_streak=1000))
+        host.rng = random.Random(1)  # its first draws: 0.134, 0.847, 0.764 (all above the 0.1 spot-check rate)
+        for k, x in enumerate(("4.0", "5.0")):
+            r = c.post("/api/pool/claims", json=claim_body(head, xy_diff("3.0", "0.0", x, "0.0"), 9.0 + k),
+                       headers=_auth(alice))
+            assert r.status_code == 202 and r.json()["status"] == "credited", r.text
+        carol = store.invite(led, "main", "carol")
+        r = c.post("/api/pool/claims", json=claim_body(head, xy_diff("3.0", "0.0", "6.0", "0.0"), 25.5),
+                   headers=_auth(carol))
+        assert r.json()["status"] == "queued" and "spot check (probability 1.00)" in r.json()["reason"]
+        # the pool API answers workers on any Host (behind a proxy); the dashboard stays loopback-only, and a
+        # worker token opens nothing of it
+        from starlette.testclient import TestClient
+
+        from nightlab.web.app import create_app
+        from nightlab.web.security import Access
+
+        remote = TestClient(create_app(led, host.lab_dir, pool=host), base_url="http://pool.example.org")
+        assert remote.get("/api/pool/info", headers=_auth(alice)).status_code == 200
+        assert remote.get("/pool", headers=_auth(alice)).status_code == 421
+        public = TestClient(create_app(led, host.lab_dir, Access.make("0.0.0.0", "dash-secret"), pool=host),
+                            base_url="http://pool.example.org")
+        assert public.get("/api/sessions", headers=_auth(alice)).status_code == 401
+        assert public.get("/api/pool/me", headers=_auth(alice)).json()["credited"] == 2
+        # the dashboard's own rules still hold elsewhere; the pool page shows the board
+        page = c.get("/pool")
+        assert page.status_code == 200 and "alice" in page.text and "Verification cost" in page.text
+    finally:
+        engine.close()
+        host.ledger.close()
+
+
+def _wait_decided(led, worker: str, cid: str, timeout: float = 90.0):
+    import time
+
+    from nightlab.pool import store
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        c = store.get_claim(led, "main", worker, cid)
+        if c is not None and c.status not in store.OPEN:
+            return c
+        time.sleep(0.05)
+    raise AssertionError(f"claim {cid} of {worker} was not decided in {timeout}s")
+
+
+@pytest.mark.slow
+def test_verification_session_accepts_contradicts_and_quarantines(pool_lab) -> None:
+    import json
+    import random
+    import subprocess
+    import threading
+
+    from conftest import cli_env, git, nightlab_cmd
+    from nightlab.audit import read_records
+    from nightlab.pool import store
+    from nightlab.pool.serve import open_pool
+
+    engine, host, _ = open_pool(pool_lab, poll_s=0.05)
+    host.rng = random.Random(0)
+    led = host.ledger
+    base = host.head()
+    assert base is not None
+    tokens = {n: store.invite(led, "main", n) for n in ("alice", "bob", "carol", "dave")}
+    c = _client(host)
+    outcome: dict = {}
+    t = threading.Thread(target=lambda: outcome.setdefault("session", engine.run()), daemon=True)
+    t.start()
+    try:
+        def post(who: str, body: dict) -> dict:
+            r = c.post("/api/pool/claims", json=body, headers=_auth(tokens[who]))
+            assert r.status_code == 202, r.text
+            return r.json()
+
+        # a winning claim, sent while the baseline may still run: it waits, then is accepted
+        a = claim_body(base, xy_diff("3.0", "0.0", "1.5", "0.0"), score(1.5, 0.0), compute_s=2.0)
+        assert post("alice", a)["status"] == "queued"
+        ca = _wait_decided(led, "alice", a["claim_id"])
+        assert ca.status == "accepted", ca.reason
+        assert ca.measured == pytest.approx(score(1.5, 0.0))
+        assert ca.commit == host.head() != base, (git(pool_lab, "log", "--format=%H %s", host.branch),
+                                                 [(e.idx, e.status, e.commit, e.reason) for e in led.experiments(
+                                                     led.get_session("pool-main").id)])
+        assert ca.gain_pct == pytest.approx(100 * (score(3, 0) - score(1.5, 0)) / score(3, 0), rel=1e-4)
+        assert "X = 1.5" in git(pool_lab, "show", f"{host.head()}:target.py")
+        # an inflated metric on a change that really is better: the re-run contradicts the claim -> a strike,
+        # and the lie is never kept: the branch does not move
+        head1 = host.head()
+        b = claim_body(head1, xy_diff("1.5", "0.0", "1.5", "1.0"), 0.01)
+        assert post("bob", b)["status"] == "queued"
+        cb = _wait_decided(led, "bob", b["claim_id"])
+        assert cb.status == "contradicted" and cb.strike and "metric contradicted" in cb.reason
+        assert score(1.5, 1.0) < score(1.5, 0.0)  # the change itself is better
+        assert cb.measured == pytest.approx(score(1.5, 1.0)) and host.head() == head1
+        refused = led.get_experiment(engine.session.id, cb.experiment)
+        assert refused.status.value == "discard" and "a lie is never kept" in refused.reason  # type: ignore[union-attr]
+        assert store.get_worker(led, "main", "bob").record.strikes == 1  # type: ignore[union-attr]
+        # a stale winning claim (on the base, not the head): kept as its measured tree on top of the head
+        s3 = claim_body(base, xy_diff("3.0", "0.0", "3.0", "2.0"), score(3.0, 2.0))
+        assert post("carol", s3)["status"] == "queued"
+        cc = _wait_decided(led, "carol", s3["claim_id"])
+        assert cc.status == "accepted", cc.reason
+        assert git(pool_lab, "rev-parse", f"{cc.commit}^").strip() == head1  # the branch fast-forwarded
+        kept = git(pool_lab, "show", f"{cc.commit}:target.py")
+        assert "X = 3.0" in kept and "Y = 2.0" in kept  # exactly the measured tree
+        # honest compute, not a new best, new worker: always spot-checked -> checked
+        d1 = claim_body(head1, xy_diff("1.5", "0.0", "1.5", "-1.0"), score(1.5, -1.0), compute_s=1.5)
+        assert post("dave", d1)["status"] == "queued"
+        assert _wait_decided(led, "dave", d1["claim_id"]).status == "checked"
+        # huge compute claimed for no work: caught by the check -> contradicted (compute inflated)
+        d2 = claim_body(head1, xy_diff("1.5", "0.0", "1.5", "-2.0"), score(1.5, -2.0), compute_s=1e6)
+        assert post("dave", d2)["status"] == "queued"
+        cd = _wait_decided(led, "dave", d2["claim_id"])
+        assert cd.status == "contradicted" and "compute inflated" in cd.reason
+        # bob's second strike quarantines him (max_strikes = 2): 403 from then on
+        b2 = claim_body(head1, xy_diff("1.5", "0.0", "1.5", "5.0"), 0.02)
+        post("bob", b2)
+        assert _wait_decided(led, "bob", b2["claim_id"]).status == "contradicted"
+        assert store.get_worker(led, "main", "bob").record.quarantined  # type: ignore[union-attr]
+        r = c.post("/api/pool/claims", json=claim_body(head1, xy_diff("1.5", "0.0", "1.0", "2.0"), 0.5),
+                   headers=_auth(tokens["bob"]))
+        assert r.status_code == 403
+        # the leaderboard: alice and carol gained, the cheaters did not
+        lb = c.get("/api/pool/leaderboard", headers=_auth(tokens["alice"])).json()
+        rows = {w["worker"]: w for w in lb["workers"]}
+        assert rows["alice"]["verified_gain_pct"] > 0 and rows["carol"]["verified_gain_pct"] > 0
+        assert rows["bob"]["verified_gain_pct"] == 0 and rows["bob"]["quarantined"] and rows["bob"]["strikes"] == 2
+        assert rows["dave"]["rejected"] == 1 and rows["dave"]["verified_compute_fraction"] == 1.0
+        assert lb["totals"]["verification_s"] > 0 and lb["totals"]["accepted"] == 2
+        me = c.get("/api/pool/me", headers=_auth(tokens["carol"])).json()
+        assert me["worker"] == "carol" and me["accepted"] == 1
+    finally:
+        engine.stop.graceful = "test done"
+        host.wake.set()
+        t.join(timeout=60)
+        engine.close()
+    assert not t.is_alive() and outcome["session"].status == "stopped"
+    # provenance on the experiment and in `nightlab show`
+    exp = led.get_experiment(outcome["session"].id, ca.experiment)
+    assert exp is not None and exp.evidence["pool"]["worker"] == "alice"
+    assert exp.evidence["pool"]["claim_id"] == a["claim_id"] and exp.evidence["pool"]["claimed"] == a["metric"]
+    assert exp.evidence["pool"]["verification"]["status"] == "accepted"
+    out = subprocess.run(nightlab_cmd("show", str(ca.experiment), "--lab", str(pool_lab), "--tag", "pool-main"),
+                         env=cli_env(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "pool" in out.stdout and a["claim_id"] in out.stdout and "alice" in out.stdout
+    lb_cli = subprocess.run(nightlab_cmd("pool", "leaderboard", "--json", "--lab", str(pool_lab)), env=cli_env(),
+                            capture_output=True, text=True)
+    assert lb_cli.returncode == 0 and json.loads(lb_cli.stdout)["workers"][0]["worker"] in ("alice", "carol")
+    # the audit log holds every claim, check, verification and decision
+    kinds = [r.get("kind") for r in read_records(pool_lab / ".nightlab" / "audit.jsonl")]
+    for k in ("pool.claim", "pool.check", "pool.verify", "pool.verified", "pool.decision", "pool.strike",
+              "pool.accept"):
+        assert k in kinds, k
+    assert kinds.count("pool.claim") == 6 and kinds.count("pool.accept") == 2
+    led.close()
+
+
+# --------------------------------------------------------------------------- the CLI, with a real server process
+
+
+def test_serve_refuses_a_public_host_without_a_proxy(pool_lab) -> None:
+    import subprocess
+
+    from conftest import cli_env, nightlab_cmd
+
+    r = subprocess.run(nightlab_cmd("pool", "serve", "--lab", str(pool_lab), "--host", "0.0.0.0"), env=cli_env(),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "without TLS" in r.stderr and "--behind-proxy" in r.stderr and "docs/pool.md" in r.stderr
+    assert not (pool_lab / ".nightlab" / "ledger.db").exists()  # refused before anything started
+
+
+@pytest.mark.slow
+def test_pool_serve_process_verifies_a_claim_over_http(pool_lab) -> None:
+    import os
+    import re
+    import signal
+    import subprocess
+    import time
+
+    import httpx
+
+    from conftest import cli_env, nightlab_cmd
+
+    inv = subprocess.run(nightlab_cmd("pool", "invite", "alice", "--lab", str(pool_lab)), env=cli_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert inv.returncode == 0, inv.stderr
+    token = re.search(r"^(nlp_\S+)$", inv.stdout, re.M).group(1)  # type: ignore[union-attr]
+    again = subprocess.run(nightlab_cmd("pool", "invite", "alice", "--lab", str(pool_lab)), env=cli_env(),
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "already invited" in again.stderr and "Traceback" not in again.stderr
+    assert token.encode() not in (pool_lab / ".nightlab" / "ledger.db").read_bytes()  # stored hashed
+    proc = subprocess.Popen(nightlab_cmd("pool", "serve", "--lab", str(pool_lab), "--port", "0", "-q"),
+                            env={**cli_env(), "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        url = re.search(r"on (http://127\.0\.0\.1:\d+)/api/pool", line).group(1)  # type: ignore[union-attr]
+        h = {"Authorization": f"Bearer {token}"}
+        info = httpx.get(f"{url}/api/pool/info", headers=h, timeout=10).json()
+        body = claim_body(info["head"], xy_diff("3.0", "0.0", "1.0", "0.0"), score(1.0, 0.0))
+        r = httpx.post(f"{url}/api/pool/claims", json=body, headers=h, timeout=10)
+        assert r.status_code == 202 and r.json()["status"] == "queued"
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 90:
+            got = httpx.get(f"{url}/api/pool/claims/{body['claim_id']}", headers=h, timeout=10).json()
+            if got["status"] not in ("queued", "verifying"):
+                break
+            time.sleep(0.1)
+        assert got["status"] == "accepted" and got["measured"] == pytest.approx(score(1.0, 0.0)), got
+        bundle = httpx.get(f"{url}/api/pool/bundle", headers=h, timeout=30)
+        assert bundle.headers["x-nightlab-pool-head"] == got["commit"]  # the pool head moved to the claim
+        # the token is revoked from another process: 403 at once
+        rv = subprocess.run(nightlab_cmd("pool", "revoke", "alice", "--lab", str(pool_lab)), env=cli_env(),
+                            capture_output=True, text=True, timeout=60)
+        assert rv.returncode == 0, rv.stderr
+        assert httpx.get(f"{url}/api/pool/info", headers=h, timeout=10).status_code == 403
+        os.kill(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-2000:]
+    assert "pool session pool-main: stopped" in out
+    lb = subprocess.run(nightlab_cmd("pool", "leaderboard", "--lab", str(pool_lab)), env=cli_env(),
+                        capture_output=True, text=True, timeout=60)
+    assert lb.returncode == 0 and "alice" in lb.stdout and "verification:" in lb.stdout

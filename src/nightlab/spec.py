@@ -351,7 +351,10 @@ class PoolSpec(_Section):
     compute_ratio: float = Field(4.0, gt=0, description="claimed seconds per experiment may be at most this "
                                  "times the host's measured run seconds (more: a strike)")
     tolerance_sd: float = Field(3.0, ge=0, description="a claimed metric better than the re-run by more than "
-                                "this many noise sds is a strike")
+                                "this many noise sds (plus the best-of-n selection of the worker's experiments) "
+                                "is a strike")
+    calibrate: bool = Field(True, description="measure the host's noise floor ([accept] calibrate baseline runs) "
+                            "before verifying claims")
 
 
 NotifyKind = Literal["keep", "new_best", "session_stopped", "approval_waiting", "crash_streak",

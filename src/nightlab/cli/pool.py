@@ -148,7 +148,9 @@ def leaderboard(lab: Path, db: str | None, as_json: bool) -> None:
                   str(w["rejected"]), str(w["pending"]), str(w["credited"]), f"{w['compute_s']:.0f}s",
                   "—" if frac is None else f"{100 * frac:.0f}%", str(w["strikes"]),
                   w["trust"] + (" (revoked)" if w["revoked"] else ""))
-    Console().print(t)
+    import sys
+
+    Console(width=None if sys.stdout.isatty() else 200).print(t)  # piped: never squeeze the names away
     tot = data["totals"]
     frac = tot["verification_fraction"]
     click.echo(f"verification: {tot['verification_s']:.1f}s of host time for {tot['worker_compute_s']:.1f}s of "

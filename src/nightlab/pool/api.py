@@ -6,7 +6,7 @@ not fetch the bundle or send claims (403). The dashboard's own access rules (web
 to these paths: they authenticate workers themselves.
 """
 
-from __future__ import annotations
+# no `from __future__ import annotations`: FastAPI reads the local dependency aliases' annotations at runtime
 
 import json
 from typing import Annotated, Any
@@ -107,8 +107,8 @@ def router(host: PoolHost) -> APIRouter:
             data = json.loads(bytes(raw))
             body = ClaimIn.model_validate(data)
         except (ValueError, UnicodeDecodeError) as e:
-            detail: Any = e.errors(include_url=False, include_context=False) if isinstance(e, ValidationError) \
-                else f"not JSON: {e}"
+            detail: Any = (e.errors(include_url=False, include_context=False, include_input=False)
+                           if isinstance(e, ValidationError) else f"not JSON: {e}")
             return JSONResponse({"detail": detail}, status_code=422)
         res = host.intake(w, body)
         if res.claim is None:

@@ -14,8 +14,7 @@ then spot checks, oldest first.
 - ``unconfirmed``: a claim of a new best that the re-run agrees with but the policy did not keep (no strike);
 - ``contradicted`` (a strike): the claim is better than the re-run beyond the noise floor, the re-run produced
   no metric, or the claimed compute is inflated (:func:`trust.compute_inflated` against the run's seconds).
-  A contradicted claim that the policy kept anyway stays on the branch (the host measured the gain itself)
-  but earns its worker nothing;
+  The pool's engine (pool/engine.py) discards such a run before the policy sees it: a lie is never kept;
 - ``rejected``: refused by the engine's guard (a strike for protected or forbidden paths).
 
 Each outcome updates the worker's record (trust.after_result: streak, strikes, quarantine), stores the
@@ -128,12 +127,12 @@ class ClaimFeeder:
             strike = rule_of(e.reason) in STRIKE_RULES
         elif e.status is Status.PRUNED and not claim.must_verify:
             status, reason = "checked", f"the host stopped the re-run early as hopeless: {e.reason}"
-        elif trust.contradicted(claim.metric, measured, direction, noise_sd, policy):
+        elif trust.contradicted(claim.metric, measured, direction, noise_sd, policy, experiments=claim.experiments):
             status, strike = "contradicted", True
             got = f"{measured:.6g}" if measured is not None else f"no metric ({e.status.value}: {e.reason[:200]})"
             reason = (f"metric contradicted: claimed {claim.metric:.6g}, the host's re-run measured {got}"
                       + (f" (noise sd {noise_sd:.3g})" if noise_sd else ""))
-            if e.status is Status.KEEP:
+            if e.status is Status.KEEP:  # only when the noise floor moved between the run and now
                 reason += "; kept on its measured merit, credited to nobody"
         elif e.status.was_run() and trust.compute_inflated(claim.compute_s, claim.experiments, e.run_s, policy):
             status, strike = "contradicted", True

@@ -151,6 +151,11 @@ class PoolHost:
             paths = diff_paths(body.diff)
             if not paths:
                 return Intake(422, error="the diff names no file")
+            problem = self.guard.check_paths(paths)
+            if not problem:
+                why = self.apply_problem(body.parent, body.diff)
+                if why:
+                    return Intake(422, error=f"the diff does not apply on its parent {body.parent[:12]}: {why}")
             fields = dict(pool=self.name, worker=worker.name, claim_id=body.claim_id, parent=body.parent,
                           diff=body.diff, metric=body.metric, samples=body.samples, log_tail=body.log_tail,
                           seed=body.seed, hardware=body.hardware, compute_s=body.compute_s,
@@ -158,7 +163,6 @@ class PoolHost:
             self.emit("pool.claim", worker=worker.name, claim_id=body.claim_id, parent=body.parent,
                       claimed=body.metric, compute_s=body.compute_s, experiments=body.experiments,
                       diff_sha256=store.diff_digest(body.diff))
-            problem = self.guard.check_paths(paths)
             if problem:
                 strike = rule_of(f"policy: {problem}") in STRIKE_RULES
                 claim, _ = store.add_claim(self.ledger, **fields, status="rejected", reason=f"policy: {problem}",
@@ -169,9 +173,6 @@ class PoolHost:
                               strikes=rec.strikes, quarantined=rec.quarantined)
                 self._decided(claim)
                 return Intake(202, claim)
-            why = self.apply_problem(body.parent, body.diff)
-            if why:
-                return Intake(422, error=f"the diff does not apply on its parent {body.parent[:12]}: {why}")
             first = store.first_with_diff(self.ledger, self.name, body.diff)
             if first is not None:
                 who = "you" if first.worker == worker.name else "another worker"

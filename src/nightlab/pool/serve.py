@@ -3,6 +3,8 @@
 The session is an ordinary engine session of the lab, tag ``pool-<[pool] name>`` (branch
 ``nightlab/pool-<name>``), whose researcher is the :class:`~nightlab.pool.feeder.ClaimFeeder`. Its stop rules
 are off (no experiment, time, patience or crash limit: a cheater's crashing claims must not stop the pool);
+a run that refutes its claim is discarded before the keep decision, and the noise floor is calibrated after the
+baseline (pool/engine.py);
 Ctrl-C, SIGTERM and the STOP file stop it as any session. It starts (or resumes) with its baseline; claims
 that arrive meanwhile wait in the queue. Proposals are not pipelined, so each claim's outcome is recorded as
 soon as its run ends.
@@ -16,9 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nightlab.engine import Engine, install_signal_handlers
+from nightlab.engine import install_signal_handlers
 from nightlab.errors import UsageError
 from nightlab.ledger import Ledger
+from nightlab.pool.engine import PoolEngine
 from nightlab.pool.feeder import ClaimFeeder
 from nightlab.pool.host import PoolHost
 from nightlab.runtime import Reporter
@@ -39,7 +42,7 @@ def pool_spec(spec: Spec, slots: int | None = None) -> Spec:
 
 def open_pool(lab: Path | str, db: str | None = None, *, reporter: Reporter | None = None,
               sandbox_mode: str | None = None, slots: int | None = None,
-              poll_s: float = 0.2) -> tuple[Engine, PoolHost, ClaimFeeder]:
+              poll_s: float = 0.2) -> tuple[PoolEngine, PoolHost, ClaimFeeder]:
     """The pool's engine (session opened or resumed, branch created), its host state and its feeder."""
     lab = Path(lab).resolve()
     spec = pool_spec(load_spec(lab), slots)
@@ -48,8 +51,8 @@ def open_pool(lab: Path | str, db: str | None = None, *, reporter: Reporter | No
     feeder = ClaimFeeder(host, poll_s=poll_s)
     try:
         resume = ledger.get_session(host.tag) is not None
-        engine = Engine(lab, tag=host.tag, resume=resume, db_url=db, reporter=reporter, researcher=feeder,
-                        spec=spec, sandbox_mode=sandbox_mode, max_experiments=0)
+        engine = PoolEngine(lab, pool_host=host, tag=host.tag, resume=resume, db_url=db, reporter=reporter,
+                            researcher=feeder, spec=spec, sandbox_mode=sandbox_mode, max_experiments=0)
     except BaseException:
         ledger.close()
         raise

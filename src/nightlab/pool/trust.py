@@ -51,16 +51,25 @@ def must_verify(claimed: float, incumbent: float | None, direction: Direction) -
     return direction.better(claimed, incumbent)
 
 
+def selection_sd(experiments: int) -> float:
+    """How many sds the best of ``experiments`` noisy runs lies below their mean, about ``sqrt(2 ln n)``
+    (the winner's curse of a greedy keep); ``n`` is capped at 10**6 (at most ~5.3 sds)."""
+    n = min(max(1, int(experiments)), 10**6)
+    return math.sqrt(2.0 * math.log(n)) if n > 1 else 0.0
+
+
 def contradicted(claimed: float, measured: float | None, direction: Direction, noise_sd: float | None,
-                 policy: PoolPolicy) -> bool:
+                 policy: PoolPolicy, experiments: int = 1) -> bool:
     """True when the claimed metric is better than the host's re-run beyond the tolerance, or the re-run
-    produced no metric (a crash). Tolerance: ``max(tolerance_sd * noise_sd, 1e-9 * |x|)``."""
+    produced no metric (a crash). Tolerance: ``max((tolerance_sd + selection_sd(experiments)) * noise_sd,
+    1e-9 * |x|)``: a worker that kept the best of ``experiments`` noisy runs claims an optimistic metric in
+    good faith, and is not struck for it."""
     if measured is None or not math.isfinite(measured):
         return True
     if not math.isfinite(claimed):
         return True
     sd = noise_sd if noise_sd is not None and math.isfinite(noise_sd) and noise_sd > 0 else 0.0
-    tol = max(policy.tolerance_sd * sd, 1e-9 * max(abs(claimed), abs(measured)))
+    tol = max((policy.tolerance_sd + selection_sd(experiments)) * sd, 1e-9 * max(abs(claimed), abs(measured)))
     return direction.improvement(claimed, measured) > tol
 
 
