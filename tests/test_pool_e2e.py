@@ -4,7 +4,7 @@ A host (`nightlab pool serve`) on the quickfit lab; three honest workers (`night
 researcher, seeds 1-3, two rounds each) that live through a host killed and restarted in the middle; then five
 cheaters, each a real process speaking HTTP with the worker's own client and a forged payload:
 
-- mallory inflates: a diff that truly improves quickfit, with a claimed metric far better than it is;
+- mallory inflates: a diff that truly improves quickfit, with a claimed metric far beyond the noise (-1);
 - copycat resubmits an honest worker's claimed diff as its own;
 - trudy "improves" the metric by editing the protected prepare.py;
 - flo floods claims (more than ``[pool] max_pending``: 429s);
@@ -95,9 +95,9 @@ def decided(*cids):  # the host verifies asynchronously: wait for its verdicts (
         time.sleep(0.2)
     raise SystemExit("the host did not decide " + ", ".join(cids))
 
-if kind == "inflate":  # real improvements, lied about: claimed val_loss 1e-6
-    decided(post(consts(**extra["better"]), 1e-6), post(consts(**{**extra["better"], "HIDDEN": "40"}), 1e-6))
-    post(consts(**{**extra["better"], "HIDDEN": "44"}), 1e-6)  # quarantined by now: 403
+if kind == "inflate":  # real improvements, lied about far beyond the noise: a val_loss (an MSE) of -1
+    decided(post(consts(**extra["better"]), -1.0), post(consts(**{**extra["better"], "HIDDEN": "40"}), -1.0))
+    post(consts(**{**extra["better"], "HIDDEN": "44"}), -1.0)  # quarantined by now: 403
 elif kind == "copy":  # another worker's claim, as its own
     post(extra["diff"], extra["metric"], parent=extra["parent"])
 elif kind == "protected":  # the evaluator's data maker "improved"
