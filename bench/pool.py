@@ -15,7 +15,9 @@ or measures far less compute than claimed, is a strike.
 
 Cheaters (cycled over the cheating share): ``inflate`` searches honestly but claims, every round, 4 sigma better than
 the pool's best; ``copy`` resubmits other workers' claims as its own; ``protected`` edits the protected evaluator;
-``compute`` claims 100x the compute of each claim and does no work; ``flood`` sends 100 junk claims a round.
+``compute`` claims 100x the compute of each claim and does no work; ``flood`` sends 100 junk claims a round;
+``count`` does no work and claims a million experiments (with a million runs' compute) and a metric 6 sigma
+better than the pool's best (the claimed count widens the host's tolerance by the best-of-n allowance).
 
     python bench/pool.py                   # the README table (about a minute)
     python bench/pool.py --rounds 20 --workers 10 --cheaters 0.3
@@ -26,7 +28,9 @@ accepts``: accepted claims whose claimed metric was better than their truth by m
 sigmas (the pool's best is the host's measurement, so this costs nothing; it shows the winner's curse of a
 worker's own keeps); ``verification %``: host runs over the workers' search runs (full replication: 100%);
 ``honest quarantined``: honest workers that collected ``max_strikes`` strikes (contradicted by noise);
-``rounds to quarantine``: the latest round in which a cheater of that kind was quarantined.
+``cheaters' credited compute``: their share of the compute the pool credits (claimed seconds of claims
+that were not found invalid); ``rounds to quarantine``: the latest round in which a cheater of that kind
+was quarantined.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import argparse
 import random
 import statistics
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from nightlab.policy import IncumbentStats, make_policy
@@ -45,7 +49,7 @@ from nightlab.types import Direction, Measurement
 
 SIGMA = 1.0
 MIN = Direction.MINIMIZE
-KINDS = ("inflate", "copy", "protected", "compute", "flood")
+KINDS = ("inflate", "copy", "protected", "compute", "flood", "count")
 RUN_S = 60.0  # seconds of one run (for the compute-inflation rule); the host measures the same
 
 
@@ -179,6 +183,10 @@ class Sim:
         if w.kind == "compute":  # no work at all, a no-op claim with a lot of compute
             m = self.run_metric(self.pool.best_true)
             return [Claim(w.idx, self.new_diff(), self.pool.best_true, m + 0.5, (m + 0.5,), 100 * 10 * RUN_S, 10)]
+        if w.kind == "count":  # no work; claims a million experiments (and their compute) and a 6-sigma lie
+            n = 10**6
+            return [Claim(w.idx, self.new_diff(), self.pool.best_true, float(self.pool.best.metric or 0.0) - 6 * SIGMA,
+                          (), n * RUN_S, n)]
         if w.kind == "flood":
             out = []
             for _ in range(100):
@@ -217,7 +225,7 @@ class Sim:
 
         verdict = self.accept.decide(Measurement(first), p.best, MIN, remeasure) if best_claim else None
         measured = statistics.fmean(runs)
-        invalid = (trust.contradicted(c.claimed, measured, MIN, SIGMA, self.policy)
+        invalid = (trust.contradicted(c.claimed, measured, MIN, SIGMA, self.policy, experiments=c.experiments)
                    or trust.compute_inflated(c.compute_s, c.experiments, RUN_S, self.policy))
         self.strike(w, not invalid, rnd)
         if invalid:
@@ -265,7 +273,7 @@ class Sim:
 
 
 def row(workers: int, share: float, rounds: int, experiments: int, seeds: int, local: str) -> dict[str, object]:
-    tot: Counter[str] = Counter()
+    tot: dict[str, float] = defaultdict(float)
     q_rounds: dict[str, list[int]] = {k: [] for k in KINDS}
     never: Counter[str] = Counter()
     t0 = time.perf_counter()
@@ -286,7 +294,8 @@ def row(workers: int, share: float, rounds: int, experiments: int, seeds: int, l
         tot["honest"] += sum(1 for w in sim.workers if w.kind == "honest")
         tot["429"] += p.statuses["429"]
         tot["dup"] += p.statuses["duplicate"]
-        tot["cheat_credit"] += sum(1 for w in sim.workers if w.kind in ("copy", "flood") and w.accepted)
+        tot["credit"] += sum(w.credited_s for w in sim.workers)
+        tot["cheat_credit"] += sum(w.credited_s for w in sim.workers if w.kind != "honest")
         gains.append(10.0 - p.best_true)
         for w in sim.workers:
             if w.kind in q_rounds:
@@ -302,13 +311,14 @@ def row(workers: int, share: float, rounds: int, experiments: int, seeds: int, l
         if got or never[k]:
             quar.append(f"{k} {max(got) if got else '-'}" + (f" ({never[k]} not yet)" if never[k] else ""))
     return {
-        "workers' policy": local, "W": workers, "cheaters": f"{share:.0%}", "claims": tot["claims"],
-        "best-changing": tot["best_changing"],
-        "accepted": tot["accepted"], "false accepts": tot["false"], "cheater accepts": tot["cheat_acc"],
-        "overstated accepts": tot["over"],
+        "workers' policy": local, "W": workers, "cheaters": f"{share:.0%}", "claims": int(tot["claims"]),
+        "best-changing": int(tot["best_changing"]),
+        "accepted": int(tot["accepted"]), "false accepts": int(tot["false"]), "cheater accepts": int(tot["cheat_acc"]),
+        "overstated accepts": int(tot["over"]),
         "verification %": f"{100.0 * tot['host'] / max(1, tot['search']):.1f}%",
-        "honest quarantined": f"{tot['honest_q']}/{tot['honest']}",
-        "duplicates / 429s": f"{tot['dup']} / {tot['429']}",
+        "honest quarantined": f"{tot['honest_q']:.0f}/{tot['honest']:.0f}",
+        "duplicates / 429s": f"{tot['dup']:.0f} / {tot['429']:.0f}",
+        "cheaters' credited compute": f"{100.0 * tot['cheat_credit'] / max(1e-9, tot['credit']):.1f}%",
         "rounds to quarantine (max)": "; ".join(quar) or "-",
         "true gain/run": f"{statistics.fmean(gains):.1f} sigma", "s": time.perf_counter() - t0,
     }
@@ -330,7 +340,7 @@ def main() -> None:
         grid += [(100, 0.1, "repeat"), (20, 0.0, "greedy"), (20, 0.25, "greedy"), (100, 0.1, "greedy")]
     cols = ["workers' policy", "W", "cheaters", "claims", "best-changing", "accepted", "false accepts",
             "cheater accepts", "overstated accepts", "verification %", "honest quarantined", "duplicates / 429s",
-            "rounds to quarantine (max)", "true gain/run"]
+            "cheaters' credited compute", "rounds to quarantine (max)", "true gain/run"]
     print(f"{a.rounds} rounds x {a.experiments} experiments per worker per round, {a.seeds} seeds, sigma = 1, "
           "[pool] and host [accept] defaults (repeat)\n")
     print("| " + " | ".join(cols) + " |")
