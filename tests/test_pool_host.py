@@ -500,6 +500,7 @@ def test_verification_session_accepts_contradicts_and_quarantines(pool_lab) -> N
         assert rows["alice"]["verified_gain_pct"] > 0 and rows["carol"]["verified_gain_pct"] > 0
         assert rows["bob"]["verified_gain_pct"] == 0 and rows["bob"]["quarantined"] and rows["bob"]["strikes"] == 2
         assert rows["dave"]["rejected"] == 1 and rows["dave"]["verified_compute_fraction"] == 1.0
+        assert rows["dave"]["compute_s"] == 1.5 and lb["totals"]["worker_compute_s"] < 100  # the 1e6 s: nothing
         assert lb["totals"]["verification_s"] > 0 and lb["totals"]["accepted"] == 2
         me = c.get("/api/pool/me", headers=_auth(tokens["carol"])).json()
         assert me["worker"] == "carol" and me["accepted"] == 1
