@@ -500,6 +500,7 @@ def test_verification_session_accepts_contradicts_and_quarantines(pool_lab) -> N
         assert rows["alice"]["verified_gain_pct"] > 0 and rows["carol"]["verified_gain_pct"] > 0
         assert rows["bob"]["verified_gain_pct"] == 0 and rows["bob"]["quarantined"] and rows["bob"]["strikes"] == 2
         assert rows["dave"]["rejected"] == 1 and rows["dave"]["verified_compute_fraction"] == 1.0
+        assert rows["dave"]["compute_s"] == 1.5 and lb["totals"]["worker_compute_s"] < 100  # the 1e6 s: nothing
         assert lb["totals"]["verification_s"] > 0 and lb["totals"]["accepted"] == 2
         me = c.get("/api/pool/me", headers=_auth(tokens["carol"])).json()
         assert me["worker"] == "carol" and me["accepted"] == 1
@@ -599,6 +600,37 @@ def test_pool_serve_process_verifies_a_claim_over_http(pool_lab) -> None:
             proc.wait()
     assert proc.returncode == 0, err[-2000:]
     assert "pool session pool-main: stopped" in out
+    # a restart resumes the same session: no new baseline, the head where it was, claims verified again
+    bob = re.search(r"^(nlp_\S+)$", subprocess.run(nightlab_cmd("pool", "invite", "bob", "--lab", str(pool_lab)),
+                    env=cli_env(), capture_output=True, text=True, timeout=60).stdout, re.M).group(1)  # type: ignore[union-attr]
+    proc = subprocess.Popen(nightlab_cmd("pool", "serve", "--lab", str(pool_lab), "--port", "0", "-q"),
+                            env={**cli_env(), "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        url = re.search(r"on (http://127\.0\.0\.1:\d+)/api/pool", proc.stdout.readline()).group(1)  # type: ignore[union-attr]
+        h = {"Authorization": f"Bearer {bob}"}
+        info = httpx.get(f"{url}/api/pool/info", headers=h, timeout=10).json()
+        assert info["head"] == got["commit"] and info["head_metric"] == pytest.approx(score(1.0, 0.0))
+        body = claim_body(info["head"], xy_diff("1.0", "0.0", "1.0", "2.0"), score(1.0, 2.0))
+        assert httpx.post(f"{url}/api/pool/claims", json=body, headers=h, timeout=10).status_code == 202
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 90:
+            got2 = httpx.get(f"{url}/api/pool/claims/{body['claim_id']}", headers=h, timeout=10).json()
+            if got2["status"] not in ("queued", "verifying"):
+                break
+            time.sleep(0.1)
+        assert got2["status"] == "accepted", got2
+        os.kill(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-2000:]
+    st = subprocess.run(nightlab_cmd("pool", "status", "--lab", str(pool_lab)), env=cli_env(), capture_output=True,
+                        text=True, timeout=60)
+    assert st.returncode == 0 and "claims: 2 (accepted 2)" in st.stdout and "1 revoked" in st.stdout, st.stdout
     lb = subprocess.run(nightlab_cmd("pool", "leaderboard", "--lab", str(pool_lab)), env=cli_env(),
                         capture_output=True, text=True, timeout=60)
     assert lb.returncode == 0 and "alice" in lb.stdout and "verification:" in lb.stdout

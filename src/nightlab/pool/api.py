@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.concurrency import run_in_threadpool
 
 from nightlab.pool import board, store
 from nightlab.pool.host import PoolHost
@@ -110,7 +111,7 @@ def router(host: PoolHost) -> APIRouter:
             detail: Any = (e.errors(include_url=False, include_context=False, include_input=False)
                            if isinstance(e, ValidationError) else f"not JSON: {e}")
             return JSONResponse({"detail": detail}, status_code=422)
-        res = host.intake(w, body)
+        res = await run_in_threadpool(host.intake, w, body)  # git and the ledger: off the event loop
         if res.claim is None:
             headers = {"Retry-After": str(res.retry_after)} if res.retry_after else None
             return JSONResponse({"detail": res.error}, status_code=res.code, headers=headers)

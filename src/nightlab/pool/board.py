@@ -2,7 +2,9 @@
 
 Verified gain of a worker = the sum over its accepted claims of the improvement each made over the incumbent
 before it, in % of the pool baseline (stored per claim as ``gain_pct`` when the host accepts it). Compute is
-what workers *claim* (seconds); ``verified_compute_fraction`` is the share of it whose claims the host re-ran.
+what workers *claim* (seconds), counted for valid claims only (accepted, checked, unconfirmed, or credited
+unchecked): rejected, contradicted, duplicate and pending claims earn none; ``verified_compute_fraction`` is
+the share of it whose claims the host re-ran.
 ``verification_fraction`` in the totals is the host's verification seconds over the workers' claimed seconds:
 the measured price of "cheap to verify".
 """
@@ -16,6 +18,7 @@ from nightlab.pool import store, trust
 
 RERUN = ("accepted", "checked", "unconfirmed", "contradicted")  # the host ran these
 INVALID = ("rejected", "contradicted")
+VALID = ("accepted", "checked", "unconfirmed", "credited")  # decided, and compute that counts
 
 
 def leaderboard(ledger: Ledger, pool: str, policy: trust.PoolPolicy) -> dict[str, Any]:
@@ -24,9 +27,8 @@ def leaderboard(ledger: Ledger, pool: str, policy: trust.PoolPolicy) -> dict[str
     rows: list[dict[str, Any]] = []
     for w in workers:
         mine = [c for c in claims if c.worker == w.name]
-        counted = [c for c in mine if c.status != "duplicate"]
-        compute = sum(c.compute_s for c in counted)
-        verified = sum(c.compute_s for c in counted if c.status in RERUN)
+        compute = sum(c.compute_s for c in mine if c.status in VALID)
+        verified = sum(c.compute_s for c in mine if c.status in VALID and c.status in RERUN)
         rows.append({
             "worker": w.name,
             "verified_gain_pct": round(sum(c.gain_pct or 0.0 for c in mine if c.status == "accepted"), 6),
@@ -46,7 +48,7 @@ def leaderboard(ledger: Ledger, pool: str, policy: trust.PoolPolicy) -> dict[str
     rows.sort(key=lambda r: (-r["verified_gain_pct"], -r["accepted"], -r["compute_s"], r["worker"]))
     for k, row in enumerate(rows, 1):
         row["rank"] = k
-    worker_s = sum(c.compute_s for c in claims if c.status != "duplicate")
+    worker_s = sum(c.compute_s for c in claims if c.status in VALID)  # a cheater's claimed hours count for nothing
     verify_s = sum(c.verify_s for c in claims)
     return {"workers": [{"rank": r.pop("rank"), **r} for r in rows],
             "totals": {"worker_compute_s": round(worker_s, 3), "verification_s": round(verify_s, 3),

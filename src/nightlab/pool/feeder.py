@@ -57,6 +57,16 @@ class ClaimFeeder:
         queued = [c for c in queued if (c.worker, c.claim_id) not in self._handed]
         if not queued:
             return None
+        gone = {w.name for w in store.list_workers(self.host.ledger, self.host.name)
+                if w.revoked or w.record.quarantined}
+        for c in [c for c in queued if c.worker in gone]:  # not worth the host's time any more; no strike
+            store.update_claim(self.host.ledger, self.host.name, c.worker, c.claim_id, status="rejected",
+                               reason="its worker was quarantined or revoked before the host ran it")
+            self.host.emit("pool.decision", worker=c.worker, claim_id=c.claim_id, status="rejected",
+                           reason="worker quarantined or revoked", strike=False)
+        queued = [c for c in queued if c.worker not in gone]
+        if not queued:
+            return None
         return sorted(queued, key=lambda c: (not c.must_verify, c.seq))[0]
 
     def _reset_orphans(self) -> None:

@@ -97,6 +97,9 @@ class Snapshots:
             if snap is None or not snap.bundle.exists():
                 snap = build(self.ws, self.spec, head, self.cache_dir)
                 self._done = {head: snap}  # only the newest head is served
+                for old in self.cache_dir.glob("*.bundle"):
+                    if old != snap.bundle:
+                        old.unlink(missing_ok=True)
             return snap
 
 
