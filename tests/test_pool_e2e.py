@@ -42,8 +42,6 @@ CHEATERS = ("mallory", "copycat", "trudy", "flo", "chuck")
 POOL_SPEC = "\n[pool]\nmax_strikes = 2\nmax_pending = 4\n"
 BETTER = {"LEARNING_RATE": "0.02", "MOMENTUM": "0.9", "INIT_SCALE": "1.0", "HIDDEN": "48", "EPOCHS": "60"}
 
-pytestmark = pytest.mark.slow
-
 CHEAT = r'''
 import json, re, subprocess, sys
 from pathlib import Path
@@ -223,6 +221,40 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
             p.wait(timeout=30)
 
 
+def test_claim_queue_keeps_each_claim_once_across_reopen(tmp_path: Path) -> None:
+    from nightlab.pool.worker import Claim, ClaimQueue, claim_id
+
+    cid = claim_id("alice", "a" * 40, "diff --git a/fit.py b/fit.py\n")
+    assert cid == claim_id("alice", "a" * 40, "diff --git a/fit.py b/fit.py\n") and len(cid) == 32
+    assert cid != claim_id("bob", "a" * 40, "diff --git a/fit.py b/fit.py\n")
+    claim = Claim(cid, "a" * 40, "diff --git a/fit.py b/fit.py\n", 0.5, (0.5,), "", 1, "hw", 2.0, 2, "search")
+    q = ClaimQueue(tmp_path / "claims.db")
+    assert q.add(claim) and not q.add(claim)
+    q.defer(cid, time.time() + 3600, "HTTP 503")
+    assert q.due() == [] and q.next_due_at() is not None
+    q.close()
+    q = ClaimQueue(tmp_path / "claims.db")  # a worker restarted: the claim is still there, still deferred
+    assert q.due(now=time.time() + 7200)[0].payload == claim.payload()
+    assert q.due(now=time.time() + 7200)[0].attempts == 1
+    q.settle(cid, "submitted", "queued", "")
+    assert q.due(now=time.time() + 7200) == [] and q.counts() == {"submitted": 1} and q.next_due_at() is None
+    q.close()
+
+
+def test_backoff_is_capped_jittered_and_honours_retry_after() -> None:
+    import random
+
+    from nightlab.pool.worker import BACKOFF_BASE_S, BACKOFF_CAP_S, backoff_s
+
+    rng = random.Random(0)
+    first = [backoff_s(0, None, rng) for _ in range(200)]
+    assert all(BACKOFF_BASE_S / 2 <= d <= BACKOFF_BASE_S for d in first) and len(set(first)) > 100
+    late = [backoff_s(40, None, rng) for _ in range(200)]
+    assert all(BACKOFF_CAP_S / 2 <= d <= BACKOFF_CAP_S for d in late)
+    assert backoff_s(0, 7.0, rng) == 7.0 and backoff_s(3, 0.0, rng) == 0.0
+
+
+@pytest.mark.slow
 def test_join_refuses_a_bad_token_and_names_an_unreachable_url(tmp_path: Path, procs: list) -> None:
     lab = make_host_lab(tmp_path)
     token = invite(lab, "alice")
@@ -243,6 +275,7 @@ def test_join_refuses_a_bad_token_and_names_an_unreachable_url(tmp_path: Path, p
     assert "Traceback" not in down.stderr
 
 
+@pytest.mark.slow
 def test_pool_end_to_end_honest_workers_win_cheaters_do_not(tmp_path: Path, procs: list) -> None:
     lab = make_host_lab(tmp_path)
     tokens = {name: invite(lab, name) for name in (*HONEST, *CHEATERS)}
