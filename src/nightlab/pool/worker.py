@@ -629,6 +629,7 @@ def _run_round(client: PoolClient, queue: ClaimQueue, copy: LabCopy, n: int, *, 
     tried = sum(1 for e in existing if e.idx > 0)
     argv = _session_argv(copy, tried + experiments, bool(existing), researcher, seed, sandbox)
     log = copy.repo.parent / f"session-{copy.head[:12]}.log"
+    (copy.lab / ".nightlab" / "STOP").unlink(missing_ok=True)  # a stop meant for a session that had ended
     watcher = Watcher(copy, queue, worker=worker, seed=seed, hw=hw, limits=limits, say=say)
     with open(log, "ab") as out, open(os.devnull, "rb") as devnull:
         proc = subprocess.Popen(argv, cwd=copy.lab, stdin=devnull, stdout=out, stderr=subprocess.STDOUT)
