@@ -341,6 +341,10 @@ def test_pool_end_to_end_honest_workers_win_cheaters_do_not(tmp_path: Path, proc
 
     accepted = [c for cs in honest_claims.values() for c in cs if c["status"] == "accepted"]
     assert accepted, honest_claims
+    # the host took each claim in once (its audit log records a claim when it stores it), resends included
+    audited = [json.loads(ln)["data"]["claim_id"] for ln in (lab / ".nightlab" / "audit.jsonl").read_text().splitlines()
+               if '"kind":"pool.claim"' in ln]
+    assert sorted(audited) == sorted(str(c["claim_id"]) for cs in honest_claims.values() for c in cs)
     after_honest = git(lab, "rev-parse", "nightlab/pool-main").strip()
     assert after_honest != base_head
     for c in accepted:  # provenance: the host's experiment and commit, on the pool branch
