@@ -670,22 +670,67 @@ def _run_round(client: PoolClient, queue: ClaimQueue, copy: LabCopy, n: int, *, 
 # ---------------------------------------------------------------------------------------------- the session process
 
 
+# researcher options a pool's spec may not set on a worker's machine: they name commands to run outside the
+# sandbox, URLs its API keys would go to, or paths outside the lab
+_HOST_ONLY_OPTIONS = frozenset({"base_url", "api_key_env", "extra_body", "command", "writable", "env", "model_path",
+                                "sandbox"})
+
+
+def worker_spec(spec: Any, *, researcher: str | None, seed: int, sandbox: str | None) -> Any:
+    """The lab's spec as the worker runs it: the pool host is not trusted with the worker's machine either.
+
+    - researcher: the worker's kind (default ``search``) and seed; the host's search space; the host's other
+      options only when they cannot run a command, reach a URL or a path of the worker (``_HOST_ONLY_OPTIONS``);
+    - sandbox: the worker's ``--sandbox``, else the host's mode but never ``none`` (``auto`` instead); runs get
+      no network, no host-chosen read-only paths outside the lab, and none of the worker's environment
+      (``pass_env``): a run's output goes back to the host in the claims' log tails;
+    - executor: local (a host cannot point the worker at its Ray cluster); autonomy: ``auto`` (nobody to ask);
+      ``[notify]`` and ``[holdout]`` cleared (the bundle has none; a forged one is ignored)."""
+    from nightlab.spec import (
+        DEFAULT_AGENT_DENY,
+        AutonomySpec,
+        HoldoutSpec,
+        NotifySpec,
+        ResearcherSpec,
+    )
+
+    host = spec.researcher.model_dump()
+    kind = researcher or "search"
+    options: dict[str, Any] = {"kind": kind, "space": host.get("space", {})}
+    if kind == host.get("kind"):
+        options.update({k: v for k, v in host.items() if k not in _HOST_ONLY_OPTIONS and k not in ("kind", "space")})
+    options["seed"] = int(seed)
+    mode = sandbox or (spec.sandbox.mode if spec.sandbox.mode != "none" else "auto")
+    readonly = [p for p in spec.sandbox.readonly
+                if not p.startswith(("/", "~")) and ".." not in Path(p).parts]
+    perms = spec.permissions.model_copy(update={
+        "run_network": False,
+        "agent_commands_deny": list(dict.fromkeys([*DEFAULT_AGENT_DENY, *spec.permissions.agent_commands_deny])),
+    })
+    return spec.model_copy(update={
+        "researcher": ResearcherSpec.model_validate(options),
+        "sandbox": spec.sandbox.model_copy(update={"mode": mode, "network": False, "readonly": readonly}),
+        "run": spec.run.model_copy(update={"pass_env": []}),
+        "permissions": perms,
+        "executor": spec.executor.model_copy(update={"kind": "local", "address": ""}),
+        "autonomy": AutonomySpec(),
+        "notify": NotifySpec(),
+        "holdout": HoldoutSpec(),
+    })
+
+
 def _session_main(argv: list[str]) -> int:
     """``python -m nightlab.pool.worker session LAB MAX RESUME RESEARCHER SEED SANDBOX`` (what a round runs):
-    an ordinary session, tag ``pool``, with the lab's spec but the worker's researcher and seed."""
+    an ordinary session, tag ``pool``, of :func:`worker_spec` (the lab's spec as the worker may run it)."""
     from nightlab.console import make_reporter
     from nightlab.engine import Engine, install_signal_handlers
-    from nightlab.spec import ResearcherSpec, load_spec
+    from nightlab.spec import load_spec
 
     lab, max_exp, resume, kind, seed, sandbox = argv
-    spec = load_spec(Path(lab))
-    options = spec.researcher.model_dump()
-    if kind != "-" and kind != spec.researcher.kind:
-        options = {"kind": kind, "space": options.get("space", {})}
-    options["seed"] = int(seed)
-    spec = spec.model_copy(update={"researcher": ResearcherSpec.model_validate(options)})
+    spec = worker_spec(load_spec(Path(lab)), researcher=None if kind == "-" else kind, seed=int(seed),
+                       sandbox=None if sandbox == "-" else sandbox)
     engine = Engine(lab, tag=POOL_TAG, resume=resume == "1", spec=spec, max_experiments=int(max_exp),
-                    sandbox_mode=None if sandbox == "-" else sandbox, reporter=make_reporter(False, True))
+                    reporter=make_reporter(False, True))
     restore = install_signal_handlers(engine)
     try:
         s = engine.run()
