@@ -522,6 +522,16 @@ def test_verification_session_accepts_contradicts_and_quarantines(pool_lab) -> N
     lb_cli = subprocess.run(nightlab_cmd("pool", "leaderboard", "--json", "--lab", str(pool_lab)), env=cli_env(),
                             capture_output=True, text=True)
     assert lb_cli.returncode == 0 and json.loads(lb_cli.stdout)["workers"][0]["worker"] in ("alice", "carol")
+    # `nightlab ui` of the lab shows the pool's page too, linked from the navigation
+    from starlette.testclient import TestClient
+
+    from nightlab.web.app import create_app
+
+    ui = TestClient(create_app(led, pool_lab), base_url="http://127.0.0.1")
+    page = ui.get("/pool").text
+    assert 'href="/pool"' in ui.get("/").text
+    assert "alice" in page and "carol" in page and f"/s/pool-main/e/{ca.experiment}" in page
+    assert "Verification cost" in page and "2 claims accepted" in page
     # the audit log holds every claim, check, verification and decision
     kinds = [r.get("kind") for r in read_records(pool_lab / ".nightlab" / "audit.jsonl")]
     for k in ("pool.claim", "pool.check", "pool.verify", "pool.verified", "pool.decision", "pool.strike",
