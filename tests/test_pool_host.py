@@ -419,17 +419,20 @@ def _wait_decided(led, worker: str, cid: str, timeout: float = 90.0):
 
 
 @pytest.mark.slow
-def test_verification_session_accepts_contradicts_and_quarantines(pool_lab) -> None:
+def test_verification_session_accepts_contradicts_and_quarantines(make_lab, tmp_path) -> None:
     import json
     import random
     import subprocess
     import threading
 
-    from conftest import cli_env, git, nightlab_cmd
+    from conftest import SPEC, cli_env, git, nightlab_cmd
     from nightlab.audit import read_records
     from nightlab.pool import store
     from nightlab.pool.serve import open_pool
 
+    notes = tmp_path / "notify.jsonl"  # [notify] command: each pool_claim_accepted event, as JSON on stdin
+    pool_lab = make_lab(spec=SPEC + POOL_SPEC_EXTRA + f'\n[notify]\ncommand = "tee -a {notes}"\n'
+                        'events = ["pool_claim_accepted"]\n')
     engine, host, feeder = open_pool(pool_lab, poll_s=0.05)
     host.rng = random.Random(0)
     led = host.ledger
@@ -560,6 +563,14 @@ def test_verification_session_accepts_contradicts_and_quarantines(pool_lab) -> N
               "pool.accept"):
         assert k in kinds, k
     assert kinds.count("pool.claim") == 8 and kinds.count("pool.accept") == 3
+    text, sent, dec = notes.read_text(), [], json.JSONDecoder()
+    while text.strip():  # one JSON object per event, back to back
+        obj, end = dec.raw_decode(text.lstrip())
+        sent.append(obj)
+        text = text.lstrip()[end:]
+    assert [m["event"]["kind"] for m in sent] == ["pool_claim_accepted"] * 3
+    assert {m["event"]["worker"] for m in sent} == {"alice", "carol", "frank"}, sent[0]
+    assert "pool claim accepted" in sent[0]["text"] and a["claim_id"] in sent[0]["text"]
     led.close()
 
 
