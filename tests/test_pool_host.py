@@ -599,7 +599,7 @@ def test_pool_serve_process_verifies_a_claim_over_http(pool_lab) -> None:
 
     import httpx
 
-    from conftest import cli_env, nightlab_cmd
+    from conftest import cli_env, git, nightlab_cmd
 
     inv = subprocess.run(nightlab_cmd("pool", "invite", "alice", "--lab", str(pool_lab)), env=cli_env(),
                          capture_output=True, text=True, timeout=60)
@@ -609,6 +609,7 @@ def test_pool_serve_process_verifies_a_claim_over_http(pool_lab) -> None:
                            capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "already invited" in again.stderr and "Traceback" not in again.stderr
     assert token.encode() not in (pool_lab / ".nightlab" / "ledger.db").read_bytes()  # stored hashed
+    assert git(pool_lab, "status", "--porcelain") == ""  # .nightlab/ is kept out of git
     proc = subprocess.Popen(nightlab_cmd("pool", "serve", "--lab", str(pool_lab), "--port", "0", "-q"),
                             env={**cli_env(), "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
