@@ -678,3 +678,27 @@ def test_pool_serve_process_verifies_a_claim_over_http(pool_lab) -> None:
     lb = subprocess.run(nightlab_cmd("pool", "leaderboard", "--lab", str(pool_lab)), env=cli_env(),
                         capture_output=True, text=True, timeout=60)
     assert lb.returncode == 0 and "alice" in lb.stdout and "verification:" in lb.stdout
+
+
+def test_leaderboard_credits_at_most_max_parallel_times_the_time_since_the_invite(tmp_path) -> None:
+    from nightlab.ledger import Ledger
+    from nightlab.pool import board, store
+
+    with Ledger(f"sqlite:///{tmp_path / 'l.db'}") as led:
+        store.invite(led, "main", "mallory")
+        store.invite(led, "main", "honest")
+        common: dict = dict(pool="main", parent="a" * 40, metric=1.0, samples=[], log_tail="", seed=0,
+                            hardware="", researcher="")
+        store.add_claim(led, worker="mallory", claim_id="1" * 32, diff="d1", compute_s=1e9, experiments=10**6,
+                        status="credited", **common)
+        store.add_claim(led, worker="honest", claim_id="2" * 32, diff="d2", compute_s=0.0, experiments=1,
+                        status="checked", **common)
+        w = store.get_worker(led, "main", "mallory")
+        c = store.get_claim(led, "main", "mallory", "1" * 32)
+        assert w is not None and c is not None
+        data = board.leaderboard(led, "main", PoolSpec())
+        row = next(r for r in data["workers"] if r["worker"] == "mallory")
+        assert row["claimed_compute_s"] == 1e9
+        assert row["compute_s"] == pytest.approx(8.0 * (c.received_at - w.created_at), abs=1e-3)
+        assert row["compute_s"] < 60
+        assert data["totals"]["worker_compute_s"] == row["compute_s"]
