@@ -302,7 +302,8 @@ def test_intake_rules_one_by_one(pool_lab) -> None:
         # 422: malformed bodies
         for bad in ({**claim_body(head, win, 4.5), "claim_id": "xyz"}, {**claim_body(head, win, 4.5), "extra": 1},
                     {k: v for k, v in claim_body(head, win, 4.5).items() if k != "metric"},
-                    {**claim_body(head, win, 4.5), "compute_s": -1}):
+                    {**claim_body(head, win, 4.5), "compute_s": -1},
+                    {**claim_body(head, win, 4.5), "hardware": "gpu\x1b]0;pwned\x07"}):
             r = c.post("/api/pool/claims", json=bad, headers=_auth(alice))
             assert r.status_code == 422, (bad, r.text)
         r = c.post("/api/pool/claims", content=json.dumps(claim_body(head, win, 4.5)).replace("4.5", "NaN"),
