@@ -302,7 +302,8 @@ def test_intake_rules_one_by_one(pool_lab) -> None:
         # 422: malformed bodies
         for bad in ({**claim_body(head, win, 4.5), "claim_id": "xyz"}, {**claim_body(head, win, 4.5), "extra": 1},
                     {k: v for k, v in claim_body(head, win, 4.5).items() if k != "metric"},
-                    {**claim_body(head, win, 4.5), "compute_s": -1}):
+                    {**claim_body(head, win, 4.5), "compute_s": -1},
+                    {**claim_body(head, win, 4.5), "hardware": "gpu\x1b]0;pwned\x07"}):
             r = c.post("/api/pool/claims", json=bad, headers=_auth(alice))
             assert r.status_code == 422, (bad, r.text)
         r = c.post("/api/pool/claims", content=json.dumps(claim_body(head, win, 4.5)).replace("4.5", "NaN"),
@@ -419,23 +420,26 @@ def _wait_decided(led, worker: str, cid: str, timeout: float = 90.0):
 
 
 @pytest.mark.slow
-def test_verification_session_accepts_contradicts_and_quarantines(pool_lab) -> None:
+def test_verification_session_accepts_contradicts_and_quarantines(make_lab, tmp_path) -> None:
     import json
     import random
     import subprocess
     import threading
 
-    from conftest import cli_env, git, nightlab_cmd
+    from conftest import SPEC, cli_env, git, nightlab_cmd
     from nightlab.audit import read_records
     from nightlab.pool import store
     from nightlab.pool.serve import open_pool
 
-    engine, host, _ = open_pool(pool_lab, poll_s=0.05)
+    notes = tmp_path / "notify.jsonl"  # [notify] command: each pool_claim_accepted event, as JSON on stdin
+    pool_lab = make_lab(spec=SPEC + POOL_SPEC_EXTRA + f'\n[notify]\ncommand = "tee -a {notes}"\n'
+                        'events = ["pool_claim_accepted"]\n')
+    engine, host, feeder = open_pool(pool_lab, poll_s=0.05)
     host.rng = random.Random(0)
     led = host.ledger
     base = host.head()
     assert base is not None
-    tokens = {n: store.invite(led, "main", n) for n in ("alice", "bob", "carol", "dave")}
+    tokens = {n: store.invite(led, "main", n) for n in ("alice", "bob", "carol", "dave", "erin", "frank")}
     c = _client(host)
     outcome: dict = {}
     t = threading.Thread(target=lambda: outcome.setdefault("session", engine.run()), daemon=True)
@@ -504,6 +508,24 @@ def test_verification_session_accepts_contradicts_and_quarantines(pool_lab) -> N
         assert lb["totals"]["verification_s"] > 0 and lb["totals"]["accepted"] == 2
         me = c.get("/api/pool/me", headers=_auth(tokens["carol"])).json()
         assert me["worker"] == "carol" and me["accepted"] == 1
+        # two claims of a new best, honest both; the first accepted makes the second no longer the best: the
+        # re-run agrees with it, the policy does not keep it -> unconfirmed, no strike
+        import time
+
+        while [x for x in led.experiments(engine.session.id) if not x.status.is_finished()]:
+            time.sleep(0.05)  # the combination the engine made of carol's stale change, if any, has run
+        head = host.head()
+        cur = git(pool_lab, "show", f"{head}:target.py").splitlines()
+        x0, y0 = cur[1].split(" = ")[1], cur[2].split(" = ")[1]
+        with feeder._lock:  # the feeder takes neither claim before both are in: frank's is the older
+            f = claim_body(head, xy_diff(x0, y0, "1.0", "2.0"), score(1.0, 2.0))
+            assert post("frank", f)["status"] == "queued"
+            e = claim_body(head, xy_diff(x0, y0, "1.1", "2.0"), score(1.1, 2.0))
+            assert post("erin", e)["status"] == "queued"
+        assert _wait_decided(led, "frank", f["claim_id"]).status == "accepted"
+        ce = _wait_decided(led, "erin", e["claim_id"])
+        assert ce.status == "unconfirmed" and not ce.strike, ce.reason
+        assert store.get_worker(led, "main", "erin").record == trust.Record(valid_streak=1)  # type: ignore[union-attr]
     finally:
         engine.stop.graceful = "test done"
         host.wake.set()
@@ -521,13 +543,35 @@ def test_verification_session_accepts_contradicts_and_quarantines(pool_lab) -> N
     assert "pool" in out.stdout and a["claim_id"] in out.stdout and "alice" in out.stdout
     lb_cli = subprocess.run(nightlab_cmd("pool", "leaderboard", "--json", "--lab", str(pool_lab)), env=cli_env(),
                             capture_output=True, text=True)
-    assert lb_cli.returncode == 0 and json.loads(lb_cli.stdout)["workers"][0]["worker"] in ("alice", "carol")
+    assert lb_cli.returncode == 0
+    ranked = json.loads(lb_cli.stdout)["workers"]
+    gains = [w["verified_gain_pct"] for w in ranked]
+    assert gains == sorted(gains, reverse=True) and {w["worker"] for w in ranked if w["verified_gain_pct"] > 0} == \
+        {"alice", "carol", "frank"}
+    # `nightlab ui` of the lab shows the pool's page too, linked from the navigation
+    from starlette.testclient import TestClient
+
+    from nightlab.web.app import create_app
+
+    ui = TestClient(create_app(led, pool_lab), base_url="http://127.0.0.1")
+    page = ui.get("/pool").text
+    assert 'href="/pool"' in ui.get("/").text
+    assert "alice" in page and "carol" in page and f"/s/pool-main/e/{ca.experiment}" in page
+    assert "Verification cost" in page and "3 claims accepted" in page
     # the audit log holds every claim, check, verification and decision
     kinds = [r.get("kind") for r in read_records(pool_lab / ".nightlab" / "audit.jsonl")]
     for k in ("pool.claim", "pool.check", "pool.verify", "pool.verified", "pool.decision", "pool.strike",
               "pool.accept"):
         assert k in kinds, k
-    assert kinds.count("pool.claim") == 6 and kinds.count("pool.accept") == 2
+    assert kinds.count("pool.claim") == 8 and kinds.count("pool.accept") == 3
+    text, sent, dec = notes.read_text(), [], json.JSONDecoder()
+    while text.strip():  # one JSON object per event, back to back
+        obj, end = dec.raw_decode(text.lstrip())
+        sent.append(obj)
+        text = text.lstrip()[end:]
+    assert [m["event"]["kind"] for m in sent] == ["pool_claim_accepted"] * 3
+    assert {m["event"]["worker"] for m in sent} == {"alice", "carol", "frank"}, sent[0]
+    assert "pool claim accepted" in sent[0]["text"] and a["claim_id"] in sent[0]["text"]
     led.close()
 
 
@@ -556,7 +600,7 @@ def test_pool_serve_process_verifies_a_claim_over_http(pool_lab) -> None:
 
     import httpx
 
-    from conftest import cli_env, nightlab_cmd
+    from conftest import cli_env, git, nightlab_cmd
 
     inv = subprocess.run(nightlab_cmd("pool", "invite", "alice", "--lab", str(pool_lab)), env=cli_env(),
                          capture_output=True, text=True, timeout=60)
@@ -566,6 +610,7 @@ def test_pool_serve_process_verifies_a_claim_over_http(pool_lab) -> None:
                            capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "already invited" in again.stderr and "Traceback" not in again.stderr
     assert token.encode() not in (pool_lab / ".nightlab" / "ledger.db").read_bytes()  # stored hashed
+    assert git(pool_lab, "status", "--porcelain") == ""  # .nightlab/ is kept out of git
     proc = subprocess.Popen(nightlab_cmd("pool", "serve", "--lab", str(pool_lab), "--port", "0", "-q"),
                             env={**cli_env(), "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -634,3 +679,27 @@ def test_pool_serve_process_verifies_a_claim_over_http(pool_lab) -> None:
     lb = subprocess.run(nightlab_cmd("pool", "leaderboard", "--lab", str(pool_lab)), env=cli_env(),
                         capture_output=True, text=True, timeout=60)
     assert lb.returncode == 0 and "alice" in lb.stdout and "verification:" in lb.stdout
+
+
+def test_leaderboard_credits_at_most_max_parallel_times_the_time_since_the_invite(tmp_path) -> None:
+    from nightlab.ledger import Ledger
+    from nightlab.pool import board, store
+
+    with Ledger(f"sqlite:///{tmp_path / 'l.db'}") as led:
+        store.invite(led, "main", "mallory")
+        store.invite(led, "main", "honest")
+        common: dict = dict(pool="main", parent="a" * 40, metric=1.0, samples=[], log_tail="", seed=0,
+                            hardware="", researcher="")
+        store.add_claim(led, worker="mallory", claim_id="1" * 32, diff="d1", compute_s=1e9, experiments=10**6,
+                        status="credited", **common)
+        store.add_claim(led, worker="honest", claim_id="2" * 32, diff="d2", compute_s=0.0, experiments=1,
+                        status="checked", **common)
+        w = store.get_worker(led, "main", "mallory")
+        c = store.get_claim(led, "main", "mallory", "1" * 32)
+        assert w is not None and c is not None
+        data = board.leaderboard(led, "main", PoolSpec())
+        row = next(r for r in data["workers"] if r["worker"] == "mallory")
+        assert row["claimed_compute_s"] == 1e9
+        assert row["compute_s"] == pytest.approx(8.0 * (c.received_at - w.created_at), abs=1e-3)
+        assert row["compute_s"] < 60
+        assert data["totals"]["worker_compute_s"] == row["compute_s"]

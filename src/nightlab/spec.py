@@ -355,6 +355,8 @@ class PoolSpec(_Section):
                                 "is a strike")
     calibrate: bool = Field(True, description="measure the host's noise floor ([accept] calibrate baseline runs) "
                             "before verifying claims")
+    max_parallel: float = Field(8.0, gt=0, description="experiments a worker may run at once: the compute it "
+                                "is credited never exceeds this times the time since its invite")
 
 
 NotifyKind = Literal["keep", "new_best", "session_stopped", "approval_waiting", "crash_streak",

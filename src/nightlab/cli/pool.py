@@ -27,6 +27,10 @@ def _pool_name(lab: Path) -> str:
 def _ledger(lab: Path, db: str | None) -> Ledger:
     if db is None and not (lab / "nightlab.toml").exists():
         raise UsageError(f"no nightlab.toml in {lab.resolve()}", "pass --lab <the lab folder>")
+    if db is None:
+        from nightlab.workspace import Workspace
+
+        Workspace(lab.resolve()).ensure_state_dir()  # .nightlab/ stays out of git, as a session keeps it
     return Ledger.for_lab(lab.resolve(), db)
 
 

@@ -45,6 +45,13 @@ class ClaimIn(BaseModel):
             raise ValueError("NUL bytes are not allowed")
         return v
 
+    @field_validator("hardware", "researcher")
+    @classmethod
+    def _one_plain_line(cls, v: str) -> str:  # shown in terminals, pages and commit messages
+        if any(ord(ch) < 32 or 0x7F <= ord(ch) < 0xA0 for ch in v):
+            raise ValueError("control characters are not allowed")
+        return v
+
 
 def _bearer(request: Request) -> str:
     auth = request.headers.get("authorization", "")

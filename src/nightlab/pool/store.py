@@ -131,6 +131,12 @@ def ensure_tables(ledger: Ledger) -> None:
     ledger.ensure_tables(_meta)
 
 
+def has_tables(ledger: Ledger) -> bool:
+    """True when this ledger holds a pool (read-only: creates nothing)."""
+    with ledger.transaction() as conn:
+        return sa.inspect(conn).has_table(workers.name)
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 

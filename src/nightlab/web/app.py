@@ -130,7 +130,12 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
     env.globals["poll_ms"] = int(poll_ms)
     env.globals["root"] = root
     env.globals["home"] = home
-    env.globals["pool_nav"] = pool is not None
+    if pool is not None:
+        env.globals["pool_nav"] = True
+    else:
+        from nightlab.pool import store as pool_store
+
+        env.globals["pool_nav"] = pool_store.has_tables(ledger)
     redactor = Redactor.from_env()
     formatter = HtmlFormatter(cssclass="hl")
     pygments_css = formatter.get_style_defs(".hl")
