@@ -29,8 +29,8 @@ sigmas (the pool's best is the host's measurement, so this costs nothing; it sho
 worker's own keeps); ``verification %``: host runs over the workers' search runs (full replication: 100%);
 ``honest quarantined``: honest workers that collected ``max_strikes`` strikes (contradicted by noise);
 ``cheaters' credited compute``: their share of the compute the pool credits (claimed seconds of claims
-that were not found invalid); ``rounds to quarantine``: the latest round in which a cheater of that kind
-was quarantined.
+not found invalid, capped at ``[pool] max_parallel`` runs since the invite, as the leaderboard does);
+``rounds to quarantine``: the latest round in which a cheater of that kind was quarantined.
 """
 
 from __future__ import annotations
@@ -255,18 +255,27 @@ class Sim:
             if w.kind == "honest":
                 self.honest_quarantined += 1
 
+    def credited(self, w: Worker) -> float:
+        """The compute the leaderboard credits: capped at ``max_parallel`` runs since the invite (board.py)."""
+        return min(w.credited_s, self.policy.max_parallel * self.clock_s)
+
     def run(self) -> None:
+        self.clock_s = 0.0  # simulated wall clock: a round lasts as long as the busiest worker's runs
         for rnd in range(1, self.rounds + 1):
             queue: list[Claim] = []
+            busiest = 0
             for w in self.workers:
                 if w.record.quarantined:
                     continue
+                before = w.search_runs
                 claims = self.claims_of(w, rnd)
+                busiest = max(busiest, w.search_runs - before)
                 w.claims += len(claims)
                 if len(claims) > self.policy.max_pending:
                     self.pool.statuses["429"] += len(claims) - self.policy.max_pending
                     claims = claims[: self.policy.max_pending]
                 queue.extend(claims)
+            self.clock_s += busiest * RUN_S
             self.rng.shuffle(queue)
             for c in queue:
                 self.pool.statuses[self.verify(c, rnd)] += 1
@@ -294,8 +303,8 @@ def row(workers: int, share: float, rounds: int, experiments: int, seeds: int, l
         tot["honest"] += sum(1 for w in sim.workers if w.kind == "honest")
         tot["429"] += p.statuses["429"]
         tot["dup"] += p.statuses["duplicate"]
-        tot["credit"] += sum(w.credited_s for w in sim.workers)
-        tot["cheat_credit"] += sum(w.credited_s for w in sim.workers if w.kind != "honest")
+        tot["credit"] += sum(sim.credited(w) for w in sim.workers)
+        tot["cheat_credit"] += sum(sim.credited(w) for w in sim.workers if w.kind != "honest")
         gains.append(10.0 - p.best_true)
         for w in sim.workers:
             if w.kind in q_rounds:
