@@ -241,6 +241,19 @@ def test_claim_queue_keeps_each_claim_once_across_reopen(tmp_path: Path) -> None
     q.close()
 
 
+def test_old_lab_copies_are_pruned_and_nothing_else(tmp_path: Path) -> None:
+    from nightlab.pool.worker import prune_copies
+
+    for name in ("lab-aaaaaaaaaaaa", "lab-bbbbbbbbbbbb", "lab-cccccccccccc", "lab-notahead", "mine"):
+        (tmp_path / name / ".nightlab").mkdir(parents=True)
+    (tmp_path / "session-aaaaaaaaaaaa.log").write_text("old\n")
+    (tmp_path / "claims.db").write_text("")
+    keep = {(tmp_path / "lab-bbbbbbbbbbbb").resolve(), (tmp_path / "lab-cccccccccccc").resolve()}
+    assert [p.name for p in prune_copies(tmp_path, keep)] == ["lab-aaaaaaaaaaaa"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["claims.db", "lab-bbbbbbbbbbbb", "lab-cccccccccccc",
+                                                          "lab-notahead", "mine"]
+
+
 def test_backoff_is_capped_jittered_and_honours_retry_after() -> None:
     import random
 

@@ -342,31 +342,57 @@ class LabCopy:
         return "" if r == "." else r
 
 
+HEAD_FILE = "nightlab-pool-head"  # in a copy's .git: the pool commit it snapshots
+
+
 def fetch_lab(client: PoolClient, root: Path, head: str) -> LabCopy:
     """The lab copy for ``head`` under ``root``: reused when present, else cloned from the pool's bundle."""
     repo = root / f"lab-{head[:12]}"
-    if not (repo / ".git").is_dir():
+    if not (repo / ".git" / HEAD_FILE).is_file():
         tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=root))
         try:
             bundle = tmp / "head.bundle"
             got = client.bundle(bundle)
             if got != head:  # the head moved between info and bundle: take the bundle's
                 head, repo = got, root / f"lab-{got[:12]}"
-            if not (repo / ".git").is_dir():
+            if not (repo / ".git" / HEAD_FILE).is_file():
                 _git(tmp, "clone", "-q", "-b", BUNDLE_BRANCH, str(bundle), str(tmp / "repo"))
                 _git(tmp / "repo", "remote", "remove", "origin")
+                (tmp / "repo" / ".git" / HEAD_FILE).write_text(head + "\n")
                 if repo.exists():
                     shutil.rmtree(repo)
                 (tmp / "repo").rename(repo)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    snapshot = _git(repo, "rev-parse", f"refs/heads/{BUNDLE_BRANCH}^{{commit}}").strip()
-    specs = sorted(repo.rglob("nightlab.toml"), key=lambda p: len(p.parts))
-    specs = [p for p in specs if ".nightlab" not in p.parts and ".git" not in p.parts]
-    if not specs:
+    copy = open_copy(repo)
+    if copy is None:
         raise NightlabError(f"the pool's bundle for {head[:12]} holds no nightlab.toml",
                             "ask the pool operator: the pool's lab must have one")
-    return LabCopy(repo, specs[0].parent, head, snapshot)
+    return copy
+
+
+def open_copy(repo: Path) -> LabCopy | None:
+    """The lab copy in ``repo`` (made by :func:`fetch_lab`), or None when it is not one."""
+    try:
+        head = (repo / ".git" / HEAD_FILE).read_text().strip()
+        snapshot = _git(repo, "rev-parse", f"refs/heads/{BUNDLE_BRANCH}^{{commit}}").strip()
+    except (OSError, NightlabError):
+        return None
+    specs = sorted(repo.rglob("nightlab.toml"), key=lambda p: len(p.parts))
+    specs = [p for p in specs if ".nightlab" not in p.parts and ".git" not in p.parts]
+    return LabCopy(repo, specs[0].parent, head, snapshot) if specs else None
+
+
+def prune_copies(root: Path, keep: set[Path]) -> list[Path]:
+    """Remove the lab copies under ``root`` not in ``keep`` (a worker that runs all night follows many heads;
+    every claim of an old copy is already in ``claims.db``). Returns what was removed."""
+    gone = []
+    for d in sorted(root.glob("lab-*")):
+        if d.is_dir() and re.fullmatch(r"lab-[0-9a-f]{12}", d.name) and d.resolve() not in keep:
+            shutil.rmtree(d, ignore_errors=True)
+            (root / f"session-{d.name[4:]}.log").unlink(missing_ok=True)
+            gone.append(d)
+    return gone
 
 
 def lab_diff(copy: LabCopy, commit: str) -> str:
@@ -564,6 +590,11 @@ def join(url: str, token: str, *, dir: Path | str | None = None, directory: Path
         say(f"joined pool {info.get('pool')!r} at {url} as {worker}: {info.get('metric', {}).get('name')} "
             f"({info.get('metric', {}).get('direction')}), head {str(info.get('head'))[:12]}")
         hw = hardware()
+        limits = dict(info.get("limits") or {})
+        for repo in sorted(root.glob("lab-*")):  # keeps a previous run made but did not queue (killed mid-round)
+            old = open_copy(repo)
+            if old is not None:
+                Watcher(old, queue, worker=worker, seed=seed, hw=hw, limits=limits, say=say).scan(Round(old.head))
         drain(client, queue, say, rng)  # claims a previous run left
         done: list[Round] = []
         copy: LabCopy | None = None
@@ -572,7 +603,9 @@ def join(url: str, token: str, *, dir: Path | str | None = None, directory: Path
                 info = _wait_for(client, queue, say, rng, client.info)
             head = str(info["head"])
             if copy is None or copy.head != head:
+                previous = copy
                 copy = _wait_for(client, queue, say, rng, functools.partial(fetch_lab, client, root, head))
+                prune_copies(root, {c.repo.resolve() for c in (previous, copy) if c is not None})
                 say(f"round {n}: lab at pool head {copy.head[:12]} in {copy.repo}")
             rnd = _run_round(client, queue, copy, n, worker=worker, researcher=researcher, seed=seed,
                              experiments=experiments, sandbox=sandbox, hw=hw, limits=dict(info.get("limits") or {}),
