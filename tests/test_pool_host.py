@@ -681,6 +681,22 @@ def test_pool_serve_process_verifies_a_claim_over_http(pool_lab) -> None:
     assert lb.returncode == 0 and "alice" in lb.stdout and "verification:" in lb.stdout
 
 
+def test_the_pool_page_of_a_lab_without_a_pool_creates_nothing(make_lab) -> None:
+    from starlette.testclient import TestClient
+
+    from nightlab.ledger import Ledger
+    from nightlab.pool import store
+    from nightlab.web.app import create_app
+
+    lab = make_lab()
+    with Ledger.for_lab(lab) as led:
+        ui = TestClient(create_app(led, lab), base_url="http://127.0.0.1")
+        assert 'href="/pool"' not in ui.get("/").text
+        page = ui.get("/pool")
+        assert page.status_code == 200 and "No worker has joined" in page.text
+        assert not store.has_tables(led)
+
+
 def test_leaderboard_credits_at_most_max_parallel_times_the_time_since_the_invite(tmp_path) -> None:
     from nightlab.ledger import Ledger
     from nightlab.pool import board, store
