@@ -76,7 +76,13 @@ class Pipeline(Runtime):
         self.events.emit("researcher.response", experiment=idx, seconds=round(propose_s, 3),
                          rationale_sha256=_sha(cand.rationale), tokens_in=cand.usage.tokens_in,
                          tokens_out=cand.usage.tokens_out, cost_usd=cand.usage.cost_usd)
-        cand = Candidate(**{**cand.__dict__, "parent": ctx.parent, "usage": replace(cand.usage, seconds=propose_s)
+        # a candidate is based on the incumbent; a researcher that ``chooses_parent`` (the research pool's claim
+        # feeder) may base it on an older commit of the session's branch, which makes it stale (keep.py)
+        parent = ctx.parent
+        if (getattr(self.researcher, "chooses_parent", False) is True and cand.parent and cand.parent != parent
+                and self.ws.is_ancestor(cand.parent, parent)):
+            parent = cand.parent
+        cand = Candidate(**{**cand.__dict__, "parent": parent, "usage": replace(cand.usage, seconds=propose_s)
                             if not cand.usage.seconds else cand.usage})
         stop = "the loop closed" if self._closing else self._stop_requested()
         if stop:

@@ -22,7 +22,8 @@ from nightlab.guard import Guard
 from nightlab.spec import PROGRAM_FILE, SPEC_FILE, matches
 from nightlab.workspace import Workspace
 
-HARMLESS_SECTIONS = frozenset({"lab", "stop", "researcher", "accept", "autonomy", "executor", "audit", "permissions"})
+HARMLESS_SECTIONS = frozenset({"lab", "stop", "researcher", "accept", "autonomy", "executor", "audit", "permissions",
+                               "pool"})
 MATERIAL_KEYS = frozenset({"permissions.run_network"})  # run network changes what a run can do
 
 

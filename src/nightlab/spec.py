@@ -335,6 +335,30 @@ class LabSpec(_Section):
     name: str = ""
 
 
+class PoolSpec(_Section):
+    """``[pool]``: a research pool of untrusted workers whose claims this lab verifies (docs/pool.md)."""
+
+    name: str = Field("main", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                      description="the pool's session tag is pool-<name>, its branch nightlab/pool-<name>")
+    max_strikes: int = Field(3, ge=1, description="invalid results after which a worker is quarantined")
+    max_diff_kb: int = Field(64, ge=1, description="size cap of a claim's diff")
+    max_log_kb: int = Field(16, ge=1, description="size cap of a claim's log tail")
+    max_samples: int = Field(64, ge=1, description="metric samples a claim may carry")
+    max_pending: int = Field(20, ge=1, description="claims of one worker waiting for verification")
+    spot_check_min: float = Field(0.1, ge=0, le=1, description="lowest spot-check rate of a trusted worker")
+    trust_after: int = Field(5, ge=0, description="consecutive valid results before a worker's claims are "
+                             "sampled instead of always checked")
+    compute_ratio: float = Field(4.0, gt=0, description="claimed seconds per experiment may be at most this "
+                                 "times the host's measured run seconds (more: a strike)")
+    tolerance_sd: float = Field(3.0, ge=0, description="a claimed metric better than the re-run by more than "
+                                "this many noise sds (plus the best-of-n selection of the worker's experiments) "
+                                "is a strike")
+    calibrate: bool = Field(True, description="measure the host's noise floor ([accept] calibrate baseline runs) "
+                            "before verifying claims")
+    max_parallel: float = Field(8.0, gt=0, description="experiments a worker may run at once: the compute it "
+                                "is credited never exceeds this times the time since its invite")
+
+
 NotifyKind = Literal["keep", "new_best", "session_stopped", "approval_waiting", "crash_streak",
                      "holdout_divergence", "pool_claim_accepted"]
 _DEFAULT_NOTIFY: tuple[NotifyKind, ...] = ("new_best", "session_stopped", "approval_waiting", "crash_streak",
@@ -395,6 +419,7 @@ class Spec(_Section):
     audit: AuditSpec = Field(default_factory=AuditSpec)
     notify: NotifySpec = Field(default_factory=NotifySpec)
     prune: PruneSpec = Field(default_factory=PruneSpec)
+    pool: PoolSpec = Field(default_factory=PoolSpec)
 
     @model_validator(mode="before")
     @classmethod

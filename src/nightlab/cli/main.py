@@ -55,6 +55,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "Measure the noise floor: run the baseline k times with seeds..."),
     "replay": ("nightlab.cli.verify", "replay",
         "Re-run experiment IDX from its recorded commit, commands, env and seed."),
+    "pool": ("nightlab.cli.pool", "pool", "Host a research pool (untrusted workers search, this lab verifies),..."),
     "verify": ("nightlab.cli.verify", "verify",
         "Re-run the baseline and the incumbent REPEATS times each; report the..."),
 }

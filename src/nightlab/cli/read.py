@@ -308,6 +308,17 @@ def _get(led: LedgerReads, s: Session, n: int) -> Experiment:
     return e
 
 
+def _pool_line(p: dict[str, Any]) -> str:
+    v = p.get("verification") if isinstance(p.get("verification"), dict) else {}
+    assert isinstance(v, dict)
+    gain = v.get("gain_pct")
+    return (f"claim {p.get('claim_id')} by worker {p.get('worker')}: claimed {_fmt(p.get('claimed'))} "
+            f"({p.get('experiments')} experiments, {p.get('compute_s')}s on {p.get('hardware') or '?'}, seed "
+            f"{p.get('seed')}); verified: {v.get('status')}, measured {_fmt(v.get('measured'))} in "
+            f"{v.get('verify_s')}s" + (f", gain {gain:+.3f}% of the baseline" if isinstance(gain, int | float) else "")
+            + (", strike" if v.get("strike") else "") + (f" — {v.get('reason')}" if v.get("reason") else ""))
+
+
 @click.command()
 @_common
 @click.argument("n", type=int)
@@ -344,6 +355,9 @@ def show(lab: Path, db: str | None, tag: str | None, n: int) -> None:
         f"${u.cost_usd:.4f}  {u.seconds:.1f}s",
     )
     t.add_row("researcher", Text(e.researcher or "—"))
+    pool = e.evidence.get("pool")
+    if isinstance(pool, dict):  # a research-pool claim the host verified (nightlab.pool.feeder)
+        t.add_row("pool", Text(_pool_line(pool)))
     t.add_row("description", Text(e.description))
     t.add_row("rationale", Text(e.rationale or "—"))
     t.add_row("params", Text(json.dumps(e.params, sort_keys=True, default=str) if e.params else "—"))

@@ -17,6 +17,7 @@ Pages: ``/`` sessions, ``/s/<tag>`` session (chart, summary, experiments table),
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -104,12 +105,14 @@ def time_unit(span_s: float) -> tuple[str, float]:
 
 
 def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | None = None, *,
-               poll_ms: int = 2000, root: str = "", home: str = "") -> FastAPI:
+               poll_ms: int = 2000, root: str = "", home: str = "", pool: Any = None) -> FastAPI:
     """The dashboard for ``ledger`` (and the audit log of ``lab_dir``), with ``access`` rules.
 
     Live pages poll the JSON API every ``poll_ms`` milliseconds. ``root`` is the path the app is mounted
     under (``/labs/<name>`` on the many-labs home page, :mod:`nightlab.web.home`); every link and fetch is
-    prefixed with it. ``home`` is the home page's URL, shown in the navigation when set."""
+    prefixed with it. ``home`` is the home page's URL, shown in the navigation when set. ``pool`` (a
+    :class:`nightlab.pool.host.PoolHost`) mounts the research pool's API under ``/api/pool``: those paths
+    authenticate workers by their own tokens, the dashboard's access rules apply to everything else."""
     access = access or Access.make("127.0.0.1", None)
     queries.ensure_indexes(ledger)
     app = FastAPI(title="nightlab", version=__version__, docs_url=None, redoc_url=None)
@@ -127,12 +130,22 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
     env.globals["poll_ms"] = int(poll_ms)
     env.globals["root"] = root
     env.globals["home"] = home
+    if pool is not None:
+        env.globals["pool_nav"] = True
+    else:
+        from nightlab.pool import store as pool_store
+
+        env.globals["pool_nav"] = pool_store.has_tables(ledger)
     redactor = Redactor.from_env()
     formatter = HtmlFormatter(cssclass="hl")
     pygments_css = formatter.get_style_defs(".hl")
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
-    install_guard(app, access)
+    install_guard(app, access, open_prefix="/api/pool/" if pool is not None else "")
+    if pool is not None:
+        from nightlab.pool import api as pool_api
+
+        app.include_router(pool_api.router(pool))
 
     # ------------------------------------------------------------------ errors: pages get pages, /api gets JSON
 
@@ -246,6 +259,24 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
     def sessions_page(request: Request) -> HTMLResponse:
         return page(request, "sessions.html", summaries=queries.session_summaries(ledger),
                     improvement=improvement_pct, nav="sessions")
+
+    @app.get("/pool", response_class=HTMLResponse)
+    def pool_page(request: Request) -> HTMLResponse:
+        from nightlab.pool import board, store
+        from nightlab.spec import PoolSpec, load_spec
+
+        policy = PoolSpec()
+        if pool is not None:
+            policy = pool.policy
+        elif lab_dir is not None and (lab_dir / "nightlab.toml").exists():
+            with contextlib.suppress(UsageError):
+                policy = load_spec(lab_dir, check_paths=False).pool
+        tag = f"pool-{policy.name}"
+        exists = pool is not None or store.has_tables(ledger)  # a read never creates the pool's tables
+        claims = store.list_claims(ledger, policy.name)[-50:][::-1] if exists else []
+        lb = board.leaderboard(ledger, policy.name, policy) if exists else board.EMPTY
+        return page(request, "pool.html", pool=policy.name, board=lb, claims=claims,
+                    session=tag if ledger.get_session(tag) else None, nav="pool")
 
     @app.get("/compare", response_class=HTMLResponse)
     def comparisons_page(request: Request) -> HTMLResponse:
@@ -464,11 +495,15 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
     return app
 
 
-def install_guard(app: FastAPI, access: Access) -> None:
-    """The access rules of :mod:`nightlab.web.security` as middleware (the lab dashboard and the home page)."""
+def install_guard(app: FastAPI, access: Access, open_prefix: str = "") -> None:
+    """The access rules of :mod:`nightlab.web.security` as middleware (the lab dashboard and the home page).
+
+    Paths under ``open_prefix`` (the research pool's API) skip them: they check worker tokens themselves."""
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        if open_prefix and request.url.path.removeprefix(request.scope.get("root_path", "")).startswith(open_prefix):
+            return _secure(await call_next(request))
         host = host_name(request.headers.get("host", ""))
         if not access.public and not is_loopback(host):
             return PlainTextResponse(f"host {host!r} is not allowed: this dashboard answers on loopback only",

@@ -1,0 +1,205 @@
+"""The host's shared state (:class:`PoolHost`) and the claim intake rules (:meth:`PoolHost.intake`).
+
+One :class:`PoolHost` per ``nightlab pool serve``: the HTTP router (api.py) and the claim feeder (feeder.py)
+both hold it. Intake never runs a worker's code; it only decides what a claim is worth running:
+
+1. size caps (``[pool] max_diff_kb``, ``max_log_kb``, ``max_samples``) -> 413;
+2. the same ``claim_id`` of the same worker -> the stored claim (idempotent, never credited twice);
+3. ``max_pending`` claims of this worker waiting -> 429;
+4. the parent must be a commit of the pool branch's history, and the diff must apply on it -> else 422;
+5. the diff's paths are guarded like a local candidate's (protected, holdout, outside the editable files:
+   ``rejected`` and a strike);
+6. the same normalised diff claimed before (by anyone) -> ``duplicate`` (credited to the first only);
+7. a claim of a new best is always ``queued`` for a host run; any other is queued with the worker's
+   spot-check probability (:func:`trust.check_probability`), else ``credited`` for its compute, unverified.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nightlab.events import EventSink, NullSink
+from nightlab.guard import Guard, diff_paths
+from nightlab.ledger import Ledger
+from nightlab.permissions import rule_of
+from nightlab.pool import store, trust
+from nightlab.pool.snapshot import Snapshots
+from nightlab.spec import Spec, load_spec
+from nightlab.types import Session
+from nightlab.workspace import _GIT_CFG, Workspace
+
+SHA = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+STRIKE_RULES = ("protected", "path", "editable", "file_type")  # guard rules a worker breaks on purpose
+
+
+@dataclass(frozen=True)
+class Intake:
+    """What intake made of a claim: the HTTP code and the stored claim (or an error text)."""
+
+    code: int
+    claim: store.Claim | None = None
+    error: str = ""
+    retry_after: int = 0
+
+
+class PoolHost:
+    """The pool of one lab: its session tag, branch, ledger, guard, snapshots, audit sink. Thread-safe."""
+
+    def __init__(self, lab_dir: Path | str, ledger: Ledger, spec: Spec | None = None, *,
+                 events: EventSink | None = None, rng: random.Random | None = None) -> None:
+        self.lab_dir = Path(lab_dir).resolve()
+        self.spec = spec or load_spec(self.lab_dir)
+        self.policy = self.spec.pool
+        self.name = self.policy.name
+        self.tag = f"pool-{self.name}"
+        self.branch = f"nightlab/{self.tag}"
+        self.ledger = ledger
+        self.ws = Workspace(self.lab_dir)
+        self.guard = Guard(self.spec, self.ws)
+        self.snapshots = Snapshots(self.ws, self.spec, self.ws.state_dir / "pool" / "bundles")
+        self.events: EventSink = events or NullSink()
+        self.rng = rng or random.Random()
+        self.lab_name = self.spec.lab.name or self.lab_dir.name
+        self.wake = threading.Event()  # set when a claim is queued (the feeder waits on it)
+        self._lock = threading.Lock()  # one intake at a time (pending counts, duplicates, the rng)
+        store.ensure_tables(ledger)
+
+    # ------------------------------------------------------------------ state
+
+    def session(self) -> Session | None:
+        return self.ledger.get_session(self.tag)
+
+    def head(self) -> str | None:
+        return self.ws.resolve(f"refs/heads/{self.branch}")
+
+    def noise_sd(self) -> float | None:
+        """The verifier's noise floor (sigma) of the pool session, when calibrated."""
+        s = self.session()
+        if s is None:
+            return None
+        sigma = self.ledger.session_json(s.id)[1].get("sigma")
+        return float(sigma) if isinstance(sigma, int | float) and sigma > 0 else None
+
+    def emit(self, kind: str, **data: Any) -> None:
+        self.events.emit(kind, **data)  # an audit log that cannot write fails the request (no silent loss)
+
+    def limits(self) -> dict[str, Any]:
+        p = self.policy
+        return {"max_diff_kb": p.max_diff_kb, "max_log_kb": p.max_log_kb, "max_samples": p.max_samples,
+                "max_pending": p.max_pending, "max_strikes": p.max_strikes}
+
+    def max_body_bytes(self) -> int:
+        p = self.policy
+        return (p.max_diff_kb + p.max_log_kb) * 1024 + p.max_samples * 64 + 16 * 1024
+
+    # ------------------------------------------------------------------ git
+
+    def is_pool_commit(self, sha: str) -> bool:
+        """True when ``sha`` is a commit of the pool branch's history (its tip included)."""
+        head = self.head()
+        if head is None or not SHA.fullmatch(sha):
+            return False
+        return self.ws.is_ancestor(sha, head)
+
+    def apply_problem(self, parent: str, diff: str) -> str | None:
+        """Why ``diff`` does not apply on ``parent`` (``git apply --check`` in a private index), or None."""
+        if not diff.endswith("\n"):
+            diff += "\n"
+        with tempfile.TemporaryDirectory(prefix="nightlab-pool-apply-") as tmp:
+            env = {**self.ws._env, "GIT_INDEX_FILE": str(Path(tmp) / "index")}
+            read = subprocess.run(["git", *_GIT_CFG, "read-tree", parent], cwd=self.ws.repo_root, env=env,
+                                  capture_output=True)
+            if read.returncode != 0:
+                return "the parent cannot be read"
+            args = ["git", *_GIT_CFG, "apply", "--cached", "--check", "--whitespace=nowarn", "--recount"]
+            if self.ws.lab_rel:
+                args.append(f"--directory={self.ws.lab_rel}")
+            proc = subprocess.run([*args, "-"], cwd=self.ws.repo_root, env=env, capture_output=True,
+                                  input=diff.encode("utf-8", "surrogateescape"))
+        if proc.returncode != 0:
+            return proc.stderr.decode("utf-8", "replace").strip()[:500] or "git apply --check failed"
+        return None
+
+    # ------------------------------------------------------------------ intake
+
+    def intake(self, worker: store.Worker, body: Any) -> Intake:
+        """Decide what a validated claim body (api.ClaimIn) is worth; store it. See the module docstring."""
+        p = self.policy
+        if len(body.diff.encode("utf-8", "surrogatepass")) > p.max_diff_kb * 1024:
+            return Intake(413, error=f"the diff is larger than [pool] max_diff_kb = {p.max_diff_kb}")
+        if len(body.log_tail.encode("utf-8", "surrogatepass")) > p.max_log_kb * 1024:
+            return Intake(413, error=f"the log tail is larger than [pool] max_log_kb = {p.max_log_kb}")
+        if len(body.samples) > p.max_samples:
+            return Intake(413, error=f"more than [pool] max_samples = {p.max_samples} samples")
+        with self._lock:
+            old = store.get_claim(self.ledger, self.name, worker.name, body.claim_id)
+            if old is not None:
+                return Intake(200, old)
+            if store.pending_count(self.ledger, self.name, worker.name) >= p.max_pending:
+                return Intake(429, error=f"{p.max_pending} claims of yours are waiting for verification "
+                                         "([pool] max_pending); send this one later", retry_after=30)
+            if not self.is_pool_commit(body.parent):
+                return Intake(422, error=f"parent {body.parent[:12]} is not a commit of the pool branch "
+                                         f"{self.branch}: fetch the pool's bundle and claim against its head")
+            paths = diff_paths(body.diff)
+            if not paths:
+                return Intake(422, error="the diff names no file")
+            problem = self.guard.check_paths(paths)
+            if not problem:
+                why = self.apply_problem(body.parent, body.diff)
+                if why:
+                    return Intake(422, error=f"the diff does not apply on its parent {body.parent[:12]}: {why}")
+            fields = dict(pool=self.name, worker=worker.name, claim_id=body.claim_id, parent=body.parent,
+                          diff=body.diff, metric=body.metric, samples=body.samples, log_tail=body.log_tail,
+                          seed=body.seed, hardware=body.hardware, compute_s=body.compute_s,
+                          experiments=body.experiments, researcher=body.researcher)
+            self.emit("pool.claim", worker=worker.name, claim_id=body.claim_id, parent=body.parent,
+                      claimed=body.metric, compute_s=body.compute_s, experiments=body.experiments,
+                      diff_sha256=store.diff_digest(body.diff))
+            if problem:
+                strike = rule_of(f"policy: {problem}") in STRIKE_RULES
+                claim, _ = store.add_claim(self.ledger, **fields, status="rejected", reason=f"policy: {problem}",
+                                           strike=strike)
+                if strike:
+                    rec = store.strike(self.ledger, self.name, worker.name, p)
+                    self.emit("pool.strike", worker=worker.name, claim_id=body.claim_id, reason=problem,
+                              strikes=rec.strikes, quarantined=rec.quarantined)
+                self._decided(claim)
+                return Intake(202, claim)
+            first = store.first_with_diff(self.ledger, self.name, body.diff)
+            if first is not None:
+                who = "you" if first.worker == worker.name else "another worker"
+                claim, _ = store.add_claim(self.ledger, **fields, status="duplicate",
+                                           reason=f"the same change was claimed first by {who} "
+                                                  f"(claim {first.claim_id}); credited to the first only")
+                self._decided(claim)
+                return Intake(202, claim)
+            s = self.session()
+            best = s.incumbent_metric if s is not None else None
+            must = trust.must_verify(body.metric, best, self.spec.metric.direction)
+            prob = trust.check_probability(worker.record, p)
+            if must:
+                status, reason = "queued", "claims a new best: the host re-runs it"
+            elif self.rng.random() < prob:
+                status, reason = "queued", f"spot check (probability {prob:.2f})"
+            else:
+                status, reason = "credited", f"compute credited, not sampled for a check (probability {prob:.2f})"
+            claim, _ = store.add_claim(self.ledger, **fields, status=status, reason=reason, must_verify=must)
+            if status == "queued":
+                self.emit("pool.check", worker=worker.name, claim_id=claim.claim_id, must_verify=must,
+                          probability=round(prob, 4), incumbent=best)
+                self.wake.set()
+            else:
+                self._decided(claim)
+            return Intake(202, claim)
+
+    def _decided(self, claim: store.Claim) -> None:
+        self.emit("pool.decision", worker=claim.worker, claim_id=claim.claim_id, status=claim.status,
+                  reason=claim.reason, strike=claim.strike)
