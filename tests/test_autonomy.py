@@ -197,6 +197,18 @@ def test_approve_keep_rejected_keep_does_not_advance_the_branch(make_lab):
     eng.close()
 
 
+def test_stop_file_consumed_by_the_loop_is_still_seen_by_an_approval_wait(make_lab):
+    # the loop's stop check deletes the STOP file; a wait on another thread must still see the request
+    # (CI once hung here: the loop consumed the file first and the approval wait polled for it forever)
+    lab = make_lab(spec=SPEC + FAST)
+    eng = engine(lab, [step(2.0)], "sfc", "review", 3)
+    (lab / ".nightlab" / "STOP").write_text("")
+    assert eng.stop_reason([]) == "STOP file"
+    assert not (lab / ".nightlab" / "STOP").exists()
+    assert eng._stop_requested() == "STOP file"
+    eng.close()
+
+
 def test_stop_file_while_waiting_stops_cleanly_and_resume_continues(make_lab):
     lab = make_lab(spec=SPEC.replace("max_experiments = 3", "max_experiments = 50") + FAST)
     eng = engine(lab, [step(2.0)], "sf", "review", 50)

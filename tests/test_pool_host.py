@@ -681,6 +681,22 @@ def test_pool_serve_process_verifies_a_claim_over_http(pool_lab) -> None:
     assert lb.returncode == 0 and "alice" in lb.stdout and "verification:" in lb.stdout
 
 
+def test_the_pool_page_of_a_lab_without_a_pool_creates_nothing(make_lab) -> None:
+    from starlette.testclient import TestClient
+
+    from nightlab.ledger import Ledger
+    from nightlab.pool import store
+    from nightlab.web.app import create_app
+
+    lab = make_lab()
+    with Ledger.for_lab(lab) as led:
+        ui = TestClient(create_app(led, lab), base_url="http://127.0.0.1")
+        assert 'href="/pool"' not in ui.get("/").text
+        page = ui.get("/pool")
+        assert page.status_code == 200 and "No worker has joined" in page.text
+        assert not store.has_tables(led)
+
+
 def test_leaderboard_credits_at_most_max_parallel_times_the_time_since_the_invite(tmp_path) -> None:
     from nightlab.ledger import Ledger
     from nightlab.pool import board, store
@@ -703,3 +719,33 @@ def test_leaderboard_credits_at_most_max_parallel_times_the_time_since_the_invit
         assert row["compute_s"] == pytest.approx(8.0 * (c.received_at - w.created_at), abs=1e-3)
         assert row["compute_s"] < 60
         assert data["totals"]["worker_compute_s"] == row["compute_s"]
+
+
+@pytest.mark.slow
+def test_with_two_slots_a_claim_is_decided_without_waiting_for_the_next(pool_lab) -> None:
+    import threading
+
+    from nightlab.pool import store
+    from nightlab.pool.serve import open_pool
+
+    engine, host, _ = open_pool(pool_lab, poll_s=0.05, slots=2)
+    led = host.ledger
+    token = store.invite(led, "main", "alice")
+    c = _client(host)
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.setdefault("s", engine.run()), daemon=True)
+    t.start()
+    try:
+        base = host.head()
+        assert base is not None
+        a = claim_body(base, xy_diff("3.0", "0.0", "2.0", "0.0"), score(2.0, 0.0))
+        assert c.post("/api/pool/claims", json=a, headers=_auth(token)).json()["status"] == "queued"
+        # one claim only: a free slot must not keep the loop in propose() while its result waits
+        assert _wait_decided(led, "alice", a["claim_id"], timeout=60).status == "accepted"
+    finally:
+        engine.stop.graceful = "test done"
+        host.wake.set()
+        t.join(timeout=60)
+        engine.close()
+        led.close()
+    assert not t.is_alive()

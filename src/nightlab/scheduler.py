@@ -64,6 +64,12 @@ class Scheduler(SessionLifecycle):
             ahead_shown = ok
             return ok
 
+        def has_work() -> bool:
+            """A researcher that waits for work from outside (the pool's claim feeder) says whether it has any:
+            while it has none, the loop collects the results in flight instead of blocking in propose()."""
+            probe = getattr(self.researcher, "has_work", None)
+            return not inflight or not callable(probe) or bool(probe())
+
         def timed(idx: int, hist: list[Experiment]) -> tuple[Candidate | None, float]:
             t0 = time.monotonic()
             return self._propose(idx, hist), time.monotonic() - t0
@@ -91,7 +97,7 @@ class Scheduler(SessionLifecycle):
                         if cand is not None:
                             prepared = (idx, cand, secs)
                         continue
-                elif not reason and prepared is None and budget > 0 and (free or ahead_ok()):
+                elif not reason and prepared is None and budget > 0 and (free or ahead_ok()) and has_work():
                     cand, secs = timed(next_idx, history)
                     learn("propose", secs)
                     if cand is not None:

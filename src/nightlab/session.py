@@ -291,7 +291,10 @@ class SessionLifecycle(Pipeline):
         if self.stop.graceful:
             return self.stop.graceful
         if self.stop_file.exists():
+            # consumed once, remembered for every waiter: an approval wait on another thread polls
+            # _stop_requested(), which would no longer see the file and wait forever
             self.stop_file.unlink(missing_ok=True)
+            self.stop.graceful = self.stop.graceful or "STOP file"
             return "STOP file"
         tried = [e for e in history if e.idx > self.epoch]
         if st.max_experiments and len(tried) >= st.max_experiments:

@@ -21,6 +21,8 @@ from nightlab.pool import store, trust
 RERUN = ("accepted", "checked", "unconfirmed", "contradicted")  # the host ran these
 INVALID = ("rejected", "contradicted")
 VALID = ("accepted", "checked", "unconfirmed", "credited")  # decided, and compute that counts
+EMPTY: dict[str, Any] = {"workers": [], "totals": {"worker_compute_s": 0.0, "verification_s": 0.0,
+                                                   "verification_fraction": None, "claims": 0, "accepted": 0}}
 
 
 def leaderboard(ledger: Ledger, pool: str, policy: trust.PoolPolicy) -> dict[str, Any]:

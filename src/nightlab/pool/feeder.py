@@ -69,6 +69,13 @@ class ClaimFeeder:
             return None
         return sorted(queued, key=lambda c: (not c.must_verify, c.seq))[0]
 
+    def has_work(self) -> bool:
+        """True when a queued claim waits (the scheduler asks while runs are in flight, so that it collects
+        their results instead of blocking in :meth:`propose`)."""
+        with self._lock:
+            return any((c.worker, c.claim_id) not in self._handed
+                       for c in store.list_claims(self.host.ledger, self.host.name, statuses=["queued"]))
+
     def _reset_orphans(self) -> None:
         """Claims left ``verifying`` by a host that stopped before their run: queued again (once, at start,
         after the history's replay has decided those whose run did finish)."""

@@ -272,9 +272,11 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
             with contextlib.suppress(UsageError):
                 policy = load_spec(lab_dir, check_paths=False).pool
         tag = f"pool-{policy.name}"
-        claims = store.list_claims(ledger, policy.name)[-50:][::-1]
-        return page(request, "pool.html", pool=policy.name, board=board.leaderboard(ledger, policy.name, policy),
-                    claims=claims, session=tag if ledger.get_session(tag) else None, nav="pool")
+        exists = pool is not None or store.has_tables(ledger)  # a read never creates the pool's tables
+        claims = store.list_claims(ledger, policy.name)[-50:][::-1] if exists else []
+        lb = board.leaderboard(ledger, policy.name, policy) if exists else board.EMPTY
+        return page(request, "pool.html", pool=policy.name, board=lb, claims=claims,
+                    session=tag if ledger.get_session(tag) else None, nav="pool")
 
     @app.get("/compare", response_class=HTMLResponse)
     def comparisons_page(request: Request) -> HTMLResponse:
