@@ -254,6 +254,41 @@ def test_old_lab_copies_are_pruned_and_nothing_else(tmp_path: Path) -> None:
                                                           "lab-notahead", "mine"]
 
 
+@pytest.mark.slow
+def test_keeps_of_a_killed_worker_are_queued_when_it_rejoins(tmp_path: Path) -> None:
+    """A worker killed after its session kept something, before it queued the claim: the next join queues it
+    (once), with the pool head the copy was made from as parent and the diff against its snapshot."""
+    from nightlab.pool.worker import HEAD_FILE, ClaimQueue, claim_id, queue_left_keeps
+
+    lab = make_host_lab(tmp_path)
+    git(lab, "branch", "pool")
+    git(lab, "bundle", "create", str(tmp_path / "b.bundle"), "pool")
+    head = "ab" * 20  # the pool commit the host would name (the snapshot is another commit)
+    root = tmp_path / "w"
+    copy = root / f"lab-{head[:12]}"
+    root.mkdir()
+    git(root, "clone", "-q", "-b", "pool", str(tmp_path / "b.bundle"), str(copy))
+    (copy / ".git" / HEAD_FILE).write_text(head + "\n")
+    run = subprocess.run([sys.executable, "-m", "nightlab.pool.worker", "session", str(copy), "4", "0", "search",
+                          "1", "-"], cwd=copy, env={**cli_env(), **GIT_ENV}, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    from nightlab.api import Lab
+
+    keeps = [e for e in Lab(copy).experiments(tag="pool") if e.status.value == "keep" and e.idx > 0]
+    assert keeps  # quickfit's baseline is weak: the search keeps something in 4 experiments
+    q = ClaimQueue(root / "claims.db")
+    ids = queue_left_keeps(root, q, worker="alice", seed=1, hw="hw", limits={}, say=lambda m: None)
+    assert len(ids) == len(keeps) and len(q.due()) == len(keeps)
+    snapshot = git(copy, "rev-parse", "pool").strip()
+    for e, item in zip(keeps, q.due(), strict=True):
+        diff = git(copy, "diff", "--no-color", "--no-ext-diff", "--full-index", "--binary", snapshot, str(e.commit))
+        assert item.payload["parent"] == head and item.payload["diff"] == diff and diff
+        assert item.claim_id == claim_id("alice", head, diff) and item.payload["metric"] == e.metric
+    assert queue_left_keeps(root, q, worker="alice", seed=1, hw="hw", limits={}, say=lambda m: None) == []
+    q.close()
+
+
 def test_backoff_is_capped_jittered_and_honours_retry_after() -> None:
     import random
 

@@ -54,7 +54,7 @@ from nightlab.pool.client import (
 
 __all__ = ["BACKOFF_BASE_S", "BACKOFF_CAP_S", "Claim", "ClaimQueue", "LabCopy", "PoolClient", "Round", "Unavailable",
            "backoff_s", "claim_id", "drain", "fetch_lab", "hardware", "join", "lab_diff", "open_copy",
-           "prune_copies", "worker_spec"]
+           "prune_copies", "queue_left_keeps", "worker_spec"]
 
 POOL_TAG = "pool"  # the worker's local session tag in each lab copy
 BUNDLE_BRANCH = "pool"  # the bundle's one branch (refs/heads/pool)
@@ -270,6 +270,20 @@ class Watcher:
             last = e.idx
 
 
+def queue_left_keeps(root: Path, queue: ClaimQueue, *, worker: str, seed: int, hw: str, limits: dict[str, Any],
+                     say: Callable[[str], None]) -> list[str]:
+    """Queue the claims of keeps that a previous run made in the lab copies under ``root`` but did not queue
+    (it was killed mid-round); returns their ids. Claims already queued are not queued again."""
+    ids: list[str] = []
+    for repo in sorted(root.glob("lab-*")):
+        copy = open_copy(repo)
+        if copy is not None:
+            rnd = Round(copy.head)
+            Watcher(copy, queue, worker=worker, seed=seed, hw=hw, limits=limits, say=say).scan(rnd)
+            ids += rnd.claims
+    return ids
+
+
 # ---------------------------------------------------------------------------------------------- join
 
 
@@ -339,10 +353,7 @@ def join(url: str, token: str, *, dir: Path | str | None = None, directory: Path
             f"({info.get('metric', {}).get('direction')}), head {str(info.get('head'))[:12]}")
         hw = hardware()
         limits = dict(info.get("limits") or {})
-        for repo in sorted(root.glob("lab-*")):  # keeps a previous run made but did not queue (killed mid-round)
-            old = open_copy(repo)
-            if old is not None:
-                Watcher(old, queue, worker=worker, seed=seed, hw=hw, limits=limits, say=say).scan(Round(old.head))
+        queue_left_keeps(root, queue, worker=worker, seed=seed, hw=hw, limits=limits, say=say)
         drain(client, queue, say, rng)  # claims a previous run left
         done: list[Round] = []
         copy: LabCopy | None = None
