@@ -2,7 +2,7 @@
 
 The verification rules are the real ones: :mod:`nightlab.pool.trust` (must_verify, check_probability,
 contradicted, compute_inflated, after_result) with the default ``[pool]`` section, and the lab's acceptance
-policy is the real :func:`nightlab.policy.make_policy` of the default ``[accept] policy = "repeat"`` (threshold
+policy is the real :func:`nightlab.policy.make_policy` of ``[accept] policy = "repeat"`` with its defaults (threshold
 screen z = 1, r = 5, Welch, alpha = 0.02), on both sides: honest workers run it locally (their session is an
 ordinary nightlab session) and the host runs it when it verifies a claim. What is simulated: the metric
 (minimise; one run's noise sigma = 1), the effects of candidates (as in bench/acceptance.py: 50% no effect,
@@ -85,6 +85,7 @@ class Worker:
     claims: int = 0
     accepted: int = 0
     credited_s: float = 0.0
+    claimed_experiments: int = 0  # of all its claims the host has received (the host's clock bounds them)
     local: tuple[int, float, IncumbentStats] | None = None  # (pool head, true metric, stats) of its session
 
 
@@ -201,6 +202,8 @@ class Sim:
         p, w = self.pool, self.workers[c.worker]
         if w.record.quarantined:
             return "refused"
+        before = w.claimed_experiments  # the experiments of its earlier claims (store.experiments_before)
+        w.claimed_experiments += c.experiments
         if c.protected:  # the guard rejects it before any run
             self.strike(w, False, rnd)
             return "rejected"
@@ -225,8 +228,11 @@ class Sim:
 
         verdict = self.accept.decide(Measurement(first), p.best, MIN, remeasure) if best_claim else None
         measured = statistics.fmean(runs)
-        invalid = (trust.contradicted(c.claimed, measured, MIN, SIGMA, self.policy, experiments=c.experiments)
-                   or trust.compute_inflated(c.compute_s, c.experiments, RUN_S, self.policy))
+        # as PoolHost.refutation: the claimed count is believed only as far as the clock since the invite allows
+        n = trust.credible_experiments(c.experiments, before, self.clock_s, RUN_S, self.policy)
+        invalid = (trust.contradicted(c.claimed, measured, MIN, SIGMA, self.policy, experiments=n)
+                   or trust.compute_inflated(c.compute_s, c.experiments, RUN_S, self.policy,
+                                             claimed_before=before, elapsed_s=self.clock_s))
         self.strike(w, not invalid, rnd)
         if invalid:
             return "contradicted"
@@ -351,7 +357,7 @@ def main() -> None:
             "cheater accepts", "overstated accepts", "verification %", "honest quarantined", "duplicates / 429s",
             "cheaters' credited compute", "rounds to quarantine (max)", "true gain/run"]
     print(f"{a.rounds} rounds x {a.experiments} experiments per worker per round, {a.seeds} seeds, sigma = 1, "
-          "[pool] and host [accept] defaults (repeat)\n")
+          "[pool] defaults, host [accept] policy = repeat\n")
     print("| " + " | ".join(cols) + " |")
     print("|" + "|".join(" --- " for _ in cols) + "|")
     t0 = time.perf_counter()

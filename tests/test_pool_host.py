@@ -83,6 +83,26 @@ def test_compute_inflated() -> None:
     assert trust.compute_inflated(-1.0, 1, 0.05, POLICY)
 
 
+def test_the_claimed_experiment_count_is_believed_only_as_far_as_the_clock_allows() -> None:
+    # the count widens the metric tolerance (best of n) and divides the claimed seconds: a worker that claims a
+    # million experiments a minute after its invite is inflating compute, and its tolerance stays that of 1,920
+    d = Direction.MINIMIZE
+    assert trust.plausible_experiments(60.0, 1.0, POLICY) == 8 * 60 * 4  # max_parallel x 60 s / (1 s / ratio 4)
+    assert trust.plausible_experiments(60.0, 10.0, POLICY) == 8 * 60 * 4 // 10
+    assert trust.plausible_experiments(0.0, 1.0, POLICY) == 1
+    assert trust.credible_experiments(10**6, 0, 60.0, 1.0, POLICY) == 1920
+    assert trust.credible_experiments(50, 1900, 60.0, 1.0, POLICY) == 20  # earlier claims used the rest
+    assert trust.credible_experiments(50, 0, 60.0, 1.0, POLICY) == 50  # an honest count is believed
+    assert not trust.compute_inflated(10**6 * 1.0, 10**6, 1.0, POLICY)  # per experiment it looks fine ...
+    assert not trust.compute_inflated(10**6 * 1.0, 10**6, 1.0, POLICY, claimed_before=0, elapsed_s=10**6)
+    assert trust.compute_inflated(10**6 * 1.0, 10**6, 1.0, POLICY, claimed_before=0, elapsed_s=60.0)
+    assert not trust.compute_inflated(50.0, 50, 1.0, POLICY, claimed_before=0, elapsed_s=60.0)
+    # the lie that the count was meant to excuse: 8 sd better than the re-run
+    n = trust.credible_experiments(10**6, 0, 60.0, 1.0, POLICY)
+    assert not trust.contradicted(0.6, 1.0, d, 0.05, POLICY, experiments=10**6)
+    assert trust.contradicted(0.6, 1.0, d, 0.05, POLICY, experiments=n)
+
+
 def test_spot_check_rate_of_a_trusted_worker_is_near_its_probability() -> None:
     rng = random.Random(7)
     r = trust.Record(valid_streak=50)

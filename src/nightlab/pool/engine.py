@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from nightlab.engine import Engine
-from nightlab.pool import trust
 from nightlab.types import Candidate, Experiment, Measurement, RunResult, Status
 from nightlab.verifier import Verifier
 
@@ -47,16 +46,8 @@ class PoolEngine(Engine):
         claim = store.get_claim(host.ledger, host.name, candidate.researcher[len(PREFIX):], cid)
         if claim is None:
             return ""
-        policy, sd = host.policy, host.noise_sd()
-        if trust.contradicted(claim.metric, m.metric, self.spec.metric.direction, sd, policy,
-                              experiments=claim.experiments):
-            return (f"pool: the claimed {self.spec.metric.name} {claim.metric:.6g} is contradicted by this run "
-                    f"({m.metric if m.metric is None else f'{m.metric:.6g}'}" + (f", noise sd {sd:.3g}" if sd else "")
-                    + "): a lie is never kept")
-        if trust.compute_inflated(claim.compute_s, claim.experiments, run.wall_s, policy):
-            return (f"pool: the claimed compute ({claim.compute_s:.0f}s for {claim.experiments} experiment(s)) is "
-                    f"inflated against this run's {run.wall_s:.2f}s: a lie is never kept")
-        return ""
+        why = host.refutation(claim, m.metric, run.wall_s)
+        return f"pool: {why}: a lie is never kept" if why else ""
 
     def _decide(self, idx: int, exp_id: int, candidate: Candidate, commit: str, canonical: str, wt: Path,
                 lab_root: Path, t0: float, res: RunResult, m: Measurement, extras: dict[str, Any]) -> Experiment:

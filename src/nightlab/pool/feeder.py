@@ -134,7 +134,6 @@ class ClaimFeeder:
                                reason=f"the host's run was {e.status.value}: queued again")
             return
         verify_s = max(0.0, (e.finished_at - e.started_at) if e.finished_at else e.run_s)
-        direction = host.spec.metric.direction
         noise_sd = host.noise_sd()
         measured = e.metric if e.status in (Status.KEEP, Status.DISCARD) else None
         strike = False
@@ -144,18 +143,11 @@ class ClaimFeeder:
             strike = rule_of(e.reason) in STRIKE_RULES
         elif e.status is Status.PRUNED and not claim.must_verify:
             status, reason = "checked", f"the host stopped the re-run early as hopeless: {e.reason}"
-        elif trust.contradicted(claim.metric, measured, direction, noise_sd, policy, experiments=claim.experiments):
+        elif why := host.refutation(claim, measured, e.run_s, ran=e.status.was_run()):
             status, strike = "contradicted", True
-            got = f"{measured:.6g}" if measured is not None else f"no metric ({e.status.value}: {e.reason[:200]})"
-            reason = (f"metric contradicted: claimed {claim.metric:.6g}, the host's re-run measured {got}"
-                      + (f" (noise sd {noise_sd:.3g})" if noise_sd else ""))
+            reason = why if measured is not None else f"{why} ({e.status.value}: {e.reason[:200]})"
             if e.status is Status.KEEP:  # only when the noise floor moved between the run and now
                 reason += "; kept on its measured merit, credited to nobody"
-        elif e.status.was_run() and trust.compute_inflated(claim.compute_s, claim.experiments, e.run_s, policy):
-            status, strike = "contradicted", True
-            reason = (f"compute inflated: claimed {claim.compute_s:.0f}s for {claim.experiments} experiment(s), "
-                      f"the host's run took {e.run_s:.2f}s (more than [pool] compute_ratio = "
-                      f"{policy.compute_ratio:g} times)")
         elif e.status is Status.KEEP:
             status, reason = "accepted", f"kept on the pool branch: {e.reason}"
             gain = self._gain(e)

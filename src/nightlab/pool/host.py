@@ -87,6 +87,32 @@ class PoolHost:
         sigma = self.ledger.session_json(s.id)[1].get("sigma")
         return float(sigma) if isinstance(sigma, int | float) and sigma > 0 else None
 
+    def refutation(self, claim: store.Claim, measured: float | None, run_s: float, *, ran: bool = True) -> str:
+        """Why the host's run of ``claim`` refutes it: ``metric contradicted: ...`` or ``compute inflated: ...``
+        ("" when it does not). The one judgement of a claim, used before the keep (:mod:`nightlab.pool.engine`)
+        and for the worker's record (:mod:`nightlab.pool.feeder`).
+
+        The claimed experiment count widens the metric tolerance (a greedy keep is the best of many noisy runs),
+        so only the part of it the host's clock allows is believed: all of a worker's claimed experiments since
+        its invite, at ``[pool] max_parallel`` runs at once (:func:`trust.credible_experiments`). A count beyond
+        that is inflated compute."""
+        policy, direction, sd = self.policy, self.spec.metric.direction, self.noise_sd()
+        w = store.get_worker(self.ledger, self.name, claim.worker)
+        elapsed = claim.received_at - (w.created_at if w is not None else claim.received_at)
+        before = store.experiments_before(self.ledger, self.name, claim.worker, claim.seq)
+        n = trust.credible_experiments(claim.experiments, before, elapsed, run_s, policy)
+        if trust.contradicted(claim.metric, measured, direction, sd, policy, experiments=n):
+            got = f"{measured:.6g}" if measured is not None else "no metric"
+            return (f"metric contradicted: claimed {claim.metric:.6g}, the host's re-run measured {got}"
+                    + (f" (noise sd {sd:.3g})" if sd else ""))
+        if ran and trust.compute_inflated(claim.compute_s, claim.experiments, run_s, policy,
+                                          claimed_before=before, elapsed_s=elapsed):
+            return (f"compute inflated: claimed {claim.compute_s:.0f}s for {claim.experiments} experiment(s) "
+                    f"({before} claimed before, {max(0.0, elapsed):.0f}s since the invite); the host's run took "
+                    f"{run_s:.2f}s ([pool] compute_ratio = {policy.compute_ratio:g}, "
+                    f"max_parallel = {policy.max_parallel:g})")
+        return ""
+
     def emit(self, kind: str, **data: Any) -> None:
         self.events.emit(kind, **data)  # an audit log that cannot write fails the request (no silent loss)
 

@@ -298,6 +298,14 @@ def first_with_diff(ledger: Ledger, pool: str, diff: str) -> Claim | None:
     return _claim(r) if r is not None else None
 
 
+def experiments_before(ledger: Ledger, pool: str, worker: str, seq: int) -> int:
+    """The experiments a worker claimed in its claims that arrived before claim ``seq`` (any status)."""
+    ensure_tables(ledger)
+    with ledger.transaction() as conn:
+        return int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(claims.c.experiments), 0)).where(
+            claims.c.pool == pool, claims.c.worker == worker, claims.c.seq < seq)).scalar_one())
+
+
 def pending_count(ledger: Ledger, pool: str, worker: str) -> int:
     ensure_tables(ledger)
     with ledger.transaction() as conn:

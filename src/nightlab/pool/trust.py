@@ -73,13 +73,38 @@ def contradicted(claimed: float, measured: float | None, direction: Direction, n
     return direction.improvement(claimed, measured) > tol
 
 
-def compute_inflated(claimed_s: float, experiments: int, measured_run_s: float, policy: PoolPolicy) -> bool:
+def plausible_experiments(elapsed_s: float, measured_run_s: float, policy: PoolPolicy) -> int:
+    """The most experiments a worker can have finished in ``elapsed_s`` seconds (since its invite): ``max_parallel``
+    runs at once, each at least ``1 / compute_ratio`` of the host's run of the claim (a faster machine is allowed
+    that much; a host run under :data:`MIN_RUN_S` counts as that long)."""
+    shortest = max(measured_run_s, MIN_RUN_S) / policy.compute_ratio
+    return max(1, math.floor(policy.max_parallel * max(0.0, elapsed_s) / shortest))
+
+
+def credible_experiments(experiments: int, claimed_before: int, elapsed_s: float, measured_run_s: float,
+                         policy: PoolPolicy) -> int:
+    """How many of a claim's ``experiments`` the host's clock allows: the worker's experiments of all its claims
+    (``claimed_before`` + this one's) cannot exceed :func:`plausible_experiments` since its invite. The count is the
+    worker's word and widens the tolerance of :func:`contradicted`; this is the part of it that is believed."""
+    room = plausible_experiments(elapsed_s, measured_run_s, policy) - max(0, claimed_before)
+    return max(1, min(max(1, int(experiments)), room))
+
+
+def compute_inflated(claimed_s: float, experiments: int, measured_run_s: float, policy: PoolPolicy, *,
+                     claimed_before: int | None = None, elapsed_s: float | None = None) -> bool:
     """True when the claimed seconds per experiment exceed ``compute_ratio`` times the host's run of the claim
-    (a host run under :data:`MIN_RUN_S` counts as that long)."""
+    (a host run under :data:`MIN_RUN_S` counts as that long), or, given the worker's clock (``elapsed_s`` since
+    its invite and the experiments of its earlier claims), when it claims more experiments than that time allows
+    (:func:`credible_experiments`)."""
     if not math.isfinite(claimed_s) or claimed_s < 0:
         return True
     per_exp = claimed_s / max(1, experiments)
-    return per_exp > policy.compute_ratio * max(measured_run_s, MIN_RUN_S)
+    if per_exp > policy.compute_ratio * max(measured_run_s, MIN_RUN_S):
+        return True
+    if elapsed_s is not None:
+        before = claimed_before or 0
+        return credible_experiments(experiments, before, elapsed_s, measured_run_s, policy) < max(1, experiments)
+    return False
 
 
 def after_result(r: Record, valid: bool, policy: PoolPolicy) -> Record:
