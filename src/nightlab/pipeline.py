@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from nightlab import constraints, escape, keep, prune, sandbox
+from nightlab import constraints, escape, keep, prune, requeue, sandbox
 from nightlab.errors import NightlabError
 from nightlab.guard import Guard, diff_paths
 from nightlab.permissions import rule_of
@@ -56,9 +56,11 @@ class Pipeline(Runtime):
                 return Candidate(**{**item.__dict__, "parent": inc})
             files = keep.replay(self.ws, item, inc)
             if files is not None:
+                requeue.take(self.ledger, item, idx)
                 return Candidate(parent=inc, rationale=item.rationale, files=files, params=dict(item.params),
                                  researcher=REBASE)
             # conflicts with (or adds nothing to) the incumbent of now: dropped before it gets a row
+            requeue.drop(self.ledger, self.ws, self.session.tag, item)
             self.events.emit("requeue.drop", experiment=item.source_idx, tip=item.tip)
         ctx = replace(self._context(idx, history),
                       should_stop=lambda: self._closing or bool(self._stop_requested()))
@@ -440,10 +442,22 @@ class Pipeline(Runtime):
         if tree is None:
             return "; its change does not combine with the incumbent (conflict, or nothing new): nothing queued"
         tip = keep.commit_tree(self.ws, tree, after, f"nightlab {self.session.tag}: combination with #{idx}")
-        self._requeue.append(keep.Requeued(idx, f"combination with #{idx}: {candidate.rationale}", tip,
-                                           dict(candidate.params)))
+        item = requeue.add(self.ledger, self.ws, self.session.id, self.session.tag, keep.Requeued(
+            idx, f"combination with #{idx}: {candidate.rationale}", tip, dict(candidate.params)))
+        self._requeue.append(item)  # persisted first: a kill from here on loses nothing (--resume restores it)
         self.events.emit("requeue", experiment=idx, tip=tip)
         return "; its change combined with the incumbent is queued as a new candidate"
+
+    def _restore_requeue(self) -> None:
+        """``--resume``: queue again the combinations a stop or a kill left unmeasured (requeue.py)."""
+        items, dropped = requeue.restore(self.ledger, self.ws, self.session.id, self.session.tag, self.epoch)
+        for item, why in dropped:
+            self.events.emit("requeue.drop", experiment=item.source_idx, tip=item.tip, why=why)
+        for item in items:
+            self.events.emit("requeue.restore", experiment=item.source_idx, tip=item.tip)
+        if items:
+            self.reporter.message(f"{len(items)} queued combination(s) of stale winners restored")
+        self._requeue[:0] = items
 
     def _decide_rebase(self, idx: int, exp_id: int, candidate: Candidate, canonical: str, t0: float,
                        res: RunResult, m: Measurement, extras: dict[str, Any]) -> Experiment:
