@@ -282,10 +282,7 @@ class Pipeline(Runtime):
                              log_sha256=_file_sha(Path(res.log_path)))
             self._spent("run", tr)
             if res.interrupted and watch.pruned_at is not None and not self.stop.cancel.is_set():
-                last = watch.curve[-1][1] if watch.curve else math.nan
-                return self._finish(exp_id, Status.PRUNED, t0, res, reason=(
-                    f"pruned at step {watch.pruned_at}: {self.pruner.metric}={last:.6g} judged hopeless by the "
-                    f"{self.spec.prune.pruner} pruner against earlier runs at that step"))
+                return self._pruned(exp_id, t0, res, watch)
             if res.interrupted:
                 return self._finish(exp_id, Status.INTERRUPTED, t0, res,
                                     reason=f"interrupted: {self.stop.cancel_reason or 'stop requested'}")
@@ -321,6 +318,13 @@ class Pipeline(Runtime):
                 self.ws.remove_worktree(wt)
                 self.session = self.ledger.get_session(self.session.tag) or self.session
 
+    def _pruned(self, exp_id: int, t0: float, res: RunResult, watch: prune.Watch,
+                evidence: dict[str, Any] | None = None) -> Experiment:
+        last = watch.curve[-1][1] if watch.curve else math.nan
+        return self._finish(exp_id, Status.PRUNED, t0, res, evidence=evidence or {}, reason=(
+            f"pruned at step {watch.pruned_at}: {self.pruner.metric}={last:.6g} judged hopeless by the "
+            f"{self.spec.prune.pruner} pruner against earlier runs at that step"))
+
     def _run_remote(self, idx: int, exp_id: int, candidate: Candidate | None, commit: str, canonical: str,
                     wt: Path, lab_root: Path, t0: float, seed: int, log_path: Path) -> Experiment:
         """Run the committed experiment as a Ray task; the tree travels as a ``git archive`` tar."""
@@ -341,8 +345,14 @@ class Pipeline(Runtime):
         self.events.emit("sandbox.start", experiment=idx, command=self.spec.run.command, executor="ray",
                          mode=self.sandbox_mode, network=self.spec.sandbox.network,
                          timeout_s=self.spec.run.hard_timeout_s, archive_sha256=hashlib.sha256(archive).hexdigest())
-        with self._stage("run"):
-            out = self.ray.run(job, log_path=log_path, cancel=self.stop.cancel)
+        # progress lines come home through Ray (ray_executor, "Progress and pruning"); the watch judges them
+        watch = self.pruner.watch(None, self.stop.cancel, prunable=candidate is not None)
+        self._tls.watch = watch
+        try:
+            with self._stage("run"):
+                out = self.ray.run(job, log_path=log_path, cancel=watch.cancel, on_progress=watch.feed)
+        finally:
+            watch.close()
         if isinstance(out, Lost):
             self.events.emit("sandbox.exit", experiment=idx, lost=True, reason=out.reason, attempts=out.attempts)
             return self._finish(exp_id, Status.LOST, t0, reason=f"lost after {out.attempts} attempt(s): {out.reason}",
@@ -352,6 +362,8 @@ class Pipeline(Runtime):
                          interrupted=res.interrupted, wall_s=round(res.wall_s, 3), node=out.node,
                          attempts=out.attempts, log_sha256=_file_sha(Path(res.log_path)))
         where = {"executor": "ray", "node": out.node, "attempts": out.attempts}
+        if res.interrupted and watch.pruned_at is not None and not self.stop.cancel.is_set():
+            return self._pruned(exp_id, t0, res, watch, where)
         if res.interrupted:
             return self._finish(exp_id, Status.INTERRUPTED, t0, res,
                                 reason=f"interrupted: {self.stop.cancel_reason or 'stop requested'}")
