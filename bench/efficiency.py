@@ -22,7 +22,9 @@ Two parts (figures and commands in bench/README.md):
 which on a slow, loaded CPU is a handful of optimizer steps, fewer when the load rises: no learning
 curve worth pruning on, and a metric that measures the machine's load). ``--tinygpt-steps N`` makes
 each run train for N optimizer steps on one thread instead (``TINYGPT_STEPS``, ``TINYGPT_THREADS``,
-read by train.py): the same work whatever the load. It is still the real lab: train.py trains,
+read by train.py): the same work whatever the load; the model's size is then fixed (``TINYGPT_FIXED``,
+``[researcher.space]``), so the search tunes the optimisation (learning rate, schedule, weight decay,
+betas, dropout, clipping) and a run's cost does not depend on its point. It is still the real lab: train.py trains,
 prints its progress lines every 5 % of the steps, and the protected evaluator scores the
 checkpoint; the session budget stays in run-seconds. ``--semantics measured`` runs only the new
 keep semantics (the pruning comparison is made within them).
@@ -89,6 +91,10 @@ LAB_SPECS = {
 }
 
 
+# with --tinygpt-steps: the constants that set the model's size (and so a step's cost) stay as in train.py
+TINYGPT_FIXED = ("SEQ_LEN", "N_LAYER", "N_HEAD", "HEAD_DIM", "MLP_RATIO", "BATCH_SIZE")
+
+
 def lab_session(name: str, seed: int, semantics: str, prune_on: bool, budget: float, work: Path,
                 run_budget: float | None = None, run_steps: int | None = None) -> dict[str, Any]:
     edits, prune = LAB_SPECS[name]
@@ -107,6 +113,8 @@ def lab_session(name: str, seed: int, semantics: str, prune_on: bool, budget: fl
     spec = spec.replace("[researcher]\nkind = \"search\"\nseed = 0", f"[researcher]\nkind = \"search\"\nseed = {seed}")
     spec = spec.replace("max_experiments = 20", "max_experiments = 0").replace("max_experiments = 50",
                                                                                "max_experiments = 0")
+    if run_steps and name == "tinygpt":  # the model's size fixed: the search tunes the optimisation only
+        spec += "\n[researcher.space]\n" + "".join(f"{k} = {{ fixed = true }}\n" for k in TINYGPT_FIXED)
     if prune_on:
         spec += "\n" + prune
     (lab / "nightlab.toml").write_text(spec)
