@@ -96,8 +96,12 @@ TINYGPT_FIXED = ("SEQ_LEN", "N_LAYER", "N_HEAD", "HEAD_DIM", "MLP_RATIO", "BATCH
 
 
 def lab_session(name: str, seed: int, semantics: str, prune_on: bool, budget: float, work: Path,
-                run_budget: float | None = None, run_steps: int | None = None) -> dict[str, Any]:
+                run_budget: float | None = None, run_steps: int | None = None,
+                prune_startup: int | None = None) -> dict[str, Any]:
     edits, prune = LAB_SPECS[name]
+    if prune_startup is not None:
+        prune = "\n".join(f"startup_runs = {prune_startup}" if line.startswith("startup_runs") else line
+                           for line in prune.split("\n"))
     if run_budget is not None and name == "tinygpt":
         edits = {**edits, "budget_s = 60": f"budget_s = {run_budget:g}"}
     if run_steps and name == "tinygpt":  # a budget of steps, on one thread: train.py reads these ([run] env)
@@ -172,7 +176,8 @@ def labs(args: argparse.Namespace) -> None:
                         if (name, seed, semantics, prune_on) in done:
                             continue
                         r = lab_session(name, seed, semantics, prune_on, budget, Path(tmp),
-                                        args.tinygpt_budget, args.tinygpt_steps)
+                                        args.tinygpt_budget, args.tinygpt_steps, args.prune_startup)
+                        r["prune_startup"] = args.prune_startup
                         if name == "tinygpt":
                             r.update(run_budget_s=args.tinygpt_budget, run_steps=args.tinygpt_steps)
                         rows.append(r)
@@ -391,6 +396,8 @@ def main() -> None:
                    help="tinygpt's per-run training seconds ([run] budget_s; default 1.5)")
     a.add_argument("--tinygpt-steps", type=int, default=None,
                    help="tinygpt trains for this many optimizer steps, on one thread, instead of a time budget")
+    a.add_argument("--prune-startup", type=int, default=None,
+                   help="the median pruner's startup_runs (default: 3 on quickfit, 2 on tinygpt)")
     a.add_argument("--semantics", nargs="+", choices=["rebase", "measured"], default=["rebase", "measured"],
                    help="keep semantics to run (default both)")
     a.add_argument("--out", default="bench-efficiency-labs.json")
