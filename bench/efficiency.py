@@ -16,7 +16,18 @@ Two parts (figures and commands in bench/README.md):
            value after k trials, and the best value each reaches within the same wall-clock time.
 
     python bench/efficiency.py labs --seeds 5
-    python bench/efficiency.py optuna --seeds 20 --trials 60 --sleep 0.2
+    python bench/efficiency.py labs --labs tinygpt --seeds 3 --tinygpt-steps 50 --tinygpt-s 110 --semantics measured
+
+``--tinygpt-budget`` sets tinygpt's per-run training seconds (``[run] budget_s``; 1.5 by default,
+which on a slow, loaded CPU is a handful of optimizer steps, fewer when the load rises: no learning
+curve worth pruning on, and a metric that measures the machine's load). ``--tinygpt-steps N`` makes
+each run train for N optimizer steps on one thread instead (``TINYGPT_STEPS``, ``TINYGPT_THREADS``,
+read by train.py): the same work whatever the load; the model's size is then fixed (``TINYGPT_FIXED``,
+``[researcher.space]``), so the search tunes the optimisation (learning rate, schedule, weight decay,
+betas, dropout, clipping) and a run's cost does not depend on its point. It is still the real lab: train.py trains,
+prints its progress lines every 5 % of the steps, and the protected evaluator scores the
+checkpoint; the session budget stays in run-seconds. ``--semantics measured`` runs only the new
+keep semantics (the pruning comparison is made within them).
 """
 
 from __future__ import annotations
@@ -80,8 +91,22 @@ LAB_SPECS = {
 }
 
 
-def lab_session(name: str, seed: int, semantics: str, prune_on: bool, budget: float, work: Path) -> dict[str, Any]:
+# with --tinygpt-steps: the constants that set the model's size (and so a step's cost) stay as in train.py
+TINYGPT_FIXED = ("SEQ_LEN", "N_LAYER", "N_HEAD", "HEAD_DIM", "MLP_RATIO", "BATCH_SIZE")
+
+
+def lab_session(name: str, seed: int, semantics: str, prune_on: bool, budget: float, work: Path,
+                run_budget: float | None = None, run_steps: int | None = None,
+                prune_startup: int | None = None) -> dict[str, Any]:
     edits, prune = LAB_SPECS[name]
+    if prune_startup is not None:
+        prune = "\n".join(f"startup_runs = {prune_startup}" if line.startswith("startup_runs") else line
+                           for line in prune.split("\n"))
+    if run_budget is not None and name == "tinygpt":
+        edits = {**edits, "budget_s = 60": f"budget_s = {run_budget:g}"}
+    if run_steps and name == "tinygpt":  # a budget of steps, on one thread: train.py reads these ([run] env)
+        edits = {**edits, 'command = "python train.py"\n': 'command = "python train.py"\n'
+                 f'env = {{ TINYGPT_STEPS = "{run_steps}", TINYGPT_THREADS = "1" }}\n'}
     lab = work / f"{name}-{semantics}-{'p' if prune_on else 'n'}-{seed}"
     git_lab(ROOT / "examples" / name, lab)
     spec = (lab / "nightlab.toml").read_text()
@@ -92,6 +117,8 @@ def lab_session(name: str, seed: int, semantics: str, prune_on: bool, budget: fl
     spec = spec.replace("[researcher]\nkind = \"search\"\nseed = 0", f"[researcher]\nkind = \"search\"\nseed = {seed}")
     spec = spec.replace("max_experiments = 20", "max_experiments = 0").replace("max_experiments = 50",
                                                                                "max_experiments = 0")
+    if run_steps and name == "tinygpt":  # the model's size fixed: the search tunes the optimisation only
+        spec += "\n[researcher.space]\n" + "".join(f"{k} = {{ fixed = true }}\n" for k in TINYGPT_FIXED)
     if prune_on:
         spec += "\n" + prune
     (lab / "nightlab.toml").write_text(spec)
@@ -144,11 +171,15 @@ def labs(args: argparse.Namespace) -> None:
         for name in args.labs:
             budget = args.quickfit_s if name == "quickfit" else args.tinygpt_s
             for seed in range(args.seeds):
-                for semantics in ("rebase", "measured"):
+                for semantics in args.semantics:
                     for prune_on in (False, True):
                         if (name, seed, semantics, prune_on) in done:
                             continue
-                        r = lab_session(name, seed, semantics, prune_on, budget, Path(tmp))
+                        r = lab_session(name, seed, semantics, prune_on, budget, Path(tmp),
+                                        args.tinygpt_budget, args.tinygpt_steps, args.prune_startup)
+                        r["prune_startup"] = args.prune_startup
+                        if name == "tinygpt":
+                            r.update(run_budget_s=args.tinygpt_budget, run_steps=args.tinygpt_steps)
                         rows.append(r)
                         out.write_text(json.dumps(rows))
                         print(f"{name} seed {seed} {semantics:8} prune {prune_on!s:5} best {r['best_at_budget']:.5g} "
@@ -361,6 +392,14 @@ def main() -> None:
     a.add_argument("--labs", nargs="+", default=["quickfit", "tinygpt"])
     a.add_argument("--quickfit-s", type=float, default=25.0, help="run-seconds per quickfit session")
     a.add_argument("--tinygpt-s", type=float, default=40.0, help="run-seconds per tinygpt session")
+    a.add_argument("--tinygpt-budget", type=float, default=None,
+                   help="tinygpt's per-run training seconds ([run] budget_s; default 1.5)")
+    a.add_argument("--tinygpt-steps", type=int, default=None,
+                   help="tinygpt trains for this many optimizer steps, on one thread, instead of a time budget")
+    a.add_argument("--prune-startup", type=int, default=None,
+                   help="the median pruner's startup_runs (default: 3 on quickfit, 2 on tinygpt)")
+    a.add_argument("--semantics", nargs="+", choices=["rebase", "measured"], default=["rebase", "measured"],
+                   help="keep semantics to run (default both)")
     a.add_argument("--out", default="bench-efficiency-labs.json")
     b = sub.add_parser("optuna")
     b.add_argument("--seeds", type=int, default=20)

@@ -326,6 +326,19 @@ def test_tinygpt_train_evaluate_holdout(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_tinygpt_can_train_for_a_number_of_steps_instead_of_seconds(tmp_path: Path) -> None:
+    # bench/efficiency.py --tinygpt-steps: the same work whatever the machine's load
+    lab = lab_copy("tinygpt", tmp_path)
+    env = {"NIGHTLAB_DATA_DIR": str(tmp_path / "data"), "NIGHTLAB_BUDGET_S": "0.001", "NIGHTLAB_SEED": "0",
+           "TINYGPT_STEPS": "20", "TINYGPT_THREADS": "1"}
+    ok(run(["prepare.py", "--train-bytes", "60000", "--val-bytes", "4096", "--holdout-bytes", "4096"], lab, env))
+    out = ok(run(["train.py"], lab, env)).stdout
+    assert summary(out)["num_steps"] == 20  # not the 1 step a 1 ms time budget allows
+    steps = [int(line.split()[1].removeprefix("step=")) for line in out.splitlines() if line.startswith("nightlab:")]
+    assert steps == list(range(5, 101, 5))  # a progress line every 5 % of the steps
+
+
+@pytest.mark.slow
 def test_tinygpt_evaluator_rejects_a_model_that_sees_the_future(tmp_path: Path) -> None:
     lab = lab_copy("tinygpt", tmp_path)
     env = {"NIGHTLAB_DATA_DIR": str(tmp_path / "data")}

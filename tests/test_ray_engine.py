@@ -70,3 +70,27 @@ def test_ray_with_an_evaluator_is_refused(make_lab):
                    + '\n[evaluate]\ncommand = "python evaluate.py"\noutputs = []\n')
     with pytest.raises(UsageError, match="ray executor"):
         Engine(lab, tag="x", researcher=ScriptedResearcher([]), sandbox_mode="none")
+
+
+def test_a_hopeless_ray_run_is_pruned_from_its_progress_lines(make_lab, cluster):
+    from tests.test_prune import CURVED, PRUNE_SPEC, Steps
+
+    slow = CURVED.replace("time.sleep(0.15)", "time.sleep(0.4)")  # 4 s to the end: the prune comes well before
+    lab = make_lab(files={"target.py": slow},
+                   spec=PRUNE_SPEC.replace("pipeline = false", 'kind = "ray"\nnum_cpus = 1\npipeline = false'))
+    eng = Engine(lab, tag="rp", researcher=Steps([1.0, 9.0]), sandbox_mode="none", max_experiments=2)
+    session = eng.run()
+    by = {e.idx: e for e in eng.ledger.experiments(session.id)}
+    eng.close()
+    assert all(e.evidence.get("executor") == "ray" for e in by.values())
+    # the curves of the runs that went to their end came home through Ray, step by step
+    assert by[0].status is Status.KEEP and [p[0] for p in by[0].evidence["curve"]] == list(range(1, 11))
+    assert by[1].status is Status.KEEP and len(by[1].evidence["curve"]) == 10
+    bad = by[2]  # X = 9: 64.5 against 4.5 at every step
+    assert bad.status is Status.PRUNED, (bad.status, bad.reason)
+    assert bad.evidence["pruned_at"] >= 2 and bad.reason.startswith(f"pruned at step {bad.evidence['pruned_at']}")
+    assert bad.metric is None and bad.evidence["saved_s"] > 0
+    # stopped on the worker by its cancel flag: the task ended by itself and brought its partial log home
+    log = (lab / ".nightlab" / "artifacts" / "rp" / str(bad.idx) / "run.log").read_text()
+    assert "step=2 " in log and "step=10 " not in log and "---" not in log
+    assert session.incumbent_commit == by[1].commit

@@ -190,3 +190,24 @@ def test_without_ray_a_usage_error_says_how_to_install(monkeypatch: pytest.Monke
     with pytest.raises(UsageError) as e:
         RayExecutor()
     assert "nightlab[ray]" in e.value.fix
+
+
+def test_progress_lines_stream_home_and_the_cancel_flag_brings_the_partial_log(executor: RayExecutor,
+                                                                                tmp_path: Path) -> None:
+    script = ("import time\nfor s in range(1, 41):\n    print(f'nightlab: step={s} loss={1 / s}', flush=True)\n"
+              "    print('noise', flush=True)\n    time.sleep(0.2)\nprint('---')\nprint('score: 1')\n")
+    seen: list[str] = []
+    cancel = threading.Event()
+
+    def on_progress(line: str) -> None:
+        seen.append(line)
+        if len(seen) == 5:  # what the engine's pruner does: judge from the lines, then stop the run
+            cancel.set()
+
+    j = job(tmp_path, "python train.py", files={"lab/train.py": script}, mode="none", key="t/progress")
+    res = executor.run(j, log_path=tmp_path / "run.log", cancel=cancel, on_progress=on_progress)
+    assert isinstance(res, RemoteResult) and res.run.interrupted and res.measurement.metric is None
+    steps = [int(line.split()[1].removeprefix("step=")) for line in seen]
+    assert steps[:5] == [1, 2, 3, 4, 5] and steps == sorted(steps) and steps[-1] < 40  # in order, stopped early
+    log = (tmp_path / "run.log").read_text()  # the task ended by itself: its partial log came home
+    assert "nightlab: step=5 " in log and "noise" in log and "---" not in log

@@ -15,7 +15,7 @@ from nightlab import researchers
 from nightlab.constants import find_constants
 from nightlab.errors import UsageError
 from nightlab.researchers import Context, Researcher
-from nightlab.researchers.search import Options, SearchResearcher, create
+from nightlab.researchers.search import Options, SearchResearcher, create, violation
 from nightlab.spec import Spec
 from nightlab.types import Candidate, Direction, Experiment, Status, Usage
 
@@ -199,8 +199,8 @@ def test_resume_replays_history_into_a_fresh_study() -> None:
     c = again.propose(context(incumbent_files, 14, tuple(history), best))
     assert again.study is not None
     trials = again.study.get_trials(deepcopy=False)
-    done = [t for t in trials if t.state is TrialState.COMPLETE and not t.constraints]
-    crashed = [t for t in trials if t.state is TrialState.COMPLETE and t.constraints]
+    done = [t for t in trials if t.state is TrialState.COMPLETE and not violation(t)]
+    crashed = [t for t in trials if t.state is TrialState.COMPLETE and violation(t)]
     # the incumbent moved, so the baseline's values are unknown and its default ranges moved:
     # they are widened to fit every replayed value
     assert kept
@@ -209,7 +209,7 @@ def test_resume_replays_history_into_a_fresh_study() -> None:
     assert [t.value for t in done] == [e.metric for e in expected]
     # the crash, as an infeasible trial (TPE learns from it); out-of-range/foreign skipped
     assert [t.params for t in crashed] == [history[3].params]
-    assert crashed[0].constraints == {"0": 1.0} and crashed[0].value == max(e.metric or 0 for e in expected)
+    assert violation(crashed[0]) == 1.0 and crashed[0].value == max(e.metric or 0 for e in expected)
     assert not [t for t in trials if t.state is TrialState.FAIL]
     assert c.params and trials[-1].state is TrialState.RUNNING
 
@@ -235,7 +235,7 @@ def test_baseline_becomes_a_trial_crashes_are_infeasible_and_other_failures_fail
     # crash and timeout: completed with the worst value so far (the baseline's) and a violated
     # constraint, so TPE counts them among the bad trials; the harness-side failures are FAIL
     assert [t.state for t in trials[1:]] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL] * 3 + [TrialState.COMPLETE]
-    assert [t.constraints for t in trials[1:]] == [{"0": 1.0}] * 2 + [{}] * 4
+    assert [violation(t) for t in trials[1:]] == [1.0] * 2 + [0.0] * 4
     assert [t.value for t in trials[1:3]] == [3.0, 3.0] and trials[-1].value == 2.0
 
 

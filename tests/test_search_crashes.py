@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from tests.test_search import context, experiment, spec
 
 from nightlab.constants import find_constants
-from nightlab.researchers.search import CRASH, Options, SearchResearcher, create
+from nightlab.researchers.search import CRASH, Options, SearchResearcher, create, violation
 from nightlab.types import Experiment, Status
 
 LAB = """\
@@ -80,13 +80,13 @@ def test_crashes_teach_tpe_to_avoid_the_region() -> None:
     assert sum(map(sum, blind)) > sum(map(sum, learned))
 
 
-def _by_experiment(r: SearchResearcher) -> dict[int, tuple[TrialState, dict[str, float], bool]]:
+def _by_experiment(r: SearchResearcher) -> dict[int, tuple[TrialState, float, bool]]:
     assert r.study is not None
     out = {}
     for t in r.study.get_trials(deepcopy=False):
         idx = t.user_attrs.get("nightlab_experiment")
         if isinstance(idx, int) and idx > 0 and t.state is not TrialState.RUNNING:  # not the new proposal
-            out[idx] = (t.state, t.constraints, bool(t.user_attrs.get(CRASH)))
+            out[idx] = (t.state, violation(t), bool(t.user_attrs.get(CRASH)))
     return out
 
 
@@ -103,7 +103,7 @@ def test_resume_replays_crashes_the_way_they_were_told() -> None:
     history = session(live, 16)
     told = _by_experiment(live)
     crashed = [e.idx for e in history if e.status is Status.CRASH]
-    assert crashed and all(told[i][0] is TrialState.COMPLETE and told[i][1] == {"0": 1.0} for i in crashed)
+    assert crashed and all(told[i][0] is TrialState.COMPLETE and told[i][1] == 1.0 for i in crashed)
     again = _replay(history)
     assert _by_experiment(again) == told  # same state, same constraint, same mark, experiment by experiment
     assert again.crashed == live.crashed and len(again.crashed) == len(crashed)
@@ -128,7 +128,7 @@ def test_a_re_asked_crashed_setting_is_told_as_a_crash_not_run() -> None:
     settings = [tuple(sorted(e.params.items())) for e in history[1:]]
     assert len(set(settings)) == len(settings)  # no setting twice, crashed ones included
     assert r.study is not None
-    infeasible = [t for t in r.study.get_trials(deepcopy=False) if t.constraints]
+    infeasible = [t for t in r.study.get_trials(deepcopy=False) if violation(t)]
     assert len(infeasible) >= sum(e.status is Status.CRASH for e in history)
     assert all(t.user_attrs.get(CRASH) for t in infeasible)
 
@@ -146,5 +146,5 @@ def test_worst_mode_tells_the_worst_value_and_fails_before_any_measurement() -> 
     told = {t.user_attrs.get("nightlab_experiment"): t for t in r.study.get_trials(deepcopy=False)}
     assert told[1].state is TrialState.FAIL and told[1].user_attrs[CRASH]
     for idx in (3, 5):  # the worst measured so far (3.5, a minimised loss), no constraint
-        assert told[idx].state is TrialState.COMPLETE and told[idx].value == 3.5 and not told[idx].constraints
+        assert told[idx].state is TrialState.COMPLETE and told[idx].value == 3.5 and not violation(told[idx])
     assert r.crashed and len(r.crashed) == 3

@@ -3,7 +3,10 @@
 Every hyperparameter is a module-level UPPER_CASE constant below (the `search` researcher tunes
 them within the `# nightlab:` ranges; an LLM researcher may change anything in this file).
 Reads the splits written by prepare.py from ``$NIGHTLAB_DATA_DIR`` (default ``./data``), trains
-until ``$NIGHTLAB_BUDGET_S`` seconds (default 60) of training have passed, seeded by
+until ``$NIGHTLAB_BUDGET_S`` seconds (default 60) of training have passed (or, when
+``$TINYGPT_STEPS`` is set, for that many optimizer steps: a budget of work, not of time, for
+comparisons on a loaded machine, e.g. bench/efficiency.py's ``--tinygpt-steps``; on CPU it uses
+``$TINYGPT_THREADS`` threads when set, else one per core), seeded by
 ``$NIGHTLAB_SEED`` (default 0), on CUDA when present else CPU. Saves ``ckpt.pt`` for the
 protected evaluate.py / holdout.py and prints the summary block.
 
@@ -110,11 +113,13 @@ def lr_at(progress: float) -> float:
 
 def main() -> None:
     budget_s = float(os.environ.get("NIGHTLAB_BUDGET_S", "60"))
+    max_steps = int(os.environ.get("TINYGPT_STEPS", "0"))  # > 0: a step budget instead of the time budget
     seed = int(os.environ.get("NIGHTLAB_SEED", "0"))
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+        # TINYGPT_THREADS: fewer threads than cores (on a machine other jobs share, 1 is much faster)
+        torch.set_num_threads(int(os.environ.get("TINYGPT_THREADS", "0")) or max(1, len(os.sched_getaffinity(0))))
     cfg = {
         "vocab_size": VOCAB_SIZE,
         "seq_len": int(SEQ_LEN),
@@ -148,9 +153,13 @@ def main() -> None:
     model.train()
     t0 = time.perf_counter()
     elapsed = 0.0
-    while elapsed < budget_s:
+
+    def progress() -> float:
+        return steps / max_steps if max_steps > 0 else elapsed / budget_s
+
+    while progress() < 1.0:
         for group in opt.param_groups:
-            group["lr"] = lr_at(elapsed / budget_s)
+            group["lr"] = lr_at(progress())
         starts = torch.randint(0, len(train) - t_len - 1, (b,), generator=gen)
         chunk = train[starts[:, None] + offsets].to(device=device, dtype=torch.long)
         x, y = chunk[:, :-1], chunk[:, 1:]
@@ -168,7 +177,7 @@ def main() -> None:
             raise SystemExit(f"loss is {loss.item()} at step {steps}")
         elapsed = time.perf_counter() - t0
         ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
-        pct = min(100, int(100 * elapsed / budget_s))
+        pct = min(100, int(100 * progress()))
         if pct >= reported + 5:  # nightlab's progress line: pruned on by [prune] figure = "train_bpb"
             reported = pct - pct % 5
             print(f"nightlab: step={reported} train_bpb={ema / math.log(2):.4f}", flush=True)

@@ -8,7 +8,8 @@ must not raise for ordinary input, and must be fast: it runs on the loop's threa
 Kinds emitted: ``session.start``, ``session.resume``, ``session.stop``, ``setup.run``,
 ``researcher.request``, ``researcher.response``, ``candidate``, ``guard``, ``sandbox.start``,
 ``sandbox.exit``, ``measurement``, ``decision``, ``git.commit``, ``git.advance``, ``recover``,
-``requeue`` and ``requeue.drop`` (a stale candidate's combination queued / dropped unrun),
+``requeue``, ``requeue.drop`` and ``requeue.restore`` (a stale candidate's combination queued /
+dropped unrun / queued again on ``--resume``),
 ``policy.violation`` (rule, detail), ``approval.request`` and ``approval.answer`` (``[autonomy]``).
 The audit log adds its own ``audit.init``, ``checkpoint`` and ``recover`` records.
 """

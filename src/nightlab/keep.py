@@ -41,6 +41,7 @@ class Requeued:
     rationale: str
     tip: str  # a commit holding the combined tree; its parent is the incumbent it was made on
     params: dict[str, Any] = field(default_factory=dict)
+    key: int = 0  # its row in the ledger's requeue table (requeue.py); 0: not persisted
 
 
 def tree_of(ws: Workspace, commit: str) -> str:

@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from nightlab import constraints, escape, keep, prune, sandbox
+from nightlab import constraints, escape, keep, prune, requeue, sandbox
 from nightlab.errors import NightlabError
 from nightlab.guard import Guard, diff_paths
 from nightlab.permissions import rule_of
@@ -56,9 +56,11 @@ class Pipeline(Runtime):
                 return Candidate(**{**item.__dict__, "parent": inc})
             files = keep.replay(self.ws, item, inc)
             if files is not None:
+                requeue.take(self.ledger, item, idx)
                 return Candidate(parent=inc, rationale=item.rationale, files=files, params=dict(item.params),
                                  researcher=REBASE)
             # conflicts with (or adds nothing to) the incumbent of now: dropped before it gets a row
+            requeue.drop(self.ledger, self.ws, self.session.tag, item)
             self.events.emit("requeue.drop", experiment=item.source_idx, tip=item.tip)
         ctx = replace(self._context(idx, history),
                       should_stop=lambda: self._closing or bool(self._stop_requested()))
@@ -286,10 +288,7 @@ class Pipeline(Runtime):
                              log_sha256=_file_sha(Path(res.log_path)))
             self._spent("run", tr)
             if res.interrupted and watch.pruned_at is not None and not self.stop.cancel.is_set():
-                last = watch.curve[-1][1] if watch.curve else math.nan
-                return self._finish(exp_id, Status.PRUNED, t0, res, reason=(
-                    f"pruned at step {watch.pruned_at}: {self.pruner.metric}={last:.6g} judged hopeless by the "
-                    f"{self.spec.prune.pruner} pruner against earlier runs at that step"))
+                return self._pruned(exp_id, t0, res, watch)
             if res.interrupted:
                 return self._finish(exp_id, Status.INTERRUPTED, t0, res,
                                     reason=f"interrupted: {self.stop.cancel_reason or 'stop requested'}")
@@ -325,6 +324,13 @@ class Pipeline(Runtime):
                 self.ws.remove_worktree(wt)
                 self.session = self.ledger.get_session(self.session.tag) or self.session
 
+    def _pruned(self, exp_id: int, t0: float, res: RunResult, watch: prune.Watch,
+                evidence: dict[str, Any] | None = None) -> Experiment:
+        last = watch.curve[-1][1] if watch.curve else math.nan
+        return self._finish(exp_id, Status.PRUNED, t0, res, evidence=evidence or {}, reason=(
+            f"pruned at step {watch.pruned_at}: {self.pruner.metric}={last:.6g} judged hopeless by the "
+            f"{self.spec.prune.pruner} pruner against earlier runs at that step"))
+
     def _run_remote(self, idx: int, exp_id: int, candidate: Candidate | None, commit: str, canonical: str,
                     wt: Path, lab_root: Path, t0: float, seed: int, log_path: Path) -> Experiment:
         """Run the committed experiment as a Ray task; the tree travels as a ``git archive`` tar."""
@@ -345,8 +351,14 @@ class Pipeline(Runtime):
         self.events.emit("sandbox.start", experiment=idx, command=self.spec.run.command, executor="ray",
                          mode=self.sandbox_mode, network=self.spec.sandbox.network,
                          timeout_s=self.spec.run.hard_timeout_s, archive_sha256=hashlib.sha256(archive).hexdigest())
-        with self._stage("run"):
-            out = self.ray.run(job, log_path=log_path, cancel=self.stop.cancel)
+        # progress lines come home through Ray (ray_executor, "Progress and pruning"); the watch judges them
+        watch = self.pruner.watch(None, self.stop.cancel, prunable=candidate is not None)
+        self._tls.watch = watch
+        try:
+            with self._stage("run"):
+                out = self.ray.run(job, log_path=log_path, cancel=watch.cancel, on_progress=watch.feed)
+        finally:
+            watch.close()
         if isinstance(out, Lost):
             self.events.emit("sandbox.exit", experiment=idx, lost=True, reason=out.reason, attempts=out.attempts)
             return self._finish(exp_id, Status.LOST, t0, reason=f"lost after {out.attempts} attempt(s): {out.reason}",
@@ -356,6 +368,8 @@ class Pipeline(Runtime):
                          interrupted=res.interrupted, wall_s=round(res.wall_s, 3), node=out.node,
                          attempts=out.attempts, log_sha256=_file_sha(Path(res.log_path)))
         where = {"executor": "ray", "node": out.node, "attempts": out.attempts}
+        if res.interrupted and watch.pruned_at is not None and not self.stop.cancel.is_set():
+            return self._pruned(exp_id, t0, res, watch, where)
         if res.interrupted:
             return self._finish(exp_id, Status.INTERRUPTED, t0, res,
                                 reason=f"interrupted: {self.stop.cancel_reason or 'stop requested'}")
@@ -446,10 +460,22 @@ class Pipeline(Runtime):
         if tree is None:
             return "; its change does not combine with the incumbent (conflict, or nothing new): nothing queued"
         tip = keep.commit_tree(self.ws, tree, after, f"nightlab {self.session.tag}: combination with #{idx}")
-        self._requeue.append(keep.Requeued(idx, f"combination with #{idx}: {candidate.rationale}", tip,
-                                           dict(candidate.params)))
+        item = requeue.add(self.ledger, self.ws, self.session.id, self.session.tag, keep.Requeued(
+            idx, f"combination with #{idx}: {candidate.rationale}", tip, dict(candidate.params)))
+        self._requeue.append(item)  # persisted first: a kill from here on loses nothing (--resume restores it)
         self.events.emit("requeue", experiment=idx, tip=tip)
         return "; its change combined with the incumbent is queued as a new candidate"
+
+    def _restore_requeue(self) -> None:
+        """``--resume``: queue again the combinations a stop or a kill left unmeasured (requeue.py)."""
+        items, dropped = requeue.restore(self.ledger, self.ws, self.session.id, self.session.tag, self.epoch)
+        for item, why in dropped:
+            self.events.emit("requeue.drop", experiment=item.source_idx, tip=item.tip, why=why)
+        for item in items:
+            self.events.emit("requeue.restore", experiment=item.source_idx, tip=item.tip)
+        if items:
+            self.reporter.message(f"{len(items)} queued combination(s) of stale winners restored")
+        self._requeue[:0] = items
 
     def _decide_rebase(self, idx: int, exp_id: int, candidate: Candidate, canonical: str, t0: float,
                        res: RunResult, m: Measurement, extras: dict[str, Any]) -> Experiment:

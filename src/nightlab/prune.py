@@ -14,11 +14,14 @@ A :class:`Watch` runs a thread per run that tails the run's log *file on disk* (
 it), so it does not depend on how the sandbox captures output. Each new point is reported to
 an in-memory Optuna study (one trial per run) and ``trial.should_prune()`` is asked; when it
 says yes, the watch sets its ``cancel`` event, which the sandbox treats like a stop request for
-that run alone. Finished runs are told to the study (COMPLETE with the final metric, PRUNED, or
-FAIL), so later runs are judged against earlier runs *at the same step*; on resume
-:meth:`Pruner.replay` rebuilds the study from the curves stored in the ledger (``evidence``:
-``curve`` ``[[step, value], …]``, and for pruned runs ``pruned_at`` and ``saved_s``, the run
-seconds saved, estimated as the median run time of the completed runs minus the pruned run's).
+that run alone. A run elsewhere (the Ray executor) has no log on this machine while it runs: its
+watch is made without a log path and the executor hands it the lines with :meth:`Watch.feed` as they
+arrive (``nightlab.executors.ray_executor``, "Progress and pruning"). Finished runs are told to
+the study (COMPLETE with the final metric, PRUNED, or FAIL), so later runs are judged against
+earlier runs *at the same step*; on resume :meth:`Pruner.replay` rebuilds the study from the
+curves stored in the ledger (``evidence``: ``curve`` ``[[step, value], …]``, and for pruned
+runs ``pruned_at`` and ``saved_s``, the run seconds saved, estimated as the median run time of the
+completed runs minus the pruned run's).
 
 Progress lines are advisory and untrusted: they can only stop a run early, never make it kept.
 The baseline is watched (its curve is the first reference) but never pruned.
@@ -124,19 +127,20 @@ class Pruner:
         full = statistics.median(self.full_runs_s) if self.full_runs_s else budget_s
         return max(0.0, full - run_s)
 
-    def watch(self, log_path: Path, stop: threading.Event, prunable: bool) -> Watch:
+    def watch(self, log_path: Path | None, stop: threading.Event, prunable: bool) -> Watch:
         return Watch(self, log_path, stop, prunable)
 
 
 class Watch:
-    """Tails one run's log; reports progress; sets ``cancel`` when the run should stop.
+    """Tails one run's log (or is fed its lines); reports progress; sets ``cancel`` when the run should stop.
 
     ``cancel`` is also set when the session's ``stop`` event is, so the sandbox needs one event.
+    With ``log_path=None`` the lines come through :meth:`feed`, from one thread.
     """
 
-    def __init__(self, pruner: Pruner, log_path: Path, stop: threading.Event, prunable: bool) -> None:
+    def __init__(self, pruner: Pruner, log_path: Path | None, stop: threading.Event, prunable: bool) -> None:
         self.pruner = pruner
-        self.log_path = Path(log_path)
+        self.log_path = Path(log_path) if log_path is not None else None
         self.stop = stop
         self.prunable = prunable and pruner.enabled
         self.cancel = threading.Event()
@@ -159,7 +163,14 @@ class Watch:
             self._read()
             self._done.wait(self.pruner.spec.poll_s)
 
+    def feed(self, line: str) -> None:
+        """A progress line of a run that is not tailed here (``log_path=None``)."""
+        if line.startswith("nightlab:"):
+            self._line(line)
+
     def _read(self) -> None:
+        if self.log_path is None:
+            return
         try:
             with open(self.log_path, "rb") as f:
                 f.seek(0, 2)

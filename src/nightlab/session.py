@@ -389,6 +389,8 @@ class SessionLifecycle(Pipeline):
             # the history since the latest (re-)baseline: what was measured under this base and spec
             history = [e for e in self.ledger.experiments(self.session.id) if e.idx >= self.epoch]
             self.pruner.replay(history)
+            if self.resumed:
+                self._restore_requeue()  # combinations of stale winners a stop or a kill left unrun
             for e in history:
                 self.researcher.observe(e)
             if self.session.baseline_metric is None:  # no baseline has succeeded (since the latest rebase)

@@ -41,6 +41,19 @@ which ``sandbox.run`` kills the command's tree), then ``ray.cancel(force=True)``
 is killed) if it has not ended after ``kill_grace_s + 5`` s. ``result`` returns an interrupted
 ``RunResult``; the partial log stays on the worker and is discarded.
 
+Progress and pruning
+--------------------
+``result(..., on_progress=f)`` streams the run's progress lines (``nightlab: step=N name=value``,
+``nightlab.prune``) to the head while it runs, so the engine's pruner watches Ray runs as it watches
+local ones. The transport is Ray's own: one :class:`ProgressBoard` actor per executor (``num_cpus=0``,
+created on first use). On the worker a thread tails the run's log and calls
+``board.exchange(key, new_lines)`` every ``PROGRESS_S``; the head takes the lines with
+``board.take(key)`` at each poll and hands them to ``f``, in order (a retried attempt's repeated
+steps are the watch's to ignore). With a board, setting ``cancel`` first raises the job's cancel flag
+(``board.cancel(key)``, answered by the next ``exchange``): the worker stops the command as a local
+cancel does, and the task returns normally, with its partial log, ``interrupted``. Only when it has not
+ended after ``kill_grace_s + 5`` s does the head fall back to ``ray.cancel`` as below.
+
 Where the code and the data come from
 -------------------------------------
 - nightlab must be importable on every worker (the task function is sent by reference). A local
@@ -82,6 +95,7 @@ import tarfile
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +107,7 @@ from nightlab.spec import MetricSpec
 from nightlab.types import Measurement, RunResult
 
 LOG_CAP = 1024 * 1024  # bytes of the log's end that travel back to the head
+PROGRESS_S = 0.25  # how often a worker sends the run's new progress lines (and reads its cancel flag)
 
 
 @dataclass(frozen=True)
@@ -154,6 +169,36 @@ class RayHandle:
     job: RemoteJob
     ref: Any  # ray.ObjectRef of the first attempt
     submitted_at: float = field(default_factory=time.monotonic)
+    progress: bool = False  # the task reports progress lines to the executor's ProgressBoard
+
+
+class ProgressBoard:
+    """The Ray actor between running tasks and the head: progress lines up, cancel flags down.
+
+    Keyed by ``RemoteJob.key``. One caller per method and key at a time (a Ray actor runs its calls
+    one by one), so no lock is needed.
+    """
+
+    def __init__(self) -> None:
+        self.lines: dict[str, list[str]] = {}
+        self.cancelled: set[str] = set()
+
+    def exchange(self, key: str, lines: list[str]) -> bool:
+        """From the worker: new progress lines; returns True when the job should stop."""
+        if lines:
+            self.lines.setdefault(key, []).extend(lines)
+        return key in self.cancelled
+
+    def take(self, key: str) -> list[str]:
+        """From the head: the lines received since the last call."""
+        return self.lines.pop(key, [])
+
+    def cancel(self, key: str) -> None:
+        self.cancelled.add(key)
+
+    def forget(self, key: str) -> None:
+        self.lines.pop(key, None)
+        self.cancelled.discard(key)
 
 
 # --------------------------------------------------------------------------- the worker side
@@ -170,9 +215,57 @@ def _read_tail(path: Path, cap: int) -> tuple[bytes, bool]:
         return b"", False
 
 
+class _Tail:
+    """Tails a run's log on the worker; sends its progress lines through ``send`` (True: stop the run)."""
+
+    def __init__(self, log_path: Path, send: Callable[[list[str]], bool], cancel: threading.Event) -> None:
+        self.log_path, self.send, self.cancel = log_path, send, cancel
+        self._pos, self._partial = 0, b""
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="nightlab-progress", daemon=True)
+        self._thread.start()
+
+    def _lines(self) -> list[str]:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                if f.tell() < self._pos:  # rewritten (a capped log): from the start again
+                    self._pos, self._partial = 0, b""
+                f.seek(self._pos)
+                data = f.read(1 << 20)
+        except OSError:
+            return []
+        self._pos += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        return [raw.decode("utf-8", "replace") for raw in lines if raw.startswith(b"nightlab:")]
+
+    def _run(self) -> None:
+        while not self._done.wait(PROGRESS_S):
+            try:
+                if self.send(self._lines()):
+                    self.cancel.set()
+            except Exception:  # the head is gone or busy: the run goes on, its lines come next time
+                pass
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join()
+        lines = self._lines()
+        if self._partial.startswith(b"nightlab:"):
+            lines.append(self._partial.decode("utf-8", "replace"))
+        with contextlib.suppress(Exception):
+            self.send(lines)
+
+
 def run_job(job: RemoteJob, *, extra_env: dict[str, str] | None = None,
-            extra_hidden: tuple[Path, ...] = (), node: str = "") -> TaskOutput:
+            extra_hidden: tuple[Path, ...] = (), node: str = "",
+            progress: Callable[[list[str]], bool] | None = None) -> TaskOutput:
     """Unpack, run sandboxed, measure, clean up. Runs on the worker; needs no Ray.
+
+    ``progress(lines)``, when given, receives the run's new progress lines every :data:`PROGRESS_S`
+    while it runs (and the last ones after it ended); when it returns True the run is stopped
+    (``interrupted``, as a local cancel).
 
     Raises ``SandboxError`` when the sandbox cannot start there, ``ValidationError`` for a bad
     metric spec, ``tarfile`` errors for an unsafe archive (absolute paths, links out of the tree).
@@ -202,8 +295,14 @@ def run_job(job: RemoteJob, *, extra_env: dict[str, str] | None = None,
             hidden=tuple(dict.fromkeys(hidden)), memory_mb=job.memory_mb, max_log_bytes=job.max_log_bytes,
         )
         log_path = work / "run.log"
-        res = sandbox.run(job.command, cwd=lab_root, env=env, policy=policy, timeout_s=job.timeout_s,
-                          log_path=log_path, kill_grace_s=job.kill_grace_s)
+        cancel = threading.Event()
+        tail = _Tail(log_path, progress, cancel) if progress is not None else None
+        try:
+            res = sandbox.run(job.command, cwd=lab_root, env=env, policy=policy, timeout_s=job.timeout_s,
+                              log_path=log_path, kill_grace_s=job.kill_grace_s, cancel=cancel)
+        finally:
+            if tail is not None:
+                tail.close()
         m = measure(metric, log_path, lab_root)
         log, truncated = _read_tail(log_path, LOG_CAP)
         return TaskOutput(res.exit_code, res.timed_out, res.wall_s, res.sandbox, res.interrupted, m, log,
@@ -212,8 +311,9 @@ def run_job(job: RemoteJob, *, extra_env: dict[str, str] | None = None,
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _ray_task(job: RemoteJob) -> TaskOutput:
-    """The Ray task: ``run_job`` plus what only Ray knows (node id, assigned GPUs, Ray's paths)."""
+def _ray_task(job: RemoteJob, board: Any = None) -> TaskOutput:
+    """The Ray task: ``run_job`` plus what only Ray knows (node id, assigned GPUs, Ray's paths);
+    with ``board`` (a :class:`ProgressBoard` handle), progress lines go up and the cancel flag comes down."""
     import ray
 
     ctx = ray.get_runtime_context()
@@ -225,8 +325,13 @@ def _ray_task(job: RemoteJob) -> TaskOutput:
     with contextlib.suppress(Exception):  # older Ray: no get_temp_dir; /tmp/ray is under the private /tmp
         hidden.append(Path(ctx.get_temp_dir()))
     node = f"{socket.gethostname()}/{ctx.get_node_id()}"
+
+    def send(lines: list[str]) -> bool:
+        return bool(ray.get(board.exchange.remote(job.key, lines), timeout=30))
+
     try:
-        return run_job(job, extra_env=extra_env, extra_hidden=tuple(hidden), node=node)
+        return run_job(job, extra_env=extra_env, extra_hidden=tuple(hidden), node=node,
+                       progress=send if board is not None else None)
     except Exception as e:  # one plain, picklable exception type travels back, with a one-line reason
         raise RemoteJobError(f"on {node}: {_brief(e)}") from None
 
@@ -283,21 +388,30 @@ class RayExecutor:
         self.unschedulable_s = unschedulable_s
         self.poll_s = poll_s
         self._task = ray.remote(_ray_task)
+        self._board: Any = None  # the ProgressBoard actor, created on first use
+        self._board_lock = threading.Lock()
 
     # ------------------------------------------------------------------ submit
 
-    def _submit(self, job: RemoteJob, attempt: int) -> Any:
+    def _progress_board(self) -> Any:
+        with self._board_lock:
+            if self._board is None:  # no CPU: it must not wait for a slot that the tasks hold
+                self._board = self._ray.remote(ProgressBoard).options(num_cpus=0).remote()
+            return self._board
+
+    def _submit(self, job: RemoteJob, attempt: int, progress: bool = False) -> Any:
         opts: dict[str, Any] = {
             "num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "max_retries": 0,
             "retry_exceptions": False, "name": f"nightlab:{job.key}#{attempt}",
         }
         if self.resources:
             opts["resources"] = self.resources
-        return self._task.options(**opts).remote(job)
+        return self._task.options(**opts).remote(job, self._progress_board() if progress else None)
 
-    def submit(self, job: RemoteJob) -> RayHandle:
-        """Start the first attempt of ``job``; returns at once."""
-        return RayHandle(job, self._submit(job, 1))
+    def submit(self, job: RemoteJob, *, progress: bool = False) -> RayHandle:
+        """Start the first attempt of ``job``; returns at once. ``progress``: report progress lines
+        (collect them with ``result(..., on_progress=...)``)."""
+        return RayHandle(job, self._submit(job, 1, progress), progress=progress)
 
     # ------------------------------------------------------------------ result
 
@@ -335,14 +449,36 @@ class RayExecutor:
             pass
 
     def result(self, handle: RayHandle, *, log_path: Path, timeout: float | None = None,
-               cancel: threading.Event | None = None) -> RemoteResult | Lost:
+               cancel: threading.Event | None = None,
+               on_progress: Callable[[str], None] | None = None) -> RemoteResult | Lost:
         """Wait for ``handle``'s job: retries system failures, never hangs (see module docstring).
 
         ``timeout`` bounds the whole wait (queueing included): past it the task is cancelled and
         ``Lost`` returned. Writes the log to ``log_path`` (parents created) on every outcome.
+        ``on_progress(line)`` gets each progress line of a job submitted with ``progress=True``, in
+        order, on this thread; such a job is stopped by its cancel flag first (module docstring).
         """
+        try:
+            return self._result(handle, log_path, timeout, cancel, on_progress)
+        finally:
+            if handle.progress:
+                with contextlib.suppress(Exception):
+                    self._progress_board().forget.remote(handle.job.key)
+
+    def _result(self, handle: RayHandle, log_path: Path, timeout: float | None,
+                cancel: threading.Event | None, on_progress: Callable[[str], None] | None) -> RemoteResult | Lost:
         ray = self._ray
         job, ref, attempts = handle.job, handle.ref, 1
+        board = self._progress_board() if handle.progress else None
+        soft_until: float | None = None  # the cancel flag is raised: until then the task may end by itself
+
+        def drain() -> None:
+            if board is None:
+                return
+            with contextlib.suppress(Exception):  # lines are advisory: a late one is simply not seen
+                for line in ray.get(board.take.remote(job.key), timeout=10):
+                    if on_progress is not None:
+                        on_progress(line)
         log_path = Path(log_path)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         start = time.monotonic()
@@ -352,6 +488,7 @@ class RayExecutor:
         while True:
             try:
                 ready, _ = ray.wait([ref], timeout=self.poll_s)
+                drain()
                 if ready:
                     return self._deliver(ray.get(ref), job, log_path, attempts)
             except Exception as e:
@@ -359,7 +496,7 @@ class RayExecutor:
                 if kind == "system" and attempts <= self.max_retries:
                     attempts += 1
                     try:
-                        ref = self._submit(job, attempts)
+                        ref = self._submit(job, attempts, handle.progress)
                     except Exception as e2:
                         return self._lost(log_path, f"resubmit failed: {_brief(e2)}", attempts)
                     unhostable_since = None
@@ -367,7 +504,11 @@ class RayExecutor:
                 what = "gave up after" if kind == "system" else "failed on"
                 return self._lost(log_path, f"{what} attempt {attempts}: {_brief(e)}", attempts)
             now = time.monotonic()
-            if cancel is not None and cancel.is_set():
+            if cancel is not None and cancel.is_set() and board is not None and soft_until is None:
+                with contextlib.suppress(Exception):
+                    board.cancel.remote(job.key)
+                soft_until = now + job.kill_grace_s + 5
+            elif cancel is not None and cancel.is_set() and (soft_until is None or now >= soft_until):
                 self._cancel(ref, job.kill_grace_s)
                 log_path.write_text("[nightlab] cancelled; the partial log stayed on the Ray worker\n")
                 run = RunResult(None, False, time.monotonic() - start, str(log_path), job.sandbox_mode,
@@ -392,9 +533,10 @@ class RayExecutor:
                                       f"{self.unschedulable_s:g} s", attempts)
 
     def run(self, job: RemoteJob, *, log_path: Path, cancel: threading.Event | None = None,
-            timeout: float | None = None) -> RemoteResult | Lost:
-        """``submit`` then ``result``."""
-        return self.result(self.submit(job), log_path=log_path, cancel=cancel, timeout=timeout)
+            timeout: float | None = None, on_progress: Callable[[str], None] | None = None) -> RemoteResult | Lost:
+        """``submit`` then ``result`` (with progress lines when ``on_progress`` is given)."""
+        return self.result(self.submit(job, progress=on_progress is not None), log_path=log_path, cancel=cancel,
+                           timeout=timeout, on_progress=on_progress)
 
     def shutdown(self) -> None:
         """Disconnect from (and stop, when this executor started it) the Ray cluster."""
@@ -435,6 +577,6 @@ def _brief(e: BaseException) -> str:
 
 
 __all__ = [
-    "LOG_CAP", "Lost", "RayExecutor", "RayHandle", "RemoteJob", "RemoteJobError", "RemoteResult",
+    "LOG_CAP", "Lost", "ProgressBoard", "RayExecutor", "RayHandle", "RemoteJob", "RemoteJobError", "RemoteResult",
     "TaskOutput", "run_job",
 ]

@@ -37,7 +37,11 @@ Crashes. A ``crash`` or ``timeout`` (the run's own failure, not the harness's) i
 avoid, and TPE ignores FAIL trials when it models, so it would keep sampling there (a batch size
 that runs out of memory). With ``crashes = "infeasible"`` (default) it is told as a COMPLETE trial
 valued at the worst metric so far whose stored constraint (system attribute ``constraints`` =
-``[1.0]``, read by Optuna 4 and 5) is violated: TPE puts infeasible trials with the bad ones.
+``[1.0]``) is violated: TPE puts infeasible trials with the bad ones. Optuna 5's TPE reads that
+attribute itself; Optuna 4's only through a ``constraints_func`` (given it, reading the same
+attribute), and it ranks a trial *without* the attribute as infeasible, so every trial added from
+history carries ``[0.0]`` unless it crashed (``add_trial`` calls no ``after_trial`` to add it).
+CI runs the search tests on both.
 ``"worst"`` tells only the worst value (also what ``infeasible`` does for CMA-ES, which reads no
 constraints); ``"fail"`` is Optuna's default. Every crash trial carries the user attribute
 ``nightlab_crash``; replayed and persistent-study crashes are told the same way, and a tried
@@ -129,6 +133,12 @@ CRASH = "nightlab_crash"  # user attribute of the trials that stand for a crashe
 
 def _stored_constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
     return list(trial.system_attrs.get(CONSTRAINTS, [0.0]))
+
+
+def violation(trial: optuna.trial.FrozenTrial) -> float:
+    """How much a trial violates its stored constraints (0: feasible), read from the system attribute
+    both Optuna 4 and 5 read, so that it means the same with either."""
+    return float(sum(v for v in trial.system_attrs.get(CONSTRAINTS) or () if v > 0))
 
 
 def _crashed(status: Status) -> bool:
@@ -495,7 +505,9 @@ class SearchResearcher:
         assert self.study is not None
         state = TrialState.COMPLETE if value is not None else TrialState.FAIL
         user_attrs: dict[str, Any] = {"nightlab_experiment": idx}
-        system_attrs: dict[str, Any] = {}
+        # feasible unless a crash says otherwise: Optuna 4's TPE (constraints_func) warns about, and ranks
+        # last, a trial without constraint values; add_trial never calls the sampler's after_trial to add them
+        system_attrs: dict[str, Any] = {CONSTRAINTS: [0.0]}
         if crash and value is None:
             state, value, system_attrs = self._crash_outcome()
             user_attrs[CRASH] = True
