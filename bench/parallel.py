@@ -1,6 +1,6 @@
 """Duty cycle and throughput of the executor (issue: many experiments at once).
 
-    python bench/parallel.py [--quick] [--ray]
+    python bench/parallel.py [--quick] [--ray] [--throughput-only]
 
 1. Duty cycle, sequential vs pipelined: a researcher that takes PROPOSE_S per proposal and runs
    of RUN_S (defaults 2 s and 6 s), N experiments on one slot. The sequential loop is
@@ -97,13 +97,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="shorter runs (0.5 s think, 1.5 s run)")
     ap.add_argument("--ray", action="store_true", help="also the Ray executor on a local cluster")
     ap.add_argument("-n", type=int, default=20)
+    ap.add_argument("--throughput-only", action="store_true", help="skip the duty-cycle part")
     args = ap.parse_args()
     think, run = (0.5, 1.5) if args.quick else (2.0, 6.0)
-    print(f"## duty cycle: researcher {think:g} s per proposal, runs of {run:g} s, {args.n} experiments, 1 slot\n")
-    print("| loop | wall s | duty cycle |\n|---|---|---|")
-    for label, pipe in (("sequential (autoresearch-style)", False), ("pipelined (nightlab)", True)):
-        r = session(args.n, 1, pipe, think, run)
-        print(f"| {label} | {r['wall']:.1f} | {100 * r['duty']:.1f}% |")
+    if not args.throughput_only:
+        print(f"## duty cycle: researcher {think:g} s per proposal, runs of {run:g} s, {args.n} experiments, "
+              "1 slot\n")
+        print("| loop | wall s | duty cycle |\n|---|---|---|")
+        for label, pipe in (("sequential (autoresearch-style)", False), ("pipelined (nightlab)", True)):
+            r = session(args.n, 1, pipe, think, run)
+            print(f"| {label} | {r['wall']:.1f} | {100 * r['duty']:.1f}% |")
     sleep_s = 1.0 if args.quick else 2.0
     kinds = ["local", "ray"] if args.ray else ["local"]
     if args.ray:
