@@ -322,6 +322,7 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
                                       pruned_at=e.evidence.get("pruned_at"))
         return page(request, "experiment.html", s=s, e=e, red=red, diff_html=diff_html, nav="session", curve=curve,
                     secondary=red.data(e.secondary), evidence=red.data(e.evidence), params=red.data(e.params),
+                    stages=figures_mod.stage_rows(e.evidence.get("timing")),
                     has_prev=idx > 0, has_next=ledger.get_experiment(s.id, idx + 1) is not None)
 
     @app.get("/s/{tag}/costs", response_class=HTMLResponse)
