@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -88,8 +89,13 @@ def session(n: int, slots: int, pipeline: bool, propose_s: float, sleep_s: float
         noise = eng.ledger.session_json(s.id)[1]
         exps = eng.ledger.experiments(s.id)[1:]
         eng.close()
+        stages: dict[str, list[float]] = {}
+        for e in exps:
+            for k, v in (e.evidence.get("timing") or {}).items():
+                stages.setdefault(k, []).append(float(v))
         return {"wall": wall, "n": len(exps), "duty": noise.get("executor", {}).get("duty_cycle", 0.0),
-                "rate": len(exps) / noise.get("executor", {}).get("wall_s", wall)}
+                "rate": len(exps) / noise.get("executor", {}).get("wall_s", wall),
+                "stages": {k: statistics.median(v) for k, v in stages.items()}}
 
 
 def main() -> None:
@@ -115,11 +121,13 @@ def main() -> None:
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     for kind in kinds:
         print(f"\n## throughput, {kind} executor: sleep-bound runs of {sleep_s:g} s, 3 per slot\n")
-        print("| slots | experiments/s | ideal | ratio |\n|---|---|---|---|")
+        print("| slots | experiments/s | ideal | ratio | median ms per stage (evidence timing, run excluded) |\n"
+              "|---|---|---|---|---|")
         for slots in (1, 2, 4, 8):
             r = session(3 * slots, slots, True, 0.0, sleep_s, kind)
             ideal = slots / sleep_s
-            print(f"| {slots} | {r['rate']:.2f} | {ideal:.2f} | {r['rate'] / ideal:.2f} |")
+            st = " ".join(f"{k} {1000 * v:.0f}" for k, v in r["stages"].items() if k != "run")
+            print(f"| {slots} | {r['rate']:.2f} | {ideal:.2f} | {r['rate'] / ideal:.2f} | {st} |")
 
 
 if __name__ == "__main__":

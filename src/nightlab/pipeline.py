@@ -147,6 +147,8 @@ class Pipeline(Runtime):
         # (verifier.after_keep), which the experiment handed back (to the researcher) must not carry
         stored = self.ledger.get_experiment(self.session.id, exp.idx) if exp.status is Status.KEEP else None
         self.ledger.update_experiment(exp.id, evidence={**(stored or exp).evidence, "timing": timing})
+        if self.audit is not None:  # the experiment's records: one fsync and one anchor, outside every lock
+            self.audit.flush()
         return replace(exp, evidence={**exp.evidence, "timing": timing})
 
     @contextlib.contextmanager

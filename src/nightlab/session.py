@@ -58,11 +58,12 @@ def machine_info() -> dict[str, Any]:
 
 # The engine's audit records are grouped (audit.AuditLog, flush_after): written at once (a SIGKILL loses
 # none), fsynced and anchored in the ledger (count and head) together, before emit returns, at each of
-# these kinds -- the decisions, session events, approvals and setup -- and otherwise at most FLUSH_AFTER_S
-# after they were written, so a harness killed during a wait that lasts (a proposal, a run, an
-# evaluation) leaves no unanchored tail, and a fast experiment costs one fsync and one anchor
-# (docs/security.md, "Durability").
-ANCHOR_KINDS = frozenset({"decision", "session.start", "session.resume", "session.stop", "approval.request",
+# these kinds -- session events, approvals and setup -- at the end of every experiment (the pipeline
+# flushes after its cleanup, outside the keep lock, so slots do not queue behind an fsync), and otherwise
+# at most FLUSH_AFTER_S after they were written, so a harness killed during a wait that lasts (a
+# proposal, a run, an evaluation) leaves no unanchored tail, and a fast experiment costs one fsync and
+# one anchor (docs/security.md, "Durability").
+ANCHOR_KINDS = frozenset({"session.start", "session.resume", "session.stop", "approval.request",
                           "approval.answer", "recover", "checkpoint", "setup.run"})
 FLUSH_AFTER_S = 0.1
 
