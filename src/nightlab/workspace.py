@@ -72,7 +72,8 @@ class Workspace:
         self.state_dir = self.lab_dir / ".nightlab"
         self.worktrees_dir = self.state_dir / "worktrees"
         self.git_dir = Path(self._run(["rev-parse", "--path-format=absolute", "--git-common-dir"]).strip())
-        # `git worktree add/prune` touch shared state in .git/worktrees: one at a time per process
+        # `git worktree add/prune` touch shared state in .git/worktrees: one at a time per process (measured:
+        # two concurrent adds fail, "failed to read .git/worktrees/X/commondir", git reads the half-made one)
         self._worktree_lock = threading.RLock()
 
     # ------------------------------------------------------------------ plumbing
