@@ -29,8 +29,17 @@ def _fresh(ledger: Ledger, session_id: int, fn):  # type: ignore[no-untyped-def]
 
 
 def test_incremental_aggregates_match_a_full_recount(tmp_path: Path):
+    _grow_and_compare(f"sqlite:///{tmp_path / 'l.db'}", tmp_path)
+
+
+@pytest.mark.postgres
+def test_incremental_aggregates_match_a_full_recount_on_postgresql(pg_url: str, tmp_path: Path):
+    _grow_and_compare(pg_url, tmp_path)
+
+
+def _grow_and_compare(url: str, tmp_path: Path) -> None:
     rng = random.Random(5)
-    with Ledger(f"sqlite:///{tmp_path / 'l.db'}") as ledger:
+    with Ledger(url) as ledger:
         s = ledger.create_session(tag="t", branch="nightlab/t", base_commit="0" * 40, metric_name="m",
                                   direction=Direction.MINIMIZE, sandbox="none", spec_hash="x", spec_json="{}",
                                   lab_path=str(tmp_path), machine={}, researcher="scripted")
