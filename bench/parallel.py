@@ -1,6 +1,6 @@
 """Duty cycle and throughput of the executor (issue: many experiments at once).
 
-    python bench/parallel.py [--quick] [--ray]
+    python bench/parallel.py [--quick] [--ray] [--throughput-only]
 
 1. Duty cycle, sequential vs pipelined: a researcher that takes PROPOSE_S per proposal and runs
    of RUN_S (defaults 2 s and 6 s), N experiments on one slot. The sequential loop is
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -88,8 +89,13 @@ def session(n: int, slots: int, pipeline: bool, propose_s: float, sleep_s: float
         noise = eng.ledger.session_json(s.id)[1]
         exps = eng.ledger.experiments(s.id)[1:]
         eng.close()
+        stages: dict[str, list[float]] = {}
+        for e in exps:
+            for k, v in (e.evidence.get("timing") or {}).items():
+                stages.setdefault(k, []).append(float(v))
         return {"wall": wall, "n": len(exps), "duty": noise.get("executor", {}).get("duty_cycle", 0.0),
-                "rate": len(exps) / noise.get("executor", {}).get("wall_s", wall)}
+                "rate": len(exps) / noise.get("executor", {}).get("wall_s", wall),
+                "stages": {k: statistics.median(v) for k, v in stages.items()}}
 
 
 def main() -> None:
@@ -97,13 +103,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="shorter runs (0.5 s think, 1.5 s run)")
     ap.add_argument("--ray", action="store_true", help="also the Ray executor on a local cluster")
     ap.add_argument("-n", type=int, default=20)
+    ap.add_argument("--throughput-only", action="store_true", help="skip the duty-cycle part")
     args = ap.parse_args()
     think, run = (0.5, 1.5) if args.quick else (2.0, 6.0)
-    print(f"## duty cycle: researcher {think:g} s per proposal, runs of {run:g} s, {args.n} experiments, 1 slot\n")
-    print("| loop | wall s | duty cycle |\n|---|---|---|")
-    for label, pipe in (("sequential (autoresearch-style)", False), ("pipelined (nightlab)", True)):
-        r = session(args.n, 1, pipe, think, run)
-        print(f"| {label} | {r['wall']:.1f} | {100 * r['duty']:.1f}% |")
+    if not args.throughput_only:
+        print(f"## duty cycle: researcher {think:g} s per proposal, runs of {run:g} s, {args.n} experiments, "
+              "1 slot\n")
+        print("| loop | wall s | duty cycle |\n|---|---|---|")
+        for label, pipe in (("sequential (autoresearch-style)", False), ("pipelined (nightlab)", True)):
+            r = session(args.n, 1, pipe, think, run)
+            print(f"| {label} | {r['wall']:.1f} | {100 * r['duty']:.1f}% |")
     sleep_s = 1.0 if args.quick else 2.0
     kinds = ["local", "ray"] if args.ray else ["local"]
     if args.ray:
@@ -112,11 +121,13 @@ def main() -> None:
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     for kind in kinds:
         print(f"\n## throughput, {kind} executor: sleep-bound runs of {sleep_s:g} s, 3 per slot\n")
-        print("| slots | experiments/s | ideal | ratio |\n|---|---|---|---|")
+        print("| slots | experiments/s | ideal | ratio | median ms per stage (evidence timing, run excluded) |\n"
+              "|---|---|---|---|---|")
         for slots in (1, 2, 4, 8):
             r = session(3 * slots, slots, True, 0.0, sleep_s, kind)
             ideal = slots / sleep_s
-            print(f"| {slots} | {r['rate']:.2f} | {ideal:.2f} | {r['rate'] / ideal:.2f} |")
+            st = " ".join(f"{k} {1000 * v:.0f}" for k, v in r["stages"].items() if k != "run")
+            print(f"| {slots} | {r['rate']:.2f} | {ideal:.2f} | {r['rate'] / ideal:.2f} | {st} |")
 
 
 if __name__ == "__main__":

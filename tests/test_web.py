@@ -22,7 +22,7 @@ from tests.dashlab import SECRET, make_dash_lab, run_session
 from nightlab import approvals, queries
 from nightlab.cli.ui import ui
 from nightlab.ledger import Ledger, candidates, experiments
-from nightlab.types import Candidate, Direction, Status, Usage
+from nightlab.types import STAGES, Candidate, Direction, Status, Usage
 from nightlab.web.app import create_app
 from nightlab.web.security import Access
 
@@ -126,6 +126,17 @@ def test_experiment_page_shows_diff_rationale_log_measurement_usage(client: Test
     assert "tokens" not in html or "in ·" in html
     crash = client.get("/s/t/e/3").text
     assert "crash" in crash and "exit code 3" in crash
+
+
+def test_experiment_page_shows_where_the_time_went(client: TestClient, ledger: Ledger):
+    """The stages the engine timed (evidence ``timing``) in the pipeline's order, with their seconds."""
+    e = ledger.get_experiment(ledger.get_session("t").id, 1)
+    assert e is not None and e.evidence.get("timing")
+    html = client.get("/s/t/e/1").text
+    assert 'id="stages"' in html
+    shown = re.findall(r"<tr><th>(\w+)</th><td>([0-9.]+) s</td>", html.split('id="stages"')[1].split("</table>")[0])
+    assert [k for k, _ in shown] == [k for k in STAGES if k in e.evidence["timing"]]
+    assert all(abs(float(v) - e.evidence["timing"][k]) <= 0.0006 for k, v in shown)
 
 
 def test_table_filters_sorts_and_paginates_on_the_server(client: TestClient, ledger: Ledger):

@@ -12,10 +12,18 @@ Contracts:
   (a domain-separation prefix, as RFC 6962 does for its leaves); ``prev_hash`` is the hash of
   the record before (64 zeros for the first); ``seq`` counts from 1 without gaps. The first
   record (``audit.init``) carries a random nonce; its hash is the log's id.
-* **Durability.** Each record is written with one ``write`` and ``fsync``-ed before
-  :meth:`AuditLog.emit` returns. A failed write or fsync raises :class:`AuditError` and the
-  writer refuses every later record: it never retries (a retried fsync can report success
-  for data the kernel dropped).
+* **Durability.** Each record is written with one ``write`` before :meth:`AuditLog.emit` returns:
+  from then on it survives a kill of the harness (SIGKILL included; the kernel holds it). By
+  default (``flush_after=None``) it is also ``fsync``-ed before ``emit`` returns. With
+  ``flush_after=S`` (the engine: 0.1 s) records are *grouped*: ``fsync``-ed and anchored together
+  at the next record of ``anchor_kinds`` (before ``emit`` returns), or by a background flusher
+  ``S`` seconds after the first record still unsynced, or on :meth:`close` -- one ``fsync`` and
+  one ledger anchor for all the records of a fast experiment instead of one per record. The
+  ledger anchor is written only after the ``fsync`` it vouches for, so a power cut never leaves
+  the ledger counting records the file lost. A failed write or fsync raises :class:`AuditError`
+  and the writer refuses every later record: it never retries (a retried fsync can report success
+  for data the kernel dropped). What a SIGKILL or a power cut can lose: docs/security.md,
+  "Durability".
 * **Crash recovery.** A last line without its newline is a torn write: on open it is cut
   off and a ``recover`` record saying so (length and sha256 of the cut bytes) is appended.
   A complete last line that does not verify is not a torn write: opening refuses.
@@ -51,6 +59,7 @@ import re
 import secrets
 import socket
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -327,9 +336,10 @@ class AuditLog:
     """The writer. Implements :class:`~nightlab.events.EventSink`. See the module docstring.
 
     ``anchor(log_id, count, head)`` is called after every record of ``anchor_kinds`` (the engine
-    stores it in the ledger); ``anchored(log_id)`` returns what was stored, checked on open
-    (:meth:`check_anchor`); ``signer`` signs checkpoints. Not thread-safe within a process (the engine
-    emits from one thread); safe across processes.
+    stores it in the ledger), and with ``flush_after`` after every grouped flush; ``anchored(log_id)``
+    returns what was stored, checked on open (:meth:`check_anchor`); ``signer`` signs checkpoints.
+    Thread-safe (appends are serialised by a lock; a flush's ``fsync`` and anchor run outside it, so
+    other threads go on appending meanwhile) and safe across processes (``flock``).
     """
 
     def __init__(
@@ -342,8 +352,19 @@ class AuditLog:
         anchor_kinds: frozenset[str] | None = None,
         environ: Mapping[str, str] | None = None,
         anchored: Callable[[str], tuple[int, str] | None] | None = None,
+        flush_after: float | None = None,
     ) -> None:
         self.path = Path(path)
+        self.flush_after = flush_after
+        self._mu = threading.RLock()  # appends (the chain's head) within this process
+        self._flush_mu = threading.Lock()  # one flush at a time: anchors never go backwards
+        self._wake = threading.Condition(self._mu)
+        self._synced = 0  # records known to be fsynced (and anchored, in grouped mode)
+        self._unsynced_since: float | None = None  # monotonic time of the oldest unsynced record
+        self._flusher: threading.Thread | None = None
+        self._closed = False
+        self._anchor_file_mu = threading.Lock()
+        self._anchor_file_count = 0
         self.checkpoint_every = checkpoint_every
         self.signer = signer
         self.anchor = anchor
@@ -363,14 +384,19 @@ class AuditLog:
             raise AuditError(f"cannot open the audit log {self.path}: {e.strerror}",
                              "check the lab folder's permissions and free space") from None
         try:
-            self._open(anchored)
+            with self._mu:
+                self._open(anchored)
         except AuditError:
             self.close()
             raise
+        if flush_after is not None:
+            self._flusher = threading.Thread(target=self._flush_loop, name="nightlab-audit-flush", daemon=True)
+            self._flusher.start()
 
     def _open(self, anchored: Callable[[str], tuple[int, str] | None] | None) -> None:
         with self._locked():
             recovered = self._load()
+            self._synced = self.count  # what the file held before this writer
             if anchored is not None and self.log_id:  # before any append re-anchors the log
                 self.check_anchor(anchored(self.log_id))
             if self.count == 0:
@@ -437,25 +463,74 @@ class AuditLog:
     # -- appending ---------------------------------------------------------------------
 
     def emit(self, kind: str, *, experiment: int | None = None, **data: Any) -> None:
-        if kind in ("session.start", "session.resume") and data.get("tag"):
-            self.session = str(data["tag"])
-        self.append(kind, experiment, data)
-        due = self.checkpoint_every and self._since_checkpoint >= self.checkpoint_every
-        if kind == "session.stop" or due:
-            self.checkpoint()
+        with self._mu:
+            if kind in ("session.start", "session.resume") and data.get("tag"):
+                self.session = str(data["tag"])
+            self.append(kind, experiment, data)
+            due = self.checkpoint_every and self._since_checkpoint >= self.checkpoint_every
+            checkpoint = self._checkpoint_record() if kind == "session.stop" or due else None
+        if checkpoint is not None:  # outside the append lock: its flush may fsync
+            self._write_anchor_file(checkpoint)
+        elif self.flush_after is not None and (self.anchor_kinds is None or kind in self.anchor_kinds):
+            self.flush()
 
     def append(self, kind: str, experiment: int | None, data: Mapping[str, Any]) -> dict[str, Any]:
-        """Append one record (scrubbed), fsync it, update the anchors. Returns the record."""
-        if self._failed:
-            raise AuditError(f"the audit log {self.path} stopped accepting records: {self._failed}",
-                             "check the disk, then resume the session")
-        with self._locked():
-            if os.fstat(self._fd).st_size != self._end:  # another writer appended
-                recovered = self._load()
-                if recovered:
-                    self._append_locked("recover", None, recovered)
-            rec = self._append_locked(kind, experiment, data)
-        return rec
+        """Append one record (scrubbed) and, unless grouped (``flush_after``), fsync it and update the
+        anchors. Returns the record."""
+        with self._mu:
+            if self._failed:
+                raise AuditError(f"the audit log {self.path} stopped accepting records: {self._failed}",
+                                 "check the disk, then resume the session")
+            with self._locked():
+                if os.fstat(self._fd).st_size != self._end:  # another writer appended
+                    recovered = self._load()
+                    if recovered:
+                        self._append_locked("recover", None, recovered)
+                rec = self._append_locked(kind, experiment, data)
+            return rec
+
+    def flush(self) -> None:
+        """Grouped mode: fsync every record written so far, then anchor the last one in the ledger.
+        The ``fsync`` and the ledger write run outside the append lock (other threads append meanwhile;
+        ``fsync`` covers what was written before it). Raises :class:`AuditError` when the fsync fails."""
+        with self._flush_mu:
+            with self._mu:
+                if self._failed:
+                    raise AuditError(f"the audit log {self.path} stopped accepting records: {self._failed}",
+                                     "check the disk, then resume the session")
+                count, head, log_id = self.count, self.head, self.log_id
+                if count <= self._synced or self._fd < 0:
+                    return
+            self._fsync()
+            with self._mu:
+                self._synced = max(self._synced, count)
+                if self._synced >= self.count:
+                    self._unsynced_since = None
+            if self.anchor is not None:
+                self.anchor(log_id, count, head)
+
+    def _flush_loop(self) -> None:
+        """The background flusher of grouped mode: a record is synced at most ``flush_after`` seconds
+        after it was written, so a harness that waits longer (a run, a proposal) leaves nothing unanchored."""
+        assert self.flush_after is not None
+        while True:
+            with self._mu:
+                while not self._closed and self._unsynced_since is None:
+                    self._wake.wait()
+                if self._closed:
+                    return
+                due = self._unsynced_since + self.flush_after if self._unsynced_since is not None else 0.0
+                left = due - time.monotonic()
+                if left > 0:
+                    self._wake.wait(left)
+                    continue
+            try:
+                self.flush()
+            except Exception:  # the failure is kept (self._failed): the next append raises it
+                with self._mu:
+                    self._unsynced_since = None
+                    if not self._failed:
+                        self._failed = "a background flush failed"
 
     def _append_locked(self, kind: str, experiment: int | None, data: Mapping[str, Any]) -> dict[str, Any]:
         rec: dict[str, Any] = {
@@ -475,39 +550,61 @@ class AuditLog:
             raise AuditError(f"the audit log {self.path}: {self._failed}",
                              "check free disk space; the session stopped so nothing runs unrecorded",
                              ) from None
-        self._fsync()
+        grouped = self.flush_after is not None
+        if not grouped:
+            self._fsync()
         self.count, self.head = rec["seq"], rec["hash"]
         self._end += len(line)
         if rec["seq"] == 1:
             self.log_id = rec["hash"]
         self._since_checkpoint += 1
-        if self.anchor is not None and (self.anchor_kinds is None or kind in self.anchor_kinds):
-            self.anchor(self.log_id, self.count, self.head)
+        if grouped:
+            if self._unsynced_since is None:
+                self._unsynced_since = time.monotonic()
+                self._wake.notify()
+        else:
+            self._synced = self.count
+            if self.anchor is not None and (self.anchor_kinds is None or kind in self.anchor_kinds):
+                self.anchor(self.log_id, self.count, self.head)
         return rec
 
     def checkpoint(self) -> dict[str, Any]:
         """Append a ``checkpoint`` record (signed when a signer is set) and rewrite the anchor file."""
-        count, head = self.count, self.head
-        data: dict[str, Any] = {"count": count, "head": head, "log": self.log_id}
-        if self.signer is not None:
-            data["key_id"] = self.signer.key_id
-            data["signature"] = self.signer.sign(checkpoint_message(self.log_id, count, head))
-        rec = self.append("checkpoint", None, data)
-        self._since_checkpoint = 0
+        return self._write_anchor_file(self._checkpoint_record())
+
+    def _checkpoint_record(self) -> dict[str, Any]:
+        with self._mu:
+            count, head = self.count, self.head
+            data: dict[str, Any] = {"count": count, "head": head, "log": self.log_id}
+            if self.signer is not None:
+                data["key_id"] = self.signer.key_id
+                data["signature"] = self.signer.sign(checkpoint_message(self.log_id, count, head))
+            rec = self.append("checkpoint", None, data)
+            self._since_checkpoint = 0
+            return rec
+
+    def _write_anchor_file(self, rec: dict[str, Any]) -> dict[str, Any]:
+        if self.flush_after is not None:  # the anchor file vouches only for synced records
+            self.flush()
         anchor: dict[str, Any] = {"log": self.log_id, "count": rec["seq"], "head": rec["hash"],
                                   "time": rec["time"]}
         if self.signer is not None:
             anchor["key_id"] = self.signer.key_id
             anchor["signature"] = self.signer.sign(checkpoint_message(self.log_id, rec["seq"], rec["hash"]))
-        tmp = self.path.with_name(ANCHOR_FILE + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, canonical(anchor) + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path.with_name(ANCHOR_FILE))
-        _fsync_dir(self.path.parent)
+        with self._anchor_file_mu:
+            done = self._anchor_file_count
+            if rec["seq"] <= done:  # a later checkpoint got there first
+                return rec
+            tmp = self.path.with_name(ANCHOR_FILE + ".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, canonical(anchor) + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path.with_name(ANCHOR_FILE))
+            _fsync_dir(self.path.parent)
+            self._anchor_file_count = rec["seq"]
         return rec
 
     def check_anchor(self, held: tuple[int, str] | None) -> None:
@@ -527,9 +624,18 @@ class AuditLog:
                              "run `nightlab audit verify`; restore the log from a copy, or move it aside")
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        """Flush (grouped mode), stop the flusher, close the file. Idempotent."""
+        if self.flush_after is not None and self._fd >= 0 and not self._failed:
+            self.flush()
+        with self._mu:
+            self._closed = True
+            self._wake.notify_all()
+        if self._flusher is not None and self._flusher is not threading.current_thread():
+            self._flusher.join(timeout=5)
+        with self._flush_mu, self._mu:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
 
 # --------------------------------------------------------------------------- reading and verifying

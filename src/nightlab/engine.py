@@ -87,8 +87,11 @@ class Engine(Scheduler):
             raise UsageError(f"unknown autonomy level {self.autonomy!r}", "use auto, approve-keep or review")
         self.audit = self._open_audit()
         self.notifier = notify.for_spec(self.spec, self.lab_dir)
-        sinks = [s for s in (self.audit, events, self.notifier) if s is not None]
-        self.events: EventSink = Locked(sinks[0] if len(sinks) == 1 else FanOut(*sinks)) if sinks else NullSink()
+        # the audit log serialises its own appends and fsyncs outside its lock; the other sinks share one lock
+        others = [s for s in (events, self.notifier) if s is not None]
+        rest: list[EventSink] = [Locked(others[0] if len(others) == 1 else FanOut(*others))] if others else []
+        sinks: list[EventSink] = [*([self.audit] if self.audit is not None else []), *rest]
+        self.events: EventSink = (sinks[0] if len(sinks) == 1 else FanOut(*sinks)) if sinks else NullSink()
         self.guard = Guard(self.spec, self.ws)
         self.policy = make_policy(self.spec.accept)
         self.verifier = Verifier(self)

@@ -693,6 +693,17 @@ class Ledger:
             rows = conn.execute(q).all()
         return [_experiment(r) for r in rows]
 
+    def kept(self, session_id: int, commit: str) -> Experiment | None:
+        """The latest kept experiment of the session whose commit is ``commit`` (one row read, whatever
+        the session's length: the engine's decisions ask this instead of loading every keep)."""
+        q = (_experiment_select()
+             .where(experiments.c.session_id == session_id, experiments.c.status == Status.KEEP.value,
+                    experiments.c.commit == commit)
+             .order_by(experiments.c.idx.desc()).limit(1))
+        with self._read() as conn:
+            row = conn.execute(q).first()
+        return _experiment(row) if row is not None else None
+
     def count_experiments(self, session_id: int, status: Status | None = None) -> int:
         q = sa.select(sa.func.count()).select_from(experiments).where(experiments.c.session_id == session_id)
         if status is not None:

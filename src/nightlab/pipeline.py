@@ -103,15 +103,7 @@ class Pipeline(Runtime):
 
     def _context(self, idx: int, history: list[Experiment]) -> Context:
         parent = self.session.incumbent_commit
-        files: dict[str, str] = {}
-        all_files = self.ws.ls_files(parent)
-        for p in all_files:
-            if (matches(p, self.spec.files.editable) and not matches(p, self.guard.protected)
-                    and not matches(p, self.spec.sandbox.hide)):
-                try:
-                    files[p] = self.ws.read_file(parent, p).decode("utf-8")
-                except UnicodeDecodeError:
-                    continue
+        files = self._editable_files(parent)
         program_path = self.lab_dir / PROGRAM_FILE
         program = self._program if self._program is not None else (
             program_path.read_text(encoding="utf-8") if program_path.exists() else "")
@@ -121,6 +113,23 @@ class Pipeline(Runtime):
             incumbent_metric=self.session.incumbent_metric, baseline_metric=self.session.baseline_metric, idx=idx,
             extra={"session": self.session.tag},
         )
+
+    def _editable_files(self, parent: str) -> dict[str, str]:
+        """The editable files of commit ``parent`` as text, read from git once per incumbent (a commit
+        never changes; two git launches saved on every proposal that shares the incumbent of the one before)."""
+        cached: tuple[str, dict[str, str]] | None = getattr(self, "_files_of", None)
+        if cached is not None and cached[0] == parent:
+            return dict(cached[1])
+        files: dict[str, str] = {}
+        for p in self.ws.ls_files(parent):
+            if (matches(p, self.spec.files.editable) and not matches(p, self.guard.protected)
+                    and not matches(p, self.spec.sandbox.hide)):
+                try:
+                    files[p] = self.ws.read_file(parent, p).decode("utf-8")
+                except UnicodeDecodeError:
+                    continue
+        self._files_of = (parent, files)
+        return dict(files)
 
     # ------------------------------------------------------------------ guard, materialise, run, measure
 
@@ -146,6 +155,8 @@ class Pipeline(Runtime):
         # (verifier.after_keep), which the experiment handed back (to the researcher) must not carry
         stored = self.ledger.get_experiment(self.session.id, exp.idx) if exp.status is Status.KEEP else None
         self.ledger.update_experiment(exp.id, evidence={**(stored or exp).evidence, "timing": timing})
+        if self.audit is not None:  # the experiment's records: one fsync and one anchor, outside every lock
+            self.audit.flush()
         return replace(exp, evidence={**exp.evidence, "timing": timing})
 
     @contextlib.contextmanager
@@ -501,10 +512,8 @@ class Pipeline(Runtime):
 
     def _kept_metric(self, commit: str) -> float | None:
         """The metric the ledger holds for a kept commit (its estimate, when a policy made one)."""
-        for e in self.ledger.experiments(self.session.id, status=Status.KEEP):
-            if e.commit == commit:
-                return float(e.evidence.get("estimate", e.metric)) if e.metric is not None else None
-        return None
+        e = self.ledger.kept(self.session.id, commit)
+        return float(e.evidence.get("estimate", e.metric)) if e is not None and e.metric is not None else None
 
     # ------------------------------------------------------------------ record
 

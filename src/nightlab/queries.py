@@ -128,6 +128,52 @@ def memoized(ledger: Ledger, session_id: int | None, name: str, compute: Callabl
     return value
 
 
+# --------------------------------------------------------------------------- incremental aggregates
+
+_inc: dict[tuple[Any, ...], tuple[Any, int, frozenset[int], Any]] = {}
+_inc_lock = threading.Lock()
+
+
+def incremental(ledger: Ledger, session_id: int, name: str, columns: Sequence[Any],
+                fold: Callable[[Any, list[Any]], Any], start: Callable[[], Any],
+                joined: bool = False) -> tuple[Any, list[Any]]:
+    """An aggregate of a session's *finished* experiments, kept up to date by reading only what changed.
+
+    A finished experiment's row is final for these columns (the engine writes a row's figures once,
+    when it finishes; later writes touch its evidence only), so the aggregate over them is cached with
+    the highest row id it has seen and the ids that were still running then; each call reads only
+    the rows after that id and those that were running, folds the ones finished since
+    (``fold(state, rows) -> new state``, never mutating ``state``) and returns ``(state, rows still
+    running)``. The first load after a new experiment then costs a few rows, not 100,000.
+    """
+    eng = engine_of(ledger)
+    key = (id(eng), str(eng.url), session_id, name)
+    with reading(ledger) as conn:
+        # the session row's creation time tells a cache of another ledger (same id, same url) from this one's
+        born = conn.execute(sa.select(sessions.c.created_at).where(sessions.c.id == session_id)).scalar()
+        with _inc_lock:
+            cached = _inc.get(key)
+        max_id, running, state = cached[1:] if cached is not None and cached[0] == born else (0, frozenset(), None)
+        if state is None:
+            state = start()
+        cond = E.id > max_id
+        if running:
+            cond = sa.or_(cond, E.id.in_(sorted(running)))
+        q = (sa.select(E.id, E.status, *columns).select_from(_joined() if joined else experiments)
+             .where(E.session_id == session_id, cond).order_by(E.id))
+        rows = conn.execute(q).all()
+    done = [r for r in rows if r[1] != Status.RUNNING.value]
+    still = [r for r in rows if r[1] == Status.RUNNING.value]
+    if done:
+        state = fold(state, done)
+    new_max = max([max_id, *(int(r[0]) for r in rows)])
+    with _inc_lock:
+        _inc[key] = (born, new_max, frozenset(int(r[0]) for r in still), state)
+        while len(_inc) > MEMO_SIZE:
+            _inc.pop(next(iter(_inc)))
+    return state, still
+
+
 # --------------------------------------------------------------------------- rows
 
 
@@ -263,13 +309,58 @@ def researchers(ledger: Ledger, session_id: int) -> list[str]:
 
 
 def _researchers(ledger: Ledger, session_id: int) -> list[str]:
-    """The researchers that proposed the session's candidates (for the table's filter)."""
-    q = (
-        sa.select(C.researcher).distinct().select_from(_joined())
-        .where(E.session_id == session_id, C.researcher.is_not(None)).order_by(C.researcher)
-    )
-    with reading(ledger) as conn:
-        return [r for (r,) in conn.execute(q) if r]
+    """The researchers that proposed the session's candidates (for the table's filter); incremental."""
+    seen, live = incremental(ledger, session_id, "researchers", (C.researcher,),
+                             lambda acc, rows: acc | {r[2] for r in rows if r[2]}, frozenset, joined=True)
+    return sorted(seen | {r[2] for r in live if r[2]})
+
+
+ParetoPoint = tuple[int, float, float, str]  # (idx, x, metric, status)
+
+
+def _front(points: Sequence[ParetoPoint], minimize: bool) -> list[ParetoPoint]:
+    """The non-dominated points (lower x, better metric); as ``web.figures.front``."""
+    sign = 1.0 if minimize else -1.0
+    out: list[ParetoPoint] = []
+    best = math.inf
+    for p in sorted(points, key=lambda p: (p[1], sign * p[2])):
+        if sign * p[2] < best:
+            out.append(p)
+            best = sign * p[2]
+    return out
+
+
+def pareto_points(ledger: Ledger, session_id: int, figure: str, run_s: bool, minimize: bool = True,
+                  limit: int = 2000) -> list[ParetoPoint]:
+    """``(idx, x, metric, status)`` of the kept or discarded experiments with a metric and a finite
+    ``figure`` (a secondary figure's name, or the run time with ``run_s``), for drawing: every keep and
+    every point of the front, and the others thinned to about ``limit`` (evenly by idx). Incremental
+    (:func:`incremental`): the points and the front are kept, and only new experiments are read --
+    the front of all points is the front of (the old front + the new points)."""
+    def fold(acc: tuple[list[ParetoPoint], list[ParetoPoint]], rows: list[Any]
+             ) -> tuple[list[ParetoPoint], list[ParetoPoint]]:
+        new: list[ParetoPoint] = []
+        for _id, status, idx, metric, secs, secondary in rows:
+            if status not in (Status.KEEP.value, Status.DISCARD.value) or metric is None:
+                continue
+            if run_s:
+                x = secs
+            else:
+                try:
+                    x = json.loads(secondary or "{}").get(figure)
+                except (ValueError, AttributeError):
+                    continue
+            if isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x):
+                new.append((int(idx), float(x), float(metric), str(status)))
+        return acc[0] + new, _front(acc[1] + new, minimize)
+
+    (pts, front), _ = incremental(ledger, session_id, f"pareto:{int(run_s)}:{int(minimize)}:{figure}",
+                                  (E.idx, E.metric, E.run_s, E.secondary_json), fold, lambda: ([], []))
+    if len(pts) <= limit:
+        return list(pts)
+    special = {p[0] for p in front}
+    stride = math.ceil(len(pts) / limit)
+    return [p for k, p in enumerate(pts) if p[3] == Status.KEEP.value or p[0] in special or k % stride == 0]
 
 
 # --------------------------------------------------------------------------- experiments
@@ -380,10 +471,11 @@ def _chart_data(ledger: Ledger, session: Session, max_points: int = 2000) -> Cha
     The running best is computed from the keeps and is exact either way. A holdout figure
     is read from a keep's evidence (``evidence["holdout"]``, a number or ``{"metric": x}``).
     """
+    settled, live = incremental(
+        ledger, session.id, "chart_rows", (E.idx, E.metric), lambda acc, new: acc + [(r[2], r[3], r[1]) for r in new],
+        list)
+    rows: list[Row3] = sorted([*settled, *((r[2], r[3], r[1]) for r in live)], key=lambda r: r[0])
     with reading(ledger) as conn:
-        q = sa.select(E.idx, E.metric, E.status).where(E.session_id == session.id).order_by(E.idx)
-        result = conn.execute(q)
-        rows: list[Row3] = [tuple(r) for r in result]
         kept_ev = dict(conn.execute(
             sa.select(E.idx, E.evidence_json).where(E.session_id == session.id, E.status == Status.KEEP.value)
         ).all())
@@ -526,22 +618,31 @@ def timing(ledger: Ledger, session_id: int) -> Timing:
     return memoized(ledger, session_id, "timing", lambda: _timing(ledger, session_id))
 
 
+_TIMING_COLUMNS = (E.propose_s, E.run_s, E.overhead_s, E.started_at, sa.func.coalesce(E.finished_at, E.started_at),
+                   C.cost_usd, C.tokens_in, C.tokens_out, C.tokens_cached, C.usage_s)
+_NO_TIMING: tuple[Any, ...] = (0, 0.0, 0.0, 0.0, None, None, 0.0, 0, 0, 0, 0.0)
+
+
+def _fold_timing(acc: tuple[Any, ...], rows: list[Any]) -> tuple[Any, ...]:
+    """Add rows ``(id, status, propose_s, run_s, overhead_s, started_at, last, cost, t_in, t_out, t_cached,
+    usage_s)`` to the sums ``(n, propose, run, overhead, first start, last end, cost, in, out, cached, usage)``."""
+    n, prop, run, over, first, last, cost, t_in, t_out, t_cached, usage_s = acc
+    for r in rows:
+        n += 1
+        prop, run, over = prop + (r[2] or 0.0), run + (r[3] or 0.0), over + (r[4] or 0.0)
+        if r[5] is not None:
+            first = r[5] if first is None else min(first, r[5])
+        if r[6] is not None:
+            last = r[6] if last is None else max(last, r[6])
+        cost, t_in, t_out = cost + (r[7] or 0.0), t_in + (r[8] or 0), t_out + (r[9] or 0)
+        t_cached, usage_s = t_cached + (r[10] or 0), usage_s + (r[11] or 0.0)
+    return (n, prop, run, over, first, last, cost, t_in, t_out, t_cached, usage_s)
+
+
 def _timing(ledger: Ledger, session_id: int) -> Timing:
-    q = sa.select(
-        sa.func.count(),
-        sa.func.coalesce(sa.func.sum(E.propose_s), 0.0),
-        sa.func.coalesce(sa.func.sum(E.run_s), 0.0),
-        sa.func.coalesce(sa.func.sum(E.overhead_s), 0.0),
-        sa.func.min(E.started_at),
-        sa.func.max(sa.func.coalesce(E.finished_at, E.started_at)),
-        sa.func.coalesce(sa.func.sum(C.cost_usd), 0.0),
-        sa.func.coalesce(sa.func.sum(C.tokens_in), 0),
-        sa.func.coalesce(sa.func.sum(C.tokens_out), 0),
-        sa.func.coalesce(sa.func.sum(C.tokens_cached), 0),
-        sa.func.coalesce(sa.func.sum(C.usage_s), 0.0),
-    ).select_from(_joined()).where(E.session_id == session_id)
-    with reading(ledger) as conn:
-        n, prop, run, over, first, last, cost, t_in, t_out, t_cached, usage_s = conn.execute(q).one()
+    settled, running = incremental(ledger, session_id, "timing", _TIMING_COLUMNS, _fold_timing,
+                                   lambda: _NO_TIMING, joined=True)
+    n, prop, run, over, first, last, cost, t_in, t_out, t_cached, usage_s = _fold_timing(settled, running)
     first_start = float(first) if first is not None else None
     return Timing(
         int(n), float(prop), float(run), float(over), first_start, float(last) if last is not None else None,

@@ -83,7 +83,7 @@ class Scheduler(SessionLifecycle):
                     reason = self.stop_reason(history)
                 if reason and not inflight:
                     break
-                tried = sum(1 for e in history if e.idx > self.epoch)
+                tried = self.tally(history).tried
                 budget = (cap - tried - len(inflight) - (prepared is not None) - len(queue)) if cap else 1
                 if ppool is not None:
                     if not reason and budget > 0 and len(queue) < prefetch:

@@ -30,7 +30,7 @@ from nightlab.audit import AuditLog, Signer, ledger_head, store_head
 from nightlab.errors import NightlabError, UsageError
 from nightlab.pipeline import Pipeline
 from nightlab.runtime import _first_line
-from nightlab.types import Experiment, Session, Status
+from nightlab.types import Experiment, Session, Status, Usage
 
 
 def machine_info() -> dict[str, Any]:
@@ -56,15 +56,40 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-# Audit records after which the ledger stores the log's count and head (each costs a ledger write):
-# the decisions and session events, and the start of every wait that can last (a proposal, an
-# experiment, a run, setup), so a harness killed mid-wait leaves no unanchored tail; one killed in
-# between leaves the few records of a window of milliseconds (docs/security.md).
-ANCHOR_KINDS = frozenset({"decision", "session.start", "session.resume", "session.stop", "approval.request",
-                          "approval.answer", "recover", "policy.violation", "checkpoint",
-                          "researcher.request", "candidate", "git.commit", "sandbox.start", "sandbox.exit",
-                          "setup.run"})
+# The engine's audit records are grouped (audit.AuditLog, flush_after): written at once (a SIGKILL loses
+# none), fsynced and anchored in the ledger (count and head) together, before emit returns, at each of
+# these kinds -- session events, approvals and setup -- at the end of every experiment (the pipeline
+# flushes after its cleanup, outside the keep lock, so slots do not queue behind an fsync), and otherwise
+# at most FLUSH_AFTER_S after they were written, so a harness killed during a wait that lasts (a
+# proposal, a run, an evaluation) leaves no unanchored tail, and a fast experiment costs one fsync and
+# one anchor (docs/security.md, "Durability").
+ANCHOR_KINDS = frozenset({"session.start", "session.resume", "session.stop", "approval.request",
+                          "approval.answer", "recover", "checkpoint", "setup.run"})
+FLUSH_AFTER_S = 0.1
 
+
+
+class Tally:
+    """Counters of the stop rules over a growing history (experiments after ``epoch``)."""
+
+    def __init__(self, history: list[Experiment], epoch: int) -> None:
+        self.history, self.epoch, self.seen = history, epoch, 0
+        self.tried = self.violations = self.since_keep = self.failures_in_row = 0
+        self.last_idx = -1
+        self.usage = Usage()  # of every experiment in the history (the epoch's or not: all were paid for)
+
+    def catch_up(self) -> None:
+        for e in self.history[self.seen:]:
+            self.usage = self.usage + e.usage
+            if e.idx <= self.epoch:
+                continue
+            self.tried += 1
+            self.last_idx = e.idx
+            self.since_keep = 0 if e.status is Status.KEEP else self.since_keep + 1
+            self.failures_in_row = self.failures_in_row + 1 if e.status.is_failure() else 0
+            if e.status is Status.REJECTED and e.reason.startswith("policy: "):
+                self.violations += 1
+        self.seen = len(self.history)
 
 
 def default_tag() -> str:
@@ -83,7 +108,8 @@ class SessionLifecycle(Pipeline):
         # anchored: no session continues a log that lost records the ledger counted
         return AuditLog(self.ws.state_dir / "audit.jsonl", checkpoint_every=self.spec.audit.checkpoint_every,
                         signer=signer, anchor=lambda log_id, n, head: store_head(ledger, log_id, n, head),
-                        anchor_kinds=ANCHOR_KINDS, anchored=lambda log_id: ledger_head(ledger, log_id))
+                        anchor_kinds=ANCHOR_KINDS, anchored=lambda log_id: ledger_head(ledger, log_id),
+                        flush_after=FLUSH_AFTER_S)
 
     # ------------------------------------------------------------------ session
 
@@ -296,11 +322,11 @@ class SessionLifecycle(Pipeline):
             self.stop_file.unlink(missing_ok=True)
             self.stop.graceful = self.stop.graceful or "STOP file"
             return "STOP file"
-        tried = [e for e in history if e.idx > self.epoch]
-        if st.max_experiments and len(tried) >= st.max_experiments:
+        t = self.tally(history)
+        if st.max_experiments and t.tried >= st.max_experiments:
             return f"max_experiments ({st.max_experiments}) reached"
         if st.max_cost_usd or st.max_tokens:
-            used = sum((e.usage for e in history), self.ledger.spend_totals(self.session.id))
+            used = t.usage + self.ledger.spend_totals(self.session.id)
             if st.max_cost_usd and used.cost_usd >= st.max_cost_usd:
                 return f"max_cost_usd ({st.max_cost_usd:g}) reached: ${used.cost_usd:.4f} spent"
             if st.max_tokens and used.tokens_in + used.tokens_out >= st.max_tokens:
@@ -308,27 +334,19 @@ class SessionLifecycle(Pipeline):
         if st.max_hours and time.monotonic() - self._started >= st.max_hours * 3600:
             return f"max_hours ({st.max_hours:g}) reached"
         if st.patience:
-            since = 0
-            for e in reversed(tried):
-                if e.status is Status.KEEP:
-                    break
-                since += 1
+            since = t.since_keep
             if since >= st.patience:
                 return f"patience: {since} experiments without a keep"
         if st.max_policy_violations:
-            n = sum(1 for e in tried if e.status is Status.REJECTED and e.reason.startswith("policy: "))
+            n = t.violations
             if n >= st.max_policy_violations:
                 return f"max_policy_violations: {n} candidates broke [permissions]"
         if st.max_crashes_in_row:
-            row = 0
-            for e in reversed(tried):
-                if not e.status.is_failure():
-                    break
-                row += 1
+            row = t.failures_in_row
             if row >= 4 * st.max_crashes_in_row:
                 return f"max_crashes_in_row: {row} crashes or timeouts in a row; the researcher finds nothing that runs"
             if row - self._crashes_checked >= st.max_crashes_in_row:
-                if self.ray is not None or not self._incumbent_runs(row, tried[-1].idx):
+                if self.ray is not None or not self._incumbent_runs(row, t.last_idx):
                     return f"max_crashes_in_row: {row} crashes or timeouts in a row" + (
                         "" if self.ray is not None else ", and the incumbent fails too: the lab is broken")
                 self._crashes_checked = row  # the candidates crashed, not the lab: go on
@@ -336,12 +354,23 @@ class SessionLifecycle(Pipeline):
                 self._crashes_checked = 0
         return ""
 
+    def tally(self, history: list[Experiment]) -> Tally:
+        """The stop rules' counters over ``history`` since the epoch, kept up to date incrementally: the
+        history only grows (appended by the loop), so each call counts only what was appended since the
+        last one. A new list (a resume, a rebaseline) starts the count again."""
+        t: Tally | None = getattr(self, "_tally", None)
+        if t is None or t.history is not history or t.epoch != self.epoch or t.seen > len(history):
+            t = Tally(history, self.epoch)
+            self._tally = t
+        t.catch_up()
+        return t
+
     def _incumbent_runs(self, row: int, after: int) -> bool:
         """Health check after a crash streak: re-run the incumbent once (not an experiment). True when it
         still yields its metric: the crashes were the candidates' (the researcher has been told), not a
         broken lab (data gone, GPU lost, disk full)."""
         errors = Counter(_first_line(next((ln for ln in reversed(e.log_tail.splitlines()) if ln.strip()), "?"), 120)
-                         for e in self.ledger.experiments(self.session.id)[-row:])
+                         for e in reversed(self.ledger.experiments(self.session.id, limit=row, order="desc")))
         self.reporter.message(f"{row} crashes in a row ({'; '.join(f'{n} x {t}' for t, n in errors.most_common(2))})"
                               ": re-running the incumbent to tell a broken lab from bad candidates")
         wt = self.ws.add_worktree(f"{self.session.tag}-health-{after}", self.session.incumbent_commit)

@@ -432,6 +432,15 @@ class Verifier:
     def needs_calibration(self) -> bool:
         return bool(getattr(self.e.policy, "needs_noise", False)) and "sigma" not in self.noise()
 
+    def _incumbent_row(self, commit: str) -> Experiment | None:
+        """The kept row of the incumbent ``commit``, read once per incumbent (kept rows never change
+        their metric or samples; the holdout check a keep gains later is not used here)."""
+        cached = getattr(self, "_inc_row", None)
+        if cached is None or cached[0] != commit:
+            cached = (commit, self.e.ledger.kept(self.e.session.id, commit))
+            self._inc_row = cached
+        return cached[1]
+
     def incumbent_stats(self) -> IncumbentStats:
         """The incumbent's best estimate, its unbiased samples and the session's noise floor."""
         e = self.e
@@ -439,10 +448,9 @@ class Verifier:
         sigma = noise.get("sigma")
         sigma_df = int(noise.get("k", 1)) - 1
         inc = e.session.incumbent_commit
-        kept = [x for x in e.ledger.experiments(e.session.id, status=Status.KEEP) if x.commit == inc]
+        x = self._incumbent_row(inc)
         samples: list[float] = []
-        if kept:
-            x = kept[-1]
+        if x is not None:
             if x.evidence.get("samples"):
                 samples = [float(v) for v in x.evidence["samples"]]
             elif x.metric is not None:
@@ -461,8 +469,7 @@ class Verifier:
         h = e.spec.holdout
         if not h.command or exp.commit is None:
             return
-        keeps = [x for x in e.ledger.experiments(e.session.id, status=Status.KEEP)]
-        n = len(keeps) - 1  # 0 for the baseline
+        n = e.ledger.count_experiments(e.session.id, Status.KEEP) - 1  # 0 for the baseline
         if n > 0 and n % h.every:
             return
         problem = Guard.verify_protected(lab_root, e.protected_hashes)
@@ -478,7 +485,7 @@ class Verifier:
         noise = self.noise()
         hold = dict(noise.get("holdout", {}))
         warnings = list(noise.get("warnings", []))
-        if value is not None and exp.idx == keeps[0].idx:
+        if value is not None and n == 0:  # the first keep: the baseline
             hold["baseline"] = value
         elif value is not None and hold.get("baseline") is not None and e.session.baseline_metric:
             d = e.spec.metric.direction

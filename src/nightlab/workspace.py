@@ -72,7 +72,8 @@ class Workspace:
         self.state_dir = self.lab_dir / ".nightlab"
         self.worktrees_dir = self.state_dir / "worktrees"
         self.git_dir = Path(self._run(["rev-parse", "--path-format=absolute", "--git-common-dir"]).strip())
-        # `git worktree add/prune` touch shared state in .git/worktrees: one at a time per process
+        # `git worktree add/prune` touch shared state in .git/worktrees: one at a time per process (measured:
+        # two concurrent adds fail, "failed to read .git/worktrees/X/commondir", git reads the half-made one)
         self._worktree_lock = threading.RLock()
 
     # ------------------------------------------------------------------ plumbing
@@ -191,11 +192,25 @@ class Workspace:
         return path
 
     def remove_worktree(self, path: Path) -> None:
-        """Remove from outside: never runs git inside ``path``."""
+        """Remove from outside: never runs git inside ``path``, never reads what the run could write.
+
+        The registration ``.git/worktrees/<name>`` is removed directly when its ``gitdir`` file (written
+        by git, outside the worktree) names this worktree -- what ``git worktree prune`` would do for it,
+        without a git launch that scans every registration under the lock the slots share; otherwise
+        (another name, a half-written registration) ``git worktree prune`` runs as before.
+        """
         if path.exists():
             shutil.rmtree(path, ignore_errors=True)
+        admin = self.git_dir / "worktrees" / path.name
         with self._worktree_lock:
-            self._run(["worktree", "prune"], check=False)
+            try:
+                ours = (admin / "gitdir").read_text().strip() == str(path / ".git") and not (admin / "locked").exists()
+            except OSError:
+                ours = False
+            if ours and not path.exists():
+                shutil.rmtree(admin, ignore_errors=True)
+            if not ours or admin.exists():
+                self._run(["worktree", "prune"], check=False)
 
     def remove_stale_worktrees(self, prefix: str) -> list[Path]:
         """Remove the worktrees a killed harness left: folders under ``.nightlab/worktrees`` whose

@@ -225,10 +225,10 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
     def pareto_ctx(s: Session, spec: dict[str, Any], figure: str | None) -> dict[str, Any]:
         figures = [str(f) for f in (spec.get("metric") or {}).get("secondary") or []] + [RUN_S]
         x = figure if figure in figures else figures[0]
-        pts = [figures_mod.Point(e.idx, float(e.secondary[x]) if x != RUN_S else e.run_s, e.metric, e.status.value)
-               for st in (Status.KEEP, Status.DISCARD) for e in ledger.experiments(s.id, status=st)
-               if e.metric is not None and (x == RUN_S or isinstance(e.secondary.get(x), int | float))]
-        svg = figures_mod.pareto_svg(pts, x_label=x, y_label=s.metric_name, minimize=s.direction.value == "minimize",
+        minimize = s.direction.value == "minimize"
+        pts = [figures_mod.Point(i, fx, m, st) for i, fx, m, st in queries.pareto_points(ledger, s.id, x, x == RUN_S,
+                                                                                         minimize)]
+        svg = figures_mod.pareto_svg(pts, x_label=x, y_label=s.metric_name, minimize=minimize,
                                      href=lambda i: f"{root}/s/{s.tag}/e/{i}")
         return dict(pareto=svg, pareto_figures=figures, pareto_x=x)
 
@@ -353,6 +353,7 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
                                       pruned_at=e.evidence.get("pruned_at"))
         return page(request, "experiment.html", s=s, e=e, red=red, diff_html=diff_html, nav="session", curve=curve,
                     secondary=red.data(e.secondary), evidence=red.data(e.evidence), params=red.data(e.params),
+                    stages=figures_mod.stage_rows(e.evidence.get("timing")),
                     has_prev=idx > 0, has_next=ledger.get_experiment(s.id, idx + 1) is not None)
 
     @app.get("/s/{tag}/costs", response_class=HTMLResponse)

@@ -2,6 +2,8 @@
 
 - :func:`curve_svg`: the progress lines of one run (``evidence["curve"]``, see nightlab.prune),
   with the baseline's curve as a reference and, for a pruned run, the step it was stopped at.
+- :func:`stage_rows`: where one experiment's time went, stage by stage (``evidence["timing"]``,
+  written by the engine's pipeline), as rows for the experiment page.
 - :func:`pareto_svg`: every measured experiment as metric (y) against a secondary figure (x),
   kept ones green, discarded grey, the non-dominated front (better metric, lower figure)
   drawn as a step line. Each point is a ``<circle data-idx=..>`` linking to its experiment.
@@ -15,11 +17,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from html import escape
 
+from nightlab.types import STAGES
 from nightlab.web.charts import BASELINE, STATUS_COLOURS, _axis_labels, _frame, _open, _text, fmt, grid
 
 CURVE = "#2b83ba"
 PRUNED = "#d73027"
 FRONT = "#1a9850"
+
+
+def stage_rows(timing: object) -> list[tuple[str, float, float]]:
+    """``(stage, seconds, share of the total in %)`` in the pipeline's order; [] without timing."""
+    if not isinstance(timing, dict):
+        return []
+    vals = {str(k): float(v) for k, v in timing.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0}
+    total = sum(vals.values())
+    order = sorted(vals, key=lambda k: STAGES.index(k) if k in STAGES else len(STAGES))
+    return [(k, vals[k], 100 * vals[k] / total if total > 0 else 0.0) for k in order]
 
 
 def _finite(points: Sequence[Sequence[float]]) -> list[tuple[float, float]]:
@@ -106,7 +120,16 @@ def pareto_svg(points: Sequence[Point], *, x_label: str, y_label: str, minimize:
             out.append(f'<polyline class="front" points="{" ".join(steps)}" fill="none" stroke="{FRONT}" '
                        f'stroke-width="1.2" stroke-dasharray="3 2"/>')
         on_front = {p.idx for p in fr}
-        for p in sorted(pts, key=lambda p: p.status == "keep"):
+        # one point per 8-pixel cell besides the keeps and the front: a session of 100,000 experiments
+        # draws a few thousand circles, and the picture is the same
+        seen: set[tuple[int, int]] = set()
+        shown = []
+        for p in sorted(pts, key=lambda p: (p.status != "keep", p.idx not in on_front)):
+            cell = (int(sx(p.x) // 8), int(sy(p.y) // 8))
+            if p.status == "keep" or p.idx in on_front or cell not in seen:
+                seen.add(cell)
+                shown.append(p)
+        for p in sorted(shown, key=lambda p: p.status == "keep"):
             colour = STATUS_COLOURS.get(p.status, "#a0a0a0")
             r = 4.5 if p.status == "keep" else 3.2
             ring = f' stroke="{FRONT}" stroke-width="1.5"' if p.idx in on_front else ""

@@ -1,0 +1,117 @@
+"""Cost per experiment as one session grows: does the harness stay constant-time?
+
+    python bench/scaling.py [--max 10000] [--window 50] [--sandbox auto|required|none] [--profile FILE]
+
+One session through the real Engine (git worktrees and commits, the SQLite ledger, the audit log,
+the sandbox as the user gets it), with a run command that exits at once (``cat score.txt``), so
+what is measured is the harness. A scripted researcher keeps one experiment in five (a new
+best score: commit, branch advance, the incumbent's update) and discards the rest.
+
+At each checkpoint (100, 1,000, 10,000, up to ``--max``) it reports, over the ``--window``
+experiments before it: the harness's CPU per experiment (this process, user + system; and its
+children: git, bwrap, the run), the wall time per experiment (start-to-start), and the process's
+RSS. Goal (issue 13): flat within 20% from 100 to 10,000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from nightlab.engine import Engine
+from nightlab.researchers import Context
+from nightlab.researchers.scripted import ScriptedResearcher
+from nightlab.types import Candidate
+
+SPEC = """\
+[files]
+editable = ["score.txt"]
+protected = ["protected.txt"]
+[run]
+command = "cat score.txt"
+budget_s = 5
+timeout_s = 30
+[metric]
+name = "score"
+direction = "minimize"
+[stop]
+max_experiments = {n}
+max_crashes_in_row = 0
+[researcher]
+kind = "scripted"
+"""
+
+CHECKPOINTS = (100, 1_000, 10_000)
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--max", type=int, default=10_000, help="the last checkpoint (100, 1000 or 10000)")
+    ap.add_argument("--window", type=int, default=50, help="experiments measured before each checkpoint")
+    ap.add_argument("--sandbox", default="auto", choices=["required", "auto", "none"])
+    ap.add_argument("--profile", help="write a cProfile of the whole session to this file")
+    args = ap.parse_args()
+    points = [c for c in CHECKPOINTS if c <= args.max]
+    marks: dict[int, tuple[float, float, float, float]] = {}  # idx -> (wall, cpu self, cpu children, rss)
+
+    def step(ctx: Context) -> Candidate:
+        t = os.times()
+        marks[ctx.idx] = (time.monotonic(), t.user + t.system, t.children_user + t.children_system,
+                          rss_mb() if ctx.idx in points else 0.0)
+        score = 1_000_000 - ctx.idx if ctx.idx % 5 == 0 else 5_000_000 + ctx.idx
+        return Candidate(parent=ctx.parent, rationale=f"score {score}", files={"score.txt": f"---\nscore: {score}\n"})
+
+    with tempfile.TemporaryDirectory() as tmp:
+        lab = Path(tmp) / "lab"
+        lab.mkdir()
+        (lab / "nightlab.toml").write_text(SPEC.format(n=points[-1] + 1))
+        (lab / "score.txt").write_text("---\nscore: 9000000\n")
+        (lab / "protected.txt").write_text("do not touch\n")
+        env = {"GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "b",
+               "GIT_COMMITTER_EMAIL": "b@b", "PATH": "/usr/bin:/bin"}
+        for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "lab"]):
+            subprocess.run(cmd, cwd=lab, check=True, env=env)
+        eng = Engine(lab, tag="scaling", researcher=ScriptedResearcher([step]), sandbox_mode=args.sandbox)
+        prof = cProfile.Profile() if args.profile else None
+        t0 = time.monotonic()
+        if prof:
+            prof.enable()
+        session = eng.run()
+        if prof:
+            prof.disable()
+            prof.dump_stats(args.profile)
+            pstats.Stats(args.profile).sort_stats("cumulative").print_stats(40)
+        wall = time.monotonic() - t0
+        print(f"experiments: {session.experiments if hasattr(session, 'experiments') else len(marks)}  "
+              f"sandbox: {session.sandbox}  total wall {wall:.1f}s")
+        print("| experiments | harness CPU ms / exp | children CPU ms / exp | wall ms / exp | RSS MB |")
+        print("| ---: | ---: | ---: | ---: | ---: |")
+        for p in points:
+            a, b = marks.get(p - args.window), marks.get(p)
+            if a is None or b is None:
+                continue
+            n = args.window
+            print(f"| {p:,} | {1000 * (b[1] - a[1]) / n:.1f} | {1000 * (b[2] - a[2]) / n:.1f} | "
+                  f"{1000 * (b[0] - a[0]) / n:.1f} | {b[3]:.0f} |")
+        eng.close()
+
+
+if __name__ == "__main__":
+    main()
