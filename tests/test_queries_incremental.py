@@ -101,3 +101,31 @@ def test_a_recreated_ledger_at_the_same_path_is_not_served_the_old_sums(tmp_path
     assert sid2 == sid
     assert queries.timing(ledger, sid).run_s == 6.0 and queries.timing(ledger, sid).n == 3
     ledger.close()
+
+
+def test_the_dashboard_builds_the_newest_sessions_aggregates_before_its_first_request(tmp_path: Path):
+    # at 100k experiments the first session page after the server started took 2.2 s building them
+    from fastapi.testclient import TestClient
+
+    from nightlab.web.app import create_app
+
+    with Ledger(f"sqlite:///{tmp_path / 'l.db'}") as ledger:
+        s = ledger.create_session(tag="t", branch="nightlab/t", base_commit="0" * 40, metric_name="m",
+                                  direction=Direction.MINIMIZE, sandbox="none", spec_hash="x", spec_json="{}",
+                                  lab_path=str(tmp_path), machine={}, researcher="scripted")
+        for idx in range(5):
+            eid = ledger.start_experiment(s.id, idx=idx, parent_commit="p", seed=0, candidate=None,
+                                          description=f"e{idx}", propose_s=0.1)
+            ledger.finish_experiment(eid, status=Status.DISCARD, metric=float(idx), run_s=1.0)
+        queries._inc.clear()
+        queries._memo.clear()
+
+        def cached() -> set[str]:
+            return {k[3] for k in queries._inc if k[2] == s.id}
+
+        app = create_app(ledger, None)
+        assert cached() == set()  # nothing is read when the app is built (tests and `ui --home` build many)
+        with TestClient(app, base_url="http://127.0.0.1:8765") as client:  # the lifespan: as uvicorn starts it
+            assert {"chart_rows", "timing", "researchers"} <= cached()
+            assert any(name.startswith("pareto:") for name in cached())
+            assert client.get("/s/t").status_code == 200
