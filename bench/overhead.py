@@ -50,6 +50,20 @@ kind = "scripted"
 """
 
 
+def make_lab(tmp: str, n: int, score: int) -> Path:
+    """A git repository holding the one-file lab above (also used by bench/scaling.py)."""
+    lab = Path(tmp) / "lab"
+    lab.mkdir()
+    (lab / "nightlab.toml").write_text(SPEC.format(n=n))
+    (lab / "score.txt").write_text(f"---\nscore: {score}\n")
+    (lab / "protected.txt").write_text("do not touch\n")
+    env = {"GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "b",
+           "GIT_COMMITTER_EMAIL": "b@b", "PATH": "/usr/bin:/bin"}
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "lab"]):
+        subprocess.run(cmd, cwd=lab, check=True, env=env)
+    return lab
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
@@ -61,15 +75,7 @@ def main() -> None:
     ap.add_argument("--sandbox", default="required", choices=["required", "auto", "none"])
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        lab = Path(tmp) / "lab"
-        lab.mkdir()
-        (lab / "nightlab.toml").write_text(SPEC.format(n=args.experiments))
-        (lab / "score.txt").write_text("---\nscore: 1000\n")
-        (lab / "protected.txt").write_text("do not touch\n")
-        env = {"GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "b",
-               "GIT_COMMITTER_EMAIL": "b@b", "PATH": "/usr/bin:/bin"}
-        for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "lab"]):
-            subprocess.run(cmd, cwd=lab, check=True, env=env)
+        lab = make_lab(tmp, args.experiments, 1000)
 
         def step(ctx):  # even experiments improve (keep), odd ones regress (discard)
             score = 1000 - ctx.idx if ctx.idx % 2 == 0 else 5000 + ctx.idx

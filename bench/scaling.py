@@ -20,7 +20,6 @@ import cProfile
 import os
 import pstats
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,28 +27,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from overhead import make_lab  # bench/ is this script's folder: the same one-file lab
+
 from nightlab.engine import Engine
 from nightlab.researchers import Context
 from nightlab.researchers.scripted import ScriptedResearcher
 from nightlab.types import Candidate
-
-SPEC = """\
-[files]
-editable = ["score.txt"]
-protected = ["protected.txt"]
-[run]
-command = "cat score.txt"
-budget_s = 5
-timeout_s = 30
-[metric]
-name = "score"
-direction = "minimize"
-[stop]
-max_experiments = {n}
-max_crashes_in_row = 0
-[researcher]
-kind = "scripted"
-"""
 
 CHECKPOINTS = (100, 1_000, 10_000)
 
@@ -79,15 +62,7 @@ def main() -> None:
         return Candidate(parent=ctx.parent, rationale=f"score {score}", files={"score.txt": f"---\nscore: {score}\n"})
 
     with tempfile.TemporaryDirectory() as tmp:
-        lab = Path(tmp) / "lab"
-        lab.mkdir()
-        (lab / "nightlab.toml").write_text(SPEC.format(n=points[-1] + 1))
-        (lab / "score.txt").write_text("---\nscore: 9000000\n")
-        (lab / "protected.txt").write_text("do not touch\n")
-        env = {"GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "b",
-               "GIT_COMMITTER_EMAIL": "b@b", "PATH": "/usr/bin:/bin"}
-        for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "lab"]):
-            subprocess.run(cmd, cwd=lab, check=True, env=env)
+        lab = make_lab(tmp, points[-1] + 1, 9_000_000)
         eng = Engine(lab, tag="scaling", researcher=ScriptedResearcher([step]), sandbox_mode=args.sandbox)
         prof = cProfile.Profile() if args.profile else None
         t0 = time.monotonic()
