@@ -73,6 +73,7 @@ class Claim:
     compute_s: float
     experiments: int
     protected: bool = False
+    head: int = -1  # the pool head it was found on (the claim's parent)
 
 
 @dataclass
@@ -86,6 +87,7 @@ class Worker:
     accepted: int = 0
     credited_s: float = 0.0
     claimed_experiments: int = 0  # of all its claims the host has received (the host's clock bounds them)
+    on_head: Counter[int] = field(default_factory=Counter)  # experiments of its claims per parent (its sessions)
     local: tuple[int, float, IncumbentStats] | None = None  # (pool head, true metric, stats) of its session
 
 
@@ -204,6 +206,7 @@ class Sim:
             return "refused"
         before = w.claimed_experiments  # the experiments of its earlier claims (store.experiments_before)
         w.claimed_experiments += c.experiments
+        w.on_head[c.head] += c.experiments  # store.experiments_on_parent: its session on that head so far
         if c.protected:  # the guard rejects it before any run
             self.strike(w, False, rnd)
             return "rejected"
@@ -228,8 +231,9 @@ class Sim:
 
         verdict = self.accept.decide(Measurement(first), p.best, MIN, remeasure) if best_claim else None
         measured = statistics.fmean(runs)
-        # as PoolHost.refutation: the claimed count is believed only as far as the clock since the invite allows
-        n = trust.credible_experiments(c.experiments, before, self.clock_s, RUN_S, self.policy)
+        # as PoolHost.refutation: a keep is the best of its whole session on that head; the count is believed only
+        # as far as the clock since the invite allows
+        n = max(1, min(w.on_head[c.head], trust.plausible_experiments(self.clock_s, RUN_S, self.policy)))
         invalid = (trust.contradicted(c.claimed, measured, MIN, SIGMA, self.policy, experiments=n)
                    or trust.compute_inflated(c.compute_s, c.experiments, RUN_S, self.policy,
                                              claimed_before=before, elapsed_s=self.clock_s))
@@ -274,7 +278,10 @@ class Sim:
                 if w.record.quarantined:
                     continue
                 before = w.search_runs
+                head = self.pool.head
                 claims = self.claims_of(w, rnd)
+                for c in claims:
+                    c.head = head
                 busiest = max(busiest, w.search_runs - before)
                 w.claims += len(claims)
                 if len(claims) > self.policy.max_pending:

@@ -769,3 +769,38 @@ def test_with_two_slots_a_claim_is_decided_without_waiting_for_the_next(pool_lab
         engine.close()
         led.close()
     assert not t.is_alive()
+
+
+def test_a_keep_is_judged_as_the_record_of_its_whole_session_on_that_head(pool_lab) -> None:
+    # a greedy keep is the best of every run of the worker's session on that pool head, not only of the runs since
+    # its previous claim: the tolerance counts the worker's claimed experiments on the same parent (bench/pool.py:
+    # honest greedy workers quarantined 17/60 -> 0/60); claims on another head do not widen it
+    import time
+
+    from nightlab.ledger import Ledger
+    from nightlab.pool import store
+    from nightlab.pool.host import PoolHost
+
+    with Ledger.for_lab(pool_lab, None) as led:
+        host = PoolHost(pool_lab, led)
+        host.noise_sd = lambda: 1.0  # type: ignore[method-assign]
+        store.invite(led, "main", "ann")
+        with led.transaction(write=True) as conn:  # invited an hour ago: the clock since then bounds the counts
+            conn.execute(store.workers.update().where(store.workers.c.name == "ann")
+                         .values(created_at=time.time() - 3600))
+
+        def add(cid: str, parent: str, experiments: int, metric: float) -> store.Claim:
+            return store.add_claim(led, pool="main", worker="ann", claim_id=cid, parent=parent, diff=cid, metric=metric,
+                                   samples=[metric], log_tail="", seed=0, hardware="", compute_s=0.0,
+                                   experiments=experiments, researcher="search", status="queued")[0]
+
+        # 4.5 sd better than the host's re-run, one experiment behind it: beyond 3 sd, a strike
+        lone = add("c1", "a" * 40, 1, 5.5)
+        assert "metric contradicted" in host.refutation(lone, 10.0, 0.001)
+        # the same claim from a session that had run 99 experiments on that head before: within 3 + sqrt(2 ln 100)
+        add("c2", "b" * 40, 99, 9.0)
+        late = add("c3", "b" * 40, 1, 5.5)
+        assert host.refutation(late, 10.0, 0.001) == ""
+        # experiments on another head are another session
+        other = add("c4", "c" * 40, 1, 5.5)
+        assert "metric contradicted" in host.refutation(other, 10.0, 0.001)

@@ -92,15 +92,18 @@ class PoolHost:
         ("" when it does not). The one judgement of a claim, used before the keep (:mod:`nightlab.pool.engine`)
         and for the worker's record (:mod:`nightlab.pool.feeder`).
 
-        The claimed experiment count widens the metric tolerance (a greedy keep is the best of many noisy runs),
-        so only the part of it the host's clock allows is believed: all of a worker's claimed experiments since
-        its invite, at ``[pool] max_parallel`` runs at once (:func:`trust.credible_experiments`). A count beyond
-        that is inflated compute."""
+        The metric tolerance widens with the number of runs the claim was selected from (a greedy keep is the
+        record of its whole session: the best of every run since the session began on that pool head, not only
+        of those since the previous claim), counted from the worker's stored claims on the same parent. Counts are
+        the worker's word, so only what the host's clock allows is believed: all of a worker's claimed
+        experiments since its invite, at ``[pool] max_parallel`` runs at once (:func:`trust.plausible_experiments`).
+        A count beyond that is inflated compute."""
         policy, direction, sd = self.policy, self.spec.metric.direction, self.noise_sd()
         w = store.get_worker(self.ledger, self.name, claim.worker)
         elapsed = claim.received_at - (w.created_at if w is not None else claim.received_at)
         before = store.experiments_before(self.ledger, self.name, claim.worker, claim.seq)
-        n = trust.credible_experiments(claim.experiments, before, elapsed, run_s, policy)
+        session = store.experiments_on_parent(self.ledger, self.name, claim.worker, claim.parent, claim.seq)
+        n = max(1, min(session, trust.plausible_experiments(elapsed, run_s, policy)))
         if trust.contradicted(claim.metric, measured, direction, sd, policy, experiments=n):
             got = f"{measured:.6g}" if measured is not None else "no metric"
             return (f"metric contradicted: claimed {claim.metric:.6g}, the host's re-run measured {got}"

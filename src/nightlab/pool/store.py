@@ -306,6 +306,16 @@ def experiments_before(ledger: Ledger, pool: str, worker: str, seq: int) -> int:
             claims.c.pool == pool, claims.c.worker == worker, claims.c.seq < seq)).scalar_one())
 
 
+def experiments_on_parent(ledger: Ledger, pool: str, worker: str, parent: str, seq: int) -> int:
+    """The experiments of a worker's claims on ``parent`` up to claim ``seq`` (included): its session on that pool
+    head so far (a worker starts a new session when the head moves)."""
+    ensure_tables(ledger)
+    with ledger.transaction() as conn:
+        return int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(claims.c.experiments), 0)).where(
+            claims.c.pool == pool, claims.c.worker == worker, claims.c.parent == parent,
+            claims.c.seq <= seq)).scalar_one())
+
+
 def pending_count(ledger: Ledger, pool: str, worker: str) -> int:
     ensure_tables(ledger)
     with ledger.transaction() as conn:
