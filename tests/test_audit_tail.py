@@ -98,7 +98,7 @@ def test_cutting_one_to_four_tail_records_after_kills(make_lab):
             assert result.unanchored <= MAX_UNANCHORED, [json.loads(x)["kind"] for x in lines[-6:]]
             seen_unanchored.add(result.unanchored)
             anchored = result.last_anchor
-            for cut in range(1, 5):
+            for cut in range(1, min(5, len(lines) + 1)):  # a kill can leave fewer than 4 records
                 path.write_bytes(b"".join(lines[:-cut]))
                 r, _ = verify_lab(state, ledger)
                 if len(lines) - cut >= anchored and (cut < len(lines) or anchored == 0):  # 0: killed before any anchor
