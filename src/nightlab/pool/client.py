@@ -131,8 +131,9 @@ class PoolClient:
     def claim_status(self, cid: str) -> dict[str, Any]:
         return self.get_json(f"/claims/{cid}")
 
-    def bundle(self, dest: Path) -> str:
-        """Write the head's bundle to ``dest``; returns the pool head it snapshots."""
+    def bundle(self, dest: Path, max_bytes: int = 0) -> str:
+        """Write the head's bundle to ``dest``; returns the pool head it snapshots. A bundle over ``max_bytes``
+        (0: no cap) is refused mid-download: the host is not trusted with the worker's disk."""
         try:
             with self._http.stream("GET", "/api/pool/bundle") as r:
                 if r.status_code == 429 or r.status_code >= 500:
@@ -142,8 +143,14 @@ class PoolClient:
                     r.read()
                     self._check(r)
                 head = r.headers.get(HEAD_HEADER, "")
+                got = 0
                 with open(dest, "wb") as f:
                     for chunk in r.iter_bytes():
+                        got += len(chunk)
+                        if max_bytes and got > max_bytes:
+                            raise NightlabError(
+                                f"the pool's bundle is over {max_bytes // 2**20} MiB; refused",
+                                "ask the pool operator why, or raise --max-lab-mb if you trust the pool")
                         f.write(chunk)
         except httpx.TransportError as e:
             raise Unavailable(f"{type(e).__name__}: {e}") from None
