@@ -301,11 +301,14 @@ def _hostile_bundle(tmp: Path, name: str, build: Callable[[Path], object]) -> tu
     return (tmp / f"{name}.bundle").read_bytes(), head
 
 
-def _fetch(tmp: Path, name: str, build: Callable[[Path], object], max_bytes: int = 2**20):
+def _fetch(tmp: Path, name: str, build: Callable[[Path], object], max_bytes: int = 2**20,
+           then: Callable[[], object] | None = None):
     from nightlab.pool.client import PoolClient
     from nightlab.pool.worker import fetch_lab
 
     data, head = _hostile_bundle(tmp, name, build)
+    if then is not None:  # the worker's side from here on
+        then()
     srv = _BundleServer(data, head)
     root = tmp / f"worker-{name}"
     root.mkdir()
@@ -422,3 +425,22 @@ def test_the_hosts_setup_command_runs_in_the_workers_sandbox(make_lab, tmp_path)
     assert "WORKER-SECRET" not in (lab / "leaked.txt").read_text()
     assert not (outside / "pwned").exists() and not (home / ".pwned").exists()
     assert not (lab / "net.txt").exists()
+
+
+def test_the_bundles_gitattributes_start_no_filter_of_the_workers_git(tmp_path, monkeypatch) -> None:
+    """A worker's own git config may define filters (git-lfs does): a host's ``.gitattributes`` naming them
+    must not run them on checkout, nor later in the session's worktrees."""
+    marker = tmp_path / "filter-ran"
+    cfg = tmp_path / "gitconfig"
+    cfg.write_text(f'[filter "evil"]\n\tsmudge = "touch {marker}; cat"\n\tclean = "touch {marker}; cat"\n'
+                   f'\trequired = true\n[diff "evil"]\n\ttextconv = "touch {marker}; cat"\n')
+    copy = _fetch(tmp_path, "filters", _write(".gitattributes", "* filter=evil diff=evil\n"),
+                  then=lambda: monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(cfg)))
+    assert not marker.exists()
+    (copy.repo / "target.py").write_text("print('score: 2')\n")
+    git(copy.repo, "add", "-A")
+    git(copy.repo, "diff", "--cached")
+    wt = tmp_path / "wt"
+    git(copy.repo, "worktree", "add", "-q", "--detach", str(wt))
+    assert (wt / "target.py").read_text() == "print('score: 1')\n"
+    assert not marker.exists()

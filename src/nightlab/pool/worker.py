@@ -92,6 +92,7 @@ class LabCopy:
 
 
 HEAD_FILE = "nightlab-pool-head"  # in a copy's .git: the pool commit it snapshots
+NEUTRAL_ATTRIBUTES = "* !filter !diff !merge !working-tree-encoding\n"  # a copy's .git/info/attributes
 
 
 class HostileBundle(NightlabError):
@@ -153,6 +154,10 @@ def fetch_lab(client: PoolClient, root: Path, head: str, max_bytes: int = MAX_LA
                 _git(tmp, "clone", "-q", "--no-checkout", "-b", BUNDLE_BRANCH, str(bundle), str(tmp / "repo"))
                 _git(tmp / "repo", "remote", "remove", "origin")
                 check_snapshot(tmp / "repo", max_bytes)
+                # the bundle's .gitattributes must not start a filter, textconv or merge driver of the worker's
+                # own git config (git-lfs, whose .lfsconfig would come from the host): info/attributes wins
+                (tmp / "repo" / ".git" / "info").mkdir(exist_ok=True)
+                (tmp / "repo" / ".git" / "info" / "attributes").write_text(NEUTRAL_ATTRIBUTES)
                 _git(tmp / "repo", "-c", "core.symlinks=true", "checkout", "-q", BUNDLE_BRANCH)
                 check_links(tmp / "repo")
                 (tmp / "repo" / ".git" / HEAD_FILE).write_text(head + "\n")
