@@ -444,3 +444,44 @@ def test_the_bundles_gitattributes_start_no_filter_of_the_workers_git(tmp_path, 
     git(copy.repo, "worktree", "add", "-q", "--detach", str(wt))
     assert (wt / "target.py").read_text() == "print('score: 1')\n"
     assert not marker.exists()
+
+
+def test_a_hosts_text_reaches_the_workers_terminal_escaped_and_its_head_names_no_path(tmp_path) -> None:
+    """The pool's name, metric name, head and error reasons come from the host: no terminal escape sequence
+    (OSC 52 writes the clipboard, others retitle or clear) gets through, and a head that is not a commit id
+    never becomes part of a path on the worker's disk."""
+    import json
+
+    from nightlab.errors import NightlabError
+    from nightlab.pool.worker import join
+
+    evil = "\x1b]52;c;ZXZpbA==\x07\x1b[2J\r"
+    info = {"pool": evil, "lab": evil, "worker": "w", "metric": {"name": evil, "direction": evil},
+            "head": "../../../../escaped-lab", "limits": {}}
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            code, body = (200, info) if self.path.endswith("/info") else (403, {"detail": evil + "no bundle"})
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    said: list[str] = []
+    root = tmp_path / "a" / "b" / "c" / "d" / "worker"
+    try:
+        with pytest.raises(NightlabError) as err:
+            join(f"http://127.0.0.1:{httpd.server_address[1]}", "nlp_t", dir=root, rounds=1, say=said.append)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert said and not any(ch in m for m in said for ch in "\x1b\x07\r")
+    assert "\x1b" not in str(err.value) and "no bundle" in str(err.value)
+    assert not any(p.name.startswith("escaped") for p in tmp_path.rglob("*"))

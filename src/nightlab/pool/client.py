@@ -71,17 +71,26 @@ def _retry_after(r: httpx.Response) -> float | None:
         return None
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def plain(text: str, limit: int = 2000) -> str:
+    """A host's text as the worker's terminal may show it: control characters (ESC: colours, titles, OSC 52
+    clipboard writes; NUL; CR) escaped as ``\\xNN``, at most ``limit`` characters."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text)[:limit])
+
+
 def _reason(r: httpx.Response) -> str:
     try:
         body = r.json()
     except ValueError:
-        return r.text[:300] or r.reason_phrase
+        return plain(r.text[:300] or r.reason_phrase)
     if isinstance(body, dict):
         for key in ("reason", "detail", "error"):
             if key in body:
                 v = body[key]
-                return v if isinstance(v, str) else json.dumps(v)[:300]
-    return json.dumps(body)[:300]
+                return plain(v[:300] if isinstance(v, str) else json.dumps(v)[:300])
+    return plain(json.dumps(body)[:300])
 
 
 class PoolClient:
@@ -284,7 +293,7 @@ def drain(client: PoolClient, queue: ClaimQueue, say: Callable[[str], None], rng
                 body = r.json()
             except ValueError:
                 body = {}
-            status, reason = str(body.get("status", "")), str(body.get("reason", ""))
+            status, reason = plain(str(body.get("status", "")), 40), plain(str(body.get("reason", "")), 300)
             queue.settle(q.claim_id, "submitted", status, reason)
             say(f"claim {q.claim_id[:12]} submitted: {status or 'stored'}" + (f" ({reason})" if reason else ""))
             continue

@@ -50,6 +50,7 @@ from nightlab.pool.client import (
     backoff_s,
     claim_id,
     drain,
+    plain,
 )
 
 __all__ = ["BACKOFF_BASE_S", "BACKOFF_CAP_S", "Claim", "ClaimQueue", "LabCopy", "PoolClient", "Round", "Unavailable",
@@ -92,6 +93,7 @@ class LabCopy:
 
 
 HEAD_FILE = "nightlab-pool-head"  # in a copy's .git: the pool commit it snapshots
+SHA_RE = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")
 NEUTRAL_ATTRIBUTES = "* !filter !diff !merge !working-tree-encoding\n"  # a copy's .git/info/attributes
 
 
@@ -142,8 +144,10 @@ def check_links(repo: Path) -> None:
 def fetch_lab(client: PoolClient, root: Path, head: str, max_bytes: int = MAX_LAB_MB * 2**20) -> LabCopy:
     """The lab copy for ``head`` under ``root``: reused when present, else cloned from the pool's bundle
     (at most ``max_bytes`` downloaded and checked out; no submodule, ``.nightlab`` or escaping symlink)."""
+    if not SHA_RE.fullmatch(head):  # the host's word: never part of a path; the bundle's (checked) head names it
+        head = ""
     repo = root / f"lab-{head[:12]}"
-    if not (repo / ".git" / HEAD_FILE).is_file():
+    if not head or not (repo / ".git" / HEAD_FILE).is_file():
         tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=root))
         try:
             bundle = tmp / "head.bundle"
@@ -378,7 +382,7 @@ def join(url: str, token: str, *, dir: Path | str | None = None, directory: Path
     ``setup_network``; the lab (bundle and checked-out files) may be at most ``max_lab_mb`` MiB.
     Returns what each round did. Claims still unsent after the last round are retried for up to
     ``drain_timeout_s`` seconds, then left in ``<dir>/claims.db`` for the next ``join`` with the same dir."""
-    say = say or (lambda m: print(m, flush=True))
+    say = functools.partial(_say_plain, say or (lambda m: print(m, flush=True)))  # the host's text, escaped
     unknown = {k: v for k, v in options.items() if v is not None}
     if unknown:
         raise UsageError(f"unknown pool join option(s): {', '.join(sorted(unknown))}",
@@ -439,6 +443,11 @@ def join(url: str, token: str, *, dir: Path | str | None = None, directory: Path
     finally:
         queue.close()
         client.close()
+
+
+def _say_plain(out: Callable[[str], None], message: str) -> None:
+    """``out(message)`` with control characters escaped: names and reasons the host sent reach a terminal."""
+    out(plain(message, 100_000))
 
 
 def _wait_for(client: PoolClient, queue: ClaimQueue, say: Callable[[str], None], rng: random.Random,
