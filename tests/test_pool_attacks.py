@@ -485,3 +485,33 @@ def test_a_hosts_text_reaches_the_workers_terminal_escaped_and_its_head_names_no
     assert said and not any(ch in m for m in said for ch in "\x1b\x07\r")
     assert "\x1b" not in str(err.value) and "no bundle" in str(err.value)
     assert not any(p.name.startswith("escaped") for p in tmp_path.rglob("*"))
+
+
+def test_git_files_are_refused_even_where_everything_is_editable(make_lab) -> None:
+    """With ``[files] editable = [".*"]`` a claim could otherwise add a ``.gitattributes`` naming a filter of the
+    host's git config (git-lfs, with a ``.lfsconfig`` pointing at the worker's server) or a ``.gitmodules``."""
+    from starlette.testclient import TestClient
+
+    from nightlab.pool import store
+    from nightlab.pool.serve import open_pool
+    from nightlab.web.app import create_app
+
+    lab = make_lab(spec=SPEC.replace('editable = ["target.py"]', 'editable = ["target.py", ".*", "**/.*"]') + POOL,
+                   files={".keep": "x\n", "sub/.keep": "x\n"})
+    engine, host, _ = open_pool(lab, sandbox_mode="none")
+    try:
+        c = TestClient(create_app(host.ledger, host.lab_dir, pool=host), base_url="http://127.0.0.1")
+        head = host.head()
+        token = store.invite(host.ledger, "main", "mallory")
+        for name, text in ((".gitattributes", "* filter=lfs\n"), (".lfsconfig", "[lfs]\n\turl = http://evil/\n"),
+                           ("sub/.gitattributes", "* diff=x\n"), (".gitmodules", "[submodule \"x\"]\n")):
+            diff = (f"diff --git a/{name} b/{name}\nnew file mode 100644\n--- /dev/null\n+++ b/{name}\n"
+                    f"@@ -0,0 +1,{text.count(chr(10))} @@\n" + "".join(f"+{ln}\n" for ln in text.splitlines()))
+            r = c.post("/api/pool/claims", json=_body(head, diff), headers=_auth(token))
+            assert r.status_code == 202 and r.json()["status"] == "rejected", (name, r.text)
+            assert "git's own files" in r.json()["reason"]
+        ok = _hand("target.py", "target.py")
+        assert c.post("/api/pool/claims", json=_body(head, ok), headers=_auth(token)).json()["status"] == "queued"
+    finally:
+        engine.close()
+        host.ledger.close()

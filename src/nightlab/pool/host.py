@@ -41,6 +41,18 @@ SHA = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 STRIKE_RULES = ("protected", "path", "editable", "file_type")  # guard rules a worker breaks on purpose
 
 
+# files git itself reads from a checkout: a worker's one could start the host's filters (git-lfs with a
+# worker's .lfsconfig URL), textconv or merge drivers, or add a submodule, even where [files] editable is "*"
+GIT_FILES = frozenset({".gitattributes", ".gitmodules", ".lfsconfig", ".gitignore", ".mailmap"})
+
+
+def git_file_problem(changes: list[Change]) -> str | None:
+    for ch in changes:
+        if ch.path.rsplit("/", 1)[-1].lower() in GIT_FILES:
+            return f"path ({ch.path}: git's own files are off limits to a pool claim)"
+    return None
+
+
 @dataclass(frozen=True)
 class Intake:
     """What intake made of a claim: the HTTP code and the stored claim (or an error text)."""
@@ -209,7 +221,8 @@ class PoolHost:
                     return Intake(422, error=f"the diff does not apply on its parent {body.parent[:12]}: {why}")
                 if not changes:
                     return Intake(422, error="the diff changes nothing")
-                problem = self.guard.check_changes(changes) or self.guard.check_size(changes, body.diff)
+                problem = (self.guard.check_changes(changes) or git_file_problem(changes)
+                           or self.guard.check_size(changes, body.diff))
             fields = dict(pool=self.name, worker=worker.name, claim_id=body.claim_id, parent=body.parent,
                           diff=body.diff, metric=body.metric, samples=body.samples, log_tail=body.log_tail,
                           seed=body.seed, hardware=body.hardware, compute_s=body.compute_s,
