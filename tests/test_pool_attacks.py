@@ -515,3 +515,41 @@ def test_git_files_are_refused_even_where_everything_is_editable(make_lab) -> No
     finally:
         engine.close()
         host.ledger.close()
+
+
+def test_an_oversized_api_answer_is_refused_by_the_worker(tmp_path) -> None:
+    """A host answering ``/info`` with a flood (here 6 MiB of gzip-compressed JSON, a few KiB on the wire)
+    cannot fill the worker's memory: the client stops reading at 4 MiB, unpacked."""
+    import gzip
+
+    from nightlab.errors import NightlabError
+    from nightlab.pool.client import PoolClient
+
+    flood = gzip.compress(b'{"pool": "' + b"x" * (6 * 2**20) + b'"}')
+    small = gzip.compress(b'{"pool": "main"}')
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            data = flood if self.path.endswith("/info") else small
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    client = PoolClient(f"http://127.0.0.1:{httpd.server_address[1]}", "nlp_t")
+    try:
+        assert len(flood) < 64 * 1024
+        with pytest.raises(NightlabError, match="over 4 MiB"):
+            client.info()
+        assert client.me() == {"pool": "main"}  # a normal answer still reads (decoded)
+    finally:
+        client.close()
+        httpd.shutdown()
+        httpd.server_close()

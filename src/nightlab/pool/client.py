@@ -93,6 +93,9 @@ def _reason(r: httpx.Response) -> str:
     return plain(json.dumps(body)[:300])
 
 
+MAX_RESPONSE_BYTES = 4 * 2**20  # an API answer (not the bundle) larger than this is refused: the host is untrusted
+
+
 class PoolClient:
     """The worker's side of ``/api/pool`` (one httpx client, bearer token)."""
 
@@ -107,10 +110,24 @@ class PoolClient:
 
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         """The response, or :class:`Unavailable` when the host could not answer (or asked to wait)."""
+        req = self._http.build_request(method, f"/api/pool{path}", **kw)
         try:
-            r = self._http.request(method, f"/api/pool{path}", **kw)
+            got = self._http.send(req, stream=True)
+            try:
+                body = bytearray()
+                for chunk in got.iter_bytes():  # decoded: a gzip bomb counts at its unpacked size
+                    body += chunk
+                    if len(body) > MAX_RESPONSE_BYTES:
+                        raise NightlabError(f"the pool at {self.url} answered {path} with over "
+                                            f"{MAX_RESPONSE_BYTES // 2**20} MiB; refused",
+                                            "check that the URL is the pool's (`nightlab pool serve`)")
+            finally:
+                got.close()
         except httpx.TransportError as e:
             raise Unavailable(f"{type(e).__name__}: {e}") from None
+        framing = ("content-encoding", "content-length", "transfer-encoding")  # of the wire, not of `body`
+        r = httpx.Response(got.status_code, headers={k: v for k, v in got.headers.items() if k.lower() not in framing},
+                           content=bytes(body), request=req)
         if r.status_code == 429 or r.status_code >= 500:
             raise Unavailable(f"HTTP {r.status_code}: {_reason(r)}", _retry_after(r))
         return r
