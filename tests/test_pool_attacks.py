@@ -399,32 +399,48 @@ X = { range = [0.0, 4.0] }
 
 
 @pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap")
-def test_the_hosts_setup_command_runs_in_the_workers_sandbox(make_lab, tmp_path) -> None:
-    """``[run] setup`` comes from the host: on the worker it runs sandboxed (no file outside the lab, no
-    network), yet can prepare the lab and its data dir."""
+@pytest.mark.parametrize("network", ["offline", "network"])
+def test_the_hosts_setup_command_runs_in_the_workers_sandbox(make_lab, tmp_path, network) -> None:
+    """``[run] setup`` comes from the host: on the worker it runs sandboxed -- no file outside the lab, no
+    network (the host's loopback included) unless the worker passes ``--setup-network``, the lab folder
+    read-only (a symlink planted there would reach the next runs through ``[sandbox] readonly``) -- yet it can
+    prepare ``$NIGHTLAB_DATA_DIR``."""
+    import socket
+
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "secret.txt").write_text("WORKER-SECRET\n")
-    setup = (f"cat {outside}/secret.txt > leaked.txt 2>/dev/null\n"
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(5)
+    port = srv.getsockname()[1]
+    setup = (f"cat {outside}/secret.txt > \"$NIGHTLAB_DATA_DIR/leaked\" 2>/dev/null\n"
              f"echo pwned > {outside}/pwned 2>/dev/null\n"
-             f"echo pwned > $HOME/.pwned 2>/dev/null\n"
-             "echo ok > prepared.txt\n"
+             "echo pwned > $HOME/.pwned 2>/dev/null\n"
+             "rm -rf data 2>/dev/null; ln -s / data 2>/dev/null\n"
+             "echo mine > target.py 2>/dev/null\n"
              "echo ok > \"$NIGHTLAB_DATA_DIR/prepared\"\n"
-             "python -c \"import socket; socket.create_connection(('1.1.1.1', 53), timeout=2)\" "
-             "2>/dev/null && echo online > net.txt\n"
+             f"python -c \"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2)\" "
+             "2>/dev/null && echo online > \"$NIGHTLAB_DATA_DIR/net\"\n"
              "true\n")
-    lab = make_lab(spec=SETUP_LAB, files={"setup.sh": setup})
+    lab = make_lab(spec=SETUP_LAB.replace("[researcher]", '[sandbox]\nreadonly = ["data"]\n\n[researcher]'),
+                   files={"setup.sh": setup, "data/x.txt": "x\n"})
     home = tmp_path / "home"
     home.mkdir()
     env = {**cli_env(), "HOME": str(home)}
-    p = subprocess.run([sys.executable, "-m", "nightlab.pool.worker", "session", str(lab), "1", "0", "-", "3", "-",
-                        "offline"], cwd=lab, env=env, capture_output=True, text=True, timeout=120)
+    try:
+        p = subprocess.run([sys.executable, "-m", "nightlab.pool.worker", "session", str(lab), "1", "0", "-", "3",
+                            "-", network], cwd=lab, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        srv.close()
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    assert (lab / "prepared.txt").read_text() == "ok\n"
-    assert (lab / ".nightlab" / "data" / "prepared").read_text() == "ok\n"
-    assert "WORKER-SECRET" not in (lab / "leaked.txt").read_text()
+    data = lab / ".nightlab" / "data"
+    assert (data / "prepared").read_text() == "ok\n"
+    assert "WORKER-SECRET" not in (data / "leaked").read_text()
     assert not (outside / "pwned").exists() and not (home / ".pwned").exists()
-    assert not (lab / "net.txt").exists()
+    assert not (lab / "data").is_symlink() and (lab / "data" / "x.txt").is_file()
+    assert "mine" not in (lab / "target.py").read_text()
+    assert (data / "net").exists() == (network == "network")
 
 
 def test_the_bundles_gitattributes_start_no_filter_of_the_workers_git(tmp_path, monkeypatch) -> None:

@@ -222,12 +222,14 @@ class Runtime:
                                 + sandbox.tail(log, 15), "fix the setup command, then resume with --resume")
 
     def setup_policy(self) -> sandbox.SandboxPolicy:
-        """The sandbox of a setup command nightlab does not trust (a pool host's): the runs' view, with the
-        lab folder and the data dir writable, ``.nightlab`` (but its data dir) and ``.git`` hidden."""
+        """The sandbox of a setup command nightlab does not trust (a pool host's): the runs' view, the lab
+        folder read-only, only the data dir (``$NIGHTLAB_DATA_DIR``) writable, ``.nightlab`` and ``.git`` hidden.
+        (A writable lab folder would let setup swap a ``[sandbox] readonly`` path for a symlink to ``~/.ssh``,
+        which the next runs would get bound in.)"""
         hidden = [self.ws.state_dir, self.ws.repo_root / ".git", self.ws.git_dir]
         return sandbox.SandboxPolicy(
-            mode=self.sandbox_mode, network=self.setup_sandbox == "network", writable=(self.lab_dir, self.data_dir),
-            readonly=tuple(self.readonly_data()), hidden=tuple(dict.fromkeys(hidden)),
+            mode=self.sandbox_mode, network=self.setup_sandbox == "network", writable=(self.data_dir,),
+            readonly=(self.lab_dir, *self.readonly_data()), hidden=tuple(dict.fromkeys(hidden)),
             memory_mb=self.spec.run.memory_mb, max_log_bytes=self.spec.run.max_log_bytes)
 
     def exp_dir(self, idx: int) -> Path:
