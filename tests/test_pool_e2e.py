@@ -342,7 +342,7 @@ def test_a_pool_host_cannot_reach_the_workers_secrets_through_its_spec(tmp_path:
     w = worker_spec(spec, researcher=None, seed=7, sandbox=None)
     assert w.researcher.kind == "search" and w.researcher.model_dump()["seed"] == 7
     assert "base_url" not in w.researcher.model_dump() and "api_key_env" not in w.researcher.model_dump()
-    assert w.sandbox.mode == "auto" and not w.sandbox.network and not w.permissions.run_network
+    assert w.sandbox.mode == "required" and not w.sandbox.network and not w.permissions.run_network
     assert w.sandbox.readonly == ["data"] and w.run.pass_env == []
     assert w.executor.kind == "local" and w.executor.address == "" and w.autonomy.level == "auto"
     assert w.notify.webhooks == []

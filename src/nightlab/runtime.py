@@ -117,6 +117,9 @@ class Runtime:
     _program: str | None
     _base_commit: str | None
     _tls: threading.local
+    # None: the setup command runs unsandboxed (the lab's operator wrote it). A pool worker runs a host's
+    # setup in the runs' sandbox: "offline" (no network) or "network" (the worker's --setup-network)
+    setup_sandbox: str | None = None
     _keep_lock: threading.Lock
     _requeue: list[Candidate | keep.Requeued]
     _crashes_checked: int
@@ -207,9 +210,9 @@ class Runtime:
         log = self.artifacts_dir / f"setup-{self.session.tag}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         self.reporter.message(f"setup: {self.spec.run.setup}")
-        self.events.emit("setup.run", command=self.spec.run.setup, sandbox="none")
+        self.events.emit("setup.run", command=self.spec.run.setup, sandbox=self.setup_sandbox or "none")
         env = self.verifier.setup_env(self.run_env(self.spec.run.seed, -1))
-        policy = sandbox.SandboxPolicy(mode="none")
+        policy = sandbox.SandboxPolicy(mode="none") if self.setup_sandbox is None else self.setup_policy()
         res = sandbox.run(self.spec.run.setup, cwd=self.lab_dir, env=env, policy=policy,
                           timeout_s=max(3600.0, self.spec.run.hard_timeout_s), log_path=log,
                           cancel=self.stop.cancel, run_id=self.new_run("setup"))
@@ -217,6 +220,17 @@ class Runtime:
             why = "timed out" if res.timed_out else f"exited with {res.exit_code}"
             raise NightlabError(f"the setup command {self.spec.run.setup!r} {why}; its log: {log}\n"
                                 + sandbox.tail(log, 15), "fix the setup command, then resume with --resume")
+
+    def setup_policy(self) -> sandbox.SandboxPolicy:
+        """The sandbox of a setup command nightlab does not trust (a pool host's): the runs' view, the lab
+        folder read-only, only the data dir (``$NIGHTLAB_DATA_DIR``) writable, ``.nightlab`` and ``.git`` hidden.
+        (A writable lab folder would let setup swap a ``[sandbox] readonly`` path for a symlink to ``~/.ssh``,
+        which the next runs would get bound in.)"""
+        hidden = [self.ws.state_dir, self.ws.repo_root / ".git", self.ws.git_dir]
+        return sandbox.SandboxPolicy(
+            mode=self.sandbox_mode, network=self.setup_sandbox == "network", writable=(self.data_dir,),
+            readonly=(self.lab_dir, *self.readonly_data()), hidden=tuple(dict.fromkeys(hidden)),
+            memory_mb=self.spec.run.memory_mb, max_log_bytes=self.spec.run.max_log_bytes)
 
     def exp_dir(self, idx: int) -> Path:
         """Where experiment ``idx`` of this session keeps its files: ``artifacts/<tag>/<idx>/``."""

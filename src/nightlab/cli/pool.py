@@ -199,9 +199,13 @@ def status(lab: Path, db: str | None) -> None:
               help="Experiments per round.")
 @click.option("--rounds", default="1", show_default=True, help="Rounds to run, or 'forever'.")
 @click.option("--sandbox", type=click.Choice(["auto", "required", "none"]), default=None,
-              help="Override [sandbox] mode for the local runs.")
+              help="Sandbox of the local runs and of the host's setup command (default: required).")
+@click.option("--setup-network", is_flag=True,
+              help="Let the host's [run] setup command reach the network (it always runs sandboxed).")
+@click.option("--max-lab-mb", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Refuse a pool lab (bundle, checked-out files) larger than this.")
 def join(url: str, token: str, directory: Path | None, researcher: str | None, seed: int | None, experiments: int,
-         rounds: str, sandbox: str | None) -> None:
+         rounds: str, sandbox: str | None, setup_network: bool, max_lab_mb: int) -> None:
     """Join a research pool: search on this machine, claim the keeps, follow the pool head."""
     if rounds != "forever" and not rounds.isdigit():
         raise UsageError(f"--rounds {rounds!r} is not a number", "give a whole number of rounds, or 'forever'")
@@ -212,4 +216,5 @@ def join(url: str, token: str, directory: Path | None, researcher: str | None, s
     except ImportError:
         raise UsageError("this nightlab has no pool worker", "upgrade nightlab") from None
     worker.join(url=url, token=token, directory=directory, researcher=researcher, seed=seed,
-                experiments=experiments, rounds=None if rounds == "forever" else int(rounds), sandbox=sandbox)
+                experiments=experiments, rounds=None if rounds == "forever" else int(rounds), sandbox=sandbox,
+                setup_network=setup_network, max_lab_mb=max_lab_mb)

@@ -71,17 +71,29 @@ def _retry_after(r: httpx.Response) -> float | None:
         return None
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def plain(text: str, limit: int = 2000) -> str:
+    """A host's text as the worker's terminal may show it: control characters (ESC: colours, titles, OSC 52
+    clipboard writes; NUL; CR) escaped as ``\\xNN``, at most ``limit`` characters."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text)[:limit])
+
+
 def _reason(r: httpx.Response) -> str:
     try:
         body = r.json()
     except ValueError:
-        return r.text[:300] or r.reason_phrase
+        return plain(r.text[:300] or r.reason_phrase)
     if isinstance(body, dict):
         for key in ("reason", "detail", "error"):
             if key in body:
                 v = body[key]
-                return v if isinstance(v, str) else json.dumps(v)[:300]
-    return json.dumps(body)[:300]
+                return plain(v[:300] if isinstance(v, str) else json.dumps(v)[:300])
+    return plain(json.dumps(body)[:300])
+
+
+MAX_RESPONSE_BYTES = 4 * 2**20  # an API answer (not the bundle) larger than this is refused: the host is untrusted
 
 
 class PoolClient:
@@ -98,10 +110,24 @@ class PoolClient:
 
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         """The response, or :class:`Unavailable` when the host could not answer (or asked to wait)."""
+        req = self._http.build_request(method, f"/api/pool{path}", **kw)
         try:
-            r = self._http.request(method, f"/api/pool{path}", **kw)
+            got = self._http.send(req, stream=True)
+            try:
+                body = bytearray()
+                for chunk in got.iter_bytes():  # decoded: a gzip bomb counts at its unpacked size
+                    body += chunk
+                    if len(body) > MAX_RESPONSE_BYTES:
+                        raise NightlabError(f"the pool at {self.url} answered {path} with over "
+                                            f"{MAX_RESPONSE_BYTES // 2**20} MiB; refused",
+                                            "check that the URL is the pool's (`nightlab pool serve`)")
+            finally:
+                got.close()
         except httpx.TransportError as e:
             raise Unavailable(f"{type(e).__name__}: {e}") from None
+        framing = ("content-encoding", "content-length", "transfer-encoding")  # of the wire, not of `body`
+        r = httpx.Response(got.status_code, headers={k: v for k, v in got.headers.items() if k.lower() not in framing},
+                           content=bytes(body), request=req)
         if r.status_code == 429 or r.status_code >= 500:
             raise Unavailable(f"HTTP {r.status_code}: {_reason(r)}", _retry_after(r))
         return r
@@ -131,8 +157,9 @@ class PoolClient:
     def claim_status(self, cid: str) -> dict[str, Any]:
         return self.get_json(f"/claims/{cid}")
 
-    def bundle(self, dest: Path) -> str:
-        """Write the head's bundle to ``dest``; returns the pool head it snapshots."""
+    def bundle(self, dest: Path, max_bytes: int = 0) -> str:
+        """Write the head's bundle to ``dest``; returns the pool head it snapshots. A bundle over ``max_bytes``
+        (0: no cap) is refused mid-download: the host is not trusted with the worker's disk."""
         try:
             with self._http.stream("GET", "/api/pool/bundle") as r:
                 if r.status_code == 429 or r.status_code >= 500:
@@ -142,8 +169,14 @@ class PoolClient:
                     r.read()
                     self._check(r)
                 head = r.headers.get(HEAD_HEADER, "")
+                got = 0
                 with open(dest, "wb") as f:
                     for chunk in r.iter_bytes():
+                        got += len(chunk)
+                        if max_bytes and got > max_bytes:
+                            raise NightlabError(
+                                f"the pool's bundle is over {max_bytes // 2**20} MiB; refused",
+                                "ask the pool operator why, or raise --max-lab-mb if you trust the pool")
                         f.write(chunk)
         except httpx.TransportError as e:
             raise Unavailable(f"{type(e).__name__}: {e}") from None
@@ -277,7 +310,7 @@ def drain(client: PoolClient, queue: ClaimQueue, say: Callable[[str], None], rng
                 body = r.json()
             except ValueError:
                 body = {}
-            status, reason = str(body.get("status", "")), str(body.get("reason", ""))
+            status, reason = plain(str(body.get("status", "")), 40), plain(str(body.get("reason", "")), 300)
             queue.settle(q.claim_id, "submitted", status, reason)
             say(f"claim {q.claim_id[:12]} submitted: {status or 'stored'}" + (f" ({reason})" if reason else ""))
             continue

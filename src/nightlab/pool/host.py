@@ -6,9 +6,11 @@ both hold it. Intake never runs a worker's code; it only decides what a claim is
 1. size caps (``[pool] max_diff_kb``, ``max_log_kb``, ``max_samples``) -> 413;
 2. the same ``claim_id`` of the same worker -> the stored claim (idempotent, never credited twice);
 3. ``max_pending`` claims of this worker waiting -> 429;
-4. the parent must be a commit of the pool branch's history, and the diff must apply on it -> else 422;
-5. the diff's paths are guarded like a local candidate's (protected, holdout, outside the editable files:
-   ``rejected`` and a strike);
+4. the parent must be a commit (not a tree or a tag) of the pool branch's history, and the diff must apply on
+   it (``git apply``, as the verification applies it) -> else 422;
+5. the diff's paths, then what git applying it actually changes (modes included), are guarded like a local
+   candidate's (protected, holdout, outside the editable files, ``..``/absolute/``.git``/``.nightlab`` paths,
+   symlinks, submodules: ``rejected`` and a strike; ``max_new_files``/``max_diff_bytes``: ``rejected``);
 6. the same normalised diff claimed before (by anyone) -> ``duplicate`` (credited to the first only);
 7. a claim of a new best is always ``queued`` for a host run; any other is queued with the worker's
    spot-check probability (:func:`trust.check_probability`), else ``credited`` for its compute, unverified.
@@ -33,10 +35,22 @@ from nightlab.pool import store, trust
 from nightlab.pool.snapshot import Snapshots
 from nightlab.spec import Spec, load_spec
 from nightlab.types import Session
-from nightlab.workspace import _GIT_CFG, Workspace
+from nightlab.workspace import _GIT_CFG, Change, Workspace
 
 SHA = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 STRIKE_RULES = ("protected", "path", "editable", "file_type")  # guard rules a worker breaks on purpose
+
+
+# files git itself reads from a checkout: a worker's one could start the host's filters (git-lfs with a
+# worker's .lfsconfig URL), textconv or merge drivers, or add a submodule, even where [files] editable is "*"
+GIT_FILES = frozenset({".gitattributes", ".gitmodules", ".lfsconfig", ".gitignore", ".mailmap"})
+
+
+def git_file_problem(changes: list[Change]) -> str | None:
+    for ch in changes:
+        if ch.path.rsplit("/", 1)[-1].lower() in GIT_FILES:
+            return f"path ({ch.path}: git's own files are off limits to a pool claim)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -131,30 +145,53 @@ class PoolHost:
     # ------------------------------------------------------------------ git
 
     def is_pool_commit(self, sha: str) -> bool:
-        """True when ``sha`` is a commit of the pool branch's history (its tip included)."""
+        """True when ``sha`` is a commit (not a tree, blob or tag that git would peel) of the pool branch's
+        history (its tip included)."""
         head = self.head()
         if head is None or not SHA.fullmatch(sha):
+            return False
+        kind = subprocess.run(["git", *_GIT_CFG, "cat-file", "-t", sha], cwd=self.ws.repo_root, env=self.ws._env,
+                              capture_output=True, text=True)
+        if kind.returncode != 0 or kind.stdout.strip() != "commit":
             return False
         return self.ws.is_ancestor(sha, head)
 
     def apply_problem(self, parent: str, diff: str) -> str | None:
-        """Why ``diff`` does not apply on ``parent`` (``git apply --check`` in a private index), or None."""
+        """Why ``diff`` does not apply on ``parent``, or None (see :meth:`applied_changes`)."""
+        return self.applied_changes(parent, diff)[0]
+
+    def applied_changes(self, parent: str, diff: str) -> tuple[str | None, list[Change]]:
+        """``(why it does not apply, None)`` or ``(None, what it changes)``: ``git apply --cached`` (the command
+        the verification runs) of ``diff`` on ``parent`` in a private index and a private object folder (a
+        refused diff leaves no object in the lab's repo), then what git reports changed, with modes: a symlink,
+        submodule, mode change, rename, copy or binary patch is judged as git applies it, whatever the diff's
+        text pretends."""
         if not diff.endswith("\n"):
             diff += "\n"
         with tempfile.TemporaryDirectory(prefix="nightlab-pool-apply-") as tmp:
-            env = {**self.ws._env, "GIT_INDEX_FILE": str(Path(tmp) / "index")}
-            read = subprocess.run(["git", *_GIT_CFG, "read-tree", parent], cwd=self.ws.repo_root, env=env,
-                                  capture_output=True)
+            (Path(tmp) / "objects").mkdir()
+            env = {**self.ws._env, "GIT_INDEX_FILE": str(Path(tmp) / "index"),
+                   "GIT_OBJECT_DIRECTORY": str(Path(tmp) / "objects"),
+                   "GIT_ALTERNATE_OBJECT_DIRECTORIES": str(self.ws.git_dir / "objects")}
+            read = subprocess.run(["git", *_GIT_CFG, "read-tree", f"{parent}^{{commit}}"], cwd=self.ws.repo_root,
+                                  env=env, capture_output=True)
             if read.returncode != 0:
-                return "the parent cannot be read"
-            args = ["git", *_GIT_CFG, "apply", "--cached", "--check", "--whitespace=nowarn", "--recount"]
+                return "the parent cannot be read", []
+            args = ["git", *_GIT_CFG, "apply", "--cached", "--whitespace=nowarn", "--recount"]
             if self.ws.lab_rel:
                 args.append(f"--directory={self.ws.lab_rel}")
             proc = subprocess.run([*args, "-"], cwd=self.ws.repo_root, env=env, capture_output=True,
                                   input=diff.encode("utf-8", "surrogateescape"))
-        if proc.returncode != 0:
-            return proc.stderr.decode("utf-8", "replace").strip()[:500] or "git apply --check failed"
-        return None
+            if proc.returncode != 0:
+                return proc.stderr.decode("utf-8", "replace").strip()[:500] or "git apply failed", []
+            raw = subprocess.run(["git", *_GIT_CFG, "diff-index", "--cached", "--raw", "-z", "--no-renames",
+                                  parent], cwd=self.ws.repo_root, env=env, capture_output=True)
+            if raw.returncode != 0:
+                return "git cannot list what the diff changes", []
+        fields = raw.stdout.decode("utf-8", "surrogateescape").split("\0")
+        changes = [Change(status=meta[1:].split()[4][0], path=path, new_mode=meta[1:].split()[1])
+                   for meta, path in zip(fields[0::2], fields[1::2], strict=False) if meta.startswith(":")]
+        return None, changes
 
     # ------------------------------------------------------------------ intake
 
@@ -182,9 +219,13 @@ class PoolHost:
                 return Intake(422, error="the diff names no file")
             problem = self.guard.check_paths(paths)
             if not problem:
-                why = self.apply_problem(body.parent, body.diff)
+                why, changes = self.applied_changes(body.parent, body.diff)
                 if why:
                     return Intake(422, error=f"the diff does not apply on its parent {body.parent[:12]}: {why}")
+                if not changes:
+                    return Intake(422, error="the diff changes nothing")
+                problem = (self.guard.check_changes(changes) or git_file_problem(changes)
+                           or self.guard.check_size(changes, body.diff))
             fields = dict(pool=self.name, worker=worker.name, claim_id=body.claim_id, parent=body.parent,
                           diff=body.diff, metric=body.metric, samples=body.samples, log_tail=body.log_tail,
                           seed=body.seed, hardware=body.hardware, compute_s=body.compute_s,

@@ -50,6 +50,7 @@ from nightlab.pool.client import (
     backoff_s,
     claim_id,
     drain,
+    plain,
 )
 
 __all__ = ["BACKOFF_BASE_S", "BACKOFF_CAP_S", "Claim", "ClaimQueue", "LabCopy", "PoolClient", "Round", "Unavailable",
@@ -60,6 +61,7 @@ POOL_TAG = "pool"  # the worker's local session tag in each lab copy
 BUNDLE_BRANCH = "pool"  # the bundle's one branch (refs/heads/pool)
 WATCH_S = 0.5  # how often the running session's ledger is read
 INFO_EVERY_S = 5.0  # how often the pool head is checked during a round
+MAX_LAB_MB = 1024  # default cap on the bundle download and on the lab's checked-out files (--max-lab-mb)
 
 
 # ---------------------------------------------------------------------------------------------- the lab copy
@@ -91,21 +93,77 @@ class LabCopy:
 
 
 HEAD_FILE = "nightlab-pool-head"  # in a copy's .git: the pool commit it snapshots
+SHA_RE = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")
+NEUTRAL_ATTRIBUTES = "* !filter !diff !merge !working-tree-encoding\n"  # a copy's .git/info/attributes
 
 
-def fetch_lab(client: PoolClient, root: Path, head: str) -> LabCopy:
-    """The lab copy for ``head`` under ``root``: reused when present, else cloned from the pool's bundle."""
+class HostileBundle(NightlabError):
+    """The pool's bundle holds what a worker does not accept (see :func:`check_snapshot`)."""
+
+
+def check_snapshot(repo: Path, max_bytes: int) -> None:
+    """Refuse a cloned (not yet checked out) snapshot whose files could reach outside the worker's lab
+    copy or fill its disk: a tree over ``max_bytes``, a submodule, a ``.nightlab`` path (the worker's
+    own state: ledger, worktrees, STOP file). Symlinks are checked after checkout (:func:`check_links`)."""
+    fix = "ask the pool operator: the pool's lab must not hold it"
+    total = 0
+    out = _git(repo, "ls-tree", "-r", "-l", "-z", "--full-tree", f"refs/heads/{BUNDLE_BRANCH}")
+    for rec in out.split("\0"):
+        if not rec:
+            continue
+        meta, path = rec.split("\t", 1)
+        mode, _kind, _sha, size = meta.split()
+        if mode == "160000":
+            raise HostileBundle(f"the pool's bundle holds a submodule ({path}); refused", fix)
+        if ".nightlab" in path.split("/"):
+            raise HostileBundle(f"the pool's bundle holds {path} (the worker's own state folder); refused", fix)
+        total += int(size) if size.isdigit() else 0
+        if max_bytes and total > max_bytes:
+            raise HostileBundle(f"the pool's lab holds over {max_bytes // 2**20} MiB of files; refused",
+                                "ask the pool operator why, or raise --max-lab-mb if you trust the pool")
+
+
+def check_links(repo: Path) -> None:
+    """Refuse a checked-out snapshot with a symlink that resolves outside the lab copy (``~/.ssh``, ``/etc``,
+    ``../..``): runs are sandboxed, but the worker's own process (an LLM researcher reading the editable
+    files, the guard, the evaluator hash check) follows links. Resolved on disk, so chains count."""
+    top = repo.resolve()
+    for dirpath, dirnames, filenames in os.walk(repo):
+        if ".git" in dirnames and Path(dirpath) == repo:
+            dirnames.remove(".git")
+        for name in [*dirnames, *filenames]:
+            p = Path(dirpath) / name
+            if p.is_symlink():
+                target = Path(os.path.realpath(p))
+                if target != top and top not in target.parents:
+                    raise HostileBundle(f"the pool's bundle holds a symlink {p.relative_to(repo)} -> "
+                                        f"{os.readlink(p)} that leaves the lab; refused",
+                                        "ask the pool operator: the pool's lab must not hold it")
+
+
+def fetch_lab(client: PoolClient, root: Path, head: str, max_bytes: int = MAX_LAB_MB * 2**20) -> LabCopy:
+    """The lab copy for ``head`` under ``root``: reused when present, else cloned from the pool's bundle
+    (at most ``max_bytes`` downloaded and checked out; no submodule, ``.nightlab`` or escaping symlink)."""
+    if not SHA_RE.fullmatch(head):  # the host's word: never part of a path; the bundle's (checked) head names it
+        head = ""
     repo = root / f"lab-{head[:12]}"
-    if not (repo / ".git" / HEAD_FILE).is_file():
+    if not head or not (repo / ".git" / HEAD_FILE).is_file():
         tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=root))
         try:
             bundle = tmp / "head.bundle"
-            got = client.bundle(bundle)
+            got = client.bundle(bundle, max_bytes)
             if got != head:  # the head moved between info and bundle: take the bundle's
                 head, repo = got, root / f"lab-{got[:12]}"
             if not (repo / ".git" / HEAD_FILE).is_file():
-                _git(tmp, "clone", "-q", "-b", BUNDLE_BRANCH, str(bundle), str(tmp / "repo"))
+                _git(tmp, "clone", "-q", "--no-checkout", "-b", BUNDLE_BRANCH, str(bundle), str(tmp / "repo"))
                 _git(tmp / "repo", "remote", "remove", "origin")
+                check_snapshot(tmp / "repo", max_bytes)
+                # the bundle's .gitattributes must not start a filter, textconv or merge driver of the worker's
+                # own git config (git-lfs, whose .lfsconfig would come from the host): info/attributes wins
+                (tmp / "repo" / ".git" / "info").mkdir(exist_ok=True)
+                (tmp / "repo" / ".git" / "info" / "attributes").write_text(NEUTRAL_ATTRIBUTES)
+                _git(tmp / "repo", "-c", "core.symlinks=true", "checkout", "-q", BUNDLE_BRANCH)
+                check_links(tmp / "repo")
                 (tmp / "repo" / ".git" / HEAD_FILE).write_text(head + "\n")
                 if repo.exists():
                     shutil.rmtree(repo)
@@ -203,9 +261,10 @@ class Round:
 
 
 def _session_argv(copy: LabCopy, max_experiments: int, resume: bool, researcher: str | None, seed: int,
-                  sandbox: str | None) -> list[str]:
+                  sandbox: str | None, setup_network: bool = False) -> list[str]:
     argv = [sys.executable, "-m", "nightlab.pool.worker", "session", str(copy.lab), str(max_experiments),
-            "1" if resume else "0", researcher or "-", str(seed), sandbox or "-"]
+            "1" if resume else "0", researcher or "-", str(seed), sandbox or "-",
+            "network" if setup_network else "offline"]
     return argv
 
 
@@ -313,14 +372,17 @@ def _rounds(rounds: int | str | None) -> Iterator[int]:
 def join(url: str, token: str, *, dir: Path | str | None = None, directory: Path | str | None = None,
          researcher: str | None = None, seed: int | None = None, experiments: int = 10,
          rounds: int | str | None = 1, sandbox: str | None = None, drain_timeout_s: float = 600.0,
+         setup_network: bool = False, max_lab_mb: int = MAX_LAB_MB,
          say: Callable[[str], None] | None = None, **options: Any) -> list[Round]:
     """Join the pool at ``url`` with ``token`` (``nightlab pool join``); run ``rounds`` rounds (None or
     'forever': until stopped) of ``experiments`` experiments each in ``dir`` (alias ``directory``; default
     ``./nightlab-pool-<host>``) with the worker's ``researcher`` kind (default: the lab's), ``seed`` (default:
-    one derived from the worker's name, so that workers do not search the same points) and ``sandbox`` mode.
+    one derived from the worker's name, so that workers do not search the same points) and ``sandbox`` mode
+    (default ``required``). The host's ``[run] setup`` runs in that sandbox too, with network only when
+    ``setup_network``; the lab (bundle and checked-out files) may be at most ``max_lab_mb`` MiB.
     Returns what each round did. Claims still unsent after the last round are retried for up to
     ``drain_timeout_s`` seconds, then left in ``<dir>/claims.db`` for the next ``join`` with the same dir."""
-    say = say or (lambda m: print(m, flush=True))
+    say = functools.partial(_say_plain, say or (lambda m: print(m, flush=True)))  # the host's text, escaped
     unknown = {k: v for k, v in options.items() if v is not None}
     if unknown:
         raise UsageError(f"unknown pool join option(s): {', '.join(sorted(unknown))}",
@@ -363,11 +425,13 @@ def join(url: str, token: str, *, dir: Path | str | None = None, directory: Path
             head = str(info["head"])
             if copy is None or copy.head != head:
                 previous = copy
-                copy = _wait_for(client, queue, say, rng, functools.partial(fetch_lab, client, root, head))
+                copy = _wait_for(client, queue, say, rng,
+                                 functools.partial(fetch_lab, client, root, head, int(max_lab_mb) * 2**20))
                 prune_copies(root, {c.repo.resolve() for c in (previous, copy) if c is not None})
                 say(f"round {n}: lab at pool head {copy.head[:12]} in {copy.repo}")
             rnd = _run_round(client, queue, copy, n, worker=worker, researcher=researcher, seed=seed,
-                             experiments=experiments, sandbox=sandbox, hw=hw, limits=dict(info.get("limits") or {}),
+                             experiments=experiments, sandbox=sandbox, setup_network=setup_network, hw=hw,
+                             limits=dict(info.get("limits") or {}),
                              say=say, rng=rng)
             done.append(rnd)
             try:
@@ -379,6 +443,11 @@ def join(url: str, token: str, *, dir: Path | str | None = None, directory: Path
     finally:
         queue.close()
         client.close()
+
+
+def _say_plain(out: Callable[[str], None], message: str) -> None:
+    """``out(message)`` with control characters escaped: names and reasons the host sent reach a terminal."""
+    out(plain(message, 100_000))
 
 
 def _wait_for(client: PoolClient, queue: ClaimQueue, say: Callable[[str], None], rng: random.Random,
@@ -415,11 +484,12 @@ def _final_drain(client: PoolClient, queue: ClaimQueue, say: Callable[[str], Non
 
 def _run_round(client: PoolClient, queue: ClaimQueue, copy: LabCopy, n: int, *, worker: str,
                researcher: str | None, seed: int, experiments: int, sandbox: str | None, hw: str,
-               limits: dict[str, Any], say: Callable[[str], None], rng: random.Random) -> Round:
+               limits: dict[str, Any], say: Callable[[str], None], rng: random.Random,
+               setup_network: bool = False) -> Round:
     rnd = Round(copy.head)
     existing, _ = _read_experiments(copy.lab)
     tried = sum(1 for e in existing if e.idx > 0)
-    argv = _session_argv(copy, tried + experiments, bool(existing), researcher, seed, sandbox)
+    argv = _session_argv(copy, tried + experiments, bool(existing), researcher, seed, sandbox, setup_network)
     log = copy.repo.parent / f"session-{copy.head[:12]}.log"
     (copy.lab / ".nightlab" / "STOP").unlink(missing_ok=True)  # a stop meant for a session that had ended
     watcher = Watcher(copy, queue, worker=worker, seed=seed, hw=hw, limits=limits, say=say)
@@ -473,7 +543,7 @@ def worker_spec(spec: Any, *, researcher: str | None, seed: int, sandbox: str | 
 
     - researcher: the worker's kind (default ``search``) and seed; the host's search space; the host's other
       options only when they cannot run a command, reach a URL or a path of the worker (``_HOST_ONLY_OPTIONS``);
-    - sandbox: the worker's ``--sandbox``, else the host's mode but never ``none`` (``auto`` instead); runs get
+    - sandbox: the worker's ``--sandbox``, else ``required`` (no bwrap: an error, never unsandboxed); runs get
       no network, no host-chosen read-only paths outside the lab, and none of the worker's environment
       (``pass_env``): a run's output goes back to the host in the claims' log tails;
     - executor: local (a host cannot point the worker at its Ray cluster); autonomy: ``auto`` (nobody to ask);
@@ -492,7 +562,7 @@ def worker_spec(spec: Any, *, researcher: str | None, seed: int, sandbox: str | 
     if kind == host.get("kind"):
         options.update({k: v for k, v in host.items() if k not in _HOST_ONLY_OPTIONS and k not in ("kind", "space")})
     options["seed"] = int(seed)
-    mode = sandbox or (spec.sandbox.mode if spec.sandbox.mode != "none" else "auto")
+    mode = sandbox or "required"
     readonly = [p for p in spec.sandbox.readonly
                 if not p.startswith(("/", "~")) and ".." not in Path(p).parts]
     perms = spec.permissions.model_copy(update={
@@ -512,17 +582,19 @@ def worker_spec(spec: Any, *, researcher: str | None, seed: int, sandbox: str | 
 
 
 def _session_main(argv: list[str]) -> int:
-    """``python -m nightlab.pool.worker session LAB MAX RESUME RESEARCHER SEED SANDBOX`` (what a round runs):
-    an ordinary session, tag ``pool``, of :func:`worker_spec` (the lab's spec as the worker may run it)."""
+    """``python -m nightlab.pool.worker session LAB MAX RESUME RESEARCHER SEED SANDBOX SETUP`` (what a round
+    runs): an ordinary session, tag ``pool``, of :func:`worker_spec` (the lab's spec as the worker may run it),
+    whose ``[run] setup`` runs in the runs' sandbox (SETUP: ``offline`` or ``network``)."""
     from nightlab.console import make_reporter
     from nightlab.engine import Engine, install_signal_handlers
     from nightlab.spec import load_spec
 
-    lab, max_exp, resume, kind, seed, sandbox = argv
+    lab, max_exp, resume, kind, seed, sandbox, setup = (*argv, "offline") if len(argv) == 6 else argv
     spec = worker_spec(load_spec(Path(lab)), researcher=None if kind == "-" else kind, seed=int(seed),
                        sandbox=None if sandbox == "-" else sandbox)
     engine = Engine(lab, tag=POOL_TAG, resume=resume == "1", spec=spec, max_experiments=int(max_exp),
                     reporter=make_reporter(False, True))
+    engine.setup_sandbox = "network" if setup == "network" else "offline"
     restore = install_signal_handlers(engine)
     try:
         s = engine.run()
@@ -534,12 +606,12 @@ def _session_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 8 and sys.argv[1] == "session":
+    if len(sys.argv) in (8, 9) and sys.argv[1] == "session":  # SETUP is optional (default: offline)
         try:
             sys.exit(_session_main(sys.argv[2:]))
         except NightlabError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(err.exit_code)
-    print("usage: python -m nightlab.pool.worker session LAB MAX RESUME RESEARCHER SEED SANDBOX "
+    print("usage: python -m nightlab.pool.worker session LAB MAX RESUME RESEARCHER SEED SANDBOX [SETUP] "
           "(use `nightlab pool join`)", file=sys.stderr)
     sys.exit(2)
