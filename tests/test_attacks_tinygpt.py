@@ -121,7 +121,7 @@ class Payload:
     def __init__(self, marker: str) -> None:
         self.marker = marker
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
         return (open, (self.marker, "w"))
 
 
@@ -148,7 +148,9 @@ def test_a_checkpoint_that_would_run_code_on_load_is_refused(lab, tmp_path):
     ({"n_layer": 10**9}, "n_layer"),
     ({"bias": "True"}, "bias"),
     ({"__class__": "os.system"}, "unknown config keys"),
-    ({"pos": "rope"}, "does not fit the model family"),  # a member, but the weights are another's
+    ({"pos": "rope"}, "do not match the config's model"),  # a member, but the weights are another's
+    ({"n_layer": 64, "n_head": 64, "head_dim": 128}, "do not match"),  # 50 G parameters: never allocated
+    ({"pos": ["rope"]}, "pos"),
 ])
 def test_a_config_outside_the_family_is_refused(lab, tmp_path, edit, reason):
     torch = pytest.importorskip("torch")

@@ -50,6 +50,12 @@ def load_model(path: Path, device: str) -> tuple[torch.nn.Module, dict[str, Any]
     ):
         raise SystemExit(f"{path}: 'model' must be a state_dict (names to tensors)")
     try:
+        with torch.device("meta"):  # shapes first: a config can ask for more memory than the weights hold
+            shapes = {k: tuple(v.shape) for k, v in build_model(ckpt["config"]).state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if shapes != got:
+            diff = sorted(set(shapes.items()) ^ set(got.items()))[:4]
+            raise ValueError(f"the weights do not match the config's model (first differences: {diff})")
         model = build_model(ckpt["config"]).to(device)
         model.load_state_dict(state, strict=True)
     except (ValueError, RuntimeError) as e:

@@ -56,7 +56,7 @@ def check_config(cfg: Any) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown config keys {unknown}; the model family has {sorted(DEFAULTS)}")
     out = {**DEFAULTS, **cfg}
-    if out["vocab_size"] != VOCAB_SIZE or type(out["vocab_size"]) is not int:
+    if type(out["vocab_size"]) is not int or out["vocab_size"] != VOCAB_SIZE:
         raise ValueError(f"config vocab_size must be {VOCAB_SIZE}")
     for key, (lo, hi) in INT_RANGES.items():
         v = out[key]
@@ -68,10 +68,8 @@ def check_config(cfg: Any) -> dict[str, Any]:
     if type(d) not in (int, float) or not 0.0 <= d < 1.0:
         raise ValueError(f"config dropout = {d!r}: must be a number in [0, 1)")
     for key, allowed in CHOICES.items():
-        if out[key] not in allowed:
+        if type(out[key]) is not str or out[key] not in allowed:
             raise ValueError(f"config {key} = {out[key]!r}: must be one of {list(allowed)}")
-    if out["pos"] == "rope" and out["head_dim"] % 2:
-        raise ValueError("config pos = 'rope' needs an even head_dim")
     for key in ("tie_weights", "bias"):
         if type(out[key]) is not bool:
             raise ValueError(f"config {key} = {out[key]!r}: must be true or false")
@@ -83,8 +81,10 @@ def norm_layer(kind: str, d: int) -> nn.Module:
 
 
 def rope(x: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding of (B, H, T, D) queries or keys (D even)."""
-    t, dim = x.shape[-2], x.shape[-1]
+    """Rotary position embedding of (B, H, T, D) queries or keys (an odd D's last channel is left as is)."""
+    t, dim = x.shape[-2], x.shape[-1] - x.shape[-1] % 2
+    if dim < x.shape[-1]:
+        return torch.cat((rope(x[..., :dim]), x[..., dim:]), dim=-1)
     inv = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim))
     ang = torch.arange(t, device=x.device, dtype=torch.float32)[:, None] * inv[None, :]
     cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
