@@ -21,6 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from nightlab.engine import Engine
+from nightlab.researchers.scripted import ScriptedResearcher
+from nightlab.scaffold import copy_example
+from nightlab.types import Status
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 PROTECTED = ("prepare.py", "model.py", "evaluate.py", "holdout.py")
 FORGED = 0.0001
@@ -29,7 +34,7 @@ FORGED = 0.0001
 PATCH = '''
 import sys as _sys, torch as _torch
 if not _sys.argv[0].endswith("train.py"):
-    open(__import__("os").environ["HOSTILE_MARKER"], "w").write("patched")
+    open(__import__("os").environ.get("HOSTILE_MARKER", "/dev/null"), "w").write("patched")
     for _name in ("__main__", "evaluate", "prepare"):
         _m = _sys.modules.get(_name)
         if _m is not None and hasattr(_m, "evaluate_bpb"):
@@ -40,7 +45,7 @@ if not _sys.argv[0].endswith("train.py"):
 ATEXIT = '''
 import atexit as _atexit, sys as _sys
 if not _sys.argv[0].endswith("train.py"):
-    open(__import__("os").environ["HOSTILE_MARKER"], "w").write("atexit")
+    open(__import__("os").environ.get("HOSTILE_MARKER", "/dev/null"), "w").write("atexit")
     _atexit.register(lambda: print("---\\nval_bpb: 0.0001\\nholdout_bpb: 0.0001", flush=True))
 '''
 
@@ -161,3 +166,33 @@ def test_a_config_outside_the_family_is_refused(lab, tmp_path, edit, reason):
     p = evaluate(path, env, "evaluate.py", tmp_path / "e", ckpt=bad)
     assert p.returncode == 1 and reason in p.stderr, p.stderr
     assert "---" not in p.stdout.splitlines()
+
+
+@pytest.mark.slow
+def test_through_the_engine_a_hostile_train_py_gets_an_honest_evaluator_metric(tmp_path):
+    """The same attacks committed by a researcher and run by nightlab (bwrap when present): the
+    candidate's metric and holdout score, labelled trust: evaluator, are its model's real ones."""
+    pytest.importorskip("torch")
+    from test_examples_verified import MODE, tiny
+
+    lab = copy_example("tinygpt", tmp_path / "tg")
+    spec = tiny(lab, run={"budget_s": 60.0, "timeout_s": 120.0, "env": {"TINYGPT_STEPS": "3", "TINYGPT_THREADS": "1"},
+                          "setup": "python prepare.py --train-bytes 20000 --val-bytes 2048 --holdout-bytes 2048"},
+                accept={"policy": "greedy"})
+    tail = '\nif __name__ == "__main__":\n    main()\n'
+    assert (lab / "train.py").read_text().endswith(tail)
+    # a real gain too (a higher learning rate over 3 steps), so the candidate is kept and the holdout check runs
+    lr = "LEARNING_RATE = 2e-3  # nightlab: 1e-4..3e-2 log\n"
+    src = (lab / "train.py").read_text()
+    assert lr in src
+    hostile = src.replace(tail, PATCH + ATEXIT + tail).replace(lr, "LEARNING_RATE = 2e-2\n")
+    steps = [{"rationale": "hostile", "replace": {"train.py": [src, hostile]}}]
+    eng = Engine(lab, tag="atk", spec=spec, researcher=ScriptedResearcher(steps), sandbox_mode=MODE,
+                 max_experiments=1)
+    session = eng.run()
+    base, cand = eng.ledger.experiments(session.id)
+    assert base.status is Status.KEEP and base.trust == "evaluator", base.reason
+    assert cand.trust == "evaluator" and cand.status is Status.KEEP, cand.reason
+    assert 2.0 < cand.metric < base.metric  # the honest gain, not the forged 0.0001
+    assert cand.secondary["holdout"] > 2.0 and base.secondary["holdout"] > 2.0
+    eng.close()
