@@ -92,7 +92,7 @@ LAB_SPECS = {
 
 
 # with --tinygpt-steps: the constants that set the model's size (and so a step's cost) stay as in train.py
-TINYGPT_FIXED = ("SEQ_LEN", "N_LAYER", "N_HEAD", "HEAD_DIM", "MLP_RATIO", "BATCH_SIZE")
+TINYGPT_FIXED = ("SEQ_LEN", "N_LAYER", "N_HEAD", "HEAD_DIM", "MLP_RATIO", "BATCH_SIZE", "POS", "NORM", "MLP")
 
 
 def lab_session(name: str, seed: int, semantics: str, prune_on: bool, budget: float, work: Path,

@@ -349,14 +349,15 @@ def test_tinygpt_evaluator_rejects_a_model_that_sees_the_future(tmp_path: Path) 
             env,
         )
     )
-    src = (lab / "train.py").read_text()
+    # the architecture is the protected model.py's: a bug there (attention that sees later bytes) is caught
+    src = (lab / "model.py").read_text()
     assert "is_causal=True" in src
-    (lab / "train.py").write_text(src.replace("is_causal=True", "is_causal=False"))
+    (lab / "model.py").write_text(src.replace("is_causal=True", "is_causal=False"))
     save = (
-        "import torch, train\n"
+        "import torch, model\n"
         "cfg = dict(vocab_size=256, seq_len=64, n_layer=1, n_head=2, head_dim=8, mlp_ratio=2, dropout=0.0)\n"
         "torch.manual_seed(0)\n"
-        "torch.save({'config': cfg, 'model': train.build_model(cfg).state_dict()}, 'ckpt.pt')\n"
+        "torch.save({'config': cfg, 'model': model.build_model(cfg).state_dict()}, 'ckpt.pt')\n"
     )
     ok(run(["-c", save], lab, env))
     p = run(["evaluate.py"], lab, env)

@@ -1,22 +1,22 @@
 """tinygpt evaluator (protected): bits per byte of the saved checkpoint on the val split.
 
-Usage: ``python evaluate.py [ckpt.pt]``. Loads the checkpoint train.py saved (``weights_only``:
-tensors and plain config, no pickled code), rebuilds the model with ``train.build_model``,
-checks that it is causal and does not look across batch rows (:func:`prepare.check_causal`),
-then scores it with the protected :func:`prepare.evaluate_bpb`, which does the log-softmax and
-the sum itself. Prints the summary block: ``val_bpb``, ``floor_bpb`` (when the source is
-synthetic), ``eval_seconds``. Exits 1 with the reason when the checkpoint is missing or the
-model fails a check.
+Usage: ``python evaluate.py [ckpt.pt]``. Loads the checkpoint train.py saved with
+``torch.load(weights_only=True)`` (tensors and plain values: nothing is unpickled that could run
+code), rebuilds the model with the protected :func:`model.build_model` from ``ckpt["config"]``
+(refused unless it names a member of the family in model.py) and loads ``ckpt["model"]`` into it
+(every key, every shape), checks that it is causal and does not look across batch rows
+(:func:`prepare.check_causal`), then scores it with the protected :func:`prepare.evaluate_bpb`.
+Prints the summary block: ``val_bpb``, ``floor_bpb`` (when the source is synthetic),
+``eval_seconds``. Exits 1 with the reason when the checkpoint is missing or fails a check.
+
+It never imports or runs the candidate's code: train.py is not imported (its module-level code
+could patch torch or the scoring, or print a later summary block from an ``atexit`` hook), and
+the model's forward pass is model.py's. What train.py controls reaches this process as data
+only: a config checked key by key, and tensors.
 
 Under nightlab it runs in a clean tree (the committed files and ``ckpt.pt`` only, see the lab's
-``[evaluate] outputs``) with ``PYTHONSAFEPATH=1``: ``prepare`` comes from ``$NIGHTLAB_TRUSTED_DIR``
-(on ``PYTHONPATH``) and ``train`` from the working directory, appended to ``sys.path`` last.
-
-What this does not cover: the model's forward pass is still train.py's code, and importing
-train.py runs its module-level code inside this process, where a hostile train.py could tamper
-with the scoring (patching torch, say). The checks here catch an honest mistake and the plain
-cheats (reading later bytes, or other rows); a stronger evaluator would run the model in a
-separate sandboxed process or load an exported graph instead of the module.
+``[evaluate] outputs``) with ``PYTHONSAFEPATH=1``: ``prepare`` and ``model`` come from
+``$NIGHTLAB_TRUSTED_DIR`` (on ``PYTHONPATH``); the working directory is not on ``sys.path``.
 """
 
 from __future__ import annotations
@@ -28,23 +28,40 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from model import build_model
 from prepare import check_causal, evaluate_bpb, load_split, read_meta
 
 
-def load_model(path: Path, device: str) -> tuple[Any, dict[str, Any]]:
-    # nightlab runs this in a clean tree with PYTHONSAFEPATH=1: the working directory (the committed
-    # train.py and the run's ckpt.pt) is not on sys.path. Append it, after the standard library and
-    # site-packages, so train.py can be imported but no file of the lab can shadow a module.
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())
-    import train  # the editable file: only its build_model is used
-
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    cfg = ckpt["config"]
-    model = train.build_model(cfg).to(device)
-    model.load_state_dict(ckpt["model"])
+def load_model(path: Path, device: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The protected model with the checkpoint's weights; SystemExit with the reason otherwise."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # UnpicklingError for anything but tensors and plain values, or a bad file
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise SystemExit(
+            f"{path} is not a weights-only checkpoint ({type(e).__name__}: {first}); train.py must "
+            "save {'config': dict, 'model': model.state_dict()} with torch.save"
+        ) from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise SystemExit(f"{path} must hold a dict with keys 'config' and 'model'")
+    state = ckpt["model"]
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise SystemExit(f"{path}: 'model' must be a state_dict (names to tensors)")
+    try:
+        with torch.device("meta"):  # shapes first: a config can ask for more memory than the weights hold
+            shapes = {k: tuple(v.shape) for k, v in build_model(ckpt["config"]).state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if shapes != got:
+            diff = sorted(set(shapes.items()) ^ set(got.items()))[:4]
+            raise ValueError(f"the weights do not match the config's model (first differences: {diff})")
+        model = build_model(ckpt["config"]).to(device)
+        model.load_state_dict(state, strict=True)
+    except (ValueError, RuntimeError) as e:
+        raise SystemExit(f"{path} does not fit the model family in model.py: {e}") from None
     model.eval()
-    return model, cfg
+    return model, model.cfg
 
 
 def score(split: str, path: Path) -> dict[str, float]:

@@ -10,10 +10,11 @@ comparisons on a loaded machine, e.g. bench/efficiency.py's ``--tinygpt-steps``;
 ``$NIGHTLAB_SEED`` (default 0), on CUDA when present else CPU. Saves ``ckpt.pt`` for the
 protected evaluate.py / holdout.py and prints the summary block.
 
-Contract with evaluate.py (keep it when you change the model): ``build_model(config)`` rebuilds
-the model from ``ckpt["config"]``, ``ckpt["model"]`` is its state_dict, ``config["seq_len"]`` is
-the window length it is evaluated with, and ``model(idx)`` maps (B, T) int64 bytes to
-(B, T, 256) logits, position t seeing only bytes 0..t of its own row.
+Contract with evaluate.py (it never imports this file): the model is a member of the protected
+family in model.py, chosen by the config (``model.DEFAULTS`` lists the keys: sizes, position
+encoding, norm, MLP kind, weight tying, biases); ``ckpt.pt`` holds ``{"config": cfg, "model":
+state_dict}`` (tensors and plain values only: the evaluator loads it with ``weights_only=True``).
+Everything about training is yours: optimiser, schedule, initialisation, data sampling, precision.
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ import math
 import os
 import resource
 import time
-from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from model import build_model
 from prepare import VOCAB_SIZE, evaluate_bpb, load_split
 
 # model
@@ -36,6 +36,11 @@ N_HEAD = 4  # nightlab: 1..8
 HEAD_DIM = 16  # nightlab: 8..64 log
 MLP_RATIO = 4  # nightlab: 1..6
 DROPOUT = 0.0  # nightlab: 0.0..0.3
+POS = "learned"  # nightlab: choices learned,rope,none
+NORM = "layernorm"  # nightlab: choices layernorm,rmsnorm
+MLP = "gelu"  # nightlab: choices gelu,relu2,swiglu
+TIE_WEIGHTS = False  # nightlab: skip
+BIAS = True  # nightlab: skip
 # optimisation
 BATCH_SIZE = 16  # nightlab: 4..128 log
 LEARNING_RATE = 2e-3  # nightlab: 1e-4..3e-2 log
@@ -48,57 +53,6 @@ MIN_LR_FRAC = 0.1  # nightlab: 0.0..0.5
 GRAD_CLIP = 1.0  # nightlab: 0.1..10.0 log
 EVAL_BATCH_SIZE = 32  # nightlab: skip
 CHECKPOINT = "ckpt.pt"
-
-
-class Block(nn.Module):
-    def __init__(self, d: int, n_head: int, mlp_ratio: int, dropout: float) -> None:
-        super().__init__()
-        self.n_head, self.dropout = n_head, dropout
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.mlp = nn.Sequential(nn.Linear(d, mlp_ratio * d), nn.GELU(), nn.Linear(mlp_ratio * d, d))
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
-        q, k, v = (z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for z in (q, k, v))
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
-        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(b, t, d)))
-        return x + self.drop(self.mlp(self.ln2(x)))
-
-
-class GPT(nn.Module):
-    def __init__(self, cfg: dict[str, Any]) -> None:
-        super().__init__()
-        d = cfg["n_head"] * cfg["head_dim"]
-        self.tok = nn.Embedding(cfg["vocab_size"], d)
-        self.pos = nn.Embedding(cfg["seq_len"], d)
-        self.blocks = nn.ModuleList(
-            Block(d, cfg["n_head"], cfg["mlp_ratio"], cfg["dropout"]) for _ in range(cfg["n_layer"])
-        )
-        self.ln_f = nn.LayerNorm(d)
-        self.head = nn.Linear(d, cfg["vocab_size"], bias=False)
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        t = idx.shape[1]
-        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln_f(x))
-
-
-def build_model(cfg: dict[str, Any]) -> nn.Module:
-    return GPT(cfg)
 
 
 def lr_at(progress: float) -> float:
@@ -128,6 +82,11 @@ def main() -> None:
         "head_dim": int(HEAD_DIM),
         "mlp_ratio": int(MLP_RATIO),
         "dropout": float(DROPOUT),
+        "pos": str(POS),
+        "norm": str(NORM),
+        "mlp": str(MLP),
+        "tie_weights": bool(TIE_WEIGHTS),
+        "bias": bool(BIAS),
     }
     model = build_model(cfg).to(device)
     num_params = sum(p.numel() for p in model.parameters())

@@ -11,9 +11,9 @@ the run's worktree. :func:`build` makes a fresh folder under ``.nightlab/eval/``
 - ``trusted/``: the non-editable files again (hard links to the same bytes); the evaluator's ``PYTHONPATH``
   (``$NIGHTLAB_TRUSTED_DIR``). With ``PYTHONSAFEPATH=1`` the working directory is not on
   ``sys.path``, so ``import x`` finds the lab's trusted helpers, then the standard library and
-  site-packages, never a committed editable module or an output. An evaluator that must import the
-  candidate's code (tinygpt's ``train.build_model``) appends the working directory to ``sys.path``
-  itself, after the standard library, so it cannot shadow ``json``.
+  site-packages, never a committed editable module or an output. An evaluator should not import
+  the candidate's code at all (its module-level code would run in the trusted process); tinygpt's
+  rebuilds the model from the protected model.py and a weights-only checkpoint.
 
 Outputs are rejected (:class:`OutputRejected`, recorded as a ``crash`` with the reason) when one is
 a symlink (or lies under a symlinked folder), a folder where a file is expected, a FIFO, socket or
