@@ -31,7 +31,8 @@ print("---")
 print(f"score: {final:.6f}")
 """
 
-PRUNE_SPEC = SPEC.replace("[executor]", '[prune]\npruner = "median"\nstartup_runs = 1\nwarmup_steps = 2\n\n[executor]')
+PRUNE_SPEC = SPEC.replace("[executor]", '[prune]\npruner = "median"\nstartup_runs = 1\nwarmup_steps = 2\n'
+                          'warmup_fraction = 0\n\n[executor]')
 
 
 def at(x: float) -> str:
@@ -94,6 +95,40 @@ def test_a_hopeless_run_is_pruned_and_a_good_one_is_not(make_lab):
     assert "step=2 " in log and "step=10 " not in log and "---" not in log  # really killed
     assert bad.metric is None and bad.evidence["saved_s"] > 0
     assert session.incumbent_commit == by[1].commit
+
+
+def test_the_median_pruner_waits_for_a_fraction_of_a_full_run(make_lab):
+    """``warmup_fraction``: no prune before that share of the longest completed curve (10 steps here),
+    whatever ``warmup_steps`` says; the hopeless run is still stopped, later."""
+    spec = PRUNE_SPEC.replace("warmup_steps = 2\nwarmup_fraction = 0\n", "warmup_fraction = 0.5\n")
+    lab = make_lab(files={"target.py": CURVED}, spec=spec)
+    eng = Engine(lab, tag="wf", researcher=Steps([9.0]), sandbox_mode="none", max_experiments=1)
+    session = eng.run()
+    bad = eng.ledger.experiments(session.id)[1]
+    eng.close()
+    assert bad.status is Status.PRUNED and bad.evidence["pruned_at"] == 5  # not 1 (warmup_steps = 0)
+    assert [p[0] for p in bad.evidence["curve"]] == [1, 2, 3, 4, 5]
+
+
+def test_the_default_warmup_fraction_prunes_nothing_before_a_run_completed():
+    import threading
+
+    spec = PruneSpec(pruner="median", startup_runs=0)
+    assert spec.warmup_fraction == 0.25
+    pruner = Pruner(spec, "loss", Direction.MINIMIZE)
+    stop = threading.Event()
+    first = pruner.watch(None, stop, prunable=True)
+    for step in range(1, 11):
+        first.feed(f"nightlab: step={step} loss={100 - step}")
+    first.close()
+    assert first.pruned_at is None  # nothing completed: no full-run length to measure the warm-up by
+    first.finish(Status.DISCARD, 90.0, 1.0)
+    second = pruner.watch(None, stop, prunable=True)
+    for step in range(1, 11):
+        second.feed(f"nightlab: step={step} loss={1000 - step}")
+    second.close()
+    assert second.pruned_at == 3  # the first step at or past 25 % of the completed run's 10
+    second.finish(Status.PRUNED, None, 0.3)
 
 
 def test_pruning_is_off_by_default_and_every_curve_is_still_stored(make_lab):

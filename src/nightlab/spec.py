@@ -315,6 +315,8 @@ class PruneSpec(_Section):
     figure: str = Field("", description="the progress figure pruned on (default: [metric] name), e.g. "
                         "'train_bpb' when the run's progress lines carry a training loss")
     warmup_steps: int = Field(0, ge=0, description="never prune before this step (Optuna's n_warmup_steps)")
+    warmup_fraction: float = Field(0.25, ge=0, lt=1, description="median: never prune before this "
+                                   "fraction of a full run (the longest completed curve's last step); 0: off")
     startup_runs: int = Field(3, ge=0, description="median: runs that must finish before any is pruned")
     min_resource: int = Field(1, ge=1, description="successive_halving / hyperband: the first rung, in steps")
     max_resource: int = Field(0, ge=0, description="hyperband: the last step of a full run (0: learnt)")

@@ -30,6 +30,14 @@ file has constants and ``file:NAME`` when several do; they are stored in ``Candi
 incumbent's), an experiment with a pending trial by ``tell`` (value for keep/discard, a crash
 as below, PRUNED for pruned, FAIL for everything else), an experiment without one (replayed history after a restart) by
 ``add_trial`` from its params, when they cover the whole search space and lie inside it.
+
+Pruned runs. A pruned experiment is told as ``TrialState.PRUNED`` *with the points of its
+progress curve* (``evidence["curve"]``, see :mod:`nightlab.prune`) as the trial's intermediate
+values (``trial.report(value, step)``), live, on replay and in a persistent study alike. TPE ranks
+completed trials first and then pruned ones by their last intermediate value, the later the step
+the better (Optuna's ``_get_pruned_trial_score``): a run stopped at 25 % with a bad curve is ranked
+below one stopped at 60 %, and when pruned trials fill TPE's "good" group (few completed runs) they
+are ordered by what they showed, not alike. A pruned setting re-asked is told the same again.
 Observations that arrive before the first ``propose`` are held until the space is known.
 ``observe`` never raises.
 
@@ -147,6 +155,21 @@ def _crashed(status: Status) -> bool:
     return status in (Status.CRASH, Status.TIMEOUT)
 
 
+def _curve(e: Experiment) -> dict[int, float]:
+    """A pruned experiment's progress curve (``evidence["curve"]``: ``[[step, value], …]``) as
+    ``{step: value}``; unreadable points are left out, a non-finite value stays NaN (TPE ranks it last)."""
+    raw = e.evidence.get("curve") if isinstance(e.evidence, dict) else None
+    out: dict[int, float] = {}
+    for point in raw if isinstance(raw, list) else ():
+        try:
+            step, value = int(point[0]), float(point[1])
+        except (TypeError, ValueError, IndexError):
+            continue
+        if step >= 0:
+            out[step] = value if math.isfinite(value) else math.nan
+    return out
+
+
 def _sampler(options: Options, offset: int = 0) -> optuna.samplers.BaseSampler:
     seed = None if options.seed is None else options.seed + offset
     if options.sampler == "random":
@@ -203,6 +226,7 @@ class SearchResearcher:
         self.lab_space: Space | None = None
         self.tried: dict[tuple[tuple[str, Any], ...], float | None] = {}  # setting -> its value (None: failed)
         self.crashed: set[tuple[tuple[str, Any], ...]] = set()  # settings whose run crashed
+        self.pruned: dict[tuple[tuple[str, Any], ...], dict[int, float]] = {}  # pruned setting -> its curve
         self._in_study: set[int] = set()  # experiment indices that already have a trial
         _sampler(options)  # fail early on a sampler that cannot work
 
@@ -295,6 +319,8 @@ class SearchResearcher:
                 crash = bool(t.user_attrs.get(CRASH))
                 written = {k: _written(v, self.space[k]) for k, v in t.params.items() if k in self.space}
                 self._remember(written, t.value if t.state is TrialState.COMPLETE and not crash else None, crash)
+                if t.state is TrialState.PRUNED:
+                    self.pruned[self._key(written)] = dict(t.intermediate_values)
         return study
 
     @staticmethod
@@ -305,6 +331,13 @@ class SearchResearcher:
             return tuple(freeze(x) for x in v) if isinstance(v, list | tuple) else v
 
         return tuple(sorted((k, freeze(v)) for k, v in params.items()))
+
+    def _tell_pruned(self, trial: optuna.trial.Trial, curve: dict[int, float]) -> None:
+        """A pruned run: its curve's points as intermediate values, then PRUNED."""
+        assert self.study is not None
+        for step, value in sorted(curve.items()):
+            trial.report(value, step)
+        self.study.tell(trial, state=TrialState.PRUNED)
 
     def _remember(self, params: dict[str, Any], value: float | None, crash: bool = False) -> None:
         key = self._key(params)
@@ -395,6 +428,8 @@ class SearchResearcher:
             value = self.tried.get(key) if key in self.tried else ctx.incumbent_metric if not known else None
             if key in self.crashed:
                 self._tell_crash(trial)
+            elif key in self.pruned and value is None:
+                self._tell_pruned(trial, self.pruned[key])
             elif value is not None and math.isfinite(value):
                 study.tell(trial, value)
             else:
@@ -474,17 +509,22 @@ class SearchResearcher:
         ok = e.status in (Status.KEEP, Status.DISCARD) and value is not None
         trial = self.pending.pop(e.idx, None)
         crash = _crashed(e.status)
+        curve = _curve(e) if e.status is Status.PRUNED else None
         if e.params:
-            self._remember({k: e.params[k] for k in self.distributions if k in e.params}, value if ok else None,
-                           crash)
+            setting = {k: e.params[k] for k in self.distributions if k in e.params}
+            self._remember(setting, value if ok else None, crash)
+            if curve is not None:
+                self.pruned[self._key(setting)] = curve
         if trial is not None:
             self._in_study.add(e.idx)
             if ok:
                 self.study.tell(trial, value)
             elif crash:
                 self._tell_crash(trial)
-            else:  # a pruned run counts as pruned (TPE ranks it below the completed ones)
-                self.study.tell(trial, state=TrialState.PRUNED if e.status is Status.PRUNED else TrialState.FAIL)
+            elif curve is not None:  # pruned: ranked below the completed runs, by what its curve showed
+                self._tell_pruned(trial, curve)
+            else:
+                self.study.tell(trial, state=TrialState.FAIL)
         elif e.idx in self._in_study:
             return  # already in a persistent study (storage)
         elif e.idx == 0:
@@ -498,12 +538,15 @@ class SearchResearcher:
             ):
                 log.info("search: experiment %s's params do not fit the search space; skipped", e.idx)
             else:
-                self._add(params, value if ok else None, e.idx, crash=crash)
+                self._add(params, value if ok else None, e.idx, crash=crash, curve=curve)
 
-    def _add(self, params: dict[str, Any], value: float | None, idx: int, crash: bool = False) -> None:
+    def _add(self, params: dict[str, Any], value: float | None, idx: int, crash: bool = False,
+             curve: dict[int, float] | None = None) -> None:
         """A replayed experiment as a finished trial, told the way ``observe`` tells a live one."""
         assert self.study is not None
         state = TrialState.COMPLETE if value is not None else TrialState.FAIL
+        if value is None and curve is not None:
+            state = TrialState.PRUNED
         user_attrs: dict[str, Any] = {"nightlab_experiment": idx}
         # feasible unless a crash says otherwise: Optuna 4's TPE (constraints_func) warns about, and ranks
         # last, a trial without constraint values; add_trial never calls the sampler's after_trial to add them
@@ -518,6 +561,7 @@ class SearchResearcher:
             state=state,
             user_attrs=user_attrs,
             system_attrs=system_attrs,
+            intermediate_values=curve if state is TrialState.PRUNED else None,
         )
         self.study.add_trial(trial)
         self._in_study.add(idx)
