@@ -221,24 +221,67 @@ def summarize_labs(rows: list[dict[str, Any]]) -> None:
                       f"{sum(r['improvements_discarded'] for r in g)} | {sum(r['lost_to_conflicts'] for r in g)} | "
                       f"{sum(r['pruned'] for r in g)} | {sum(r['saved_s'] for r in g):.1f} |")
         # run-seconds pruning needs to reach the best that no pruning reached at the full budget
-        ratios, missed = [], 0
-        for seed in sorted({r["seed"] for r in rows if r["lab"] == name}):
-            off = [r for r in rows if r["lab"] == name and r["seed"] == seed and r["semantics"] == "measured"
-                   and not r["prune"]]
-            on = [r for r in rows if r["lab"] == name and r["seed"] == seed and r["semantics"] == "measured"
-                  and r["prune"]]
-            if not off or not on:
-                continue
-            t_off = run_s_to_reach(off[0]["reach"], off[0]["best_at_budget"])
-            t_on = run_s_to_reach(on[0]["reach"], off[0]["best_at_budget"])
-            if t_on is None or t_off is None:
-                missed += 1
-            else:
-                ratios.append(t_on / t_off)
-        if ratios or missed:
-            med = f"{statistics.median(ratios):.2f}" if ratios else "—"
-            print(f"\n{name}: run-seconds with pruning to reach the no-pruning best (new semantics), as a share of "
-                  f"the no-pruning run-seconds: median {med} over {len(ratios)} seeds; not reached in {missed}")
+        for tag in dict.fromkeys(r.get("tag", "") for r in rows if r["lab"] == name and r["prune"]):
+            pruning_ratio(rows, name, tag)
+
+
+def steps_to_reach(row: dict[str, Any], target: float) -> float | None:
+    """Full runs' worth of training (each run's last progress step / a full run's) until the incumbent
+    reached ``target``: the work, whatever the machine's load did to the seconds."""
+    runs = row.get("runs") or []
+    full = max((r["curve"][-1][0] for r in runs if r["curve"]), default=0)
+    if not full:
+        return None
+    used, inc = 0.0, math.inf
+    for r in runs:
+        used += (r["curve"][-1][0] / full) if r["curve"] else 1.0
+        if r["status"] == "keep" and r["metric"] is not None:
+            inc = min(inc, r["metric"])
+        if inc <= target:
+            return used
+    return None
+
+
+def pruning_ratio(rows: list[dict[str, Any]], name: str, tag: str) -> None:
+    """Per seed: the run-seconds (and the training work) pruning needs to reach the no-pruning best."""
+    ratios, work, missed, lines = [], [], 0, []
+    for seed in sorted({r["seed"] for r in rows if r["lab"] == name}):
+        off = [r for r in rows if r["lab"] == name and r["seed"] == seed and r["semantics"] == "measured"
+               and not r["prune"]]
+        on = [r for r in rows if r["lab"] == name and r["seed"] == seed and r["semantics"] == "measured"
+              and r["prune"] and r.get("tag", "") == tag]
+        if not off or not on:
+            continue
+        a, b = off[-1], on[-1]
+        t_off = run_s_to_reach(a["reach"], a["best_at_budget"])
+        t_on = run_s_to_reach(b["reach"], a["best_at_budget"])
+        w_off, w_on = steps_to_reach(a, a["best_at_budget"]), steps_to_reach(b, a["best_at_budget"])
+        share = f"{t_on / t_off:.2f}" if t_on is not None and t_off else "not reached"
+        if t_on is None or not t_off:
+            missed += 1
+        else:
+            ratios.append(t_on / t_off)
+        if w_on is not None and w_off:
+            work.append(w_on / w_off)
+        at = sorted(x["pruned_at"] for x in b.get("runs", []) if x.get("pruned_at") is not None)
+        lines.append(f"| {seed} | {a['best_at_budget']:.4f} / {b['best_at_budget']:.4f} | "
+                     f"{t_off if t_off is None else round(t_off, 1)} / "
+                     f"{'—' if t_on is None else round(t_on, 1)} ({share}) | "
+                     f"{w_off if w_off is None else round(w_off, 1)} / {w_on if w_on is None else round(w_on, 1)} | "
+                     f"{a['experiments']} / {b['experiments']} | {b['pruned']} | {at} | "
+                     f"{a.get('load', '?')} / {b.get('load', '?')} |")
+    if not lines:
+        return
+    print(f"\n{name}, pruning {tag or 'on'}: " + (b.get("prune_conf", "").replace("\n", "; ").strip("; ")))
+    print("| seed | best, pruning off / on | run-s to reach the no-pruning best, off / on (share) | full runs' "
+          "worth of training to reach it, off / on | runs off / on | pruned | pruned at steps | load (1 min) "
+          "at start, end: off / on |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |")
+    print("\n".join(lines))
+    med = f"{statistics.median(ratios):.2f}" if ratios else "—"
+    print(f"{name}: run-seconds with pruning to reach the no-pruning best (new semantics), as a share of the "
+          f"no-pruning run-seconds: median {med} over {len(ratios)} seeds ({', '.join(f'{x:.2f}' for x in ratios)})"
+          f"; not reached in {missed}" + (f"; training work: median {statistics.median(work):.2f}" if work else ""))
 
 
 # --------------------------------------------------------------------------- replay

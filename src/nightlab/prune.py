@@ -23,7 +23,11 @@ curves stored in the ledger (``evidence``: ``curve`` ``[[step, value], …]``, a
 runs ``pruned_at`` and ``saved_s``, the run seconds saved, estimated as the median run time of the
 completed runs minus the pruned run's).
 
-The median pruner is wrapped in :class:`WarmupFraction` (``[prune] warmup_fraction``, 0.25 by
+The median pruner is :class:`Percentile` (``[prune] reference = "all"``, the default: every earlier
+run counts, a pruned one as worse than any value after the step it was stopped at; ``"reached"``: a
+pruned run counts only at the steps it reached; ``"completed"``: Optuna's ``PercentilePruner``,
+the completed runs only), at ``[prune] percentile`` (50: the median). It is wrapped in
+:class:`WarmupFraction` (``[prune] warmup_fraction``, 0.25 by
 default): Optuna's ``MedianPruner`` compares a run's best value so far with the median of the
 *completed* runs at that step from the first report on (``n_warmup_steps = 0``), and asks again at
 every step, so a run that hovers near the median is stopped at one of many checks; measured on
