@@ -33,6 +33,7 @@ keep semantics (the pruning comparison is made within them).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -536,6 +537,13 @@ def summarize_optuna(rows: list[dict[str, Any]]) -> None:
     ahead = sum(a > b for a, b in per_seed)
     print(f"trials/hour per seed, nightlab / optuna: {', '.join(f'{a:.0f}/{b:.0f}' for a, b in per_seed)}; "
           f"nightlab ahead in {ahead} of {len(rows)} (sign test p = {sign_test(ahead, len(rows) - ahead):.3g})")
+    def gap(curve: list[list[float]]) -> float:  # steady state: the median time between two evaluations' ends
+        ends = [t for t, _ in curve]
+        return statistics.median(b - a for a, b in itertools.pairwise(ends))
+
+    ng, og = (statistics.median(gap(r[k]["curve"]) for r in rows) for k in ("nightlab", "optuna"))
+    print(f"steady state (median time between two evaluations' ends): nightlab {1000 * ng:.0f} ms "
+          f"({3600 / ng:.0f}/hour), optuna {1000 * og:.0f} ms ({3600 / og:.0f}/hour)")
     if all("run_s" in r["nightlab"] for r in rows):
         nd = statistics.median(r["nightlab"]["run_s"] / r["nightlab"]["wall_s"] for r in rows)
         od = statistics.median(r["optuna"]["run_s"] / r["optuna"]["wall_s"] for r in rows)
