@@ -88,7 +88,8 @@ LAB_SPECS = {
     "quickfit": ({}, '[prune]\npruner = "median"\nstartup_runs = 3\nwarmup_steps = 5\n'),
     "tinygpt": ({"budget_s = 60": "budget_s = 1.5", "[holdout]": "[holdout_off]",
                  'policy = "repeat"': 'policy = "greedy"'},
-                '[prune]\npruner = "median"\nfigure = "train_bpb"\nstartup_runs = 2\nwarmup_steps = 25\n'),
+                '[prune]\npruner = "median"\nfigure = "train_bpb"\nstartup_runs = 2\nwarmup_steps = 25\n'
+                'percentile = 75\n'),  # the worst quarter: bench/README.md, "The pruner's reference, measured"
 }
 
 
