@@ -15,8 +15,16 @@ Two parts (figures and commands in bench/README.md):
            same TPE settings, the same starting point enqueued first. Sign test over seeds on the best
            value after k trials, and the best value each reaches within the same wall-clock time.
 
+``replay`` pruning-off sessions' recorded runs (every row keeps each run's curve, status, run-seconds
+           and ``pruned_at``) fed, in their order, through nightlab's real pruner with other
+           ``[prune]`` settings: which runs each setting stops, and the run-seconds it would need to
+           reach the session's best (the candidates stay the session's: the pruner's judgement alone).
+
     python bench/efficiency.py labs --seeds 5
-    python bench/efficiency.py labs --labs tinygpt --seeds 3 --tinygpt-steps 50 --tinygpt-s 110 --semantics measured
+    python bench/efficiency.py labs --labs tinygpt --seeds 3 --tinygpt-steps 50 --tinygpt-s 120 --semantics measured
+    python bench/efficiency.py labs ... --arms on --tag p50 --prune-set percentile=50   # another pruner setting
+    python bench/efficiency.py replay bench-efficiency-labs.json --variant 'reference="completed"' --variant ''
+    python bench/efficiency.py optuna --seeds 5 --trials 20 --sleep 1.0
 
 ``--tinygpt-budget`` sets tinygpt's per-run training seconds (``[run] budget_s``; 1.5 by default,
 which on a slow, loaded CPU is a handful of optimizer steps, fewer when the load rises: no learning
