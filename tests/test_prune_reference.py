@@ -124,3 +124,29 @@ def test_the_reference_and_percentile_are_checked(make_lab):
         lab = make_lab(spec=SPEC.replace("[executor]", f'[prune]\npruner = "median"\n{bad}\n\n[executor]'))
         with pytest.raises(SpecError, match=rf"\[prune\] {key}"):
             load_spec(lab)
+
+
+def test_a_real_session_judges_against_every_run_not_only_the_completed_ones(make_lab):
+    """Real runs, real log tailing: after two good runs complete and three hopeless ones are pruned,
+    a middling run (X = 1.3: final 0.59, incumbent 0.5) is stopped by Optuna's reference (worse than
+    the completed runs' median at step 2) and runs to its end with nightlab's (the median of all six
+    earlier runs at step 2 is a hopeless one's, and after step 2 the pruned ones count as worst)."""
+    from tests.test_prune import CURVED, PRUNE_SPEC, Steps
+
+    from nightlab.engine import Engine
+
+    xs = [1.0, 1.05, 9.0, 8.0, 7.0, 1.3]
+    got = {}
+    for reference in ("completed", "all"):
+        spec = PRUNE_SPEC.replace("warmup_fraction = 0\n", f'warmup_fraction = 0\nreference = "{reference}"\n')
+        lab = make_lab(files={"target.py": CURVED}, spec=spec)
+        eng = Engine(lab, tag=f"ref-{reference}", researcher=Steps(xs), sandbox_mode="none", max_experiments=len(xs))
+        session = eng.run()
+        got[reference] = {e.idx: e for e in eng.ledger.experiments(session.id)}
+        eng.close()
+    for by in got.values():
+        assert [by[i].status for i in (1, 2)] == [Status.KEEP, Status.DISCARD]
+        assert all(by[i].status is Status.PRUNED and by[i].evidence["pruned_at"] == 2 for i in (3, 4, 5))
+    assert got["completed"][6].status is Status.PRUNED and got["completed"][6].evidence["pruned_at"] == 2
+    assert got["all"][6].status is Status.DISCARD and got["all"][6].metric == pytest.approx(0.59)
+    assert len(got["all"][6].evidence["curve"]) == 10
