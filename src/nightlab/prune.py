@@ -122,8 +122,10 @@ class Percentile(optuna.pruners.BasePruner):
     (bench/README.md: 41 of 51 on tinygpt). Here a pruned run counts at the steps it reached
     (``reference = "reached"``), and with ``reference = "all"`` also at the later steps, as worse
     than any value: it was stopped for being worse than the bar, so the bar at every step is the
-    ``percentile`` of all the runs judged so far and at most about ``100 - percentile`` % of them are
-    stopped. Not before ``startup_runs`` runs completed, nor before step ``warmup_steps``; a step no
+    ``percentile`` of all the runs judged so far (on synthetic curves in random order the median
+    stopped 45-65 % of the runs, Optuna's reference 85-93 %: tests/test_prune_reference.py). The bar
+    is the nearest reference value on the lenient side, not an interpolation (a value may be
+    infinite). Not before ``startup_runs`` runs completed, nor before step ``warmup_steps``; a step no
     other run reached prunes nothing; a run with only NaN values so far is pruned (diverged)."""
 
     def __init__(self, percentile: float, startup_runs: int, warmup_steps: int, reference: str) -> None:
