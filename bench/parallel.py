@@ -82,7 +82,9 @@ def session(n: int, slots: int, pipeline: bool, propose_s: float, sleep_s: float
                "GIT_COMMITTER_EMAIL": "b@b", "PATH": "/usr/bin:/bin"}
         for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "lab"]):
             subprocess.run(cmd, cwd=lab, check=True, env=env)
+        t_start = time.monotonic()
         eng = Engine(lab, tag="b", researcher=Thinker(propose_s, sleep_s))
+        start = time.monotonic() - t_start  # Ray: the executor's warm-up of its slots' workers is in here
         t0 = time.monotonic()
         s = eng.run()
         wall = time.monotonic() - t0
@@ -90,12 +92,16 @@ def session(n: int, slots: int, pipeline: bool, propose_s: float, sleep_s: float
         exps = eng.ledger.experiments(s.id)[1:]
         eng.close()
         stages: dict[str, list[float]] = {}
+        ray_parts: dict[str, list[float]] = {}
         for e in exps:
             for k, v in (e.evidence.get("timing") or {}).items():
                 stages.setdefault(k, []).append(float(v))
+            for k, v in (e.evidence.get("ray_timing") or {}).items():
+                ray_parts.setdefault(k, []).append(float(v))
         return {"wall": wall, "n": len(exps), "duty": noise.get("executor", {}).get("duty_cycle", 0.0),
                 "rate": len(exps) / noise.get("executor", {}).get("wall_s", wall),
-                "stages": {k: statistics.median(v) for k, v in stages.items()}}
+                "stages": {k: statistics.median(v) for k, v in stages.items()},
+                "run": stages.get("run", []), "ray": ray_parts, "start": start}
 
 
 def main() -> None:
@@ -123,11 +129,25 @@ def main() -> None:
         print(f"\n## throughput, {kind} executor: sleep-bound runs of {sleep_s:g} s, 3 per slot\n")
         print("| slots | experiments/s | ideal | ratio | median ms per stage (evidence timing, run excluded) |\n"
               "|---|---|---|---|---|")
+        rows: list[tuple[int, dict]] = []
         for slots in (1, 2, 4, 8):
             r = session(3 * slots, slots, True, 0.0, sleep_s, kind)
             ideal = slots / sleep_s
             st = " ".join(f"{k} {1000 * v:.0f}" for k, v in r["stages"].items() if k != "run")
             print(f"| {slots} | {r['rate']:.2f} | {ideal:.2f} | {r['rate'] / ideal:.2f} | {st} |")
+            if kind == "ray":
+                rows.append((slots, r))
+        for slots, r in rows:
+            if slots == 1:
+                print(f"\n### where a Ray experiment's run stage went (ms, median / max over its {3 * slots} "
+                      "experiments; sandbox = the 2 s command with bwrap's start)\n")
+                print("| slots | engine start, before the loop (not in the ratio) | run stage | start (submit to task) "
+                      "| setup (unpack) | sandbox | measure | home | imports on the path |\n"
+                      "|---|---|---|---|---|---|---|---|---|")
+            cells = [f"{1000 * statistics.median(v):.0f} / {1000 * max(v):.0f}" for v in
+                     (r["run"], *(r["ray"].get(k, [0.0]) for k in ("start", "setup", "sandbox", "measure", "home")))]
+            print(f"| {slots} | {1000 * r['start']:.0f} | {' | '.join(cells)} | "
+                  f"{int(sum(r['ray'].get('import_on_path', [])))} |")
 
 
 if __name__ == "__main__":
