@@ -1,45 +1,52 @@
-"""Run one experiment as a Ray task (``--executor ray``) and bring its log and measurement home.
+"""Run experiments on Ray (``--executor ray``): one long-lived actor per slot, the log and the
+measurement brought home.
 
 Contract
 --------
 The head (the engine's process) builds a :class:`RemoteJob`: the ``git archive`` tar of the
-experiment commit, the command, the env and the sandbox settings. ``RayExecutor.submit`` sends it
-as one Ray task with the executor's resource request (``num_cpus``, ``num_gpus``, custom
-``resources``). On the worker the task unpacks the tar into a fresh temp dir, runs the command with
+experiment commit, the command, the env and the sandbox settings. ``RayExecutor.submit`` puts it in
+Ray's object store once (``ray.put``) and calls ``run`` on a free :class:`Slot`: a Ray actor with the
+executor's resource request (``num_cpus``, ``num_gpus``, custom ``resources``) that lives as long as
+the executor. The engine starts ``[executor] slots`` of them with the session (``slots=``), so a run
+never waits for a Ray worker process to start and import nightlab; more are started when more jobs
+run at once. On the worker the slot unpacks the tar into a fresh temp dir, runs the command with
 :func:`nightlab.sandbox.run` (the same sandbox guarantees as a local run, bwrap resolved on the
 worker), measures it with :func:`nightlab.measure.measure` (the ``[metric]`` spec is re-validated
 there), and returns the exit status, the measurement and the last :data:`LOG_CAP` bytes of the log;
 the temp dir is always removed. ``RayExecutor.result`` writes that log to the head's ``log_path``
 and returns a :class:`RemoteResult` whose ``run.log_path`` is that head path, or a :class:`Lost`.
 A crashed or timed-out command is data (a ``RemoteResult``), never an exception.
+``RemoteResult.timing`` says where the run went: submit to the slot's first line (``start``), unpack
+(``setup``), the command (``sandbox``), ``measure``, the way back (``home``); the engine stores it in
+the experiment's evidence (``ray_timing``).
 
-Idempotency (Ray runs tasks at least once)
-------------------------------------------
-The worker never writes the ledger, the session branch or anything on the head: a task only
+Idempotency (Ray runs work at least once)
+-----------------------------------------
+The worker never writes the ledger, the session branch or anything on the head: a call only
 returns a value. The head records each experiment once, from the single value that ``result``
-returns, so re-executions of a task (retries, lineage reconstruction) can never create a duplicate
-row. Each attempt is a separate task named ``nightlab:<job.key>#<attempt>``.
+returns, so re-executions (retries) can never create a duplicate row. Each attempt is a separate
+actor call named ``nightlab:<job.key>#<attempt>``.
 
 Retries and ``lost``
 --------------------
-Retries are driven by the head, not by Ray's ``max_retries``: each attempt is submitted with
-``max_retries=0, retry_exceptions=False``, and a *system* failure (the worker process or its node
-died, the result object was lost, the Ray OOM killer struck) is resubmitted up to the executor's
-``max_retries`` times. This counts attempts exactly (``RemoteResult.attempts``) and keeps every
-attempt bounded. After the last attempt, or at once for a failure that a retry cannot fix (an
-exception raised by the task itself, e.g. bwrap required but missing on that worker; a runtime env
-that cannot be set up), ``result`` returns ``Lost(reason)``; the engine records status ``lost``.
-``result`` never hangs on a cluster that cannot run the job: when no alive node offers the requested
-resources for ``unschedulable_s`` seconds (all workers gone), the task is cancelled and ``Lost`` is
-returned. A task that is merely queued behind others on a cluster that *can* run it waits; pass
-``timeout`` to bound that too.
+Slots are restarted by Ray (``max_restarts=-1``: wherever their resource request fits, on another
+node if theirs died); calls are never retried by Ray (``max_task_retries=0``): a *system* failure
+(the slot's process or its node died, the result object was lost, the Ray OOM killer struck) is
+resubmitted by the head up to the executor's ``max_retries`` times, each time once the slot answers
+again. This counts attempts exactly (``RemoteResult.attempts``) and keeps every attempt bounded.
+After the last attempt, or at once for a failure that a retry cannot fix (an exception raised by the
+job itself, e.g. bwrap required but missing on that worker), ``result`` returns ``Lost(reason)``; the
+engine records status ``lost``. ``result`` never hangs on a cluster that cannot run the job: when no
+alive node offers the requested resources for ``unschedulable_s`` seconds (all workers gone),
+``Lost`` is returned and that slot removed. A job merely queued behind others on a cluster that
+*can* run it waits; pass ``timeout`` to bound that too.
 
 Cancel
 ------
-When ``cancel`` is set, the task gets ``ray.cancel`` (a ``KeyboardInterrupt`` on the worker, on
-which ``sandbox.run`` kills the command's tree), then ``ray.cancel(force=True)`` (the worker process
-is killed) if it has not ended after ``kill_grace_s + 5`` s. ``result`` returns an interrupted
-``RunResult``; the partial log stays on the worker and is discarded.
+When ``cancel`` is set, the call gets ``ray.cancel``; if it has not ended after ``kill_grace_s + 5``
+s the slot's process is killed (``ray.kill``; Ray restarts the slot; under bwrap the sandbox dies
+with it). ``result`` returns an interrupted ``RunResult``; the partial log stays on the worker and
+is discarded.
 
 Progress and pruning
 --------------------
@@ -51,12 +58,12 @@ created on first use). On the worker a thread tails the run's log and calls
 ``board.take(key)`` at each poll and hands them to ``f``, in order (a retried attempt's repeated
 steps are the watch's to ignore). With a board, setting ``cancel`` first raises the job's cancel flag
 (``board.cancel(key)``, answered by the next ``exchange``): the worker stops the command as a local
-cancel does, and the task returns normally, with its partial log, ``interrupted``. Only when it has not
-ended after ``kill_grace_s + 5`` s does the head fall back to ``ray.cancel`` as below.
+cancel does, and the call returns normally, with its partial log, ``interrupted``. Only when it has not
+ended after ``kill_grace_s + 5`` s does the head fall back to ``ray.cancel`` as above.
 
 Where the code and the data come from
 -------------------------------------
-- nightlab must be importable on every worker (the task function is sent by reference). A local
+- nightlab must be importable on every worker (the :class:`Slot` class is sent by reference). A local
   cluster (``ray.init()`` from the engine) inherits the head's environment. Nodes started with
   ``ray start`` must run the same Python with nightlab installed (or ``PYTHONPATH`` pointing at it);
   ``init_kwargs={"runtime_env": {...}}`` works too but makes Ray start dedicated workers (slower).
@@ -67,8 +74,8 @@ Where the code and the data come from
   at the same path on every node (NFS, a cluster FS); nightlab does not copy data to workers. When
   the path is missing on a worker the run sees no such folder and will usually crash (recorded as
   ``crash``, not hidden).
-- GPUs: Ray's resources are logical. With ``num_gpus > 0`` the task pins ``CUDA_VISIBLE_DEVICES``
-  to the GPU ids Ray assigned it, overriding the head's value; with ``num_gpus == 0`` the env is
+- GPUs: Ray's resources are logical. With ``num_gpus > 0`` a run pins ``CUDA_VISIBLE_DEVICES``
+  to the GPU ids Ray assigned its slot, overriding the head's value; with ``num_gpus == 0`` the env is
   left as given (leave ``memory_mb`` at 0 for GPU jobs, see ``sandbox``).
 
 Not covered
@@ -79,7 +86,9 @@ Not covered
 - The unpacked tree is a plain folder, not a git worktree (no ``.git``); commands that call git
   on their own tree do not work remotely.
 - ``on_start`` (a pid for ``kill_orphan`` on resume) has no remote counterpart: the pid lives on
-  the worker. A head that dies loses its Ray driver, and Ray then kills the driver's tasks.
+  the worker. A head that dies loses its Ray driver, and Ray then kills the driver's actors.
+- A slot holds its resources while idle, for the whole session (as a local slot holds its place):
+  the cluster's other users see them taken. ``shutdown`` (the session's close) frees them.
 - Logs are capped at the last :data:`LOG_CAP` bytes (the summary block is at the end); the head
   notes the truncation in the first line of the log it writes.
 """
