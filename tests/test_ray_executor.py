@@ -143,6 +143,28 @@ def test_worker_death_is_retried_and_runs_recorded_once(executor: RayExecutor, t
     assert first != second and second in [p for _, p in after] and first not in [p for _, p in after]
 
 
+def test_slots_the_cluster_cannot_place_are_given_up_and_jobs_wait_for_a_free_one(tmp_path: Path,
+                                                                                  executor: RayExecutor) -> None:
+    # the module's executor holds one of the 2 CPUs: of 2 slots asked for, 1 can be placed
+    ex = RayExecutor(slots=2, unschedulable_s=3)
+    try:
+        assert ex.started == 1 and len(ex.workers()) == 1
+        results: list[object] = []
+        threads = [threading.Thread(target=lambda i=i: results.append(ex.run(
+            job(tmp_path / str(i), "sleep 0.5; echo ---; echo score: 2", mode="none", key=f"c/{i}"),
+            log_path=tmp_path / f"{i}.log", timeout=60))) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        # every job ran, one after the other on the one slot, none bound to a slot that never started
+        assert len(results) == 3 and all(isinstance(r, RemoteResult) and r.measurement.metric == 2.0
+                                         for r in results), results
+        assert len(ex.workers()) == 1
+    finally:
+        ex.shutdown()
+
+
 def test_slots_are_started_with_the_executor_and_keep_their_process(tmp_path: Path,
                                                                      executor: RayExecutor) -> None:
     ex = RayExecutor(slots=1, max_retries=0)  # the module's executor holds the cluster's other CPU

@@ -428,6 +428,8 @@ class RayExecutor:
         self._idle: list[Any] = []  # Slot actors free for a job
         self._slots: list[Any] = []  # every Slot actor of this executor
         self._pool_lock = threading.Lock()
+        self._freed = threading.Condition(self._pool_lock)  # a slot was given back or removed
+        self._cap: int | None = None  # the most slots kept (set by ``start``; None: as many as jobs at once)
         self._board: Any = None  # the ProgressBoard actor, created on first use
         self._board_lock = threading.Lock()
         self.started = self.start(slots) if slots > 0 else 0
@@ -435,30 +437,42 @@ class RayExecutor:
     # ------------------------------------------------------------------ slots
 
     def _new_slot(self) -> Any:
-        """A Slot actor with the jobs' resource request. Ray places it and restarts it, wherever the
-        request fits, when its process or node dies (``max_restarts=-1``); a job's call is never retried
-        by Ray (``max_task_retries=0``): the head counts and bounds attempts."""
+        """A Slot actor with the jobs' resource request (the caller registers it). Ray places it and
+        restarts it, wherever the request fits, when its process or node dies (``max_restarts=-1``); a
+        job's call is never retried by Ray (``max_task_retries=0``): the head counts and bounds attempts."""
         opts: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "max_restarts": -1,
                                 "max_task_retries": 0}
         if self.resources:
             opts["resources"] = self.resources
-        actor = self._slot_cls.options(**opts).remote()
-        with self._pool_lock:
-            self._slots.append(actor)
-        return actor
+        return self._slot_cls.options(**opts).remote()
 
     def start(self, n: int, timeout_s: float | None = None) -> int:
-        """Start ``n`` more :class:`Slot` actors (and the :class:`ProgressBoard`) and wait, at most
+        """Start ``n`` :class:`Slot` actors (and the :class:`ProgressBoard`) and wait, at most
         ``timeout_s`` (default ``unschedulable_s``), until their processes are up with nightlab loaded.
-        A cluster that cannot host them is the jobs' to report (``Lost``). Returns how many came up."""
+
+        From then on the executor keeps at most as many slots as came up (``n`` when none did: the
+        jobs then wait for the cluster, or are ``Lost`` when no node offers the request): a job
+        beyond them waits in ``submit`` for a free slot, as a Ray task waits for a free CPU. Slots that
+        Ray could not place in time are given up, so that no job is bound to one that may never start.
+        Returns how many came up."""
         actors = [self._new_slot() for _ in range(n)]
-        with self._pool_lock:
-            self._idle.extend(actors)
         ping = self._progress_board().take.remote("")
         refs = [a.ready.remote() for a in actors]
         ready, _ = self._ray.wait([*refs, ping], num_returns=n + 1,
                                   timeout=self.unschedulable_s if timeout_s is None else timeout_s)
-        return len([r for r in ready if r is not ping])
+        came = {r.hex() for r in ready}
+        up = [a for a, r in zip(actors, refs, strict=True) if r.hex() in came]
+        keep = up or actors
+        for a, r in zip(actors, refs, strict=True):
+            if up and r.hex() not in came:
+                with contextlib.suppress(Exception):
+                    self._ray.kill(a, no_restart=True)
+        with self._freed:
+            self._slots.extend(keep)
+            self._idle.extend(keep)
+            self._cap = len(self._slots)
+            self._freed.notify_all()
+        return len(up)
 
     def workers(self) -> list[tuple[str, int]]:
         """(host, pid) of each slot's worker process now (waits for slots that are restarting)."""
@@ -467,21 +481,28 @@ class RayExecutor:
         return list(self._ray.get([a.ready.remote() for a in actors], timeout=60)) if actors else []
 
     def _acquire(self) -> Any:
-        with self._pool_lock:
+        """A free slot; a new one while under the cap (none without ``slots``); else wait for one."""
+        with self._freed:
+            while not self._idle and self._cap is not None and len(self._slots) >= self._cap:
+                self._freed.wait()
             if self._idle:
                 return self._idle.pop(0)
-        return self._new_slot()
+            actor = self._new_slot()
+            self._slots.append(actor)
+            return actor
 
     def _release(self, actor: Any, drop: bool = False) -> None:
         """Give ``actor`` back to the pool, or (``drop``: it could not be placed) remove it for good."""
-        with self._pool_lock:
-            if not drop:
+        with self._freed:
+            if drop:
+                with contextlib.suppress(ValueError):
+                    self._slots.remove(actor)
+            else:
                 self._idle.append(actor)
-                return
-            with contextlib.suppress(ValueError):
-                self._slots.remove(actor)
-        with contextlib.suppress(Exception):
-            self._ray.kill(actor, no_restart=True)
+            self._freed.notify()
+        if drop:
+            with contextlib.suppress(Exception):
+                self._ray.kill(actor, no_restart=True)
 
     # ------------------------------------------------------------------ submit
 
