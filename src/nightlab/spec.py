@@ -244,7 +244,8 @@ class ExecutorSpec(_Section):
     num_cpus: float = Field(default=1.0, ge=0, description="ray: CPUs requested per experiment")
     num_gpus: float = Field(default=0.0, ge=0, description="ray: GPUs requested per experiment")
     resources: dict[str, float] = Field(default_factory=dict, description="ray: custom resources per experiment")
-    max_retries: int = Field(default=2, ge=0, description="ray: resubmits of a run whose slot actor or node died, then lost")
+    max_retries: int = Field(default=2, ge=0,
+                             description="ray: resubmits of a run whose slot actor or node died, then lost")
 
 
 DEFAULT_AGENT_DENY = (
