@@ -30,7 +30,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -691,6 +691,14 @@ class Ledger:
             q = q.offset(offset)
         with self._read() as conn:
             rows = conn.execute(q).all()
+        return [_experiment(r) for r in rows]
+
+    def experiments_by_id(self, ids: Sequence[int]) -> list[Experiment]:
+        """The experiments with these ledger ids (any order; ids not found are left out)."""
+        if not ids:
+            return []
+        with self._read() as conn:
+            rows = conn.execute(_experiment_select().where(experiments.c.id.in_(list(ids)))).all()
         return [_experiment(r) for r in rows]
 
     def kept(self, session_id: int, commit: str) -> Experiment | None:
