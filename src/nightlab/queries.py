@@ -56,6 +56,8 @@ DASHBOARD_INDEXES = {
                                                  "propose_s, run_s, overhead_s"),
     "ix_dash_candidates_cover": ("candidates", "experiment_id, researcher, cost_usd, tokens_in, tokens_out, "
                                                "tokens_cached"),
+    # the sessions list's spend and last activity per session, read from one index
+    "ix_dash_session_spend": ("experiments", "session_id, sort_cost_usd, sort_tokens, finished_at, started_at"),
     # one per sort column of the experiments table (SORTS), the idx last: the tie-break, so SQLite walks
     # the index in the page's order (EXPLAIN QUERY PLAN: no temporary B-tree)
     **{f"ix_dash_sort_{name}": ("experiments", f"session_id, {name}, idx")
@@ -267,13 +269,13 @@ def _session_summaries(ledger: Ledger) -> list[SessionSummary]:
         ):
             counts.setdefault(int(sid), {})[status] = int(n)
         spend: dict[int, tuple[float, int, float]] = {}
-        for sid, cost, tokens, last in conn.execute(
+        for sid, cost, tokens, last in conn.execute(  # the candidates' figures, copied (ledger schema v4)
             sa.select(
                 E.session_id,
-                sa.func.coalesce(sa.func.sum(C.cost_usd), 0.0),
-                sa.func.coalesce(sa.func.sum(C.tokens_in + C.tokens_out), 0),
+                sa.func.coalesce(sa.func.sum(E.sort_cost_usd), 0.0),
+                sa.func.coalesce(sa.func.sum(E.sort_tokens), 0),
                 sa.func.max(sa.func.coalesce(E.finished_at, E.started_at)),
-            ).select_from(_joined()).group_by(E.session_id)
+            ).group_by(E.session_id)
         ):
             spend[int(sid)] = (float(cost), int(tokens), float(last or 0.0))
     out = []
