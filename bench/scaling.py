@@ -11,7 +11,9 @@ best score: commit, branch advance, the incumbent's update) and discards the res
 At each checkpoint (100, 1,000, 10,000, up to ``--max``) it reports, over the ``--window``
 experiments before it: the harness's CPU per experiment (this process, user + system; and its
 children: git, bwrap, the run), the wall time per experiment (start-to-start), and the process's
-RSS. Goal (issue 13): flat within 20% from 100 to 10,000. A ``--max`` that is not one of these
+RSS, and the number of blocks Python has allocated (``sys.getallocatedblocks()``: live objects,
+which grow before RSS does while freed memory is reused). Goal (issue 13): flat within 20% from 100
+to 10,000, RSS flat. A ``--max`` that is not one of these
 checkpoints is one more. ``--tracemalloc A,B`` snapshots the Python heap at experiments A and B
 and prints the 25 allocation sites that grew most between them (tracemalloc slows the harness:
 read the CPU columns of such a run as meaningless).
@@ -62,13 +64,13 @@ def main() -> None:
     snaps: list[tracemalloc.Snapshot] = []
     if snap_at:
         tracemalloc.start(8)
-    marks: dict[int, tuple[float, float, float, float]] = {}  # idx -> (wall, cpu self, cpu children, rss)
+    marks: dict[int, tuple[float, float, float, float, int]] = {}  # idx -> (wall, cpu, cpu children, rss, blocks)
 
     def step(ctx: Context) -> Candidate:
         t = os.times()
         if ctx.idx in points or ctx.idx + args.window in points:  # only these: the bench keeps no row per step
             marks[ctx.idx] = (time.monotonic(), t.user + t.system, t.children_user + t.children_system,
-                              rss_mb() if ctx.idx in points else 0.0)
+                              rss_mb() if ctx.idx in points else 0.0, sys.getallocatedblocks())
         if ctx.idx in snap_at:
             snaps.append(tracemalloc.take_snapshot())
         score = 1_000_000 - ctx.idx if ctx.idx % 5 == 0 else 5_000_000 + ctx.idx
@@ -89,15 +91,16 @@ def main() -> None:
         wall = time.monotonic() - t0
         print(f"experiments: {eng.ledger.count_experiments(session.id)}  "
               f"sandbox: {session.sandbox}  total wall {wall:.1f}s")
-        print("| experiments | harness CPU ms / exp | children CPU ms / exp | wall ms / exp | RSS MB |")
-        print("| ---: | ---: | ---: | ---: | ---: |")
+        print("| experiments | harness CPU ms / exp | children CPU ms / exp | wall ms / exp | RSS MB "
+              "| Python heap blocks |")
+        print("| ---: | ---: | ---: | ---: | ---: | ---: |")
         for p in points:
             a, b = marks.get(p - args.window), marks.get(p)
             if a is None or b is None:
                 continue
             n = args.window
             print(f"| {p:,} | {1000 * (b[1] - a[1]) / n:.1f} | {1000 * (b[2] - a[2]) / n:.1f} | "
-                  f"{1000 * (b[0] - a[0]) / n:.1f} | {b[3]:.0f} |")
+                  f"{1000 * (b[0] - a[0]) / n:.1f} | {b[3]:.0f} | {b[4]:,} |")
         eng.close()
     if len(snaps) == 2:
         n = snap_at[1] - snap_at[0]
