@@ -107,6 +107,10 @@ def fill(url: str, n: int, seed: int = 0) -> Ledger:
                 usage_s=rng.uniform(2, 8),
             )
         )
+        c = cands[-1]  # the experiment's copies of its candidate's sort keys (ledger schema v4; older: none)
+        if "sort_cost_usd" in experiments.c:
+                exps[-1].update(sort_researcher=c["researcher"], sort_cost_usd=c["cost_usd"],
+                            sort_tokens=c["tokens_in"] + c["tokens_out"])
     with ledger.engine.begin() if hasattr(ledger, "engine") else ledger._engine.begin() as conn:
         for k in range(0, n, 20000):
             conn.execute(experiments.insert(), exps[k : k + 20000])
@@ -150,6 +154,10 @@ def main() -> int:
         "/s/bench?status=keep&status=discard&researcher=search",
         f"/s/bench?page={args.n // 50 - 1}",
         "/s/bench?sort=cost&order=desc&page=500",
+        f"/s/bench?sort=cost&order=asc&page={args.n // 50 - 1}",
+        f"/s/bench?sort=researcher&order=asc&page={args.n // 100}",
+        f"/s/bench?sort=tokens&order=desc&page={args.n // 50 - 1}",
+        f"/s/bench?sort=run_s&order=asc&page={args.n // 100}",
         f"/s/bench/e/{mid}",
         "/s/bench/costs",
         "/audit",

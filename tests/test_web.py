@@ -21,7 +21,7 @@ from tests.dashlab import SECRET, make_dash_lab, run_session
 
 from nightlab import approvals, queries
 from nightlab.cli.ui import ui
-from nightlab.ledger import Ledger, candidates, experiments
+from nightlab.ledger import Ledger, candidates, experiments, fill_sort_columns
 from nightlab.types import STAGES, Candidate, Direction, Status, Usage
 from nightlab.web.app import create_app
 from nightlab.web.security import Access
@@ -407,6 +407,7 @@ def _fill(led: Ledger, n: int, seed: int = 1) -> int:
                 for k, eid in enumerate(ids)
             ],
         )
+        fill_sort_columns(conn)  # rows inserted past start_experiment: the sort columns from the candidates
     return s.id
 
 

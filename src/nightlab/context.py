@@ -52,10 +52,11 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from nightlab.history import briefs, rows_at
 from nightlab.redaction import REDACTED as REDACTED  # re-exported
 from nightlab.redaction import env_secrets
 from nightlab.redaction import redact as redact  # re-exported
@@ -179,10 +180,10 @@ def spec_static(ctx: Context) -> str:
 
 def spec_now(ctx: Context) -> str:
     """The part that changes: baseline, incumbent, the experiment number."""
-    tried = [e for e in ctx.history if e.idx > 0]
+    tried = sum(1 for b in briefs(ctx.history) if b.idx > 0)
     return (f"- {ctx.metric_name}: baseline {fmt_metric(ctx.baseline_metric)}, best so far (the incumbent, "
             f"which you are editing) {fmt_metric(ctx.incumbent_metric)}\n"
-            f"- this is experiment #{ctx.idx}; {len(tried)} experiments were tried before it")
+            f"- this is experiment #{ctx.idx}; {tried} experiments were tried before it")
 
 
 def spec_summary(ctx: Context) -> str:
@@ -194,9 +195,11 @@ def _first_line(text: str, limit: int) -> str:
     return (s[0] if s else "")[:limit]
 
 
-def history_section(history: Iterable[Experiment], detail: int, max_lines: int, metric: str,
+def history_section(history: Sequence[Experiment], detail: int, max_lines: int, metric: str,
                     direction: Direction) -> str:
-    tried = [e for e in history if e.idx > 0]
+    """The older experiments summarised from their status and metric (no text read), the last
+    ``max_lines`` as one line each, the last ``detail`` in full (only these rows are read in full)."""
+    tried = [b for b in briefs(history) if b.idx > 0]
     if not tried:
         return "(no experiments yet besides the baseline)"
     detailed = tried[len(tried) - detail:] if detail > 0 else []
@@ -205,31 +208,34 @@ def history_section(history: Iterable[Experiment], detail: int, max_lines: int, 
     summarised = older[: max(0, len(older) - max_lines)]
     shown = older[len(summarised):]
     if summarised:
-        counts = Counter(e.status.value for e in summarised)
+        counts = Counter(b.status.value for b in summarised)
         sign = 1.0 if direction is Direction.MINIMIZE else -1.0
-        valid = [(sign * e.metric, e.idx, e) for e in summarised if e.metric is not None]
+        valid = [(sign * b.metric, b.idx, b) for b in summarised if b.metric is not None]
         best = min(valid, key=lambda t: (t[0], t[1]))[2] if valid else None
         parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         out.append(f"#{summarised[0].idx}-#{summarised[-1].idx}: {len(summarised)} experiments ({parts})"
                    + (f"; best {metric} {fmt_metric(best.metric)} at #{best.idx}" if best else ""))
-    for e in shown:
+    full = rows_at(history, [b.pos for b in (*shown, *detailed)])
+    for e in full[:len(shown)]:
         line = _first_line(e.rationale, 100)
         out.append(f"#{e.idx} {e.status.value} {metric}={fmt_metric(e.metric)}: {line}")
-    for e in detailed:
+    for e in full[len(shown):]:
         rat = " ".join((e.rationale or "").split())[:400]
         out.append(f"#{e.idx} {e.status.value} {metric}={fmt_metric(e.metric)}\n  rationale: {rat}"
                    + (f"\n  outcome: {e.reason[:300]}" if e.reason else ""))
     return "\n".join(out)
 
 
-def failure_section(history: Iterable[Experiment], lines: int) -> str:
+def failure_section(history: Sequence[Experiment], lines: int) -> str:
     """The last crash or timeout with its log tail; and the last invalid answer when it is more recent."""
-    last = invalid = None
-    for e in history:
-        if e.status.is_failure():
-            last, invalid = e, None
-        elif e.status is Status.INVALID and e.idx > 0:
-            invalid = e
+    last_pos = invalid_pos = None
+    for b in briefs(history):
+        if b.status.is_failure():
+            last_pos, invalid_pos = b.pos, None
+        elif b.status is Status.INVALID and b.idx > 0:
+            invalid_pos = b.pos
+    last = rows_at(history, [last_pos])[0] if last_pos is not None and lines > 0 else None
+    invalid = rows_at(history, [invalid_pos])[0] if invalid_pos is not None else None
     out = []
     if last is not None and lines > 0:
         tail = "\n".join((last.log_tail or "").splitlines()[-lines:])

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from nightlab.errors import LedgerError
 from nightlab.types import Direction, Experiment, Session, Status, Usage
 
-SCHEMA_VERSION = 3  # the ledger schema this reader knows; tests check it is the ledger's current one
+SCHEMA_VERSION = 4  # the ledger schema this reader knows; tests check it is the ledger's current one
 
 _EXPERIMENT = (
     "SELECT e.*, c.researcher AS c_researcher, c.rationale, c.diff, c.params_json, c.tokens_in, c.tokens_out, "

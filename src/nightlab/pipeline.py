@@ -15,7 +15,7 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 from nightlab import constraints, escape, keep, prune, requeue, sandbox
 from nightlab.errors import NightlabError
 from nightlab.guard import Guard, diff_paths
+from nightlab.history import History
 from nightlab.permissions import rule_of
 from nightlab.researchers import Context
 from nightlab.runtime import Runtime, _file_sha, _first_line, _raw, _sha
@@ -38,7 +39,7 @@ class Pipeline(Runtime):
 
     # ------------------------------------------------------------------ propose
 
-    def _propose(self, idx: int, history: list[Experiment]) -> Candidate | None:
+    def _propose(self, idx: int, history: Sequence[Experiment]) -> Candidate | None:
         """The next candidate: a requeued stale winner first, else the researcher's (None: dropped at a stop).
 
         The researcher sees ``Context.should_stop`` (Ctrl-C, SIGTERM, the STOP file, the loop closing)
@@ -101,7 +102,7 @@ class Pipeline(Runtime):
             self.ledger.record_spend(self.session.id, idx, cand.researcher or self.session.researcher, u,
                                      f"dropped at a stop: {why}")
 
-    def _context(self, idx: int, history: list[Experiment]) -> Context:
+    def _context(self, idx: int, history: Sequence[Experiment]) -> Context:
         parent = self.session.incumbent_commit
         files = self._editable_files(parent)
         program_path = self.lab_dir / PROGRAM_FILE
@@ -109,7 +110,8 @@ class Pipeline(Runtime):
             program_path.read_text(encoding="utf-8") if program_path.exists() else "")
         return Context(
             spec=self.spec, lab_dir=self.lab_dir, program=program, parent=parent, files=files,
-            history=tuple(history), metric_name=self.spec.metric.name, direction=self.spec.metric.direction,
+            history=history.view() if isinstance(history, History) else tuple(history),
+            metric_name=self.spec.metric.name, direction=self.spec.metric.direction,
             incumbent_metric=self.session.incumbent_metric, baseline_metric=self.session.baseline_metric, idx=idx,
             extra={"session": self.session.tag},
         )

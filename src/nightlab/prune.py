@@ -45,6 +45,7 @@ import re
 import statistics
 import threading
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -203,8 +204,10 @@ class Pruner:
                                          or optuna.pruners.NopPruner(),
                                          sampler=optuna.samplers.RandomSampler(seed=0))
 
-    def replay(self, history: list[Experiment]) -> None:
+    def replay(self, history: Iterable[Experiment]) -> None:
         """Rebuild the study from the curves of recorded experiments (on start and on resume)."""
+        if not self.enabled:  # nothing reads the study: no trial per experiment kept in memory
+            return
         for e in history:
             curve = e.evidence.get("curve") if isinstance(e.evidence, dict) else None
             if not curve:
@@ -252,8 +255,11 @@ class Watch:
         self._partial = b""
         self._done = threading.Event()
         self._told = False
-        with pruner.lock:
-            self.trial = pruner.study.ask()
+        # without a pruner nothing reads the study: no trial is made (it would stay in memory for the session)
+        self.trial: optuna.trial.Trial | None = None
+        if pruner.enabled:
+            with pruner.lock:
+                self.trial = pruner.study.ask()
         self._thread = threading.Thread(target=self._run, name="nightlab-watch", daemon=True)
         self._thread.start()
 
@@ -301,6 +307,8 @@ class Watch:
         self.curve.append([step, value])
         if len(self.curve) > 2 * MAX_POINTS:
             self.curve = thin(self.curve)
+        if self.trial is None:
+            return
         with self.pruner.lock, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a step reported out of order is Optuna's warning, not ours
             self.trial.report(value if math.isfinite(value) else math.nan, step)
@@ -324,6 +332,8 @@ class Watch:
             return {}
         self._told = True
         out: dict[str, Any] = {"curve": thin(self.curve)} if self.curve else {}
+        if self.trial is None:
+            return out
         with self.pruner.lock:
             if status is Status.PRUNED:
                 self.pruner.study.tell(self.trial, state=TrialState.PRUNED)

@@ -8,6 +8,7 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
+from nightlab.history import History
 from nightlab.session import SessionLifecycle
 from nightlab.types import Candidate, Experiment, Session, Status
 
@@ -20,7 +21,7 @@ class Scheduler(SessionLifecycle):
         n = getattr(self.researcher, "prefetch", 0)
         return int(n) if isinstance(n, int) and n > 0 and getattr(self.researcher, "concurrent", False) else 0
 
-    def _loop(self, history: list[Experiment]) -> Session:
+    def _loop(self, history: History) -> Session:
         """Keep ``[executor] slots`` experiments running, and the next proposal ready.
 
         With ``pipeline``, the next proposal is made while experiments run, so no slot waits for
@@ -70,11 +71,11 @@ class Scheduler(SessionLifecycle):
             probe = getattr(self.researcher, "has_work", None)
             return not inflight or not callable(probe) or bool(probe())
 
-        def timed(idx: int, hist: list[Experiment]) -> tuple[Candidate | None, float]:
+        def timed(idx: int, hist: History) -> tuple[Candidate | None, float]:
             t0 = time.monotonic()
             return self._propose(idx, hist), time.monotonic() - t0
 
-        for e in history:
+        for e in history[-64:]:  # a moving average: older runs weigh < 0.7**64
             if e.idx > 0 and e.run_s > 0:  # candidates' runs (the baseline may be unlike them)
                 learn("run", e.run_s)
         try:
@@ -87,7 +88,7 @@ class Scheduler(SessionLifecycle):
                 budget = (cap - tried - len(inflight) - (prepared is not None) - len(queue)) if cap else 1
                 if ppool is not None:
                     if not reason and budget > 0 and len(queue) < prefetch:
-                        queue.append((next_idx, ppool.submit(timed, next_idx, list(history))))
+                        queue.append((next_idx, ppool.submit(timed, next_idx, history.view())))
                         next_idx += 1
                         continue
                     if not reason and prepared is None and queue and queue[0][1].done():

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from nightlab import researchers as researchers_mod
 from nightlab import resume as lab_state
 from nightlab.audit import AuditLog, Signer, ledger_head, store_head
 from nightlab.errors import NightlabError, UsageError
+from nightlab.history import History
 from nightlab.pipeline import Pipeline
 from nightlab.runtime import _first_line
 from nightlab.types import Experiment, Session, Status, Usage
@@ -72,14 +74,15 @@ FLUSH_AFTER_S = 0.1
 class Tally:
     """Counters of the stop rules over a growing history (experiments after ``epoch``)."""
 
-    def __init__(self, history: list[Experiment], epoch: int) -> None:
+    def __init__(self, history: Sequence[Experiment], epoch: int) -> None:
         self.history, self.epoch, self.seen = history, epoch, 0
         self.tried = self.violations = self.since_keep = self.failures_in_row = 0
         self.last_idx = -1
         self.usage = Usage()  # of every experiment in the history (the epoch's or not: all were paid for)
 
     def catch_up(self) -> None:
-        for e in self.history[self.seen:]:
+        h = self.history
+        for e in h.iter_from(self.seen) if isinstance(h, History) else h[self.seen:]:
             self.usage = self.usage + e.usage
             if e.idx <= self.epoch:
                 continue
@@ -313,7 +316,7 @@ class SessionLifecycle(Pipeline):
 
     # ------------------------------------------------------------------ stop rules
 
-    def stop_reason(self, history: list[Experiment]) -> str:
+    def stop_reason(self, history: Sequence[Experiment]) -> str:
         st = self.spec.stop
         if self.stop.cancel.is_set():
             return self.stop.cancel_reason or "interrupted"
@@ -357,7 +360,7 @@ class SessionLifecycle(Pipeline):
                 self._crashes_checked = 0
         return ""
 
-    def tally(self, history: list[Experiment]) -> Tally:
+    def tally(self, history: Sequence[Experiment]) -> Tally:
         """The stop rules' counters over ``history`` since the epoch, kept up to date incrementally: the
         history only grows (appended by the loop), so each call counts only what was appended since the
         last one. A new list (a resume, a rebaseline) starts the count again."""
@@ -418,8 +421,9 @@ class SessionLifecycle(Pipeline):
                 if self.spec.holdout.command:
                     self.reporter.message("WARNING: sandbox = none: holdout files are NOT hidden from runs")
             self.researcher = self._researcher_override or researchers_mod.create(self.spec, self.lab_dir)
-            # the history since the latest (re-)baseline: what was measured under this base and spec
-            history = [e for e in self.ledger.experiments(self.session.id) if e.idx >= self.epoch]
+            # the history since the latest (re-)baseline: what was measured under this base and spec (its
+            # rows stay in the ledger, read in pages: nightlab.history)
+            history = History.load(self.ledger, self.session.id, self.epoch)
             self.pruner.replay(history)
             if self.resumed:
                 self._restore_requeue()  # combinations of stale winners a stop or a kill left unrun
@@ -466,7 +470,7 @@ class SessionLifecycle(Pipeline):
                 with contextlib.suppress(Exception):  # closing must not mask the real outcome
                     self.researcher.close()
 
-    def _loop(self, history: list[Experiment]) -> Session:
+    def _loop(self, history: History) -> Session:
         """The scheduler (nightlab.scheduler) runs the experiments after the baseline."""
         raise NotImplementedError
 

@@ -19,7 +19,7 @@ model (validated from ``[researcher]``) and ``create(options, ctx_factory_args)`
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -50,7 +50,9 @@ class Context:
     program: str
     parent: str
     files: dict[str, str]  # the incumbent's editable files, lab-relative path -> text
-    history: tuple[Experiment, ...]
+    # the finished experiments, oldest first: a nightlab.history.History from the engine (rows read from
+    # the ledger on demand, a summary from memory), any sequence of experiments elsewhere
+    history: Sequence[Experiment]
     metric_name: str
     direction: Direction
     incumbent_metric: float | None

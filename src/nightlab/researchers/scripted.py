@@ -16,6 +16,7 @@ where a step may also be a callable ``(Context) -> Candidate``.
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from nightlab.spec import Spec
 
 Step = dict[str, Any] | Callable[["Context"], Candidate]
+OBSERVED = 100  # experiments the scripted researcher remembers (observed)
 
 
 class Options(BaseModel):
@@ -44,7 +46,7 @@ class ScriptedResearcher:
     def __init__(self, steps: list[Step], *, cycle: bool = False) -> None:
         self.steps = list(steps)
         self.cycle = cycle
-        self.observed: list[Experiment] = []
+        self.observed: deque[Experiment] = deque(maxlen=OBSERVED)  # the last ones (a session may be long)
         self._i = 0
 
     def propose(self, ctx: Context) -> Candidate:

@@ -290,17 +290,16 @@ class SearchResearcher:
         return chosen
 
     def _start(self, ctx: Context) -> optuna.Study:
-        self.space = _widen(self._select(self._scan(ctx), ctx.files), (*ctx.history, *self._backlog))
+        seen = (*ctx.history, *self._backlog)  # read once (a resumed session's history comes from the ledger)
+        self.space = _widen(self._select(self._scan(ctx), ctx.files), seen)
         self.distributions = {k: _distribution(c) for k, c in self.space.items()}
         self._first_values = {k: c.value for k, c in self.space.items()}
         if optuna.logging.get_verbosity() < optuna.logging.WARNING:
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-        replayed = sum(1 for e in (*ctx.history, *self._backlog) if e.idx > 0)
+        replayed = sum(1 for e in seen if e.idx > 0)
         self.study = self._open_study(ctx, self._make_sampler(replayed))
         backlog, self._backlog = self._backlog, []
-        self._baseline_is_first = not any(
-            e.status is Status.KEEP and e.idx != 0 for e in (*ctx.history, *backlog)
-        )
+        self._baseline_is_first = not any(e.status is Status.KEEP and e.idx != 0 for e in seen)
         for e in backlog:
             self.observe(e)
         return self.study
