@@ -123,3 +123,38 @@ def test_a_combination_left_queued_at_a_stop_runs_after_resume_and_a_lost_one_is
     with sqlite3.connect(lab / ".nightlab" / "ledger.db") as con:
         left = con.execute("select tip, taken_idx from requeue").fetchall()
     assert left == [(refs[1], combos[0].idx)]  # taken: forgotten at the next resume, once it is known to have run
+
+
+@pytest.mark.postgres
+def test_the_requeue_table_works_on_postgres(make_lab, tmp_path, pg_url):
+    """The same stop/resume on a PostgreSQL ledger: the table is created there, a queued combination
+    runs after resume, a lost one is dropped, a taken row records the experiment that measured it."""
+    import sqlalchemy as sa
+
+    lab = _lab(make_lab, tmp_path / "no-hold", cap=3)
+    eng = Engine(lab, tag="q", sandbox_mode="none", db_url=pg_url)
+    session = eng.run()
+    eng.close()
+    refs = git(lab, "for-each-ref", "--format=%(refname) %(objectname)", "refs/nightlab/q/requeue").split()
+    assert len(refs) == 2, refs
+    db = sa.create_engine(pg_url)
+    try:
+        with db.begin() as conn:
+            conn.execute(sa.text("insert into requeue (session_id, source_idx, tip, rationale, params_json, "
+                                 "taken_idx, created_at) values (:s, 2, :tip, 'lost', '{}', NULL, 0)"),
+                         {"s": session.id, "tip": "f" * 40})
+        sink = MemorySink()
+        eng = Engine(lab, tag="q", resume=True, sandbox_mode="none", max_experiments=4, events=sink, db_url=pg_url)
+        eng.run()
+        exps = eng.ledger.experiments(eng.session.id)
+        eng.close()
+        combos = [e for e in exps if e.researcher == REBASE]
+        assert len(combos) == 1 and combos[0].status is Status.KEEP and combos[0].metric == pytest.approx(1.5)
+        drops = [d["why"] for k, _, d in sink.events if k == "requeue.drop"]
+        assert drops == ["its commit is gone from the repository"]
+        with db.connect() as conn:
+            left = conn.execute(sa.text("select tip, taken_idx from requeue")).fetchall()
+        assert [tuple(r) for r in left] == [(refs[1], combos[0].idx)]
+        assert not (lab / ".nightlab" / "ledger.db").exists()
+    finally:
+        db.dispose()

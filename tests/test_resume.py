@@ -353,3 +353,57 @@ def test_resume_kills_a_sandbox_that_outlived_its_harness(make_lab):
         if bwrap.poll() is None:
             bwrap.kill()
         _kill_markers(marker)
+
+
+EVAL_SPEC = SPEC.replace("[metric]", '''[evaluate]
+command = "python evaluate.py"
+outputs = ["out.json"]
+
+[metric]''')
+TARGET_OUT = 'import json\njson.dump({"score": 1.5}, open("out.json", "w"))\n'
+SLOW_EVALUATE = '''\
+import json, os, subprocess, time
+if os.path.exists("{flag}"):
+    subprocess.run(["sleep", "{marker}"])
+print("---")
+print("score: %f" % json.load(open("out.json"))["score"])
+'''
+
+
+def test_resume_removes_the_clean_trees_and_evaluator_a_killed_harness_left(make_lab, tmp_path):
+    """A harness SIGKILLed while its evaluator ran left ``.nightlab/eval/<tag>/eval-*`` (the clean tree,
+    with the run's outputs in it) and the evaluator process; resume kills the one and removes the other,
+    and leaves another session's folder alone."""
+    marker, flag = _marker(), tmp_path / "slow-evaluator"
+    flag.write_text("1")
+    lab = make_lab(files={"target.py": TARGET_OUT, "evaluate.py": SLOW_EVALUATE.format(flag=flag, marker=marker)},
+                   spec=EVAL_SPEC.replace('kind = "scripted"', 'kind = "scripted"\nsteps = "steps.json"'))
+    (lab / "steps.json").write_text(json.dumps(
+        [{"rationale": "better", "files": {"target.py": TARGET_OUT.replace("1.5", "0.5")}}]))
+    other = lab / ".nightlab" / "eval" / "other" / "eval-live"
+    other.mkdir(parents=True)
+    proc = subprocess.Popen(nightlab_cmd("run", "--lab", str(lab), "--tag", "r", "--plain", "--sandbox", "none"),
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait(lambda: len(_with_marker(marker)) >= 1, what="the evaluator of the baseline")
+        root = lab / ".nightlab" / "eval"
+
+        def trees() -> list[Path]:
+            return [p for p in root.rglob("eval-*") if p != other]
+
+        assert len(trees()) == 1
+        proc.kill()
+        proc.wait(timeout=10)
+        flag.unlink()
+        res = _resume(lab, "none")
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert _with_marker(marker) == []
+        assert trees() == []
+        assert other.is_dir()
+        with sqlite3.connect(lab / ".nightlab" / "ledger.db") as con:
+            rows = con.execute("select idx, status from experiments order by idx").fetchall()
+        assert rows[0][1] == "interrupted" and [s for _, s in rows[1:3]] == ["keep", "keep"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _kill_markers(marker)

@@ -237,4 +237,24 @@ def remove(root: Path) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
-__all__ = ["CleanTree", "OutputRejected", "build", "remove"]
+def session_dir(ws: Workspace, tag: str) -> Path:
+    """Where a session's clean trees are made: ``.nightlab/eval/<tag>/`` (one folder per session, so a
+    resume removes what a killed harness left without touching another session's live trees)."""
+    return ws.state_dir / "eval" / tag
+
+
+def remove_stale(ws: Workspace, tag: str) -> list[Path]:
+    """The clean trees a killed harness left for session ``tag`` (call once its processes are dead)."""
+    folder = session_dir(ws, tag)
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    stale = sorted(p for p in folder.iterdir() if p.name.startswith("eval-"))
+    for p in stale:
+        if p.is_symlink() or not p.is_dir():
+            p.unlink(missing_ok=True)
+        else:
+            remove(p)
+    return stale
+
+
+__all__ = ["CleanTree", "OutputRejected", "build", "remove", "remove_stale", "session_dir"]

@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from nightlab import approvals, sandbox
+from nightlab import approvals, evaltree, sandbox
 from nightlab import researchers as researchers_mod
 from nightlab import resume as lab_state
 from nightlab.audit import AuditLog, Signer, ledger_head, store_head
@@ -312,6 +312,9 @@ class SessionLifecycle(Pipeline):
             removed += self.ws.remove_stale_worktrees("agent-")
         if removed:
             self.reporter.message(f"removed {len(removed)} stale worktree(s)")
+        trees = evaltree.remove_stale(self.ws, self.session.tag)
+        if trees:
+            self.events.emit("recover", eval_trees_removed=len(trees))
         # the ledger decides the incumbent; bring the branch to it
         head = self.ws.resolve(f"refs/heads/{self.session.branch}")
         inc = self.session.incumbent_commit

@@ -250,7 +250,8 @@ class Verifier:
             editable=list(e.spec.files.editable), protected=e.guard.protected, exclude=exclude,
             hide=e.spec.sandbox.hide,
             run_root=e.ws.lab_in(wt) if wt is not None else None, outputs=e.spec.evaluate.outputs or [],
-            max_bytes=int(e.spec.evaluate.max_output_mb * 2**20), parent=e.ws.state_dir / "eval", keep=keep)
+            max_bytes=int(e.spec.evaluate.max_output_mb * 2**20), parent=evaltree.session_dir(e.ws, e.session.tag),
+            keep=keep)
 
     # ------------------------------------------------------------------ tamper checks
 
