@@ -1,12 +1,13 @@
 """Duty cycle and throughput of the executor (issue: many experiments at once).
 
-    python bench/parallel.py [--quick] [--ray] [--throughput-only]
+    python bench/parallel.py [--quick] [--ray] [--throughput-only] [--slots 1,2,4,8] [--per-slot 3]
 
 1. Duty cycle, sequential vs pipelined: a researcher that takes PROPOSE_S per proposal and runs
    of RUN_S (defaults 2 s and 6 s), N experiments on one slot. The sequential loop is
    autoresearch's (think, then run, then think...); nightlab pipelines: it proposes the next
    candidate while the current one runs. Duty cycle = busy slot-seconds / (slots x wall seconds).
-2. Throughput with 1, 2, 4, 8 local slots of sleep-bound runs (SLEEP_S each, 3 per slot):
+2. Throughput with 1, 2, 4, 8 local slots of sleep-bound runs (SLEEP_S each, 3 per slot; ``--per-slot``
+   and ``--slots`` change that for an extra, labelled figure):
    experiments per second against the ideal N / SLEEP_S.
 3. With --ray, the same through the Ray executor on a local cluster (ray.init(num_cpus=8)).
 """
@@ -104,6 +105,8 @@ def main() -> None:
     ap.add_argument("--ray", action="store_true", help="also the Ray executor on a local cluster")
     ap.add_argument("-n", type=int, default=20)
     ap.add_argument("--throughput-only", action="store_true", help="skip the duty-cycle part")
+    ap.add_argument("--slots", default="1,2,4,8", help="slot counts of the throughput table")
+    ap.add_argument("--per-slot", type=int, default=3, help="experiments per slot in the throughput table")
     args = ap.parse_args()
     think, run = (0.5, 1.5) if args.quick else (2.0, 6.0)
     if not args.throughput_only:
@@ -120,11 +123,11 @@ def main() -> None:
 
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     for kind in kinds:
-        print(f"\n## throughput, {kind} executor: sleep-bound runs of {sleep_s:g} s, 3 per slot\n")
+        print(f"\n## throughput, {kind} executor: sleep-bound runs of {sleep_s:g} s, {args.per_slot} per slot\n")
         print("| slots | experiments/s | ideal | ratio | median ms per stage (evidence timing, run excluded) |\n"
               "|---|---|---|---|---|")
-        for slots in (1, 2, 4, 8):
-            r = session(3 * slots, slots, True, 0.0, sleep_s, kind)
+        for slots in (int(n) for n in args.slots.split(",")):
+            r = session(args.per_slot * slots, slots, True, 0.0, sleep_s, kind)
             ideal = slots / sleep_s
             st = " ".join(f"{k} {1000 * v:.0f}" for k, v in r["stages"].items() if k != "run")
             print(f"| {slots} | {r['rate']:.2f} | {ideal:.2f} | {r['rate'] / ideal:.2f} | {st} |")
