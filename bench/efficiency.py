@@ -15,8 +15,16 @@ Two parts (figures and commands in bench/README.md):
            same TPE settings, the same starting point enqueued first. Sign test over seeds on the best
            value after k trials, and the best value each reaches within the same wall-clock time.
 
+``replay`` pruning-off sessions' recorded runs (every row keeps each run's curve, status, run-seconds
+           and ``pruned_at``) fed, in their order, through nightlab's real pruner with other
+           ``[prune]`` settings: which runs each setting stops, and the run-seconds it would need to
+           reach the session's best (the candidates stay the session's: the pruner's judgement alone).
+
     python bench/efficiency.py labs --seeds 5
-    python bench/efficiency.py labs --labs tinygpt --seeds 3 --tinygpt-steps 50 --tinygpt-s 110 --semantics measured
+    python bench/efficiency.py labs --labs tinygpt --seeds 3 --tinygpt-steps 50 --tinygpt-s 120 --semantics measured
+    python bench/efficiency.py labs ... --arms on --tag p50 --prune-set percentile=50   # another pruner setting
+    python bench/efficiency.py replay bench-efficiency-labs.json --variant 'reference="completed"' --variant ''
+    python bench/efficiency.py optuna --seeds 5 --trials 20 --sleep 1.0
 
 ``--tinygpt-budget`` sets tinygpt's per-run training seconds (``[run] budget_s``; 1.5 by default,
 which on a slow, loaded CPU is a handful of optimizer steps, fewer when the load rises: no learning
@@ -33,6 +41,7 @@ keep semantics (the pruning comparison is made within them).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -87,7 +96,8 @@ LAB_SPECS = {
     "quickfit": ({}, '[prune]\npruner = "median"\nstartup_runs = 3\nwarmup_steps = 5\n'),
     "tinygpt": ({"budget_s = 60": "budget_s = 1.5", "[holdout]": "[holdout_off]",
                  'policy = "repeat"': 'policy = "greedy"'},
-                '[prune]\npruner = "median"\nfigure = "train_bpb"\nstartup_runs = 2\nwarmup_steps = 25\n'),
+                '[prune]\npruner = "median"\nfigure = "train_bpb"\nstartup_runs = 2\nwarmup_steps = 25\n'
+                'percentile = 75\n'),  # the worst quarter: bench/README.md, "The pruner's reference, measured"
 }
 
 
@@ -97,17 +107,20 @@ TINYGPT_FIXED = ("SEQ_LEN", "N_LAYER", "N_HEAD", "HEAD_DIM", "MLP_RATIO", "BATCH
 
 def lab_session(name: str, seed: int, semantics: str, prune_on: bool, budget: float, work: Path,
                 run_budget: float | None = None, run_steps: int | None = None,
-                prune_startup: int | None = None) -> dict[str, Any]:
+                prune_startup: int | None = None, prune_set: list[str] | None = None) -> dict[str, Any]:
     edits, prune = LAB_SPECS[name]
+    sets = dict(item.split("=", 1) for item in (prune_set or []))
     if prune_startup is not None:
-        prune = "\n".join(f"startup_runs = {prune_startup}" if line.startswith("startup_runs") else line
-                           for line in prune.split("\n"))
+        sets["startup_runs"] = str(prune_startup)
+    for key, value in sets.items():  # --prune-set KEY=VALUE: replaces or adds a [prune] line
+        lines = [line for line in prune.split("\n") if line and line.split("=")[0].strip() != key.strip()]
+        prune = "\n".join([*lines, f"{key.strip()} = {value.strip()}"]) + "\n"
     if run_budget is not None and name == "tinygpt":
         edits = {**edits, "budget_s = 60": f"budget_s = {run_budget:g}"}
     if run_steps and name == "tinygpt":  # a budget of steps, on one thread: train.py reads these ([run] env)
         edits = {**edits, 'command = "python train.py"\n': 'command = "python train.py"\n'
                  f'env = {{ TINYGPT_STEPS = "{run_steps}", TINYGPT_THREADS = "1" }}\n'}
-    lab = work / f"{name}-{semantics}-{'p' if prune_on else 'n'}-{seed}"
+    lab = work / f"{name}-{semantics}-{'p' if prune_on else 'n'}-{seed}-{time.time_ns()}"
     git_lab(ROOT / "examples" / name, lab)
     spec = (lab / "nightlab.toml").read_text()
     for a, b in edits.items():
@@ -121,15 +134,19 @@ def lab_session(name: str, seed: int, semantics: str, prune_on: bool, budget: fl
         spec += "\n[researcher.space]\n" + "".join(f"{k} = {{ fixed = true }}\n" for k in TINYGPT_FIXED)
     if prune_on:
         spec += "\n" + prune
+    elif 'figure = "train_bpb"' in prune:  # pruning off, the same figure's curve stored (for `replay`)
+        spec += '\n[prune]\npruner = "none"\nfigure = "train_bpb"\n'
     (lab / "nightlab.toml").write_text(spec)
     subprocess.run(["git", "commit", "-qam", "bench spec"], cwd=lab, env={**os.environ, **GIT_ENV}, check=True)
     rep = Budget(budget)
     eng = Engine(lab, tag="b", reporter=rep, sandbox_mode="none", max_experiments=0)
     rep.engine = eng
     eng.keep_semantics = semantics
+    load0 = os.getloadavg()[0]
     t0 = time.time()
     eng.run()
     wall = time.time() - t0
+    load1 = os.getloadavg()[0]
     exps = sorted(eng.ledger.experiments(eng.session.id), key=lambda e: e.finished_at or 0)
     eng.close()
     used, best, best_at_budget, inc = 0.0, math.inf, math.inf, math.inf
@@ -152,7 +169,12 @@ def lab_session(name: str, seed: int, semantics: str, prune_on: bool, budget: fl
         "lost_to_conflicts": sum(1 for e in exps if "conflicts with the new incumbent" in e.reason),
         "pruned": sum(1 for e in exps if e.status is Status.PRUNED),
         "saved_s": round(sum(float(e.evidence.get("saved_s", 0.0)) for e in exps if e.status is Status.PRUNED), 2),
-        "reach": reach,
+        "reach": reach, "load": [round(load0, 2), round(load1, 2)],
+        "prune_conf": prune if prune_on else "",
+        # every run, in the order they finished: what the pruner saw and did (for `replay` and the analysis)
+        "runs": [{"idx": e.idx, "status": e.status.value, "metric": e.metric, "run_s": round(e.run_s, 3),
+                  "curve": e.evidence.get("curve", []), "pruned_at": e.evidence.get("pruned_at"),
+                  "saved_s": e.evidence.get("saved_s")} for e in exps],
     }
 
 
@@ -166,18 +188,19 @@ def run_s_to_reach(reach: list[list[float]] | list[tuple[float, float]], target:
 def labs(args: argparse.Namespace) -> None:
     out = Path(args.out)
     rows: list[dict[str, Any]] = json.loads(out.read_text()) if out.exists() else []
-    done = {(r["lab"], r["seed"], r["semantics"], r["prune"]) for r in rows}
+    done = {(r["lab"], r["seed"], r["semantics"], r["prune"], r.get("tag", "")) for r in rows}
     with tempfile.TemporaryDirectory(prefix="nl-eff-") as tmp:
         for name in args.labs:
             budget = args.quickfit_s if name == "quickfit" else args.tinygpt_s
             for seed in range(args.seeds):
                 for semantics in args.semantics:
                     for prune_on in (False, True):
-                        if (name, seed, semantics, prune_on) in done:
+                        if (name, seed, semantics, prune_on, args.tag) in done or \
+                                ("on" if prune_on else "off") not in args.arms:
                             continue
                         r = lab_session(name, seed, semantics, prune_on, budget, Path(tmp),
-                                        args.tinygpt_budget, args.tinygpt_steps, args.prune_startup)
-                        r["prune_startup"] = args.prune_startup
+                                        args.tinygpt_budget, args.tinygpt_steps, args.prune_startup, args.prune_set)
+                        r.update(prune_startup=args.prune_startup, tag=args.tag)
                         if name == "tinygpt":
                             r.update(run_budget_s=args.tinygpt_budget, run_steps=args.tinygpt_steps)
                         rows.append(r)
@@ -185,7 +208,8 @@ def labs(args: argparse.Namespace) -> None:
                         print(f"{name} seed {seed} {semantics:8} prune {prune_on!s:5} best {r['best_at_budget']:.5g} "
                               f"runs {r['experiments']} run_s {r['run_s']} lost {r['lost_to_conflicts']} "
                               f"discarded-better {r['improvements_discarded']} pruned {r['pruned']} "
-                              f"saved {r['saved_s']}s", flush=True)
+                              f"saved {r['saved_s']}s load {r['load']} pruned at "
+                              f"{[x['pruned_at'] for x in r['runs'] if x['pruned_at'] is not None]}", flush=True)
     summarize_labs(rows)
 
 
@@ -207,24 +231,147 @@ def summarize_labs(rows: list[dict[str, Any]]) -> None:
                       f"{sum(r['improvements_discarded'] for r in g)} | {sum(r['lost_to_conflicts'] for r in g)} | "
                       f"{sum(r['pruned'] for r in g)} | {sum(r['saved_s'] for r in g):.1f} |")
         # run-seconds pruning needs to reach the best that no pruning reached at the full budget
-        ratios, missed = [], 0
-        for seed in sorted({r["seed"] for r in rows if r["lab"] == name}):
-            off = [r for r in rows if r["lab"] == name and r["seed"] == seed and r["semantics"] == "measured"
-                   and not r["prune"]]
-            on = [r for r in rows if r["lab"] == name and r["seed"] == seed and r["semantics"] == "measured"
-                  and r["prune"]]
-            if not off or not on:
-                continue
-            t_off = run_s_to_reach(off[0]["reach"], off[0]["best_at_budget"])
-            t_on = run_s_to_reach(on[0]["reach"], off[0]["best_at_budget"])
-            if t_on is None or t_off is None:
+        for tag in dict.fromkeys(r.get("tag", "") for r in rows if r["lab"] == name and r["prune"]):
+            pruning_ratio(rows, name, tag)
+
+
+def steps_to_reach(row: dict[str, Any], target: float) -> float | None:
+    """Full runs' worth of training (each run's last progress step / a full run's) until the incumbent
+    reached ``target``: the work, whatever the machine's load did to the seconds."""
+    runs = row.get("runs") or []
+    full = max((r["curve"][-1][0] for r in runs if r["curve"]), default=0)
+    if not full:
+        return None
+    used, inc = 0.0, math.inf
+    for r in runs:
+        used += (r["curve"][-1][0] / full) if r["curve"] else 1.0
+        if r["status"] == "keep" and r["metric"] is not None:
+            inc = min(inc, r["metric"])
+        if inc <= target:
+            return used
+    return None
+
+
+def pruning_ratio(rows: list[dict[str, Any]], name: str, tag: str) -> None:
+    """Per seed: the run-seconds (and the training work) pruning needs to reach the no-pruning best."""
+    ratios, work, missed, lines = [], [], 0, []
+    for seed in sorted({r["seed"] for r in rows if r["lab"] == name}):
+        off = [r for r in rows if r["lab"] == name and r["seed"] == seed and r["semantics"] == "measured"
+               and not r["prune"]]
+        on = [r for r in rows if r["lab"] == name and r["seed"] == seed and r["semantics"] == "measured"
+              and r["prune"] and r.get("tag", "") == tag]
+        if not off or not on:
+            continue
+        a, b = off[-1], on[-1]
+        t_off = run_s_to_reach(a["reach"], a["best_at_budget"])
+        t_on = run_s_to_reach(b["reach"], a["best_at_budget"])
+        w_off, w_on = steps_to_reach(a, a["best_at_budget"]), steps_to_reach(b, a["best_at_budget"])
+        share = f"{t_on / t_off:.2f}" if t_on is not None and t_off else "not reached"
+        if t_on is None or not t_off:
+            missed += 1
+        else:
+            ratios.append(t_on / t_off)
+        if w_on is not None and w_off:
+            work.append(w_on / w_off)
+        at = sorted(x["pruned_at"] for x in b.get("runs", []) if x.get("pruned_at") is not None)
+        lines.append(f"| {seed} | {a['best_at_budget']:.4f} / {b['best_at_budget']:.4f} | "
+                     f"{t_off if t_off is None else round(t_off, 1)} / "
+                     f"{'—' if t_on is None else round(t_on, 1)} ({share}) | "
+                     f"{w_off if w_off is None else round(w_off, 1)} / {w_on if w_on is None else round(w_on, 1)} | "
+                     f"{a['experiments']} / {b['experiments']} | {b['pruned']} | {at} | "
+                     f"{a.get('load', '?')} / {b.get('load', '?')} |")
+    if not lines:
+        return
+    print(f"\n{name}, pruning {tag or 'on'}: " + (b.get("prune_conf", "").replace("\n", "; ").strip("; ")))
+    print("| seed | best, pruning off / on | run-s to reach the no-pruning best, off / on (share) | full runs' "
+          "worth of training to reach it, off / on | runs off / on | pruned | pruned at steps | load (1 min) "
+          "at start, end: off / on |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |")
+    print("\n".join(lines))
+    med = f"{statistics.median(ratios):.2f}" if ratios else "—"
+    print(f"{name}: run-seconds with pruning to reach the no-pruning best (new semantics), as a share of the "
+          f"no-pruning run-seconds: median {med} over {len(ratios)} seeds ({', '.join(f'{x:.2f}' for x in ratios)})"
+          f"; not reached in {missed}" + (f"; training work: median {statistics.median(work):.2f}" if work else ""))
+
+
+# --------------------------------------------------------------------------- replay
+
+def replay_session(row: dict[str, Any], prune_lines: str, overhead: float) -> dict[str, Any]:
+    """A pruning-off session's runs, in their order, through nightlab's real pruner (``Pruner``,
+    ``Watch.feed``, ``Watch.finish``): which runs it would stop, at which step, and the run-seconds
+    it would cost. A run stopped at step s of a full run's S costs ``run_s * (overhead + (1 -
+    overhead) * s / S)`` (``overhead``: the share of a run spent outside training, start-up and the
+    final evaluation). The candidates stay those of the session (the search does not react to the
+    pruning here), so this isolates the pruner's judgement from the search's path."""
+    import threading
+    import tomllib
+
+    from nightlab.prune import Pruner
+    from nightlab.spec import PruneSpec
+    from nightlab.types import Direction
+
+    spec = PruneSpec(**tomllib.loads(prune_lines))
+    figure = spec.figure or "val_loss"
+    pruner = Pruner(spec, figure, Direction.MINIMIZE)
+    full = max((c[-1][0] for c in (r["curve"] for r in row["runs"]) if c), default=1)
+    used, inc, off_best = 0.0, math.inf, row["best"]
+    out: dict[str, Any] = {"pruned_at": [], "winners_pruned": 0, "reach": None, "best": math.inf}
+    off_inc = math.inf
+    for r in row["runs"]:
+        w = pruner.watch(None, threading.Event(), prunable=r["idx"] > 0)
+        for step, value in r["curve"]:
+            w.feed(f"nightlab: step={int(step)} {figure}={value}")
+            if w.pruned_at is not None:
+                break
+        w.close()
+        ok = r["status"] in ("keep", "discard") and r["metric"] is not None
+        winner = ok and r["metric"] < off_inc
+        off_inc = min(off_inc, r["metric"]) if winner else off_inc
+        if w.pruned_at is not None:
+            used += r["run_s"] * (overhead + (1 - overhead) * w.pruned_at / full)
+            out["pruned_at"].append(w.pruned_at)
+            out["winners_pruned"] += int(winner)
+            w.finish(Status.PRUNED, None, r["run_s"])
+        else:
+            used += r["run_s"]
+            if ok:
+                inc = min(inc, r["metric"])
+            w.finish(Status(r["status"]), r["metric"], r["run_s"])
+        if out["reach"] is None and inc <= off_best:
+            out["reach"] = used
+    out["best"] = inc
+    return out
+
+
+def replay_cmd(args: argparse.Namespace) -> None:
+    rows = [r for f in args.files for r in json.loads(Path(f).read_text())
+            if not r["prune"] and r.get("runs") and r["lab"] == args.lab]
+    base = LAB_SPECS[args.lab][1]
+    print(f"{len(rows)} pruning-off {args.lab} sessions; a pruned run costs {args.overhead:.0%} of its run time "
+          "plus its share of the steps")
+    print("| [prune] settings | run-s to reach the no-pruning best, median share | not reached | runs pruned "
+          "| winners pruned | steps pruned at (median) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for variant in args.variant:
+        lines = base
+        for item in (v for v in variant.split(";") if v.strip()):
+            key, value = item.split("=", 1)
+            lines = "\n".join([x for x in lines.split("\n") if x and x.split("=")[0].strip() != key.strip()]
+                              + [f"{key.strip()} = {value.strip()}"]) + "\n"
+        lines = lines.replace("[prune]\n", "")
+        ratios, missed, pruned, winners, at = [], 0, 0, 0, []
+        for row in rows:
+            t_off = run_s_to_reach(row["reach"], row["best"])
+            o = replay_session(row, lines, args.overhead)
+            pruned, winners, at = pruned + len(o["pruned_at"]), winners + o["winners_pruned"], at + o["pruned_at"]
+            if o["reach"] is None or not t_off:
                 missed += 1
             else:
-                ratios.append(t_on / t_off)
-        if ratios or missed:
-            med = f"{statistics.median(ratios):.2f}" if ratios else "—"
-            print(f"\n{name}: run-seconds with pruning to reach the no-pruning best (new semantics), as a share of "
-                  f"the no-pruning run-seconds: median {med} over {len(ratios)} seeds; not reached in {missed}")
+                ratios.append(o["reach"] / t_off)
+        n = sum(len(r["runs"]) - 1 for r in rows)
+        med = f"{statistics.median(ratios):.2f}" if ratios else "—"
+        print(f"| `{variant or 'defaults'}` | {med} ({', '.join(f'{x:.2f}' for x in ratios)}) | {missed} | "
+              f"{pruned} of {n} | {winners} | {statistics.median(at) if at else '—'} |")
 
 
 # --------------------------------------------------------------------------- optuna
@@ -282,7 +429,13 @@ def nightlab_rosen(seed: int, trials: int, sleep: float, work: Path) -> dict[str
             best = min(best, e.metric)
         if e.status.was_run():
             curve.append(((e.finished_at or t0) - t0, best))
-    return {"curve": curve, "wall_s": time.time() - t0}
+    wall = time.time() - t0
+    stages: dict[str, list[float]] = {}
+    for e in exps:  # each experiment's seconds per stage (pipeline.py); propose overlaps the run before
+        for k, v in (e.evidence.get("timing") or {}).items():
+            stages.setdefault(k, []).append(float(v))
+    return {"curve": curve, "wall_s": wall, "run_s": sum(e.run_s for e in exps),
+            "stages_ms": {k: round(1000 * statistics.median(v), 1) for k, v in stages.items()}}
 
 
 def optuna_rosen(seed: int, trials: int, sleep: float, work: Path) -> dict[str, Any]:
@@ -299,8 +452,12 @@ def optuna_rosen(seed: int, trials: int, sleep: float, work: Path) -> dict[str, 
         for k, v in values.items():
             text = text.replace(f"{k} = 0.0", f"{k} = {v!r}")
         script.write_text(text)
+        t = time.time()
         out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout
+        run_s.append(time.time() - t)
         return float(out.split("value:")[1])
+
+    run_s: list[float] = []
 
     study = optuna.create_study(direction="minimize",
                                 sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=10))
@@ -315,7 +472,7 @@ def optuna_rosen(seed: int, trials: int, sleep: float, work: Path) -> dict[str, 
         curve.append((time.time() - t0, best))
 
     study.optimize(objective, n_trials=trials + 1, callbacks=[record])
-    return {"curve": curve, "wall_s": time.time() - t0}
+    return {"curve": curve, "wall_s": time.time() - t0, "run_s": sum(run_s)}
 
 
 def sign_test(wins: int, losses: int) -> float:
@@ -344,9 +501,11 @@ def optuna_cmd(args: argparse.Namespace) -> None:
         for seed in range(args.seeds):
             if seed in done:
                 continue
+            load0 = os.getloadavg()[0]
             n = nightlab_rosen(seed, args.trials, args.sleep, Path(tmp))
             o = optuna_rosen(seed, args.trials, args.sleep, Path(tmp))
-            rows.append({"seed": seed, "nightlab": n, "optuna": o, "trials": args.trials, "sleep": args.sleep})
+            rows.append({"seed": seed, "nightlab": n, "optuna": o, "trials": args.trials, "sleep": args.sleep,
+                         "load": [round(load0, 2), round(os.getloadavg()[0], 2)]})
             out.write_text(json.dumps(rows))
             print(f"seed {seed}: nightlab best {n['curve'][-1][1]:.4g} in {n['wall_s']:.1f}s; "
                   f"optuna best {o['curve'][-1][1]:.4g} in {o['wall_s']:.1f}s", flush=True)
@@ -382,6 +541,27 @@ def summarize_optuna(rows: list[dict[str, Any]]) -> None:
     print(f"\nmean wall time for {trials + 1} evaluations: nightlab {nw:.1f}s "
           f"({3600 * (trials + 1) / nw:.0f} trials/hour), optuna {ow:.1f}s "
           f"({3600 * (trials + 1) / ow:.0f} trials/hour)")
+    per_seed = [(3600 * (trials + 1) / r["nightlab"]["wall_s"], 3600 * (trials + 1) / r["optuna"]["wall_s"])
+                for r in rows]
+    ahead = sum(a > b for a, b in per_seed)
+    print(f"trials/hour per seed, nightlab / optuna: {', '.join(f'{a:.0f}/{b:.0f}' for a, b in per_seed)}; "
+          f"nightlab ahead in {ahead} of {len(rows)} (sign test p = {sign_test(ahead, len(rows) - ahead):.3g})")
+    def gap(curve: list[list[float]]) -> float:  # steady state: the median time between two evaluations' ends
+        ends = [t for t, _ in curve]
+        return statistics.median(b - a for a, b in itertools.pairwise(ends))
+
+    ng, og = (statistics.median(gap(r[k]["curve"]) for r in rows) for k in ("nightlab", "optuna"))
+    print(f"steady state (median time between two evaluations' ends): nightlab {1000 * ng:.0f} ms "
+          f"({3600 / ng:.0f}/hour), optuna {1000 * og:.0f} ms ({3600 / og:.0f}/hour)")
+    if all("run_s" in r["nightlab"] for r in rows):
+        nd = statistics.median(r["nightlab"]["run_s"] / r["nightlab"]["wall_s"] for r in rows)
+        od = statistics.median(r["optuna"]["run_s"] / r["optuna"]["wall_s"] for r in rows)
+        print(f"duty cycle (run seconds / wall seconds, median): nightlab {nd:.2f}, optuna {od:.2f}")
+        stages = rows[-1]["nightlab"]["stages_ms"]
+        print("nightlab's median ms per stage (last seed): " + ", ".join(f"{k} {v}" for k, v in stages.items()))
+    if "load" in rows[0]:
+        print(f"load average (1 min) across seeds: {min(min(r['load']) for r in rows):.2f}–"
+              f"{max(max(r['load']) for r in rows):.2f}")
 
 
 def main() -> None:
@@ -400,12 +580,23 @@ def main() -> None:
                    help="the median pruner's startup_runs (default: 3 on quickfit, 2 on tinygpt)")
     a.add_argument("--semantics", nargs="+", choices=["rebase", "measured"], default=["rebase", "measured"],
                    help="keep semantics to run (default both)")
+    a.add_argument("--prune-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a [prune] line for the pruning-on sessions, e.g. --prune-set reference='\"reached\"'")
+    a.add_argument("--arms", nargs="+", choices=["off", "on"], default=["off", "on"],
+                   help="pruning off, on, or both (default)")
+    a.add_argument("--tag", default="", help="a label for these rows (rows with another tag are not re-run)")
     a.add_argument("--out", default="bench-efficiency-labs.json")
     b = sub.add_parser("optuna")
     b.add_argument("--seeds", type=int, default=20)
     b.add_argument("--trials", type=int, default=60)
     b.add_argument("--sleep", type=float, default=0.2)
     b.add_argument("--out", default="bench-efficiency-optuna.json")
+    r = sub.add_parser("replay", help="pruner settings replayed over recorded pruning-off sessions")
+    r.add_argument("files", nargs="+")
+    r.add_argument("--lab", default="tinygpt")
+    r.add_argument("--overhead", type=float, default=0.3, help="share of a run outside its training steps")
+    r.add_argument("--variant", action="append", default=[],
+                   help="[prune] settings separated by ';', e.g. 'reference=\"completed\";percentile=50'")
     s = sub.add_parser("summary")
     s.add_argument("files", nargs="+")
     args = ap.parse_args()
@@ -413,6 +604,8 @@ def main() -> None:
         labs(args)
     elif args.cmd == "optuna":
         optuna_cmd(args)
+    elif args.cmd == "replay":
+        replay_cmd(args)
     else:
         for f in args.files:
             rows = json.loads(Path(f).read_text())

@@ -52,6 +52,9 @@ def test_a_session_runs_through_ray(make_lab, cluster, mode):
     assert by[0].status is Status.KEEP and by[0].evidence["executor"] == "ray" and by[0].metric == pytest.approx(8.5)
     ran = [e for e in exps if e.status in (Status.KEEP, Status.DISCARD)]
     assert all(e.evidence.get("executor") == "ray" and e.evidence.get("attempts") == 1 for e in ran)
+    # the slots' actors were started with the engine: no run waited for a worker to import nightlab
+    assert all(e.evidence["ray_timing"]["import_on_path"] == 0 for e in ran)
+    assert all(e.evidence["ray_timing"]["sandbox"] > 0 for e in ran)
     assert session.incumbent_metric == pytest.approx(4.5)
     assert "X = 1.0" in git(lab, "show", "nightlab/ray:target.py")
     assert any(e.status is Status.REJECTED for e in exps)  # the guard runs on the head, before Ray

@@ -117,7 +117,7 @@ class Engine(Scheduler):
 
             ex = self.spec.executor
             self.ray = RayExecutor(address=ex.address or None, num_cpus=ex.num_cpus, num_gpus=ex.num_gpus,
-                                   resources=dict(ex.resources), max_retries=ex.max_retries)
+                                   resources=dict(ex.resources), max_retries=ex.max_retries, slots=ex.slots)
         self.allow_dirty = allow_dirty
         self.rebaseline = rebaseline
         self.check_lab = check_lab  # False: resume a session as stored, without comparing it with the lab

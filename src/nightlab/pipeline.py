@@ -379,7 +379,7 @@ class Pipeline(Runtime):
         self.events.emit("sandbox.exit", experiment=idx, exit_code=res.exit_code, timed_out=res.timed_out,
                          interrupted=res.interrupted, wall_s=round(res.wall_s, 3), node=out.node,
                          attempts=out.attempts, log_sha256=_file_sha(Path(res.log_path)))
-        where = {"executor": "ray", "node": out.node, "attempts": out.attempts}
+        where = {"executor": "ray", "node": out.node, "attempts": out.attempts, "ray_timing": out.timing}
         if res.interrupted and watch.pruned_at is not None and not self.stop.cancel.is_set():
             return self._pruned(exp_id, t0, res, watch, where)
         if res.interrupted:

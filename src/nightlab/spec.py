@@ -244,7 +244,7 @@ class ExecutorSpec(_Section):
     num_cpus: float = Field(default=1.0, ge=0, description="ray: CPUs requested per experiment")
     num_gpus: float = Field(default=0.0, ge=0, description="ray: GPUs requested per experiment")
     resources: dict[str, float] = Field(default_factory=dict, description="ray: custom resources per experiment")
-    max_retries: int = Field(default=2, ge=0, description="ray: retries of a task whose worker died, then lost")
+    max_retries: int = Field(default=2, ge=0, description="ray: resubmits of a run whose slot actor or node died, then lost")
 
 
 DEFAULT_AGENT_DENY = (
@@ -318,6 +318,12 @@ class PruneSpec(_Section):
     warmup_fraction: float = Field(0.25, ge=0, lt=1, description="median: never prune before this "
                                    "fraction of a full run (the longest completed curve's last step); 0: off")
     startup_runs: int = Field(3, ge=0, description="median: runs that must finish before any is pruned")
+    reference: Literal["all", "reached", "completed"] = Field(
+        "all", description="median: the runs a run is compared with at a step: every earlier run, a pruned "
+        "one counted at the steps it reached and as worse than any value after ('all'); pruned ones only at "
+        "the steps they reached ('reached'); only the runs that went to their end ('completed', Optuna's)")
+    percentile: float = Field(50.0, gt=0, le=100, description="median: prune a run worse than this percentile "
+                              "of the reference values at its step (50: the median; 75: only the worst quarter)")
     min_resource: int = Field(1, ge=1, description="successive_halving / hyperband: the first rung, in steps")
     max_resource: int = Field(0, ge=0, description="hyperband: the last step of a full run (0: learnt)")
     reduction_factor: int = Field(3, ge=2, description="successive_halving / hyperband: 1 in this many "

@@ -224,6 +224,7 @@ class SearchResearcher:
         self._baseline_is_first = True  # the baseline's values are those first seen (nothing kept before)
         self._first_values: dict[str, Value] = {}
         self.lab_space: Space | None = None
+        self._scanned: tuple[Any, ...] = ()  # what lab_space was scanned from (spec, lab, files)
         self.tried: dict[tuple[tuple[str, Any], ...], float | None] = {}  # setting -> its value (None: failed)
         self.crashed: set[tuple[tuple[str, Any], ...]] = set()  # settings whose run crashed
         self.pruned: dict[tuple[tuple[str, Any], ...], dict[int, float]] = {}  # pruned setting -> its curve
@@ -236,8 +237,14 @@ class SearchResearcher:
     # ------------------------------------------------------------------ space
 
     def _scan(self, ctx: Context) -> dict[str, Constant]:
-        """Param name -> constant: the lab's search space (:func:`nightlab.space.search_space`)."""
-        self.lab_space = search_space(ctx.spec, ctx.files, ctx.lab_dir)
+        """Param name -> constant: the lab's search space (:func:`nightlab.space.search_space`).
+
+        Scanned once per incumbent: a proposal on the same files as the one before reuses the scan
+        (23 ms on tinygpt's 7 KB train.py, more on larger files; every proposal used to pay it)."""
+        key = (ctx.spec, str(ctx.lab_dir), tuple(sorted(ctx.files.items())))
+        if self.lab_space is None or self._scanned != key:
+            self.lab_space = search_space(ctx.spec, ctx.files, ctx.lab_dir)
+            self._scanned = key
         return dict(self.lab_space.params)
 
     def violations(self, values: dict[str, Any]) -> list[str]:
