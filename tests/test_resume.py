@@ -124,6 +124,7 @@ def test_no_run_process_survives_a_sigkill_and_resume(make_lab, mode):
             assert "run killed" in rows[1][2]
         assert kinds == {"run"}
         assert not any((lab / ".nightlab" / "worktrees").iterdir())
+        assert len(git(lab, "worktree", "list").splitlines()) == 1  # no registration left, reused ones included
     finally:
         if proc.poll() is None:
             proc.kill()

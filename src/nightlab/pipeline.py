@@ -231,7 +231,8 @@ class Pipeline(Runtime):
                         return self._finish(exp_id, Status.DISCARD, t0,
                                             reason=f"stale: conflicts with the new incumbent: {e}")
                     return self._finish(exp_id, Status.INVALID, t0, reason=f"edit did not apply: {e}")
-                changes = self.ws.stage(wt)
+                staged = self.ws.stage(wt)
+                changes = staged.changes
                 tg = self._spent("worktree", tw)
                 problem = self.guard.check_changes(changes)
                 self.events.emit("guard", experiment=idx, stage="changes", ok=problem is None, reason=problem or "",
@@ -242,7 +243,7 @@ class Pipeline(Runtime):
                 if not changes:
                     return self._finish(exp_id, Status.INVALID, t0, reason="the candidate changes nothing")
                 msg = f"nightlab {self.session.tag} #{idx}: {desc}\n\n{candidate.rationale}".strip()
-                commit, canonical = self.ws.commit_staged(wt, msg)
+                commit, canonical = self.ws.commit_staged(wt, msg, staged)
                 tg = self._spent("worktree", tw)
                 problem = self.guard.check_size(changes, canonical)
                 tw = self._spent("guard", tg)

@@ -170,6 +170,26 @@ class SessionLifecycle(Pipeline):
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
 
+    def _other_sessions_running(self) -> bool:
+        """Whether another session's harness may be running in this lab: a ``session-<tag>.lock`` of
+        another tag names a live process (read only; taking the lock to test it could refuse that harness)."""
+        for path in self.ws.state_dir.glob("session-*.lock"):
+            if path.name == f"session-{self.session.tag}.lock":
+                continue
+            try:
+                pid = int(path.read_text(errors="replace").strip() or 0)
+            except (OSError, ValueError):
+                continue
+            if pid > 0 and pid != os.getpid():
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    continue
+                except PermissionError:
+                    pass
+                return True
+        return False
+
     @staticmethod
     def _epoch(extra: dict[str, Any]) -> int:
         """The idx of the session's latest successful baseline, else of its latest re-baseline, else 0."""
@@ -291,6 +311,8 @@ class SessionLifecycle(Pipeline):
         if stale:
             self.events.emit("recover", approvals_cancelled=stale)
         removed = self.ws.remove_stale_worktrees(f"{self.session.tag}-")
+        if not self._other_sessions_running():  # an agent's scratch worktree named before it carried the tag
+            removed += self.ws.remove_stale_worktrees("agent-")
         if removed:
             self.reporter.message(f"removed {len(removed)} stale worktree(s)")
         trees = evaltree.remove_stale(self.ws, self.session.tag)
@@ -465,10 +487,13 @@ class SessionLifecycle(Pipeline):
                 self._close("stopped", "harness error")
             raise
         finally:
-            os.close(lock)
             if self.researcher is not None:
                 with contextlib.suppress(Exception):  # closing must not mask the real outcome
                     self.researcher.close()
+            with contextlib.suppress(Exception):
+                self.ws.drop_registrations()  # the worktrees' reusable registrations (all free by now)
+                self.ws.maintain()  # the `git maintenance run --auto` its commits did not start
+            os.close(lock)  # last: a --resume waiting on it finds nothing of this harness left
 
     def _loop(self, history: History) -> Session:
         """The scheduler (nightlab.scheduler) runs the experiments after the baseline."""

@@ -7,11 +7,19 @@ Rules this module keeps:
   ``refs/nightlab/<tag>/<idx>``, so discarded ideas stay inspectable and replayable;
 - after a run, git is never invoked inside the experiment's worktree (the run could have
   rewritten its ``.git`` pointer); the worktree is removed from the outside;
+- every worktree is a new, empty folder checked out fresh: nothing a previous run left (ignored
+  files, nested ``.git`` dirs, read-only dirs, symlinks) survives into the next experiment;
+- worktree *registrations* (``.git/worktrees/<id>``) are reused: one is made (``git worktree add``,
+  serialised) the first time no free one is at hand, locked so that ``git worktree prune`` keeps it,
+  and re-pointed at each new folder from the outside (``git --git-dir=<admin> --work-tree=<folder>``),
+  without a lock the slots share; :meth:`Workspace.drop_registrations` removes them when the session
+  ends, and :meth:`Workspace.remove_stale_worktrees` after a kill;
 - hooks never run (``core.hooksPath=/dev/null``), and commits carry a fixed identity.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -31,6 +39,8 @@ _GIT_ENV = {
     "GIT_OPTIONAL_LOCKS": "0",
 }
 _GIT_CFG = ["-c", "core.hooksPath=/dev/null", "-c", "commit.gpgsign=false", "-c", "core.fsmonitor=false"]
+# the lock text of a reusable registration (git writes "initializing" while it makes one)
+POOL_LOCK = "nightlab: reused for experiment worktrees"
 
 
 class ApplyError(Exception):
@@ -45,6 +55,35 @@ class Change:
     path: str  # repo-relative
     new_mode: str  # e.g. 100644, 100755, 120000 (symlink), 160000 (submodule), 000000 (deleted)
     old_path: str = ""
+
+
+@dataclass(frozen=True)
+class Staged:
+    """What :meth:`Workspace.stage` staged: the changes and the canonical diff against HEAD."""
+
+    changes: list[Change]
+    diff: str
+
+
+def wipe(path: Path) -> None:
+    """Remove ``path`` and all it holds without following links; read-only folders are made writable
+    first when a plain removal leaves something (as non-root). A link or a file is unlinked."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink()
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    if not path.exists():
+        return
+    for root, dirs, _ in os.walk(path):  # does not follow links to folders
+        for d in (root, *(os.path.join(root, d) for d in dirs)):
+            if not os.path.islink(d):
+                with contextlib.suppress(OSError):
+                    os.chmod(d, 0o700)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _is_sha(text: str) -> bool:
+    return len(text) in (40, 64) and all(c in "0123456789abcdef" for c in text)
 
 
 def _env() -> dict[str, str]:
@@ -75,6 +114,10 @@ class Workspace:
         # `git worktree add/prune` touch shared state in .git/worktrees: one at a time per process (measured:
         # two concurrent adds fail, "failed to read .git/worktrees/X/commondir", git reads the half-made one)
         self._worktree_lock = threading.RLock()
+        # reusable registrations (admin dirs under .git/worktrees): free ones, and the one each worktree holds
+        self._pool_lock = threading.Lock()
+        self._free: list[Path] = []
+        self._held: dict[Path, Path] = {}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -183,24 +226,99 @@ class Workspace:
     # ------------------------------------------------------------------ worktrees
 
     def add_worktree(self, name: str, commit: str) -> Path:
+        """A fresh folder ``.nightlab/worktrees/<name>`` holding ``commit``, a git worktree of the lab's repo.
+
+        The folder is new and empty before the checkout (a leftover of that name is wiped first). Its
+        registration is a free one of this workspace's pool, re-pointed at the folder, or else a new
+        one (``git worktree add --no-checkout --lock``, under the lock the slots share: the only step
+        that is serialised). The checkout itself is one git launch with an explicit ``--git-dir``:
+        slots check out at once.
+        """
         path = self.worktrees_dir / name
-        with self._worktree_lock:
-            if path.exists():
-                self.remove_worktree(path)
-            self.worktrees_dir.mkdir(parents=True, exist_ok=True)
-            self._run(["worktree", "add", "--detach", "--quiet", str(path), commit])
+        if path.exists() or path.is_symlink():
+            self.remove_worktree(path)
+        with self._pool_lock:
+            admin = self._free.pop() if self._free else None
+        if admin is not None and not (admin / "commondir").is_file():
+            admin = None  # removed under us (`git worktree remove --force --force`): make another
+        try:
+            if admin is None:
+                admin = self._new_registration(path, commit)
+            else:
+                path.mkdir(parents=True)  # fails if anything made it since: never a used folder
+                self._point(admin, path)
+            (admin / "index").unlink(missing_ok=True)  # the checkout writes every file anew
+            self._run([f"--git-dir={admin}", f"--work-tree={path}", "checkout", "--detach", "--force", "--quiet",
+                       commit], cwd=path)
+        except BaseException:
+            wipe(path)
+            if admin is not None:
+                self._release(admin)
+            raise
+        with self._pool_lock:
+            self._held[path] = admin
         return path
+
+    def _new_registration(self, path: Path, commit: str) -> Path:
+        """Make a locked registration for the new folder ``path`` (created by git); returns its admin dir."""
+        with self._worktree_lock:
+            self.worktrees_dir.mkdir(parents=True, exist_ok=True)
+            self._run(["worktree", "add", "--detach", "--no-checkout", "--lock", "--reason", POOL_LOCK,
+                       str(path), commit])
+        # written by git a moment ago, before any run: "gitdir: <admin>"
+        pointer = (path / ".git").read_text(encoding="utf-8", errors="surrogateescape").strip()
+        if not pointer.startswith("gitdir: "):
+            raise GitError(f"git worktree add wrote an unexpected {path / '.git'}: {pointer[:200]!r}")
+        admin = Path(pointer[len("gitdir: "):])
+        return admin if admin.is_absolute() else (path / admin).resolve()
+
+    @staticmethod
+    def _point(admin: Path, path: Path) -> None:
+        """Point registration ``admin`` at the new folder ``path`` and back (what ``git worktree repair``
+        writes: ``<path>/.git`` naming the admin dir, ``<admin>/gitdir`` naming ``<path>/.git``)."""
+        (path / ".git").write_text(f"gitdir: {admin}\n", encoding="utf-8", errors="surrogateescape")
+        tmp = admin / "gitdir.nightlab-tmp"
+        tmp.write_text(f"{path / '.git'}\n", encoding="utf-8", errors="surrogateescape")
+        os.replace(tmp, admin / "gitdir")
+
+    def _release(self, admin: Path) -> None:
+        with self._pool_lock:
+            if admin not in self._free:
+                self._free.append(admin)
+
+    def drop_registrations(self) -> int:
+        """Remove the free registrations of the pool (when the session ends); returns how many."""
+        with self._worktree_lock, self._pool_lock:
+            dropped = list(self._free)
+            self._free.clear()
+            for admin in dropped:
+                shutil.rmtree(admin, ignore_errors=True)
+        return len(dropped)
+
+    def _git_dir_of(self, worktree: Path) -> list[str]:
+        """``--git-dir``/``--work-tree`` for git calls on a worktree this workspace checked out (none for
+        another folder: git finds its repository from the folder, before a run only)."""
+        with self._pool_lock:
+            admin = self._held.get(worktree)
+        return [] if admin is None else [f"--git-dir={admin}", f"--work-tree={worktree}"]
 
     def remove_worktree(self, path: Path) -> None:
         """Remove from outside: never runs git inside ``path``, never reads what the run could write.
 
-        The registration ``.git/worktrees/<name>`` is removed directly when its ``gitdir`` file (written
-        by git, outside the worktree) names this worktree -- what ``git worktree prune`` would do for it,
-        without a git launch that scans every registration under the lock the slots share; otherwise
-        (another name, a half-written registration) ``git worktree prune`` runs as before.
+        A worktree of the pool: the folder is wiped and its registration goes back to the pool (it is
+        re-pointed at the next folder before any use). Another folder: its registration
+        ``.git/worktrees/<name>`` is removed directly when its ``gitdir`` file (written by git, outside
+        the worktree) names this worktree -- what ``git worktree prune`` would do for it, without a git
+        launch that scans every registration under the lock the slots share; otherwise (another name, a
+        half-written registration) ``git worktree prune`` runs as before.
         """
-        if path.exists():
-            shutil.rmtree(path, ignore_errors=True)
+        with self._pool_lock:
+            held = self._held.pop(path, None)
+        if path.exists() or path.is_symlink():
+            wipe(path)
+        if held is not None:
+            self._release(held)
+            return
         admin = self.git_dir / "worktrees" / path.name
         with self._worktree_lock:
             try:
@@ -231,10 +349,12 @@ class Workspace:
                     removed.append(target)
             if self.worktrees_dir.exists():
                 for p in sorted(self.worktrees_dir.iterdir()):
-                    if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink():
-                        shutil.rmtree(p, ignore_errors=True)
-                        if p not in removed:
-                            removed.append(p)
+                    if not p.name.startswith(prefix):
+                        continue
+                    folder = p.is_dir() and not p.is_symlink()
+                    wipe(p)  # a folder, or a file next to them (an agent's prompt and log)
+                    if folder and p not in removed:
+                        removed.append(p)
             self._run(["worktree", "prune"], check=False)  # unlocked, without a folder or gitdir: gone
         return removed
 
@@ -264,7 +384,8 @@ class Workspace:
             # git writes `locked` before `gitdir`: killed in between, it holds "initializing" (or
             # nothing, killed inside that write), and `gitdir` is missing, empty or cut short (it names
             # no file); a user's locked worktree has a complete gitdir
-            if admin.name.startswith(prefix) and locked in ("", "initializing"):
+            # a registration of the pool between two worktrees names a folder that is gone, locked with POOL_LOCK
+            if admin.name.startswith(prefix) and locked in ("", "initializing", POOL_LOCK):
                 out.append((admin, None))
         return out
 
@@ -307,32 +428,64 @@ class Workspace:
         if proc.returncode != 0:
             raise ApplyError(proc.stderr.decode("utf-8", "backslashreplace").strip()[:2000] or "git apply failed")
 
-    def stage(self, worktree: Path) -> list[Change]:
-        """Stage everything in the worktree and report what changed against HEAD."""
-        self._run(["add", "-A"], cwd=worktree)
-        out = self._run(["diff", "--cached", "--raw", "-z", "--no-renames", "HEAD"], cwd=worktree)
-        fields = out.split("\0")
-        changes: list[Change] = []
-        i = 0
-        while i < len(fields) - 1:
-            meta = fields[i]
-            if not meta.startswith(":"):
-                i += 1
-                continue
-            parts = meta[1:].split()
-            status = parts[4][0]
-            path = fields[i + 1]
-            changes.append(Change(status=status, path=path, new_mode=parts[1]))
-            i += 2
-        return changes
+    def stage(self, worktree: Path) -> Staged:
+        """Stage everything in the worktree; report what changed against HEAD and the canonical diff.
 
-    def commit_staged(self, worktree: Path, message: str) -> tuple[str, str]:
-        """Commit what :meth:`stage` staged; return (sha, canonical diff against the parent)."""
-        diff = self._run(["diff", "--cached", "--no-color", "--no-ext-diff", "HEAD"], cwd=worktree)
-        self._run(["commit", "-q", "--no-verify", "--allow-empty-message", "-m", escape.text(message)],
-                  cwd=worktree)
-        sha = self._run(["rev-parse", "HEAD"], cwd=worktree).strip()
-        return sha, diff
+        Two git launches: ``add -A``, then one ``diff --cached --raw -p -z`` whose raw part (NUL-separated,
+        names as they are) lists the changes and whose patch part is byte for byte what ``git diff
+        --cached`` prints (the patch's headers do not depend on ``-z``). The patch follows the repo's
+        ``diff.renames``, as it always did; a rename or copy in the raw part is reported as the delete
+        and the add it is made of (what ``--no-renames`` would list), so the guard sees every path.
+        """
+        at = self._git_dir_of(worktree)
+        self._run([*at, "add", "-A"], cwd=worktree)
+        out = self._run([*at, "diff", "--cached", "--raw", "-p", "-z", "--no-color", "--no-ext-diff", "HEAD"],
+                        cwd=worktree)
+        changes: list[Change] = []
+        pos = 0
+        while out.startswith(":", pos):  # ":<modes> <shas> <status>\0<path>\0[<path>\0]", then "\0", the patch
+            end = out.index("\0", pos)
+            parts = out[pos + 1:end].split()
+            status = parts[4][0]
+            paths = []
+            for _ in range(2 if status in "RC" else 1):
+                nxt = out.index("\0", end + 1)
+                paths.append(out[end + 1:nxt])
+                end = nxt
+            pos = end + 1
+            if status == "R":
+                changes.append(Change(status="D", path=paths[0], new_mode="000000"))
+            if status in "RC":
+                changes.append(Change(status="A", path=paths[1], new_mode=parts[1]))
+            else:
+                changes.append(Change(status=status, path=paths[0], new_mode=parts[1]))
+        if out.startswith("\0", pos):
+            pos += 1
+        return Staged(changes=changes, diff=out[pos:])
+
+    def commit_staged(self, worktree: Path, message: str, staged: Staged) -> tuple[str, str]:
+        """Commit what :meth:`stage` staged; return (sha, canonical diff against the parent).
+
+        One launch: ``git commit`` without the ``git maintenance run --auto`` it would start after each
+        commit (:meth:`maintain` runs it once, when the session ends); the new HEAD is read from the
+        registration, written by git a moment ago, before any run.
+        """
+        at = self._git_dir_of(worktree)
+        self._run([*at, "-c", "maintenance.auto=false", "commit", "-q", "--no-verify", "--allow-empty-message",
+                   "-m", escape.text(message)], cwd=worktree)
+        sha = ""
+        if at:
+            with self._pool_lock:
+                admin = self._held[worktree]
+            sha = (admin / "HEAD").read_text(encoding="ascii", errors="replace").strip()
+        if not _is_sha(sha):
+            sha = self._run([*at, "rev-parse", "HEAD"], cwd=worktree).strip()
+        return sha, staged.diff
+
+    def maintain(self) -> None:
+        """``git maintenance run --auto``: what each ``git commit`` would have started (a gc once enough
+        loose objects piled up), once per session instead."""
+        self._run(["maintenance", "run", "--auto", "--quiet"], check=False)
 
     # ------------------------------------------------------------------ the user's working tree
 

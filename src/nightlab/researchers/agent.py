@@ -10,10 +10,11 @@ From ``nightlab.toml``::
     timeout_s = 1800
 
 Each ``propose`` creates a detached git worktree of the incumbent at
-``.nightlab/worktrees/agent-<idx>``, writes the prompt (``program.md``, the spec summary, the
-history and the last failure, see :mod:`nightlab.context`) to ``agent-<idx>.prompt.md`` beside
-it, and runs the command non-interactively with the lab folder of that worktree as its working
-directory. nightlab then computes the change itself, from outside, with git and a private
+``.nightlab/worktrees/<tag>-agent-<idx>`` (the session's tag first: a ``--resume`` removes what a
+killed harness left), writes the prompt (``program.md``, the spec summary, the history and the last
+failure, see :mod:`nightlab.context`) to ``<tag>-agent-<idx>.prompt.md`` beside it, and runs the
+command non-interactively with the lab folder of that worktree as its working directory. nightlab
+then computes the change itself, from outside, with git and a private
 index (``git --git-dir <repo> --work-tree <worktree> add -A; diff --cached``): the agent's
 account of what it did is never used, only the files it left. The engine guards and applies
 that diff like any other candidate. The transcript (stdout and stderr, secrets redacted) and
@@ -222,7 +223,8 @@ class AgentResearcher:
 
     def propose(self, ctx: Context) -> Candidate:
         t0 = time.monotonic()
-        name = f"agent-{ctx.idx}"
+        tag = str(ctx.extra.get("session") or "")
+        name = f"{tag}-agent-{ctx.idx}" if tag else f"agent-{ctx.idx}"  # the tag: a --resume removes what a kill left
         prompt = build_prompt(ctx, ContextOptions(budget_tokens=self.o.context_tokens, include_files=False,
                                                   agent=True), secrets=self.secrets)
         wt = self.ws.add_worktree(name, ctx.parent)
