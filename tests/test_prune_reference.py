@@ -87,11 +87,28 @@ def test_with_all_about_half_of_runs_in_random_order_are_pruned_not_nearly_all()
 
 def test_completed_is_optunas_percentile_pruner():
     spec = PruneSpec(pruner="median", reference="completed", startup_runs=2, warmup_steps=3,
-                     warmup_fraction=0, percentile=40)
+                     warmup_fraction=0, finish_fraction=1, percentile=40)
     p = make_pruner(spec)
     assert isinstance(p, optuna.pruners.PercentilePruner) and not isinstance(p, Percentile)
     assert p._percentile == 40 and p._n_startup_trials == 2 and p._n_warmup_steps == 3
-    assert isinstance(make_pruner(PruneSpec(pruner="median", warmup_fraction=0)), Percentile)
+    assert isinstance(make_pruner(PruneSpec(pruner="median", warmup_fraction=0, finish_fraction=1)), Percentile)
+
+
+def test_a_run_past_the_finish_fraction_is_let_finish():
+    """``finish_fraction`` (0.9): a hopeless run is not stopped in the last tenth of a full run (the baseline's
+    10 steps), where stopping saves at most a tenth and loses a nearly complete measurement."""
+    good = [10.0 - step for step in range(10)]
+
+    def late(finish: float) -> int | None:
+        spec = PruneSpec(pruner="median", startup_runs=1, warmup_fraction=0, finish_fraction=finish)
+        pruner = Pruner(spec, "loss", Direction.MINIMIZE)
+        assert run(pruner, good, Status.KEEP) is None
+        return run(pruner, [*good[:8], 50.0, 50.0])  # level with the baseline, then hopeless at steps 9 and 10
+
+    assert late(1.0) == 9
+    assert late(0.9) is None  # step 9 is 0.9 of the 10-step run
+    assert late(0.95) == 9
+    assert PruneSpec().finish_fraction == 0.9
 
 
 def test_maximize_mirrors_minimize():

@@ -318,6 +318,8 @@ class PruneSpec(_Section):
     warmup_steps: int = Field(0, ge=0, description="never prune before this step (Optuna's n_warmup_steps)")
     warmup_fraction: float = Field(0.25, ge=0, lt=1, description="median: never prune before this "
                                    "fraction of a full run (the longest completed curve's last step); 0: off")
+    finish_fraction: float = Field(0.9, gt=0, le=1, description="median: never prune a run past this fraction "
+                                   "of a full run (it saves little and loses a nearly complete measurement); 1: off")
     startup_runs: int = Field(3, ge=0, description="median: runs that must finish before any is pruned")
     reference: Literal["all", "reached", "completed"] = Field(
         "all", description="median: the runs a run is compared with at a step: every earlier run, a pruned "
