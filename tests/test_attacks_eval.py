@@ -206,7 +206,7 @@ def test_bad_outputs_make_a_crash_with_the_reason(tmp_path, name):
     assert attack.status is Status.CRASH, (attack.status, attack.reason)
     assert attack.reason.startswith("output rejected: ") and why in attack.reason, attack.reason
     assert attack.metric is None and s.incumbent_metric == pytest.approx(8.5)
-    assert not list((lab / ".nightlab" / "eval").iterdir())  # clean trees are removed
+    assert not list((lab / ".nightlab" / "eval").rglob("eval-*"))  # clean trees are removed
 
 
 def test_outputs_land_as_read_only_regular_copies(tmp_path):

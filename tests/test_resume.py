@@ -249,6 +249,9 @@ def test_resume_unlocks_and_prunes_a_worktree_git_left_locked(make_lab):
                                       "--max-experiments", "1"), env=cli_env(), capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
+    # a user's own locked worktree, outside .nightlab, must survive the cleanup (made first: once a kill has
+    # cut git's writes short, git cannot add another worktree until the half-made registration is gone)
+    git(lab, "worktree", "add", "--detach", "--lock", str(lab.parent / "w-mine"), "HEAD")
     wts = lab / ".nightlab" / "worktrees"
     wts.mkdir(exist_ok=True)
     for _ in range(20):  # until the kill lands mid-add (git's "initializing" lock left behind)
@@ -266,8 +269,6 @@ def test_resume_unlocks_and_prunes_a_worktree_git_left_locked(make_lab):
         # list (`git worktree list` exits 128): stuck either way until nightlab cleans it up below
         listed = subprocess.run(["git", "worktree", "list", "--porcelain"], cwd=lab, capture_output=True, text=True)
         assert "w-7" in listed.stdout or listed.returncode == 128, listed.stdout + listed.stderr
-    # a user's own locked worktree, outside .nightlab, must survive the cleanup
-    git(lab, "worktree", "add", "--detach", "--lock", str(lab.parent / "w-mine"), "HEAD")
     res = _resume(lab, "none", "--max-experiments", "1")
     assert res.returncode == 0, res.stdout + res.stderr
     listing = git(lab, "worktree", "list", "--porcelain")
