@@ -5,6 +5,7 @@ bundle and spec against a volunteer worker (real git, a real bundle over loopbac
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import os
@@ -462,6 +463,33 @@ def test_the_bundles_gitattributes_start_no_filter_of_the_workers_git(tmp_path, 
     assert not marker.exists()
 
 
+@contextlib.contextmanager
+def _hostile_host(answer: Callable[[str], tuple[int, dict[str, str], bytes]]) -> Iterator[str]:
+    """A real HTTP server on loopback answering every GET with ``answer(path)`` (status, headers, body);
+    yields its base URL."""
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            code, headers, data = answer(self.path)
+            self.send_response(code)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 def test_a_hosts_text_reaches_the_workers_terminal_escaped_and_its_head_names_no_path(tmp_path) -> None:
     """The pool's name, metric name, head and error reasons come from the host: no terminal escape sequence
     (OSC 52 writes the clipboard, others retitle or clear) gets through, and a head that is not a commit id
@@ -475,29 +503,14 @@ def test_a_hosts_text_reaches_the_workers_terminal_escaped_and_its_head_names_no
     info = {"pool": evil, "lab": evil, "worker": "w", "metric": {"name": evil, "direction": evil},
             "head": "../../../../escaped-lab", "limits": {}}
 
-    class H(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            code, body = (200, info) if self.path.endswith("/info") else (403, {"detail": evil + "no bundle"})
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def answer(path: str) -> tuple[int, dict[str, str], bytes]:
+        code, body = (200, info) if path.endswith("/info") else (403, {"detail": evil + "no bundle"})
+        return code, {"Content-Type": "application/json"}, json.dumps(body).encode()
 
-        def log_message(self, *a: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
     said: list[str] = []
     root = tmp_path / "a" / "b" / "c" / "d" / "worker"
-    try:
-        with pytest.raises(NightlabError) as err:
-            join(f"http://127.0.0.1:{httpd.server_address[1]}", "nlp_t", dir=root, rounds=1, say=said.append)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with _hostile_host(answer) as url, pytest.raises(NightlabError) as err:
+        join(url, "nlp_t", dir=root, rounds=1, say=said.append)
     assert said and not any(ch in m for m in said for ch in "\x1b\x07\r")
     assert "\x1b" not in str(err.value) and "no bundle" in str(err.value)
     assert not any(p.name.startswith("escaped") for p in tmp_path.rglob("*"))
@@ -544,28 +557,16 @@ def test_an_oversized_api_answer_is_refused_by_the_worker(tmp_path) -> None:
     flood = gzip.compress(b'{"pool": "' + b"x" * (6 * 2**20) + b'"}')
     small = gzip.compress(b'{"pool": "main"}')
 
-    class H(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            data = flood if self.path.endswith("/info") else small
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Encoding", "gzip")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def answer(path: str) -> tuple[int, dict[str, str], bytes]:
+        return 200, {"Content-Type": "application/json", "Content-Encoding": "gzip"}, \
+            flood if path.endswith("/info") else small
 
-        def log_message(self, *a: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    client = PoolClient(f"http://127.0.0.1:{httpd.server_address[1]}", "nlp_t")
-    try:
-        assert len(flood) < 64 * 1024
-        with pytest.raises(NightlabError, match="over 4 MiB"):
-            client.info()
-        assert client.me() == {"pool": "main"}  # a normal answer still reads (decoded)
-    finally:
-        client.close()
-        httpd.shutdown()
-        httpd.server_close()
+    with _hostile_host(answer) as url:
+        client = PoolClient(url, "nlp_t")
+        try:
+            assert len(flood) < 64 * 1024
+            with pytest.raises(NightlabError, match="over 4 MiB"):
+                client.info()
+            assert client.me() == {"pool": "main"}  # a normal answer still reads (decoded)
+        finally:
+            client.close()
