@@ -149,6 +149,10 @@ def test_slots_the_cluster_cannot_place_are_given_up_and_jobs_wait_for_a_free_on
     ex = RayExecutor(slots=2, unschedulable_s=3)
     try:
         assert ex.started == 1 and len(ex.workers()) == 1
+        # the user is told how many started, how many could not be placed, and what each asks for
+        assert ex.placement["unplaced"] == 1 and ex.placement["request"] == "CPU=1"
+        msg = ex.placement_message()
+        assert "1 of 2 slot(s) started; 1 could not be placed" in msg and "CPU=1" in msg, msg
         results: list[object] = []
         threads = [threading.Thread(target=lambda i=i: results.append(ex.run(
             job(tmp_path / str(i), "sleep 0.5; echo ---; echo score: 2", mode="none", key=f"c/{i}"),
@@ -182,6 +186,50 @@ def test_slots_are_started_with_the_executor_and_keep_their_process(tmp_path: Pa
     finally:
         ex.shutdown()
     assert ex.workers() == []
+
+
+def test_a_job_waiting_for_a_free_slot_reacts_to_cancel_and_stop_at_once(executor: RayExecutor,
+                                                                         tmp_path: Path) -> None:
+    ex = RayExecutor(slots=1, poll_s=0.05)  # the module's executor holds the cluster's other CPU
+    try:
+        marker, release = tmp_path / "running", tmp_path / "release"
+        hold = f"touch {marker}; while [ ! -e {release} ]; do sleep 0.05; done; echo ---; echo score: 1"
+        first: list[object] = []
+        holder = threading.Thread(target=lambda: first.append(ex.run(
+            job(tmp_path / "a", hold, mode="none", key="w/a"), log_path=tmp_path / "a.log", timeout=60)))
+        holder.start()
+        deadline = time.monotonic() + 30
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists()
+        cancel, stop = threading.Event(), threading.Event()
+        waited: dict[str, object] = {}
+        waiters = [threading.Thread(target=lambda: waited.__setitem__("cancel", ex.run(
+                       job(tmp_path / "b", "echo ran > ran-b", mode="none", key="w/b"), log_path=tmp_path / "b.log",
+                       cancel=cancel))),
+                   threading.Thread(target=lambda: waited.__setitem__("stop", ex.run(
+                       job(tmp_path / "c", "echo ran > ran-c", mode="none", key="w/c"), log_path=tmp_path / "c.log",
+                       stopping=stop.is_set)))]
+        for t in waiters:
+            t.start()
+        time.sleep(0.3)
+        assert waited == {}  # both wait: the only slot is busy
+        cancel.set()
+        stop.set()
+        for t in waiters:
+            t.join(10)
+        # both came back while the slot is still busy: never started, interrupted, the log says why
+        assert not release.exists() and first == []
+        for what, log in (("cancel", "b.log"), ("stop", "c.log")):
+            out = waited[what]
+            assert isinstance(out, RemoteResult) and out.attempts == 0 and out.run.interrupted, (what, out)
+            assert out.run.exit_code is None and out.measurement.metric is None
+            assert "stopped before its run" in (tmp_path / log).read_text()
+        release.touch()
+        holder.join(30)
+        assert isinstance(first[0], RemoteResult) and first[0].measurement.metric == 1.0
+    finally:
+        ex.shutdown()
 
 
 def test_worker_death_without_retries_left_is_lost(executor: RayExecutor, tmp_path: Path) -> None:

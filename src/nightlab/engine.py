@@ -117,7 +117,13 @@ class Engine(Scheduler):
 
             ex = self.spec.executor
             self.ray = RayExecutor(address=ex.address or None, num_cpus=ex.num_cpus, num_gpus=ex.num_gpus,
-                                   resources=dict(ex.resources), max_retries=ex.max_retries, slots=ex.slots)
+                                   resources=dict(ex.resources), max_retries=ex.max_retries)
+            # the wait for slots the cluster cannot place lasts unschedulable_s: say so before and after
+            self.reporter.message(f"Ray: starting {ex.slots} slot(s) ({self.ray.request()} each); waiting up to "
+                                  f"{self.ray.unschedulable_s:g} s for the cluster to place them")
+            self.ray.started = self.ray.start(ex.slots)
+            self.reporter.message(self.ray.placement_message())
+            self.events.emit("ray.slots", **self.ray.placement)
         self.allow_dirty = allow_dirty
         self.rebaseline = rebaseline
         self.check_lab = check_lab  # False: resume a session as stored, without comparing it with the lab

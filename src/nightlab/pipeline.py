@@ -350,8 +350,10 @@ class Pipeline(Runtime):
         """Run the committed experiment as a Ray task; the tree travels as a ``git archive`` tar."""
         from nightlab.executors.ray_executor import Lost, RemoteJob
 
+        ta = time.monotonic()
         archive = subprocess.run(["git", "archive", "--format=tar", commit], cwd=self.lab_dir,
                                  capture_output=True, check=True).stdout
+        archive_s = self._spent("run", ta) - ta  # the tar is the run's way to the worker: part of its stage
         job = RemoteJob(
             key=f"{self.session.tag}/{idx}", archive=archive, lab_rel=self.ws.lab_rel,
             command=self.spec.run.command, env=self.run_env(seed, idx), timeout_s=self.spec.run.hard_timeout_s,
@@ -370,18 +372,28 @@ class Pipeline(Runtime):
         self._tls.watch = watch
         try:
             with self._stage("run"):
-                out = self.ray.run(job, log_path=log_path, cancel=watch.cancel, on_progress=watch.feed)
+                # a run still waiting for a free slot when the session stops never starts
+                out = self.ray.run(job, log_path=log_path, cancel=watch.cancel, on_progress=watch.feed,
+                                   stopping=lambda: bool(self.stop.graceful))
         finally:
             watch.close()
         if isinstance(out, Lost):
             self.events.emit("sandbox.exit", experiment=idx, lost=True, reason=out.reason, attempts=out.attempts)
             return self._finish(exp_id, Status.LOST, t0, reason=f"lost after {out.attempts} attempt(s): {out.reason}",
-                                evidence={"executor": "ray", "node": out.node, "attempts": out.attempts})
+                                evidence={"executor": "ray", "node": out.node, "attempts": out.attempts,
+                                          "ray_timing": {"archive": round(archive_s, 4)}})
         res, m = out.run, self.verifier.sane(out.measurement)
+        if out.attempts == 0:
+            self.events.emit("sandbox.exit", experiment=idx, interrupted=True, attempts=0, started=False)
+            why = self.stop.cancel_reason or self.stop.graceful or "stop requested"
+            return self._finish(exp_id, Status.INTERRUPTED, t0, reason=f"interrupted: stopped before its run ({why})",
+                                evidence={"executor": "ray", "attempts": 0,
+                                          "ray_timing": {"archive": round(archive_s, 4)}})
         self.events.emit("sandbox.exit", experiment=idx, exit_code=res.exit_code, timed_out=res.timed_out,
                          interrupted=res.interrupted, wall_s=round(res.wall_s, 3), node=out.node,
                          attempts=out.attempts, log_sha256=_file_sha(Path(res.log_path)))
-        where = {"executor": "ray", "node": out.node, "attempts": out.attempts, "ray_timing": out.timing}
+        where = {"executor": "ray", "node": out.node, "attempts": out.attempts,
+                 "ray_timing": {"archive": round(archive_s, 4), **out.timing}}
         if res.interrupted and watch.pruned_at is not None and not self.stop.cancel.is_set():
             return self._pruned(exp_id, t0, res, watch, where)
         if res.interrupted:

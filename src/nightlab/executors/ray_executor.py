@@ -18,7 +18,8 @@ and returns a :class:`RemoteResult` whose ``run.log_path`` is that head path, or
 A crashed or timed-out command is data (a ``RemoteResult``), never an exception.
 ``RemoteResult.timing`` says where the run went: submit to the slot's first line (``start``), unpack
 (``setup``), the command (``sandbox``), ``measure``, the way back (``home``); the engine stores it in
-the experiment's evidence (``ray_timing``).
+the experiment's evidence (``ray_timing``), with ``archive``: the head's ``git archive`` of the commit
+(all of these count in the experiment's ``run`` stage).
 
 Idempotency (Ray runs work at least once)
 -----------------------------------------
@@ -39,7 +40,12 @@ job itself, e.g. bwrap required but missing on that worker), ``result`` returns 
 engine records status ``lost``. ``result`` never hangs on a cluster that cannot run the job: when no
 alive node offers the requested resources for ``unschedulable_s`` seconds (all workers gone),
 ``Lost`` is returned and that slot removed. A job merely queued behind others on a cluster that
-*can* run it waits; pass ``timeout`` to bound that too.
+*can* run it waits; pass ``timeout`` to bound that too. ``start`` records how many slots came up and
+how many the cluster could not place (``placement``, ``placement_message()``: the engine reports it).
+
+A job beyond the started slots waits on the head for a free one; ``run(cancel=..., stopping=...)`` ends
+that wait within ``poll_s`` when the cancel flag is set or a graceful stop is requested: the job never
+starts and comes back interrupted with ``attempts == 0``.
 
 Cancel
 ------
@@ -432,6 +438,7 @@ class RayExecutor:
         self._cap: int | None = None  # the most slots kept (set by ``start``; None: as many as jobs at once)
         self._board: Any = None  # the ProgressBoard actor, created on first use
         self._board_lock = threading.Lock()
+        self.placement: dict[str, Any] = {}  # the last ``start``: asked, started, unplaced, request, waited_s
         self.started = self.start(slots) if slots > 0 else 0
 
     # ------------------------------------------------------------------ slots
@@ -455,6 +462,7 @@ class RayExecutor:
         beyond them waits in ``submit`` for a free slot, as a Ray task waits for a free CPU. Slots that
         Ray could not place in time are given up, so that no job is bound to one that may never start.
         Returns how many came up."""
+        t0 = time.monotonic()
         actors = [self._new_slot() for _ in range(n)]
         ping = self._progress_board().take.remote("")
         refs = [a.ready.remote() for a in actors]
@@ -472,7 +480,28 @@ class RayExecutor:
             self._idle.extend(keep)
             self._cap = len(self._slots)
             self._freed.notify_all()
+        self.placement = {"asked": n, "started": len(up), "unplaced": n - len(up), "request": self.request(),
+                          "waited_s": round(time.monotonic() - t0, 3)}
         return len(up)
+
+    def placement_message(self) -> str:
+        """One line for the user about the last :meth:`start`: how many slots started, how many the
+        cluster could not place and why (each slot's resource request against what the cluster has)."""
+        p = self.placement
+        if not p:
+            return ""
+        if not p["unplaced"]:
+            return f"Ray: {p['started']} slot(s) started ({p['request']} each) in {p['waited_s']:g} s"
+        try:
+            have = ", ".join(f"{k}={v:g}" for k, v in sorted(self._ray.cluster_resources().items())
+                             if k in ("CPU", "GPU") or k in self.resources)
+        except Exception:  # the cluster is gone: the request alone says why
+            have = "unknown"
+        then = (f"runs beyond {p['started']} at once wait for a free slot" if p["started"] else
+                "runs wait for the cluster to offer it, and are lost if no node does")
+        return (f"Ray: {p['started']} of {p['asked']} slot(s) started; {p['unplaced']} could not be placed within "
+                f"{p['waited_s']:g} s: each slot asks for {p['request']}, the cluster has {have or 'none of it'} "
+                f"in all (other actors and tasks hold part of it); {then}")
 
     def workers(self) -> list[tuple[str, int]]:
         """(host, pid) of each slot's worker process now (waits for slots that are restarting)."""
@@ -480,11 +509,14 @@ class RayExecutor:
             actors = list(self._slots)
         return list(self._ray.get([a.ready.remote() for a in actors], timeout=60)) if actors else []
 
-    def _acquire(self) -> Any:
-        """A free slot; a new one while under the cap (none without ``slots``); else wait for one."""
+    def _acquire(self, cancel: threading.Event | None = None, stopping: Callable[[], bool] | None = None) -> Any:
+        """A free slot; a new one while under the cap (none without ``slots``); else wait for one.
+        ``None`` when ``cancel`` is set or ``stopping()`` is true while it waits (checked every ``poll_s``)."""
         with self._freed:
             while not self._idle and self._cap is not None and len(self._slots) >= self._cap:
-                self._freed.wait()
+                if (cancel is not None and cancel.is_set()) or (stopping is not None and stopping()):
+                    return None
+                self._freed.wait(self.poll_s)
             if self._idle:
                 return self._idle.pop(0)
             actor = self._new_slot()
@@ -523,9 +555,18 @@ class RayExecutor:
         on_progress=...)``). The job goes to Ray's object store once (``ray.put``); a retried attempt
         reads it from there, the head does not send it again. Every handle must go to ``result``, which
         frees its slot."""
-        t = time.time()
-        handle = RayHandle(job, None, submitted_at=t, progress=progress, job_ref=self._ray.put(job),
-                           actor=self._acquire())
+        handle = self._submit_when_free(job, progress, None, None)
+        assert handle is not None  # without a cancel it waits for a slot
+        return handle
+
+    def _submit_when_free(self, job: RemoteJob, progress: bool, cancel: threading.Event | None,
+                          stopping: Callable[[], bool] | None) -> RayHandle | None:
+        """``submit``, or ``None`` when ``cancel``/``stopping`` stops the wait for a free slot."""
+        actor = self._acquire(cancel, stopping)
+        if actor is None:
+            return None
+        handle = RayHandle(job, None, submitted_at=time.time(), progress=progress, job_ref=self._ray.put(job),
+                           actor=actor)
         return replace(handle, ref=self._submit(handle, 1))
 
     # ------------------------------------------------------------------ result
@@ -670,14 +711,27 @@ class RayExecutor:
                 elif unhostable_since is None:
                     unhostable_since = now
                 elif now - unhostable_since >= self.unschedulable_s:
-                    return self._lost(log_path, f"no alive node offers {self._request()} for "
+                    return self._lost(log_path, f"no alive node offers {self.request()} for "
                                       f"{self.unschedulable_s:g} s", attempts)
 
     def run(self, job: RemoteJob, *, log_path: Path, cancel: threading.Event | None = None,
-            timeout: float | None = None, on_progress: Callable[[str], None] | None = None) -> RemoteResult | Lost:
-        """``submit`` then ``result`` (with progress lines when ``on_progress`` is given)."""
-        return self.result(self.submit(job, progress=on_progress is not None), log_path=log_path, cancel=cancel,
-                           timeout=timeout, on_progress=on_progress)
+            timeout: float | None = None, on_progress: Callable[[str], None] | None = None,
+            stopping: Callable[[], bool] | None = None) -> RemoteResult | Lost:
+        """``submit`` then ``result`` (with progress lines when ``on_progress`` is given).
+
+        While the job waits for a free slot, ``cancel`` (or ``stopping()`` turning true: a graceful stop)
+        ends the wait within ``poll_s``: the job never starts, and an interrupted ``RemoteResult`` with
+        ``attempts == 0`` comes back."""
+        t0 = time.monotonic()
+        handle = self._submit_when_free(job, on_progress is not None, cancel, stopping)
+        if handle is None:
+            log_path = Path(log_path)
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_path.write_text("[nightlab] stopped before its run: it was waiting for a free Ray slot\n")
+            run = RunResult(None, False, time.monotonic() - t0, str(log_path), job.sandbox_mode, job.command,
+                            interrupted=True)
+            return RemoteResult(run, Measurement(None, error="interrupted"), "", 0)
+        return self.result(handle, log_path=log_path, cancel=cancel, timeout=timeout, on_progress=on_progress)
 
     def shutdown(self) -> None:
         """Stop this executor's actors; disconnect from (and stop, when this executor started it) the
@@ -696,7 +750,8 @@ class RayExecutor:
 
     # ------------------------------------------------------------------ helpers
 
-    def _request(self) -> str:
+    def request(self) -> str:
+        """Each slot's resource request, e.g. ``CPU=1, GPU=1``."""
         need = {"CPU": self.num_cpus, "GPU": self.num_gpus, **self.resources}
         return ", ".join(f"{k}={v:g}" for k, v in need.items() if v > 0) or "no resources"
 
