@@ -124,3 +124,27 @@ def test_a_setting_read_back_from_json_is_recognised():
     key = SearchResearcher._key
     assert key({"A": 1, "B": [1, 2]}) == key({"B": (1, 2), "A": 1})  # lists from the ledger's JSON
     assert hash(key({"B": [[1, 2], 3]}))
+
+
+def test_a_resumed_session_replays_each_experiment_once(make_lab, monkeypatch):
+    # on resume the engine replays the ledger through observe() (the backlog) and the first propose sees the
+    # same rows in ctx.history: each must count once, in the study and in the seed's offset
+    offsets: list[int] = []
+    make = SearchResearcher._make_sampler
+    monkeypatch.setattr(SearchResearcher, "_make_sampler", lambda self, n: offsets.append(n) or make(self, n))
+    lab = make_lab(files={"target.py": TARGET}, spec=SEARCH_SPEC)
+    eng = Engine(lab, tag="once", sandbox_mode="none", max_experiments=3)
+    eng.run()
+    eng.close()
+    eng = Engine(lab, tag="once", resume=True, sandbox_mode="none", max_experiments=5)
+    session = eng.run()
+    exps = eng.ledger.experiments(session.id)
+    r = eng.researcher
+    eng.close()
+    assert isinstance(r, SearchResearcher) and r.study is not None
+    assert offsets == [0, 3]  # the resumed sampler's seed moved on by the 3 replayed candidates, not 6
+    told = [t.user_attrs["nightlab_experiment"] for t in r.study.trials if "nightlab_experiment" in t.user_attrs]
+    # every recorded candidate that ran is in the study once, none twice (the baseline's values are unknown
+    # once a candidate was kept: it is a trial only while nothing was)
+    assert len(told) == len(set(told)), told
+    assert sorted(set(told) - {0}) == [e.idx for e in exps if e.idx > 0 and e.status in (Status.KEEP, Status.DISCARD)]

@@ -290,7 +290,9 @@ class SearchResearcher:
         return chosen
 
     def _start(self, ctx: Context) -> optuna.Study:
-        seen = (*ctx.history, *self._backlog)  # read once (a resumed session's history comes from the ledger)
+        # read once (a resumed session's history comes from the ledger). On resume the engine replays the
+        # ledger through observe() (the backlog) and ctx.history holds the same rows: each counts once
+        seen = tuple({e.idx: e for e in (*ctx.history, *self._backlog)}.values())
         self.space = _widen(self._select(self._scan(ctx), ctx.files), seen)
         self.distributions = {k: _distribution(c) for k, c in self.space.items()}
         self._first_values = {k: c.value for k, c in self.space.items()}
