@@ -131,3 +131,51 @@ def test_every_sort_at_any_page_walks_an_index(tmp_path: Path) -> None:
                         assert "TEMP B-TREE" not in plan and "INDEX" in plan, (sort, order, researcher, plan)
         finally:
             sa.event.remove(eng, "before_cursor_execute", capture)
+
+
+
+@pytest.mark.postgres
+def test_every_sort_walks_an_index_on_postgres_too(pg_url: str) -> None:
+    """PostgreSQL walks a plain index backwards only as ``DESC NULLS FIRST``: a page sorted ``DESC NULLS LAST``
+    sorted the whole session there. With sorting and sequential scans priced out (``enable_sort``,
+    ``enable_seqscan`` off), a plan that still has a Sort node has no index to give the order."""
+    with Ledger(pg_url) as led:
+        s = led.create_session(tag="t", branch="nightlab/t", base_commit="b" * 40, metric_name="score",
+                               direction=Direction.MINIMIZE, sandbox="none", spec_hash="x", spec_json="{}",
+                               lab_path="/x", machine={}, researcher="llm")
+        for i in range(8):  # NULLs, ties and values in every nullable sort column: the order is checked too
+            cand = None if i % 3 == 0 else Candidate(parent="p", rationale="r", researcher=("llm", "search")[i % 2],
+                                                       usage=Usage(tokens_in=10 * (i % 4), cost_usd=(i % 5) / 100))
+            e = led.start_experiment(s.id, idx=i, parent_commit="p", seed=0, candidate=cand, description="d",
+                                     propose_s=0.1 * (i % 4))
+            led.finish_experiment(e, status=(Status.DISCARD, Status.KEEP)[i % 2], metric=None if i == 4 else i % 3)
+        queries.ensure_indexes(led)
+        eng = queries.engine_of(led)
+        seen: list[tuple[str, object]] = []
+
+        def capture(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+            if statement.lstrip().startswith("SELECT experiments.id") and "ORDER BY" in statement:
+                seen.append((statement, params))
+
+        sa.event.listen(eng, "before_cursor_execute", capture)
+        try:
+            for sort, col in queries.SORTS.items():
+                with eng.connect() as conn:
+                    values = dict(conn.execute(sa.select(experiments.c.idx, col)).all())
+                for order in ("asc", "desc"):
+                    seen.clear()
+                    page = queries.experiments_page(led, s.id, sort=sort, order=order, limit=50)
+                    # the answer is unchanged: NULLs last either way, ties by idx in the asked order
+                    sign = 1 if order == "asc" else -1
+                    known = sorted((i for i in values if values[i] is not None),
+                                   key=lambda i: (values[i], i), reverse=sign < 0)
+                    assert [r.idx for r in page.rows] == known + sorted(
+                        (i for i in values if values[i] is None), reverse=sign < 0), (sort, order)
+                    statement, params = seen[0]
+                    with eng.connect() as conn:
+                        conn.exec_driver_sql("SET enable_sort = off")
+                        conn.exec_driver_sql("SET enable_seqscan = off")
+                        plan = " | ".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + statement, params))
+                    assert "Sort" not in plan.replace("Sort Key", "") and "Index" in plan, (sort, order, plan)
+        finally:
+            sa.event.remove(eng, "before_cursor_execute", capture)
