@@ -149,3 +149,15 @@ def test_the_models_own_log_lines_stay_out_of_plain_output(make_lab):
     out = res.stdout + res.stderr
     assert "[1] " in out, out  # the session ran its experiment
     assert "llama_" not in out and "ggml" not in out and "swa cache" not in out.lower(), out
+
+
+@pytest.mark.skipif(not HAVE_LLAMA, reason="needs llama-cpp-python: pip install 'nightlab[local]'")
+def test_llama_cpps_dev_null_files_are_closed_at_exit():
+    """llama_cpp opens /dev/null twice at import and never closes it: test runs that loaded the local
+    researcher ended with two 'Exception ignored … ResourceWarning: unclosed file … /dev/null' lines."""
+    def exit_noise(code: str) -> str:
+        return subprocess.run([sys.executable, "-X", "dev", "-W", "error::ResourceWarning", "-c", code],
+                              capture_output=True, text=True, timeout=60).stderr
+
+    assert "unclosed file" in exit_noise("import llama_cpp")  # the leak, as llama_cpp ships it
+    assert exit_noise("from nightlab.researchers.local import import_llama; import_llama()") == ""

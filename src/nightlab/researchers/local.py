@@ -22,10 +22,12 @@ Tokens are counted from llama.cpp's usage; cost is 0.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -144,15 +146,39 @@ def default_model() -> Path:
     return Path(gemma.assemble())
 
 
+def import_llama() -> Any:
+    """llama-cpp-python's ``Llama`` class. Its import opens ``/dev/null`` twice (``llama_cpp._utils``,
+    module-level files for its output-suppressing context manager) and never closes them: Python reported
+    both as a ``ResourceWarning`` at interpreter exit (as errors, under pytest's warning filters). They are
+    closed at exit, once nothing can use them any more."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise UsageError("the local researcher needs llama-cpp-python", "pip install 'nightlab[local]'") from None
+    global _devnull_closer_registered
+    if not _devnull_closer_registered:
+        atexit.register(_close_llama_devnull)
+        _devnull_closer_registered = True
+    return Llama
+
+
+_devnull_closer_registered = False
+
+
+def _close_llama_devnull() -> None:
+    utils = sys.modules.get("llama_cpp._utils")
+    for name in ("outnull_file", "errnull_file"):
+        f = getattr(utils, name, None)
+        if f is not None:
+            with contextlib.suppress(Exception):
+                f.close()
+
+
 class LocalResearcher:
     name = "local"
 
     def __init__(self, options: Options, spec: Spec, lab_dir: Path) -> None:
-        try:
-            from llama_cpp import Llama
-        except ImportError:
-            raise UsageError("the local researcher needs llama-cpp-python",
-                             "pip install 'nightlab[local]'") from None
+        Llama = import_llama()
         self.o = options
         self.spec = spec
         path = Path(options.model_path) if options.model_path else default_model()
