@@ -97,6 +97,8 @@ class Engine(Scheduler):
         self.verifier = Verifier(self)
         self.stop = StopState()
         self.sandbox_mode = sandbox.resolve_mode(sandbox_mode or self.spec.sandbox.mode)
+        if self.spec.run.setup_sandbox:  # [run] setup_sandbox: the setup gets the runs' sandbox and network
+            self.setup_sandbox = "network" if self.spec.permissions.run_network else "offline"
         self.data_dir = self.ws.state_dir / "data"
         self.artifacts_dir = self.ws.state_dir / "artifacts"
         self.stop_file = self.ws.state_dir / "STOP"

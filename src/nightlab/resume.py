@@ -18,8 +18,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
+
 from nightlab.guard import Guard
-from nightlab.spec import PROGRAM_FILE, SPEC_FILE, matches
+from nightlab.spec import PROGRAM_FILE, SPEC_FILE, Spec, matches
 from nightlab.workspace import Workspace
 
 HARMLESS_SECTIONS = frozenset({"lab", "stop", "researcher", "accept", "autonomy", "executor", "audit", "permissions",
@@ -109,7 +112,24 @@ def spec_changes(old_json: str, new: dict[str, Any]) -> tuple[SpecChange, ...]:
     except ValueError:
         old = {}
     a, b = _flat(old if isinstance(old, dict) else {}), _flat(new)
-    return tuple(SpecChange(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+    # a key that the stored spec lacks (an older nightlab wrote it) and that is now at its default is no
+    # change: a new key's default keeps the behaviour that nightlab had before it existed
+    defaults = _defaults()
+    return tuple(SpecChange(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+                 and not (k not in a and k in defaults and b.get(k) == defaults[k]))
+
+
+def _defaults() -> dict[str, Any]:
+    """``section.key`` -> the default of every spec key that has one, as the spec's JSON dump writes it."""
+    out: dict[str, Any] = {}
+    for section, field in Spec.model_fields.items():
+        model = field.annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        for key, f in model.model_fields.items():
+            if not f.is_required():
+                out[f"{section}.{key}"] = to_jsonable_python(f.get_default(call_default_factory=True))
+    return out
 
 
 def compare(ws: Workspace, *, spec_json: str, spec_now: dict[str, Any], base: str, incumbent: str,

@@ -118,7 +118,8 @@ class Runtime:
     _base_commit: str | None
     _tls: threading.local
     # None: the setup command runs unsandboxed (the lab's operator wrote it). A pool worker runs a host's
-    # setup in the runs' sandbox: "offline" (no network) or "network" (the worker's --setup-network)
+    # setup in the runs' sandbox: "offline" (no network) or "network" (the worker's --setup-network); so
+    # does a lab with [run] setup_sandbox = true (network as [permissions] run_network)
     setup_sandbox: str | None = None
     _keep_lock: threading.Lock
     _requeue: list[Candidate | keep.Requeued]
@@ -222,7 +223,8 @@ class Runtime:
                                 + sandbox.tail(log, 15), "fix the setup command, then resume with --resume")
 
     def setup_policy(self) -> sandbox.SandboxPolicy:
-        """The sandbox of a setup command nightlab does not trust (a pool host's): the runs' view, the lab
+        """The sandbox of a setup command nightlab does not trust (a pool host's, or any lab's with ``[run]
+        setup_sandbox``): the runs' view, the lab
         folder read-only, only the data dir (``$NIGHTLAB_DATA_DIR``) writable, ``.nightlab`` and ``.git`` hidden.
         (A writable lab folder would let setup swap a ``[sandbox] readonly`` path for a symlink to ``~/.ssh``,
         which the next runs would get bound in.)"""

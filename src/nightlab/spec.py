@@ -36,6 +36,8 @@ class FilesSpec(_Section):
 class RunSpec(_Section):
     command: str = Field(description="the experiment command, run from the lab folder of a worktree")
     setup: str = Field("", description="run once per session in the lab folder before the baseline")
+    setup_sandbox: bool = Field(False, description="run setup in the runs' sandbox: the lab read-only, only "
+                                "NIGHTLAB_DATA_DIR writable, network as [permissions] run_network")
     budget_s: float = Field(300.0, gt=0, description="passed to the run as NIGHTLAB_BUDGET_S")
     timeout_s: float | None = Field(None, gt=0, description="hard kill; default budget_s * 2 + 60")
     env: dict[str, str] = Field(default_factory=dict)
