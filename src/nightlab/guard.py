@@ -72,6 +72,10 @@ def path_problem(path: str) -> str | None:
         return f"{path!r}: '..' escapes the lab"
     if p.parts and p.parts[0] in (".git", ".nightlab"):
         return f"{path!r}: nightlab's and git's own folders are off limits"
+    # a `.git` file or folder deeper down makes a nested repository: `git add -A` of the worktree then
+    # fails ("does not have a commit checked out") and would stop the session, or stages a gitlink
+    if any(part.casefold() == ".git" for part in p.parts):
+        return f"{path!r}: a .git file or folder (a nested repository) is off limits"
     return None
 
 

@@ -1,0 +1,107 @@
+"""More attacks by a hostile researcher (its candidate's files, and the code its run executes), beyond
+issue 11's (tests/test_attacks_eval.py, test_attacks_run.py, test_attacks_tinygpt.py, test_pool_attacks.py).
+
+Each is a real run: real git, real subprocesses, bubblewrap where the claim is about the sandbox. The
+lab is test_attacks_eval's: ``score = (x-1)^2 + (y-2)^2 + 0.5`` from the protected evaluator, the
+honest candidate ``x=2, y=0`` scores 5.5, the baseline 8.5. Tests marked "broke on main" failed on the
+main this branch started from and pass with the fix named in their docstring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from tests.conftest import cli_env, nightlab_cmd
+from tests.test_attacks_eval import EVALUATE, HAVE_BWRAP, MODE, SPEC, make, needs_bwrap, session, target
+
+from nightlab.engine import Engine
+from nightlab.researchers.scripted import ScriptedResearcher
+from nightlab.types import Status
+
+HOST_SECRET = "sk-harness-secret-5d1e0c"  # in the harness's environment only
+
+
+def run_once(lab: Path, steps: list[dict], mode: str = MODE, **kw: object):
+    eng = Engine(lab, tag="t", researcher=ScriptedResearcher(steps), sandbox_mode=mode, max_experiments=len(steps),
+                 **kw)
+    s = eng.run()
+    exps = eng.ledger.experiments(s.id)
+    eng.close()
+    return s, exps
+
+
+# --------------------------------------------------------------------------- the candidate's files
+
+
+@pytest.mark.parametrize("planted", [
+    {"x1/.git": "gitdir: g\n", "x1/g/HEAD": "ref: refs/heads/main\n", "x1/g/objects/k": "", "x1/g/refs/heads/k": "",
+     "x1/g/config": "[core]\n\trepositoryformatversion = 0\n\tfsmonitor = touch /tmp/nightlab-pwned\n"},
+    {"x1/.git/HEAD": "ref: refs/heads/main\n", "x1/.git/objects/k": "", "x1/.git/refs/heads/k": ""},
+    {"x0/.GIT/config": "[core]\n\tbare = false\n"},
+], ids=["gitfile-to-planted-repo", "nested-git-dir", "case-folded"])
+def test_a_nested_repository_in_the_candidate_is_rejected_and_the_night_goes_on(tmp_path, planted):
+    """Broke on main: a candidate whose files made a new folder holding a ``.git`` (file or folder) made
+    the harness's ``git add -A`` fail ("does not have a commit checked out"): a GitError out of the
+    experiment stopped the whole session with a traceback. Fixed in guard.path_problem (a ``.git``
+    component anywhere is refused before anything is written)."""
+    spec = SPEC.replace('editable = ["target.py"]', 'editable = ["target.py", "x*/**"]')
+    lab = make(tmp_path, spec=spec, **{"x0/a.txt": "a\n"})
+    s, exps = run_once(lab, [
+        {"rationale": "plant", "files": {"target.py": target(2.0, 0.0), **planted}},
+        {"rationale": "honest", "files": {"target.py": target(2.0, 0.0)}},
+    ])
+    assert s.status == "finished" and len(exps) == 3
+    bad, honest = exps[1], exps[2]
+    assert bad.status is Status.REJECTED and "nested repository" in bad.reason, bad.reason
+    assert honest.status is Status.KEEP and honest.metric == pytest.approx(5.5)
+    assert not Path("/tmp/nightlab-pwned").exists()
+
+
+# --------------------------------------------------------------------------- the evaluator's imports
+
+
+def _pyc_attack(prefix: str) -> str:
+    """Run code that leaves a forged, valid bytecode file of the stdlib's colorsys where an evaluator with
+    ``PYTHONPYCACHEPREFIX=prefix`` looks for it (its header matches the real source's mtime and size)."""
+    return f"""
+import importlib.util, importlib._bootstrap_external as be, sys
+src = importlib.util.find_spec('colorsys').origin
+st = os.stat(src)
+sys.pycache_prefix = {prefix!r}
+pyc = importlib.util.cache_from_source(src)
+os.makedirs(os.path.dirname(pyc), exist_ok=True)
+open(pyc, 'wb').write(be._code_to_timestamp_pyc(compile('ONE_THIRD = -3.0\\n', src, 'exec'), st.st_mtime, st.st_size))
+print('planted', pyc)
+"""
+
+
+@pytest.mark.parametrize("mode", ["none", pytest.param("required", marks=needs_bwrap)])
+def test_bytecode_planted_in_tmp_is_not_loaded_by_the_evaluator(tmp_path, mode):
+    """Broke on main (sandbox = "none"): the evaluator ran with ``PYTHONPYCACHEPREFIX=/tmp/nightlab-pycache``,
+    a folder any run can write; a forged ``.pyc`` of a stdlib module there, with the real source's mtime and
+    size, was imported by the evaluator and the holdout command (metric forged, ``trust: evaluator``).
+    Fixed in verifier._eval_env: the prefix is a folder of the clean tree, made by nobody."""
+    evaluate = EVALUATE.replace("import helper", "import colorsys\nimport helper").replace(
+        "helper.offset():.6f", "helper.offset() + 3 * (colorsys.ONE_THIRD - 1 / 3):.6f")
+    lab = make(tmp_path, **{"evaluate.py": evaluate})
+    src = importlib.util.find_spec("colorsys").origin  # type: ignore[union-attr]
+    planted = Path("/tmp/nightlab-pycache" + str(Path(src).parent), f"colorsys.{sys.implementation.cache_tag}.pyc")
+    try:
+        _s, (base, attack) = session(lab, _pyc_attack("/tmp/nightlab-pycache"), mode=mode)
+        assert base.status is Status.KEEP and base.metric == pytest.approx(8.5)
+        assert "planted" in attack.log_tail
+        assert attack.status is Status.KEEP and attack.metric == pytest.approx(5.5), (attack.metric, attack.reason)
+        assert attack.trust == "evaluator" and attack.secondary["holdout"] == pytest.approx(15.0)
+    finally:
+        planted.unlink(missing_ok=True)
