@@ -30,7 +30,9 @@ or nothing).
 the agent gets: the network (it must reach its model API); write access to its worktree and
 to its own config paths in ``$HOME`` that exist (below) and ``writable`` extras; the rest of
 the file system read-only, the lab's ``.nightlab/`` (ledger, artifacts, other worktrees),
-``[sandbox] hide`` and ``[holdout] files`` hidden (the lab's and the worktree's copies); the
+the repository's ``.git`` (its objects hold the committed holdout files; git does not work in the
+worktree, the presets do not need it), ``[sandbox] hide`` and ``[holdout] files`` hidden (the
+lab's and the worktree's copies); the
 environment of nightlab, API keys included (the agent needs its key; the transcript is
 redacted). The presets add their own tool permissions:
 
@@ -195,6 +197,9 @@ class AgentResearcher:
         pats = [*self.spec.sandbox.hide, *self.spec.holdout.files]  # both copies: the lab's and the worktree's
         roots = (self.lab_dir, self.ws.lab_in(worktree))
         hidden = [self.ws.state_dir, *(root / p for root in roots for p in globs.cover(root, pats))]
+        # the repository too: holdout files are committed (their clean tree is built from git objects), and
+        # `git show HEAD:<holdout file>` from the worktree, or inflating the objects, would read them
+        hidden += [self.ws.repo_root / ".git", self.ws.git_dir]
         writable = [worktree, *(p for p in self.extra_writable if p.exists())]
         # host_root: the agent needs its CLI and its config, wherever they are installed
         return sandbox.SandboxPolicy(mode=self.mode, network=True, writable=tuple(writable),
