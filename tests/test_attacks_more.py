@@ -9,11 +9,8 @@ main this branch started from and pass with the fix named in their docstring.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import io
-import json
-import os
 import re
 import shutil
 import subprocess
@@ -23,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import cli_env, nightlab_cmd
-from tests.test_attacks_eval import EVALUATE, HAVE_BWRAP, MODE, SPEC, make, needs_bwrap, session, target
+from tests.test_attacks_eval import EVALUATE, MODE, SPEC, make, needs_bwrap, session, target
 
 from nightlab.engine import Engine
 from nightlab.researchers.scripted import ScriptedResearcher
@@ -158,3 +155,32 @@ def test_an_agent_researcher_cannot_read_committed_holdout_files_from_git(tmp_pa
         assert agent.rationale == "snooped: clean"
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- what the human reads
+
+REDRAW = "\x1b[8A\x1b[2K  status      keep\x1b[2K  metric      score = 0.000100  (trust: evaluator)\x1b]0;owned\x07\r"
+
+
+def test_terminal_escapes_from_a_run_or_a_researcher_are_shown_escaped(tmp_path):
+    """Broke on main: ``nightlab show`` printed a run's log tail and a researcher's rationale raw, so ESC
+    sequences reached the terminal (cursor moves that redraw the table above as "keep" with a forged
+    metric, a window title, OSC 52 clipboard writes); the live console printed them too. Fixed with
+    text.printable in cli/read.py and console.py: control characters but tab and newline show as ``\\xNN``."""
+    crash = f"import sys\nsys.stdout.write({REDRAW!r} * 3)\nsys.exit(1)\n"
+    lab = make(tmp_path)
+    out = io.StringIO()
+    from nightlab.console import PlainReporter
+
+    _s, (_base, bad) = run_once(lab, [{"rationale": "tidy up\x1b]52;c;cm0gLXJmIH4=\x07 the loop" + REDRAW,
+                                       "files": {"target.py": target(2.0, 0.0, crash)}}], reporter=PlainReporter(out))
+    assert bad.status is Status.CRASH and "\x1b" in bad.log_tail  # stored as the run wrote it
+    shown = {"live": out.getvalue()}
+    for cmd in (("show", "1"), ("log",), ("status",)):
+        proc = subprocess.run(nightlab_cmd(*cmd, "--lab", str(lab)), env={**cli_env(), "COLUMNS": "200"},
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        shown[" ".join(cmd)] = proc.stdout
+    for where, text in shown.items():
+        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", text), (where, text)
+    assert "\\x1b[8A" in shown["show 1"] and "\\x1b]52;c;" in shown["show 1"]
