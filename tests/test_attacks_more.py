@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import re
 import shutil
 import subprocess
@@ -27,6 +28,15 @@ from nightlab.researchers.scripted import ScriptedResearcher
 from nightlab.types import Status
 
 HOST_SECRET = "sk-harness-secret-5d1e0c"  # in the harness's environment only
+
+
+@pytest.fixture
+def outside_tmp():
+    """A folder for a lab outside /tmp: bwrap gives runs a private /tmp, which would hide a lab under /tmp
+    (pytest's tmp_path) by accident and make an attack on the lab folder look held."""
+    home = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="nightlab-redteam-"))
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
 
 
 def run_once(lab: Path, steps: list[dict], mode: str = MODE, **kw: object):
@@ -184,3 +194,103 @@ def test_terminal_escapes_from_a_run_or_a_researcher_are_shown_escaped(tmp_path)
     for where, text in shown.items():
         assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", text), (where, text)
     assert "\\x1b[8A" in shown["show 1"] and "\\x1b]52;c;" in shown["show 1"]
+
+
+# --------------------------------------------------------------------------- what a run can reach
+
+PROBE = '''
+import glob, json, time
+time.sleep(0.5)  # the other slot's run is up meanwhile
+lab = os.path.dirname(os.path.dirname(os.path.dirname(os.getcwd())))
+me = os.path.basename(os.getcwd())
+seen = {"pids": 0, "secret": [], "read": [], "listed": [], "wrote": []}
+for d in glob.glob("/proc/[0-9]*"):
+    seen["pids"] += 1
+    for f in ("environ", "cmdline"):
+        try:
+            data = open(os.path.join(d, f), "rb").read()
+        except OSError:
+            continue
+        if SECRET.encode() in data or b"-m\\x00pytest" in data:  # the key, or the harness (pytest here)
+            seen["secret"].append(d + "/" + f)
+for p in ["ledger.db", "audit.jsonl", "holdout/hold.json"]:
+    p = os.path.join(lab, ".nightlab", p)
+    try:
+        open(p, "rb").read(1)
+        seen["read"].append(p)
+    except OSError:
+        pass
+for p in [".git/HEAD", ".git/config", "target.py", "evaluate.py"]:
+    try:
+        open(os.path.join(lab, p), "rb").read(1)
+        seen["read"].append(p)
+    except OSError:
+        pass
+for d in ["worktrees", "eval", "artifacts", "eval/t"]:
+    try:
+        seen["listed"] += [d + "/" + n for n in os.listdir(os.path.join(lab, ".nightlab", d)) if n != me]
+    except OSError:
+        pass
+try:
+    open(".git", "a").write("gitdir: /tmp/evil\\n")
+    seen["wrote"].append(".git")
+except OSError:
+    pass
+for p in ["../x", os.path.join(lab, ".nightlab", "x"), os.path.join(lab, "x"), os.path.join(lab, ".git", "x")]:
+    try:  # the host's copies are checked afterwards (hidden folders are private tmpfs here)
+        open(p, "a").write("x\\n")
+    except OSError:
+        pass
+print("PROBE " + json.dumps(seen))
+'''
+
+
+@needs_bwrap
+def test_a_run_sees_no_harness_state_other_slot_or_host_secret(outside_tmp, monkeypatch):
+    """Held: under bwrap a run (two slots at once) finds no process of the harness in /proc (nor its API key
+    in any environ or cmdline), cannot read the ledger, the audit log, the holdout data, the lab's .git
+    or the lab folder, lists no other worktree, clean tree or artifact, and can write neither its own .git
+    pointer (read-only: the harness never runs git in the worktree after a run, but a pointer swap would
+    be the escape) nor anything outside its worktree."""
+    monkeypatch.setenv("OPENAI_API_KEY", HOST_SECRET)
+    lab = make(outside_tmp, spec=SPEC + "\n[executor]\nslots = 2\n")
+    probe = PROBE.replace("SECRET", repr(HOST_SECRET))
+    _s, exps = run_once(lab, [{"rationale": f"probe {i}", "files": {"target.py": target(2.0, float(i), probe)}}
+                              for i in range(2)])
+    assert len(exps) == 3
+    for e in exps[1:]:
+        line = next(ln for ln in e.log_tail.splitlines() if ln.startswith("PROBE "))
+        seen = json.loads(line[len("PROBE "):])
+        assert seen["pids"] < 10 and not seen["secret"], seen  # a PID namespace of its own
+        assert seen["read"] == [] and seen["listed"] == [] and seen["wrote"] == [], seen
+        assert e.status.is_finished() and e.metric is not None, (e.status, e.reason)
+    assert HOST_SECRET not in json.dumps([e.log_tail for e in exps])
+    for p in ("x", ".nightlab/x", ".nightlab/worktrees/x", ".git/x"):
+        assert not (lab / p).exists(), p
+
+
+def test_a_rewritten_git_pointer_is_never_followed_by_the_harness(tmp_path):
+    """Held (sandbox = "none", where a run can write its worktree's ``.git`` file): the run points it at a
+    repository it made, whose config and hooks would run a command on the next git call inside the
+    worktree; nothing runs: after a run nightlab never calls git in the worktree (the keep, the holdout
+    check, the next experiment and the cleanup all work from outside)."""
+    mark = tmp_path / "pwned"
+    evil = f"""
+os.makedirs('evil/objects', exist_ok=True); os.makedirs('evil/refs/heads', exist_ok=True)
+os.makedirs('evil/hooks', exist_ok=True)
+open('evil/HEAD', 'w').write('ref: refs/heads/main\\n')
+cmd = 'touch {mark}'
+open('evil/config', 'w').write('[core]\\n\\trepositoryformatversion = 0\\n\\tfsmonitor = ' + cmd +
+                               '\\n\\thooksPath = ' + os.path.abspath('evil/hooks') + '\\n[alias]\\n\\tadd = !' + cmd + '\\n')
+for hook in ('pre-commit', 'post-commit', 'post-checkout', 'reference-transaction', 'pre-auto-gc'):
+    open('evil/hooks/' + hook, 'w').write('#!/bin/sh\\n' + cmd + '\\n'); os.chmod('evil/hooks/' + hook, 0o755)
+os.chmod('.git', 0o644); open('.git', 'w').write('gitdir: ' + os.path.abspath('evil') + '\\n')
+"""
+    lab = make(tmp_path)
+    s, exps = run_once(lab, [{"rationale": "swap", "files": {"target.py": target(2.0, 0.0, evil)}},
+                             {"rationale": "next", "files": {"target.py": target(1.5, 1.0)}}], mode="none")
+    assert [e.status for e in exps] == [Status.KEEP] * 3, [(e.status, e.reason) for e in exps]
+    assert exps[1].secondary["holdout"] == pytest.approx(15.0)
+    assert not mark.exists()
+    assert subprocess.run(["git", "-C", str(lab), "worktree", "list"], capture_output=True, text=True,
+                          check=True).stdout.count("\n") == 1
