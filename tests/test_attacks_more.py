@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -280,17 +281,124 @@ os.makedirs('evil/objects', exist_ok=True); os.makedirs('evil/refs/heads', exist
 os.makedirs('evil/hooks', exist_ok=True)
 open('evil/HEAD', 'w').write('ref: refs/heads/main\\n')
 cmd = 'touch {mark}'
+hooks = os.path.abspath('evil/hooks')
 open('evil/config', 'w').write('[core]\\n\\trepositoryformatversion = 0\\n\\tfsmonitor = ' + cmd +
-                               '\\n\\thooksPath = ' + os.path.abspath('evil/hooks') + '\\n[alias]\\n\\tadd = !' + cmd + '\\n')
+                               '\\n\\thooksPath = ' + hooks + '\\n[alias]\\n\\tadd = !' + cmd + '\\n')
 for hook in ('pre-commit', 'post-commit', 'post-checkout', 'reference-transaction', 'pre-auto-gc'):
     open('evil/hooks/' + hook, 'w').write('#!/bin/sh\\n' + cmd + '\\n'); os.chmod('evil/hooks/' + hook, 0o755)
 os.chmod('.git', 0o644); open('.git', 'w').write('gitdir: ' + os.path.abspath('evil') + '\\n')
 """
     lab = make(tmp_path)
-    s, exps = run_once(lab, [{"rationale": "swap", "files": {"target.py": target(2.0, 0.0, evil)}},
-                             {"rationale": "next", "files": {"target.py": target(1.5, 1.0)}}], mode="none")
+    _s, exps = run_once(lab, [{"rationale": "swap", "files": {"target.py": target(2.0, 0.0, evil)}},
+                              {"rationale": "next", "files": {"target.py": target(1.5, 1.0)}}], mode="none")
     assert [e.status for e in exps] == [Status.KEEP] * 3, [(e.status, e.reason) for e in exps]
     assert exps[1].secondary["holdout"] == pytest.approx(15.0)
     assert not mark.exists()
     assert subprocess.run(["git", "-C", str(lab), "worktree", "list"], capture_output=True, text=True,
                           check=True).stdout.count("\n") == 1
+
+
+XSS = '<script>alert(1)</script><img src=x onerror=alert(2)><svg onload=alert(3)>"\'><a href="javascript:alert(4)">'
+
+
+def test_a_researchers_markup_is_inert_on_the_dashboard_and_the_report(tmp_path):
+    """Held: a rationale, a file name, a run's log and a crash reason carrying HTML are escaped on every
+    dashboard page and API answer that shows them and in the HTML report (a script there could press
+    "approve" on the approvals page), and the pages forbid inline scripts."""
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from nightlab.ledger import Ledger
+    from nightlab.report import pick_session, render_html
+    from nightlab.web.app import create_app
+    from nightlab.web.security import Access
+
+    lab = make(tmp_path, spec=SPEC.replace('editable = ["target.py"]', 'editable = ["target.py", "notes/*"]'),
+               **{"notes/a.txt": "a\n"})
+    run_once(lab, [
+        {"rationale": "faster " + XSS, "files": {"target.py": target(2.0, 0.0, f"print({XSS!r})\n"),
+                                                 "notes/" + XSS.replace("/", "") + ".txt": XSS}},
+        {"rationale": XSS, "files": {"target.py": target(1.0, 1.0, f"print({XSS!r}); raise SystemExit(3)\n")}},
+    ])
+    led = Ledger.for_lab(lab)
+    try:
+        c = TestClient(create_app(led, lab, Access.make("127.0.0.1", "tok-x")), base_url="http://127.0.0.1:8765")
+        urls = ["/", "/s/t", "/s/t/fragment/table", "/s/t/fragment/summary", "/s/t/fragment/chart", "/s/t/e/1",
+                "/s/t/e/2", "/audit", "/approvals", "/s/t/costs"]
+        seen = 0
+        for url in urls:
+            r = c.get(url)
+            assert r.status_code == 200, (url, r.text[:300])
+            for raw in ("<script>alert", "<img src=x", "<svg onload", '<a href="javascript:'):
+                assert raw not in r.text, (url, raw)
+            seen += "alert(1)" in r.text
+            if not url.startswith("/s/t/fragment"):
+                csp = r.headers["content-security-policy"]
+                assert "script-src 'self'" in csp and "unsafe-inline" not in csp.split("script-src")[1].split(";")[0]
+        assert seen >= 3  # the payload is shown, as text
+        html = render_html(led, pick_session(led, "t"))
+        assert "alert(1)" in html and "<script>alert" not in html and "<img src=x" not in html
+    finally:
+        led.close()
+
+
+# --------------------------------------------------------------------------- what a run leaves behind
+
+DEEP = "here = os.getcwd()\nfor i in range(DEPTH):\n    os.mkdir('a'); os.chdir('a')\nREST\nos.chdir(here)\n"
+
+
+@pytest.fixture
+def deep_cleanup(tmp_path):
+    """Remove what a failed run left with GNU rm (iterative): pytest's own clean-up of old temporary
+    folders recurses and would fail on a leftover nested 1100 deep, in a later session."""
+    yield
+    subprocess.run(["chmod", "-R", "u+rwx", str(tmp_path)], capture_output=True)
+    subprocess.run(["rm", "-rf", "--", str(tmp_path)], capture_output=True)
+
+
+@pytest.mark.slow  # two sessions, each removing a tree 1100 folders deep (~1.5 s each on a quiet machine)
+@pytest.mark.parametrize(("where", "depth", "rest", "outputs", "status"), [
+    ("worktree", 1100, "os.chmod('.', 0o500)", None, Status.KEEP),
+    ("outputs", 1100, "open('p.json', 'w').write('{}')", '["params.json", "a/**/*.json"]', Status.CRASH),
+])
+def test_folders_nested_thousands_deep_do_not_stop_the_night(tmp_path, deep_cleanup, where, depth, rest, outputs,
+                                                            status):
+    """Broke on main: a run that left folders nested 1100 deep (past the recursion limit) in its worktree
+    made the worktree's removal (``shutil.rmtree``, recursive on Python 3.11) raise RecursionError out of
+    the experiment: the session
+    stopped, and every ``--resume`` failed the same way on the leftover. Through ``[evaluate] outputs`` the
+    copy into the clean tree recursed too. Fixed in workspace.wipe (iterative, folders moved up before
+    they are emptied), used for worktrees, clean trees and Ray work folders; outputs deeper than
+    evaltree.MAX_OUTPUT_DEPTH folders are rejected."""
+    spec = SPEC if outputs is None else SPEC.replace('outputs = ["params.json", "out/*.json"]', f"outputs = {outputs}")
+    lab = make(tmp_path, spec=spec)
+    code = DEEP.replace("DEPTH", str(depth)).replace("REST", rest)
+    s, exps = run_once(lab, [{"rationale": where, "files": {"target.py": target(2.0, 0.0, code)}},
+                             {"rationale": "next", "files": {"target.py": target(1.5, 1.0)}}])
+    assert s.status == "finished" and [e.status for e in exps] == [Status.KEEP, status, Status.KEEP], \
+        [(e.status, e.reason) for e in exps]
+    if status is Status.CRASH:
+        assert "more than 32 folders deep" in exps[1].reason
+    assert not any((lab / ".nightlab" / "worktrees").iterdir())
+    assert not list((lab / ".nightlab" / "eval").rglob("eval-*"))
+
+
+def test_a_deep_leftover_of_a_killed_harness_is_removed_on_resume(tmp_path, deep_cleanup):
+    """Broke on main: ``remove_stale_worktrees`` (what ``--resume`` runs first) recursed into the folder
+    a killed run left and raised RecursionError, so the session could never be resumed."""
+    from nightlab.workspace import Workspace
+
+    lab = make(tmp_path)
+    ws = Workspace(lab)
+    wt = ws.add_worktree("t-7", ws.head())
+    here = os.getcwd()
+    try:
+        os.chdir(wt)
+        for _ in range(1100):
+            os.mkdir("a")
+            os.chdir("a")
+    finally:
+        os.chdir(here)
+    (wt / "ro").mkdir(mode=0o500)
+    assert ws.remove_stale_worktrees("t-") == [ws.worktrees_dir / "t-7"]
+    assert not (ws.worktrees_dir / "t-7").exists()
