@@ -9,6 +9,7 @@ main this branch started from and pass with the fix named in their docstring.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import json
@@ -402,3 +403,59 @@ def test_a_deep_leftover_of_a_killed_harness_is_removed_on_resume(tmp_path, deep
     (wt / "ro").mkdir(mode=0o500)
     assert ws.remove_stale_worktrees("t-") == [ws.worktrees_dir / "t-7"]
     assert not (ws.worktrees_dir / "t-7").exists()
+
+
+LEAVE = '''
+import subprocess
+for d in ("/tmp", "/dev/shm", os.environ["HOME"]):
+    open(os.path.join(d, "left.txt"), "w").write("from the last run")
+# a daemon that leaves the process group and the session and drops its NIGHTLAB_RUN_ID
+subprocess.Popen(["env", "-i", "/bin/sh", "-c", "sleep 30 # MARKER"], start_new_session=True,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+'''
+FIND = '''
+import glob
+left = [p for d in ("/tmp", "/dev/shm", os.environ["HOME"]) for p in glob.glob(os.path.join(d, "*"))]
+procs = [p for p in glob.glob("/proc/[0-9]*/cmdline") if b"MARKER" in open(p, "rb").read()]
+print("FOUND", left, procs)
+'''
+
+
+@needs_bwrap
+def test_a_run_leaves_nothing_the_next_run_can_see(outside_tmp):
+    """Held under bwrap: files a run leaves in /tmp, /dev/shm and $HOME, and a daemon that left its process
+    group, its session and its run tag (``env -i``), are gone before the next run: private tmpfs per
+    run, and the PID namespace dies with bwrap. (With sandbox = "none" neither holds: docs/sandbox.md.)"""
+    marker = f"nightlab-redteam-{os.getpid()}-{id(outside_tmp)}"
+    lab = make(outside_tmp)
+    _s, exps = run_once(lab, [
+        {"rationale": "leave", "files": {"target.py": target(2.0, 0.0, LEAVE.replace("MARKER", marker))}},
+        {"rationale": "find", "files": {"target.py": target(1.5, 1.0, FIND.replace("MARKER", marker))}},
+    ])
+    assert [e.status for e in exps] == [Status.KEEP] * 3, [(e.status, e.reason) for e in exps]
+    assert "FOUND [] []" in exps[2].log_tail, exps[2].log_tail
+    for p in Path("/proc").glob("[0-9]*/cmdline"):  # nothing of it lives on the host either
+        with contextlib.suppress(OSError):
+            assert marker.encode() not in p.read_bytes(), p
+
+
+def test_holdout_files_stay_out_of_reach_where_editable_globs_cover_them(tmp_path):
+    """Held: an editable glob over a holdout file is refused at load (exit 2 with the fix); one that only
+    covers a *new* file in the holdout folder (``*/new.csv``) lets the candidate write nothing there: the
+    holdout patterns are protected, and the holdout score stays the committed data's."""
+    from nightlab.errors import SpecError
+    from nightlab.spec import load_spec
+
+    hold = SPEC.replace('metric = "holdout_score"', 'metric = "holdout_score"\nfiles = ["holdout/**"]')
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    lab = make(tmp_path / "a", spec=hold.replace('editable = ["target.py"]', 'editable = ["target.py", "holdout/*"]'),
+               **{"holdout/labels.csv": "0\n"})
+    with pytest.raises(SpecError, match="also matches \\[files\\] editable"):
+        load_spec(lab)
+    lab = make(tmp_path / "b", spec=hold.replace('editable = ["target.py"]', 'editable = ["target.py", "*/new.csv"]'),
+               **{"holdout/labels.csv": "0\n", "notes/new.csv": "0\n"})
+    _s, (base, bad) = run_once(lab, [{"rationale": "add to the holdout",
+                                      "files": {"target.py": target(2.0, 0.0), "holdout/new.csv": "1\n"}}])
+    assert base.status is Status.KEEP and base.secondary["holdout"] == pytest.approx(18.0)
+    assert bad.status is Status.REJECTED and "holdout/new.csv is a protected file" in bad.reason, bad.reason
