@@ -459,3 +459,38 @@ def test_holdout_files_stay_out_of_reach_where_editable_globs_cover_them(tmp_pat
                                       "files": {"target.py": target(2.0, 0.0), "holdout/new.csv": "1\n"}}])
     assert base.status is Status.KEEP and base.secondary["holdout"] == pytest.approx(18.0)
     assert bad.status is Status.REJECTED and "holdout/new.csv is a protected file" in bad.reason, bad.reason
+
+
+# --------------------------------------------------------------------------- known holes (not fixed)
+
+
+@pytest.mark.xfail(strict=True, reason="open: progress lines are untrusted, yet a finished run's curve is a "
+                   "pruning reference for later runs (docs/security.md, 'Not covered')")
+def test_fake_progress_lines_of_discarded_runs_do_not_prune_an_honest_improvement():
+    """Broke, not fixed: three candidates whose runs print ``nightlab: step=N score=0.0`` and are then
+    discarded on their trusted metric (50) make the median pruner stop an honest candidate that would
+    have been kept (5.5 against 8.5) at 25% of its run. The pruner cannot tell a true curve from a
+    printed one; a fix needs a trusted progress figure (or references weighed by the trusted result)."""
+    import threading
+
+    from nightlab.prune import Pruner
+    from nightlab.spec import PruneSpec
+    from nightlab.types import Direction
+
+    pruner = Pruner(PruneSpec(pruner="median", startup_runs=1), "score", Direction.MINIMIZE)
+
+    def run(curve: list[tuple[int, float]], status: Status, metric: float, prunable: bool = True) -> int | None:
+        w = pruner.watch(None, threading.Event(), prunable=prunable)
+        for step, v in curve:
+            w.feed(f"nightlab: step={step} score={v}")
+        w.close()
+        w.finish(Status.PRUNED if w.pruned_at is not None else status, metric, 10.0)
+        return w.pruned_at
+
+    def honest(final: float) -> list[tuple[int, float]]:
+        return [(s, final + 10.0 / s) for s in range(1, 101)]
+
+    run(honest(8.5), Status.KEEP, 8.5, prunable=False)  # the baseline
+    for _ in range(3):
+        run([(s, 0.0) for s in range(1, 101)], Status.DISCARD, 50.0)
+    assert run(honest(5.5), Status.KEEP, 5.5) is None
