@@ -58,7 +58,11 @@ def run_once(lab: Path, steps: list[dict], mode: str = MODE, **kw: object):
      "x1/g/config": "[core]\n\trepositoryformatversion = 0\n\tfsmonitor = touch /tmp/nightlab-pwned\n"},
     {"x1/.git/HEAD": "ref: refs/heads/main\n", "x1/.git/objects/k": "", "x1/.git/refs/heads/k": ""},
     {"x0/.GIT/config": "[core]\n\tbare = false\n"},
-], ids=["gitfile-to-planted-repo", "nested-git-dir", "case-folded"])
+    {"x0/git~1/config": "x\n"},
+    {"x0/.git. /config": "x\n"},
+    {"x0/.git::$INDEX_ALLOCATION/config": "x\n"},
+], ids=["gitfile-to-planted-repo", "nested-git-dir", "case-folded", "ntfs-short-name", "trailing-dot-space",
+        "ntfs-stream"])
 def test_a_nested_repository_in_the_candidate_is_rejected_and_the_night_goes_on(tmp_path, planted):
     """Broke on main: a candidate whose files made a new folder holding a ``.git`` (file or folder) made
     the harness's ``git add -A`` fail ("does not have a commit checked out"): a GitError out of the
@@ -75,6 +79,23 @@ def test_a_nested_repository_in_the_candidate_is_rejected_and_the_night_goes_on(
     assert bad.status is Status.REJECTED and "nested repository" in bad.reason, bad.reason
     assert honest.status is Status.KEEP and honest.metric == pytest.approx(5.5)
     assert not Path("/tmp/nightlab-pwned").exists()
+
+
+def test_a_path_git_refuses_makes_the_edit_invalid_not_a_harness_error(tmp_path):
+    """Broke on main (the belt behind the guard's rule): whatever path ``git add`` refuses to track (git's
+    own rules change between versions) was a GitError that stopped the session; ``Workspace.stage`` now
+    says the edit does not apply (``invalid``)."""
+    from nightlab.workspace import ApplyError, Workspace
+
+    ws = Workspace(make(tmp_path))
+    wt = ws.add_worktree("t-1", ws.head())
+    try:
+        (wt / "x" / "git~1").mkdir(parents=True)
+        (wt / "x" / "git~1" / "c").write_text("x\n")
+        with pytest.raises(ApplyError, match="invalid path 'x/git~1/c'"):
+            ws.stage(wt)
+    finally:
+        ws.remove_worktree(wt)
 
 
 # --------------------------------------------------------------------------- the evaluator's imports

@@ -39,6 +39,8 @@ _GIT_ENV = {
     "GIT_OPTIONAL_LOCKS": "0",
 }
 _GIT_CFG = ["-c", "core.hooksPath=/dev/null", "-c", "commit.gpgsign=false", "-c", "core.fsmonitor=false"]
+# what `git add` says of a path it refuses to track (git's verify_path; an embedded repository)
+_REFUSED_PATHS = ("error: invalid path ", "does not have a commit checked out")
 # the lock text of a reusable registration (git writes "initializing" while it makes one)
 POOL_LOCK = "nightlab: reused for experiment worktrees"
 
@@ -492,7 +494,14 @@ class Workspace:
         and the add it is made of (what ``--no-renames`` would list), so the guard sees every path.
         """
         at = self._git_dir_of(worktree)
-        self._run([*at, "add", "-A"], cwd=worktree)
+        try:
+            self._run([*at, "add", "-A"], cwd=worktree)
+        except GitError as e:
+            # a path git will not track (`x/git~1/..`, `x/.git./..`, a nested repository): the candidate's
+            # edit does not apply; any other failure is the harness's
+            if any(why in e.message for why in _REFUSED_PATHS):
+                raise ApplyError(e.message.split(": ", 1)[-1]) from None
+            raise
         out = self._run([*at, "diff", "--cached", "--raw", "-p", "-z", "--no-color", "--no-ext-diff", "HEAD"],
                         cwd=worktree)
         changes: list[Change] = []
