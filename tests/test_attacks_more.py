@@ -428,15 +428,19 @@ def test_a_deep_leftover_of_a_killed_harness_is_removed_on_resume(tmp_path, deep
 
 LEAVE = '''
 import subprocess
-for d in ("/tmp", "/dev/shm", os.environ["HOME"]):
-    open(os.path.join(d, "left.txt"), "w").write("from the last run")
+for d in ("/tmp", "/dev/shm", os.environ["HOME"], os.environ["NIGHTLAB_DATA_DIR"]):
+    try:
+        open(os.path.join(d, "left.txt"), "w").write("from the last run")
+    except OSError as e:
+        print("refused", d, e.errno)
 # a daemon that leaves the process group and the session and drops its NIGHTLAB_RUN_ID
 subprocess.Popen(["env", "-i", "/bin/sh", "-c", "sleep 30 # MARKER"], start_new_session=True,
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
 '''
 FIND = '''
 import glob
-left = [p for d in ("/tmp", "/dev/shm", os.environ["HOME"]) for p in glob.glob(os.path.join(d, "*"))]
+left = [p for d in ("/tmp", "/dev/shm", os.environ["HOME"], os.environ["NIGHTLAB_DATA_DIR"])
+        for p in glob.glob(os.path.join(d, "*"))]
 procs = [p for p in glob.glob("/proc/[0-9]*/cmdline") if b"MARKER" in open(p, "rb").read()]
 print("FOUND", left, procs)
 '''
@@ -444,7 +448,8 @@ print("FOUND", left, procs)
 
 @needs_bwrap
 def test_a_run_leaves_nothing_the_next_run_can_see(outside_tmp):
-    """Held under bwrap: files a run leaves in /tmp, /dev/shm and $HOME, and a daemon that left its process
+    """Held under bwrap: files a run leaves in /tmp, /dev/shm and $HOME (the data dir is read-only), and a
+    daemon that left its process
     group, its session and its run tag (``env -i``), are gone before the next run: private tmpfs per
     run, and the PID namespace dies with bwrap. (With sandbox = "none" neither holds: docs/sandbox.md.)"""
     marker = f"nightlab-redteam-{os.getpid()}-{id(outside_tmp)}"
@@ -455,6 +460,7 @@ def test_a_run_leaves_nothing_the_next_run_can_see(outside_tmp):
     ])
     assert [e.status for e in exps] == [Status.KEEP] * 3, [(e.status, e.reason) for e in exps]
     assert "FOUND [] []" in exps[2].log_tail, exps[2].log_tail
+    assert "refused" in exps[1].log_tail and not (lab / ".nightlab" / "data" / "left.txt").exists()
     for p in Path("/proc").glob("[0-9]*/cmdline"):  # nothing of it lives on the host either
         with contextlib.suppress(OSError):
             assert marker.encode() not in p.read_bytes(), p
