@@ -521,3 +521,28 @@ def test_fake_progress_lines_of_discarded_runs_do_not_prune_an_honest_improvemen
     for _ in range(3):
         run([(s, 0.0) for s in range(1, 101)], Status.DISCARD, 50.0)
     assert run(honest(5.5), Status.KEEP, 5.5) is None
+
+
+@needs_bwrap
+def test_an_agent_researcher_does_not_get_the_ledgers_url(outside_tmp, monkeypatch):
+    """Broke on main: the agent researcher gets nightlab's whole environment (it needs its API key) and the
+    network, so ``$NIGHTLAB_DB`` reached it: with PostgreSQL that is the ledger's password, and the agent
+    could rewrite any experiment's record. Fixed in researchers/agent.py: that one variable stays behind.
+    (SQLite here, at a path the agent can see read-only: the URL alone is what is checked.)"""
+    monkeypatch.setenv("NIGHTLAB_DB", f"sqlite:///{outside_tmp / 'elsewhere.db'}")
+    script = outside_tmp / "env_agent.py"
+    script.write_text(
+        "import json, os, pathlib\n"
+        "word = 'LEAKED' if 'elsewhere.db' in json.dumps(dict(os.environ)) else 'clean'\n"
+        "t = pathlib.Path('target.py')\n"
+        "t.write_text(t.read_text().replace('X = 3.0', 'X = 2.0  # ' + word))\n"
+        "print(json.dumps({'type': 'result', 'result': 'env: ' + word}))\n")
+    spec = SPEC.replace('[researcher]\nkind = "scripted"\n', f'[researcher]\nkind = "agent"\ncommand = '
+                        f'"{sys.executable} {script}"\nsandbox = "required"\ntimeout_s = 60\n')
+    lab = make(outside_tmp, spec=spec)
+    eng = Engine(lab, tag="t", sandbox_mode=MODE, max_experiments=1)
+    s = eng.run()
+    agent = eng.ledger.experiments(s.id)[1]
+    eng.close()
+    assert (outside_tmp / "elsewhere.db").exists()  # the session itself used the URL
+    assert agent.rationale == "env: clean", agent.rationale

@@ -34,7 +34,8 @@ the repository's ``.git`` (its objects hold the committed holdout files; git doe
 worktree, the presets do not need it), ``[sandbox] hide`` and ``[holdout] files`` hidden (the
 lab's and the worktree's copies); the
 environment of nightlab, API keys included (the agent needs its key; the transcript is
-redacted). The presets add their own tool permissions:
+redacted), except ``$NIGHTLAB_DB`` (the ledger's URL: a PostgreSQL password). The presets add
+their own tool permissions:
 
 - ``claude``: ``claude -p … --output-format json --permission-mode acceptEdits --allowedTools
   Read,Edit,Write,Glob,Grep``: reads and edits files, no shell, no web; writes ``~/.claude``,
@@ -68,6 +69,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from nightlab import globs, sandbox
 from nightlab.context import ContextOptions, build_prompt, redact, secret_values
+from nightlab.ledger import DB_ENV
 from nightlab.pricing import Price, cost_usd
 from nightlab.types import Candidate, Experiment, Usage
 from nightlab.workspace import _GIT_CFG, Workspace
@@ -238,7 +240,10 @@ class AgentResearcher:
         try:
             prompt_file.write_text(prompt.user, encoding="utf-8")
             cmd = self.command(prompt_file, prompt.user, sorted(ctx.files))
-            env = {**os.environ, **self.o.env, "NIGHTLAB_EXPERIMENT": str(ctx.idx), "PYTHONUNBUFFERED": "1"}
+            # the full environment (the agent needs its API key), but never the ledger's URL: with PostgreSQL it
+            # holds the password, and the agent has the network
+            env = {**{k: v for k, v in os.environ.items() if k != DB_ENV}, **self.o.env,
+                   "NIGHTLAB_EXPERIMENT": str(ctx.idx), "PYTHONUNBUFFERED": "1"}
             res = sandbox.run(cmd, cwd=self.ws.lab_in(wt), env=env, policy=self.policy(wt, prompt_file),
                               timeout_s=self.o.timeout_s, log_path=log)
             transcript = redact(sandbox.tail(log, 100000, max_bytes=4_000_000), self.secrets)
