@@ -546,3 +546,37 @@ def test_an_agent_researcher_does_not_get_the_ledgers_url(outside_tmp, monkeypat
     eng.close()
     assert (outside_tmp / "elsewhere.db").exists()  # the session itself used the URL
     assert agent.rationale == "env: clean", agent.rationale
+
+
+HIDE = "\x1b[1A\x1b[2K\x1b[1A\x1b[2K"  # up one line and erase it, twice: the hunk above is gone on screen
+
+
+def test_the_approval_gate_shows_the_researchers_text_escaped(tmp_path):
+    """Broke on main: in ``review`` mode ``nightlab pending`` printed the rationale and the diff raw, so a
+    researcher could erase lines of its own diff on the approver's screen (cursor up, erase line) and
+    have a harmful hunk approved unseen; ``nightlab audit show`` printed C1 controls raw too. Fixed in
+    cli/audit.py with text.printable."""
+    from tests.test_autonomy import Background, wait_pending
+
+    lab = make(tmp_path, spec=SPEC + "\n[autonomy]\npoll_s = 0.1\n")
+    code = target(2.0, 0.0, f"import shutil  # the harmful line\n# {HIDE}\n")
+    eng = Engine(lab, tag="t", researcher=ScriptedResearcher([{"rationale": f"tidy\u009b2J {HIDE}",
+                                                               "files": {"target.py": code}}]),
+                 sandbox_mode="none", max_experiments=1, autonomy="review")
+    bg = Background(eng)
+    try:
+        wait_pending(lab, 1, "run")
+        shown = subprocess.run(nightlab_cmd("pending", "--lab", str(lab)), env=cli_env(), capture_output=True,
+                               text=True, timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        assert "import shutil  # the harmful line" in shown.stdout and "\\x1b[1A\\x1b[2K" in shown.stdout
+        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", shown.stdout), shown.stdout
+    finally:
+        subprocess.run(nightlab_cmd("reject", "1", "--lab", str(lab), "--why", "test over"), env=cli_env(),
+                       capture_output=True, timeout=60)
+        bg.join()
+        eng.close()
+    audit = subprocess.run(nightlab_cmd("audit", "show", "--lab", str(lab), "--kind", "approval"), env=cli_env(),
+                           capture_output=True, text=True, timeout=60)
+    assert audit.returncode == 0 and "approval.request" in audit.stdout, audit.stdout + audit.stderr
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", audit.stdout)
