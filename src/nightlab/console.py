@@ -22,7 +22,7 @@ from rich.text import Text
 
 from nightlab.engine import Reporter, improvement_pct
 from nightlab.spec import Spec
-from nightlab.text import clip, one_line
+from nightlab.text import clip, one_line, printable
 from nightlab.types import Experiment, Session, Status
 
 STATUS_STYLE = {
@@ -69,10 +69,10 @@ class PlainReporter(Reporter):
         self._p(f"nightlab: {text}")
 
     def experiment_started(self, idx: int, description: str, budget_s: float) -> None:
-        self._p(f"[{idx}] running: {clip(one_line(description), 200)} (budget {budget_s:g}s)")
+        self._p(f"[{idx}] running: {clip(printable(one_line(description)), 200)} (budget {budget_s:g}s)")
 
     def experiment_finished(self, exp: Experiment, session: Session) -> None:
-        extra = f" {clip(one_line(exp.reason), 300)}" if exp.reason and exp.status is not Status.KEEP else ""
+        extra = f" {clip(printable(one_line(exp.reason)), 300)}" if exp.reason and exp.status is not Status.KEEP else ""
         self._p(f"[{exp.idx}] {exp.status.value}: {session.metric_name}={fmt_metric(exp.metric)} "
                 f"run {exp.run_s:.1f}s |{extra} best {fmt_metric(session.incumbent_metric)} {_improvement(session)}")
 
@@ -111,7 +111,7 @@ class LiveReporter(Reporter):
             bar = ProgressBar(total=budget, completed=min(elapsed, budget), width=40)
             row = Table.grid(padding=(0, 1))
             row.add_row(Text(f"[{idx}]", style="bold blue"), bar, Text(f"{elapsed:5.1f}s / {budget:g}s"),
-                        Text(clip(desc, 70), style="italic"))
+                        Text(clip(printable(desc), 70), style="italic"))
             parts.append(row)
         table = Table(box=None, show_header=True, header_style="dim", pad_edge=False)
         for col in ("#", "status", "metric", "run s", "description"):
@@ -119,7 +119,7 @@ class LiveReporter(Reporter):
         for e in self.recent:
             table.add_row(str(e.idx), Text(e.status.value, style=STATUS_STYLE.get(e.status, "")),
                           fmt_metric(e.metric), f"{e.run_s:.1f}",
-                          clip(one_line(e.description or e.reason), 60))
+                          Text(clip(printable(one_line(e.description or e.reason)), 60)))
         parts.append(table)
         return Panel(Group(*parts), title="nightlab", border_style="blue")  # type: ignore[arg-type]
 

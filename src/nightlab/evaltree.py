@@ -25,7 +25,6 @@ committed file, or when together they exceed ``max_bytes``. Files are opened wit
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import subprocess
 import tempfile
@@ -35,10 +34,11 @@ from pathlib import Path, PurePosixPath
 
 from nightlab import globs
 from nightlab.errors import GitError
-from nightlab.workspace import Workspace
+from nightlab.workspace import Workspace, wipe
 
 CHUNK = 1 << 20
 MAX_OUTPUT_FILES = 10_000  # a run that leaves more output files than this is not evaluated
+MAX_OUTPUT_DEPTH = 32  # folders above an output (a run can nest thousands: copying would recurse)
 # outputs are data, never code an interpreter could pick up (a Python without PYTHONSAFEPATH
 # puts the working directory first on sys.path)
 IMPORTABLE = (".py", ".pyc", ".pyo", ".pyw", ".pth", ".so", ".pyd")
@@ -181,6 +181,8 @@ def _check_and_copy(run_root: Path, rel: str, lab: Path, committed: set[str], fo
         raise OutputRejected(f"{name} is a folder where [evaluate] outputs expects a file")
     if not stat.S_ISREG(mode):
         raise OutputRejected(f"{name} is not a regular file ({_kind(mode)}); outputs must be regular files")
+    if rel.count("/") > MAX_OUTPUT_DEPTH:
+        raise OutputRejected(f"{name[:200]} lies more than {MAX_OUTPUT_DEPTH} folders deep")
     if rel.lower().endswith(IMPORTABLE):
         raise OutputRejected(f"{name} is a Python module or extension; outputs are data (commit code as "
                              "editable files)")
@@ -234,7 +236,7 @@ def _kind(mode: int) -> str:
 
 
 def remove(root: Path) -> None:
-    shutil.rmtree(root, ignore_errors=True)
+    wipe(root)  # never recursive: nothing in a clean tree can make its removal fail
 
 
 def session_dir(ws: Workspace, tag: str) -> Path:

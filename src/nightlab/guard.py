@@ -72,7 +72,18 @@ def path_problem(path: str) -> str | None:
         return f"{path!r}: '..' escapes the lab"
     if p.parts and p.parts[0] in (".git", ".nightlab"):
         return f"{path!r}: nightlab's and git's own folders are off limits"
+    # a `.git` file or folder deeper down makes a nested repository: `git add -A` of the worktree then
+    # fails ("does not have a commit checked out") and would stop the session, or stages a gitlink
+    if any(_git_alias(part) for part in p.parts):
+        return f"{path!r}: a .git file or folder (a nested repository) is off limits"
     return None
+
+
+def _git_alias(name: str) -> bool:
+    """``.git`` in any case, or a name Windows or macOS file systems read as it (git's own rule):
+    trailing dots or spaces, an NTFS stream (``.git::$INDEX_ALLOCATION``), the 8.3 name ``git~1``."""
+    low = name.casefold()
+    return low.rstrip(". ") == ".git" or low.startswith(".git:") or low == "git~1"
 
 
 class Guard:

@@ -225,13 +225,13 @@ class Pipeline(Runtime):
                         self.ws.write_files(wt, candidate.files)
                     if candidate.diff:
                         self.ws.apply_diff(wt, candidate.diff)
+                    staged = self.ws.stage(wt)  # git may refuse a path it will not track: the edit does not apply
                 except ApplyError as e:
                     self._spent("worktree", tw)
                     if candidate.researcher == REBASE:
                         return self._finish(exp_id, Status.DISCARD, t0,
                                             reason=f"stale: conflicts with the new incumbent: {e}")
                     return self._finish(exp_id, Status.INVALID, t0, reason=f"edit did not apply: {e}")
-                staged = self.ws.stage(wt)
                 changes = staged.changes
                 tg = self._spent("worktree", tw)
                 problem = self.guard.check_changes(changes)

@@ -35,6 +35,8 @@ tinygpt (bench/README.md) it stopped 41 of 51 candidates. Not before a quarter o
 least that keeps it off initialisation noise whatever the step unit is.
 
 Progress lines are advisory and untrusted: they can only stop a run early, never make it kept.
+Not covered: a finished run's curve is a reference for later runs, so fake curves (of runs then
+discarded on their trusted metric) can get an honest run pruned (docs/security.md).
 The baseline is watched (its curve is the first reference) but never pruned.
 """
 

@@ -2,12 +2,23 @@
 
 ``clip`` cuts at a separator where one is near, and always marks the cut with ``…`` — a
 description cut mid-number without a mark reads as a different number. ``one_line`` folds
-a multi-line message (a git error, a log tail) into one line.
+a multi-line message (a git error, a log tail) into one line. ``printable`` makes text a run or a
+researcher wrote safe to print on a terminal.
 """
 
 from __future__ import annotations
 
+import re
+
 ELLIPSIS = "…"
+# C0 controls but tab and newline, DEL, C1 controls: ESC sequences move the cursor (and can redraw a
+# table printed above as "keep"), set the title or write the clipboard (OSC 52); CR overwrites a line
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with every terminal control character but tab and newline shown as ``\\xNN``."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def clip(text: str, limit: int) -> str:

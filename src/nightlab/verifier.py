@@ -231,7 +231,9 @@ class Verifier:
             "PYTHONPATH": str(tree.trusted),  # the lab's trusted files, then the stdlib and site-packages
             "PYTHONNOUSERSITE": "1",
             "PYTHONDONTWRITEBYTECODE": "1",
-            "PYTHONPYCACHEPREFIX": "/tmp/nightlab-pycache",  # never a __pycache__ from the tree
+            # never a __pycache__ from the tree, nor bytecode planted in a shared /tmp (sandbox = "none": a
+            # run could leave a forged .pyc of a stdlib module there): an empty folder of this tree only
+            "PYTHONPYCACHEPREFIX": str(tree.root / "pycache"),
             "NIGHTLAB_TRUSTED_DIR": str(tree.trusted),
         })
         if holdout:

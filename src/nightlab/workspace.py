@@ -39,6 +39,8 @@ _GIT_ENV = {
     "GIT_OPTIONAL_LOCKS": "0",
 }
 _GIT_CFG = ["-c", "core.hooksPath=/dev/null", "-c", "commit.gpgsign=false", "-c", "core.fsmonitor=false"]
+# what `git add` says of a path it refuses to track (git's verify_path; an embedded repository)
+_REFUSED_PATHS = ("error: invalid path ", "does not have a commit checked out")
 # the lock text of a reusable registration (git writes "initializing" while it makes one)
 POOL_LOCK = "nightlab: reused for experiment worktrees"
 
@@ -65,21 +67,75 @@ class Staged:
     diff: str
 
 
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def wipe(path: Path) -> None:
-    """Remove ``path`` and all it holds without following links; read-only folders are made writable
-    first when a plain removal leaves something (as non-root). A link or a file is unlinked."""
+    """Remove ``path`` and all it holds without following links and without recursion. A link or a
+    file is unlinked; read-only folders are made writable first (as non-root).
+
+    A run controls what its worktree holds: folders nested thousands deep (``shutil.rmtree`` recurses
+    and raised RecursionError out of the experiment, on Python 3.11, which stopped the session and
+    every ``--resume``; their paths also outgrow PATH_MAX), read-only folders, symlinks. So each
+    folder below the top is moved up into ``path`` under a fresh name before it is emptied: every
+    call works on one name relative to an open folder, and one folder is open at a time.
+    """
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         path.unlink()
         return
-    shutil.rmtree(path, ignore_errors=True)
-    if not path.exists():
+    try:
+        top = os.open(path, _DIR)
+    except OSError:
         return
-    for root, dirs, _ in os.walk(path):  # does not follow links to folders
-        for d in (root, *(os.path.join(root, d) for d in dirs)):
-            if not os.path.islink(d):
-                with contextlib.suppress(OSError):
-                    os.chmod(d, 0o700)
-    shutil.rmtree(path, ignore_errors=True)
+    work = [""]  # folders to empty, relative to ``top`` ("" is the top itself)
+    tried: set[str] = set()
+    moved = 0
+    try:
+        while work:
+            rel = work[-1]
+            tried.add(rel)
+            try:
+                fd = os.open(rel, _DIR, dir_fd=top) if rel else os.dup(top)
+            except OSError:
+                work.pop()
+                continue
+            more = False
+            try:
+                if os.fstat(fd).st_mode & 0o700 != 0o700:
+                    os.fchmod(fd, 0o700)
+                with os.scandir(fd) as it:
+                    entries = list(it)
+                for e in entries:
+                    try:
+                        if not e.is_dir(follow_symlinks=False):
+                            os.unlink(e.name, dir_fd=fd)
+                            continue
+                        if e.stat(follow_symlinks=False).st_mode & 0o700 != 0o700:
+                            os.chmod(e.name, 0o700, dir_fd=fd)  # a folder (lstat said so), not a link
+                        child = e.name if not rel else f"{rel}/{e.name}"
+                        if rel:  # up into the top, under a fresh name: paths stay short
+                            moved += 1
+                            with contextlib.suppress(OSError):
+                                os.rename(e.name, f".nightlab-wipe-{moved}", src_dir_fd=fd, dst_dir_fd=top)
+                                child = f".nightlab-wipe-{moved}"
+                        if child not in tried:
+                            work.append(child)
+                            more = True
+                    except OSError:
+                        continue
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+            if not more:  # emptied (or as empty as it gets): remove it
+                work.pop()
+                if rel:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(rel, dir_fd=top)
+    finally:
+        os.close(top)
+    with contextlib.suppress(OSError):
+        path.rmdir()
 
 
 def _is_sha(text: str) -> bool:
@@ -345,7 +401,7 @@ class Workspace:
             for admin, target in self._own_registrations(prefix):
                 (admin / "locked").unlink(missing_ok=True)
                 if target is not None and target.exists() and target not in removed:
-                    shutil.rmtree(target, ignore_errors=True)
+                    wipe(target)
                     removed.append(target)
             if self.worktrees_dir.exists():
                 for p in sorted(self.worktrees_dir.iterdir()):
@@ -438,7 +494,14 @@ class Workspace:
         and the add it is made of (what ``--no-renames`` would list), so the guard sees every path.
         """
         at = self._git_dir_of(worktree)
-        self._run([*at, "add", "-A"], cwd=worktree)
+        try:
+            self._run([*at, "add", "-A"], cwd=worktree)
+        except GitError as e:
+            # a path git will not track (`x/git~1/..`, `x/.git./..`, a nested repository): the candidate's
+            # edit does not apply; any other failure is the harness's
+            if any(why in e.message for why in _REFUSED_PATHS):
+                raise ApplyError(e.message.split(": ", 1)[-1]) from None
+            raise
         out = self._run([*at, "diff", "--cached", "--raw", "-p", "-z", "--no-color", "--no-ext-diff", "HEAD"],
                         cwd=worktree)
         changes: list[Change] = []

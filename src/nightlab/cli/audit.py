@@ -14,6 +14,7 @@ from nightlab import approvals
 from nightlab.audit import LOG_FILE, parse_time, read_records, verify_lab
 from nightlab.errors import UsageError
 from nightlab.ledger import Ledger
+from nightlab.text import printable
 from nightlab.types import Session
 
 lab_option = click.option("--lab", "lab", type=click.Path(file_okay=False, path_type=Path), default=".",
@@ -92,7 +93,7 @@ def verify_cmd(lab: Path, db: str | None, public_key: Path | None) -> None:
 
 
 def _brief(data: dict[str, Any], width: int = 160) -> str:
-    text = " ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in sorted(data.items()))
+    text = printable(" ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in sorted(data.items())))
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -202,9 +203,10 @@ def pending(lab: Path, db: str | None, tag: str | None, interactive: bool, who: 
             what = "run" if row["kind"] == "run" else "keep (advance the branch)"
             where = f"experiment {row['experiment_idx']} of session {tags.get(row['session_id'], '?')}"
             click.secho(f"\n== {where}: may it {what}?  (approval {row['id']})", bold=True)
-            click.echo(row["rationale"].rstrip() or "(no rationale)")
+            # the researcher wrote both: an ESC sequence could hide a hunk from the human who approves
+            click.echo(printable(row["rationale"].rstrip()) or "(no rationale)")
             click.echo("")
-            click.echo(row["diff"].rstrip() or "(no diff)")
+            click.echo(printable(row["diff"].rstrip()) or "(no diff)")
             if not interactive:
                 continue
             choice = click.prompt("approve? [y]es / [n]o / [s]kip / [q]uit",

@@ -27,7 +27,7 @@ from nightlab.cli.errors import NightlabClickError
 from nightlab.errors import NightlabError, UsageError
 from nightlab.export import FORMATS, export
 from nightlab.ledger_read import LedgerReads, open_fast
-from nightlab.text import clip
+from nightlab.text import clip, printable
 from nightlab.types import STAGES, Experiment, Session, Status
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -236,7 +236,7 @@ def status(lab: Path, db: str | None, tag: str | None, all_labs: bool = False, r
         e = last[0]
         line = Text(f"#{e.idx} ")
         line.append_text(_status_text(e.status))
-        line.append(f"  {_fmt(e.metric)}  {clip(e.description, 80)}")
+        line.append(f"  {_fmt(e.metric)}  {clip(printable(e.description), 80)}")
         t.add_row("last", line)
     con.print(t)
 
@@ -268,7 +268,7 @@ def log(lab: Path, db: str | None, tag: str | None, status_: str | None, limit: 
     t.add_column("description")
     warned = 0
     for e in rows:
-        cell = Text(clip(e.description, 44))
+        cell = Text(clip(printable(e.description), 44))
         if _warnings(e):
             warned += 1
             cell = Text("⚠ ", style="bold yellow") + cell
@@ -333,7 +333,7 @@ def show(lab: Path, db: str | None, tag: str | None, n: int) -> None:
     t.add_column()
     t.add_row("experiment", f"#{e.idx} of {s.tag}")
     t.add_row("status", _status_text(e.status))
-    t.add_row("reason", Text(e.reason or "—"))
+    t.add_row("reason", Text(printable(e.reason or "—")))
     trust = f"  (trust: {e.trust})" if e.metric is not None else ""
     t.add_row("metric", Text(f"{s.metric_name} = {_fmt(e.metric)}{trust}"))
     t.add_row("secondary", Text(", ".join(f"{k} = {v}" for k, v in sorted(e.secondary.items())) or "—"))
@@ -354,21 +354,24 @@ def show(lab: Path, db: str | None, tag: str | None, n: int) -> None:
         f"tokens in {u.tokens_in:,}  out {u.tokens_out:,}  cached {u.tokens_cached:,}  "
         f"${u.cost_usd:.4f}  {u.seconds:.1f}s",
     )
-    t.add_row("researcher", Text(e.researcher or "—"))
+    t.add_row("researcher", Text(printable(e.researcher or "—")))
     pool = e.evidence.get("pool")
     if isinstance(pool, dict):  # a research-pool claim the host verified (nightlab.pool.feeder)
         t.add_row("pool", Text(_pool_line(pool)))
-    t.add_row("description", Text(e.description))
-    t.add_row("rationale", Text(e.rationale or "—"))
-    t.add_row("params", Text(json.dumps(e.params, sort_keys=True, default=str) if e.params else "—"))
+    # what a run or a researcher wrote reaches the terminal with its control characters escaped (an ESC
+    # sequence in a log tail could move the cursor and redraw the table above, say "keep")
+    t.add_row("description", Text(printable(e.description)))
+    t.add_row("rationale", Text(printable(e.rationale or "—")))
+    t.add_row("params", Text(printable(json.dumps(e.params, sort_keys=True, default=str)) if e.params else "—"))
     shown = {k: v for k, v in e.evidence.items() if k != "timing"}  # timing: the stages row above
-    t.add_row("evidence", Text(json.dumps(shown, sort_keys=True, default=str) if shown else "—"))
+    t.add_row("evidence", Text(printable(json.dumps(shown, sort_keys=True, default=str)) if shown else "—"))
     if e.worktree and Path(e.worktree).is_dir():  # removed after the run: not shown as if it were there
-        t.add_row("worktree", Text(e.worktree))
+        t.add_row("worktree", Text(printable(e.worktree)))
     con.print(t)
     if e.log_tail:
         con.rule("log tail")
-        con.print(Text(e.log_tail.rstrip("\n")))
+        tail = e.log_tail.rstrip("\n").replace("\r\n", "\n").replace("\r", "\n")  # progress bars redraw with CR
+        con.print(Text(printable(tail)))
 
 
 @click.command()

@@ -104,7 +104,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import shutil
 import socket
 import tarfile
 import tempfile
@@ -120,6 +119,7 @@ from nightlab.errors import UsageError
 from nightlab.measure import measure
 from nightlab.spec import MetricSpec
 from nightlab.types import Measurement, RunResult
+from nightlab.workspace import wipe
 
 LOG_CAP = 1024 * 1024  # bytes of the log's end that travel back to the head
 _IMPORTED_AT = time.time()  # when this process imported the module (a worker's import on the task's path?)
@@ -332,7 +332,7 @@ def run_job(job: RemoteJob, *, extra_env: dict[str, str] | None = None,
         return TaskOutput(res.exit_code, res.timed_out, res.wall_s, res.sandbox, res.interrupted, m, log,
                           truncated, node, stamps)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        wipe(Path(work))  # the run's folder: never recursive (a run can nest folders thousands deep)
 
 
 def _run_here(job: RemoteJob, board: Any = None) -> TaskOutput:

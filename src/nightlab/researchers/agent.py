@@ -30,9 +30,12 @@ or nothing).
 the agent gets: the network (it must reach its model API); write access to its worktree and
 to its own config paths in ``$HOME`` that exist (below) and ``writable`` extras; the rest of
 the file system read-only, the lab's ``.nightlab/`` (ledger, artifacts, other worktrees),
-``[sandbox] hide`` and ``[holdout] files`` hidden (the lab's and the worktree's copies); the
+the repository's ``.git`` (its objects hold the committed holdout files; git does not work in the
+worktree, the presets do not need it), ``[sandbox] hide`` and ``[holdout] files`` hidden (the
+lab's and the worktree's copies); the
 environment of nightlab, API keys included (the agent needs its key; the transcript is
-redacted). The presets add their own tool permissions:
+redacted), except ``$NIGHTLAB_DB`` (the ledger's URL: a PostgreSQL password). The presets add
+their own tool permissions:
 
 - ``claude``: ``claude -p … --output-format json --permission-mode acceptEdits --allowedTools
   Read,Edit,Write,Glob,Grep``: reads and edits files, no shell, no web; writes ``~/.claude``,
@@ -66,6 +69,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from nightlab import globs, sandbox
 from nightlab.context import ContextOptions, build_prompt, redact, secret_values
+from nightlab.ledger import DB_ENV
 from nightlab.pricing import Price, cost_usd
 from nightlab.types import Candidate, Experiment, Usage
 from nightlab.workspace import _GIT_CFG, Workspace
@@ -195,6 +199,9 @@ class AgentResearcher:
         pats = [*self.spec.sandbox.hide, *self.spec.holdout.files]  # both copies: the lab's and the worktree's
         roots = (self.lab_dir, self.ws.lab_in(worktree))
         hidden = [self.ws.state_dir, *(root / p for root in roots for p in globs.cover(root, pats))]
+        # the repository too: holdout files are committed (their clean tree is built from git objects), and
+        # `git show HEAD:<holdout file>` from the worktree, or inflating the objects, would read them
+        hidden += [self.ws.repo_root / ".git", self.ws.git_dir]
         writable = [worktree, *(p for p in self.extra_writable if p.exists())]
         # host_root: the agent needs its CLI and its config, wherever they are installed
         return sandbox.SandboxPolicy(mode=self.mode, network=True, writable=tuple(writable),
@@ -233,7 +240,10 @@ class AgentResearcher:
         try:
             prompt_file.write_text(prompt.user, encoding="utf-8")
             cmd = self.command(prompt_file, prompt.user, sorted(ctx.files))
-            env = {**os.environ, **self.o.env, "NIGHTLAB_EXPERIMENT": str(ctx.idx), "PYTHONUNBUFFERED": "1"}
+            # the full environment (the agent needs its API key), but never the ledger's URL: with PostgreSQL it
+            # holds the password, and the agent has the network
+            env = {**{k: v for k, v in os.environ.items() if k != DB_ENV}, **self.o.env,
+                   "NIGHTLAB_EXPERIMENT": str(ctx.idx), "PYTHONUNBUFFERED": "1"}
             res = sandbox.run(cmd, cwd=self.ws.lab_in(wt), env=env, policy=self.policy(wt, prompt_file),
                               timeout_s=self.o.timeout_s, log_path=log)
             transcript = redact(sandbox.tail(log, 100000, max_bytes=4_000_000), self.secrets)
