@@ -8,6 +8,7 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
+from nightlab import staging
 from nightlab.history import History
 from nightlab.session import SessionLifecycle
 from nightlab.staging import Staged
@@ -47,7 +48,8 @@ class Scheduler(SessionLifecycle):
         pool = ThreadPoolExecutor(max_workers=ex.slots, thread_name_prefix="nightlab-slot")
         prefetch = self._prefetch()
         ppool = ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="nightlab-propose") if prefetch else None
-        spool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nightlab-stage") if ex.pipeline else None
+        spool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nightlab-stage",
+                                   initializer=staging.background) if ex.pipeline else None
         staged: Future[Staged] | None = None  # the prepared candidate's git work, started while the slots are busy
         queue: deque[tuple[int, Future[tuple[Candidate | None, float]]]] = deque()
         est: dict[str, float] = {}  # moving averages: "propose", "run" seconds

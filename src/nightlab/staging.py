@@ -14,6 +14,9 @@ protected files on disk (done right before the run, as always).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +52,14 @@ class Staged:
     def failed_before(self, step: int) -> bool:
         """True when an error stopped staging before ``step`` (the caller raises it there)."""
         return self.error is not None and self.step < step
+
+
+def background() -> None:
+    """For the staging thread: nice +10 for it and the git processes it starts (Linux's nice is per thread
+    and a child inherits its creator's), so that staging takes the CPU the runs leave, not the CPU of the
+    run just starting (measured: staged at nice 0, a 0.2 s run's start-up waited for the git processes)."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 def commit_message(tag: str, idx: int, candidate: Candidate) -> str:
