@@ -68,11 +68,13 @@ def spy_staging(eng: Engine) -> list[tuple[int, float, str, int]]:
     return seen
 
 
-def waits_for_staging(lab: Path, idx: int, x: float) -> str:
-    """A run that ends once the next candidate is staged (or after 10 s, and the test fails)."""
+def waits_for_staging(lab: Path, idx: int, x: float, only_if: Path | None = None, then: str = "") -> str:
+    """A run that ends once the next candidate is staged (or after 10 s, and the test fails); with
+    ``only_if``, only while that file exists. ``then``: code run after the wait."""
     marker = lab / ".nightlab" / f"staged-{idx + 1}"
-    return (f"import os, time\nt = time.time()\nwhile not os.path.exists({str(marker)!r}) and time.time() < t + 10:\n"
-            "    time.sleep(0.02)\n") + TARGET_PY.replace("X = 3.0", f"X = {x}")
+    cond = f"os.path.exists({str(only_if)!r})" if only_if else "True"
+    return (f"import os, time\nt = time.time()\nwhile {cond} and not os.path.exists({str(marker)!r}) "
+            f"and time.time() < t + 10:\n    time.sleep(0.02)\n{then}") + TARGET_PY.replace("X = 3.0", f"X = {x}")
 
 
 def test_the_next_candidate_is_committed_while_the_run_before_goes(make_lab):
@@ -125,8 +127,13 @@ def test_staged_ahead_bad_candidates_are_recorded_as_without_staging(make_lab):
             6: {"diff": SYMLINK_DIFF},  # rejected after staging: a symlink
             8: {"files": {"target.py": TARGET_PY}},  # invalid: changes nothing
             10: {"files": {"target.py": slow(9.0) + "#" * 4000 + "\n"}}}  # rejected: diff too big
+    flag = lab / ".nightlab" / "expect-staging"  # the runs before them wait for their staging, when pipelined
+    for i in (1, 3, 5, 7, 9):
+        plan[i] = {"files": {"target.py": waits_for_staging(lab, i, 9.0 + i, only_if=flag)}}
     rows, records, staged = {}, {}, {}
     for tag, pipeline in (("plain", False), ("ahead", True)):
+        if pipeline:
+            flag.touch()
         eng = Engine(lab, tag=tag, researcher=ByIdx(plan), sandbox_mode="none", max_experiments=10,
                      executor={"pipeline": pipeline})
         seen = spy_staging(eng)
@@ -154,8 +161,7 @@ def test_staged_ahead_bad_candidates_are_recorded_as_without_staging(make_lab):
 def test_a_stop_drops_the_staged_candidate(make_lab):
     lab = make_lab(spec=PIPELINED)
     stop = lab / ".nightlab" / "STOP"
-    run1 = (f"import pathlib, time\ntime.sleep(0.3)\npathlib.Path({str(stop)!r}).write_text('')\n"
-            "time.sleep(0.5)\n") + TARGET_PY.replace("X = 3.0", "X = 8.0")
+    run1 = waits_for_staging(lab, 1, 8.0, then=f"open({str(stop)!r}, 'w').close()\ntime.sleep(0.3)\n")
     eng = Engine(lab, tag="s", researcher=ByIdx({1: {"files": {"target.py": run1}}}, Usage(tokens_in=7)),
                  sandbox_mode="none", max_experiments=10)
     seen = spy_staging(eng)
