@@ -99,6 +99,11 @@ def main() -> None:
         print(f"ledger overhead_s (ms, under-reports): median {statistics.median(over):.1f}  "
               f"p95 {pct(over, 0.95):.1f}")
         print(f"run command itself (ms): median {statistics.median(runs):.1f}")
+        stages: dict[str, list[float]] = {}
+        for e in exps:
+            for k, v in (e.evidence.get("timing") or {}).items():
+                stages.setdefault(k, []).append(1000 * v)
+        print("per-stage medians (ms): " + "  ".join(f"{k} {statistics.median(v):.1f}" for k, v in stages.items()))
         print(f"total wall {wall:.1f}s, {len(exps) / wall:.1f} experiments/s")
         eng.close()
 

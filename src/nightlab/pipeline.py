@@ -16,11 +16,12 @@ import re
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from nightlab import constraints, escape, keep, prune, requeue, sandbox
+from nightlab import constraints, escape, keep, prune, requeue, sandbox, staging
 from nightlab.errors import NightlabError
 from nightlab.guard import Guard, diff_paths
 from nightlab.history import History
@@ -29,7 +30,6 @@ from nightlab.researchers import Context
 from nightlab.runtime import Runtime, _file_sha, _first_line, _raw, _sha
 from nightlab.spec import PROGRAM_FILE, matches
 from nightlab.types import Candidate, Experiment, Measurement, RunResult, Status
-from nightlab.workspace import ApplyError
 
 REBASE = "rebase"  # the researcher name of a requeued combination of a stale candidate's change
 
@@ -136,7 +136,7 @@ class Pipeline(Runtime):
     # ------------------------------------------------------------------ guard, materialise, run, measure
 
     def run_experiment(self, idx: int, candidate: Candidate | None, propose_s: float = 0.0,
-                       slot: int = 0) -> Experiment:
+                       slot: int = 0, staged: Future[staging.Staged] | None = None) -> Experiment:
         """Materialise, run, measure and decide one experiment. ``candidate=None`` is the baseline.
 
         Thread-safe with respect to other experiments: several slots call it at once. Keep
@@ -147,10 +147,13 @@ class Pipeline(Runtime):
         Each stage's cost (seconds) goes to the experiment's evidence under ``timing``: propose,
         guard, worktree (add, materialise, commit), run, measure, decide (the keep lock's wait
         included), record (ledger rows and audit records), cleanup (the worktree's removal).
+
+        ``staged``: the candidate's git work, started ahead by the scheduler (:meth:`stage_ahead`), waited
+        for when not done; its guard and worktree seconds count under those stages as always.
         """
         self._tls.timing = {"propose": propose_s}
         self._tls.decide_t0 = None
-        exp = self._experiment(idx, candidate, propose_s, slot)
+        exp = self._experiment(idx, candidate, propose_s, slot, staged)
         timing = {k: round(v, 4) for k, v in self._tls.timing.items()}
         self._tls.timing = None
         # after cleanup: the whole cost is known. A keep's row may have gained the holdout check since
@@ -178,7 +181,31 @@ class Pipeline(Runtime):
             timing[name] = timing.get(name, 0.0) + now - since
         return now
 
-    def _experiment(self, idx: int, candidate: Candidate | None, propose_s: float, slot: int) -> Experiment:
+    def stage_ahead(self, idx: int, candidate: Candidate) -> staging.Staged:
+        """The git work of a prepared candidate, before a slot is free for it (staging.py): nothing is
+        written to the ledger or the audit log. A staged candidate that never runs goes to :meth:`unstage`."""
+        return staging.stage(self.ws, self.guard, self.session.tag, idx, candidate, candidate.parent)
+
+    def unstage(self, staged: Future[staging.Staged]) -> None:
+        """A staged candidate that will not run: its worktree goes (its commit has no ref: git's garbage)."""
+        with contextlib.suppress(Exception):
+            st = staged.result()
+            if st.worktree is not None:
+                self.ws.remove_worktree(st.worktree)
+
+    def _staged(self, idx: int, candidate: Candidate | None, parent: str,
+                ahead: Future[staging.Staged] | None) -> staging.Staged:
+        """The candidate's git work: the one staged ahead (waited for), or done now; its seconds are counted."""
+        st = ahead.result() if ahead is not None else staging.stage(self.ws, self.guard, self.session.tag, idx,
+                                                                     candidate, parent)
+        timing: dict[str, float] | None = getattr(self._tls, "timing", None)
+        if timing is not None:
+            for k, v in st.timing.items():
+                timing[k] = timing.get(k, 0.0) + v
+        return st
+
+    def _experiment(self, idx: int, candidate: Candidate | None, propose_s: float, slot: int,
+                    staged: Future[staging.Staged] | None = None) -> Experiment:
         """:meth:`run_experiment` without the timing's write."""
         self._tls.slot = slot
         self._tls.watch = None
@@ -200,53 +227,44 @@ class Pipeline(Runtime):
                 self.events.emit("candidate", experiment=idx, parent=parent, researcher=candidate.researcher,
                                  rationale=candidate.rationale, files=sorted(candidate.files or {}),
                                  diff_sha256=_sha(candidate.diff or ""), params=candidate.params)
-        # 1. guard the claimed paths before anything touches disk
-        if candidate is not None:
-            claimed = list(candidate.files or {}) + (diff_paths(candidate.diff) if candidate.diff else [])
-            if not claimed:
-                return self._finish(exp_id, Status.INVALID, t0,
-                                    reason=candidate.error or "the candidate changes nothing")
-            tg = time.monotonic()
-            problem = self.guard.check_paths(claimed)
-            self.events.emit("guard", experiment=idx, stage="paths", ok=problem is None, reason=problem or "")
-            self._spent("guard", tg)
-            if problem:
-                return self._violation(exp_id, idx, t0, problem)
-        tw = time.monotonic()
-        wt = self.ws.add_worktree(name, parent)
-        self._spent("worktree", tw)
+        # 1.-2. the git work: done ahead by the scheduler (staging.py), or here; recorded here, in order
+        st = self._staged(idx, candidate, parent, staged)
+        wt = st.worktree
         try:
-            commit, canonical = parent, ""
             if candidate is not None:
-                # 2. materialise and check what git says actually changed
-                tw = time.monotonic()
-                try:
-                    if candidate.files:
-                        self.ws.write_files(wt, candidate.files)
-                    if candidate.diff:
-                        self.ws.apply_diff(wt, candidate.diff)
-                    staged = self.ws.stage(wt)  # git may refuse a path it will not track: the edit does not apply
-                except ApplyError as e:
-                    self._spent("worktree", tw)
-                    if candidate.researcher == REBASE:
-                        return self._finish(exp_id, Status.DISCARD, t0,
-                                            reason=f"stale: conflicts with the new incumbent: {e}")
-                    return self._finish(exp_id, Status.INVALID, t0, reason=f"edit did not apply: {e}")
-                changes = staged.changes
-                tg = self._spent("worktree", tw)
-                problem = self.guard.check_changes(changes)
-                self.events.emit("guard", experiment=idx, stage="changes", ok=problem is None, reason=problem or "",
-                                 changed=[c.path for c in changes])
-                tw = self._spent("guard", tg)
+                claimed = list(candidate.files or {}) + (diff_paths(candidate.diff) if candidate.diff else [])
+                if not claimed:
+                    return self._finish(exp_id, Status.INVALID, t0,
+                                        reason=candidate.error or "the candidate changes nothing")
+                if st.failed_before(staging.PATHS):
+                    raise st.error  # type: ignore[misc]
+                problem = st.paths_problem
+                self.events.emit("guard", experiment=idx, stage="paths", ok=problem is None, reason=problem or "")
                 if problem:
                     return self._violation(exp_id, idx, t0, problem)
-                if not changes:
+            if st.failed_before(staging.WORKTREE):
+                raise st.error  # type: ignore[misc]
+            assert wt is not None
+            commit, canonical = parent, ""
+            if candidate is not None:
+                if st.apply_error is not None:
+                    if candidate.researcher == REBASE:
+                        return self._finish(exp_id, Status.DISCARD, t0,
+                                            reason=f"stale: conflicts with the new incumbent: {st.apply_error}")
+                    return self._finish(exp_id, Status.INVALID, t0, reason=f"edit did not apply: {st.apply_error}")
+                if st.failed_before(staging.CHANGES):
+                    raise st.error  # type: ignore[misc]
+                problem = st.changes_problem
+                self.events.emit("guard", experiment=idx, stage="changes", ok=problem is None, reason=problem or "",
+                                 changed=list(st.changed))
+                if problem:
+                    return self._violation(exp_id, idx, t0, problem)
+                if not st.changed:
                     return self._finish(exp_id, Status.INVALID, t0, reason="the candidate changes nothing")
-                msg = f"nightlab {self.session.tag} #{idx}: {desc}\n\n{candidate.rationale}".strip()
-                commit, canonical = self.ws.commit_staged(wt, msg, staged)
-                tg = self._spent("worktree", tw)
-                problem = self.guard.check_size(changes, canonical)
-                tw = self._spent("guard", tg)
+                if st.failed_before(staging.COMMITTED):
+                    raise st.error  # type: ignore[misc]
+                commit, canonical, problem = st.commit, st.canonical, st.size_problem
+                tw = time.monotonic()
                 stored = self._stored_diff(canonical, problem)
                 self.ledger.update_experiment(exp_id, commit=commit, diff=stored)
                 self.ws.keep_ref(self.session.tag, idx, commit)
@@ -334,9 +352,10 @@ class Pipeline(Runtime):
             with self._keep_lock:
                 return self._decide(idx, exp_id, candidate, commit, canonical, wt, lab_root, t0, res, m, extras)
         finally:
-            with self._stage("cleanup"):
-                self.ws.remove_worktree(wt)
-                self.session = self.ledger.get_session(self.session.tag) or self.session
+            if wt is not None:  # none made: the candidate claimed nothing, or a path the guard refused
+                with self._stage("cleanup"):
+                    self.ws.remove_worktree(wt)
+                    self.session = self.ledger.get_session(self.session.tag) or self.session
 
     def _pruned(self, exp_id: int, t0: float, res: RunResult, watch: prune.Watch,
                 evidence: dict[str, Any] | None = None) -> Experiment:
