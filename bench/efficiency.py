@@ -143,6 +143,7 @@ def lab_session(name: str, seed: int, semantics: str, prune_on: bool, budget: fl
     rep.engine = eng
     eng.keep_semantics = semantics
     load0 = os.getloadavg()[0]
+    uptime0 = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     t0 = time.time()
     eng.run()
     wall = time.time() - t0
@@ -170,6 +171,7 @@ def lab_session(name: str, seed: int, semantics: str, prune_on: bool, budget: fl
         "pruned": sum(1 for e in exps if e.status is Status.PRUNED),
         "saved_s": round(sum(float(e.evidence.get("saved_s", 0.0)) for e in exps if e.status is Status.PRUNED), 2),
         "reach": reach, "load": [round(load0, 2), round(load1, 2)],
+        "uptime": [uptime0, subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()],
         "prune_conf": prune if prune_on else "",
         # every run, in the order they finished: what the pruner saw and did (for `replay` and the analysis)
         "runs": [{"idx": e.idx, "status": e.status.value, "metric": e.metric, "run_s": round(e.run_s, 3),
