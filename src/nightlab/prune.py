@@ -57,6 +57,12 @@ from optuna.trial import TrialState, create_trial
 
 from nightlab.types import Direction, Experiment, Status
 
+# A step Optuna was already given is ignored with a warning; the watcher skips repeated steps itself, so
+# the warning could only come from a resumed trial. Filtered once, here: ``warnings.catch_warnings`` around
+# each report is not thread-safe (it swaps the process's filter list; two slots' watchers at once could
+# leave a blanket "ignore" behind).
+warnings.filterwarnings("ignore", message=r"The reported value is ignored because this `step")
+
 if TYPE_CHECKING:
     from nightlab.spec import PruneSpec
 
@@ -316,8 +322,7 @@ class Watch:
             self.curve = thin(self.curve)
         if self.trial is None:
             return
-        with self.pruner.lock, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a step reported out of order is Optuna's warning, not ours
+        with self.pruner.lock:
             self.trial.report(value if math.isfinite(value) else math.nan, step)
             prune = self.prunable and not self._done.is_set() and self.trial.should_prune()
         if prune:

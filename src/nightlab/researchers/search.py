@@ -92,6 +92,12 @@ from nightlab.errors import UsageError
 from nightlab.space import Space, search_space
 from nightlab.types import Candidate, Experiment, Status
 
+# constant_liar (and constraints_func) are flagged experimental by Optuna 4. Filtered once, at import:
+# ``warnings.catch_warnings`` around each sampler's creation is not thread-safe (it swaps the process's
+# filter list, and samplers are made while other threads run).
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning,
+                        message=r"Argument ``(constant_liar|constraints_func)``")
+
 if TYPE_CHECKING:
     from nightlab.researchers import Context
     from nightlab.spec import Spec
@@ -183,13 +189,11 @@ def _sampler(options: Options, offset: int = 0) -> optuna.samplers.BaseSampler:
         return optuna.samplers.CmaEsSampler(
             seed=seed, n_startup_trials=options.n_startup_trials, warn_independent_sampling=False
         )
-    with warnings.catch_warnings():  # constant_liar is flagged experimental by Optuna
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        # Optuna 5 reads the stored constraints itself; Optuna 4 only with a constraints_func
-        extra: dict[str, Any] = {} if _OPTUNA_READS_CONSTRAINTS else {"constraints_func": _stored_constraints}
-        return optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=options.n_startup_trials, constant_liar=True, **extra
-        )
+    # Optuna 5 reads the stored constraints itself; Optuna 4 only with a constraints_func
+    extra: dict[str, Any] = {} if _OPTUNA_READS_CONSTRAINTS else {"constraints_func": _stored_constraints}
+    return optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=options.n_startup_trials, constant_liar=True, **extra
+    )
 
 
 def _widen(space: dict[str, Constant], history: tuple[Experiment, ...]) -> dict[str, Constant]:
