@@ -220,6 +220,25 @@ def test_outputs_land_as_read_only_regular_copies(tmp_path):
     assert attack.status is Status.KEEP and attack.metric == pytest.approx(5.5), attack.reason
 
 
+def test_outputs_under_a_recursive_glob_keep_their_subfolders(tmp_path):
+    """``outputs = ["out/**"]`` copies the files in subfolders of out/ (a checkpoint folder tree); the
+    subfolders themselves are not outputs ("is a folder where outputs expects a file" was raised for them).
+    A folder named literally stays an error (test above), and a symlink among them is still refused."""
+    spec = SPEC.replace('outputs = ["params.json", "out/*.json"]', 'outputs = ["params.json", "out/**"]')
+    writes = "plant('out/a.json', '{}'); plant('out/ckpt/step1/m.json', '{}'); os.makedirs('out/empty')\n"
+    check = EVALUATE.replace("print(\"---\")", "import os\nassert os.path.isfile('out/a.json') and "
+                             "os.path.isfile('out/ckpt/step1/m.json')\nprint(\"---\")")
+    for name, attack in (("good", writes), ("bad", writes + "os.symlink('/etc', 'out/ckpt/etc')\n")):
+        (tmp_path / name).mkdir()
+        lab = make(tmp_path / name, spec=spec, **{"evaluate.py": check, "target.py": target(3.0, 0.0, writes)})
+        _s, (base, exp) = session(lab, attack)
+        assert base.status is Status.KEEP, base.reason
+        if name == "good":
+            assert exp.status is Status.KEEP and exp.metric == pytest.approx(5.5), exp.reason
+        else:
+            assert exp.status is Status.CRASH and "out/ckpt/etc is a symlink" in exp.reason, exp.reason
+
+
 # --------------------------------------------------------------------------- item 2: auto-protection
 
 

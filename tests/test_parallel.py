@@ -80,10 +80,13 @@ def test_slots_run_in_parallel(make_lab):
     assert all(e.status is Status.DISCARD for e in tried)
     total_run = sum(e.run_s for e in tried)
     assert total_run >= 6 * 1.5
-    assert wall < 0.7 * total_run, (wall, total_run)  # 3 at a time: about a third of the sum
-    # experiments overlapped in time
+    # experiments overlapped in time: at the start of some run, two others were still going (3 slots used);
+    # how much wall time that saves is bench/parallel.py's to measure, not a timed assertion's
     overlaps = sum(1 for a in tried for b in tried if a.idx < b.idx and b.started_at < (a.finished_at or 0))
     assert overlaps >= 3
+    at_once = max(sum(1 for a in tried if a.started_at <= b.started_at < (a.finished_at or 0)) for b in tried)
+    assert at_once == 3, at_once
+    assert wall < total_run, (wall, total_run)
     assert not any((lab / ".nightlab" / "worktrees").iterdir())
     assert len(git(lab, "worktree", "list").strip().splitlines()) == 1
 
@@ -221,8 +224,11 @@ def test_pipelining_proposes_while_the_slot_runs(make_lab):
         noise = led.session_json(session.id)[1]
     stats = noise["executor"]
     assert stats["slots"] == 1 and stats["pipeline"] is True
-    # the researcher's 0.5 s per proposal hides behind the 1 s runs: the slot is busy most of the time
-    assert stats["duty_cycle"] > 0.6, stats  # generous: CI machines are shared; bench/parallel.py measures it
+    # the duty cycle is recorded (busy run seconds over the loop's wall time); its size is bench/parallel.py's
+    # to measure: a timed threshold here failed once on a shared machine at load 5
+    busy = sum(e.run_s for e in tried)
+    assert stats["busy_s"] == pytest.approx(busy, abs=0.01), stats
+    assert 0 < stats["duty_cycle"] <= 1 and stats["duty_cycle"] == pytest.approx(busy / stats["wall_s"], abs=1e-3)
 
 
 def test_gpus_are_pinned_per_slot(make_lab):

@@ -160,8 +160,13 @@ def _copy_outputs(run_root: Path | None, patterns: list[str], lab: Path, committ
     found = globs.expand(run_root, patterns, dirs=True)
     if len(found) > MAX_OUTPUT_FILES:
         raise OutputRejected(f"the run left {len(found)} outputs (more than {MAX_OUTPUT_FILES})")
+    # a folder a pattern names literally is an error (``outputs = ["ckpt.pt"]`` and the run made a folder);
+    # a folder a wildcard reaches (``out/**``, ``out/*``) is skipped: the files in it are listed on their own
+    literal = {"/".join(globs.segments(p)) for p in patterns if not p.endswith("/") and not globs.is_magic(p)}
     for rel in found:
         try:
+            if rel not in literal and stat.S_ISDIR(os.lstat(run_root / rel).st_mode):
+                continue
             total = _check_and_copy(run_root, rel, lab, committed, forbidden, total, max_bytes)
         except OSError as e:  # vanished, name too long, disk full: the outputs cannot be evaluated
             raise OutputRejected(f"{shown(rel)} cannot be copied: {e.strerror or e}") from None

@@ -54,6 +54,16 @@ def _segments(pattern: str) -> list[str]:
     return [s for s in pattern.split("/") if s not in ("", ".")]
 
 
+def segments(pattern: str) -> list[str]:
+    """``pattern``'s path segments (a trailing ``/`` reads as ``/**``; empty and ``.`` segments dropped)."""
+    return _segments(pattern)
+
+
+def is_magic(pattern: str) -> bool:
+    """Whether ``pattern`` holds a glob character (``*``, ``?``, ``[``)."""
+    return _MAGIC.search(pattern) is not None
+
+
 def _segment_regex(seg: str) -> str:
     out: list[str] = []
     i, n = 0, len(seg)
