@@ -39,6 +39,7 @@ kind = "agent"
 command = "{sys.executable} {script} {{prompt_file}} {args}"
 sandbox = "{mode}"
 timeout_s = 30
+pass_env = ["NIGHTLAB_TEST_KEY"]
 '''
 
 

@@ -527,25 +527,35 @@ def test_fake_progress_lines_of_discarded_runs_do_not_prune_an_honest_improvemen
 def test_an_agent_researcher_does_not_get_the_ledgers_url(outside_tmp, monkeypatch):
     """Broke on main: the agent researcher gets nightlab's whole environment (it needs its API key) and the
     network, so ``$NIGHTLAB_DB`` reached it: with PostgreSQL that is the ledger's password, and the agent
-    could rewrite any experiment's record. Fixed in researchers/agent.py: that one variable stays behind.
-    (SQLite here, at a path the agent can see read-only: the URL alone is what is checked.)"""
+    could rewrite any experiment's record. Fixed in researchers/agent.py: the agent gets an allowlist of
+    the environment (the runs', the network's settings, its provider's variables, ``pass_env``), never
+    the ledger's URL even when ``pass_env`` names it; other secrets (DATABASE_URL, GH_PAT, AWS keys) stay
+    behind too. (SQLite here, at a path the agent can see read-only: the URL alone is what is checked.)"""
     monkeypatch.setenv("NIGHTLAB_DB", f"sqlite:///{outside_tmp / 'elsewhere.db'}")
+    for name in ("DATABASE_URL", "GH_PAT", "AWS_SECRET_ACCESS_KEY", "SSH_AUTH_SOCK"):
+        monkeypatch.setenv(name, f"leak-{name}")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-for-the-agent-000000")
+    monkeypatch.setenv("MY_TEAM_SETTING", "asked-for")
     script = outside_tmp / "env_agent.py"
     script.write_text(
         "import json, os, pathlib\n"
-        "word = 'LEAKED' if 'elsewhere.db' in json.dumps(dict(os.environ)) else 'clean'\n"
+        "env = json.dumps(dict(os.environ))\n"
+        "word = 'LEAKED' if 'elsewhere.db' in env or 'leak-' in env else 'clean'\n"
+        "word += '+key' if os.environ.get('ANTHROPIC_API_KEY', '').startswith('sk-ant-') else '-key'\n"
+        "word += '+asked' if os.environ.get('MY_TEAM_SETTING') == 'asked-for' else '-asked'\n"
         "t = pathlib.Path('target.py')\n"
         "t.write_text(t.read_text().replace('X = 3.0', 'X = 2.0  # ' + word))\n"
         "print(json.dumps({'type': 'result', 'result': 'env: ' + word}))\n")
     spec = SPEC.replace('[researcher]\nkind = "scripted"\n', f'[researcher]\nkind = "agent"\ncommand = '
-                        f'"{sys.executable} {script}"\nsandbox = "required"\ntimeout_s = 60\n')
+                        f'"{sys.executable} {script}"\nsandbox = "required"\ntimeout_s = 60\n'
+                        'pass_env = ["MY_TEAM_*", "NIGHTLAB_DB"]\n')
     lab = make(outside_tmp, spec=spec)
     eng = Engine(lab, tag="t", sandbox_mode=MODE, max_experiments=1)
     s = eng.run()
     agent = eng.ledger.experiments(s.id)[1]
     eng.close()
     assert (outside_tmp / "elsewhere.db").exists()  # the session itself used the URL
-    assert agent.rationale == "env: clean", agent.rationale
+    assert agent.rationale == "env: clean+key+asked", agent.rationale
 
 
 HIDE = "\x1b[1A\x1b[2K\x1b[1A\x1b[2K"  # up one line and erase it, twice: the hunk above is gone on screen

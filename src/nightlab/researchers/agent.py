@@ -32,10 +32,14 @@ to its own config paths in ``$HOME`` that exist (below) and ``writable`` extras;
 the file system read-only, the lab's ``.nightlab/`` (ledger, artifacts, other worktrees),
 the repository's ``.git`` (its objects hold the committed holdout files; git does not work in the
 worktree, the presets do not need it), ``[sandbox] hide`` and ``[holdout] files`` hidden (the
-lab's and the worktree's copies); the
-environment of nightlab, API keys included (the agent needs its key; the transcript is
-redacted), except ``$NIGHTLAB_DB`` (the ledger's URL: a PostgreSQL password). The presets add
-their own tool permissions:
+lab's and the worktree's copies); of
+nightlab's environment, an allowlist: the runs' (``PATH``, ``HOME``, locale, ``CUDA_*``, ...; see
+nightlab.runenv), the network's settings (proxies, CA bundles), ``XDG_*`` folders, and the provider's
+variables, its key among them (``ANTHROPIC_*`` and ``CLAUDE_*`` for claude, ``OPENAI_*`` and ``CODEX_*``
+for codex, the providers aider knows for aider, all of these for ``command``; the transcript is
+redacted); more with ``pass_env = ["AWS_*"]`` (Bedrock, say), set with ``env``. Never the ledger's URL
+``$NIGHTLAB_DB`` (a PostgreSQL password), and nothing else: ``DATABASE_URL``, ``GH_PAT``, ``AWS_*``,
+``SSH_AUTH_SOCK`` stay behind. The presets add their own tool permissions:
 
 - ``claude``: ``claude -p … --output-format json --permission-mode acceptEdits --allowedTools
   Read,Edit,Write,Glob,Grep``: reads and edits files, no shell, no web; writes ``~/.claude``,
@@ -67,7 +71,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from nightlab import globs, sandbox
+from nightlab import globs, runenv, sandbox
 from nightlab.context import ContextOptions, build_prompt, redact, secret_values
 from nightlab.ledger import DB_ENV
 from nightlab.pricing import Price, cost_usd
@@ -90,6 +94,24 @@ PRESETS: dict[str, tuple[str, list[str]]] = {
 }
 
 
+# What an agent gets of nightlab's environment, besides the runs' allowlist (nightlab.runenv): the network's
+# settings (proxies, CA bundles), config folders, and its provider's variables (its key among them).
+# Everything else stays behind (DATABASE_URL, GH_PAT, AWS_*, SSH_AUTH_SOCK, ...): the agent has the network.
+AGENT_NAMES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy",
+               "all_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+               "NODE_EXTRA_CA_CERTS", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME",
+               "XDG_RUNTIME_DIR", "SHELL", "COLUMNS", "NO_COLOR")
+PROVIDER_ENV: dict[str, tuple[str, ...]] = {
+    "claude": ("ANTHROPIC_*", "CLAUDE_*", "DISABLE_TELEMETRY", "DISABLE_AUTOUPDATER", "DISABLE_ERROR_REPORTING",
+               "MAX_THINKING_TOKENS"),
+    "codex": ("OPENAI_*", "CODEX_*"),
+    "aider": ("AIDER_*", "OPENAI_*", "ANTHROPIC_*", "GEMINI_*", "OPENROUTER_*", "DEEPSEEK_*", "MISTRAL_*",
+              "GROQ_*", "XAI_*", "COHERE_*", "TOGETHERAI_*", "FIREWORKS_*", "OLLAMA_*"),
+}
+# a command of the user's own: any of the presets' providers
+PROVIDER_ENV["command"] = tuple(dict.fromkeys(p for v in PROVIDER_ENV.values() for p in v))
+
+
 class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
     preset: Literal["claude", "codex", "aider"] | None = None
@@ -99,8 +121,17 @@ class Options(BaseModel):
     sandbox: Literal["auto", "required", "none"] = "auto"
     writable: list[str] = Field(default_factory=list, description="extra paths it may write (~ ok)")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for the agent")
+    pass_env: list[str] = Field(default_factory=list, description="more of nightlab's environment for the agent: "
+                                "names, or prefixes written PREFIX_* (AWS_* for Bedrock)")
     context_tokens: int = Field(12000, ge=500)
     price: Price | None = Field(None, description="prices tokens the agent reports without a cost")
+
+    @model_validator(mode="after")
+    def _pass_env(self) -> Options:
+        bad = [p for p in self.pass_env if not runenv.PATTERN.fullmatch(p)]
+        if bad:
+            raise ValueError(f"pass_env: {bad[0]!r} is not a variable name or a PREFIX_* pattern")
+        return self
 
     @model_validator(mode="after")
     def _one_of(self) -> Options:
@@ -190,6 +221,15 @@ class AgentResearcher:
         self.extra_writable = [Path(os.path.expanduser(p)) for p in [*home_paths, *options.writable]]
         self.secrets = secret_values({**os.environ, **options.env})
 
+    def environment(self) -> dict[str, str]:
+        """nightlab's environment as the agent gets it: an allowlist (the runs', :data:`AGENT_NAMES`, the
+        provider's variables, ``pass_env``) plus ``env``; never the ledger's URL (with PostgreSQL it holds
+        the password, and the agent has the network), even when ``pass_env`` names it."""
+        allow = [*AGENT_NAMES, *PROVIDER_ENV[self.o.preset or "command"], *self.o.pass_env]
+        env = runenv.filter_env(os.environ, allow)
+        env.pop(DB_ENV, None)
+        return {**env, **self.o.env}
+
     def command(self, prompt_file: Path, prompt: str, files: list[str]) -> str:
         model_arg = f" --model {shlex.quote(self.o.model)}" if self.o.model else ""
         return self.template.format(prompt_file=shlex.quote(str(prompt_file)), prompt=shlex.quote(prompt),
@@ -240,10 +280,7 @@ class AgentResearcher:
         try:
             prompt_file.write_text(prompt.user, encoding="utf-8")
             cmd = self.command(prompt_file, prompt.user, sorted(ctx.files))
-            # the full environment (the agent needs its API key), but never the ledger's URL: with PostgreSQL it
-            # holds the password, and the agent has the network
-            env = {**{k: v for k, v in os.environ.items() if k != DB_ENV}, **self.o.env,
-                   "NIGHTLAB_EXPERIMENT": str(ctx.idx), "PYTHONUNBUFFERED": "1"}
+            env = {**self.environment(), "NIGHTLAB_EXPERIMENT": str(ctx.idx), "PYTHONUNBUFFERED": "1"}
             res = sandbox.run(cmd, cwd=self.ws.lab_in(wt), env=env, policy=self.policy(wt, prompt_file),
                               timeout_s=self.o.timeout_s, log_path=log)
             transcript = redact(sandbox.tail(log, 100000, max_bytes=4_000_000), self.secrets)
