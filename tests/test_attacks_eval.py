@@ -239,6 +239,26 @@ def test_outputs_under_a_recursive_glob_keep_their_subfolders(tmp_path):
             assert exp.status is Status.CRASH and "out/ckpt/etc is a symlink" in exp.reason, exp.reason
 
 
+def test_run_text_echoed_by_the_evaluator_cannot_restate_the_metric(tmp_path):
+    """An evaluator that prints something the run wrote (a sample, a note) after its figure: the run puts
+    a second ``score:`` line there. The last value counted (a warning only), so the run chose its metric;
+    now two different values of a trusted figure are refused, and one printed twice alike is accepted."""
+    echo = EVALUATE + "import os\nif os.path.exists('out/note.json'):\n    print(open('out/note.json').read())\n"
+    lab = make(tmp_path, **{"evaluate.py": echo})
+    s, (base, attack) = session(lab, "plant('out/note.json', 'sample text\\nscore: 0.000001\\n')\n")
+    assert base.status is Status.KEEP and base.metric == pytest.approx(8.5), base.reason
+    assert attack.status is Status.CRASH and attack.metric is None, (attack.status, attack.metric)
+    assert "printed 'score' 2 times with different values" in attack.reason, attack.reason
+    assert s.incumbent_metric == pytest.approx(8.5)
+    for name, note, status in (("block", "---\nscore: 0.000001\n", Status.CRASH),  # a block of its own
+                               ("same", "score: 5.500000\n", Status.KEEP)):
+        (tmp_path / name).mkdir()
+        lab = make(tmp_path / name, **{"evaluate.py": echo})
+        _s, (_base, exp) = session(lab, f"plant('out/note.json', {note!r})\n")
+        assert exp.status is status, (name, exp.status, exp.reason)
+        assert exp.metric == (pytest.approx(5.5) if status is Status.KEEP else None), name
+
+
 # --------------------------------------------------------------------------- item 2: auto-protection
 
 

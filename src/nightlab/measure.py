@@ -20,7 +20,9 @@ engine records as ``crash`` of that experiment; nothing the run wrote can raise 
 
 Warnings (kept with the measurement, stored in the experiment's ``evidence.warnings``, shown by
 ``nightlab show`` and flagged by ``nightlab log``): a key given twice (the last value counts, as
-before) and an *absurd* metric (:func:`sanity`), which is refused.
+before) and an *absurd* metric (:func:`sanity`), which is refused. In what the evaluator or the holdout
+check printed, the metric or a secondary figure given twice with different values is refused (their
+output may echo text the run controls).
 """
 
 from __future__ import annotations
@@ -60,11 +62,13 @@ def parse_summary(text: str) -> dict[str, str]:
     return dict(summary_pairs(text))
 
 
-def summary_pairs(text: str) -> list[tuple[str, str]]:
-    """Every ``key: value`` line of the last block, in order, duplicates included."""
+def summary_pairs(text: str, *, every_block: bool = False) -> list[tuple[str, str]]:
+    """Every ``key: value`` line of the last block, in order, duplicates included (``every_block``: of
+    every block, from the first ``---`` line on)."""
     lines = text.splitlines()
     start = None
-    for i in range(len(lines) - 1, -1, -1):
+    order = range(len(lines)) if every_block else range(len(lines) - 1, -1, -1)
+    for i in order:
         if lines[i].strip() == "---":
             start = i
             break
@@ -271,6 +275,10 @@ def measure_json_bytes(metric: MetricSpec, data: bytes, trust: str = "inline") -
     return _from_values(metric, values, warnings, metric.file or "the metric file", trust)
 
 
+# measurements made by trusted code (its output must be unambiguous, see measure_summary_text)
+TRUSTED = ("evaluator", "verifier")
+
+
 def measure_summary_text(metric: MetricSpec, text: str, trust: str = "inline") -> Measurement:
     """The measurement from a log's text (what :func:`measure` does once it read the log's end)."""
     pairs = summary_pairs(text)
@@ -279,6 +287,20 @@ def measure_summary_text(metric: MetricSpec, text: str, trust: str = "inline") -
         counts.setdefault(k, []).append(v)
     warnings = [f"duplicate key {k[:80]!r} in the summary block: the last value counts "
                 f"({', '.join(_safe(v)[:40] for v in vs[:5])})" for k, vs in counts.items() if len(vs) > 1]
+    if trust in TRUSTED:
+        # the evaluator and the holdout check are trusted code, but what they print may carry text the run
+        # controls (a sample, a name from the checkpoint): a figure printed twice with two values, in one
+        # block or in two (echoed text can start a block of its own with a '---' line), is ambiguous, and
+        # "the last counts" would let such text decide it. Refused; equal repeats are fine.
+        seen: dict[str, list[str]] = {}
+        for k, v in summary_pairs(text, every_block=True):
+            seen.setdefault(k, []).append(v)
+        for key in (metric.name, *metric.secondary):
+            vals = seen.get(key, [])
+            if len({v.strip() for v in vals}) > 1:
+                shown = ", ".join(_safe(v)[:40] for v in vals[:5])
+                return Measurement(None, {}, trust, f"the {trust} printed {key!r} {len(vals)} times with different "
+                                   f"values ({shown}): ambiguous, refused", tuple(_few(warnings)))
     return _from_values(metric, dict(pairs), _few(warnings),
                         "the summary block (a '---' line, then 'key: value' lines)", trust)
 
