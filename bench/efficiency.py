@@ -314,7 +314,8 @@ def replay_session(row: dict[str, Any], prune_lines: str, overhead: float) -> di
 
     spec = PruneSpec(**tomllib.loads(prune_lines))
     figure = spec.figure or "val_loss"
-    pruner = Pruner(spec, figure, Direction.MINIMIZE)
+    # as the engine builds it: with a [prune] figure of its own (tinygpt's train_bpb) the curve is not the metric
+    pruner = Pruner(spec, figure, Direction.MINIMIZE, None if not spec.figure else "the lab's metric")
     full = max((c[-1][0] for c in (r["curve"] for r in row["runs"]) if c), default=1)
     used, inc, off_best = 0.0, math.inf, row["best"]
     out: dict[str, Any] = {"pruned_at": [], "winners_pruned": 0, "reach": None, "best": math.inf}

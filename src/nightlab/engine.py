@@ -111,7 +111,7 @@ class Engine(Scheduler):
         self._requeue: list[Candidate | keep.Requeued] = []  # combinations of stale changes (keep.py)
         self._crashes_checked = 0  # crashes of the current streak already cleared by a health check
         self.pruner = prune.Pruner(self.spec.prune, self.spec.prune.figure or self.spec.metric.name,
-                                   self.spec.metric.direction)
+                                   self.spec.metric.direction, self.spec.metric.name)
         self._closing = False  # the loop is closing: proposals in progress should give up
         self.ray: Any = None
         if self.spec.executor.kind == "ray":

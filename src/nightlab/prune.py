@@ -34,9 +34,12 @@ every step, so a run that hovers near the median is stopped at one of many check
 tinygpt (bench/README.md) it stopped 41 of 51 candidates. Not before a quarter of a full run is the
 least that keeps it off initialisation noise whatever the step unit is.
 
-Progress lines are advisory and untrusted: they can only stop a run early, never make it kept.
-Not covered: a finished run's curve is a reference for later runs, so fake curves (of runs then
-discarded on their trusted metric) can get an honest run pruned (docs/security.md).
+Progress lines are advisory and untrusted: they can only stop a run early, never make it kept. A
+finished run's curve is a reference for later runs, so a run could print a fake good curve, be
+discarded on its trusted metric, and leave a bar that prunes honest runs: a reference value is
+therefore no better than the run's trusted final metric (:meth:`Percentile._value`). Not covered:
+with ``[prune] figure`` other than the metric, a completed run's curve has no trusted anchor
+(docs/security.md).
 The baseline is watched (its curve is the first reference) but never pruned.
 """
 
@@ -142,11 +145,33 @@ class Percentile(optuna.pruners.BasePruner):
     infinite). Not before ``startup_runs`` runs completed, nor before step ``warmup_steps``; a step no
     other run reached prunes nothing; a run with only NaN values so far is pruned (diverged)."""
 
-    def __init__(self, percentile: float, startup_runs: int, warmup_steps: int, reference: str) -> None:
+    def __init__(self, percentile: float, startup_runs: int, warmup_steps: int, reference: str,
+                 anchored: bool = False) -> None:
         self.percentile = percentile
         self.startup_runs = startup_runs
         self.warmup_steps = warmup_steps
         self.reference = reference
+        self.anchored = anchored  # the progress figure is the metric: a completed run's trusted value anchors it
+
+    def _value(self, t: optuna.trial.FrozenTrial, step: int, maximize: bool) -> float:
+        """Trial ``t``'s value at ``step`` as a reference, no better than what the run is known to reach.
+
+        Progress lines are the run's word. A run can print a curve far better than it is, then be
+        discarded on its trusted metric; as a reference that curve would set the bar and prune honest
+        runs. So a reference value is clamped: for a completed run, to be no better than its trusted
+        final value (when the progress figure is the metric; an honest loss curve is worse before its
+        end than at it, so honest curves barely change); for a pruned run, no better than its value at
+        the step it was stopped at (it was stopped there for being worse than the bar)."""
+        v = t.intermediate_values[step]
+        if t.state is TrialState.COMPLETE and self.anchored and t.value is not None and math.isfinite(t.value):
+            anchor = t.value
+        elif t.state is TrialState.PRUNED:
+            anchor = t.intermediate_values[max(t.intermediate_values)]
+        else:
+            return v
+        if math.isnan(anchor):
+            return v
+        return min(v, anchor) if maximize else max(v, anchor)
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         step = trial.last_step
@@ -163,7 +188,7 @@ class Percentile(optuna.pruners.BasePruner):
                 continue
             if step in t.intermediate_values:
                 if not math.isnan(t.intermediate_values[step]):
-                    others.append(t.intermediate_values[step])
+                    others.append(self._value(t, step, maximize))
             elif (self.reference == "all" and t.state is TrialState.PRUNED and t.intermediate_values
                   and max(t.intermediate_values) < step):
                 others.append(worst)  # stopped before this step for being worse than the bar
@@ -177,16 +202,18 @@ class Percentile(optuna.pruners.BasePruner):
         return max(mine) < bar if maximize else min(mine) > bar
 
 
-def make_pruner(spec: PruneSpec) -> optuna.pruners.BasePruner | None:
-    pruner = _pruner(spec)
+def make_pruner(spec: PruneSpec, anchored: bool = False) -> optuna.pruners.BasePruner | None:
+    """The pruner ``spec`` names; ``anchored``: the progress figure is the metric (see :meth:`Percentile._value`)."""
+    pruner = _pruner(spec, anchored)
     if pruner is not None and spec.pruner == "median" and (spec.warmup_fraction > 0 or spec.finish_fraction < 1):
         return WarmupFraction(pruner, spec.warmup_fraction, spec.finish_fraction)
     return pruner
 
 
-def _pruner(spec: PruneSpec) -> optuna.pruners.BasePruner | None:
+def _pruner(spec: PruneSpec, anchored: bool = False) -> optuna.pruners.BasePruner | None:
     if spec.pruner == "median" and spec.reference != "completed":
-        return Percentile(spec.percentile, spec.startup_runs, spec.warmup_steps, spec.reference)
+        return Percentile(spec.percentile, spec.startup_runs, spec.warmup_steps, spec.reference,
+                          anchored=anchored)
     if spec.pruner == "median":
         return optuna.pruners.PercentilePruner(spec.percentile, n_startup_trials=spec.startup_runs,
                                                n_warmup_steps=spec.warmup_steps)
@@ -205,7 +232,8 @@ def _pruner(spec: PruneSpec) -> optuna.pruners.BasePruner | None:
 class Pruner:
     """The session's pruning study. Thread-safe: one :class:`Watch` per slot reports into it."""
 
-    def __init__(self, spec: PruneSpec, metric: str, direction: Direction) -> None:
+    def __init__(self, spec: PruneSpec, metric: str, direction: Direction, metric_name: str | None = None) -> None:
+        """``metric``: the progress figure pruned on; ``metric_name``: ``[metric] name`` (None: the same)."""
         self.spec = spec
         self.metric = metric
         self.enabled = spec.pruner != "none"
@@ -213,7 +241,8 @@ class Pruner:
         self.full_runs_s: list[float] = []  # run seconds of runs that went to their end
         if optuna.logging.get_verbosity() < optuna.logging.WARNING:
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.study = optuna.create_study(direction=direction.value, pruner=make_pruner(spec)
+        anchored = metric_name in (None, metric)
+        self.study = optuna.create_study(direction=direction.value, pruner=make_pruner(spec, anchored)
                                          or optuna.pruners.NopPruner(),
                                          sampler=optuna.samplers.RandomSampler(seed=0))
 
