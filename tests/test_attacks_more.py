@@ -528,25 +528,30 @@ FAKE_CURVES = {
     "good-then-worse": [([(s, 0.0 if s < 40 else 1000.0) for s in range(1, 101)], Status.DISCARD, 50.0)] * 3,
     # 0.0 throughout, then the run crashes: a failed run is no reference
     "crashed": [([(s, 0.0) for s in range(1, 101)], Status.CRASH, math.nan)] * 3,
+    # three true improvements (7.0, 6.5, 6.0: kept) that print 0.0: the bar can only lean on trusted finals
+    "improvements": [([(s, 0.0) for s in range(1, 101)], Status.KEEP, m) for m in (7.0, 6.5, 6.0)],
 }
 
 
-@pytest.mark.parametrize("fake", list(FAKE_CURVES))
-def test_fake_progress_lines_do_not_prune_an_honest_improvement(fake):
+@pytest.mark.parametrize(("fake", "figure"), [(f, g) for f in FAKE_CURVES for g in ("score", "train_score")
+                                               if (f, g) != ("improvements", "train_score")])  # the next test
+def test_fake_progress_lines_do_not_prune_an_honest_improvement(fake, figure):
     """Broke on main: three candidates whose runs print ``nightlab: step=N score=0.0`` and are then
     discarded on their trusted metric (50) made the median pruner stop an honest candidate that would
     have been kept (5.5 against 8.5) at 25% of its run: a finished run's curve is a reference. Fixed in
-    prune.Percentile: a completed run's reference values are no better than its trusted final metric
-    (when the progress figure is the metric); a pruned run's no better than its value where it was stopped
-    (defence in depth: the median pruner judges a run's best value so far, so a pruned run's earlier values
-    were no better than the bar it failed)."""
-    assert _prune_session("score", "score", FAKE_CURVES[fake]) is None
+    prune.Percentile: a completed run's reference value is no better than the worst value at that step of
+    the runs that finished better than it (so no better than the baseline's curve when it finished worse
+    than the baseline), no better than its own trusted final metric when the progress figure is the
+    metric, and a pruned run's no better than where it was stopped (defence in depth: the median pruner
+    judges a run's best value so far). With another progress figure (``train_score``) the own-final
+    anchor is missing: true improvements printing fake curves still set the bar (next test)."""
+    assert _prune_session(figure, "score", FAKE_CURVES[fake]) is None
 
 
 @pytest.mark.xfail(strict=True, reason="open: with [prune] figure other than the metric (tinygpt's train_bpb), "
-                   "a completed run's curve has no trusted anchor (docs/security.md, 'Not covered')")
-def test_fake_progress_of_another_figure_does_not_prune_an_honest_improvement():
-    assert _prune_session("train_score", "score", FAKE_CURVES["completed"]) is None
+                   "kept runs' curves have no trusted anchor (docs/security.md, 'Not covered')")
+def test_true_improvements_with_fake_curves_of_another_figure_do_not_prune_an_honest_one():
+    assert _prune_session("train_score", "score", FAKE_CURVES["improvements"]) is None
 
 
 @needs_bwrap

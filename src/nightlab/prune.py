@@ -37,8 +37,8 @@ least that keeps it off initialisation noise whatever the step unit is.
 Progress lines are advisory and untrusted: they can only stop a run early, never make it kept. A
 finished run's curve is a reference for later runs, so a run could print a fake good curve, be
 discarded on its trusted metric, and leave a bar that prunes honest runs: a reference value is
-therefore no better than the run's trusted final metric (:meth:`Percentile._value`). Not covered:
-with ``[prune] figure`` other than the metric, a completed run's curve has no trusted anchor
+therefore clamped by trusted results (:meth:`Percentile._value`). Not covered: with ``[prune] figure``
+other than the metric, runs that truly improve on all before them can still print fake curves
 (docs/security.md).
 The baseline is watched (its curve is the first reference) but never pruned.
 """
@@ -153,25 +153,50 @@ class Percentile(optuna.pruners.BasePruner):
         self.reference = reference
         self.anchored = anchored  # the progress figure is the metric: a completed run's trusted value anchors it
 
-    def _value(self, t: optuna.trial.FrozenTrial, step: int, maximize: bool) -> float:
+    def _value(self, t: optuna.trial.FrozenTrial, step: int, maximize: bool, cap: float | None) -> float:
         """Trial ``t``'s value at ``step`` as a reference, no better than what the run is known to reach.
 
         Progress lines are the run's word. A run can print a curve far better than it is, then be
         discarded on its trusted metric; as a reference that curve would set the bar and prune honest
-        runs. So a reference value is clamped: for a completed run, to be no better than its trusted
-        final value (when the progress figure is the metric; an honest loss curve is worse before its
-        end than at it, so honest curves barely change); for a pruned run, no better than its value at
-        the step it was stopped at (it was stopped there for being worse than the bar)."""
+        runs. So a reference value is clamped (made worse, never better):
+
+        - a completed run's, to be no better than ``cap``: the worst value at this step of the completed
+          runs whose trusted final metric is better than its own. A run that finished worse than the
+          baseline is no better than the baseline's curve (the user's code, watched, never pruned), so fake
+          curves need runs that truly beat every run before them; honest curves that cross only make the
+          bar more lenient;
+        - when the progress figure is the metric, also no better than its own trusted final value (an
+          honest loss curve is worse before its end than at it, so honest curves barely change);
+        - a pruned run's, no better than its value where it was stopped (it was judged worse than the bar
+          there; the median pruner judges the best value so far, so this is defence in depth).
+        """
         v = t.intermediate_values[step]
+        bounds = [] if cap is None else [cap]
         if t.state is TrialState.COMPLETE and self.anchored and t.value is not None and math.isfinite(t.value):
-            anchor = t.value
+            bounds.append(t.value)
         elif t.state is TrialState.PRUNED:
-            anchor = t.intermediate_values[max(t.intermediate_values)]
-        else:
-            return v
-        if math.isnan(anchor):
-            return v
-        return min(v, anchor) if maximize else max(v, anchor)
+            bounds.append(t.intermediate_values[max(t.intermediate_values)])
+        for b in bounds:
+            if not math.isnan(b):
+                v = min(v, b) if maximize else max(v, b)
+        return v
+
+    @staticmethod
+    def _caps(finished: list[optuna.trial.FrozenTrial], step: int, maximize: bool) -> dict[int, float]:
+        """For each completed run with a value at ``step``: the worst value there among the completed runs
+        that finished better (by the trusted metric); the best-finishing run has none."""
+        done = [t for t in finished if t.state is TrialState.COMPLETE and t.value is not None
+                and math.isfinite(t.value) and step in t.intermediate_values
+                and not math.isnan(t.intermediate_values[step])]
+        done.sort(key=lambda t: -float(t.value or 0.0) if maximize else float(t.value or 0.0))  # values checked
+        caps: dict[int, float] = {}
+        worst: float | None = None
+        for t in done:
+            if worst is not None:
+                caps[t.number] = worst
+            v = t.intermediate_values[step]
+            worst = v if worst is None else (min(worst, v) if maximize else max(worst, v))
+        return caps
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         step = trial.last_step
@@ -183,12 +208,13 @@ class Percentile(optuna.pruners.BasePruner):
         maximize = study.direction is optuna.study.StudyDirection.MAXIMIZE
         worst = -math.inf if maximize else math.inf
         others: list[float] = []
+        caps = self._caps(finished, step, maximize)
         for t in finished:
             if t.number == trial.number:
                 continue
             if step in t.intermediate_values:
                 if not math.isnan(t.intermediate_values[step]):
-                    others.append(self._value(t, step, maximize))
+                    others.append(self._value(t, step, maximize, caps.get(t.number)))
             elif (self.reference == "all" and t.state is TrialState.PRUNED and t.intermediate_values
                   and max(t.intermediate_values) < step):
                 others.append(worst)  # stopped before this step for being worse than the bar
