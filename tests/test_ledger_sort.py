@@ -3,6 +3,8 @@ sorts by them through one index (issue 13, "any sort column at any page"). On SQ
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import sqlalchemy as sa
 from nightlab import ledger as ledger_mod
 from nightlab import queries
 from nightlab.ledger import Ledger, candidates, experiments, schema_version, sessions
-from nightlab.types import Candidate, Direction, Status, Usage
+from nightlab.types import Candidate, Direction, Session, Status, Usage
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -24,6 +26,28 @@ def _sort_row(led: Ledger, exp_id: int) -> tuple[object, ...]:
     with led.transaction() as conn:
         return tuple(conn.execute(sa.select(e.sort_researcher, e.sort_cost_usd, e.sort_tokens)
                                   .where(e.id == exp_id)).one())
+
+
+def _session(led: Ledger) -> Session:
+    return led.create_session(tag="t", branch="nightlab/t", base_commit="b" * 40, metric_name="score",
+                              direction=Direction.MINIMIZE, sandbox="none", spec_hash="x", spec_json="{}",
+                              lab_path="/x", machine={}, researcher="llm")
+
+
+@contextlib.contextmanager
+def _page_queries(eng: sa.Engine) -> Iterator[list[tuple[str, object]]]:
+    """The dashboard page queries (statement, parameters) sent to ``eng`` inside the block."""
+    seen: list[tuple[str, object]] = []
+
+    def capture(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+        if statement.lstrip().startswith("SELECT experiments.id") and "ORDER BY" in statement:
+            seen.append((statement, params))
+
+    sa.event.listen(eng, "before_cursor_execute", capture)
+    try:
+        yield seen
+    finally:
+        sa.event.remove(eng, "before_cursor_execute", capture)
 
 
 def _v3_ledger(url: str, n: int) -> None:
@@ -82,9 +106,7 @@ def test_a_v3_ledger_upgrades_to_v4_with_the_sort_columns_filled(url: str) -> No
 
 def test_the_sort_columns_follow_the_candidate(url: str) -> None:
     with Ledger(url) as led:
-        s = led.create_session(tag="t", branch="nightlab/t", base_commit="b" * 40, metric_name="score",
-                               direction=Direction.MINIMIZE, sandbox="none", spec_hash="x", spec_json="{}",
-                               lab_path="/x", machine={}, researcher="llm")
+        s = _session(led)
         base = led.start_experiment(s.id, idx=0, parent_commit="p", seed=0, candidate=None, description="b",
                                     propose_s=0.0)
         cand = Candidate(parent="p", rationale="r", researcher="llm", usage=Usage(tokens_in=100, tokens_out=7,
@@ -104,19 +126,10 @@ def test_every_sort_at_any_page_walks_an_index(tmp_path: Path) -> None:
     filtered by researcher: one index, no temporary B-tree (a sort of the whole session cost 300 ms at page
     500 of 100,000 experiments)."""
     with Ledger(f"sqlite:///{tmp_path / 'l.db'}") as led:
-        s = led.create_session(tag="t", branch="nightlab/t", base_commit="b" * 40, metric_name="score",
-                               direction=Direction.MINIMIZE, sandbox="none", spec_hash="x", spec_json="{}",
-                               lab_path="/x", machine={}, researcher="llm")
+        s = _session(led)
         queries.ensure_indexes(led)
         eng = queries.engine_of(led)
-        seen: list[tuple[str, object]] = []
-
-        def capture(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
-            if statement.lstrip().startswith("SELECT experiments.id") and "ORDER BY" in statement:
-                seen.append((statement, params))
-
-        sa.event.listen(eng, "before_cursor_execute", capture)
-        try:
+        with _page_queries(eng) as seen:
             for sort in queries.SORTS:
                 for order in ("asc", "desc"):
                     for researcher in (None, "llm"):
@@ -129,9 +142,6 @@ def test_every_sort_at_any_page_walks_an_index(tmp_path: Path) -> None:
                             plan = " | ".join(str(r[-1]) for r in conn.exec_driver_sql(
                                 "EXPLAIN QUERY PLAN " + statement, params))
                         assert "TEMP B-TREE" not in plan and "INDEX" in plan, (sort, order, researcher, plan)
-        finally:
-            sa.event.remove(eng, "before_cursor_execute", capture)
-
 
 
 @pytest.mark.postgres
@@ -140,9 +150,7 @@ def test_every_sort_walks_an_index_on_postgres_too(pg_url: str) -> None:
     sorted the whole session there. With sorting and sequential scans priced out (``enable_sort``,
     ``enable_seqscan`` off), a plan that still has a Sort node has no index to give the order."""
     with Ledger(pg_url) as led:
-        s = led.create_session(tag="t", branch="nightlab/t", base_commit="b" * 40, metric_name="score",
-                               direction=Direction.MINIMIZE, sandbox="none", spec_hash="x", spec_json="{}",
-                               lab_path="/x", machine={}, researcher="llm")
+        s = _session(led)
         for i in range(8):  # NULLs, ties and values in every nullable sort column: the order is checked too
             cand = None if i % 3 == 0 else Candidate(parent="p", rationale="r", researcher=("llm", "search")[i % 2],
                                                        usage=Usage(tokens_in=10 * (i % 4), cost_usd=(i % 5) / 100))
@@ -151,14 +159,7 @@ def test_every_sort_walks_an_index_on_postgres_too(pg_url: str) -> None:
             led.finish_experiment(e, status=(Status.DISCARD, Status.KEEP)[i % 2], metric=None if i == 4 else i % 3)
         queries.ensure_indexes(led)
         eng = queries.engine_of(led)
-        seen: list[tuple[str, object]] = []
-
-        def capture(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
-            if statement.lstrip().startswith("SELECT experiments.id") and "ORDER BY" in statement:
-                seen.append((statement, params))
-
-        sa.event.listen(eng, "before_cursor_execute", capture)
-        try:
+        with _page_queries(eng) as seen:
             for sort, col in queries.SORTS.items():
                 with eng.connect() as conn:
                     values = dict(conn.execute(sa.select(experiments.c.idx, col)).all())
@@ -177,5 +178,3 @@ def test_every_sort_walks_an_index_on_postgres_too(pg_url: str) -> None:
                         conn.exec_driver_sql("SET enable_seqscan = off")
                         plan = " | ".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + statement, params))
                     assert "Sort" not in plan.replace("Sort Key", "") and "Index" in plan, (sort, order, plan)
-        finally:
-            sa.event.remove(eng, "before_cursor_execute", capture)

@@ -3,14 +3,13 @@ server on loopback, real files). Off by default: setup often downloads data."""
 
 from __future__ import annotations
 
-import http.server
 import shutil
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from tests.conftest import SPEC
+from tests.test_pool_attacks import _hostile_host
 
 from nightlab.engine import Engine
 from nightlab.researchers.scripted import ScriptedResearcher
@@ -33,22 +32,9 @@ attempt("lab", lambda: pathlib.Path("target.py").write_text("mine"))
 
 @pytest.fixture
 def server() -> Iterator[str]:
-    class Answer(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(b"data")
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}/data.bin"
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    """A real HTTP server on loopback (the pool attacks' hostile host) serving ``data``."""
+    with _hostile_host(lambda path: (200, {}, b"data")) as base:
+        yield f"{base}/data.bin"
 
 
 @pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap")
