@@ -151,6 +151,7 @@ def test_the_models_own_log_lines_stay_out_of_plain_output(make_lab):
     assert "llama_" not in out and "ggml" not in out and "swa cache" not in out.lower(), out
 
 
+@pytest.mark.local  # CI runs it in the local-model stage, where llama-cpp-python is installed
 @pytest.mark.skipif(not HAVE_LLAMA, reason="needs llama-cpp-python: pip install 'nightlab[local]'")
 def test_llama_cpps_dev_null_files_are_closed_at_exit():
     """llama_cpp opens /dev/null twice at import and never closes it: test runs that loaded the local
