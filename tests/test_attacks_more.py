@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from tests.conftest import cli_env, nightlab_cmd
+from tests.conftest import cli_env, git, nightlab_cmd
 from tests.test_attacks_eval import EVALUATE, MODE, SPEC, make, needs_bwrap, session, target
 
 from nightlab.engine import Engine
@@ -291,6 +291,46 @@ def test_a_run_sees_no_harness_state_other_slot_or_host_secret(outside_tmp, monk
     assert HOST_SECRET not in json.dumps([e.log_tail for e in exps])
     for p in ("x", ".nightlab/x", ".nightlab/worktrees/x", ".git/x"):
         assert not (lab / p).exists(), p
+
+
+@needs_bwrap
+def test_a_staged_candidate_is_out_of_reach_of_the_run_before(outside_tmp):
+    """Held: with pipelining, the next candidate's worktree is checked out and committed while the run
+    before still goes (staging.py). Under bwrap that run finds no trace of it: it waits until the staging
+    is done (a marker the test writes into the data folder, which runs see read-only), lists no other
+    worktree, and cannot write the staged candidate's files by their host path; the next experiment runs
+    and is measured on exactly the tree it was committed with."""
+    lab = make(outside_tmp, spec=SPEC + "\n[executor]\npipeline = true\n")
+    staged = lab / ".nightlab" / "worktrees" / "t-2"
+    wait = ("import os, time\nt0 = time.time()\n"
+            "while not os.path.exists(os.path.join(os.environ['NIGHTLAB_DATA_DIR'], 'staged-2')) "
+            "and time.time() < t0 + 20:\n    time.sleep(0.02)\n"
+            "print('STAGED', os.path.exists(os.path.join(os.environ['NIGHTLAB_DATA_DIR'], 'staged-2')))\n"
+            f"for p in [{str(staged / 'target.py')!r}, {str(staged / 'x')!r}, '../t-2/target.py']:\n"
+            "    try:\n        open(p, 'a').write('X = 0.0\\n')\n        print('WROTE', p)\n"
+            "    except OSError:\n        pass\n")
+    probe = wait + PROBE.replace("SECRET", repr(HOST_SECRET)).replace("time.sleep(0.5)", "pass")
+    eng = Engine(lab, tag="t", researcher=ScriptedResearcher([
+        {"rationale": "probe", "files": {"target.py": target(2.0, 0.0, probe)}},
+        {"rationale": "next", "files": {"target.py": target(1.5, 1.0)}}]), sandbox_mode=MODE, max_experiments=2)
+    real = eng.stage_ahead
+
+    def stage_ahead(idx, candidate):  # type: ignore[no-untyped-def]
+        st = real(idx, candidate)
+        (eng.data_dir / f"staged-{idx}").touch()
+        return st
+
+    eng.stage_ahead = stage_ahead  # type: ignore[method-assign]
+    s = eng.run()
+    exps = eng.ledger.experiments(s.id)
+    eng.close()
+    probe_exp, nxt = exps[1], exps[2]
+    assert "STAGED True" in probe_exp.log_tail, probe_exp.log_tail  # the staged worktree existed meanwhile
+    assert "WROTE" not in probe_exp.log_tail, probe_exp.log_tail
+    seen = json.loads(next(ln for ln in probe_exp.log_tail.splitlines() if ln.startswith("PROBE "))[6:])
+    assert seen["listed"] == [] and seen["wrote"] == [], seen
+    assert nxt.status is Status.KEEP and nxt.metric == pytest.approx(1.75), (nxt.status, nxt.reason, nxt.metric)
+    assert "X = 0.0" not in git(lab, "show", f"{nxt.commit}:target.py")
 
 
 def test_a_rewritten_git_pointer_is_never_followed_by_the_harness(tmp_path):
