@@ -48,15 +48,11 @@ def problem(pattern: str) -> str | None:
     return None
 
 
-def _segments(pattern: str) -> list[str]:
+def segments(pattern: str) -> list[str]:
+    """``pattern``'s path segments (a trailing ``/`` reads as ``/**``; empty and ``.`` segments dropped)."""
     if pattern.endswith("/"):
         pattern += "**"
     return [s for s in pattern.split("/") if s not in ("", ".")]
-
-
-def segments(pattern: str) -> list[str]:
-    """``pattern``'s path segments (a trailing ``/`` reads as ``/**``; empty and ``.`` segments dropped)."""
-    return _segments(pattern)
 
 
 def is_magic(pattern: str) -> bool:
@@ -104,7 +100,7 @@ def compile_glob(pattern: str, *, cover: bool = True) -> re.Pattern[str]:
 
     ``cover=False``: the path itself only, not what lies inside a folder it names.
     """
-    segs = _segments(pattern)
+    segs = segments(pattern)
     parts: list[str] = []
     for k, seg in enumerate(segs):
         last = k == len(segs) - 1
@@ -132,7 +128,7 @@ def match(path: str, patterns: Iterable[str]) -> bool:
 def literal_base(pattern: str) -> str:
     """The leading segments of ``pattern`` that hold no glob character ("" when it starts with one)."""
     out: list[str] = []
-    for seg in _segments(pattern):
+    for seg in segments(pattern):
         if _MAGIC.search(seg):
             break
         out.append(seg)
@@ -204,7 +200,7 @@ def _entries(root: Path, base: str) -> Iterator[tuple[str, os.stat_result]]:
 
 def _folder_regexes(pattern: str) -> list[re.Pattern[str]]:
     """Regexes of the folders a match of ``pattern`` would lie in."""
-    segs = _segments(pattern)
+    segs = segments(pattern)
     out: list[re.Pattern[str]] = []
     for d in range(1, len(segs)):
         if segs[d - 1] == "**":
@@ -259,7 +255,7 @@ def cover(root: Path, patterns: Iterable[str]) -> list[str]:
     pats = list(patterns)
     folders: set[str] = set()
     for p in pats:
-        segs = _segments(p)
+        segs = segments(p)
         if segs and segs[-1] == "**" and problem(p) is None:
             base = "/".join(segs[:-1])
             if base and not _MAGIC.search(base) and (root / base).is_dir() and not (root / base).is_symlink():
