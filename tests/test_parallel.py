@@ -7,6 +7,7 @@ import time
 import pytest
 from tests.conftest import SPEC, TARGET_PY, git
 
+from nightlab.audit import parse_time, read_records
 from nightlab.engine import REBASE, Engine
 from nightlab.ledger import Ledger
 from nightlab.researchers import Context
@@ -84,7 +85,14 @@ def test_slots_run_in_parallel(make_lab):
     # how much wall time that saves is bench/parallel.py's to measure, not a timed assertion's
     overlaps = sum(1 for a in tried for b in tried if a.idx < b.idx and b.started_at < (a.finished_at or 0))
     assert overlaps >= 3
-    at_once = max(sum(1 for a in tried if a.started_at <= b.started_at < (a.finished_at or 0)) for b in tried)
+    # the runs themselves (the audit's sandbox.start .. sandbox.exit): never more at once than slots. A row
+    # outlives its run by its decision and records, written while the slot's next run goes
+    runs: dict[int, list[float]] = {}
+    for r in read_records(lab / ".nightlab" / "audit.jsonl"):
+        if r["kind"] in ("sandbox.start", "sandbox.exit") and (r.get("experiment") or 0) > 0:
+            runs.setdefault(r["experiment"], []).append(parse_time(r["time"]))
+    assert len(runs) == 6 and all(len(v) == 2 for v in runs.values())
+    at_once = max(sum(1 for a, z in runs.values() if a <= b < z) for b, _ in runs.values())
     assert at_once == 3, at_once
     assert wall < total_run, (wall, total_run)
     assert not any((lab / ".nightlab" / "worktrees").iterdir())

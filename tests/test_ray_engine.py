@@ -15,7 +15,7 @@ from nightlab.engine import Engine
 from nightlab.executors.ray_executor import RayExecutor
 from nightlab.researchers.scripted import ScriptedResearcher
 from nightlab.runtime import Reporter
-from nightlab.types import Status
+from nightlab.types import Candidate, Status
 
 ray = pytest.importorskip("ray")
 
@@ -93,8 +93,13 @@ def test_unplaced_slots_are_reported_and_a_run_waiting_for_a_slot_stops_before_i
                                f".touch()\nwhile not os.path.exists({str(release)!r}): time.sleep(0.05)")
     # each slot asks for both of the cluster's CPUs: one of the two can be placed
     lab = make_lab(spec=SPEC.replace("pipeline = false", 'kind = "ray"\nslots = 2\nnum_cpus = 2'))
-    steps = [{"rationale": "hold the slot", "files": {"target.py": hold}},
-             {"rationale": "waits for it", "files": {"target.py": target(2.0)}}]
+    def after_the_first_holds(ctx):  # proposed once #1 runs: #1 has the one slot, whichever thread is quicker
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return Candidate(parent=ctx.parent, rationale="waits for it", files={"target.py": target(2.0)})
+
+    steps = [{"rationale": "hold the slot", "files": {"target.py": hold}}, after_the_first_holds]
     told = Told()
     eng = Engine(lab, tag="wait", researcher=ScriptedResearcher(steps), sandbox_mode="none", max_experiments=2,
                  reporter=told)

@@ -207,3 +207,76 @@ def test_a_sigkill_while_a_candidate_is_staged_leaves_nothing_after_resume(make_
     assert rows == [(0, "keep"), (1, "interrupted")]  # #2 never got a row
     assert not any((lab / ".nightlab" / "worktrees").iterdir()) and _registrations(lab) == []
     assert len(git(lab, "worktree", "list").splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- the slot handed back at the run's end
+
+
+class Watching(ByIdx):
+    """:class:`ByIdx` that notes, at each proposal, which experiments it had been told of."""
+
+    def __init__(self, plan: dict[int, dict]) -> None:
+        super().__init__(plan)
+        self.told: set[int] = set()
+        self.knew: dict[int, set[int]] = {}
+
+    def propose(self, ctx: Context) -> Candidate:
+        self.knew[ctx.idx] = set(self.told)
+        return super().propose(ctx)
+
+    def observe(self, experiment: object) -> None:
+        self.told.add(experiment.idx)  # type: ignore[attr-defined]
+
+
+def _seq(lab: Path, tag: str) -> dict[tuple[int, str], int]:
+    """(experiment, kind) -> the audit sequence number of its first record of that kind."""
+    out: dict[tuple[int, str], int] = {}
+    for r in read_records(lab / ".nightlab" / "audit.jsonl"):
+        if r["session"] == tag and r["experiment"] is not None:
+            out.setdefault((r["experiment"], r["kind"]), r["seq"])
+    return out
+
+
+def test_the_next_run_starts_before_the_decision_before_it_is_recorded(make_lab):
+    # one slot, pipelined: once a run and its measurement are over, the slot's next run starts, and the
+    # finished experiment writes its decision and records while it goes -- yet runs never overlap, every
+    # row and ref is complete, and each proposal still knows every result but the one in flight
+    lab = make_lab(spec=PIPELINED)
+    plan = {i: {"files": {"target.py": slow(1.0 + i / 10 if i % 2 else 9.0 + i, 0.2)}} for i in range(1, 7)}
+    researcher = Watching(plan)
+    eng = Engine(lab, tag="h", researcher=researcher, sandbox_mode="none", max_experiments=6)
+    session = eng.run()
+    exps = eng.ledger.experiments(session.id)
+    eng.close()
+    assert [e.idx for e in exps] == list(range(7)) and all(e.finished_at and e.metric for e in exps)
+    seq = _seq(lab, "h")
+    for k in range(2, 7):
+        assert seq[(k - 1, "sandbox.exit")] < seq[(k, "sandbox.start")], k  # one run at a time
+        assert seq[(k, "sandbox.start")] < seq[(k - 1, "decision")], k  # the slot was handed back first
+    for k in range(3, 7):  # the proposal of k waited for k-2's records: only k-1 was still unknown to it
+        assert set(range(1, k - 1)) <= researcher.knew[k], (k, researcher.knew[k])
+    for e in exps[1:]:
+        ref = git(lab, "rev-parse", f"refs/nightlab/h/{e.idx}").strip()
+        assert ref == e.commit or e.status is Status.KEEP, (e.idx, ref, e.commit)
+        assert e.diff and e.evidence["timing"]["run"] > 0.2
+    assert not any((lab / ".nightlab" / "worktrees").iterdir()) and _registrations(lab) == []
+
+
+HOLDOUT = '[evaluate]\noutputs = []\n\n[holdout]\ncommand = "python holdout.py"\nmetric = "score"\n\n[metric]'
+
+
+def test_a_lab_with_a_holdout_check_holds_the_slot_until_the_decision(make_lab):
+    # a keep's holdout check runs on the slot's machine: the next run waits for it, as before
+    lab = make_lab(files={"holdout.py": "print('---')\nprint('score: 1.0')\n"},
+                   spec=PIPELINED.replace("[metric]", HOLDOUT, 1).replace(
+                       'protected = ["evaluate.py"]', 'protected = ["evaluate.py", "holdout.py"]'))
+    plan = {i: {"files": {"target.py": slow(3.0 - i / 4, 0.1)}} for i in range(1, 4)}  # each one a keep
+    eng = Engine(lab, tag="k", researcher=ByIdx(plan), sandbox_mode="none", max_experiments=3)
+    session = eng.run()
+    exps = eng.ledger.experiments(session.id)
+    eng.close()
+    assert [e.status for e in exps] == [Status.KEEP] * 4
+    assert all("holdout" in e.evidence for e in exps)
+    seq = _seq(lab, "k")
+    for k in range(2, 4):
+        assert seq[(k - 1, "decision")] < seq[(k, "sandbox.start")], k

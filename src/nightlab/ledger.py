@@ -32,6 +32,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -556,8 +557,15 @@ class Ledger:
         propose_s: float,
         worktree: str = "",
         started_at: float | None = None,
+        commit: str | None = None,
+        diff: str | None = None,
+        run: tuple[str, str] | None = None,
     ) -> int:
         """Insert a running experiment and its candidate in one transaction; return its id.
+
+        ``commit`` and ``diff`` (the canonical diff git computed, which replaces the candidate's):
+        the experiment's commit, when it is made before the row (staging.py). ``run``: ``(run_id, kind)``,
+        registered in the same transaction as by :meth:`record_run` (one fsync before the spawn, not three).
 
         Idempotent: when ``(session_id, idx)`` exists already, nothing is written and the
         existing id is returned.
@@ -567,7 +575,7 @@ class Ledger:
             idx=idx,
             status=Status.RUNNING.value,
             parent_commit=parent_commit,
-            commit=None,
+            commit=commit,
             metric=None,
             secondary_json="{}",
             trust="inline",
@@ -595,7 +603,11 @@ class Ledger:
                     return int(existing)
                 exp_id = _inserted_id(conn.execute(experiments.insert().values(**_safe(exp_values))))
                 if candidate is not None:
-                    conn.execute(candidates.insert().values(**_candidate_values(exp_id, candidate)))
+                    shown = candidate if diff is None else replace(candidate, diff=escape.text(diff))
+                    conn.execute(candidates.insert().values(**_candidate_values(exp_id, shown)))
+                if run is not None:
+                    conn.execute(runs.insert().values(run_id=run[0], session_id=session_id, kind=run[1],
+                                                      experiment_idx=idx, started_at=time.time()))
                 return exp_id
         except exc.IntegrityError as e:
             # another writer inserted the same (session_id, idx) between our check and insert

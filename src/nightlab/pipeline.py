@@ -14,8 +14,9 @@ import math
 import os
 import re
 import subprocess
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
@@ -136,7 +137,9 @@ class Pipeline(Runtime):
     # ------------------------------------------------------------------ guard, materialise, run, measure
 
     def run_experiment(self, idx: int, candidate: Candidate | None, propose_s: float = 0.0,
-                       slot: int = 0, staged: Future[staging.Staged] | None = None) -> Experiment:
+                       slot: int = 0, staged: Future[staging.Staged] | None = None,
+                       release: Callable[[], threading.Event | None] | None = None,
+                       spawned: threading.Event | None = None) -> Experiment:
         """Materialise, run, measure and decide one experiment. ``candidate=None`` is the baseline.
 
         Thread-safe with respect to other experiments: several slots call it at once. Keep
@@ -150,10 +153,20 @@ class Pipeline(Runtime):
 
         ``staged``: the candidate's git work, started ahead by the scheduler (:meth:`stage_ahead`), waited
         for when not done; its guard and worktree seconds count under those stages as always.
+
+        ``release``: called once the slot's machine is no longer needed (:meth:`_release`), so that the
+        scheduler starts the slot's next run while this experiment's decision and records are written; it
+        hands back an event to wait for before writing them: set once the next run has spawned (``spawned``
+        of that run), so that the two do not queue for the ledger's lock on the path to the spawn.
         """
         self._tls.timing = {"propose": propose_s}
         self._tls.decide_t0 = None
-        exp = self._experiment(idx, candidate, propose_s, slot, staged)
+        self._tls.release, self._tls.spawned = release, spawned
+        try:
+            exp = self._experiment(idx, candidate, propose_s, slot, staged)
+        finally:
+            self._tls.release = None
+            self._spawned()
         timing = {k: round(v, 4) for k, v in self._tls.timing.items()}
         self._tls.timing = None
         # after cleanup: the whole cost is known. A keep's row may have gained the holdout check since
@@ -215,10 +228,18 @@ class Pipeline(Runtime):
         desc = _first_line(candidate.rationale) if candidate else "baseline"
         name = f"{self.session.tag}-{idx}"
         wt_path = self.ws.worktrees_dir / name
+        # 1.-2. the git work: done ahead by the scheduler (staging.py), or here; recorded below, in order
+        st = self._staged(idx, candidate, parent, staged)
+        # a complete commit goes into the row, and the run id with it: one transaction before the spawn
+        made = candidate is not None and st.step >= staging.COMMITTED and st.error is None and bool(st.commit)
+        runs = (candidate is None or made) and st.error is None and self.ray is None and not st.size_problem
+        run_id = self.run_id("run", idx) if runs else None
+        stored = self._stored_diff(st.canonical, st.size_problem) if made else None
         with self._stage("record"):  # the experiment's row, its artifacts, the candidate's audit record
             exp_id = self.ledger.start_experiment(
                 self.session.id, idx=idx, parent_commit=parent, seed=seed, candidate=candidate,
                 description=desc, propose_s=propose_s, worktree=str(wt_path),
+                commit=st.commit if made else None, diff=stored, run=(run_id, "run") if run_id else None,
             )
             if candidate is not None and candidate.artifacts:
                 self._write_artifacts(idx, candidate.artifacts)
@@ -227,9 +248,8 @@ class Pipeline(Runtime):
                 self.events.emit("candidate", experiment=idx, parent=parent, researcher=candidate.researcher,
                                  rationale=candidate.rationale, files=sorted(candidate.files or {}),
                                  diff_sha256=_sha(candidate.diff or ""), params=candidate.params)
-        # 1.-2. the git work: done ahead by the scheduler (staging.py), or here; recorded here, in order
-        st = self._staged(idx, candidate, parent, staged)
         wt = st.worktree
+        ref: list[str | None] = [None]  # the commit whose ref refs/nightlab/<tag>/<idx> is still to write
         try:
             if candidate is not None:
                 claimed = list(candidate.files or {}) + (diff_paths(candidate.diff) if candidate.diff else [])
@@ -265,9 +285,10 @@ class Pipeline(Runtime):
                     raise st.error  # type: ignore[misc]
                 commit, canonical, problem = st.commit, st.canonical, st.size_problem
                 tw = time.monotonic()
-                stored = self._stored_diff(canonical, problem)
-                self.ledger.update_experiment(exp_id, commit=commit, diff=stored)
-                self.ws.keep_ref(self.session.tag, idx, commit)
+                if self.ray is not None:  # a local run's ref is written once it has started, or in `finally`
+                    self.ws.keep_ref(self.session.tag, idx, commit)
+                else:
+                    ref[0] = commit
                 self.events.emit("git.commit", experiment=idx, commit=commit, parent=parent,
                                  diff_sha256=_sha(canonical), diff_bytes=len(_raw(canonical)))
                 tg = self._spent("worktree", tw)
@@ -286,6 +307,7 @@ class Pipeline(Runtime):
             if problem:
                 return self._violation(exp_id, idx, t0, problem)
             if candidate is not None and self.autonomy == "review":
+                self._spawned()  # no spawn soon: the experiment before may write its records now
                 answer, why = self._await_human(idx, "run", canonical, candidate.rationale)
                 if answer == "rejected":
                     return self._finish(exp_id, Status.REJECTED, t0, reason=f"human: {why or 'rejected'}")
@@ -310,8 +332,9 @@ class Pipeline(Runtime):
                 res = sandbox.run(
                     self.spec.run.command, cwd=lab_root, env=self.run_env(seed, idx), policy=policy,
                     timeout_s=self.spec.run.hard_timeout_s, log_path=log_path,
-                    kill_grace_s=self.spec.run.kill_grace_s, on_start=lambda pid: self._started_run(exp_id, pid),
-                    cancel=watch.cancel, run_id=self.new_run("run", idx),
+                    kill_grace_s=self.spec.run.kill_grace_s,
+                    on_start=lambda pid: self._started_run(exp_id, pid, idx, ref),
+                    cancel=watch.cancel, run_id=run_id or self.new_run("run", idx),
                 )
             finally:
                 watch.close()
@@ -333,6 +356,8 @@ class Pipeline(Runtime):
             self.events.emit("measurement", experiment=idx, metric=m.metric, secondary=m.secondary,
                              trust=m.trust, error=m.error)
             self._spent("measure", tm)
+            if not self.spec.holdout.command:  # a keep's holdout check runs on the slot's machine: it holds it
+                self._release()
             if tampered:
                 return self._finish(exp_id, Status.REJECTED, t0, res, m, reason=tampered)
             if res.exit_code != 0:
@@ -352,6 +377,8 @@ class Pipeline(Runtime):
             with self._keep_lock:
                 return self._decide(idx, exp_id, candidate, commit, canonical, wt, lab_root, t0, res, m, extras)
         finally:
+            if ref[0] is not None:  # committed, never started (a guard, a human, a stop): every attempt has its ref
+                self.ws.keep_ref(self.session.tag, idx, ref[0])
             if wt is not None:  # none made: the candidate claimed nothing, or a path the guard refused
                 with self._stage("cleanup"):
                     self.ws.remove_worktree(wt)
@@ -615,7 +642,30 @@ class Pipeline(Runtime):
         with contextlib.suppress(OSError):
             os.sched_setaffinity(pid, mine)
 
-    def _started_run(self, exp_id: int, pid: int) -> None:
-        """The run's process exists: pin it to its slot's CPUs, record it for crash recovery."""
+    def _release(self) -> None:
+        """The run and its measurement are over: hand the slot back to the scheduler (once), which starts
+        the slot's next run while this thread decides and records. What is left uses no GPU; it uses the
+        ledger and git, as another slot's experiment does."""
+        release = getattr(self._tls, "release", None)
+        self._tls.release = None
+        if release is not None and (quiet := release()) is not None:
+            quiet.wait(timeout=2.0)  # the next run's spawn first; bounded, should it never come
+
+    def _spawned(self) -> None:
+        """This experiment's run has started, or never will: the experiment before it in the slot may write."""
+        ev = getattr(self._tls, "spawned", None)
+        self._tls.spawned = None
+        if ev is not None:
+            ev.set()
+
+    def _started_run(self, exp_id: int, pid: int, idx: int, ref: list[str | None]) -> None:
+        """The run's process exists: pin it to its slot's CPUs, record it for crash recovery, and give the
+        candidate's commit its ref ``refs/nightlab/<tag>/<idx>`` -- after the spawn, not before it: until the
+        run ends its worktree holds the commit, and the row names it (a crash in between loses no tree git
+        still has; ``git gc`` keeps unreferenced objects for two weeks)."""
         self._pin(pid)
+        self._spawned()
         self.ledger.update_experiment(exp_id, pid=pid, pid_start=sandbox.proc_start_time(pid))
+        if ref[0] is not None:
+            self.ws.keep_ref(self.session.tag, idx, ref[0])
+            ref[0] = None

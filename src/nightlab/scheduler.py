@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -13,6 +14,9 @@ from nightlab.history import History
 from nightlab.session import SessionLifecycle
 from nightlab.staging import Staged
 from nightlab.types import Candidate, Experiment, Session, Status
+
+
+RECORD_WAIT_S = 2.0  # the longest a proposal waits for the result of a run that is over to be recorded
 
 
 class Scheduler(SessionLifecycle):
@@ -34,18 +38,29 @@ class Scheduler(SessionLifecycle):
         proposals are made at once, ahead of the runs, each on the history of its start.
         A proposal made while every slot is busy has its git work (worktree, files, commit, guard) done at
         once, on a thread of its own (:meth:`stage_ahead`): when the slot frees, the run starts sooner.
+        A slot frees when its run and measurement are over (the evaluator's included; a lab with a holdout
+        check: after the decision, which may run it): the experiment's decision and records are written on
+        its thread while the slot's next run goes, after that run's spawn (the ``quiet`` events). The next
+        proposal waits for them (up to ``RECORD_WAIT_S``), so that it sees every result but those in flight.
         Stops when a stop rule fires, after the experiments in flight finish (a cancel makes them
         stop at once, ``interrupted``); proposals made for nothing are dropped, their usage recorded.
         """
         ex = self.spec.executor
         cap = self.spec.stop.max_experiments
         free = list(range(ex.slots))
-        inflight: dict[Future[Experiment], int] = {}
+        inflight: dict[Future[Experiment], int] = {}  # experiments not yet observed, and their slots
+        # experiments still holding their slot: each hands it back (the future) once its run and measurement are
+        # done, before its decision and records (pipeline.py, _release): the next run starts while they finish
+        holding: dict[Future[Experiment], Future[None]] = {}
+        quiet: dict[Future[Experiment], threading.Event] = {}  # set: the experiment may write its records now
+        after: dict[int, threading.Event] = {}  # slot -> the quiet event its next run sets once spawned
+        handed_at: dict[Future[Experiment], float] = {}  # when each finishing experiment handed its slot back
         prepared: tuple[int, Candidate, float] | None = None
         next_idx = self.ledger.next_idx(self.session.id)
         invalid_row, reason, busy_s = 0, "", 0.0
         t_loop = time.monotonic()
-        pool = ThreadPoolExecutor(max_workers=ex.slots, thread_name_prefix="nightlab-slot")
+        # a slot's finishing experiment and the one after it run at once: two threads per slot
+        pool = ThreadPoolExecutor(max_workers=2 * ex.slots, thread_name_prefix="nightlab-slot")
         prefetch = self._prefetch()
         ppool = ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="nightlab-propose") if prefetch else None
         spool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nightlab-stage",
@@ -78,6 +93,12 @@ class Scheduler(SessionLifecycle):
             probe = getattr(self.researcher, "has_work", None)
             return not inflight or not callable(probe) or bool(probe())
 
+        def recorded() -> bool:
+            """No result is being recorded, so a proposal sees them all; one that takes longer than
+            ``RECORD_WAIT_S`` (a keep waiting for a human's approval) is not waited for."""
+            now = time.monotonic()
+            return all(f in holding or now - handed_at.get(f, now) > RECORD_WAIT_S for f in inflight)
+
         def timed(idx: int, hist: History) -> tuple[Candidate | None, float]:
             t0 = time.monotonic()
             return self._propose(idx, hist), time.monotonic() - t0
@@ -105,7 +126,8 @@ class Scheduler(SessionLifecycle):
                         if cand is not None:
                             prepared = (idx, cand, secs)
                         continue
-                elif not reason and prepared is None and budget > 0 and (free or ahead_ok()) and has_work():
+                elif (not reason and prepared is None and budget > 0 and (free or ahead_ok()) and has_work()
+                      and recorded()):
                     cand, secs = timed(next_idx, history)
                     learn("propose", secs)
                     if cand is not None:
@@ -114,7 +136,16 @@ class Scheduler(SessionLifecycle):
                     continue
                 if not reason and prepared is not None and free:
                     slot = free.pop(0)
-                    inflight[pool.submit(self.run_experiment, *prepared, slot=slot, staged=staged)] = slot
+                    handed: Future[None] = Future()
+                    gate = threading.Event()
+
+                    def release(h: Future[None] = handed, g: threading.Event = gate) -> threading.Event:
+                        h.set_result(None)
+                        return g
+
+                    fut = pool.submit(self.run_experiment, *prepared, slot=slot, staged=staged,
+                                      release=release, spawned=after.pop(slot, None))
+                    inflight[fut], holding[fut], quiet[fut] = slot, handed, gate
                     prepared, staged = None, None
                     continue
                 if not reason and prepared is not None and staged is None and spool is not None:
@@ -122,10 +153,22 @@ class Scheduler(SessionLifecycle):
                 if not inflight and not queue:  # nothing to run and nothing running: the stop rules decide
                     reason = reason or self.stop_reason(history) or "nothing left to run"
                     continue
-                waiting: list[Future[Any]] = [*inflight, *(f for _, f in queue)]
+                waiting: list[Future[Any]] = [*inflight, *holding.values(), *(f for _, f in queue)]
                 done, _ = wait(waiting, timeout=0.5, return_when=FIRST_COMPLETED)
+                for fut in [f for f, h in holding.items() if h in done and f not in done]:
+                    del holding[fut]  # its run is over: the slot takes the next one while it is recorded
+                    free.append(inflight[fut])
+                    handed_at[fut] = time.monotonic()
+                    if prepared is not None and not reason:  # its records wait for the next run's spawn
+                        after[inflight[fut]] = quiet.pop(fut)
+                    else:
+                        quiet.pop(fut).set()
                 for fut in [f for f in inflight if f in done]:  # finished proposals are taken above
-                    free.append(inflight.pop(fut))
+                    slot = inflight.pop(fut)
+                    quiet.pop(fut, None)
+                    handed_at.pop(fut, None)
+                    if holding.pop(fut, None) is not None:
+                        free.append(slot)
                     exp = fut.result()
                     busy_s += exp.run_s
                     if exp.idx > 0 and exp.run_s > 0:
@@ -141,6 +184,8 @@ class Scheduler(SessionLifecycle):
             self.stop.interrupt(self.stop.cancel_reason or "harness error")
             raise
         finally:
+            for g in [*quiet.values(), *after.values()]:
+                g.set()
             self._closing = True  # proposals still in progress give up (their usage is recorded)
             pool.shutdown(wait=True)
             if ppool is not None:

@@ -7,9 +7,10 @@ the slot frees the experiment starts with its commit made; :meth:`Pipeline.run_e
 records the row, the guard events and the commit exactly as if it had done the work itself, in the
 same order (an experiment without a staged object stages inline, at the same point).
 
-What is *not* done ahead: the ref ``refs/nightlab/<tag>/<idx>`` (written with the ledger row, so a
-candidate that never runs leaves an unreferenced commit, garbage for git's gc) and the check of the
-protected files on disk (done right before the run, as always).
+What is *not* done ahead: the ref ``refs/nightlab/<tag>/<idx>`` (written once the run has spawned, or
+when the experiment ends without a run; a candidate dropped before its row leaves an unreferenced commit,
+garbage for git's gc) and the check of the protected files on disk (done right before the run, as always).
+The row is written when the slot takes the candidate, with its commit, diff and run id in one transaction.
 """
 
 from __future__ import annotations
