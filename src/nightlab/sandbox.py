@@ -647,20 +647,35 @@ def kill_orphan(pid: int, start_time: int | None) -> bool:
     return True
 
 
+_RUN_ID_KEY = RUN_ID_ENV.encode() + b"="
+
+
 def run_id_of(pid: int) -> str | None:
     """The ``NIGHTLAB_RUN_ID`` in ``/proc/<pid>/environ`` (the environment it was exec'd with).
 
     None when it has none, is gone, a zombie (empty environ), or not ours to read.
     """
     try:
-        data = Path(f"/proc/{pid}/environ").read_bytes()
+        fd = os.open(f"/proc/{pid}/environ", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:  # gone, or EACCES/EPERM (another user's process without the rights)
         return None
-    key = RUN_ID_ENV.encode() + b"="
-    for entry in data.split(b"\0"):
-        if entry.startswith(key):
-            return entry[len(key):].decode("utf-8", "replace")
-    return None
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    key = _RUN_ID_KEY
+    i = data.find(key)  # the first entry that starts with the key (a sweep reads every process's: no split)
+    while i > 0 and data[i - 1] != 0:
+        i = data.find(key, i + 1)
+    if i < 0:
+        return None
+    end = data.find(b"\0", i)
+    return data[i + len(key):end if end >= 0 else len(data)].decode("utf-8", "replace")
 
 
 def _protected_pids() -> set[int]:
