@@ -280,3 +280,15 @@ def test_a_lab_with_a_holdout_check_holds_the_slot_until_the_decision(make_lab):
     seq = _seq(lab, "k")
     for k in range(2, 4):
         assert seq[(k - 1, "decision")] < seq[(k, "sandbox.start")], k
+
+
+def test_without_pipelining_the_decision_comes_before_the_next_run(make_lab):
+    # autoresearch's strict order (pipeline = false): each experiment is decided before the next one starts
+    lab = make_lab(spec=SPEC)
+    plan = {i: {"files": {"target.py": slow(3.0 - i / 4, 0.1)}} for i in range(1, 4)}
+    eng = Engine(lab, tag="o", researcher=ByIdx(plan), sandbox_mode="none", max_experiments=3)
+    eng.run()
+    eng.close()
+    seq = _seq(lab, "o")
+    for k in range(2, 4):
+        assert seq[(k - 1, "decision")] < seq[(k, "researcher.request")] < seq[(k, "sandbox.start")], k

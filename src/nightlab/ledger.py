@@ -560,12 +560,15 @@ class Ledger:
         commit: str | None = None,
         diff: str | None = None,
         run: tuple[str, str] | None = None,
+        pid: int | None = None,
+        pid_start: int | None = None,
     ) -> int:
         """Insert a running experiment and its candidate in one transaction; return its id.
 
         ``commit`` and ``diff`` (the canonical diff git computed, which replaces the candidate's):
         the experiment's commit, when it is made before the row (staging.py). ``run``: ``(run_id, kind)``,
-        registered in the same transaction as by :meth:`record_run` (one fsync before the spawn, not three).
+        registered in the same transaction as by :meth:`record_run`. ``pid``, ``pid_start``: the run's process,
+        when the row is written right after its spawn (pipeline.py).
 
         Idempotent: when ``(session_id, idx)`` exists already, nothing is written and the
         existing id is returned.
@@ -590,8 +593,8 @@ class Ledger:
             overhead_s=0.0,
             exit_code=None,
             evidence_json="{}",
-            pid=None,
-            pid_start=None,
+            pid=pid,
+            pid_start=pid_start,
             worktree=worktree,
             **_sort_values(candidate),
         )

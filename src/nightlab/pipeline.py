@@ -195,9 +195,13 @@ class Pipeline(Runtime):
         return now
 
     def stage_ahead(self, idx: int, candidate: Candidate) -> staging.Staged:
-        """The git work of a prepared candidate, before a slot is free for it (staging.py): nothing is
-        written to the ledger or the audit log. A staged candidate that never runs goes to :meth:`unstage`."""
-        return staging.stage(self.ws, self.guard, self.session.tag, idx, candidate, candidate.parent)
+        """The git work of a prepared candidate, before a slot is free for it (staging.py), and its run id,
+        committed to the ledger's ``runs`` (for crash recovery: the one record a spawn needs before it), when
+        it will run; no experiment row, nothing in the audit log. One that never runs goes to :meth:`unstage`."""
+        st = staging.stage(self.ws, self.guard, self.session.tag, idx, candidate, candidate.parent)
+        if self.ray is None and st.will_run(candidate):
+            st = replace(st, run_id=self.new_run("run", idx))
+        return st
 
     def unstage(self, staged: Future[staging.Staged]) -> None:
         """A staged candidate that will not run: its worktree goes (its commit has no ref: git's garbage)."""
@@ -230,17 +234,26 @@ class Pipeline(Runtime):
         wt_path = self.ws.worktrees_dir / name
         # 1.-2. the git work: done ahead by the scheduler (staging.py), or here; recorded below, in order
         st = self._staged(idx, candidate, parent, staged)
-        # a complete commit goes into the row, and the run id with it: one transaction before the spawn
         made = candidate is not None and st.step >= staging.COMMITTED and st.error is None and bool(st.commit)
-        runs = (candidate is None or made) and st.error is None and self.ray is None and not st.size_problem
-        run_id = self.run_id("run", idx) if runs else None
         stored = self._stored_diff(st.canonical, st.size_problem) if made else None
-        with self._stage("record"):  # the experiment's row, its artifacts, the candidate's audit record
-            exp_id = self.ledger.start_experiment(
-                self.session.id, idx=idx, parent_commit=parent, seed=seed, candidate=candidate,
-                description=desc, propose_s=propose_s, worktree=str(wt_path),
-                commit=st.commit if made else None, diff=stored, run=(run_id, "run") if run_id else None,
-            )
+        got: list[int] = []  # the row's id, once written
+
+        def row(pid: int | None = None) -> int:
+            """The experiment's row, written on first need: before an ending without a run, or right after the
+            spawn with the run's pid (what must precede the spawn for crash recovery is the run id, committed
+            by then: staged ahead, or :meth:`new_run`). With its commit and diff: one transaction."""
+            if not got:
+                with self._stage("record"):
+                    got.append(self.ledger.start_experiment(
+                        self.session.id, idx=idx, parent_commit=parent, seed=seed, candidate=candidate,
+                        description=desc, propose_s=propose_s, worktree=str(wt_path),
+                        commit=st.commit if made else None, diff=stored,
+                        pid=pid, pid_start=sandbox.proc_start_time(pid) if pid else None))
+            elif pid is not None:
+                self.ledger.update_experiment(got[0], pid=pid, pid_start=sandbox.proc_start_time(pid))
+            return got[0]
+
+        with self._stage("record"):  # the candidate's artifacts and audit record
             if candidate is not None and candidate.artifacts:
                 self._write_artifacts(idx, candidate.artifacts)
             self.reporter.experiment_started(idx, desc, self.spec.run.budget_s)
@@ -254,14 +267,14 @@ class Pipeline(Runtime):
             if candidate is not None:
                 claimed = list(candidate.files or {}) + (diff_paths(candidate.diff) if candidate.diff else [])
                 if not claimed:
-                    return self._finish(exp_id, Status.INVALID, t0,
+                    return self._finish(row(), Status.INVALID, t0,
                                         reason=candidate.error or "the candidate changes nothing")
                 if st.failed_before(staging.PATHS):
                     raise st.error  # type: ignore[misc]
                 problem = st.paths_problem
                 self.events.emit("guard", experiment=idx, stage="paths", ok=problem is None, reason=problem or "")
                 if problem:
-                    return self._violation(exp_id, idx, t0, problem)
+                    return self._violation(row(), idx, t0, problem)
             if st.failed_before(staging.WORKTREE):
                 raise st.error  # type: ignore[misc]
             assert wt is not None
@@ -269,18 +282,18 @@ class Pipeline(Runtime):
             if candidate is not None:
                 if st.apply_error is not None:
                     if candidate.researcher == REBASE:
-                        return self._finish(exp_id, Status.DISCARD, t0,
+                        return self._finish(row(), Status.DISCARD, t0,
                                             reason=f"stale: conflicts with the new incumbent: {st.apply_error}")
-                    return self._finish(exp_id, Status.INVALID, t0, reason=f"edit did not apply: {st.apply_error}")
+                    return self._finish(row(), Status.INVALID, t0, reason=f"edit did not apply: {st.apply_error}")
                 if st.failed_before(staging.CHANGES):
                     raise st.error  # type: ignore[misc]
                 problem = st.changes_problem
                 self.events.emit("guard", experiment=idx, stage="changes", ok=problem is None, reason=problem or "",
                                  changed=list(st.changed))
                 if problem:
-                    return self._violation(exp_id, idx, t0, problem)
+                    return self._violation(row(), idx, t0, problem)
                 if not st.changed:
-                    return self._finish(exp_id, Status.INVALID, t0, reason="the candidate changes nothing")
+                    return self._finish(row(), Status.INVALID, t0, reason="the candidate changes nothing")
                 if st.failed_before(staging.COMMITTED):
                     raise st.error  # type: ignore[misc]
                 commit, canonical, problem = st.commit, st.canonical, st.size_problem
@@ -296,7 +309,7 @@ class Pipeline(Runtime):
                                  reason=problem or "")
                 self._spent("guard", tg)
                 if problem:
-                    return self._violation(exp_id, idx, t0, problem)
+                    return self._violation(row(), idx, t0, problem)
             lab_root = self.ws.lab_in(wt)
             # 3. protected files must be exactly what the session started with
             tg = time.monotonic()
@@ -305,14 +318,15 @@ class Pipeline(Runtime):
                              files=len(self.protected_hashes))
             self._spent("guard", tg)
             if problem:
-                return self._violation(exp_id, idx, t0, problem)
+                return self._violation(row(), idx, t0, problem)
             if candidate is not None and self.autonomy == "review":
                 self._spawned()  # no spawn soon: the experiment before may write its records now
+                row()  # the approval queue shows the experiment's row
                 answer, why = self._await_human(idx, "run", canonical, candidate.rationale)
                 if answer == "rejected":
-                    return self._finish(exp_id, Status.REJECTED, t0, reason=f"human: {why or 'rejected'}")
+                    return self._finish(row(), Status.REJECTED, t0, reason=f"human: {why or 'rejected'}")
                 if answer != "approved":
-                    return self._finish(exp_id, Status.INTERRUPTED, t0, reason=f"interrupted: {why}")
+                    return self._finish(row(), Status.INTERRUPTED, t0, reason=f"interrupted: {why}")
             # 4. run
             tr = time.monotonic()
             log_path = self.exp_dir(idx) / "run.log"
@@ -324,7 +338,7 @@ class Pipeline(Runtime):
                              mode=policy.mode, network=policy.network, hidden=[str(h) for h in policy.hidden],
                              timeout_s=self.spec.run.hard_timeout_s, memory_mb=policy.memory_mb)
             if self.ray is not None:
-                return self._run_remote(idx, exp_id, candidate, commit, canonical, wt, lab_root, t0, seed,
+                return self._run_remote(idx, row(), candidate, commit, canonical, wt, lab_root, t0, seed,
                                         log_path)
             watch = self.pruner.watch(log_path, self.stop.cancel, prunable=candidate is not None)
             self._tls.watch = watch
@@ -333,11 +347,12 @@ class Pipeline(Runtime):
                     self.spec.run.command, cwd=lab_root, env=self.run_env(seed, idx), policy=policy,
                     timeout_s=self.spec.run.hard_timeout_s, log_path=log_path,
                     kill_grace_s=self.spec.run.kill_grace_s,
-                    on_start=lambda pid: self._started_run(exp_id, pid, idx, ref),
-                    cancel=watch.cancel, run_id=run_id or self.new_run("run", idx),
+                    on_start=lambda pid: self._started_run(row, pid, idx, ref),
+                    cancel=watch.cancel, run_id=st.run_id or self.new_run("run", idx),
                 )
             finally:
                 watch.close()
+            exp_id = row()
             self.events.emit("sandbox.exit", experiment=idx, exit_code=res.exit_code, timed_out=res.timed_out,
                              interrupted=res.interrupted, wall_s=round(res.wall_s, 3),
                              log_sha256=_file_sha(Path(res.log_path)))
@@ -376,6 +391,10 @@ class Pipeline(Runtime):
                 return exp
             with self._keep_lock:
                 return self._decide(idx, exp_id, candidate, commit, canonical, wt, lab_root, t0, res, m, extras)
+        except BaseException:
+            if not got:  # a harness error before the row: the row stays `running`, for recover() to close
+                row()
+            raise
         finally:
             if ref[0] is not None:  # committed, never started (a guard, a human, a stop): every attempt has its ref
                 self.ws.keep_ref(self.session.tag, idx, ref[0])
@@ -658,14 +677,14 @@ class Pipeline(Runtime):
         if ev is not None:
             ev.set()
 
-    def _started_run(self, exp_id: int, pid: int, idx: int, ref: list[str | None]) -> None:
+    def _started_run(self, row: Callable[[int | None], int], pid: int, idx: int, ref: list[str | None]) -> None:
         """The run's process exists: pin it to its slot's CPUs, record it for crash recovery, and give the
         candidate's commit its ref ``refs/nightlab/<tag>/<idx>`` -- after the spawn, not before it: until the
         run ends its worktree holds the commit, and the row names it (a crash in between loses no tree git
         still has; ``git gc`` keeps unreferenced objects for two weeks)."""
         self._pin(pid)
         self._spawned()
-        self.ledger.update_experiment(exp_id, pid=pid, pid_start=sandbox.proc_start_time(pid))
+        row(pid)
         if ref[0] is not None:
             self.ws.keep_ref(self.session.tag, idx, ref[0])
             ref[0] = None

@@ -15,7 +15,6 @@ from nightlab.session import SessionLifecycle
 from nightlab.staging import Staged
 from nightlab.types import Candidate, Experiment, Session, Status
 
-
 RECORD_WAIT_S = 2.0  # the longest a proposal waits for the result of a run that is over to be recorded
 
 
@@ -93,6 +92,14 @@ class Scheduler(SessionLifecycle):
             probe = getattr(self.researcher, "has_work", None)
             return not inflight or not callable(probe) or bool(probe())
 
+        def handoff_ok() -> bool:
+            """Hand slots back at the run's end (pipelining only): while runs last longer than recording an
+            experiment and proposing the next -- else the next proposal, which waits for the records, would
+            come after the slot's next run ended, too late to be staged ahead (runs of a few ms)."""
+            if not ex.pipeline:
+                return False
+            return "run" not in est or est["run"] >= 2 * (est.get("record", 0.0) + est.get("propose", 0.0))
+
         def recorded() -> bool:
             """No result is being recorded, so a proposal sees them all; one that takes longer than
             ``RECORD_WAIT_S`` (a keep waiting for a human's approval) is not waited for."""
@@ -144,7 +151,7 @@ class Scheduler(SessionLifecycle):
                         return g
 
                     fut = pool.submit(self.run_experiment, *prepared, slot=slot, staged=staged,
-                                      release=release, spawned=after.pop(slot, None))
+                                      release=release if handoff_ok() else None, spawned=after.pop(slot, None))
                     inflight[fut], holding[fut], quiet[fut] = slot, handed, gate
                     prepared, staged = None, None
                     continue
@@ -166,7 +173,8 @@ class Scheduler(SessionLifecycle):
                 for fut in [f for f in inflight if f in done]:  # finished proposals are taken above
                     slot = inflight.pop(fut)
                     quiet.pop(fut, None)
-                    handed_at.pop(fut, None)
+                    if (at := handed_at.pop(fut, None)) is not None:
+                        learn("record", time.monotonic() - at)
                     if holding.pop(fut, None) is not None:
                         free.append(slot)
                     exp = fut.result()

@@ -49,6 +49,14 @@ class Staged:
     size_problem: str | None = None
     timing: dict[str, float] = field(default_factory=dict)  # "guard", "worktree": seconds spent
     error: BaseException | None = None
+    run_id: str = ""  # the run's id, committed to the ledger's runs (Pipeline.stage_ahead): none yet when ""
+
+    def will_run(self, candidate: Candidate | None) -> bool:
+        """Staged to the end without a problem: its run goes ahead unless the protected files, a human or a
+        stop say otherwise."""
+        made = candidate is None or (self.step >= COMMITTED and bool(self.commit) and bool(self.changed)
+                                     and not self.changes_problem and self.apply_error is None)
+        return made and self.error is None and self.worktree is not None and not self.size_problem
 
     def failed_before(self, step: int) -> bool:
         """True when an error stopped staging before ``step`` (the caller raises it there)."""
