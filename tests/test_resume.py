@@ -15,6 +15,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -182,8 +183,9 @@ def test_harness_killed_right_after_starting_bwrap(make_lab):
                         comm = Path(f"/proc/{child}/comm").read_text().strip()
                     except OSError:
                         continue
-                    # the baseline's bwrap comes first; kill at the candidate's (two experiment rows)
-                    if comm == "bwrap" and _runs(lab) >= 2:
+                    # the baseline's bwrap comes first; kill at the candidate's (its run id, committed
+                    # before the spawn, is the second; its row is written only after the spawn)
+                    if comm == "bwrap" and _run_ids(lab) >= 2:
                         proc.kill()
                         hit = True
                         break
@@ -212,9 +214,67 @@ def _query(lab: Path, sql: str) -> list[tuple]:
 
 
 def _runs(lab: Path) -> int:
-    """Experiments started (the candidate's row exists before its run's bwrap does)."""
+    """Experiment rows (a run's row is written right after its spawn)."""
     rows = _query(lab, "select count(*) from experiments")
     return int(rows[0][0]) if rows else 0
+
+
+def _run_ids(lab: Path) -> int:
+    """Run ids committed (each before its process is spawned)."""
+    rows = _query(lab, "select count(*) from runs")
+    return int(rows[0][0]) if rows else 0
+
+
+# The harness dies in the window between a run's spawn and its row (a SIGKILL at that exact point): the
+# run id was committed before the spawn, so resume finds the run and its children by their tag.
+DIE_AFTER_SPAWN = '''\
+import os, signal, sys
+from nightlab import ledger
+real = ledger.Ledger.start_experiment
+def start_experiment(self, *a, **kw):
+    if kw.get("pid") and kw.get("idx") == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, *a, **kw)
+ledger.Ledger.start_experiment = start_experiment
+from nightlab.cli.main import main
+sys.argv[0] = "nightlab"
+main()
+'''
+
+
+NEEDS_BWRAP = pytest.mark.skipif(not HAVE_BWRAP, reason="bwrap not installed")
+
+
+@pytest.mark.parametrize(("mode", "pipeline"), [("none", False), pytest.param("required", False, marks=NEEDS_BWRAP),
+                                                ("none", True)])
+def test_a_harness_killed_between_a_spawn_and_its_row_leaves_no_run_behind(make_lab, tmp_path, mode, pipeline):
+    marker = _marker()
+    lab = _children_lab(make_lab, marker)
+    if pipeline:  # #1 is staged while the baseline runs: its run id is committed by the staging thread
+        spec = (lab / "nightlab.toml").read_text().replace("pipeline = false", "pipeline = true")
+        (lab / "nightlab.toml").write_text(spec)
+        git(lab, "commit", "-qam", "pipelined")
+    script = tmp_path / "die_after_spawn.py"
+    script.write_text(DIE_AFTER_SPAWN)
+    res = subprocess.run([sys.executable, str(script), "run", "--lab", str(lab), "--tag", "d", "--plain",
+                          "--sandbox", mode], env=cli_env(), capture_output=True, text=True, timeout=120)
+    try:
+        assert res.returncode == -signal.SIGKILL, res.stdout + res.stderr
+        assert _runs(lab) == 1 and _run_ids(lab) >= 2  # the baseline's row; #1's run id (#2's, staged), no row
+        if mode == "none":  # its children outlive the harness: only the tag finds them
+            _wait(lambda: len(_with_marker(marker)) >= 3, what="the run's background children")
+        _fast_steps(lab)
+        res = _resume(lab, mode)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert _with_marker(marker) == []
+        rows = _query(lab, "select idx, status from experiments order by idx")
+        assert rows[0] == (0, "keep") and all(status != "running" for _, status in rows)
+        assert not any((lab / ".nightlab" / "worktrees").iterdir())
+        assert len(git(lab, "worktree", "list").splitlines()) == 1
+        run_ids = {r for (r,) in _query(lab, "select run_id from runs")}
+        assert sandbox.find_tagged(run_ids) == {}
+    finally:
+        _kill_markers(marker)
 
 
 # ---------------------------------------------------------------------------- locked worktrees

@@ -117,6 +117,10 @@ class Scheduler(SessionLifecycle):
             while True:
                 if not reason:
                     reason = self.stop_reason(history)
+                if reason and after:  # no next run is coming: the experiments before write their records now
+                    for g in after.values():
+                        g.set()
+                    after.clear()
                 if reason and not inflight:
                     break
                 tried = self.tally(history).tried
