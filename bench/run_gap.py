@@ -1,0 +1,57 @@
+"""The time between two runs, as the runs see it: nightlab (1 slot, pipelined search, no sandbox) vs
+``optuna.create_study().optimize()`` on bench/efficiency.py's Rosenbrock-4 lab.
+
+    python bench/run_gap.py [--trials 40] [--sleep 0.2] [--seed 1]
+
+Each run appends the time to a file at its first line and after its result: the gap is one run's last
+line to the next run's first line (interpreter start-up included on both sides, as it is in both).
+Whatever the harness does between two runs -- Optuna's sampling, nightlab's records -- is in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import efficiency as eff
+
+
+def gaps(path: Path) -> list[float]:
+    out: list[float] = []
+    last_end = None
+    for line in path.read_text().splitlines():
+        t, what = line.split()
+        if what == "start" and last_end is not None:
+            out.append(1000 * (float(t) - last_end))
+        if what == "end":
+            last_end = float(t)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trials", type=int, default=40)
+    ap.add_argument("--sleep", type=float, default=0.2)
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    rosen = eff.ROSEN
+    with tempfile.TemporaryDirectory(prefix="nl-gap-") as tmp:
+        for who in ("nightlab", "optuna"):
+            marks = Path(tmp) / f"{who}.txt"
+            eff.ROSEN = (f"import time as _t\nopen({str(marks)!r}, 'a').write(f'{{_t.time()}} start\\n')\n"
+                         + rosen.replace('print(f"value: {v:.10g}")', 'print(f"value: {v:.10g}")\n'
+                                         f"open({str(marks)!r}, 'a').write(f'{{_t.time()}} end\\n')"))
+            run = eff.nightlab_rosen if who == "nightlab" else eff.optuna_rosen
+            run(args.seed, args.trials, args.sleep, Path(tmp))
+            g = gaps(marks)
+            print(f"{who}: between two runs (ms) median {statistics.median(g):.1f}, "
+                  f"p90 {sorted(g)[int(0.9 * len(g))]:.1f}, n={len(g)}")
+
+
+if __name__ == "__main__":
+    main()
