@@ -559,16 +559,14 @@ class Ledger:
         started_at: float | None = None,
         commit: str | None = None,
         diff: str | None = None,
-        run: tuple[str, str] | None = None,
         pid: int | None = None,
         pid_start: int | None = None,
     ) -> int:
         """Insert a running experiment and its candidate in one transaction; return its id.
 
         ``commit`` and ``diff`` (the canonical diff git computed, which replaces the candidate's):
-        the experiment's commit, when it is made before the row (staging.py). ``run``: ``(run_id, kind)``,
-        registered in the same transaction as by :meth:`record_run`. ``pid``, ``pid_start``: the run's process,
-        when the row is written right after its spawn (pipeline.py).
+        the experiment's commit, when it is made before the row (staging.py). ``pid``, ``pid_start``: the run's
+        process, when the row is written right after its spawn (pipeline.py).
 
         Idempotent: when ``(session_id, idx)`` exists already, nothing is written and the
         existing id is returned.
@@ -608,9 +606,6 @@ class Ledger:
                 if candidate is not None:
                     shown = candidate if diff is None else replace(candidate, diff=escape.text(diff))
                     conn.execute(candidates.insert().values(**_candidate_values(exp_id, shown)))
-                if run is not None:
-                    conn.execute(runs.insert().values(run_id=run[0], session_id=session_id, kind=run[1],
-                                                      experiment_idx=idx, started_at=time.time()))
                 return exp_id
         except exc.IntegrityError as e:
             # another writer inserted the same (session_id, idx) between our check and insert

@@ -133,14 +133,9 @@ class Runtime:
         """A fresh run id for ``sandbox.run(run_id=...)``, committed to the ledger *before* the spawn,
         so that :meth:`recover` finds the run's processes by their ``NIGHTLAB_RUN_ID`` tag."""
         exp = None if idx is None or idx < 0 else idx
-        run_id = self.run_id(kind, idx)
+        run_id = f"{self.session.tag[:64]}.{'' if exp is None else exp}.{kind[:32]}.{secrets.token_hex(8)}"
         self.ledger.record_run(self.session.id, run_id, kind[:32], exp)
         return run_id
-
-    def run_id(self, kind: str, idx: int | None = None) -> str:
-        """A fresh run id, not yet recorded: the caller commits it before the spawn (``start_experiment(run=)``)."""
-        exp = None if idx is None or idx < 0 else idx
-        return f"{self.session.tag[:64]}.{'' if exp is None else exp}.{kind[:32]}.{secrets.token_hex(8)}"
 
     def run_env(self, seed: int, idx: int) -> dict[str, str]:
         """The environment of a run, evaluator, holdout check or setup: an allowlist (nightlab.runenv)
