@@ -77,16 +77,24 @@ def git_lab(src: Path | None, dst: Path, files: dict[str, str] | None = None) ->
 
 
 class Budget(Reporter):
-    """Stops the session gracefully once the runs used ``run_s`` seconds."""
+    """Stops the session gracefully once the runs used ``run_s`` seconds, or at the wall-clock
+    ``deadline`` (an epoch time; for a lease on a borrowed machine that must end with its rows written)."""
 
-    def __init__(self, run_s: float) -> None:
-        self.limit, self.used = run_s, 0.0
+    def __init__(self, run_s: float, deadline: float | None = None) -> None:
+        self.limit, self.used, self.deadline = run_s, 0.0, deadline
         self.engine: Engine | None = None
+        self.stopped_by = ""
 
     def experiment_finished(self, exp: Experiment, session: Session) -> None:
         self.used += exp.run_s
-        if self.used >= self.limit and self.engine is not None:
-            self.engine.stop.graceful = "run-seconds budget"
+        if self.engine is None or self.stopped_by:
+            return
+        if self.used >= self.limit:
+            self.stopped_by = "run-seconds budget"
+        elif self.deadline is not None and time.time() >= self.deadline:
+            self.stopped_by = "wall-clock deadline"
+        if self.stopped_by:
+            self.engine.stop.graceful = self.stopped_by
 
 
 # --------------------------------------------------------------------------- labs
@@ -107,7 +115,8 @@ TINYGPT_FIXED = ("SEQ_LEN", "N_LAYER", "N_HEAD", "HEAD_DIM", "MLP_RATIO", "BATCH
 
 def lab_session(name: str, seed: int, semantics: str, prune_on: bool, budget: float, work: Path,
                 run_budget: float | None = None, run_steps: int | None = None,
-                prune_startup: int | None = None, prune_set: list[str] | None = None) -> dict[str, Any]:
+                prune_startup: int | None = None, prune_set: list[str] | None = None,
+                deadline: float | None = None) -> dict[str, Any]:
     edits, prune = LAB_SPECS[name]
     sets = dict(item.split("=", 1) for item in (prune_set or []))
     if prune_startup is not None:
@@ -138,7 +147,7 @@ def lab_session(name: str, seed: int, semantics: str, prune_on: bool, budget: fl
         spec += '\n[prune]\npruner = "none"\nfigure = "train_bpb"\n'
     (lab / "nightlab.toml").write_text(spec)
     subprocess.run(["git", "commit", "-qam", "bench spec"], cwd=lab, env={**os.environ, **GIT_ENV}, check=True)
-    rep = Budget(budget)
+    rep = Budget(budget, deadline)
     eng = Engine(lab, tag="b", reporter=rep, sandbox_mode="none", max_experiments=0)
     rep.engine = eng
     eng.keep_semantics = semantics
@@ -170,7 +179,7 @@ def lab_session(name: str, seed: int, semantics: str, prune_on: bool, budget: fl
         "lost_to_conflicts": sum(1 for e in exps if "conflicts with the new incumbent" in e.reason),
         "pruned": sum(1 for e in exps if e.status is Status.PRUNED),
         "saved_s": round(sum(float(e.evidence.get("saved_s", 0.0)) for e in exps if e.status is Status.PRUNED), 2),
-        "reach": reach, "load": [round(load0, 2), round(load1, 2)],
+        "reach": reach, "load": [round(load0, 2), round(load1, 2)], "stopped_by": rep.stopped_by,
         "uptime": [uptime0, subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()],
         "prune_conf": prune if prune_on else "",
         # every run, in the order they finished: what the pruner saw and did (for `replay` and the analysis)
@@ -191,17 +200,19 @@ def labs(args: argparse.Namespace) -> None:
     out = Path(args.out)
     rows: list[dict[str, Any]] = json.loads(out.read_text()) if out.exists() else []
     done = {(r["lab"], r["seed"], r["semantics"], r["prune"], r.get("tag", "")) for r in rows}
+    deadline = time.time() + args.deadline_s if args.deadline_s else None
     with tempfile.TemporaryDirectory(prefix="nl-eff-") as tmp:
         for name in args.labs:
             budget = args.quickfit_s if name == "quickfit" else args.tinygpt_s
-            for seed in range(args.seeds):
+            for seed in range(args.seed_start, args.seed_start + args.seeds):
                 for semantics in args.semantics:
                     for prune_on in (False, True):
                         if (name, seed, semantics, prune_on, args.tag) in done or \
                                 ("on" if prune_on else "off") not in args.arms:
                             continue
                         r = lab_session(name, seed, semantics, prune_on, budget, Path(tmp),
-                                        args.tinygpt_budget, args.tinygpt_steps, args.prune_startup, args.prune_set)
+                                        args.tinygpt_budget, args.tinygpt_steps, args.prune_startup, args.prune_set,
+                                        deadline)
                         r.update(prune_startup=args.prune_startup, tag=args.tag)
                         if name == "tinygpt":
                             r.update(run_budget_s=args.tinygpt_budget, run_steps=args.tinygpt_steps)
@@ -257,6 +268,7 @@ def steps_to_reach(row: dict[str, Any], target: float) -> float | None:
 def pruning_ratio(rows: list[dict[str, Any]], name: str, tag: str) -> None:
     """Per seed: the run-seconds (and the training work) pruning needs to reach the no-pruning best."""
     ratios, work, missed, lines = [], [], 0, []
+    pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []
     for seed in sorted({r["seed"] for r in rows if r["lab"] == name}):
         off = [r for r in rows if r["lab"] == name and r["seed"] == seed and r["semantics"] == "measured"
                and not r["prune"]]
@@ -265,6 +277,7 @@ def pruning_ratio(rows: list[dict[str, Any]], name: str, tag: str) -> None:
         if not off or not on:
             continue
         a, b = off[-1], on[-1]
+        pairs.append((a, b))
         t_off = run_s_to_reach(a["reach"], a["best_at_budget"])
         t_on = run_s_to_reach(b["reach"], a["best_at_budget"])
         w_off, w_on = steps_to_reach(a, a["best_at_budget"]), steps_to_reach(b, a["best_at_budget"])
@@ -290,10 +303,34 @@ def pruning_ratio(rows: list[dict[str, Any]], name: str, tag: str) -> None:
           "at start, end: off / on |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |")
     print("\n".join(lines))
+    paired = [x for x in (same_candidates(off_row, on_row) for off_row, on_row in pairs) if x is not None]
     med = f"{statistics.median(ratios):.2f}" if ratios else "—"
     print(f"{name}: run-seconds with pruning to reach the no-pruning best (new semantics), as a share of the "
           f"no-pruning run-seconds: median {med} over {len(ratios)} seeds ({', '.join(f'{x:.2f}' for x in ratios)})"
           f"; not reached in {missed}" + (f"; training work: median {statistics.median(work):.2f}" if work else ""))
+    if paired:  # both sessions made the same proposals: what pruning did to the same candidates
+        shares = [on_s / off_s for off_s, on_s, _, _ in paired]
+        print(f"{name}: sessions that proposed the same candidates with and without pruning: {len(paired)} of "
+              f"{len(pairs)}; run-seconds for the runs both made, with pruning as a share of without: median "
+              f"{statistics.median(shares):.3f} ({', '.join(f'{x:.3f}' for x in shares)}), all together "
+              f"{sum(p[1] for p in paired) / sum(p[0] for p in paired):.3f}; runs pruned "
+              f"{sum(p[2] for p in paired)}, of which the no-pruning session kept {sum(p[3] for p in paired)}")
+
+
+def same_candidates(off: dict[str, Any], on: dict[str, Any]) -> tuple[float, float, int, int] | None:
+    """When the pruning-on session's runs measured exactly what the pruning-off session's runs of the
+    same number did (the seeded search proposed the same candidates; a pruned run has no metric), the
+    run-seconds of the runs both made, off and on, the runs pruned, and how many of those the
+    no-pruning session kept. None when the proposals differ (a pruned trial can change TPE's next one)."""
+    a = {r["idx"]: r for r in off.get("runs") or []}
+    b = {r["idx"]: r for r in on.get("runs") or []}
+    both = sorted(set(a) & set(b))
+    if not both or any(b[i]["metric"] is not None and (a[i]["metric"] is None or abs(b[i]["metric"] - a[i]["metric"])
+                                                         > 1e-9) for i in both):
+        return None
+    pruned = [i for i in both if b[i]["status"] == "pruned"]
+    return (sum(a[i]["run_s"] for i in both), sum(b[i]["run_s"] for i in both), len(pruned),
+            sum(1 for i in pruned if a[i]["status"] == "keep"))
 
 
 # --------------------------------------------------------------------------- replay
@@ -572,6 +609,10 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("labs")
     a.add_argument("--seeds", type=int, default=5)
+    a.add_argument("--seed-start", type=int, default=0, help="the first seed (seeds run from it, --seeds of them)")
+    a.add_argument("--deadline-s", type=float, default=None,
+                   help="stop each session gracefully this many wall-clock seconds after the command started "
+                        "(its row is still written, with stopped_by)")
     a.add_argument("--labs", nargs="+", default=["quickfit", "tinygpt"])
     a.add_argument("--quickfit-s", type=float, default=25.0, help="run-seconds per quickfit session")
     a.add_argument("--tinygpt-s", type=float, default=40.0, help="run-seconds per tinygpt session")
@@ -609,10 +650,13 @@ def main() -> None:
         optuna_cmd(args)
     elif args.cmd == "replay":
         replay_cmd(args)
-    else:
-        for f in args.files:
-            rows = json.loads(Path(f).read_text())
-            (summarize_optuna if rows and "nightlab" in rows[0] else summarize_labs)(rows)
+    else:  # the files' rows together (e.g. one file per process of a parallel run), one summary per kind
+        rows = [r for f in args.files for r in json.loads(Path(f).read_text())]
+        optuna_rows = [r for r in rows if "nightlab" in r]
+        if optuna_rows:
+            summarize_optuna(optuna_rows)
+        if len(optuna_rows) < len(rows):
+            summarize_labs([r for r in rows if "nightlab" not in r])
 
 
 if __name__ == "__main__":
