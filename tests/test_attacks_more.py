@@ -191,6 +191,119 @@ def test_an_agent_researcher_cannot_read_committed_holdout_files_from_git(tmp_pa
         shutil.rmtree(home, ignore_errors=True)
 
 
+# A coding agent that goes after the user's credentials and the host's sockets (it has the network, so what
+# it reads can leave): it writes what it reached into target.py, and reads its own config to show it can.
+CREDENTIAL_AGENT = r"""
+import json, os, pathlib, socket, sys
+home = pathlib.Path(os.environ["HOME"])
+got = []
+for rel in (".aws/credentials", ".ssh/id_ed25519", ".pgpass", ".netrc", ".config/nightlab/labs.toml",
+            ".bash_history", ".config/extra/token"):
+    try:
+        if "CRED-" in (home / rel).read_text():
+            got.append(rel)
+    except OSError:
+        pass
+sock = sys.argv[1]
+if sock != "-":
+    try:
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(5)
+        s.connect(sock)
+        got.append("socket:" + s.recv(64).decode())
+    except OSError:
+        pass
+cfg = (home / ".agentcfg" / "settings.json").read_text().strip()
+dns = pathlib.Path("/etc/resolv.conf").exists()
+t = pathlib.Path("target.py")
+t.write_text(t.read_text().replace("X = 3.0", "X = 2.0  # got=" + ",".join(got) + f" cfg={cfg} dns={dns}"))
+print(json.dumps({"type": "result", "result": "looked"}))
+"""
+
+
+@needs_bwrap
+@pytest.mark.parametrize("extra", ["", 'show = ["~/.aws"]\nhide = ["~/.config/extra"]\n'])
+def test_an_agent_researcher_cannot_read_the_users_credentials_or_reach_the_hosts_sockets(outside_tmp, monkeypatch,
+                                                                                        extra):
+    """Broke on main: the agent researcher sees the host's ``/`` read-only (it needs its CLI and its config
+    wherever they are installed), so it read ``~/.aws/credentials``, ``~/.ssh``, ``~/.pgpass``, nightlab's
+    own lab registry, the shell history — and, with the network, could send them anywhere; and it could
+    connect to the host's sockets under ``/run`` (a read-only bind does not stop ``connect()``): Docker's
+    (root on the host), D-Bus, PostgreSQL's (peer authentication: the ledger), ssh and gpg agents. Fixed in
+    researchers/agent.py: ``HOME_SECRETS`` and ``/run`` are hidden (``show`` gives an entry back, ``hide``
+    adds paths); its own config and the name server file stay readable."""
+    home = outside_tmp / "home"
+    files = {".aws/credentials": "[default]\naws_secret_access_key = CRED-aws\n", ".ssh/id_ed25519": "CRED-ssh\n",
+             ".pgpass": "localhost:5432:*:me:CRED-pg\n", ".netrc": "machine api.wandb.ai password CRED-netrc\n",
+             ".config/nightlab/labs.toml": "# CRED-registry\n", ".bash_history": "export TOKEN=CRED-hist\n",
+             ".config/extra/token": "CRED-extra\n", ".agentcfg/settings.json": "agent-config-ok\n"}
+    for rel, text in files.items():
+        (home / rel).parent.mkdir(parents=True, exist_ok=True)
+        (home / rel).write_text(text)
+    monkeypatch.setenv("HOME", str(home))
+    script = outside_tmp / "creds.py"
+    script.write_text(CREDENTIAL_AGENT)
+    sock_dir, server = None, None
+    with contextlib.suppress(OSError):  # a host socket under /run (root can make one; else the files only)
+        sock_dir = Path(tempfile.mkdtemp(dir="/run", prefix="nightlab-test-"))
+    try:
+        sock = "-"
+        if sock_dir is not None:
+            import socket
+            import threading
+
+            server = socket.socket(socket.AF_UNIX)
+            sock = str(sock_dir / "host.sock")
+            server.bind(sock)
+            server.listen(4)
+
+            def serve() -> None:
+                with contextlib.suppress(OSError):
+                    while True:
+                        conn, _ = server.accept()  # type: ignore[union-attr]
+                        conn.sendall(b"HOST-SOCKET")
+                        conn.close()
+
+            threading.Thread(target=serve, daemon=True).start()
+        spec = SPEC.replace('[researcher]\nkind = "scripted"\n',
+                            f'[researcher]\nkind = "agent"\ncommand = "{sys.executable} {script} {sock}"\n'
+                            f'sandbox = "required"\ntimeout_s = 60\n{extra}')
+        lab = make(outside_tmp, spec=spec)
+        eng = Engine(lab, tag="t", sandbox_mode=MODE, max_experiments=1)
+        exps = eng.ledger.experiments(eng.run().id)
+        eng.close()
+        diff = exps[1].diff
+        assert "cfg=agent-config-ok" in diff, diff  # its own config: still there
+        assert "dns=True" in diff or not Path("/etc/resolv.conf").exists(), diff
+        got = diff.split("got=", 1)[1].split(" cfg=", 1)[0]
+        # a control: what no rule hides is read; `show` gave ~/.aws back and `hide` took ~/.config/extra
+        assert got == (".aws/credentials" if extra else ".config/extra/token"), diff
+        if sock_dir is not None:  # the socket answers outside the sandbox: the test would see a leak
+            import socket
+
+            probe = socket.socket(socket.AF_UNIX)
+            probe.connect(sock)
+            assert probe.recv(64) == b"HOST-SOCKET"
+            probe.close()
+    finally:
+        if server is not None:
+            server.close()
+        if sock_dir is not None:
+            shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def test_agent_show_names_only_what_is_hidden_by_default(tmp_path):
+    """A typo in ``show`` is a clear error naming the key, not a silent no-op that leaves a path hidden."""
+    spec = SPEC.replace('[researcher]\nkind = "scripted"\n',
+                        '[researcher]\nkind = "agent"\ncommand = "true"\nshow = ["~/.awss"]\n')
+    lab = make(tmp_path, spec=spec)
+    proc = subprocess.run(nightlab_cmd("run", "--lab", str(lab)), env=cli_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "show" in proc.stdout + proc.stderr and "~/.awss" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
 # --------------------------------------------------------------------------- what the human reads
 
 REDRAW = "\x1b[8A\x1b[2K  status      keep\x1b[2K  metric      score = 0.000100  (trust: evaluator)\x1b]0;owned\x07\r"

@@ -32,7 +32,10 @@ to its own config paths in ``$HOME`` that exist (below) and ``writable`` extras;
 the file system read-only, the lab's ``.nightlab/`` (ledger, artifacts, other worktrees),
 the repository's ``.git`` (its objects hold the committed holdout files; git does not work in the
 worktree, the presets do not need it), ``[sandbox] hide`` and ``[holdout] files`` hidden (the
-lab's and the worktree's copies); of
+lab's and the worktree's copies); credentials in ``$HOME`` hidden (:data:`HOME_SECRETS`: ``~/.ssh``,
+``~/.aws``, ``~/.pgpass``, ``~/.netrc``, cloud and registry logins, shell histories; ``show`` gives one
+back, ``hide`` adds more); ``/run`` hidden (the host's sockets: Docker, D-Bus, PostgreSQL, ssh and gpg
+agents; the name server file stays); of
 nightlab's environment, an allowlist: the runs' (``PATH``, ``HOME``, locale, ``CUDA_*``, ...; see
 nightlab.runenv), the network's settings (proxies, CA bundles), ``XDG_*`` folders, and the provider's
 variables, its key among them (``ANTHROPIC_*`` and ``CLAUDE_*`` for claude, ``OPENAI_*`` and ``CODEX_*``
@@ -111,6 +114,23 @@ PROVIDER_ENV: dict[str, tuple[str, ...]] = {
 # a command of the user's own: any of the presets' providers
 PROVIDER_ENV["command"] = tuple(dict.fromkeys(p for v in PROVIDER_ENV.values() for p in v))
 
+# Credentials in $HOME the agent never needs and must not read (it has the network): hidden under bubblewrap
+# (an empty folder, an empty file) unless `show` names one (`show = ["~/.aws"]` for Bedrock, say).
+HOME_SECRETS = ("~/.ssh", "~/.aws", "~/.gnupg", "~/.pgpass", "~/.netrc", "~/.git-credentials",
+    "~/.config/git/credentials", "~/.config/gcloud", "~/.azure", "~/.kube", "~/.docker", "~/.config/gh",
+    "~/.config/hub", "~/.npmrc", "~/.yarnrc", "~/.pypirc", "~/.config/pip", "~/.vault-token", "~/.password-store",
+    "~/.local/share/keyrings", "~/.terraform.d", "~/.config/rclone", "~/.boto", "~/.s3cfg", "~/.kaggle",
+    "~/.cache/huggingface/token", "~/.huggingface", "~/.config/nightlab", "~/.mlflow", "~/.databrickscfg", "~/.oci",
+    "~/.ibmcloud", "~/.config/doctl", "~/.fly", "~/.wrangler", "~/.cloudflared", "~/.m2/settings.xml",
+    "~/.gradle/gradle.properties", "~/.cargo/credentials", "~/.cargo/credentials.toml", "~/.gem/credentials",
+    "~/.composer/auth.json", "~/.config/op", "~/.config/sops", "~/.config/age", "~/.mozilla",
+    "~/.config/google-chrome", "~/.config/chromium", "~/.bash_history", "~/.zsh_history", "~/.python_history",
+    "~/.psql_history", "~/.mysql_history", "~/.lesshst", "~/.viminfo")
+# Host folders of sockets and runtime state: the Docker and containerd sockets (root on the host), the
+# D-Bus buses, PostgreSQL's socket (peer authentication as the user: the ledger), ssh-agent and gpg-agent
+# sockets under $XDG_RUNTIME_DIR. A read-only bind does not stop connect() on a socket, so they are hidden.
+HOST_RUNTIME = ("/run", "/var/run")
+
 
 class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -120,6 +140,10 @@ class Options(BaseModel):
     timeout_s: float = Field(1800.0, gt=0)
     sandbox: Literal["auto", "required", "none"] = "auto"
     writable: list[str] = Field(default_factory=list, description="extra paths it may write (~ ok)")
+    hide: list[str] = Field(default_factory=list, description="more host paths to hide from it (~ ok), "
+                            "beside HOME_SECRETS, /run and the lab's state")
+    show: list[str] = Field(default_factory=list, description="HOME_SECRETS entries it may read after all "
+                            "(written as listed, e.g. \"~/.aws\" for Bedrock)")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for the agent")
     pass_env: list[str] = Field(default_factory=list, description="more of nightlab's environment for the agent: "
                                 "names, or prefixes written PREFIX_* (AWS_* for Bedrock)")
@@ -131,6 +155,14 @@ class Options(BaseModel):
         bad = [p for p in self.pass_env if not runenv.PATTERN.fullmatch(p)]
         if bad:
             raise ValueError(f"pass_env: {bad[0]!r} is not a variable name or a PREFIX_* pattern")
+        return self
+
+    @model_validator(mode="after")
+    def _show(self) -> Options:
+        bad = [p for p in self.show if p not in HOME_SECRETS]
+        if bad:
+            raise ValueError(f"show: {bad[0]!r} is not among the paths hidden by default; they are: "
+                             + ", ".join(HOME_SECRETS))
         return self
 
     @model_validator(mode="after")
@@ -219,6 +251,8 @@ class AgentResearcher:
         else:
             self.template, home_paths = options.command or "", []
         self.extra_writable = [Path(os.path.expanduser(p)) for p in [*home_paths, *options.writable]]
+        self.extra_hidden = [Path(os.path.expanduser(p)) for p in
+                             [*(h for h in HOME_SECRETS if h not in options.show), *options.hide]]
         self.secrets = secret_values({**os.environ, **options.env})
 
     def environment(self) -> dict[str, str]:
@@ -242,10 +276,22 @@ class AgentResearcher:
         # the repository too: holdout files are committed (their clean tree is built from git objects), and
         # `git show HEAD:<holdout file>` from the worktree, or inflating the objects, would read them
         hidden += [self.ws.repo_root / ".git", self.ws.git_dir]
+        # credentials in $HOME, and the host's sockets; the name server's file is shown again where
+        # /etc/resolv.conf points into /run (systemd-resolved): the agent needs the network
+        runtime: list[Path] = []  # once each, none inside another (/var/run is /run; $XDG_RUNTIME_DIR in it)
+        for raw in sorted({os.path.realpath(p) for p in (*HOST_RUNTIME, os.environ.get("XDG_RUNTIME_DIR", ""))
+                           if p.startswith("/")}):
+            if not any(Path(raw).is_relative_to(q) for q in runtime):
+                runtime.append(Path(raw))
+        hidden += [*self.extra_hidden, *runtime]
+        readonly = [prompt_file]
+        resolv = Path(os.path.realpath("/etc/resolv.conf"))
+        if resolv != Path("/etc/resolv.conf") and resolv.is_file():
+            readonly.append(resolv)
         writable = [worktree, *(p for p in self.extra_writable if p.exists())]
         # host_root: the agent needs its CLI and its config, wherever they are installed
         return sandbox.SandboxPolicy(mode=self.mode, network=True, writable=tuple(writable),
-                                     readonly=(prompt_file,), hidden=tuple(hidden), host_root=True)
+                                     readonly=tuple(readonly), hidden=tuple(hidden), host_root=True)
 
     def change(self, worktree: Path, parent: str) -> tuple[str, list[str]]:
         """(diff relative to the lab folder, repo paths changed outside it), computed from outside."""
