@@ -21,16 +21,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import efficiency as eff
 
 
-def gaps(path: Path) -> list[float]:
-    out: list[float] = []
-    last_end = None
+def gaps(path: Path) -> tuple[list[float], list[float], list[float]]:
+    """(one run's last line to the next one's first, a run's first line to its last, start to start), ms."""
+    between: list[float] = []
+    inside: list[float] = []
+    cycle: list[float] = []
+    last_end = last_start = None
     for line in path.read_text().splitlines():
         t, what = line.split()
-        if what == "start" and last_end is not None:
-            out.append(1000 * (float(t) - last_end))
+        if what == "start":
+            if last_end is not None:
+                between.append(1000 * (float(t) - last_end))
+            if last_start is not None:
+                cycle.append(1000 * (float(t) - last_start))
+            last_start = float(t)
         if what == "end":
             last_end = float(t)
-    return out
+            if last_start is not None:
+                inside.append(1000 * (last_end - last_start))
+    return between, inside, cycle
 
 
 def main() -> None:
@@ -48,9 +57,10 @@ def main() -> None:
                                          f"open({str(marks)!r}, 'a').write(f'{{_t.time()}} end\\n')"))
             run = eff.nightlab_rosen if who == "nightlab" else eff.optuna_rosen
             run(args.seed, args.trials, args.sleep, Path(tmp))
-            g = gaps(marks)
+            g, inside, cycle = gaps(marks)
             print(f"{who}: between two runs (ms) median {statistics.median(g):.1f}, "
-                  f"p90 {sorted(g)[int(0.9 * len(g))]:.1f}, n={len(g)}")
+                  f"p90 {sorted(g)[int(0.9 * len(g))]:.1f}, n={len(g)}; inside a run median "
+                  f"{statistics.median(inside):.1f}; start to start median {statistics.median(cycle):.1f}")
 
 
 if __name__ == "__main__":
