@@ -204,6 +204,12 @@ for rel in (".aws/credentials", ".ssh/id_ed25519", ".pgpass", ".netrc", ".config
             got.append(rel)
     except OSError:
         pass
+for path, mark in (("/etc/shadow", "root:"), ("/etc/gshadow", "root:")):  # root's own files, when run as root
+    try:
+        if mark in pathlib.Path(path).read_text():
+            got.append(path)
+    except OSError:
+        pass
 sock = sys.argv[1]
 if sock != "-":
     try:
@@ -231,7 +237,8 @@ def test_an_agent_researcher_cannot_read_the_users_credentials_or_reach_the_host
     connect to the host's sockets under ``/run`` (a read-only bind does not stop ``connect()``): Docker's
     (root on the host), D-Bus, PostgreSQL's (peer authentication: the ledger), ssh and gpg agents. Fixed in
     researchers/agent.py: ``HOME_SECRETS`` and ``/run`` are hidden (``show`` gives an entry back, ``hide``
-    adds paths); its own config and the name server file stay readable."""
+    adds paths); its own config and the name server file stay readable. Run as root (CI, a container), it
+    also read ``/etc/shadow``: uid 0 stays in the sandbox and owns it; ``SYSTEM_SECRETS`` are hidden too."""
     home = outside_tmp / "home"
     files = {".aws/credentials": "[default]\naws_secret_access_key = CRED-aws\n", ".ssh/id_ed25519": "CRED-ssh\n",
              ".pgpass": "localhost:5432:*:me:CRED-pg\n", ".netrc": "machine api.wandb.ai password CRED-netrc\n",

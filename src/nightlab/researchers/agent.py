@@ -126,6 +126,12 @@ HOME_SECRETS = ("~/.ssh", "~/.aws", "~/.gnupg", "~/.pgpass", "~/.netrc", "~/.git
     "~/.composer/auth.json", "~/.config/op", "~/.config/sops", "~/.config/age", "~/.mozilla",
     "~/.config/google-chrome", "~/.config/chromium", "~/.bash_history", "~/.zsh_history", "~/.python_history",
     "~/.psql_history", "~/.mysql_history", "~/.lesshst", "~/.viminfo")
+# System files that hold secrets readable by their owner: nightlab running as root (a container, CI) keeps uid 0
+# in the sandbox, and root owns these (dropped capabilities stop only reading other owners' files).
+SYSTEM_SECRETS = ("/etc/shadow", "/etc/gshadow", "/etc/shadow-", "/etc/gshadow-", "/etc/ssh", "/etc/ssl/private",
+                  "/etc/letsencrypt", "/etc/kubernetes", "/etc/rancher", "/etc/wireguard",
+                  "/etc/NetworkManager/system-connections", "/etc/credstore", "/etc/credstore.encrypted",
+                  "/etc/sudoers.d")
 # Host folders of sockets and runtime state: the Docker and containerd sockets (root on the host), the
 # D-Bus buses, PostgreSQL's socket (peer authentication as the user: the ledger), ssh-agent and gpg-agent
 # sockets under $XDG_RUNTIME_DIR. A read-only bind does not stop connect() on a socket, so they are hidden.
@@ -159,10 +165,10 @@ class Options(BaseModel):
 
     @model_validator(mode="after")
     def _show(self) -> Options:
-        bad = [p for p in self.show if p not in HOME_SECRETS]
+        bad = [p for p in self.show if p not in HOME_SECRETS and p not in SYSTEM_SECRETS]
         if bad:
             raise ValueError(f"show: {bad[0]!r} is not among the paths hidden by default; they are: "
-                             + ", ".join(HOME_SECRETS))
+                             + ", ".join((*HOME_SECRETS, *SYSTEM_SECRETS)))
         return self
 
     @model_validator(mode="after")
@@ -252,7 +258,7 @@ class AgentResearcher:
             self.template, home_paths = options.command or "", []
         self.extra_writable = [Path(os.path.expanduser(p)) for p in [*home_paths, *options.writable]]
         self.extra_hidden = [Path(os.path.expanduser(p)) for p in
-                             [*(h for h in HOME_SECRETS if h not in options.show), *options.hide]]
+                             [*(h for h in (*HOME_SECRETS, *SYSTEM_SECRETS) if h not in options.show), *options.hide]]
         self.secrets = secret_values({**os.environ, **options.env})
 
     def environment(self) -> dict[str, str]:
