@@ -58,11 +58,14 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return lab
 
 
+ACCESS = Access.make("127.0.0.1", None)  # what `nightlab ui` makes: a random token, in the URL it prints
+
+
 @pytest.fixture(scope="module")
 def server(lab: Path) -> Iterator[tuple[str, Ledger]]:
     ledger = Ledger.for_lab(lab)
     port = free_port()
-    app = create_app(ledger, lab, Access.make("127.0.0.1", None), poll_ms=250)
+    app = create_app(ledger, lab, ACCESS, poll_ms=250)
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     th = threading.Thread(target=srv.run, daemon=True)
     th.start()
@@ -155,8 +158,14 @@ def test_approve_button_answers_the_waiting_request(server, page):
         ledger, s.id, 42, "keep", diff="--- a/t\n+++ b/t\n@@ -1 +1 @@\n-a\n+b\n", rationale="keep this?"
     )
     other = approvals.request(ledger, s.id, 43, "run", rationale="and this?")
+    # the dashboard opened without the printed URL's token: it reads, but its buttons cannot act
     page.goto(f"{url}/approvals")
     card = page.locator(f"#approval-{aid}")
+    card.locator("button.approve").click()
+    page.wait_for_function(f"document.querySelector('#approval-{aid} .result').textContent.includes('?token=')")
+    assert approvals.get(ledger, aid)["status"] == "pending"  # type: ignore[index]
+    page.goto(f"{url}/approvals?token={ACCESS.token}")  # the printed URL: a cookie, then the page's token
+    assert page.url == f"{url}/approvals"  # the token left the address bar
     card.locator("input.why").fill("looks right")
     card.locator("button.approve").click()
     page.wait_for_function(f"document.getElementById('approval-{aid}').dataset.status === 'approved'")

@@ -122,7 +122,10 @@ def test_the_home_page_shows_every_lab_and_answers_the_inbox(three_labs):
     from nightlab.web.home import create_home_app
 
     registry, labs = three_labs
-    app = create_home_app(registry=Registry(registry), poll_ms=250)
+    from nightlab.web.security import Access
+
+    access = Access.make("127.0.0.1", None)
+    app = create_home_app(access=access, registry=Registry(registry), poll_ms=250)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -137,7 +140,7 @@ def test_the_home_page_shows_every_lab_and_answers_the_inbox(three_labs):
             b = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
             page = b.new_page(viewport={"width": 1400, "height": 900})
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(url + "/")
+            page.goto(url + f"/?token={access.token}")  # the URL `nightlab ui` prints: approving needs it
             states = {r.get_attribute("data-lab"): r.get_attribute("data-state")
                       for r in page.locator("#labs tbody tr").all()}
             assert states == {"done": "finished", "waiting": "waiting", "running": "running"}

@@ -222,8 +222,16 @@ def test_approve_needs_the_token_and_same_origin(client: TestClient, ledger: Led
     aid = approvals.request(
         ledger, s.id, 9, "run", diff="--- a/t\n+++ b/t\n@@ -1 +1 @@\n-a\n+b\n", rationale="ok?"
     )
+    # on loopback anyone may read, but the page carries the token only to a browser that opened the
+    # printed URL (…?token=…, which sets the cookie): a local process — an agent researcher has the
+    # network — reads the queue and cannot lift the token from it to approve its own run
     html = client.get("/approvals").text
-    assert f'id="approval-{aid}"' in html and 'name="nightlab-token" content="tok-123"' in html
+    assert f'id="approval-{aid}"' in html and 'name="nightlab-token" content=""' in html and "tok-123" not in html
+    r = client.get("/approvals?token=tok-123", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/approvals" and "nightlab_token" in r.cookies
+    assert 'name="nightlab-token" content="tok-123"' in client.get("/approvals").text  # the cookie now
+    client.cookies.clear()
+    assert 'content="tok-123"' not in client.get("/approvals?token=wrong").text
     url = f"/api/approvals/{aid}"
     assert client.post(url, json={"approved": True}).status_code == 403
     assert client.post(url, json={"approved": True}, headers={"X-Nightlab-Token": "wrong"}).status_code == 403

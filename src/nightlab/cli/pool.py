@@ -114,7 +114,7 @@ def serve(lab: Path, db: str | None, host: str, port: int, behind_proxy: bool, t
 
     def ready(url: str) -> None:
         click.echo(f"nightlab pool '{_pool_name(lab)}' on {url}/api/pool  (dashboard: {url}/pool"
-                   + (f"?token={access.token}" if access.public else "") + ")  Ctrl-C to stop", err=False)
+                   + f"?token={access.token}" + ")  Ctrl-C to stop", err=False)
 
     session = run_pool(lab, db, host=host, port=port, access=access, reporter=make_reporter(quiet, True),
                        sandbox_mode=sandbox, slots=slots, ready=ready)

@@ -25,7 +25,7 @@ from nightlab.errors import UsageError
 from nightlab.labs import LabEntry, LabState, all_labs, lab_state
 from nightlab.ledger import Ledger
 from nightlab.web import charts
-from nightlab.web.app import AnswerIn, ago, create_app, install_guard
+from nightlab.web.app import AnswerIn, ago, create_app, install_guard, page_token
 from nightlab.web.security import Access, Redactor
 
 HERE = Path(__file__).parent
@@ -56,7 +56,7 @@ def create_home_app(entries: list[LabEntry] | None = None, access: Access | None
     env.filters["metric"] = lambda v: "—" if v is None else charts.fmt(float(v))
     env.filters["ago"] = ago
     env.filters["money"] = lambda v: f"${(v or 0):,.4f}" if (v or 0) < 10 else f"${v:,.2f}"
-    env.globals.update(token=access.token, version=__version__, poll_ms=int(poll_ms), root="", home="/")
+    env.globals.update(page_token=page_token(access), version=__version__, poll_ms=int(poll_ms), root="", home="/")
     redactor = Redactor.from_env()
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     install_guard(app, access)

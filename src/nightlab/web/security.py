@@ -11,8 +11,11 @@ Rules (issue 6, "Safety"):
 * Acting (POST: approve, reject) always needs the token in the ``X-Nightlab-Token`` header
   (a cross-site form cannot set a header; a cross-site script needs CORS, which is never
   granted), and an ``Origin`` / ``Sec-Fetch-Site`` that say same-origin when present. On
-  loopback without ``--token`` the token is random per process and the pages carry it to
-  the buttons; a page of another origin cannot read it.
+  loopback without ``--token`` the token is random per process, in the URL ``nightlab ui``
+  prints; the pages carry it to the buttons only for a request that showed it (the cookie that
+  opening that URL sets, or a header): any local process may read, and an agent researcher has
+  the network, so a token on every page would let it approve its own run. A page of another
+  origin cannot read it.
 * Secrets: env values whose name looks secret are masked in the spec, and any such value
   (or an API-key-shaped string) is masked in every text shown: logs, diffs, rationales.
 """
