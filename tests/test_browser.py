@@ -158,6 +158,11 @@ def test_approve_button_answers_the_waiting_request(server, page):
         ledger, s.id, 42, "keep", diff="--- a/t\n+++ b/t\n@@ -1 +1 @@\n-a\n+b\n", rationale="keep this?"
     )
     other = approvals.request(ledger, s.id, 43, "run", rationale="and this?")
+    # a local process (an agent researcher has the network) reads the queue over real HTTP, finds no token
+    import urllib.request
+
+    raw = urllib.request.urlopen(f"{url}/approvals", timeout=10).read().decode()
+    assert f'id="approval-{aid}"' in raw and ACCESS.token not in raw
     # the dashboard opened without the printed URL's token: it reads, but its buttons cannot act
     page.goto(f"{url}/approvals")
     card = page.locator(f"#approval-{aid}")
