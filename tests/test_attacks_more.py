@@ -198,7 +198,7 @@ import json, os, pathlib, socket, sys
 home = pathlib.Path(os.environ["HOME"])
 got = []
 for rel in (".aws/credentials", ".ssh/id_ed25519", ".pgpass", ".netrc", ".config/nightlab/labs.toml",
-            ".bash_history", ".config/extra/token"):
+            ".bash_history", ".config/extra/token", sys.argv[2]):  # the last: another lab's holdout, by path
     try:
         if "CRED-" in (home / rel).read_text():
             got.append(rel)
@@ -237,17 +237,24 @@ def test_an_agent_researcher_cannot_read_the_users_credentials_or_reach_the_host
     connect to the host's sockets under ``/run`` (a read-only bind does not stop ``connect()``): Docker's
     (root on the host), D-Bus, PostgreSQL's (peer authentication: the ledger), ssh and gpg agents. Fixed in
     researchers/agent.py: ``HOME_SECRETS`` and ``/run`` are hidden (``show`` gives an entry back, ``hide``
-    adds paths); its own config and the name server file stay readable. Run as root (CI, a container), it
+    adds paths); its own config and the name server file stay readable; the lab registry and the other
+    labs it lists (their ledgers and holdout files) are hidden too. Run as root (CI, a container), it
     also read ``/etc/shadow``: uid 0 stays in the sandbox and owns it; ``SYSTEM_SECRETS`` are hidden too."""
     home = outside_tmp / "home"
     files = {".aws/credentials": "[default]\naws_secret_access_key = CRED-aws\n", ".ssh/id_ed25519": "CRED-ssh\n",
              ".pgpass": "localhost:5432:*:me:CRED-pg\n", ".netrc": "machine api.wandb.ai password CRED-netrc\n",
-             ".config/nightlab/labs.toml": "# CRED-registry\n", ".bash_history": "export TOKEN=CRED-hist\n",
+             ".config/nightlab/labs.toml": f'# CRED-registry\n[[lab]]\nname = "other"\npath = "{outside_tmp}/other"\n',
+             ".bash_history": "export TOKEN=CRED-hist\n",
              ".config/extra/token": "CRED-extra\n", ".agentcfg/settings.json": "agent-config-ok\n"}
     for rel, text in files.items():
         (home / rel).parent.mkdir(parents=True, exist_ok=True)
         (home / rel).write_text(text)
     monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("NIGHTLAB_REGISTRY", raising=False)
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    other = outside_tmp / "other" / "holdout" / "labels.csv"  # a lab the user follows (`nightlab labs add`)
+    other.parent.mkdir(parents=True)
+    other.write_text("CRED-otherlab\n")
     script = outside_tmp / "creds.py"
     script.write_text(CREDENTIAL_AGENT)
     sock_dir, server = None, None
@@ -273,7 +280,7 @@ def test_an_agent_researcher_cannot_read_the_users_credentials_or_reach_the_host
 
             threading.Thread(target=serve, daemon=True).start()
         spec = SPEC.replace('[researcher]\nkind = "scripted"\n',
-                            f'[researcher]\nkind = "agent"\ncommand = "{sys.executable} {script} {sock}"\n'
+                            f'[researcher]\nkind = "agent"\ncommand = "{sys.executable} {script} {sock} {other}"\n'
                             f'sandbox = "required"\ntimeout_s = 60\n{extra}')
         lab = make(outside_tmp, spec=spec)
         eng = Engine(lab, tag="t", sandbox_mode=MODE, max_experiments=1)

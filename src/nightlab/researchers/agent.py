@@ -290,6 +290,7 @@ class AgentResearcher:
             if not any(Path(raw).is_relative_to(q) for q in runtime):
                 runtime.append(Path(raw))
         hidden += [*self.extra_hidden, *runtime]
+        hidden += self._other_labs()
         readonly = [prompt_file]
         resolv = Path(os.path.realpath("/etc/resolv.conf"))
         if resolv != Path("/etc/resolv.conf") and resolv.is_file():
@@ -298,6 +299,26 @@ class AgentResearcher:
         # host_root: the agent needs its CLI and its config, wherever they are installed
         return sandbox.SandboxPolicy(mode=self.mode, network=True, writable=tuple(writable),
                                      readonly=tuple(readonly), hidden=tuple(hidden), host_root=True)
+
+    def _other_labs(self) -> list[Path]:
+        """The lab registry (wherever ``$NIGHTLAB_REGISTRY`` puts it) and every other lab it lists: their
+        ledgers, holdout files and candidates are none of this agent's business. A lab that holds this one
+        has only its ``.nightlab`` hidden."""
+        from nightlab.errors import UsageError
+        from nightlab.labs import Registry
+
+        try:
+            reg = Registry()
+            entries = reg.labs
+        except (UsageError, OSError):  # an unreadable registry lists nothing; `nightlab labs` says why
+            return []
+        out = [reg.path]
+        for e in entries:
+            other = Path(os.path.realpath(os.path.expanduser(e.path)))
+            if other == self.lab_dir:
+                continue
+            out.append(other / ".nightlab" if self.lab_dir.is_relative_to(other) else other)
+        return out
 
     def change(self, worktree: Path, parent: str) -> tuple[str, list[str]]:
         """(diff relative to the lab folder, repo paths changed outside it), computed from outside."""
