@@ -66,6 +66,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import tempfile
 import time
@@ -132,6 +133,20 @@ SYSTEM_SECRETS = ("/etc/shadow", "/etc/gshadow", "/etc/shadow-", "/etc/gshadow-"
                   "/etc/letsencrypt", "/etc/kubernetes", "/etc/rancher", "/etc/wireguard",
                   "/etc/NetworkManager/system-connections", "/etc/credstore", "/etc/credstore.encrypted",
                   "/etc/sudoers.d")
+# What an agent could leave in its own writable config to run code, or steer an agent, outside the sandbox
+# later (hooks, MCP servers, custom commands and subagents, standing instructions): under bubblewrap the
+# ones that exist are bound read-only, and after every run each is put back as it was (a new one removed).
+CONFIG_PROTECTED = ("~/.claude/settings.json", "~/.claude/settings.local.json", "~/.claude/CLAUDE.md",
+                    "~/.claude/commands", "~/.claude/agents", "~/.claude/hooks", "~/.claude/plugins",
+                    "~/.claude/skills", "~/.claude/output-styles", "~/.codex/config.toml", "~/.codex/AGENTS.md",
+                    "~/.codex/AGENTS.override.md", "~/.codex/instructions.md", "~/.codex/prompts",
+                    "~/.codex/skills", "~/.aider.conf.yml", "~/.aider.model.settings.yml",
+                    "~/.aider.model.metadata.json")
+# Claude Code writes its state to ~/.claude.json, so it stays writable; its MCP servers (commands Claude Code
+# starts in every later session) are put back after every run.
+CLAUDE_STATE = "~/.claude.json"
+_SNAPSHOT_MAX = 32 * 2**20  # bytes of a protected folder kept to put it back; beyond, it is only bound read-only
+
 # Host folders of sockets and runtime state: the Docker and containerd sockets (root on the host), the
 # D-Bus buses, PostgreSQL's socket (peer authentication as the user: the ledger), ssh-agent and gpg-agent
 # sockets under $XDG_RUNTIME_DIR. A read-only bind does not stop connect() on a socket, so they are hidden.
@@ -291,7 +306,7 @@ class AgentResearcher:
                 runtime.append(Path(raw))
         hidden += [*self.extra_hidden, *runtime]
         hidden += self._other_labs()
-        readonly = [prompt_file]
+        readonly = [prompt_file, *(p for p in self._protected() if p.exists())]
         resolv = Path(os.path.realpath("/etc/resolv.conf"))
         if resolv != Path("/etc/resolv.conf") and resolv.is_file():
             readonly.append(resolv)
@@ -299,6 +314,71 @@ class AgentResearcher:
         # host_root: the agent needs its CLI and its config, wherever they are installed
         return sandbox.SandboxPolicy(mode=self.mode, network=True, writable=tuple(writable),
                                      readonly=tuple(readonly), hidden=tuple(hidden), host_root=True)
+
+    def _protected(self) -> list[Path]:
+        """The CONFIG_PROTECTED paths inside what the agent may write."""
+        roots = [Path(os.path.realpath(p)) for p in self.extra_writable if p.exists()]
+        out = []
+        for raw in CONFIG_PROTECTED:
+            path = Path(os.path.expanduser(raw))
+            real = Path(os.path.realpath(path))
+            if any(real.is_relative_to(r) for r in roots):
+                out.append(path)
+        return out
+
+    def _snapshot(self) -> dict[Path, Any]:
+        """What to put back after the run: each protected path's bytes (a folder: its files'), None when
+        absent; and the MCP servers in ~/.claude.json."""
+        snap: dict[Path, Any] = {}
+        for path in self._protected():
+            if path.is_symlink() or path.is_file():
+                snap[path] = path.read_bytes() if path.is_file() else None
+            elif path.is_dir():
+                files = {f.relative_to(path): f for f in path.rglob("*") if f.is_file() and not f.is_symlink()}
+                if sum(f.stat().st_size for f in files.values()) <= _SNAPSHOT_MAX:
+                    snap[path] = {rel: f.read_bytes() for rel, f in files.items()}
+            else:
+                snap[path] = None
+        state = Path(os.path.expanduser(CLAUDE_STATE))
+        if any(state == p or Path(os.path.realpath(state)) == Path(os.path.realpath(p)) for p in self.extra_writable):
+            snap[state] = _mcp_servers(state)
+        return snap
+
+    def _put_back(self, snap: dict[Path, Any], sandboxed: bool) -> list[str]:
+        """Undo the agent's changes to the protected paths; the paths it had changed. Under bubblewrap the
+        ones that existed were read-only to it, so only new ones are removed (an edit the user made
+        meanwhile stays)."""
+        undone = []
+        state = Path(os.path.expanduser(CLAUDE_STATE))
+        for path, before in snap.items():
+            if path == state:
+                if _mcp_servers(state) != before and _restore_mcp_servers(state, before):
+                    undone.append(f"{CLAUDE_STATE} (mcpServers)")
+                continue
+            if sandboxed and before is not None:
+                continue
+            if isinstance(before, dict):  # a folder: its files as they were, nothing more
+                now = {f.relative_to(path): f for f in path.rglob("*") if f.is_file() or f.is_symlink()} \
+                    if path.is_dir() and not path.is_symlink() else None
+                if now is not None and {k: v.read_bytes() if v.is_file() and not v.is_symlink() else None
+                                        for k, v in now.items()} == before:
+                    continue
+                _remove(path)
+                for rel, data in before.items():
+                    (path / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (path / rel).write_bytes(data)
+                path.mkdir(parents=True, exist_ok=True)
+            elif before is None:
+                if not (path.exists() or path.is_symlink()):
+                    continue
+                _remove(path)
+            else:
+                if path.is_file() and not path.is_symlink() and path.read_bytes() == before:
+                    continue
+                _remove(path)
+                path.write_bytes(before)
+            undone.append(str(path))
+        return undone
 
     def _other_labs(self) -> list[Path]:
         """The lab registry (wherever ``$NIGHTLAB_REGISTRY`` puts it) and every other lab it lists: their
@@ -350,12 +430,21 @@ class AgentResearcher:
         wt = self.ws.add_worktree(name, ctx.parent)
         prompt_file = self.ws.worktrees_dir / f"{name}.prompt.md"
         log = self.ws.worktrees_dir / f"{name}.log"
+        snap = self._snapshot()
+        undone: list[str] = []
         try:
             prompt_file.write_text(prompt.user, encoding="utf-8")
             cmd = self.command(prompt_file, prompt.user, sorted(ctx.files))
             env = {**self.environment(), "NIGHTLAB_EXPERIMENT": str(ctx.idx), "PYTHONUNBUFFERED": "1"}
-            res = sandbox.run(cmd, cwd=self.ws.lab_in(wt), env=env, policy=self.policy(wt, prompt_file),
-                              timeout_s=self.o.timeout_s, log_path=log)
+            try:
+                res = sandbox.run(cmd, cwd=self.ws.lab_in(wt), env=env, policy=self.policy(wt, prompt_file),
+                                  timeout_s=self.o.timeout_s, log_path=log)
+            finally:
+                undone = self._put_back(snap, self.mode == "bwrap")
+            if undone:  # in the transcript the human reads, and in agent.json
+                with open(log, "a", encoding="utf-8") as f:
+                    f.write("\n[nightlab] the agent changed its own configuration; put back as it was: "
+                            + ", ".join(undone) + "\n")
             transcript = redact(sandbox.tail(log, 100000, max_bytes=4_000_000), self.secrets)
             t_in, t_out, t_cached, cost, final = parse_usage(transcript)
             if cost is None:
@@ -367,7 +456,7 @@ class AgentResearcher:
                 p.unlink(missing_ok=True)
         usage = Usage(t_in, t_out, t_cached, cost, time.monotonic() - t0)
         meta = {"command": cmd, "exit_code": res.exit_code, "timed_out": res.timed_out,
-                "sandbox": res.sandbox, "seconds": round(res.wall_s, 3)}
+                "sandbox": res.sandbox, "seconds": round(res.wall_s, 3), "config_put_back": undone}
         artifacts = {"prompt.txt": prompt.text(), "transcript.txt": transcript,
                      "agent.json": json.dumps(meta, indent=2)}
         params: dict[str, Any] = {"exit_code": res.exit_code}
@@ -390,6 +479,54 @@ class AgentResearcher:
 
     def close(self) -> None:
         pass
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _mcp_servers(state: Path) -> Any:
+    """The MCP servers in Claude Code's state file: the user's and each project's; None when unreadable."""
+    try:
+        data = json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    projects = data.get("projects")
+    if not isinstance(projects, dict):
+        projects = {}
+    return {"": data.get("mcpServers"),
+            **{k: v.get("mcpServers") for k, v in projects.items() if isinstance(v, dict)}}
+
+
+def _restore_mcp_servers(state: Path, before: Any) -> bool:
+    """Put the MCP servers back as ``before`` (atomically, keeping the rest of the state). True when done."""
+    try:
+        data = json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = None
+    if not isinstance(data, dict):
+        return False
+    before = before or {}
+
+    def put(obj: dict[str, Any], value: Any) -> None:
+        if value is None:
+            obj.pop("mcpServers", None)
+        else:
+            obj["mcpServers"] = value
+
+    put(data, before.get(""))
+    for name, proj in (data.get("projects") or {}).items():
+        if isinstance(proj, dict):
+            put(proj, before.get(name))
+    tmp = state.with_name(state.name + ".nightlab-tmp")
+    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    os.replace(tmp, state)
+    return True
 
 
 def create(options: Options, spec: Spec, lab_dir: Path) -> AgentResearcher:
