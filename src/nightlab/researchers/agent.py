@@ -142,9 +142,13 @@ CONFIG_PROTECTED = ("~/.claude/settings.json", "~/.claude/settings.local.json", 
                     "~/.codex/AGENTS.override.md", "~/.codex/instructions.md", "~/.codex/prompts",
                     "~/.codex/skills", "~/.aider.conf.yml", "~/.aider.model.settings.yml",
                     "~/.aider.model.metadata.json")
-# Claude Code writes its state to ~/.claude.json, so it stays writable; its MCP servers (commands Claude Code
-# starts in every later session) are put back after every run.
+# Claude Code writes its state to ~/.claude.json, so it stays writable; what in it starts commands or grants
+# permissions in later sessions (MCP servers, allowed tools, trusted folders), at the top and per project,
+# is put back after every run.
 CLAUDE_STATE = "~/.claude.json"
+CLAUDE_STATE_KEYS = ("mcpServers", "allowedTools", "enabledMcpjsonServers", "disabledMcpjsonServers",
+                     "enableAllProjectMcpServers", "hasTrustDialogAccepted", "ignorePatterns", "env", "hooks",
+                     "permissions", "apiKeyHelper", "customApiKeyResponses")
 _SNAPSHOT_MAX = 32 * 2**20  # bytes of a protected folder kept to put it back; beyond, it is only bound read-only
 
 # Host folders of sockets and runtime state: the Docker and containerd sockets (root on the host), the
@@ -353,7 +357,7 @@ class AgentResearcher:
         for path, before in snap.items():
             if path == state:
                 if _mcp_servers(state) != before and _restore_mcp_servers(state, before):
-                    undone.append(f"{CLAUDE_STATE} (mcpServers)")
+                    undone.append(f"{CLAUDE_STATE} (MCP servers, permissions)")
                 continue
             if sandboxed and before is not None:
                 continue
@@ -489,7 +493,8 @@ def _remove(path: Path) -> None:
 
 
 def _mcp_servers(state: Path) -> Any:
-    """The MCP servers in Claude Code's state file: the user's and each project's; None when unreadable."""
+    """The CLAUDE_STATE_KEYS of Claude Code's state file, the user's and each project's (absent keys left
+    out); None when unreadable."""
     try:
         data = json.loads(state.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -499,12 +504,16 @@ def _mcp_servers(state: Path) -> Any:
     projects = data.get("projects")
     if not isinstance(projects, dict):
         projects = {}
-    return {"": data.get("mcpServers"),
-            **{k: v.get("mcpServers") for k, v in projects.items() if isinstance(v, dict)}}
+
+    def keys(obj: dict[str, Any]) -> dict[str, Any]:
+        return {k: obj[k] for k in CLAUDE_STATE_KEYS if k in obj}
+
+    return {"": keys(data), **{k: keys(v) for k, v in projects.items() if isinstance(v, dict)}}
 
 
 def _restore_mcp_servers(state: Path, before: Any) -> bool:
-    """Put the MCP servers back as ``before`` (atomically, keeping the rest of the state). True when done."""
+    """Put the CLAUDE_STATE_KEYS back as ``before`` (atomically, keeping the rest of the state). True when
+    done."""
     try:
         data = json.loads(state.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -514,10 +523,9 @@ def _restore_mcp_servers(state: Path, before: Any) -> bool:
     before = before or {}
 
     def put(obj: dict[str, Any], value: Any) -> None:
-        if value is None:
-            obj.pop("mcpServers", None)
-        else:
-            obj["mcpServers"] = value
+        for k in CLAUDE_STATE_KEYS:
+            obj.pop(k, None)
+        obj.update(value or {})
 
     put(data, before.get(""))
     for name, proj in (data.get("projects") or {}).items():
