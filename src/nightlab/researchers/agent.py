@@ -321,31 +321,33 @@ class AgentResearcher:
 
     def _protected(self) -> list[Path]:
         """The CONFIG_PROTECTED paths inside what the agent may write."""
-        roots = [Path(os.path.realpath(p)) for p in self.extra_writable if p.exists()]
+        roots = [r for p in self.extra_writable if p.exists() for r in (p, Path(os.path.realpath(p)))]
         out = []
         for raw in CONFIG_PROTECTED:
-            path = Path(os.path.expanduser(raw))
-            real = Path(os.path.realpath(path))
-            if any(real.is_relative_to(r) for r in roots):
+            path = Path(os.path.expanduser(raw))  # where it is, or where a link there points (dotfiles)
+            if any(q.is_relative_to(r) for q in (path, Path(os.path.realpath(path))) for r in roots):
                 out.append(path)
         return out
 
     def _snapshot(self) -> dict[Path, Any]:
-        """What to put back after the run: each protected path's bytes (a folder: its files'), None when
-        absent; and the MCP servers in ~/.claude.json."""
+        """What to put back after the run: each protected path as ``("absent",)``, ``("file", bytes)``,
+        ``("link", target, bytes or None)`` or ``("dir", {relative path: bytes})``; and ~/.claude.json's
+        CLAUDE_STATE_KEYS with its bytes."""
         snap: dict[Path, Any] = {}
         for path in self._protected():
-            if path.is_symlink() or path.is_file():
-                snap[path] = path.read_bytes() if path.is_file() else None
+            if path.is_symlink():
+                snap[path] = ("link", os.readlink(path), path.read_bytes() if path.is_file() else None)
+            elif path.is_file():
+                snap[path] = ("file", path.read_bytes())
             elif path.is_dir():
                 files = {f.relative_to(path): f for f in path.rglob("*") if f.is_file() and not f.is_symlink()}
                 if sum(f.stat().st_size for f in files.values()) <= _SNAPSHOT_MAX:
-                    snap[path] = {rel: f.read_bytes() for rel, f in files.items()}
+                    snap[path] = ("dir", {rel: f.read_bytes() for rel, f in files.items()})
             else:
-                snap[path] = None
+                snap[path] = ("absent",)
         state = Path(os.path.expanduser(CLAUDE_STATE))
-        if any(state == p or Path(os.path.realpath(state)) == Path(os.path.realpath(p)) for p in self.extra_writable):
-            snap[state] = _mcp_servers(state)
+        if any(os.path.realpath(state) == os.path.realpath(p) for p in self.extra_writable):
+            snap[state] = ("state", _claude_state(state), state.read_bytes() if state.is_file() else None)
         return snap
 
     def _put_back(self, snap: dict[Path, Any], sandboxed: bool) -> list[str]:
@@ -353,34 +355,42 @@ class AgentResearcher:
         ones that existed were read-only to it, so only new ones are removed (an edit the user made
         meanwhile stays)."""
         undone = []
-        state = Path(os.path.expanduser(CLAUDE_STATE))
         for path, before in snap.items():
-            if path == state:
-                if _mcp_servers(state) != before and _restore_mcp_servers(state, before):
+            kind = before[0]
+            if kind == "state":
+                if _claude_state(path) != before[1] and _restore_claude_state(path, before[1], before[2]):
                     undone.append(f"{CLAUDE_STATE} (MCP servers, permissions)")
                 continue
-            if sandboxed and before is not None:
+            if sandboxed and kind != "absent":
                 continue
-            if isinstance(before, dict):  # a folder: its files as they were, nothing more
-                now = {f.relative_to(path): f for f in path.rglob("*") if f.is_file() or f.is_symlink()} \
-                    if path.is_dir() and not path.is_symlink() else None
-                if now is not None and {k: v.read_bytes() if v.is_file() and not v.is_symlink() else None
-                                        for k, v in now.items()} == before:
-                    continue
-                _remove(path)
-                for rel, data in before.items():
-                    (path / rel).parent.mkdir(parents=True, exist_ok=True)
-                    (path / rel).write_bytes(data)
-                path.mkdir(parents=True, exist_ok=True)
-            elif before is None:
+            if kind == "absent":
                 if not (path.exists() or path.is_symlink()):
                     continue
                 _remove(path)
-            else:
-                if path.is_file() and not path.is_symlink() and path.read_bytes() == before:
+            elif kind == "file":
+                if path.is_file() and not path.is_symlink() and path.read_bytes() == before[1]:
                     continue
                 _remove(path)
-                path.write_bytes(before)
+                path.write_bytes(before[1])
+            elif kind == "link":
+                same = path.is_symlink() and os.readlink(path) == before[1]
+                if same and (before[2] is None or (path.is_file() and path.read_bytes() == before[2])):
+                    continue
+                if not same:
+                    _remove(path)
+                    os.symlink(before[1], path)
+                if before[2] is not None:
+                    path.write_bytes(before[2])  # the user's file it points to
+            else:  # a folder: its files as they were, nothing more
+                if path.is_dir() and not path.is_symlink() and before[1] == {
+                        f.relative_to(path): (f.read_bytes() if f.is_file() and not f.is_symlink() else None)
+                        for f in path.rglob("*") if f.is_file() or f.is_symlink()}:
+                    continue
+                _remove(path)
+                path.mkdir(parents=True)
+                for rel, data in before[1].items():
+                    (path / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (path / rel).write_bytes(data)
             undone.append(str(path))
         return undone
 
@@ -492,7 +502,7 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _mcp_servers(state: Path) -> Any:
+def _claude_state(state: Path) -> Any:
     """The CLAUDE_STATE_KEYS of Claude Code's state file, the user's and each project's (absent keys left
     out); None when unreadable."""
     try:
@@ -511,29 +521,35 @@ def _mcp_servers(state: Path) -> Any:
     return {"": keys(data), **{k: keys(v) for k, v in projects.items() if isinstance(v, dict)}}
 
 
-def _restore_mcp_servers(state: Path, before: Any) -> bool:
-    """Put the CLAUDE_STATE_KEYS back as ``before`` (atomically, keeping the rest of the state). True when
-    done."""
+def _restore_claude_state(state: Path, before: Any, raw: bytes | None) -> bool:
+    """Put the CLAUDE_STATE_KEYS back as ``before``, keeping the rest of the state; a file the agent left
+    unreadable gets its old bytes back (or goes, if it did not exist). Atomic. True when done."""
     try:
         data = json.loads(state.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         data = None
     if not isinstance(data, dict):
-        return False
-    before = before or {}
+        if raw is None:
+            _remove(state)
+            return True
+        out = raw
+    else:
+        def put(obj: dict[str, Any], value: Any) -> None:
+            for k in CLAUDE_STATE_KEYS:
+                obj.pop(k, None)
+            obj.update(value or {})
 
-    def put(obj: dict[str, Any], value: Any) -> None:
-        for k in CLAUDE_STATE_KEYS:
-            obj.pop(k, None)
-        obj.update(value or {})
-
-    put(data, before.get(""))
-    for name, proj in (data.get("projects") or {}).items():
-        if isinstance(proj, dict):
-            put(proj, before.get(name))
-    tmp = state.with_name(state.name + ".nightlab-tmp")
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    os.replace(tmp, state)
+        before = before or {}
+        put(data, before.get(""))
+        for name, proj in (data.get("projects") or {}).items():
+            if isinstance(proj, dict):
+                put(proj, before.get(name))
+        out = json.dumps(data, indent=2).encode()
+    real = Path(os.path.realpath(state))  # a dotfiles symlink stays a symlink
+    fd, tmp = tempfile.mkstemp(dir=real.parent, prefix=real.name + ".", suffix=".nightlab")
+    with os.fdopen(fd, "wb") as f:
+        f.write(out)
+    os.replace(tmp, real)
     return True
 
 
