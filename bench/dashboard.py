@@ -143,7 +143,9 @@ def main() -> int:
         f"filled {args.n} experiments in {time.perf_counter() - t:.1f} s ({db.stat().st_size / 1e6:.0f} MB)"
     )
     t = time.perf_counter()
-    client = TestClient(create_app(ledger, None), base_url="http://127.0.0.1:8765")
+    app = create_app(ledger, None)
+    client = TestClient(app, base_url="http://127.0.0.1:8765",
+                        cookies={"nightlab_token": app.state.access.token})  # as after the printed URL
     client.__enter__()  # runs the app's lifespan, as uvicorn does: it warms the newest sessions' aggregates
     print(f"server start (lifespan, caches warmed): {(time.perf_counter() - t) * 1000:.0f} ms")
     mid, last = args.n // 2, args.n - 1

@@ -99,6 +99,15 @@ def nightlab_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "nightlab", *args]
 
 
+def dashboard_client(app: object, base_url: str = "http://127.0.0.1", **kw: object):  # type: ignore[no-untyped-def]
+    """A test client of a dashboard app that opened the printed URL: it carries the token cookie (every
+    request needs the token; acting needs it in the header too, which a test sends itself)."""
+    from fastapi.testclient import TestClient
+
+    return TestClient(app, base_url=base_url, cookies={"nightlab_token": app.state.access.token},  # type: ignore
+                      **kw)
+
+
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")

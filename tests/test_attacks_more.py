@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from tests.conftest import cli_env, git, nightlab_cmd
+from tests.conftest import cli_env, dashboard_client, git, nightlab_cmd
 from tests.test_attacks_eval import EVALUATE, MODE, SPEC, make, needs_bwrap, session, target
 
 from nightlab.engine import Engine
@@ -576,7 +576,6 @@ def test_a_researchers_markup_is_inert_on_the_dashboard_and_the_report(tmp_path)
     dashboard page and API answer that shows them and in the HTML report (a script there could press
     "approve" on the approvals page), and the pages forbid inline scripts."""
     pytest.importorskip("httpx")
-    from fastapi.testclient import TestClient
 
     from nightlab.ledger import Ledger
     from nightlab.report import pick_session, render_html
@@ -592,7 +591,7 @@ def test_a_researchers_markup_is_inert_on_the_dashboard_and_the_report(tmp_path)
     ])
     led = Ledger.for_lab(lab)
     try:
-        c = TestClient(create_app(led, lab, Access.make("127.0.0.1", "tok-x")), base_url="http://127.0.0.1:8765")
+        c = dashboard_client(create_app(led, lab, Access.make("127.0.0.1", "tok-x")), base_url="http://127.0.0.1:8765")
         urls = ["/", "/s/t", "/s/t/fragment/table", "/s/t/fragment/summary", "/s/t/fragment/chart", "/s/t/e/1",
                 "/s/t/e/2", "/audit", "/approvals", "/s/t/costs"]
         seen = 0

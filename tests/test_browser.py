@@ -88,9 +88,11 @@ def browser() -> Iterator[object]:
 
 
 @pytest.fixture
-def page(browser):  # type: ignore[no-untyped-def]
+def page(browser, server):  # type: ignore[no-untyped-def]
     # bypass_csp: Playwright's wait_for_function evaluates strings, which the dashboard's CSP forbids
     ctx = browser.new_context(viewport={"width": 1280, "height": 900}, bypass_csp=True)
+    # as after opening the URL `nightlab ui` printed (?token=…): the cookie (test_approve_button… opens it)
+    ctx.add_cookies([{"name": "nightlab_token", "value": ACCESS.token, "url": server[0]}])
     pg = ctx.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
@@ -158,19 +160,17 @@ def test_approve_button_answers_the_waiting_request(server, page):
         ledger, s.id, 42, "keep", diff="--- a/t\n+++ b/t\n@@ -1 +1 @@\n-a\n+b\n", rationale="keep this?"
     )
     other = approvals.request(ledger, s.id, 43, "run", rationale="and this?")
-    # a local process (an agent researcher has the network) reads the queue over real HTTP, finds no token
+    # a local process (an agent researcher has the network) gets nothing over real HTTP without the token
+    import urllib.error
     import urllib.request
 
-    raw = urllib.request.urlopen(f"{url}/approvals", timeout=10).read().decode()
-    assert f'id="approval-{aid}"' in raw and ACCESS.token not in raw
-    # the dashboard opened without the printed URL's token: it reads, but its buttons cannot act
-    page.goto(f"{url}/approvals")
-    card = page.locator(f"#approval-{aid}")
-    card.locator("button.approve").click()
-    page.wait_for_function(f"document.querySelector('#approval-{aid} .result').textContent.includes('?token=')")
-    assert approvals.get(ledger, aid)["status"] == "pending"  # type: ignore[index]
+    with pytest.raises(urllib.error.HTTPError) as denied:
+        urllib.request.urlopen(f"{url}/approvals", timeout=10)
+    assert denied.value.code == 401 and ACCESS.token not in denied.value.read().decode()
+    page.context.clear_cookies()
     page.goto(f"{url}/approvals?token={ACCESS.token}")  # the printed URL: a cookie, then the page's token
     assert page.url == f"{url}/approvals"  # the token left the address bar
+    card = page.locator(f"#approval-{aid}")
     card.locator("input.why").fill("looks right")
     card.locator("button.approve").click()
     page.wait_for_function(f"document.getElementById('approval-{aid}').dataset.status === 'approved'")

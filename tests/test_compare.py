@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from tests.conftest import SPEC, cli_env, nightlab_cmd
+from tests.conftest import SPEC, cli_env, dashboard_client, nightlab_cmd
 
 from nightlab import compare as cmp
 from nightlab.errors import UsageError
@@ -132,12 +132,11 @@ def test_compare_finds_the_better_program_md_with_real_sessions(make_lab, fake_k
     assert data["winner"] == "hint" and {a["name"] for a in data["arms"]} == {"base", "hint"}
     # the dashboard's comparison pages
     pytest.importorskip("fastapi")
-    from fastapi.testclient import TestClient
 
     from nightlab.web.app import create_app
 
     with Ledger.for_lab(lab) as led:
-        client = TestClient(create_app(led, lab), base_url="http://127.0.0.1")
+        client = dashboard_client(create_app(led, lab), base_url="http://127.0.0.1")
         listing = client.get("/compare")
         assert listing.status_code == 200 and 'href="/compare/pm"' in listing.text
         page = client.get("/compare/pm")

@@ -6,7 +6,7 @@ import re
 import subprocess
 
 import pytest
-from tests.conftest import SPEC, TARGET_PY, cli_env, nightlab_cmd
+from tests.conftest import SPEC, TARGET_PY, cli_env, dashboard_client, nightlab_cmd
 
 from nightlab.constraints import broken, parse, parse_all
 from nightlab.engine import Engine
@@ -83,7 +83,6 @@ def test_a_better_run_that_breaks_a_constraint_is_discarded(make_lab):
 
 def test_the_session_page_draws_a_pareto_view(make_lab):
     pytest.importorskip("fastapi")
-    from fastapi.testclient import TestClient
 
     from nightlab.ledger import Ledger
     from nightlab.web.app import create_app
@@ -97,7 +96,7 @@ def test_the_session_page_draws_a_pareto_view(make_lab):
     eng.run()
     eng.close()
     with Ledger.for_lab(lab) as led:
-        client = TestClient(create_app(led, lab, Access.make("127.0.0.1", "tok")), base_url="http://127.0.0.1")
+        client = dashboard_client(create_app(led, lab, Access.make("127.0.0.1", "tok")), base_url="http://127.0.0.1")
         full = client.get("/s/pa?pareto=mem").text
         assert 'id="pareto"' in full and "<b>mem</b>" in full
         page = full[full.index('class="nl-pareto"'):]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from tests._cli import nl
-from tests.conftest import SPEC, TARGET_PY, cli_env, commit_all, git, nightlab_cmd
+from tests.conftest import SPEC, TARGET_PY, cli_env, commit_all, dashboard_client, git, nightlab_cmd
 
 from nightlab import approvals
 from nightlab.engine import Engine
@@ -175,7 +175,6 @@ def test_the_home_page_shows_every_lab_and_answers_the_inbox(three_labs):
 
 
 def test_the_home_inbox_keeps_the_dashboards_access_rules(three_labs):
-    from fastapi.testclient import TestClient
 
     from nightlab import approvals
     from nightlab.web.home import create_home_app
@@ -187,7 +186,7 @@ def test_the_home_inbox_keeps_the_dashboards_access_rules(three_labs):
     with Ledger.for_lab(labs["waiting"]) as led:
         pend = approvals.pending(led)
     try:
-        c = TestClient(app, base_url="http://127.0.0.1")
+        c = dashboard_client(app, base_url="http://127.0.0.1")
         inbox = c.get("/api/labs/inbox").json()["pending"]
         assert all(a["id"].startswith(a["lab"] + "-") for a in inbox)
         if not pend:  # the browser test may have answered it already: still check the rules on a made-up id
@@ -199,7 +198,7 @@ def test_the_home_inbox_keeps_the_dashboards_access_rules(three_labs):
         assert r.status_code == 403 and "cross-origin" in r.json()["detail"]
         r = c.post(url, json=body, headers={"X-Nightlab-Token": "s3cret-token", "Sec-Fetch-Site": "cross-site"})
         assert r.status_code == 403
-        assert TestClient(app, base_url="http://evil.example").get("/").status_code == 421  # DNS rebinding
+        assert dashboard_client(app, base_url="http://evil.example").get("/").status_code == 421  # DNS rebinding
         assert c.post("/api/labs/nope/approvals/1", json=body,
                       headers={"X-Nightlab-Token": "s3cret-token"}).status_code == 404
     finally:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from tests.conftest import GIT_ENV, SRC, git
+from tests.conftest import GIT_ENV, SRC, dashboard_client, git
 
 from nightlab.cli.read import show
 from nightlab.console import PlainReporter
@@ -173,12 +173,11 @@ def test_report_crash_count_matches_the_charts_crash_marks(mixed: tuple[Ledger, 
 def test_dashboard_pages_answer_html_404_and_the_api_json(mixed: tuple[Ledger, str]) -> None:
     pytest.importorskip("fastapi")
     pytest.importorskip("httpx")
-    from fastapi.testclient import TestClient
 
     from nightlab.web.app import create_app
 
     led, _ = mixed
-    client = TestClient(create_app(led), base_url="http://127.0.0.1")
+    client = dashboard_client(create_app(led), base_url="http://127.0.0.1")
     for path, words in [("/s/nosuch", "no session 'nosuch'"), ("/s/m/e/999", "no experiment 999"),
                         ("/s/m/e/abc", "no page at /s/m/e/abc"), ("/s/nosuch/costs", "no session"),
                         ("/nowhere", "no page at /nowhere")]:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from tests.conftest import dashboard_client
 
 from conftest import SPEC, cli_env, commit_all, git
 
@@ -46,7 +47,6 @@ def _worker_diff(lab: Path, tmp: Path, change: Callable[[Path], object], *args: 
 
 @pytest.fixture
 def pool(make_lab) -> Iterator[tuple]:
-    from starlette.testclient import TestClient
 
     from nightlab.pool.serve import open_pool
     from nightlab.web.app import create_app
@@ -54,7 +54,7 @@ def pool(make_lab) -> Iterator[tuple]:
     lab = make_lab(spec=SPEC + POOL)
     engine, host, _ = open_pool(lab, sandbox_mode="none")
     try:
-        yield lab, host, TestClient(create_app(host.ledger, host.lab_dir, pool=host), base_url="http://127.0.0.1")
+        yield lab, host, dashboard_client(create_app(host.ledger, host.lab_dir, pool=host), base_url="http://127.0.0.1")
     finally:
         engine.close()
         host.ledger.close()
@@ -519,7 +519,6 @@ def test_a_hosts_text_reaches_the_workers_terminal_escaped_and_its_head_names_no
 def test_git_files_are_refused_even_where_everything_is_editable(make_lab) -> None:
     """With ``[files] editable = [".*"]`` a claim could otherwise add a ``.gitattributes`` naming a filter of the
     host's git config (git-lfs, with a ``.lfsconfig`` pointing at the worker's server) or a ``.gitmodules``."""
-    from starlette.testclient import TestClient
 
     from nightlab.pool import store
     from nightlab.pool.serve import open_pool
@@ -529,7 +528,7 @@ def test_git_files_are_refused_even_where_everything_is_editable(make_lab) -> No
                    files={".keep": "x\n", "sub/.keep": "x\n"})
     engine, host, _ = open_pool(lab, sandbox_mode="none")
     try:
-        c = TestClient(create_app(host.ledger, host.lab_dir, pool=host), base_url="http://127.0.0.1")
+        c = dashboard_client(create_app(host.ledger, host.lab_dir, pool=host), base_url="http://127.0.0.1")
         head = host.head()
         token = store.invite(host.ledger, "main", "mallory")
         for name, text in ((".gitattributes", "* filter=lfs\n"), (".lfsconfig", "[lfs]\n\turl = http://evil/\n"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from tests.conftest import dashboard_client
 
 from nightlab.pool import trust
 from nightlab.spec import PoolSpec
@@ -288,11 +289,10 @@ def pool_lab(make_lab):
 
 
 def _client(host):
-    from starlette.testclient import TestClient
 
     from nightlab.web.app import create_app
 
-    return TestClient(create_app(host.ledger, host.lab_dir, pool=host), base_url="http://127.0.0.1")
+    return dashboard_client(create_app(host.ledger, host.lab_dir, pool=host), base_url="http://127.0.0.1")
 
 
 def _auth(token: str) -> dict[str, str]:
@@ -569,11 +569,10 @@ def test_verification_session_accepts_contradicts_and_quarantines(make_lab, tmp_
     assert gains == sorted(gains, reverse=True) and {w["worker"] for w in ranked if w["verified_gain_pct"] > 0} == \
         {"alice", "carol", "frank"}
     # `nightlab ui` of the lab shows the pool's page too, linked from the navigation
-    from starlette.testclient import TestClient
 
     from nightlab.web.app import create_app
 
-    ui = TestClient(create_app(led, pool_lab), base_url="http://127.0.0.1")
+    ui = dashboard_client(create_app(led, pool_lab), base_url="http://127.0.0.1")
     page = ui.get("/pool").text
     assert 'href="/pool"' in ui.get("/").text
     assert "alice" in page and "carol" in page and f"/s/pool-main/e/{ca.experiment}" in page
@@ -702,7 +701,6 @@ def test_pool_serve_process_verifies_a_claim_over_http(pool_lab) -> None:
 
 
 def test_the_pool_page_of_a_lab_without_a_pool_creates_nothing(make_lab) -> None:
-    from starlette.testclient import TestClient
 
     from nightlab.ledger import Ledger
     from nightlab.pool import store
@@ -710,7 +708,7 @@ def test_the_pool_page_of_a_lab_without_a_pool_creates_nothing(make_lab) -> None
 
     lab = make_lab()
     with Ledger.for_lab(lab) as led:
-        ui = TestClient(create_app(led, lab), base_url="http://127.0.0.1")
+        ui = dashboard_client(create_app(led, lab), base_url="http://127.0.0.1")
         assert 'href="/pool"' not in ui.get("/").text
         page = ui.get("/pool")
         assert page.status_code == 200 and "No worker has joined" in page.text

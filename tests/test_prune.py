@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from tests.conftest import SPEC
+from tests.conftest import SPEC, dashboard_client
 
 from nightlab.cli.read import status as status_cmd
 from nightlab.engine import Engine
@@ -158,7 +158,6 @@ def test_resume_judges_new_runs_against_the_stored_curves(make_lab):
                                                  catch_exceptions=False)
     assert r.exit_code == 0 and "1 run(s) stopped early" in r.output and "pruned 1" in r.output, r.output
     pytest.importorskip("fastapi")
-    from fastapi.testclient import TestClient
 
     from nightlab.report import render_html
     from nightlab.web.app import create_app
@@ -169,7 +168,7 @@ def test_resume_judges_new_runs_against_the_stored_curves(make_lab):
         assert s is not None
         html = render_html(led, s)
         assert 'id="pruning"' in html and "saved" in html
-        client = TestClient(create_app(led, lab, Access.make("127.0.0.1", "tok")), base_url="http://127.0.0.1")
+        client = dashboard_client(create_app(led, lab, Access.make("127.0.0.1", "tok")), base_url="http://127.0.0.1")
         page = client.get("/s/rs").text
         assert 'id="pruning"' in page and "1 run stopped early" in page
         exp = client.get("/s/rs/e/2").text

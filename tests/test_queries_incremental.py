@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+from tests.conftest import dashboard_client
 
 from nightlab import queries
 from nightlab.ledger import Ledger
@@ -105,7 +106,6 @@ def test_a_recreated_ledger_at_the_same_path_is_not_served_the_old_sums(tmp_path
 
 def test_the_dashboard_builds_the_newest_sessions_aggregates_before_its_first_request(tmp_path: Path):
     # at 100k experiments the first session page after the server started took 2.2 s building them
-    from fastapi.testclient import TestClient
 
     from nightlab.web.app import create_app
 
@@ -125,7 +125,7 @@ def test_the_dashboard_builds_the_newest_sessions_aggregates_before_its_first_re
 
         app = create_app(ledger, None)
         assert cached() == set()  # nothing is read when the app is built (tests and `ui --home` build many)
-        with TestClient(app, base_url="http://127.0.0.1:8765") as client:  # the lifespan: as uvicorn starts it
+        with dashboard_client(app, base_url="http://127.0.0.1:8765") as client:  # the lifespan: as uvicorn starts it
             assert {"chart_rows", "timing", "researchers"} <= cached()
             assert any(name.startswith("pareto:") for name in cached())
             assert client.get("/s/t").status_code == 200

@@ -11,6 +11,7 @@ import types
 from pathlib import Path
 
 import pytest
+from tests.conftest import dashboard_client
 
 pytest.importorskip("fastapi", reason="the ui extra is not installed")
 pytest.importorskip("httpx", reason="httpx (TestClient) is not installed")
@@ -45,7 +46,7 @@ def ledger(lab: Path):
 
 @pytest.fixture
 def client(lab: Path, ledger: Ledger) -> TestClient:
-    return TestClient(create_app(ledger, lab, Access.make("127.0.0.1", "tok-123")), base_url=BASE)
+    return dashboard_client(create_app(ledger, lab, Access.make("127.0.0.1", "tok-123")), base_url=BASE)
 
 
 def pages(ledger: Ledger) -> list[str]:
@@ -195,7 +196,7 @@ def test_a_new_experiment_is_seen_through_the_cursor(lab: Path, tmp_path: Path):
         researcher="scripted",
     )
     src.close()
-    c = TestClient(create_app(led, None), base_url=BASE)
+    c = dashboard_client(create_app(led, None), base_url=BASE)
     assert client_cursor(c) == -1
     eid = led.start_experiment(
         s.id, idx=0, parent_commit="p", seed=0, candidate=None, description="baseline", propose_s=0.0
@@ -222,19 +223,19 @@ def test_approve_needs_the_token_and_same_origin(client: TestClient, ledger: Led
     aid = approvals.request(
         ledger, s.id, 9, "run", diff="--- a/t\n+++ b/t\n@@ -1 +1 @@\n-a\n+b\n", rationale="ok?"
     )
-    # on loopback anyone may read, but the page carries the token only to a browser that opened the
-    # printed URL (…?token=…, which sets the cookie): a local process — an agent researcher has the
-    # network — reads the queue and cannot lift the token from it to approve its own run
-    html = client.get("/approvals").text
-    assert f'id="approval-{aid}"' in html and 'name="nightlab-token" content=""' in html and "tok-123" not in html
-    r = client.get("/approvals?token=tok-123", follow_redirects=False)
+    # loopback too, every request needs the token: a local process — an agent researcher has the network —
+    # can neither read the queue (nor the holdout scores) nor lift the token from a page to approve its own run
+    bare = TestClient(client.app, base_url=BASE)
+    assert bare.get("/approvals").status_code == 401 and "tok-123" not in bare.get("/approvals").text
+    assert bare.get("/api/sessions").status_code == 401 and bare.get("/approvals?token=wrong").status_code == 401
+    r = bare.get("/approvals?token=tok-123", follow_redirects=False)  # the URL `nightlab ui` printed
     assert r.status_code == 303 and r.headers["location"] == "/approvals" and "nightlab_token" in r.cookies
-    assert 'name="nightlab-token" content="tok-123"' in client.get("/approvals").text  # the cookie now
-    client.cookies.clear()
-    assert 'content="tok-123"' not in client.get("/approvals?token=wrong").text
+    html = bare.get("/approvals").text  # the cookie now
+    assert f'id="approval-{aid}"' in html and 'name="nightlab-token" content="tok-123"' in html
     url = f"/api/approvals/{aid}"
     assert client.post(url, json={"approved": True}).status_code == 403
-    assert client.post(url, json={"approved": True}, headers={"X-Nightlab-Token": "wrong"}).status_code == 403
+    # a wrong token in the header is not the cookie's: refused as unauthenticated
+    assert client.post(url, json={"approved": True}, headers={"X-Nightlab-Token": "wrong"}).status_code == 401
     # a cookie or a query token is not enough to act
     client.cookies.set("nightlab_token", "tok-123")
     assert client.post(url + "?token=tok-123", json={"approved": True}).status_code == 403
@@ -262,7 +263,7 @@ def test_approve_needs_the_token_and_same_origin(client: TestClient, ledger: Led
     assert row["status"] == "rejected" and row["why"] == "too risky" and row["answered_at"] is not None
     assert client.post(url, json={"approved": True}, headers=hdr).status_code == 409  # answered once
     assert client.post("/api/approvals/999999", json={"approved": True}, headers=hdr).status_code == 404
-    assert aid not in [a["id"] for a in client.get("/api/approvals").json()["pending"]]
+    assert aid not in [a["id"] for a in client.get("/api/approvals", headers=hdr).json()["pending"]]
 
 
 def test_loopback_refuses_foreign_host_headers(client: TestClient):

@@ -55,7 +55,7 @@ def ui(lab: Path, db: str | None, host: str, port: int, token: str | None, home:
     """Serve the dashboard: sessions, live progress, experiments, costs, audit, approvals.
 
     Works offline: every asset is served by nightlab. Bound to 127.0.0.1 unless --host
-    says otherwise; then every request needs the token (open the printed URL once).
+    says otherwise. Every request needs the token: open the printed URL (…?token=…) once.
     """
     if not home and db is None and not (lab / ".nightlab" / "ledger.db").exists():
         from nightlab.labs import Registry

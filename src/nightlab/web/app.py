@@ -127,6 +127,7 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
         yield
 
     app = FastAPI(title="nightlab", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.access = access  # who may read and act (the token the caller prints, or a test sends)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     env = templates.env
     env.filters["metric"] = lambda v: "—" if v is None else charts.fmt(float(v))
@@ -136,7 +137,7 @@ def create_app(ledger: Ledger, lab_dir: Path | None = None, access: Access | Non
     env.filters["money"] = lambda v: f"${(v or 0):,.4f}" if (v or 0) < 10 else f"${v:,.2f}"
     env.filters["pct"] = lambda v: "—" if v is None else f"{100 * v:.0f}%"
     env.globals["statuses"] = STATUSES
-    env.globals["page_token"] = page_token(access)
+    env.globals["token"] = access.token  # every page was asked for with it (install_guard)
     env.globals["version"] = __version__
     env.globals["poll_ms"] = int(poll_ms)
     env.globals["root"] = root
@@ -536,20 +537,16 @@ def install_guard(app: FastAPI, access: Access, open_prefix: str = "") -> None:
             return PlainTextResponse(f"host {host!r} is not allowed: this dashboard answers on loopback only",
                                      status_code=421)
         given = (request.headers.get(TOKEN_HEADER) or _bearer(request) or request.cookies.get(TOKEN_COOKIE))
-        authed = same_token(given, access.token)
-        if not authed:
+        if not same_token(given, access.token):  # loopback too: an agent researcher on this machine has the network
             q = request.query_params.get("token")
             if q is not None and same_token(q, access.token) and request.method == "GET":
-                # the printed URL, opened once: a cookie from then on (loopback too: the pages carry the
-                # token for the buttons only to a browser that has it)
+                # the printed URL, opened once: a cookie from then on, and the token leaves the address bar
                 rest = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
                 resp = RedirectResponse(request.url.path + (f"?{rest}" if rest else ""), status_code=303)
                 resp.set_cookie(TOKEN_COOKIE, access.token, httponly=True, samesite="strict")
                 return _secure(resp)
-            if access.public:
-                return _secure(_deny(request, 401, "a token is required: open the URL that `nightlab ui` printed "
-                                                   "(…?token=…) or send the X-Nightlab-Token header"))
-        request.state.nightlab_authed = authed  # pages render the token only then (page_token)
+            return _secure(_deny(request, 401, "a token is required: open the URL that `nightlab ui` printed "
+                                               "(…?token=…) or send the X-Nightlab-Token header"))
         if request.method not in ("GET", "HEAD", "OPTIONS"):
             if not same_token(request.headers.get(TOKEN_HEADER), access.token):
                 why = ("acting needs the dashboard token: open the URL that `nightlab ui` printed (…?token=…) "
@@ -564,18 +561,6 @@ def install_guard(app: FastAPI, access: Access, open_prefix: str = "") -> None:
             if site and site not in ("same-origin", "none"):
                 return _secure(_deny(request, 403, f"cross-site request refused (Sec-Fetch-Site {site})"))
         return _secure(await call_next(request))
-
-
-def page_token(access: Access) -> Callable[[Request], str]:
-    """What a page carries for its buttons: the token, to a request that showed it (the cookie that
-    opening the printed URL sets, or a header); nothing to anyone else. On loopback anyone on the machine
-    may read, and that includes an agent researcher, which has the network: were the token on every page,
-    it could approve its own run."""
-
-    def token_for(request: Request) -> str:
-        return access.token if getattr(request.state, "nightlab_authed", False) else ""
-
-    return token_for
 
 
 def _bearer(request: Request) -> str | None:

@@ -5,8 +5,8 @@
 the last 24 hours and a sparkline of best-so-far; below, every pending approval of every lab, answerable
 in place. Each lab's own dashboard is mounted at ``/labs/<name>/`` (the same app as ``nightlab ui`` in one
 lab). API: ``/api/labs`` and ``POST /api/labs/<name>/approvals/<id>``. Access rules are the dashboard's
-(:func:`nightlab.web.app.install_guard`): loopback unless ``--token``, acting needs the token header,
-cross-site requests are refused.
+(:func:`nightlab.web.app.install_guard`): every request needs the token (the printed URL's cookie),
+acting needs it in a header, cross-site requests are refused.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from nightlab.errors import UsageError
 from nightlab.labs import LabEntry, LabState, all_labs, lab_state
 from nightlab.ledger import Ledger
 from nightlab.web import charts
-from nightlab.web.app import AnswerIn, ago, create_app, install_guard, page_token
+from nightlab.web.app import AnswerIn, ago, create_app, install_guard
 from nightlab.web.security import Access, Redactor
 
 HERE = Path(__file__).parent
@@ -51,12 +51,13 @@ def create_home_app(entries: list[LabEntry] | None = None, access: Access | None
     """The home app. Labs come from ``entries``, or (re-read on every page) from ``registry`` + ``db_urls``."""
     access = access or Access.make("127.0.0.1", None)
     app = FastAPI(title="nightlab home", version=__version__, docs_url=None, redoc_url=None)
+    app.state.access = access
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     env = templates.env
     env.filters["metric"] = lambda v: "—" if v is None else charts.fmt(float(v))
     env.filters["ago"] = ago
     env.filters["money"] = lambda v: f"${(v or 0):,.4f}" if (v or 0) < 10 else f"${v:,.2f}"
-    env.globals.update(page_token=page_token(access), version=__version__, poll_ms=int(poll_ms), root="", home="/")
+    env.globals.update(token=access.token, version=__version__, poll_ms=int(poll_ms), root="", home="/")
     redactor = Redactor.from_env()
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     install_guard(app, access)

@@ -2,20 +2,18 @@
 
 Rules (issue 6, "Safety"):
 
-* Bound to loopback, anyone on this machine may read; requests whose ``Host`` header is
-  not a loopback name are refused (a DNS-rebinding page cannot read the dashboard or its
-  token).
-* Bound elsewhere, a token is required for everything: ``X-Nightlab-Token`` or
-  ``Authorization: Bearer`` headers, the ``nightlab_token`` cookie, or ``?token=`` once
-  (which sets the cookie, SameSite=Strict, HttpOnly).
+* Every request needs the token, loopback too: ``X-Nightlab-Token`` or ``Authorization:
+  Bearer`` headers, the ``nightlab_token`` cookie, or ``?token=`` once (which sets the cookie,
+  SameSite=Strict, HttpOnly, and redirects to the same URL without it). ``nightlab ui`` prints its
+  URL with the token. On loopback without ``--token`` the token is random per process. Not "anyone on
+  this machine may read": an agent researcher runs on this machine with the network, and the
+  dashboard shows holdout scores (an overfitting channel) and, with ``--home``, every lab's work.
+* Bound to loopback, requests whose ``Host`` header is not a loopback name are refused (a
+  DNS-rebinding page cannot read the dashboard or its token).
 * Acting (POST: approve, reject) always needs the token in the ``X-Nightlab-Token`` header
   (a cross-site form cannot set a header; a cross-site script needs CORS, which is never
-  granted), and an ``Origin`` / ``Sec-Fetch-Site`` that say same-origin when present. On
-  loopback without ``--token`` the token is random per process, in the URL ``nightlab ui``
-  prints; the pages carry it to the buttons only for a request that showed it (the cookie that
-  opening that URL sets, or a header): any local process may read, and an agent researcher has
-  the network, so a token on every page would let it approve its own run. A page of another
-  origin cannot read it.
+  granted), and an ``Origin`` / ``Sec-Fetch-Site`` that say same-origin when present; the
+  pages carry the token to their buttons, and a page of another origin cannot read it.
 * Secrets: env values whose name looks secret are masked in the spec, and any such value
   (or an API-key-shaped string) is masked in every text shown: logs, diffs, rationales.
 """
