@@ -386,8 +386,9 @@ def test_an_agent_researcher_cannot_plant_hooks_or_mcp_servers_in_its_own_config
     assert not Path("/var/tmp/pwned").exists()
 
 
-def test_agent_show_names_only_what_is_hidden_by_default(tmp_path):
-    """A typo in ``show`` is a clear error naming the key, not a silent no-op that leaves a path hidden."""
+def test_agent_show_and_hide_mistakes_are_spec_errors(tmp_path):
+    """A typo in ``show`` (a silent no-op would leave the path hidden) or a relative ``hide`` is a clear error
+    naming the key, exit 2."""
     spec = SPEC.replace('[researcher]\nkind = "scripted"\n',
                         '[researcher]\nkind = "agent"\ncommand = "true"\nshow = ["~/.awss"]\n')
     lab = make(tmp_path, spec=spec)
@@ -396,6 +397,12 @@ def test_agent_show_names_only_what_is_hidden_by_default(tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "show" in proc.stdout + proc.stderr and "~/.awss" in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
+    # a relative `hide` would name a folder beside wherever nightlab runs: refused the same way
+    (lab / "nightlab.toml").write_text(spec.replace('show = ["~/.awss"]', 'hide = ["secrets"]'))
+    git(lab, "commit", "-qam", "hide")
+    proc = subprocess.run(nightlab_cmd("run", "--lab", str(lab)), env=cli_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and "hide: 'secrets' is relative" in proc.stdout + proc.stderr, proc.stderr
 
 
 # --------------------------------------------------------------------------- what the human reads

@@ -183,6 +183,13 @@ class Options(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _hide(self) -> Options:
+        bad = [p for p in self.hide if not (p.startswith("/") or p == "~" or p.startswith("~/"))]
+        if bad:
+            raise ValueError(f"hide: {bad[0]!r} is relative; write an absolute path or one under ~ (\"~/work/x\")")
+        return self
+
+    @model_validator(mode="after")
     def _show(self) -> Options:
         bad = [p for p in self.show if p not in HOME_SECRETS and p not in SYSTEM_SECRETS]
         if bad:
