@@ -82,7 +82,7 @@ def ui(lab: Path, db: str | None, host: str, port: int, token: str | None, home:
         ledger = _ledger(lab, db)
         app = create_app(ledger, lab.resolve(), access)
     shown = f"[{host}]" if ":" in host else host
-    url = f"http://{shown}:{port}/?token={access.token}"  # to approve, loopback too (web.app.page_token)
+    url = f"http://{shown}:{port}/?token={access.token}"  # every request needs it, loopback too (install_guard)
     click.echo(f"nightlab dashboard on {url}  (Ctrl-C to stop)")
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")

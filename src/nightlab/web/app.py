@@ -539,7 +539,7 @@ def install_guard(app: FastAPI, access: Access, open_prefix: str = "") -> None:
         given = (request.headers.get(TOKEN_HEADER) or _bearer(request) or request.cookies.get(TOKEN_COOKIE))
         if not same_token(given, access.token):  # loopback too: an agent researcher on this machine has the network
             q = request.query_params.get("token")
-            if q is not None and same_token(q, access.token) and request.method == "GET":
+            if same_token(q, access.token) and request.method == "GET":
                 # the printed URL, opened once: a cookie from then on, and the token leaves the address bar
                 rest = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
                 resp = RedirectResponse(request.url.path + (f"?{rest}" if rest else ""), status_code=303)
