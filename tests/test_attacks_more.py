@@ -17,9 +17,11 @@ import math
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -263,9 +265,6 @@ def test_an_agent_researcher_cannot_read_the_users_credentials_or_reach_the_host
     try:
         sock = "-"
         if sock_dir is not None:
-            import socket
-            import threading
-
             server = socket.socket(socket.AF_UNIX)
             sock = str(sock_dir / "host.sock")
             server.bind(sock)
@@ -293,8 +292,6 @@ def test_an_agent_researcher_cannot_read_the_users_credentials_or_reach_the_host
         # a control: what no rule hides is read; `show` gave ~/.aws back and `hide` took ~/.config/extra
         assert got == (".aws/credentials" if extra else ".config/extra/token"), diff
         if sock_dir is not None:  # the socket answers outside the sandbox: the test would see a leak
-            import socket
-
             probe = socket.socket(socket.AF_UNIX)
             probe.connect(sock)
             assert probe.recv(64) == b"HOST-SOCKET"
@@ -748,8 +745,6 @@ def test_holdout_files_stay_out_of_reach_where_editable_globs_cover_them(tmp_pat
 def _prune_session(figure: str, metric_name: str, fakes: list[tuple[list[tuple[int, float]], Status, float]]):
     """The baseline, then the fake runs, then an honest improvement, through one session's pruner: where
     the honest run was stopped (None: it ran to its end)."""
-    import threading
-
     from nightlab.prune import Pruner
     from nightlab.spec import PruneSpec
     from nightlab.types import Direction
