@@ -14,6 +14,8 @@ Two parts (figures and commands in bench/README.md):
            ``optuna.create_study().optimize()`` running the same script as a subprocess, same seeds,
            same TPE settings, the same starting point enqueued first. Sign test over seeds on the best
            value after k trials, and the best value each reaches within the same wall-clock time.
+           ``--sampler gp``: Optuna's GPSampler on both sides (``[researcher] sampler = "gp"``), whose
+           ~0.4 s proposals pipelining makes while the run before goes.
 
 ``replay`` pruning-off sessions' recorded runs (every row keeps each run's curve, status, run-seconds
            and ``pruned_at``) fed, in their order, through nightlab's real pruner with other
@@ -25,6 +27,7 @@ Two parts (figures and commands in bench/README.md):
     python bench/efficiency.py labs ... --arms on --tag p50 --prune-set percentile=50   # another pruner setting
     python bench/efficiency.py replay bench-efficiency-labs.json --variant 'reference="completed"' --variant ''
     python bench/efficiency.py optuna --seeds 5 --trials 20 --sleep 1.0
+    python bench/efficiency.py optuna --seeds 5 --trials 60 --sleep 1.0 --sampler gp
 
 ``--tinygpt-budget`` sets tinygpt's per-run training seconds (``[run] budget_s``; 1.5 by default,
 which on a slow, loaded CPU is a handful of optimizer steps, fewer when the load rises: no learning
@@ -447,6 +450,7 @@ max_experiments = {trials}
 
 [researcher]
 kind = "search"
+sampler = "{sampler}"
 seed = {seed}
 n_startup_trials = 10
 
@@ -455,9 +459,10 @@ pipeline = true
 """
 
 
-def nightlab_rosen(seed: int, trials: int, sleep: float, work: Path) -> dict[str, Any]:
+def nightlab_rosen(seed: int, trials: int, sleep: float, work: Path, sampler: str = "tpe") -> dict[str, Any]:
     lab = git_lab(None, work / f"rosen-{seed}", {"target.py": ROSEN.replace("SLEEP", repr(sleep)),
-                                                  "nightlab.toml": ROSEN_SPEC.format(trials=trials, seed=seed)})
+                                                  "nightlab.toml": ROSEN_SPEC.format(trials=trials, seed=seed,
+                                                                                     sampler=sampler)})
     eng = Engine(lab, tag="r", sandbox_mode="none")
     t0 = time.time()
     eng.run()
@@ -478,7 +483,7 @@ def nightlab_rosen(seed: int, trials: int, sleep: float, work: Path) -> dict[str
             "stages_ms": {k: round(1000 * statistics.median(v), 1) for k, v in stages.items()}}
 
 
-def optuna_rosen(seed: int, trials: int, sleep: float, work: Path) -> dict[str, Any]:
+def optuna_rosen(seed: int, trials: int, sleep: float, work: Path, sampler: str = "tpe") -> dict[str, Any]:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -499,8 +504,9 @@ def optuna_rosen(seed: int, trials: int, sleep: float, work: Path) -> dict[str, 
 
     run_s: list[float] = []
 
-    study = optuna.create_study(direction="minimize",
-                                sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=10))
+    made = (optuna.samplers.GPSampler(seed=seed, n_startup_trials=10) if sampler == "gp"
+            else optuna.samplers.TPESampler(seed=seed, n_startup_trials=10))
+    study = optuna.create_study(direction="minimize", sampler=made)
     study.enqueue_trial({f"X{i}": 0.0 for i in range(1, 5)})  # nightlab's baseline: the file's values
     t0 = time.time()
     best, curve = math.inf, []
@@ -538,14 +544,14 @@ def optuna_cmd(args: argparse.Namespace) -> None:
     rows: list[dict[str, Any]] = json.loads(out.read_text()) if out.exists() else []
     done = {r["seed"] for r in rows}
     with tempfile.TemporaryDirectory(prefix="nl-opt-") as tmp:
-        for seed in range(args.seeds):
+        for seed in range(args.seed_start, args.seed_start + args.seeds):
             if seed in done:
                 continue
             load0 = os.getloadavg()[0]
-            n = nightlab_rosen(seed, args.trials, args.sleep, Path(tmp))
-            o = optuna_rosen(seed, args.trials, args.sleep, Path(tmp))
+            n = nightlab_rosen(seed, args.trials, args.sleep, Path(tmp), args.sampler)
+            o = optuna_rosen(seed, args.trials, args.sleep, Path(tmp), args.sampler)
             rows.append({"seed": seed, "nightlab": n, "optuna": o, "trials": args.trials, "sleep": args.sleep,
-                         "load": [round(load0, 2), round(os.getloadavg()[0], 2)]})
+                         "sampler": args.sampler, "load": [round(load0, 2), round(os.getloadavg()[0], 2)]})
             out.write_text(json.dumps(rows))
             print(f"seed {seed}: nightlab best {n['curve'][-1][1]:.4g} in {n['wall_s']:.1f}s; "
                   f"optuna best {o['curve'][-1][1]:.4g} in {o['wall_s']:.1f}s", flush=True)
@@ -554,7 +560,8 @@ def optuna_cmd(args: argparse.Namespace) -> None:
 
 def summarize_optuna(rows: list[dict[str, Any]]) -> None:
     trials = rows[0]["trials"]
-    print(f"\n{len(rows)} seeds, {trials} trials after the shared starting point, runs sleep {rows[0]['sleep']}s")
+    print(f"\n{len(rows)} seeds, {trials} trials after the shared starting point, runs sleep {rows[0]['sleep']}s, "
+          f"sampler {rows[0].get('sampler', 'tpe')} on both sides")
     print("| comparison | nightlab better | worse | tie | sign test p | median nightlab / optuna |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for k in sorted({20, trials}):
@@ -634,6 +641,9 @@ def main() -> None:
     b.add_argument("--seeds", type=int, default=20)
     b.add_argument("--trials", type=int, default=60)
     b.add_argument("--sleep", type=float, default=0.2)
+    b.add_argument("--seed-start", type=int, default=0, help="the first seed (seeds run from it, --seeds of them)")
+    b.add_argument("--sampler", choices=["tpe", "gp"], default="tpe",
+                   help="the sampler on both sides: TPE (nightlab's default) or Optuna's GPSampler")
     b.add_argument("--out", default="bench-efficiency-optuna.json")
     r = sub.add_parser("replay", help="pruner settings replayed over recorded pruning-off sessions")
     r.add_argument("files", nargs="+")

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pytest
 from optuna.trial import TrialState
 from pydantic import ValidationError
@@ -266,6 +267,51 @@ def test_cmaes_without_the_package_says_how_to_install_it() -> None:
     with pytest.raises(UsageError) as info:
         create(Options(sampler="cmaes"), spec(), Path("."))
     assert "pip install cmaes" in info.value.fix
+
+
+def test_gp_sampler_improves_on_the_baseline_and_is_deterministic() -> None:
+    """sampler = "gp": Optuna's GPSampler, seeded (the same proposals twice), after its random start-up."""
+    files = {"train.py": TRAIN}
+    baseline = loss(files)
+    runs = []
+    for _ in range(2):
+        r = create(Options(sampler="gp", seed=3, n_startup_trials=4), spec(), Path("."))
+        assert isinstance(r._make_sampler(0), optuna.samplers.GPSampler)
+        cands, _, final, best = run_loop(r, files, 12)
+        runs.append([c.params for c in cands])
+        assert all(c.rationale.startswith("search(gp): ") for c in cands)
+        assert best < baseline / 4, (baseline, best)
+        assert find_constants(final["train.py"])[-1].name == "DROPOUT"
+    assert runs[0] == runs[1]
+
+
+def test_gp_sampler_takes_crashes_and_pending_trials() -> None:
+    """A crash is told as infeasible (GP then models the constraint too) and a proposal made while another is
+    pending (pipelining, slots) is still a new point: neither stops the sampler."""
+    files = {"train.py": TRAIN}
+    r = create(Options(sampler="gp", seed=1, n_startup_trials=3), spec(), Path("."))
+    r.observe(experiment(0, Status.KEEP, loss(files)))
+    for idx in range(1, 5):
+        c = r.propose(context(files, idx))
+        status = Status.CRASH if idx == 2 else Status.DISCARD
+        r.observe(experiment(idx, status, None if status is Status.CRASH else loss({"train.py": c.files["train.py"]}),
+                             c.params))
+    first = r.propose(context(files, 5))
+    second = r.propose(context(files, 6))  # the first still running
+    assert first.params != second.params
+    assert r.study is not None
+    trials = r.study.get_trials(deepcopy=False)
+    assert [violation(t) for t in trials[:5]] == [0.0, 0.0, 1.0, 0.0, 0.0]
+    assert [t.state for t in trials[5:]] == [TrialState.RUNNING] * 2
+
+
+def test_gp_without_its_packages_says_how_to_install_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else real(name, *a))
+    with pytest.raises(UsageError) as info:
+        create(Options(sampler="gp"), spec(), Path("."))
+    assert "scipy" in info.value.message and "torch" not in info.value.message
+    assert "nightlab[gp]" in info.value.fix
 
 
 def test_no_constants_is_a_usage_error_with_a_fix() -> None:

@@ -148,3 +148,27 @@ def test_a_resumed_session_replays_each_experiment_once(make_lab, monkeypatch):
     # once a candidate was kept: it is a trial only while nothing was)
     assert len(told) == len(set(told)), told
     assert sorted(set(told) - {0}) == [e.idx for e in exps if e.idx > 0 and e.status in (Status.KEEP, Status.DISCARD)]
+
+
+def test_the_gp_sampler_runs_a_session_from_the_cli_and_resumes_without_repeats(make_lab):
+    """`[researcher] sampler = "gp"` through `nightlab run` (pipelined, 1 slot) and `run --resume`: proposals are
+    GP's after the start-up trials, and the resumed study, replayed, proposes no setting twice."""
+    import subprocess
+
+    from tests.conftest import nightlab_cmd
+
+    spec = SEARCH_SPEC.replace('kind = "search"', 'kind = "search"\nsampler = "gp"').replace(
+        "n_startup_trials = 3", "n_startup_trials = 2")
+    lab = make_lab(files={"target.py": TARGET}, spec=spec)
+    for args in (["--max-experiments", "4"], ["--resume", "--max-experiments", "8"]):
+        p = subprocess.run(nightlab_cmd("run", "--lab", str(lab), "--tag", "gp", "--sandbox", "none", *args),
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout + p.stderr
+    eng = Engine(lab, tag="gp", resume=True, sandbox_mode="none", max_experiments=8)
+    exps = eng.ledger.experiments(eng.session.id)
+    eng.close()
+    assert len([e for e in exps if e.idx > 0]) == 8
+    assert all(e.rationale.startswith("search(gp): ") for e in exps if e.idx > 0)
+    tried = _settings(exps)
+    assert len(set(tried)) == len(tried) == 8, tried
+    assert min(e.metric for e in exps if e.metric is not None) < 4.5  # better than the baseline's 8.5
