@@ -285,11 +285,12 @@ def test_gp_sampler_improves_on_the_baseline_and_is_deterministic() -> None:
     assert runs[0] == runs[1]
 
 
-def test_gp_sampler_takes_crashes_and_pending_trials() -> None:
-    """A crash is told as infeasible (GP then models the constraint too) and a proposal made while another is
-    pending (pipelining, slots) is still a new point: neither stops the sampler."""
+@pytest.mark.parametrize("crashes", ["infeasible", "worst"])
+def test_gp_sampler_takes_crashes_and_pending_trials(crashes: str) -> None:
+    """A crash is told as infeasible (GP then models the constraint too) or as the worst value, and a proposal
+    made while another is pending (pipelining, slots) is still a new point: none of it stops the sampler."""
     files = {"train.py": TRAIN}
-    r = create(Options(sampler="gp", seed=1, n_startup_trials=3), spec(), Path("."))
+    r = create(Options(sampler="gp", seed=1, n_startup_trials=3, crashes=crashes), spec(), Path("."))
     r.observe(experiment(0, Status.KEEP, loss(files)))
     for idx in range(1, 5):
         c = r.propose(context(files, idx))
@@ -301,7 +302,8 @@ def test_gp_sampler_takes_crashes_and_pending_trials() -> None:
     assert first.params != second.params
     assert r.study is not None
     trials = r.study.get_trials(deepcopy=False)
-    assert [violation(t) for t in trials[:5]] == [0.0, 0.0, 1.0, 0.0, 0.0]
+    assert [violation(t) for t in trials[:5]] == [0.0, 0.0, 1.0 if crashes == "infeasible" else 0.0, 0.0, 0.0]
+    assert all(t.system_attrs.get("constraints") is not None for t in trials[:5])
     assert [t.state for t in trials[5:]] == [TrialState.RUNNING] * 2
 
 

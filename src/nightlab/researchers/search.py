@@ -52,9 +52,11 @@ attribute), and it ranks a trial *without* the attribute as infeasible, so every
 history carries ``[0.0]`` unless it crashed (``add_trial`` calls no ``after_trial`` to add it).
 CI runs the search tests on both.
 ``"worst"`` tells only the worst value (also what ``infeasible`` does for CMA-ES, which reads no
-constraints); ``"fail"`` is Optuna's default. Every crash trial carries the user attribute
-``nightlab_crash``; replayed and persistent-study crashes are told the same way, and a tried
-setting that crashed, asked again, is told as a crash again. Measured in ``bench/crashes.py``.
+constraints); ``"fail"`` is Optuna's default. ``sampler = "gp"`` takes ``infeasible`` as TPE does (it fits
+a model of the constraint), and needs every completed trial to carry one: ``[0.0]`` when feasible.
+Every crash trial carries the user attribute ``nightlab_crash``; replayed and persistent-study crashes are
+told the same way, and a tried setting that crashed, asked again, is told as a crash again. Measured in
+``bench/crashes.py``.
 
 Memory. Every trial carries the user attribute ``nightlab_experiment`` (the experiment index).
 A setting that was tried already (by any experiment of the session, replayed or not) is never
@@ -395,7 +397,7 @@ class SearchResearcher:
             return TrialState.COMPLETE, worst, {CONSTRAINTS: [1.0]}
         if worst is None:
             return TrialState.FAIL, None, {}
-        return TrialState.COMPLETE, worst, {}
+        return TrialState.COMPLETE, worst, {CONSTRAINTS: [0.0]} if self.options.sampler == "gp" else {}
 
     def _worst(self) -> float | None:
         assert self.study is not None
@@ -408,7 +410,7 @@ class SearchResearcher:
     def _tell_value(self, trial: optuna.trial.Trial, value: float) -> None:
         """A measured value. GP models the constraints of *every* completed trial (Optuna 5 refuses a study
         where some carry them and others not): under it a feasible trial carries ``[0.0]``, as a replayed one
-        does."""
+        does, and so does a crash told as merely the ``worst`` value (:meth:`_crash_outcome`)."""
         assert self.study is not None
         if self.options.sampler == "gp":
             self.study._storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS, [0.0])
