@@ -1,7 +1,7 @@
 """The time between two runs, as the runs see it: nightlab (1 slot, pipelined search, no sandbox) vs
 ``optuna.create_study().optimize()`` on bench/efficiency.py's Rosenbrock-4 lab.
 
-    python bench/run_gap.py [--trials 40] [--sleep 0.2] [--seed 1]
+    python bench/run_gap.py [--trials 40] [--sleep 0.2] [--seed 1] [--sampler gp]
 
 Each run appends the time to a file at its first line and after its result: the gap is one run's last
 line to the next run's first line (interpreter start-up included on both sides, as it is in both).
@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=40)
     ap.add_argument("--sleep", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--sampler", choices=["tpe", "gp"], default="tpe", help="the sampler on both sides")
     args = ap.parse_args()
     rosen = eff.ROSEN
     with tempfile.TemporaryDirectory(prefix="nl-gap-") as tmp:
@@ -56,7 +57,7 @@ def main() -> None:
                          + rosen.replace('print(f"value: {v:.10g}")', 'print(f"value: {v:.10g}")\n'
                                          f"open({str(marks)!r}, 'a').write(f'{{_t.time()}} end\\n')"))
             run = eff.nightlab_rosen if who == "nightlab" else eff.optuna_rosen
-            run(args.seed, args.trials, args.sleep, Path(tmp))
+            run(args.seed, args.trials, args.sleep, Path(tmp), args.sampler)
             g, inside, cycle = gaps(marks)
             print(f"{who}: between two runs (ms) median {statistics.median(g):.1f}, "
                   f"p90 {sorted(g)[int(0.9 * len(g))]:.1f}, n={len(g)}; inside a run median "
