@@ -3,11 +3,12 @@ concurrent proposals are spread by Optuna's constant liar, and the study can liv
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import optuna
 import pytest
-from tests.conftest import SPEC
+from tests.conftest import SPEC, nightlab_cmd
 
 from nightlab.engine import Engine
 from nightlab.researchers import Context
@@ -153,10 +154,6 @@ def test_a_resumed_session_replays_each_experiment_once(make_lab, monkeypatch):
 def test_the_gp_sampler_runs_a_session_from_the_cli_and_resumes_without_repeats(make_lab):
     """`[researcher] sampler = "gp"` through `nightlab run` (pipelined, 1 slot) and `run --resume`: proposals are
     GP's after the start-up trials, and the resumed study, replayed, proposes no setting twice."""
-    import subprocess
-
-    from tests.conftest import nightlab_cmd
-
     spec = SEARCH_SPEC.replace('kind = "search"', 'kind = "search"\nsampler = "gp"').replace(
         "n_startup_trials = 3", "n_startup_trials = 2")
     lab = make_lab(files={"target.py": TARGET}, spec=spec)
