@@ -89,6 +89,9 @@ class Cluster:
 def cluster() -> Iterator[Cluster]:
     # Token auth (Ray's default; the token is ~/.ray/auth_token). A driver given an explicit address
     # must have RAY_AUTH_MODE=token before Ray reads its config (at import), as a user's shell would.
+    # On a fresh machine there is no token yet and `ray start` refuses to start (CI on a clean machine saw
+    # it): made first, as a user does, with `ray get-auth-token --generate` (a no-op when there is one,
+    # e.g. made by an earlier test's local Ray, whose token this process may have cached).
     mp = pytest.MonkeyPatch()
     mp.setenv("RAY_AUTH_MODE", "token")
     already = "ray" in sys.modules
@@ -99,6 +102,8 @@ def cluster() -> Iterator[Cluster]:
     env = {**os.environ, "PYTHONPATH": SRC, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}  # several nodes; they stay on loopback by NODE_IP
     c = Cluster(root, _free_port(), env)
+    subprocess.run([RAY, "get-auth-token", "--generate"], env=env, stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120, check=True)
     try:
         c.start("head", "--head", "--port", str(c.port), "--num-cpus", "0", "--include-dashboard=false",
                 f"--dashboard-port={_free_port()}")
