@@ -71,7 +71,7 @@ class Access:
     """The dashboard's access settings."""
 
     token: str
-    public: bool  # bound to a non-loopback address: every request needs the token
+    public: bool  # bound to a non-loopback address: any Host header is answered, and the token was given
 
     @classmethod
     def make(cls, host: str, token: str | None) -> Access:
