@@ -16,6 +16,11 @@ from nightlab.staging import Staged
 from nightlab.types import Candidate, Experiment, Session, Status
 
 RECORD_WAIT_S = 2.0  # the longest a proposal waits for the result of a run that is over to be recorded
+# Proposing ahead -- one result behind -- buys the slot the time it would wait for the proposal and its git work;
+# when that time is a small share of a run, the proposal waits for the result in flight instead and sees it. The
+# share below which it waits: the researcher's ``ahead_share`` (a sampler that loses much by proposing one result
+# behind, as Optuna's GP does, sets a larger one), else this.
+AHEAD_SHARE = 0.01
 
 
 class Scheduler(SessionLifecycle):
@@ -32,7 +37,11 @@ class Scheduler(SessionLifecycle):
         With ``pipeline``, the next proposal is made while experiments run, so no slot waits for
         the researcher -- as long as proposing is quicker than running (measured: moving averages
         of both). When proposing takes longer, the proposal waits for the result in flight instead,
-        so that it sees the current history (it would leave the slot idle either way).
+        so that it sees the current history (it would leave the slot idle either way). It waits too
+        when what it would save is negligible: when recording a result, proposing and staging the next
+        candidate take less than the researcher's ``ahead_share`` of a run (``AHEAD_SHARE``, 1 %, by
+        default: a search proposal next to a 5-minute run), since a proposal one result behind may cost
+        the sampler more than that (measured for Optuna's GP: bench/gp_ahead.py).
         With ``[researcher] prefetch = N`` (researchers that allow concurrent proposals), up to N
         proposals are made at once, ahead of the runs, each on the history of its start.
         A proposal made while every slot is busy has its git work (worktree, files, commit, guard) done at
@@ -66,8 +75,10 @@ class Scheduler(SessionLifecycle):
                                    initializer=staging.background) if ex.pipeline else None
         staged: Future[Staged] | None = None  # the prepared candidate's git work, started while the slots are busy
         queue: deque[tuple[int, Future[tuple[Candidate | None, float]]]] = deque()
-        est: dict[str, float] = {}  # moving averages: "propose", "run" seconds
+        est: dict[str, float] = {}  # moving averages: "propose", "run", "stage", "record" seconds
         ahead_shown: bool | None = None
+        share = getattr(self.researcher, "ahead_share", AHEAD_SHARE)
+        share = float(share) if isinstance(share, (int, float)) and share >= 0 else AHEAD_SHARE
 
         def learn(what: str, seconds: float) -> None:
             est[what] = seconds if what not in est else 0.7 * est[what] + 0.3 * seconds
@@ -76,14 +87,22 @@ class Scheduler(SessionLifecycle):
             nonlocal ahead_shown
             if not ex.pipeline:
                 return False
-            ok = "propose" not in est or "run" not in est or est["propose"] <= est["run"]
-            if ahead_shown is not None and ok != ahead_shown:
-                how = "proposing ahead" if ok else "waiting for the result in flight before proposing"
-                self.events.emit("scheduler", pipeline_ahead=ok, propose_s=round(est.get("propose", 0), 3),
-                                 run_s=round(est.get("run", 0), 3))
-                self.reporter.message(f"{how}: proposing takes {est.get('propose', 0):.1f}s, "
-                                      f"running {est.get('run', 0):.1f}s")
-            ahead_shown = ok
+            if "propose" not in est or "run" not in est:
+                return True
+            # what the slot would wait for: the result's records, the proposal, its git work
+            gap = est.get("record", 0.0) + est["propose"] + est.get("stage", 0.0)
+            slow = est["propose"] > est["run"]
+            ok = not slow and gap >= share * est["run"]
+            if ok != ahead_shown:
+                if ahead_shown is not None or not ok:
+                    why = (f"proposing takes {est['propose']:.1f}s, running {est['run']:.1f}s" if ok or slow else
+                           f"recording, proposing and staging take {100 * gap / max(est['run'], 1e-9):.2g}% "
+                           f"of a run (< {100 * share:.2g}%)")
+                    how = "proposing ahead" if ok else "waiting for the result in flight before proposing"
+                    self.events.emit("scheduler", pipeline_ahead=ok, propose_s=round(est["propose"], 3),
+                                     run_s=round(est["run"], 3), gap_s=round(gap, 3), ahead_share=share)
+                    self.reporter.message(f"{how}: {why}")
+                ahead_shown = ok
             return ok
 
         def has_work() -> bool:
@@ -113,6 +132,7 @@ class Scheduler(SessionLifecycle):
         for e in history[-64:]:  # a moving average: older runs weigh < 0.7**64
             if e.idx > 0 and e.run_s > 0:  # candidates' runs (the baseline may be unlike them)
                 learn("run", e.run_s)
+                learn("stage", _stage_s(e))
         try:
             while True:
                 if not reason:
@@ -185,6 +205,7 @@ class Scheduler(SessionLifecycle):
                     busy_s += exp.run_s
                     if exp.idx > 0 and exp.run_s > 0:
                         learn("run", exp.run_s)
+                        learn("stage", _stage_s(exp))
                     history.append(exp)
                     self.researcher.observe(exp)  # type: ignore[union-attr]
                     self.reporter.experiment_finished(exp, self.session)
@@ -224,3 +245,11 @@ class Scheduler(SessionLifecycle):
         status = "stopped" if self.stop.cancel.is_set() or self.stop.graceful or reason == "STOP file" \
             else "finished"
         return self._close(status, reason)
+
+
+def _stage_s(exp: Experiment) -> float:
+    """The candidate's git work (guard, worktree, commit): what a slot waits for when it is not staged ahead."""
+    timing = exp.evidence.get("timing") if isinstance(exp.evidence, dict) else None
+    if not isinstance(timing, dict):
+        return 0.0
+    return float(sum(v for k, v in timing.items() if k in ("guard", "worktree") and isinstance(v, (int, float))))
