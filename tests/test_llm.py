@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
-from tests.conftest import SPEC, TARGET_PY
+from tests.conftest import SPEC, TARGET_PY, git, nightlab_cmd
 
 from nightlab.engine import Engine
 from nightlab.errors import NightlabError
 from nightlab.fakellm import FakeLLMServer, Turn
+from nightlab.ledger import Ledger
 from nightlab.types import Status
 
 pytest.importorskip("openai")
@@ -174,14 +177,27 @@ def test_unreachable_server_stops_the_session(make_lab):
     eng.close()
 
 
-def test_missing_key_variable_is_a_clear_error(make_lab, monkeypatch):
+def test_missing_key_variable_is_a_clear_error_before_any_session_exists(make_lab, monkeypatch):
     monkeypatch.delenv("NIGHTLAB_TEST_KEY")
     with FakeLLMServer("openai", [Turn(text=GOOD)]) as srv:
         lab = make_lab(spec=llm_spec(srv))
-        eng = Engine(lab, tag="t", sandbox_mode="none", max_experiments=1)
         with pytest.raises(NightlabError, match="NIGHTLAB_TEST_KEY") as ei:
-            eng.run()
-    assert "export NIGHTLAB_TEST_KEY" in ei.value.fix and not srv.requests
+            Engine(lab, tag="t", sandbox_mode="none", max_experiments=1)
+        assert "export NIGHTLAB_TEST_KEY" in ei.value.fix
+        # as a user meets it: exit 2, the variable and the fix named, no traceback
+        out = subprocess.run(nightlab_cmd("run", "--lab", str(lab), "--tag", "t", "--plain", "--sandbox", "none"),
+                             capture_output=True, text=True,
+                             env={k: v for k, v in os.environ.items() if k != "NIGHTLAB_TEST_KEY"})
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert "NIGHTLAB_TEST_KEY" in out.stderr and "export NIGHTLAB_TEST_KEY" in out.stderr
+        assert "Traceback" not in out.stderr and not srv.requests
+        # nothing was left behind to clean up: no session row, no branch; with the key, `t` then starts afresh
+        with Ledger.for_lab(lab) as led:
+            assert led.latest_session() is None
+        assert "nightlab/" not in git(lab, "branch", "--list")
+        monkeypatch.setenv("NIGHTLAB_TEST_KEY", "sk-test")
+        eng, exps = run(lab, n=1)
+    assert eng.session.tag == "t" and [e.idx for e in exps] == [0, 1] and len(srv.requests) == 1
     eng.close()
 
 

@@ -249,7 +249,7 @@ class Fresh(Plan):
 def test_a_proposal_waits_for_the_result_when_proposing_ahead_saves_little(make_lab):
     lab = make_lab(spec=SPEC.replace("pipeline = false", "pipeline = true"))
     plan = Fresh({}, slow_target(9.0, 0.0, 1.0))
-    session, exps = run(lab, plan, max_experiments=4)
+    _, exps = run(lab, plan, max_experiments=4)
     by = {e.idx: e for e in exps}
     assert [by[i].status for i in range(1, 5)] == [Status.DISCARD] * 4
     proposed = dict(plan.proposed_at)

@@ -11,6 +11,7 @@ The engine is split by concern, each part a class the next one extends:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from nightlab.ledger import Ledger
 from nightlab.pipeline import REBASE
 from nightlab.policy import make_policy
 from nightlab.researchers import Researcher
+from nightlab.researchers import create as create_researcher
 from nightlab.runtime import Reporter, StopState
 from nightlab.scheduler import Scheduler
 from nightlab.session import ANCHOR_KINDS, default_tag, machine_info
@@ -59,6 +61,7 @@ class Engine(Scheduler):
         allow_dirty: bool = False,
         rebaseline: bool = False,
         check_lab: bool = True,
+        build_researcher: bool = True,
     ) -> None:
         self.lab_dir = Path(lab_dir).resolve()
         self.spec = spec or load_spec(self.lab_dir)
@@ -78,6 +81,10 @@ class Engine(Scheduler):
         from nightlab.space import validate as validate_space
 
         validate_space(self.spec, self.lab_dir)  # every # nightlab: comment and [researcher.space], up front
+        # the researcher is built before anything of the session exists (the ledger, Ray's slots, the session row,
+        # its branch): one that cannot work (a missing package or API key) fails with exit 2 and leaves nothing
+        # behind. Commands that open an engine without running one (verify, calibrate) pass build_researcher=False.
+        built = create_researcher(self.spec, self.lab_dir) if researcher is None and build_researcher else None
         self.ws = Workspace(self.lab_dir)
         self.ws.ensure_state_dir()
         self.ledger = Ledger.for_lab(self.lab_dir, db_url)
@@ -114,6 +121,17 @@ class Engine(Scheduler):
                                    self.spec.metric.direction, self.spec.metric.name)
         self._closing = False  # the loop is closing: proposals in progress should give up
         self.ray: Any = None
+        self._researcher_built: Researcher | None = built
+        try:
+            self._start(tag, resume, allow_dirty, rebaseline, check_lab)
+        except BaseException:
+            if self._researcher_built is not None:
+                with contextlib.suppress(Exception):
+                    self._researcher_built.close()
+            raise
+
+    def _start(self, tag: str | None, resume: bool, allow_dirty: bool, rebaseline: bool, check_lab: bool) -> None:
+        """The rest of :meth:`__init__`: Ray's slots, then the session (opened, or created with its branch)."""
         if self.spec.executor.kind == "ray":
             from nightlab.executors.ray_executor import RayExecutor
 

@@ -114,6 +114,7 @@ class Runtime:
     resumed: bool
     protected_hashes: dict[str, str]
     _researcher_override: Researcher | None
+    _researcher_built: Researcher | None  # built in Engine.__init__, before the session
     _program: str | None
     _base_commit: str | None
     _tls: threading.local

@@ -41,7 +41,8 @@ class Scheduler(SessionLifecycle):
         when what it would save is negligible: when recording a result, proposing and staging the next
         candidate take less than the researcher's ``ahead_share`` of a run (``AHEAD_SHARE``, 1 %, by
         default: a search proposal next to a 5-minute run), since a proposal one result behind may cost
-        the sampler more than that (measured for Optuna's GP: bench/gp_ahead.py).
+        the sampler more than that (measured for Optuna's GP: bench/gp_ahead.py). A band of 25 % either side
+        of the share keeps a gap near it from switching at every run.
         With ``[researcher] prefetch = N`` (researchers that allow concurrent proposals), up to N
         proposals are made at once, ahead of the runs, each on the history of its start.
         A proposal made while every slot is busy has its git work (worktree, files, commit, guard) done at
@@ -92,7 +93,8 @@ class Scheduler(SessionLifecycle):
             # what the slot would wait for: the result's records, the proposal, its git work
             gap = est.get("record", 0.0) + est["propose"] + est.get("stage", 0.0)
             slow = est["propose"] > est["run"]
-            ok = not slow and gap >= share * est["run"]
+            # a band of +-25 % around the share, so that a gap near it does not switch at every run
+            ok = not slow and gap >= share * est["run"] * (0.8 if ahead_shown in (None, True) else 1.25)
             if ok != ahead_shown:
                 if ahead_shown is not None or not ok:
                     why = (f"proposing takes {est['propose']:.1f}s, running {est['run']:.1f}s" if ok or slow else

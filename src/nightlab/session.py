@@ -442,7 +442,8 @@ class SessionLifecycle(Pipeline):
                                       "(no network or filesystem isolation). Install it: apt-get install bubblewrap")
                 if self.spec.holdout.command:
                     self.reporter.message("WARNING: sandbox = none: holdout files are NOT hidden from runs")
-            self.researcher = self._researcher_override or researchers_mod.create(self.spec, self.lab_dir)
+            self.researcher = (self._researcher_override or self._researcher_built
+                               or researchers_mod.create(self.spec, self.lab_dir))
             # the history since the latest (re-)baseline: what was measured under this base and spec (its
             # rows stay in the ledger, read in pages: nightlab.history)
             history = History.load(self.ledger, self.session.id, self.epoch)

@@ -32,7 +32,8 @@ def open_session_engine(lab: Path, tag: str | None, db: str | None, sandbox: str
                              "start one with `nightlab run` or `nightlab calibrate`")
         spec_json, _ = ledger.session_json(session.id)
     spec = Spec.model_validate_json(spec_json)
-    return Engine(lab, tag=session.tag, resume=True, db_url=db, spec=spec, sandbox_mode=sandbox)
+    return Engine(lab, tag=session.tag, resume=True, db_url=db, spec=spec, sandbox_mode=sandbox,
+                  build_researcher=False)
 
 
 class _Echo(Reporter):
@@ -58,7 +59,7 @@ def calibrate(lab: Path, tag: str | None, k: int | None, db: str | None, sandbox
     if exists:
         engine = open_session_engine(lab, tag, db, sandbox)
     else:
-        engine = Engine(lab, tag=tag, db_url=db, sandbox_mode=sandbox)
+        engine = Engine(lab, tag=tag, db_url=db, sandbox_mode=sandbox, build_researcher=False)
         engine.session = engine.ledger.update_session(
             engine.session.id, status="stopped", stop_reason="calibrated; continue: nightlab run --resume")
     engine.reporter = _Echo()
