@@ -241,7 +241,7 @@ def test_pipelining_proposes_while_the_slot_runs(make_lab):
 
 class Fresh(Plan):
     """A researcher that would rather see each result: proposing ahead only pays when waiting would idle the slot
-    for 90 % of a run (as ``search`` with GP says 50 %)."""
+    for 90 % of a run (the default, 1 %, would need runs of seconds here to show the same)."""
 
     ahead_share = 0.9
 

@@ -18,8 +18,8 @@ from nightlab.types import Candidate, Experiment, Session, Status
 RECORD_WAIT_S = 2.0  # the longest a proposal waits for the result of a run that is over to be recorded
 # Proposing ahead -- one result behind -- buys the slot the time it would wait for the proposal and its git work;
 # when that time is a small share of a run, the proposal waits for the result in flight instead and sees it. The
-# share below which it waits: the researcher's ``ahead_share`` (a sampler that loses much by proposing one result
-# behind, as Optuna's GP does, sets a larger one), else this.
+# share below which it waits: the researcher's ``ahead_share`` (0 for one that needs no results: random search),
+# else this.
 AHEAD_SHARE = 0.01
 
 
@@ -40,9 +40,9 @@ class Scheduler(SessionLifecycle):
         so that it sees the current history (it would leave the slot idle either way). It waits too
         when what it would save is negligible: when recording a result, proposing and staging the next
         candidate take less than the researcher's ``ahead_share`` of a run (``AHEAD_SHARE``, 1 %, by
-        default: a search proposal next to a 5-minute run), since a proposal one result behind may cost
-        the sampler more than that (measured for Optuna's GP: bench/gp_ahead.py). A band of 25 % either side
-        of the share keeps a gap near it from switching at every run.
+        default: a search proposal next to a 5-minute run): a proposal that sees one more result is worth
+        more than 1 % of a run. A band of 25 % either side of the share keeps a gap near it from switching at
+        every run.
         With ``[researcher] prefetch = N`` (researchers that allow concurrent proposals), up to N
         proposals are made at once, ahead of the runs, each on the history of its start.
         A proposal made while every slot is busy has its git work (worktree, files, commit, guard) done at
