@@ -25,6 +25,7 @@ Two parts (figures and commands in bench/README.md):
     python bench/efficiency.py labs --seeds 5
     python bench/efficiency.py labs --labs tinygpt --seeds 3 --tinygpt-steps 50 --tinygpt-s 120 --semantics measured
     python bench/efficiency.py labs ... --arms on --tag p50 --prune-set percentile=50   # another pruner setting
+    python bench/efficiency.py labs ... --arms off --ahead always --tag always   # proposals always made ahead
     python bench/efficiency.py replay bench-efficiency-labs.json --variant 'reference="completed"' --variant ''
     python bench/efficiency.py optuna --seeds 5 --trials 20 --sleep 1.0
     python bench/efficiency.py optuna --seeds 5 --trials 60 --sleep 1.0 --sampler gp
@@ -60,7 +61,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from nightlab import scheduler  # noqa: E402
 from nightlab.engine import Engine, Reporter  # noqa: E402
+from nightlab.scheduler import AHEAD_SHARE  # noqa: E402
 from nightlab.types import Experiment, Session, Status  # noqa: E402
 
 GIT_ENV = {"GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "b",
@@ -119,7 +122,7 @@ TINYGPT_FIXED = ("SEQ_LEN", "N_LAYER", "N_HEAD", "HEAD_DIM", "MLP_RATIO", "BATCH
 def lab_session(name: str, seed: int, semantics: str, prune_on: bool, budget: float, work: Path,
                 run_budget: float | None = None, run_steps: int | None = None,
                 prune_startup: int | None = None, prune_set: list[str] | None = None,
-                deadline: float | None = None) -> dict[str, Any]:
+                deadline: float | None = None, ahead: str = "auto") -> dict[str, Any]:
     edits, prune = LAB_SPECS[name]
     sets = dict(item.split("=", 1) for item in (prune_set or []))
     if prune_startup is not None:
@@ -151,6 +154,7 @@ def lab_session(name: str, seed: int, semantics: str, prune_on: bool, budget: fl
     (lab / "nightlab.toml").write_text(spec)
     subprocess.run(["git", "commit", "-qam", "bench spec"], cwd=lab, env={**os.environ, **GIT_ENV}, check=True)
     rep = Budget(budget, deadline)
+    scheduler.AHEAD_SHARE = 0.0 if ahead == "always" else AHEAD_SHARE  # --ahead always: the rule before 597a265
     eng = Engine(lab, tag="b", reporter=rep, sandbox_mode="none", max_experiments=0)
     rep.engine = eng
     eng.keep_semantics = semantics
@@ -180,6 +184,7 @@ def lab_session(name: str, seed: int, semantics: str, prune_on: bool, budget: fl
         "run_s": round(used, 2), "wall_s": round(wall, 1), "best_at_budget": best_at_budget, "best": best,
         "improvements_discarded": improvements_discarded,
         "lost_to_conflicts": sum(1 for e in exps if "conflicts with the new incumbent" in e.reason),
+        "stale": sum(1 for e in exps if e.evidence.get("stale")), "ahead": ahead,
         "pruned": sum(1 for e in exps if e.status is Status.PRUNED),
         "saved_s": round(sum(float(e.evidence.get("saved_s", 0.0)) for e in exps if e.status is Status.PRUNED), 2),
         "reach": reach, "load": [round(load0, 2), round(load1, 2)], "stopped_by": rep.stopped_by,
@@ -215,14 +220,15 @@ def labs(args: argparse.Namespace) -> None:
                             continue
                         r = lab_session(name, seed, semantics, prune_on, budget, Path(tmp),
                                         args.tinygpt_budget, args.tinygpt_steps, args.prune_startup, args.prune_set,
-                                        deadline)
+                                        deadline, args.ahead)
                         r.update(prune_startup=args.prune_startup, tag=args.tag)
                         if name == "tinygpt":
                             r.update(run_budget_s=args.tinygpt_budget, run_steps=args.tinygpt_steps)
                         rows.append(r)
                         out.write_text(json.dumps(rows))
                         print(f"{name} seed {seed} {semantics:8} prune {prune_on!s:5} best {r['best_at_budget']:.5g} "
-                              f"runs {r['experiments']} run_s {r['run_s']} lost {r['lost_to_conflicts']} "
+                              f"runs {r['experiments']} run_s {r['run_s']} stale {r['stale']} "
+                              f"lost {r['lost_to_conflicts']} "
                               f"discarded-better {r['improvements_discarded']} pruned {r['pruned']} "
                               f"saved {r['saved_s']}s load {r['load']} pruned at "
                               f"{[x['pruned_at'] for x in r['runs'] if x['pruned_at'] is not None]}", flush=True)
@@ -249,6 +255,32 @@ def summarize_labs(rows: list[dict[str, Any]]) -> None:
         # run-seconds pruning needs to reach the best that no pruning reached at the full budget
         for tag in dict.fromkeys(r.get("tag", "") for r in rows if r["lab"] == name and r["prune"]):
             pruning_ratio(rows, name, tag)
+        ahead_compare(rows, name)
+
+
+def ahead_compare(rows: list[dict[str, Any]], name: str) -> None:
+    """Pruning off, the measured semantics: nightlab's rule (``--ahead auto``) against proposals always made ahead
+    (``--ahead always``), seed by seed: the best at budget, stale candidates, runs."""
+    by: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in rows:
+        if r["lab"] == name and not r["prune"] and r["semantics"] == "measured":
+            by.setdefault(r.get("ahead", "always"), {})[r["seed"]] = r  # rows from before the rule: always ahead
+    seeds = sorted(set(by.get("auto", {})) & set(by.get("always", {})))
+    if not seeds:
+        return
+    a, w = [by["auto"][s] for s in seeds], [by["always"][s] for s in seeds]
+    better = sum(x["best_at_budget"] < y["best_at_budget"] for x, y in zip(a, w, strict=True))
+    worse = sum(x["best_at_budget"] > y["best_at_budget"] for x, y in zip(a, w, strict=True))
+    print(f"\n{name}, pruning off: proposals after the result when ahead saves < 1 % of a run (auto) vs always ahead, "
+          f"{len(seeds)} seeds")
+    print("| seed | best at budget, auto / always | stale candidates | runs | wall s |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for s, x, y in zip(seeds, a, w, strict=True):
+        print(f"| {s} | {x['best_at_budget']:.5g} / {y['best_at_budget']:.5g} | {x['stale']} / {y['stale']} | "
+              f"{x['experiments']} / {y['experiments']} | {x['wall_s']} / {y['wall_s']} |")
+    ma, mw = (statistics.mean(r["best_at_budget"] for r in g) for g in (a, w))
+    print(f"auto better in {better}, worse in {worse}, tie {len(seeds) - better - worse} "
+          f"(sign test p = {sign_test(better, worse):.3g}); mean best {ma:.5g} vs {mw:.5g}")
 
 
 def steps_to_reach(row: dict[str, Any], target: float) -> float | None:
@@ -639,6 +671,9 @@ def main() -> None:
     a.add_argument("--arms", nargs="+", choices=["off", "on"], default=["off", "on"],
                    help="pruning off, on, or both (default)")
     a.add_argument("--tag", default="", help="a label for these rows (rows with another tag are not re-run)")
+    a.add_argument("--ahead", choices=["auto", "always"], default="auto",
+                   help="when the next proposal is made: auto (nightlab's rule: after the result when proposing "
+                        "ahead saves under 1 %% of a run) or always ahead (the rule before it; give it its own --tag)")
     a.add_argument("--out", default="bench-efficiency-labs.json")
     b = sub.add_parser("optuna")
     b.add_argument("--seeds", type=int, default=20)

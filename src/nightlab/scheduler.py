@@ -78,7 +78,7 @@ class Scheduler(SessionLifecycle):
         queue: deque[tuple[int, Future[tuple[Candidate | None, float]]]] = deque()
         est: dict[str, float] = {}  # moving averages: "propose", "run", "stage", "record" seconds
         ahead_shown: bool | None = None
-        share = getattr(self.researcher, "ahead_share", AHEAD_SHARE)
+        share = getattr(self.researcher, "ahead_share", None)  # None: no preference
         share = float(share) if isinstance(share, (int, float)) and share >= 0 else AHEAD_SHARE
 
         def learn(what: str, seconds: float) -> None:
