@@ -97,9 +97,9 @@ class Scheduler(SessionLifecycle):
             ok = not slow and gap >= share * est["run"] * (0.8 if ahead_shown in (None, True) else 1.25)
             if ok != ahead_shown:
                 if ahead_shown is not None or not ok:
-                    why = (f"proposing takes {est['propose']:.1f}s, running {est['run']:.1f}s" if ok or slow else
-                           f"recording, proposing and staging take {100 * gap / max(est['run'], 1e-9):.2g}% "
-                           f"of a run (< {100 * share:.2g}%)")
+                    why = (f"proposing takes {est['propose']:.1f}s, running {est['run']:.1f}s; recording, proposing "
+                           f"and staging {100 * gap / max(est['run'], 1e-9):.2g}% of a run (ahead from "
+                           f"{100 * share:.2g}%)")
                     how = "proposing ahead" if ok else "waiting for the result in flight before proposing"
                     self.events.emit("scheduler", pipeline_ahead=ok, propose_s=round(est["propose"], 3),
                                      run_s=round(est["run"], 3), gap_s=round(gap, 3), ahead_share=share)

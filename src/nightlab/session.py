@@ -508,6 +508,9 @@ class SessionLifecycle(Pipeline):
         return self.session
 
     def close(self) -> None:
+        if self.researcher is None and self._researcher_built is not None:  # built, never run (run() closes its own)
+            with contextlib.suppress(Exception):
+                self._researcher_built.close()
         if self.notifier is not None:
             self.notifier.close()  # waits (bounded) so that "session stopped" goes out before we exit
         if self.ray is not None:
