@@ -88,21 +88,24 @@ class Scheduler(SessionLifecycle):
             nonlocal ahead_shown
             if not ex.pipeline:
                 return False
-            if "propose" not in est or "run" not in est:
+            # before any candidate's run is timed, the share rule takes the baseline's run (the other rule does
+            # not: a baseline can be much quicker than its candidates, and a slow proposal would then never go ahead)
+            run_s = est.get("run", base_run)
+            if "propose" not in est or run_s is None:
                 return True
             # what the slot would wait for: the result's records, the proposal, its git work
             gap = est.get("record", 0.0) + est["propose"] + est.get("stage", 0.0)
-            slow = est["propose"] > est["run"]
+            slow = "run" in est and est["propose"] > est["run"]
             # a band of +-25 % around the share, so that a gap near it does not switch at every run
-            ok = not slow and gap >= share * est["run"] * (0.8 if ahead_shown in (None, True) else 1.25)
+            ok = not slow and gap >= share * run_s * (0.8 if ahead_shown in (None, True) else 1.25)
             if ok != ahead_shown:
                 if ahead_shown is not None or not ok:
-                    why = (f"proposing takes {est['propose']:.1f}s, running {est['run']:.1f}s; recording, proposing "
-                           f"and staging {100 * gap / max(est['run'], 1e-9):.2g}% of a run (ahead from "
+                    why = (f"proposing takes {est['propose']:.1f}s, running {run_s:.1f}s; recording, proposing "
+                           f"and staging {100 * gap / max(run_s, 1e-9):.2g}% of a run (ahead from "
                            f"{100 * share:.2g}%)")
                     how = "proposing ahead" if ok else "waiting for the result in flight before proposing"
                     self.events.emit("scheduler", pipeline_ahead=ok, propose_s=round(est["propose"], 3),
-                                     run_s=round(est["run"], 3), gap_s=round(gap, 3), ahead_share=share)
+                                     run_s=round(run_s, 3), gap_s=round(gap, 3), ahead_share=share)
                     self.reporter.message(f"{how}: {why}")
                 ahead_shown = ok
             return ok
@@ -135,6 +138,7 @@ class Scheduler(SessionLifecycle):
             if e.idx > 0 and e.run_s > 0:  # candidates' runs (the baseline may be unlike them)
                 learn("run", e.run_s)
                 learn("stage", _stage_s(e))
+        base_run = next((e.run_s for e in reversed(history) if e.idx == 0 and e.run_s > 0), None)
         try:
             while True:
                 if not reason:
