@@ -255,7 +255,5 @@ class Scheduler(SessionLifecycle):
 
 def _stage_s(exp: Experiment) -> float:
     """The candidate's git work (guard, worktree, commit): what a slot waits for when it is not staged ahead."""
-    timing = exp.evidence.get("timing") if isinstance(exp.evidence, dict) else None
-    if not isinstance(timing, dict):
-        return 0.0
-    return float(sum(v for k, v in timing.items() if k in ("guard", "worktree") and isinstance(v, (int, float))))
+    timing = exp.evidence.get("timing") or {}
+    return float(timing.get("guard", 0.0) + timing.get("worktree", 0.0))
