@@ -778,11 +778,14 @@ FAKE_CURVES = {
     "crashed": [([(s, 0.0) for s in range(1, 101)], Status.CRASH, math.nan)] * 3,
     # three true improvements (7.0, 6.5, 6.0: kept) that print 0.0: the bar can only lean on trusted finals
     "improvements": [([(s, 0.0) for s in range(1, 101)], Status.KEEP, m) for m in (7.0, 6.5, 6.0)],
+    # three true improvements, just short of the honest one (5.5), that print their final value from step 1:
+    # a bar no clamp to a run's own final value lowers, and far below any honest curve at 25 % of its steps
+    "improvements-flat": [([(s, m) for s in range(1, 101)], Status.KEEP, m) for m in (5.6, 5.55, 5.52)],
 }
 
 
 @pytest.mark.parametrize(("fake", "figure"), [(f, g) for f in FAKE_CURVES for g in ("score", "train_score")
-                                               if (f, g) != ("improvements", "train_score")])  # the next test
+                                               if not (f.startswith("improvements") and g == "train_score")])
 def test_fake_progress_lines_do_not_prune_an_honest_improvement(fake, figure):
     """Broke on main: three candidates whose runs print ``nightlab: step=N score=0.0`` and are then
     discarded on their trusted metric (50) made the median pruner stop an honest candidate that would
@@ -791,15 +794,21 @@ def test_fake_progress_lines_do_not_prune_an_honest_improvement(fake, figure):
     the runs that finished better than it (so no better than the baseline's curve when it finished worse
     than the baseline), no better than its own trusted final metric when the progress figure is the
     metric, and a pruned run's no better than where it was stopped (defence in depth: the median pruner
-    judges a run's best value so far). With another progress figure (``train_score``) the own-final
-    anchor is missing: true improvements printing fake curves still set the bar (next test)."""
+    judges a run's best value so far). Then three true improvements that print their final value from the
+    first step (``improvements-flat``) still set a bar far below any honest curve at a quarter of its
+    steps; now a completed run's curve is also no better than its final value plus, at each step, the
+    baseline's distance from its own last value (prune.Tie). With another progress figure
+    (``train_score``) the improvements are the next test's."""
     assert _prune_session(figure, "score", FAKE_CURVES[fake]) is None
 
 
-@pytest.mark.xfail(strict=True, reason="open: with [prune] figure other than the metric (tinygpt's train_bpb), "
-                   "kept runs' curves have no trusted anchor (docs/security.md, 'Not covered')")
-def test_true_improvements_with_fake_curves_of_another_figure_do_not_prune_an_honest_one():
-    assert _prune_session("train_score", "score", FAKE_CURVES["improvements"]) is None
+@pytest.mark.parametrize("fake", ["improvements", "improvements-flat"])
+def test_true_improvements_with_fake_curves_of_another_figure_do_not_prune_an_honest_one(fake):
+    """Broke on main (a strict xfail until then): with ``[prune] figure`` other than the metric (tinygpt's
+    ``train_bpb``), three true improvements that print 0.0 set the bar and the honest improvement was
+    stopped. Fixed in prune.Percentile: the baseline's last progress value minus its trusted metric ties the
+    figure to the metric, and a completed run's curve is no better than its own metric plus that gap."""
+    assert _prune_session("train_score", "score", FAKE_CURVES[fake]) is None
 
 
 @needs_bwrap

@@ -177,6 +177,73 @@ def test_resume_judges_new_runs_against_the_stored_curves(make_lab):
         assert 'class="nl-curve"' in kept and "polyline" in kept and "pruned-at" not in kept
 
 
+# the progress figure is not the metric (tinygpt prunes on train_bpb, keeps on val_bpb); FAKE = 1 prints 0.0
+OTHER = CURVED.replace("X = 3.0", "X = 3.0\nFAKE = 0").replace(
+    'score={final * (1 + 1 / step):.6f}', 'train_score={0.0 if FAKE else final * (1 + 1 / step):.6f}')
+OTHER_SPEC = PRUNE_SPEC.replace('pruner = "median"\n', 'pruner = "median"\nfigure = "train_score"\n')
+
+
+class Fakes(Steps):
+    """Each X in turn; a negative X is -X with a fake curve (0.0 at every step)."""
+
+    def propose(self, ctx: Context) -> Candidate:
+        x = self.xs[(ctx.idx - 1) % len(self.xs)]
+        code = OTHER.replace("X = 3.0", f"X = {abs(x)}").replace("FAKE = 0", f"FAKE = {int(x < 0)}")
+        return Candidate(parent=ctx.parent, rationale=f"X = {x}", files={"target.py": code})
+
+
+def test_true_improvements_printing_fake_curves_of_another_figure_set_no_bar_after_a_resume(make_lab):
+    """Broke on main (the strict xfail in test_attacks_more.py): with ``[prune] figure`` other than the
+    metric, three candidates that truly improve the metric but print ``train_score=0.0`` made the median
+    pruner stop an honest improvement. Now the baseline ties the figure to the metric (its last progress
+    value minus its trusted metric) and a completed run's curve is no better than its own metric plus that
+    gap; the tie is rebuilt from the ledger on resume, so after it the honest improvement runs to its end
+    and a hopeless run is still stopped."""
+    lab = make_lab(files={"target.py": OTHER}, spec=OTHER_SPEC)
+    eng = Engine(lab, tag="fk", researcher=Fakes([-2.5, -2.0, -1.5]), sandbox_mode="none", max_experiments=3)
+    eng.run()
+    eng.close()
+    eng = Engine(lab, tag="fk", resume=True, researcher=Fakes([9.0, 1.2]), sandbox_mode="none",
+                 max_experiments=5)  # idx 4: 1.2, idx 5: 9.0
+    session = eng.run()
+    by = {e.idx: e for e in eng.ledger.experiments(session.id)}
+    eng.close()
+    assert [by[i].status for i in range(4)] == [Status.KEEP] * 4, [(e.status, e.reason) for e in by.values()]
+    assert by[1].evidence["curve"][0] == [1, 0.0]  # the fakes' curves are stored as printed
+    honest, hopeless = by[4], by[5]
+    assert honest.status is Status.KEEP and len(honest.evidence["curve"]) == 10, (honest.status, honest.reason)
+    assert hopeless.status is Status.PRUNED and hopeless.evidence["pruned_at"] == 2, (hopeless.status,
+                                                                                        hopeless.reason)
+
+
+def test_without_a_baseline_curve_of_another_figure_the_median_pruner_stops_nothing():
+    """With ``[prune] figure`` other than the metric, only the baseline (the user's code) ties the curves to
+    the trusted metric; when it printed none of that figure, the candidates' curves alone set no bar."""
+    import threading
+
+    spec = PruneSpec(pruner="median", startup_runs=1, warmup_fraction=0, figure="train_loss")
+    stop = threading.Event()
+    for baseline_curve, pruned_at in ((False, None), (True, 1)):
+        pruner = Pruner(spec, "train_loss", Direction.MINIMIZE, "val_loss")
+        base = pruner.watch(None, stop, prunable=False)
+        if baseline_curve:
+            for step in range(1, 11):
+                base.feed(f"nightlab: step={step} train_loss={10 - step / 2}")
+        base.close()
+        base.finish(Status.KEEP, 5.2, 1.0)
+        good = pruner.watch(None, stop, prunable=True)  # a candidate's curve, a candidate's word
+        for step in range(1, 11):
+            good.feed(f"nightlab: step={step} train_loss={5 - step / 2}")
+        good.close()
+        good.finish(Status.KEEP, 0.2, 1.0)
+        bad = pruner.watch(None, stop, prunable=True)
+        for step in range(1, 11):
+            bad.feed(f"nightlab: step={step} train_loss={100 - step}")
+        bad.close()
+        assert bad.pruned_at == pruned_at, baseline_curve
+        bad.finish(Status.PRUNED if bad.pruned_at else Status.DISCARD, None if bad.pruned_at else 90.0, 1.0)
+
+
 def test_the_watch_reads_a_log_written_by_someone_else(tmp_path: Path):
     """Decoupled from the sandbox: the watch tails whatever file the run's log is, even rewritten."""
     import threading

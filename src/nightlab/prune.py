@@ -37,14 +37,16 @@ least that keeps it off initialisation noise whatever the step unit is.
 Progress lines are advisory and untrusted: they can only stop a run early, never make it kept. A
 finished run's curve is a reference for later runs, so a run could print a fake good curve, be
 discarded on its trusted metric, and leave a bar that prunes honest runs: a reference value is
-therefore clamped by trusted results (:meth:`Percentile._value`). Not covered: with ``[prune] figure``
-other than the metric, runs that truly improve on all before them can still print fake curves
-(docs/security.md).
+therefore clamped by trusted results (:meth:`Percentile._value`), the baseline's curve among them
+(:class:`Tie`: the user's code ties the progress figure to the trusted metric, and shows how far above
+its end a curve is at each step). With ``[prune] figure`` other than the metric and no baseline curve,
+the median pruner stops nothing.
 The baseline is watched (its curve is the first reference) but never pruned.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 import statistics
@@ -71,6 +73,34 @@ if TYPE_CHECKING:
 
 PROGRESS = re.compile(r"^nightlab:\s+step=(\d+)((?:\s+[A-Za-z_][\w.\-/]*=\S+)+)\s*$")
 MAX_POINTS = 1000  # a stored curve is thinned to at most this many points
+
+
+class Tie:
+    """What the baseline's run (the user's code, watched, never pruned) says about curves, the one
+    trusted tie between progress lines and the metric: ``offset``, its last progress value minus its
+    trusted metric, and at each step it reported, how far that value was from its last one."""
+
+    def __init__(self) -> None:
+        self.offset: float | None = None
+        self.steps: list[int] = []
+        self.gaps: list[float] = []
+
+    def set(self, values: dict[int, float], metric: float) -> None:
+        finite = {s: v for s, v in values.items() if math.isfinite(v)}
+        if not finite or max(finite) != max(values) or not math.isfinite(values[max(values)] - metric):
+            return  # its last value is not a number: no tie
+        last = values[max(values)]
+        self.offset = last - metric
+        self.steps = sorted(finite)
+        self.gaps = [finite[s] - last for s in self.steps]
+
+    def gap(self, step: int, maximize: bool) -> float:
+        """How far (worse) the baseline was from its last value at ``step`` (its nearest report at or
+        before it); 0 where it was better, or without a curve."""
+        if not self.steps:
+            return 0.0
+        g = self.gaps[max(0, bisect.bisect_right(self.steps, step) - 1)]
+        return min(0.0, g) if maximize else max(0.0, g)
 
 
 def parse_progress(line: str) -> tuple[int, dict[str, float]] | None:
@@ -146,14 +176,16 @@ class Percentile(optuna.pruners.BasePruner):
     other run reached prunes nothing; a run with only NaN values so far is pruned (diverged)."""
 
     def __init__(self, percentile: float, startup_runs: int, warmup_steps: int, reference: str,
-                 anchored: bool = False) -> None:
+                 anchored: bool = False, tie: Tie | None = None) -> None:
         self.percentile = percentile
         self.startup_runs = startup_runs
         self.warmup_steps = warmup_steps
         self.reference = reference
         self.anchored = anchored  # the progress figure is the metric: a completed run's trusted value anchors it
+        self.tie = tie or Tie()  # the baseline's curve and metric (set by Pruner when the baseline finished)
 
-    def _value(self, t: optuna.trial.FrozenTrial, step: int, maximize: bool, cap: float | None) -> float:
+    def _value(self, t: optuna.trial.FrozenTrial, step: int, maximize: bool, cap: float | None,
+               offset: float | None = None) -> float:
         """Trial ``t``'s value at ``step`` as a reference, no better than what the run is known to reach.
 
         Progress lines are the run's word. A run can print a curve far better than it is, then be
@@ -165,15 +197,24 @@ class Percentile(optuna.pruners.BasePruner):
           baseline is no better than the baseline's curve (the user's code, watched, never pruned), so fake
           curves need runs that truly beat every run before them; honest curves that cross only make the
           bar more lenient;
-        - when the progress figure is the metric, also no better than its own trusted final value (an
-          honest loss curve is worse before its end than at it, so honest curves barely change);
+        - also no better than its own trusted final value, plus, at this step, the baseline's distance from
+          its own last value (``gap``; :class:`Tie`): a run that truly improved but printed a fake curve
+          (0.0 throughout, or its final value from the first step) is where a baseline-shaped curve ending
+          at its metric would be. The final value is the metric plus ``offset``, the baseline's last progress
+          value minus its metric (when the progress figure is the metric, only where that is worse). An
+          honest curve that learns no faster than the baseline is not changed; one that does only makes
+          the bar more lenient;
         - a pruned run's, no better than its value where it was stopped (it was judged worse than the bar
           there; the median pruner judges the best value so far, so this is defence in depth).
+
+        ``offset``: what a completed run's trusted value is moved by to bound its curve at ``step`` (the
+        final value's offset plus the baseline's gap there; None: no bound from it).
         """
         v = t.intermediate_values[step]
         bounds = [] if cap is None else [cap]
-        if t.state is TrialState.COMPLETE and self.anchored and t.value is not None and math.isfinite(t.value):
-            bounds.append(t.value)
+        if t.state is TrialState.COMPLETE and t.value is not None and math.isfinite(t.value):
+            if offset is not None:
+                bounds.append(t.value + offset)
         elif t.state is TrialState.PRUNED:
             bounds.append(t.intermediate_values[max(t.intermediate_values)])
         for b in bounds:
@@ -205,7 +246,13 @@ class Percentile(optuna.pruners.BasePruner):
         finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
         if sum(t.state is TrialState.COMPLETE for t in finished) < max(1, self.startup_runs):
             return False
+        if not self.anchored and self.tie.offset is None:
+            return False  # another figure than the metric, and no baseline curve ties them: no trusted bar
         maximize = study.direction is optuna.study.StudyDirection.MAXIMIZE
+        offset = self.tie.offset or 0.0
+        if self.anchored:  # never looser than the run's own trusted value
+            offset = min(0.0, offset) if maximize else max(0.0, offset)
+        offset += self.tie.gap(step, maximize)
         worst = -math.inf if maximize else math.inf
         others: list[float] = []
         caps = self._caps(finished, step, maximize)
@@ -214,7 +261,7 @@ class Percentile(optuna.pruners.BasePruner):
                 continue
             if step in t.intermediate_values:
                 if not math.isnan(t.intermediate_values[step]):
-                    others.append(self._value(t, step, maximize, caps.get(t.number)))
+                    others.append(self._value(t, step, maximize, caps.get(t.number), offset))
             elif (self.reference == "all" and t.state is TrialState.PRUNED and t.intermediate_values
                   and max(t.intermediate_values) < step):
                 others.append(worst)  # stopped before this step for being worse than the bar
@@ -228,18 +275,19 @@ class Percentile(optuna.pruners.BasePruner):
         return max(mine) < bar if maximize else min(mine) > bar
 
 
-def make_pruner(spec: PruneSpec, anchored: bool = False) -> optuna.pruners.BasePruner | None:
-    """The pruner ``spec`` names; ``anchored``: the progress figure is the metric (see :meth:`Percentile._value`)."""
-    pruner = _pruner(spec, anchored)
+def make_pruner(spec: PruneSpec, anchored: bool = False, tie: Tie | None = None) -> optuna.pruners.BasePruner | None:
+    """The pruner ``spec`` names; ``anchored``: the progress figure is the metric; ``tie``: the baseline's
+    (see :meth:`Percentile._value`)."""
+    pruner = _pruner(spec, anchored, tie)
     if pruner is not None and spec.pruner == "median" and (spec.warmup_fraction > 0 or spec.finish_fraction < 1):
         return WarmupFraction(pruner, spec.warmup_fraction, spec.finish_fraction)
     return pruner
 
 
-def _pruner(spec: PruneSpec, anchored: bool = False) -> optuna.pruners.BasePruner | None:
+def _pruner(spec: PruneSpec, anchored: bool = False, tie: Tie | None = None) -> optuna.pruners.BasePruner | None:
     if spec.pruner == "median" and spec.reference != "completed":
         return Percentile(spec.percentile, spec.startup_runs, spec.warmup_steps, spec.reference,
-                          anchored=anchored)
+                          anchored=anchored, tie=tie)
     if spec.pruner == "median":
         return optuna.pruners.PercentilePruner(spec.percentile, n_startup_trials=spec.startup_runs,
                                                n_warmup_steps=spec.warmup_steps)
@@ -267,8 +315,9 @@ class Pruner:
         self.full_runs_s: list[float] = []  # run seconds of runs that went to their end
         if optuna.logging.get_verbosity() < optuna.logging.WARNING:
             optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.tie = Tie()
         anchored = metric_name in (None, metric)
-        self.study = optuna.create_study(direction=direction.value, pruner=make_pruner(spec, anchored)
+        self.study = optuna.create_study(direction=direction.value, pruner=make_pruner(spec, anchored, self.tie)
                                          or optuna.pruners.NopPruner(),
                                          sampler=optuna.samplers.RandomSampler(seed=0))
 
@@ -289,10 +338,18 @@ class Pruner:
             elif e.metric is not None and math.isfinite(e.metric):
                 trial = create_trial(state=TrialState.COMPLETE, value=e.metric, intermediate_values=values)
                 self.full_runs_s.append(e.run_s)
+                if e.evidence.get("policy") == "baseline":
+                    self.baseline(values, e.metric)
             else:
                 continue
             with self.lock:
                 self.study.add_trial(trial)
+
+    def baseline(self, values: dict[int, float], metric: float) -> None:
+        """The baseline finished with ``metric`` (trusted) after reporting ``values``: the tie of later runs'
+        curves to their metrics (:class:`Tie`)."""
+        with self.lock:
+            self.tie.set(values, metric)
 
     def saved_s(self, run_s: float, budget_s: float) -> float:
         """Run seconds a pruned run saved: the median full run's time minus its own (never negative)."""
@@ -315,6 +372,7 @@ class Watch:
         self.log_path = Path(log_path) if log_path is not None else None
         self.stop = stop
         self.prunable = prunable and pruner.enabled
+        self.is_baseline = not prunable  # the user's code: its curve and metric tie the figure to the metric
         self.cancel = threading.Event()
         self.curve: list[list[float]] = []
         self.pruned_at: int | None = None
@@ -401,6 +459,7 @@ class Watch:
         out: dict[str, Any] = {"curve": thin(self.curve)} if self.curve else {}
         if self.trial is None:
             return out
+        base = False
         with self.pruner.lock:
             if status is Status.PRUNED:
                 self.pruner.study.tell(self.trial, state=TrialState.PRUNED)
@@ -408,8 +467,11 @@ class Watch:
             elif metric is not None and math.isfinite(metric) and status in (Status.KEEP, Status.DISCARD):
                 self.pruner.study.tell(self.trial, metric)
                 self.pruner.full_runs_s.append(run_s)
+                base = self.is_baseline and status is Status.KEEP
             else:
                 self.pruner.study.tell(self.trial, state=TrialState.FAIL)
+        if base and metric is not None:
+            self.pruner.baseline({int(step): value for step, value in self.curve}, metric)
         return out
 
 
