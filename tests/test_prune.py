@@ -3,6 +3,7 @@ curves stored and drawn, the time saved shown by `status`, the dashboard and the
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -242,6 +243,64 @@ def test_without_a_baseline_curve_of_another_figure_the_median_pruner_stops_noth
         bad.close()
         assert bad.pruned_at == pruned_at, baseline_curve
         bad.finish(Status.PRUNED if bad.pruned_at else Status.DISCARD, None if bad.pruned_at else 90.0, 1.0)
+
+
+def test_a_run_flooding_its_log_with_progress_lines_is_judged_up_to_a_cap_and_stored_thinned(monkeypatch):
+    """Optuna's in-memory storage copies a trial's values at every report, so a run printing 10^5 progress
+    lines cost the harness minutes (bench/prune_cost.py). A run reports at most ``MAX_REPORTS`` points (each
+    judged); the rest of its curve is stored thinned, steps increasing; the pruner still judges later runs."""
+    import threading
+
+    from nightlab import prune
+
+    monkeypatch.setattr(prune, "MAX_REPORTS", 50)
+    monkeypatch.setattr(prune, "MAX_POINTS", 20)
+    pruner = Pruner(PruneSpec(pruner="median", startup_runs=1, warmup_fraction=0), "loss", Direction.MINIMIZE)
+    stop = threading.Event()
+    base = pruner.watch(None, stop, prunable=False)
+    for step in range(1, 101):
+        base.feed(f"nightlab: step={step} loss={5 + 10 / step}")
+    base.close()
+    base.finish(Status.KEEP, 5.0, 1.0)
+    flood = pruner.watch(None, stop, prunable=True)
+    for step in [*range(1, 301), 7, 150, 299, 1000]:  # honest up to 100, then on; repeats and a step back
+        flood.feed(f"nightlab: step={step} loss={4 + 10 / step}")
+    flood.close()
+    assert flood.pruned_at is None and flood.trial is not None
+    assert sorted(pruner.study.trials[1].intermediate_values) == list(range(1, 51))  # reported: the first 50
+    steps = [p[0] for p in flood.curve]
+    assert len(steps) <= 2 * 20 and steps == sorted(set(steps)) and steps[-1] == 1000
+    flood.finish(Status.DISCARD, 4.0, 1.0)
+    bad = pruner.watch(None, stop, prunable=True)
+    for step in range(1, 11):
+        bad.feed(f"nightlab: step={step} loss={50 + 10 / step}")
+    bad.close()
+    assert bad.pruned_at == 1
+
+
+def test_the_pruners_incremental_reading_agrees_with_reading_every_value():
+    """prune.Seen reads only the values added since its last call; it must agree with max/min over all."""
+    import random
+
+    import optuna
+
+    from nightlab.prune import Seen
+
+    rng = random.Random(0)
+    for maximize in (False, True):
+        study = optuna.create_study(direction="maximize" if maximize else "minimize")
+        trial = study.ask()
+        seen = Seen(maximize)
+        values: dict[int, float] = {}
+        for step in rng.sample(range(1, 10_000), 300):  # steps in any order, NaN among the values
+            v = math.nan if rng.random() < 0.1 else rng.uniform(-5, 5)
+            trial.report(v, step)
+            values[step] = v
+            if rng.random() < 0.3:
+                frozen = study.trials[-1]
+                finite = [x for x in values.values() if not math.isnan(x)]
+                want = (max(finite) if maximize else min(finite)) if finite else None
+                assert seen(frozen) == (max(values), want)
 
 
 def test_the_watch_reads_a_log_written_by_someone_else(tmp_path: Path):

@@ -73,6 +73,36 @@ if TYPE_CHECKING:
 
 PROGRESS = re.compile(r"^nightlab:\s+step=(\d+)((?:\s+[A-Za-z_][\w.\-/]*=\S+)+)\s*$")
 MAX_POINTS = 1000  # a stored curve is thinned to at most this many points
+# Points a run reports to the pruning study (and is judged at): Optuna's in-memory storage copies a trial's values
+# at every report, so a run printing 10^5 lines would cost the harness minutes; past this the run goes on unjudged
+# (its curve still stored, thinned). Every step of a 5-minute autoresearch run is well under it.
+MAX_REPORTS = 10_000
+
+
+class Seen:
+    """Per trial, its last step and its best value so far (NaN skipped), read incrementally: a trial's
+    values only grow, newest last, so each call reads only the values added since the one before (the
+    judged run's own curve and the finished runs' last steps are asked at every report)."""
+
+    def __init__(self, maximize: bool) -> None:
+        self.maximize = maximize
+        self._by: dict[int, tuple[int, int | None, float | None]] = {}
+
+    def __call__(self, t: optuna.trial.FrozenTrial) -> tuple[int | None, float | None]:
+        values = t.intermediate_values
+        n, last, best = self._by.get(t.number, (0, None, None))
+        if len(values) == n:
+            return last, best
+        if len(values) < n:  # a trial made again (not by nightlab): read it whole
+            n, last, best = 0, None, None
+        items = reversed(values.items())
+        for _ in range(len(values) - n):
+            step, v = next(items)
+            last = step if last is None else max(last, step)
+            if not math.isnan(v):
+                best = v if best is None else (max(best, v) if self.maximize else min(best, v))
+        self._by[t.number] = (len(values), last, best)
+        return last, best
 
 
 class Tie:
@@ -142,15 +172,17 @@ class WarmupFraction(optuna.pruners.BasePruner):
         self.inner = inner
         self.fraction = fraction
         self.finish = finish
+        self.seen: Seen | None = None
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
-        step = trial.last_step
+        if self.seen is None:
+            self.seen = Seen(study.direction is optuna.study.StudyDirection.MAXIMIZE)
+        step = self.seen(trial)[0]
         if step is None:
             return False
         if self.fraction > 0 or self.finish < 1:
-            full = max((max(t.intermediate_values) for t in study.get_trials(deepcopy=False,
-                                                                              states=(TrialState.COMPLETE,))
-                        if t.intermediate_values), default=None)
+            lasts = (self.seen(t)[0] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+            full = max((last for last in lasts if last is not None), default=None)
             if full is None and self.fraction > 0:
                 return False
             if full is not None and not self.fraction * full <= step < self.finish * full:
@@ -183,9 +215,10 @@ class Percentile(optuna.pruners.BasePruner):
         self.reference = reference
         self.anchored = anchored  # the progress figure is the metric: a completed run's trusted value anchors it
         self.tie = tie or Tie()  # the baseline's curve and metric (set by Pruner when the baseline finished)
+        self.seen: Seen | None = None
 
     def _value(self, t: optuna.trial.FrozenTrial, step: int, maximize: bool, cap: float | None,
-               offset: float | None = None) -> float:
+               offset: float | None = None, last: int | None = None) -> float:
         """Trial ``t``'s value at ``step`` as a reference, no better than what the run is known to reach.
 
         Progress lines are the run's word. A run can print a curve far better than it is, then be
@@ -208,7 +241,7 @@ class Percentile(optuna.pruners.BasePruner):
           there; the median pruner judges the best value so far, so this is defence in depth).
 
         ``offset``: what a completed run's trusted value is moved by to bound its curve at ``step`` (the
-        final value's offset plus the baseline's gap there; None: no bound from it).
+        final value's offset plus the baseline's gap there; None: no bound from it); ``last``: its last step.
         """
         v = t.intermediate_values[step]
         bounds = [] if cap is None else [cap]
@@ -216,7 +249,7 @@ class Percentile(optuna.pruners.BasePruner):
             if offset is not None:
                 bounds.append(t.value + offset)
         elif t.state is TrialState.PRUNED:
-            bounds.append(t.intermediate_values[max(t.intermediate_values)])
+            bounds.append(t.intermediate_values[last if last is not None else max(t.intermediate_values)])
         for b in bounds:
             if not math.isnan(b):
                 v = min(v, b) if maximize else max(v, b)
@@ -240,7 +273,10 @@ class Percentile(optuna.pruners.BasePruner):
         return caps
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
-        step = trial.last_step
+        maximize = study.direction is optuna.study.StudyDirection.MAXIMIZE
+        if self.seen is None:
+            self.seen = Seen(maximize)
+        step, mine = self.seen(trial)
         if step is None or step < self.warmup_steps:
             return False
         finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
@@ -248,7 +284,6 @@ class Percentile(optuna.pruners.BasePruner):
             return False
         if not self.anchored and self.tie.offset is None:
             return False  # another figure than the metric, and no baseline curve ties them: no trusted bar
-        maximize = study.direction is optuna.study.StudyDirection.MAXIMIZE
         offset = self.tie.offset or 0.0
         if self.anchored:  # never looser than the run's own trusted value
             offset = min(0.0, offset) if maximize else max(0.0, offset)
@@ -259,20 +294,19 @@ class Percentile(optuna.pruners.BasePruner):
         for t in finished:
             if t.number == trial.number:
                 continue
+            last = self.seen(t)[0] if t.state is TrialState.PRUNED else None
             if step in t.intermediate_values:
                 if not math.isnan(t.intermediate_values[step]):
-                    others.append(self._value(t, step, maximize, caps.get(t.number), offset))
-            elif (self.reference == "all" and t.state is TrialState.PRUNED and t.intermediate_values
-                  and max(t.intermediate_values) < step):
+                    others.append(self._value(t, step, maximize, caps.get(t.number), offset, last))
+            elif self.reference == "all" and last is not None and last < step:
                 others.append(worst)  # stopped before this step for being worse than the bar
         if not others:
             return False
-        mine = [v for v in trial.intermediate_values.values() if not math.isnan(v)]
-        if not mine:
+        if mine is None:  # only NaN so far: diverged
             return True
         bar = float(np.percentile(others, 100 - self.percentile if maximize else self.percentile,
                                   method="lower" if maximize else "higher"))
-        return max(mine) < bar if maximize else min(mine) > bar
+        return mine < bar if maximize else mine > bar
 
 
 def make_pruner(spec: PruneSpec, anchored: bool = False, tie: Tie | None = None) -> optuna.pruners.BasePruner | None:
@@ -427,12 +461,16 @@ class Watch:
             return
         step, figures = parsed
         value = figures.get(self.pruner.metric)
-        if value is None or step in self._steps or self.pruned_at is not None:
+        if value is None or self.pruned_at is not None:
+            return
+        if len(self._steps) >= MAX_REPORTS:  # judged enough: the rest is stored (thinned), not reported
+            if step > self.curve[-1][0]:
+                self._keep(step, value)
+            return
+        if step in self._steps:
             return
         self._steps.add(step)
-        self.curve.append([step, value])
-        if len(self.curve) > 2 * MAX_POINTS:
-            self.curve = thin(self.curve)
+        self._keep(step, value)
         if self.trial is None:
             return
         with self.pruner.lock:
@@ -441,6 +479,11 @@ class Watch:
         if prune:
             self.pruned_at = step
             self.cancel.set()
+
+    def _keep(self, step: int, value: float) -> None:
+        self.curve.append([step, value])
+        if len(self.curve) > 2 * MAX_POINTS:
+            self.curve = thin(self.curve, MAX_POINTS)
 
     def close(self) -> None:
         """Stop the thread and read what the run wrote last (never prunes after the run ended)."""
