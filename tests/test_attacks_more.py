@@ -742,21 +742,24 @@ def test_holdout_files_stay_out_of_reach_where_editable_globs_cover_them(tmp_pat
 # --------------------------------------------------------------------------- fake progress curves
 
 
-def _prune_session(figure: str, metric_name: str, fakes: list[tuple[list[tuple[int, float]], Status, float]]):
+def _prune_session(figure: str, metric_name: str, fakes: list[tuple[list[tuple[int, float]], Status, float]],
+                   maximize: bool = False):
     """The baseline, then the fake runs, then an honest improvement, through one session's pruner: where
-    the honest run was stopped (None: it ran to its end)."""
+    the honest run was stopped (None: it ran to its end). ``maximize``: every value negated."""
     from nightlab.prune import Pruner
     from nightlab.spec import PruneSpec
     from nightlab.types import Direction
 
-    pruner = Pruner(PruneSpec(pruner="median", startup_runs=1), figure, Direction.MINIMIZE, metric_name)
+    sign = -1.0 if maximize else 1.0
+    pruner = Pruner(PruneSpec(pruner="median", startup_runs=1), figure,
+                    Direction.MAXIMIZE if maximize else Direction.MINIMIZE, metric_name)
 
     def run(curve: list[tuple[int, float]], status: Status, metric: float, prunable: bool = True) -> int | None:
         w = pruner.watch(None, threading.Event(), prunable=prunable)
         for step, v in curve:
-            w.feed(f"nightlab: step={step} {figure}={v}")
+            w.feed(f"nightlab: step={step} {figure}={sign * v}")
         w.close()
-        w.finish(Status.PRUNED if w.pruned_at is not None else status, metric, 10.0)
+        w.finish(Status.PRUNED if w.pruned_at is not None else status, sign * metric, 10.0)
         return w.pruned_at
 
     run(honest(8.5), Status.KEEP, 8.5, prunable=False)  # the baseline
@@ -800,6 +803,13 @@ def test_fake_progress_lines_do_not_prune_an_honest_improvement(fake, figure):
     baseline's distance from its own last value (prune.Tie). With another progress figure
     (``train_score``) the improvements are the next test's."""
     assert _prune_session(figure, "score", FAKE_CURVES[fake]) is None
+
+
+def test_fake_curves_do_not_prune_an_honest_improvement_when_the_metric_is_maximized():
+    """The same attacks, every value negated, the metric maximized: the clamps mirror."""
+    for fake in FAKE_CURVES:
+        for figure in ("score", "train_score"):
+            assert _prune_session(figure, "score", FAKE_CURVES[fake], maximize=True) is None, (fake, figure)
 
 
 @pytest.mark.parametrize("fake", ["improvements", "improvements-flat"])
