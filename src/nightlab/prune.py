@@ -14,7 +14,10 @@ A :class:`Watch` runs a thread per run that tails the run's log *file on disk* (
 it), so it does not depend on how the sandbox captures output. Each new point is reported to
 an in-memory Optuna study (one trial per run) and ``trial.should_prune()`` is asked; when it
 says yes, the watch sets its ``cancel`` event, which the sandbox treats like a stop request for
-that run alone. A run elsewhere (the Ray executor) has no log on this machine while it runs: its
+that run alone. A run is judged at its first :data:`MAX_REPORTS` points at most (the rest of its curve
+is stored, not judged), and each judgement reads only the values added since the one before
+(:class:`Seen`): what a run prints costs the harness about the same at the night's 100th run as at its
+first (bench/prune_cost.py). A run elsewhere (the Ray executor) has no log on this machine while it runs: its
 watch is made without a log path and the executor hands it the lines with :meth:`Watch.feed` as they
 arrive (``nightlab.executors.ray_executor``, "Progress and pruning"). Finished runs are told to
 the study (COMPLETE with the final metric, PRUNED, or FAIL), so later runs are judged against
