@@ -10,21 +10,21 @@ the one pruned on and stored as the run's curve; the others are ignored, as are 
 not match (free-form log).
 From autoresearch's ``train.py``: ``print(f"nightlab: step={step} val_bpb={val_bpb:.4f}", flush=True)``.
 
-A :class:`Watch` runs a thread per run that tails the run's log *file on disk* (whoever writes
-it), so it does not depend on how the sandbox captures output. Each new point is reported to
-an in-memory Optuna study (one trial per run) and ``trial.should_prune()`` is asked; when it
-says yes, the watch sets its ``cancel`` event, which the sandbox treats like a stop request for
-that run alone. A run is judged at its first :data:`MAX_REPORTS` points at most (the rest of its curve
-is stored, not judged), and each judgement reads only the values added since the one before
-(:class:`Seen`): what a run prints costs the harness about the same at the night's 100th run as at its
-first (bench/prune_cost.py). A run elsewhere (the Ray executor) has no log on this machine while it runs: its
+A :class:`Watch` runs a thread per run that tails the run's log *file on disk* (whoever writes it), so
+it does not depend on how the sandbox captures output. Each new point is reported to an in-memory Optuna
+study (one trial per run) and ``trial.should_prune()`` is asked; when it says yes, the watch sets its
+``cancel`` event, which the sandbox treats like a stop request for that run alone. A run is judged at
+its first :data:`MAX_REPORTS` points at most (the rest of its curve is stored, not judged), and each
+judgement reads only the values added since the one before (:class:`Seen`): a progress line costs the
+harness a time that grows with the number of finished runs, not with their curves' lengths
+(bench/prune_cost.py). A run elsewhere (the Ray executor) has no log on this machine while it runs: its
 watch is made without a log path and the executor hands it the lines with :meth:`Watch.feed` as they
-arrive (``nightlab.executors.ray_executor``, "Progress and pruning"). Finished runs are told to
-the study (COMPLETE with the final metric, PRUNED, or FAIL), so later runs are judged against
-earlier runs *at the same step*; on resume :meth:`Pruner.replay` rebuilds the study from the
-curves stored in the ledger (``evidence``: ``curve`` ``[[step, value], …]``, and for pruned
-runs ``pruned_at`` and ``saved_s``, the run seconds saved, estimated as the median run time of the
-completed runs minus the pruned run's).
+arrive (``nightlab.executors.ray_executor``, "Progress and pruning"). Finished runs are told to the
+study (COMPLETE with the final metric, PRUNED, or FAIL), so later runs are judged against earlier runs
+*at the same step*; on resume :meth:`Pruner.replay` rebuilds the study from the curves stored in the
+ledger (``evidence``: ``curve`` ``[[step, value], …]``, and for pruned runs ``pruned_at`` and
+``saved_s``, the run seconds saved, estimated as the median run time of the completed runs minus the
+pruned run's).
 
 The median pruner is :class:`Percentile` (``[prune] reference = "all"``, the default: every earlier
 run counts, a pruned one as worse than any value after the step it was stopped at; ``"reached"``: a
