@@ -119,10 +119,10 @@ class Tie:
         self.gaps: list[float] = []
 
     def set(self, values: dict[int, float], metric: float) -> None:
+        last = values[max(values)] if values else math.nan
+        if not math.isfinite(last - metric):
+            return  # its last value (or the metric) is not a number: no tie
         finite = {s: v for s, v in values.items() if math.isfinite(v)}
-        if not finite or max(finite) != max(values) or not math.isfinite(values[max(values)] - metric):
-            return  # its last value is not a number: no tie
-        last = values[max(values)]
         self.offset = last - metric
         self.steps = sorted(finite)
         self.gaps = [finite[s] - last for s in self.steps]
